@@ -1,0 +1,3 @@
+from twinlm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,7 @@
+"""Model commands: `twinlm info` and `twinlm convert`."""
+
+from __future__ import annotations
+
+
+def register(commands) -> None:
+    pass

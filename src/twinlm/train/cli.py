@@ -1,0 +1,7 @@
+"""`twinlm` subcommands of the train area."""
+
+from __future__ import annotations
+
+
+def register(commands) -> None:
+    pass
