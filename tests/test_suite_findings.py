@@ -1,0 +1,36 @@
+import math
+
+from twinlm.suite.findings import Score, compare, findings_markdown, judge
+
+
+def test_score_of_uses_sample_std():
+    s = Score.of([1.0, 2.0, 3.0])
+    assert s.mean == 2.0 and math.isclose(s.std, 1.0) and s.n == 3
+
+
+def test_verdicts_follow_margin_against_spread():
+    scores = {"encoder": {"classification": Score(80, 1, 3)}, "decoder": {"classification": Score(76, 1, 3)}}
+    row = compare("c", "classification", "encoder", "decoder", scores)
+    assert row.verdict == "reproduced" and math.isclose(row.margin, 4) and math.isclose(row.spread, math.sqrt(2))
+    scores["decoder"]["classification"] = Score(79, 1, 3)
+    assert compare("c", "classification", "encoder", "decoder", scores).verdict == "unresolved"
+    scores["decoder"]["classification"] = Score(90, 1, 3)
+    assert compare("c", "classification", "encoder", "decoder", scores).verdict == "contradicted"
+    assert compare("c", "retrieval", "encoder", "decoder", scores) is None
+
+
+def test_judge_combines_comparisons_and_reports_controls():
+    scores = {
+        "encoder": {"classification": Score(80, 0.5), "retrieval": Score(30, 0.5), "generative": Score(30, 0.5)},
+        "decoder": {"classification": Score(75, 0.5), "retrieval": Score(20, 0.5), "generative": Score(35, 0.5)},
+        "random-encoder": {"classification": Score(79, 0.5)},
+        "bag-of-words": {"classification": Score(78, 0.0)},
+    }
+    judged = judge(scores)
+    verdicts = [f["verdict"] for f in judged["findings"]]
+    assert verdicts == ["reproduced", "reproduced", "not measured"]
+    claims = {c["claim"]: c["verdict"] for c in judged["controls"]}
+    assert claims["encoder > random-init encoder on classification"] == "unresolved"
+    assert claims["encoder > bag-of-words on classification"] == "reproduced"
+    text = findings_markdown(judged)
+    assert "encoder > decoder on retrieval" in text and "+10.00" in text
