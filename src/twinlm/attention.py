@@ -1,0 +1,303 @@
+"""One attention entry point for padding-free (packed) batches, with interchangeable backends.
+
+Every backend computes the same function: for a flat stream of N tokens made of documents whose
+boundaries are `cu_seqlens`, token i attends to token j only when both are in the same document and
+
+    (left < 0 or i - j <= left) and (right < 0 or j - i <= right)
+
+`window=(left, right)` follows flash-attention's inclusive convention: (-1, -1) is full bidirectional
+attention, (-1, 0) is causal, (64, 64) is the encoder's ±64 band, (63, 0) the decoder's 64-token window
+(the current token and the 63 before it; this is what `transformers`' ModernBertDecoder computes for
+`local_attention=128`).
+
+Backends:
+  "sdpa"   torch.nn.functional.scaled_dot_product_attention over documents padded to max_seqlen
+           (no padding at all when every document has the same length). CPU and GPU.
+  "flex"   FlexAttention with a document + window block mask over the flat stream (compiled on GPU).
+  "eager"  explicit masked softmax, one document at a time: the reference the others are tested against.
+  "flash"  flash_attn.flash_attn_varlen_func with window_size (CUDA, fp16/bf16, `flash-attn` installed).
+  "varlen" torch.nn.attention.varlen.varlen_attn with window_size (CUDA, fp16/bf16, torch >= 2.10).
+  "auto"   flash > varlen > sdpa on CUDA with half precision, sdpa otherwise.
+
+`PackedLayout` holds what every layer needs about the batch (computed once per forward).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "flex", "eager", "flash", "varlen")
+
+_default_backend = "auto"
+
+
+def set_default_backend(name: str) -> None:
+    """Backend used when `attention(..., backend=None)`; one of BACKENDS."""
+    global _default_backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    _default_backend = name
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+def varlen_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None and torch.cuda.is_available()
+
+
+@dataclass
+class PackedLayout:
+    """Document structure of a flat token stream: built once per forward, shared by all layers."""
+
+    cu_seqlens: torch.Tensor  # int32 (D+1,), on the tokens' device
+    max_seqlen: int
+    seqlens: list[int]  # host copy of the document lengths
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> "PackedLayout":
+        host = cu_seqlens.detach().to("cpu", torch.int64)
+        seqlens = (host[1:] - host[:-1]).tolist()
+        true_max = max(seqlens) if seqlens else 0
+        if max_seqlen is None or max_seqlen < true_max:
+            max_seqlen = true_max
+        return cls(cu_seqlens.to(torch.int32), int(max_seqlen), seqlens)
+
+    @classmethod
+    def uniform(cls, n_docs: int, length: int, device) -> "PackedLayout":
+        cu = torch.arange(0, (n_docs + 1) * length, length, dtype=torch.int32, device=device)
+        return cls(cu, length, [length] * n_docs)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.seqlens)
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.seqlens))
+
+    @property
+    def is_uniform(self) -> bool:
+        return len(set(self.seqlens)) <= 1
+
+    def position_ids(self) -> torch.Tensor:
+        """Position of each token inside its document (restarts at 0 at every boundary)."""
+        if "pos" not in self._cache:
+            device = self.cu_seqlens.device
+            if self.is_uniform and self.seqlens:
+                pos = torch.arange(self.seqlens[0], device=device).repeat(self.n_docs)
+            else:
+                starts = torch.repeat_interleave(self.cu_seqlens[:-1].long(),
+                                                 torch.tensor(self.seqlens, device=device))
+                pos = torch.arange(self.total, device=device) - starts
+            self._cache["pos"] = pos
+        return self._cache["pos"]
+
+    def doc_ids(self) -> torch.Tensor:
+        if "doc" not in self._cache:
+            device = self.cu_seqlens.device
+            self._cache["doc"] = torch.repeat_interleave(torch.arange(self.n_docs, device=device),
+                                                         torch.tensor(self.seqlens, device=device))
+        return self._cache["doc"]
+
+    def pad_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index (D*L,) into the flat stream, valid (D, L) bool) to scatter tokens into padded documents."""
+        if "pad" not in self._cache:
+            device = self.cu_seqlens.device
+            L = self.max_seqlen
+            col = torch.arange(L, device=device)
+            lens = torch.tensor(self.seqlens, device=device)
+            valid = col[None, :] < lens[:, None]
+            index = (self.cu_seqlens[:-1].long()[:, None] + col[None, :]).masked_fill(~valid, 0).reshape(-1)
+            self._cache["pad"] = (index, valid)
+        return self._cache["pad"]
+
+    def band_mask(self, window: tuple[int, int], with_padding: bool) -> torch.Tensor | None:
+        """Boolean SDPA mask (True = attend) for padded documents; None when no mask is needed."""
+        key = ("mask", window, with_padding)
+        if key not in self._cache:
+            left, right = window
+            L = self.max_seqlen
+            device = self.cu_seqlens.device
+            i = torch.arange(L, device=device)[:, None]
+            j = torch.arange(L, device=device)[None, :]
+            allowed = torch.ones(L, L, dtype=torch.bool, device=device)
+            if left >= 0:
+                allowed &= (i - j) <= left
+            if right >= 0:
+                allowed &= (j - i) <= right
+            mask = allowed[None, None]  # (1, 1, L, L)
+            if with_padding:
+                _, valid = self.pad_index()
+                # keys past a document's end are masked; padded query rows keep their own (padded) key so no
+                # row is empty (an all-masked row gives NaN); those rows are dropped afterwards.
+                mask = (mask & valid[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
+            self._cache[key] = mask
+        return self._cache[key]
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout) -> None:
+    if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"attention expects q, k, v of one shape (tokens, heads, head_dim); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[0] != layout.total:
+        raise ValueError(f"attention got {q.shape[0]} tokens but cu_seqlens describes {layout.total}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, *,
+              window: tuple[int, int] = (-1, -1), backend: str | None = None,
+              scale: float | None = None) -> torch.Tensor:
+    """Attention over packed documents. q, k, v: (N, heads, head_dim) -> (N, heads, head_dim)."""
+    _check(q, k, v, layout)
+    backend = backend or _default_backend
+    if backend == "auto":
+        backend = _auto_backend(q)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if layout.total == 0:
+        return q.clone()
+    if backend == "sdpa":
+        return _sdpa(q, k, v, layout, window, scale)
+    if backend == "eager":
+        return _eager(q, k, v, layout, window, scale)
+    if backend == "flex":
+        return _flex(q, k, v, layout, window, scale)
+    if backend == "flash":
+        return _flash(q, k, v, layout, window, scale)
+    if backend == "varlen":
+        return _varlen(q, k, v, layout, window, scale)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+
+
+def _auto_backend(q: torch.Tensor) -> str:
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if flash_attn_available():
+            return "flash"
+        if varlen_available():
+            return "varlen"
+    return "sdpa"
+
+
+# --- sdpa -----------------------------------------------------------------------------------------
+def _sdpa(q, k, v, layout: PackedLayout, window, scale):
+    N, H, Dh = q.shape
+    D, L = layout.n_docs, layout.max_seqlen
+    uniform = layout.is_uniform
+    if uniform:
+        # (N, H, Dh) -> (D, H, L, Dh) as a view: no copy of the stream.
+        qp, kp, vp = (t.view(D, L, H, Dh).transpose(1, 2) for t in (q, k, v))
+    else:
+        index, _ = layout.pad_index()
+        qp, kp, vp = (t.index_select(0, index).view(D, L, H, Dh).transpose(1, 2) for t in (q, k, v))
+    left, right = window
+    full_left, full_right = left < 0 or left >= L - 1, right < 0 or right >= L - 1
+    if uniform and full_left and full_right:
+        out = F.scaled_dot_product_attention(qp, kp, vp, scale=scale)
+    elif uniform and full_left and right == 0:
+        out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale)
+    else:
+        eff = (-1 if full_left else left, -1 if full_right else right)
+        mask = layout.band_mask(eff, with_padding=not uniform)
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale)
+    out = out.transpose(1, 2)  # (D, L, H, Dh)
+    if uniform:
+        return out.reshape(N, H, Dh)
+    _, valid = layout.pad_index()
+    return out[valid]
+
+
+# --- eager (reference) ----------------------------------------------------------------------------
+def _eager(q, k, v, layout: PackedLayout, window, scale):
+    outs = []
+    left, right = window
+    starts = [0]
+    for n in layout.seqlens:
+        starts.append(starts[-1] + n)
+    for s, e in zip(starts[:-1], starts[1:]):
+        qd, kd, vd = (t[s:e].transpose(0, 1).float() for t in (q, k, v))  # (H, n, Dh)
+        scores = (qd @ kd.transpose(-1, -2)) * scale
+        n = e - s
+        i = torch.arange(n, device=q.device)[:, None]
+        j = torch.arange(n, device=q.device)[None, :]
+        allowed = torch.ones(n, n, dtype=torch.bool, device=q.device)
+        if left >= 0:
+            allowed &= (i - j) <= left
+        if right >= 0:
+            allowed &= (j - i) <= right
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        outs.append((scores.softmax(-1) @ vd).transpose(0, 1).to(q.dtype))
+    return torch.cat(outs, 0)
+
+
+# --- flex -----------------------------------------------------------------------------------------
+_flex_compiled = None
+
+
+def _flex(q, k, v, layout: PackedLayout, window, scale):
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    left, right = window
+    doc = layout.doc_ids()
+
+    def mask_mod(b, h, qi, ki):
+        ok = doc[qi] == doc[ki]
+        if left >= 0:
+            ok = ok & (qi - ki <= left)
+        if right >= 0:
+            ok = ok & (ki - qi <= right)
+        return ok
+
+    N = q.shape[0]
+    key = ("flex", window)
+    if key not in layout._cache:
+        layout._cache[key] = create_block_mask(mask_mod, None, None, N, N, device=q.device)
+    block_mask = layout._cache[key]
+    fn = flex_attention
+    if q.is_cuda:
+        if _flex_compiled is None:
+            _flex_compiled = torch.compile(flex_attention, dynamic=True)
+        fn = _flex_compiled
+    out = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+             block_mask=block_mask, scale=scale)
+    return out[0].transpose(0, 1)
+
+
+# --- CUDA varlen kernels --------------------------------------------------------------------------
+def _flash(q, k, v, layout: PackedLayout, window, scale):
+    from flash_attn import flash_attn_varlen_func
+
+    cu = layout.cu_seqlens
+    return flash_attn_varlen_func(q, k, v, cu, cu, layout.max_seqlen, layout.max_seqlen,
+                                  dropout_p=0.0, softmax_scale=scale, causal=window == (-1, 0),
+                                  window_size=window if window != (-1, 0) else (-1, -1))
+
+
+def _varlen(q, k, v, layout: PackedLayout, window, scale):
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = layout.cu_seqlens
+    return varlen_attn(q, k, v, cu, cu, layout.max_seqlen, layout.max_seqlen, scale=scale, window_size=window)
+
+
+def mean_keys_per_query(seq_len: int, window: tuple[int, int]) -> float:
+    """Average number of keys each query attends to in a document of `seq_len` tokens."""
+    if seq_len <= 0:
+        return 0.0
+    left, right = window
+    total = 0
+    for i in range(seq_len):
+        lo = 0 if left < 0 else max(0, i - left)
+        hi = seq_len - 1 if right < 0 else min(seq_len - 1, i + right)
+        total += hi - lo + 1
+    return total / seq_len
+
+
+__all__ = ["attention", "PackedLayout", "BACKENDS", "set_default_backend", "mean_keys_per_query",
+           "flash_attn_available", "varlen_available"]

@@ -1,0 +1,429 @@
+"""The one twinlm network. Encoder and decoder are the same module; `config.causal` is the only switch.
+
+Architecture (ModernBERT / Ettin, REFERENCE.md §1), for hidden size d, GLU half-width I, L layers:
+
+    tokens -> tok_embeddings (V x d) -> embed_norm (LayerNorm, no bias)
+    for layer i in 0..L-1:                          (global attention when i % global_attn_every_n_layers == 0)
+        h = x if i == 0 else attn_norm(x)           (layer 0 has no attention pre-norm)
+        q, k, v = split(Wqkv h)                     (fused d -> 3d, no bias; heads of head_dim)
+        q, k = RoPE(q, k)                           (global layers: global_rope_theta, local: local_rope_theta;
+                                                     positions restart at 0 in every packed document)
+        a = attention(q, k, v)                      encoder global: full; encoder local: |i - j| <= window/2
+                                                     decoder global: causal; decoder local: 0 <= i - j < window/2
+                                                     never across a document boundary (cu_seqlens)
+        x = x + dropout(Wo a)                       (attention-output dropout, training only)
+        u, g = split(Wi mlp_norm(x))                (fused GeGLU input d -> 2I, no bias)
+        x = x + Wo_mlp(gelu(u) * g)                 (I -> d, no bias)
+    x = final_norm(x)                               -> output.hidden_states
+    logits = tok_embeddings.weight @ norm(gelu(dense(x))) + decoder_bias
+                                                    (prediction head: dense d->d no bias, GELU, LayerNorm; the
+                                                     vocabulary projection is tied to the embeddings, with a bias)
+
+All LayerNorms have no bias, eps = config.norm_eps. Initialisation: truncated normal at ±2σ with σ = 0.02
+for the embeddings and input projections (Wqkv, Wi), σ/√(2L) for output projections (attention Wo, MLP Wo,
+prediction-head dense, as in transformers); norms 1, decoder bias 0.
+
+Inputs: padded (B, T) ids with an optional HF-style `attention_mask` (left or right padding), or a padding-free
+flat stream (N,) with `cu_seqlens` document boundaries. `prediction_positions` runs the head on chosen tokens
+only (sparse prediction); `labels` computes the cross-entropy with a chunked, fused head + loss that never holds
+all logits at once (`fused_linear_cross_entropy`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twinlm.attention import PackedLayout, attention, mean_keys_per_query
+from twinlm.config import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TransformerOutput:
+    logits: torch.Tensor | None  # (B, T, V) padded, (N, V) packed, (K, V) with prediction_positions
+    hidden_states: torch.Tensor  # final-norm output: (B, T, d) padded (zeros at pads) or (N, d) packed
+    loss: torch.Tensor | None = None  # with labels=: mean cross-entropy over labels != -100
+
+
+# --------------------------------------------------------------------------------------------------
+# rotary embeddings
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (N, 1, head_dim) for positions (N,) (half-split layout, as transformers)."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (N, H, Dh). Computed in fp32 and cast back."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.is_global = cfg.is_global(layer)
+        half = cfg.local_window // 2
+        if self.is_global:
+            self.window = (-1, 0) if cfg.causal else (-1, -1)
+        else:
+            # decoder: the current token and the (window/2 - 1) before it, as transformers' ModernBertDecoder
+            self.window = (half - 1, 0) if cfg.causal else (half, half)
+        self.Wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.Wo = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.out_drop = nn.Dropout(cfg.attention_dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        N = x.shape[0]
+        q, k, v = self.Wqkv(x).view(N, 3, self.num_heads, self.head_dim).unbind(1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        a = attention(q, k, v, layout, window=self.window)
+        return self.out_drop(self.Wo(a.reshape(N, -1)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.Wi = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.Wo = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, g = self.Wi(x).chunk(2, dim=-1)
+        return self.Wo(F.gelu(u) * g)
+
+
+def _norm(cfg: ModelConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=False)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = nn.Identity() if layer == 0 else _norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = _norm(cfg)
+        self.mlp = MLP(cfg)
+
+    @property
+    def is_global(self) -> bool:
+        return self.attn.is_global
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, layout)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class PredictionHead(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.norm = _norm(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(x)))
+
+
+# --------------------------------------------------------------------------------------------------
+class Transformer(nn.Module):
+    """Ettin/ModernBERT encoder (config.causal=False) or decoder (config.causal=True). See the module docstring."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"Transformer expects a twinlm ModelConfig, got {type(config).__name__}")
+        self.config = config
+        cfg = config
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_norm = _norm(cfg)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.final_norm = _norm(cfg)
+        self.head = PredictionHead(cfg)
+        self.decoder_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.register_buffer("global_inv_freq", rope_inv_freq(cfg.head_dim, cfg.global_rope_theta), persistent=False)
+        self.register_buffer("local_inv_freq", rope_inv_freq(cfg.head_dim, cfg.local_rope_theta), persistent=False)
+        self.reset_parameters()
+
+    # --- init ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        cfg = self.config
+        std, cut = cfg.init_std, cfg.init_cutoff_factor
+        out_std = std / math.sqrt(2.0 * cfg.num_layers)
+
+        def tn(w: torch.Tensor, s: float) -> None:
+            nn.init.trunc_normal_(w, mean=0.0, std=s, a=-cut * s, b=cut * s)
+
+        tn(self.tok_embeddings.weight, std)
+        for block in self.layers:
+            tn(block.attn.Wqkv.weight, std)
+            tn(block.attn.Wo.weight, out_std)
+            tn(block.mlp.Wi.weight, std)
+            tn(block.mlp.Wo.weight, out_std)
+        tn(self.head.dense.weight, out_std)
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+        nn.init.zeros_(self.decoder_bias)
+        self.global_inv_freq.copy_(rope_inv_freq(cfg.head_dim, cfg.global_rope_theta))
+        self.local_inv_freq.copy_(rope_inv_freq(cfg.head_dim, cfg.local_rope_theta))
+
+    # --- inputs ----------------------------------------------------------------------------------
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"input_ids must hold integer token ids (int64/int32), got dtype {input_ids.dtype}")
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.config.vocab_size} "
+                                 f"(valid ids: 0..{self.config.vocab_size - 1})")
+
+    def _layout(self, input_ids, attention_mask, cu_seqlens, max_seqlen, position_ids):
+        """-> flat ids (N,), positions (N,), PackedLayout, unpad info (B, T, keep-mask or None) or None."""
+        self._check_ids(input_ids)
+        if cu_seqlens is not None:
+            if attention_mask is not None:
+                raise ValueError("pass either attention_mask (padded input) or cu_seqlens (packed input), not both")
+            if input_ids.dim() != 1:
+                raise ValueError(f"packed input (cu_seqlens given) must be a flat (N,) tensor of ids, "
+                                 f"got shape {tuple(input_ids.shape)}")
+            if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
+                    or cu_seqlens.dtype.is_floating_point:
+                raise ValueError("cu_seqlens must be a 1-D integer tensor [0, end_1, ..., N] of document boundaries")
+            host = cu_seqlens.detach().cpu().long()
+            if int(host[0]) != 0 or int(host[-1]) != input_ids.shape[0] or bool((host[1:] < host[:-1]).any()):
+                raise ValueError(f"cu_seqlens must start at 0, never decrease and end at the number of tokens "
+                                 f"({input_ids.shape[0]}); got {host.tolist()[:8]}{'...' if len(host) > 8 else ''}")
+            layout = PackedLayout.from_cu_seqlens(cu_seqlens.to(input_ids.device), max_seqlen)
+            if position_ids is None:
+                positions = layout.position_ids()
+            else:
+                if position_ids.shape != input_ids.shape:
+                    raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match input_ids "
+                                     f"{tuple(input_ids.shape)}")
+                positions = position_ids
+            return input_ids, positions, layout, None
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq) for padded input, or flat (N,) with cu_seqlens; "
+                             f"got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if position_ids is not None and position_ids.shape[-1] != T:
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match input_ids {(B, T)}")
+        keep = None
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids "
+                                 f"{tuple(input_ids.shape)}")
+            keep = attention_mask.bool()
+            if bool(keep.all()):
+                keep = None
+        if keep is None:
+            layout = PackedLayout.uniform(B, T, input_ids.device)
+            if position_ids is None:
+                positions = layout.position_ids()
+            else:
+                positions = position_ids.expand(B, T).reshape(-1)
+            return input_ids.reshape(-1), positions, layout, None
+        lens = keep.sum(1)
+        cols = torch.arange(T, device=input_ids.device).expand(B, T)
+        first = torch.where(keep, cols, T).min(1).values
+        last = torch.where(keep, cols, -1).max(1).values
+        if bool(((last - first + 1).clamp(min=0) != lens).any()):
+            raise ValueError("attention_mask must mark one contiguous run of real tokens per row "
+                             "(left or right padding); holes are not supported")
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=input_ids.device)
+        cu[1:] = lens.cumsum(0)
+        layout = PackedLayout.from_cu_seqlens(cu)
+        if position_ids is None:
+            positions = cols[keep]  # transformers' convention: the column index
+        else:
+            positions = position_ids.expand(B, T)[keep]
+        return input_ids[keep], positions, layout, (B, T, keep)
+
+    # --- forward ---------------------------------------------------------------------------------
+    def encode(self, ids: torch.Tensor, positions: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """Flat ids (N,) -> final-norm hidden states (N, d)."""
+        x = self.embed_norm(self.tok_embeddings(ids))
+        rope_g = rope_cos_sin(positions, self.global_inv_freq)
+        rope_l = rope_g if self.config.local_rope_theta == self.config.global_rope_theta else \
+            rope_cos_sin(positions, self.local_inv_freq)
+        for block in self.layers:
+            cos, sin = rope_g if block.is_global else rope_l
+            x = block(x, cos, sin, layout)
+        return self.final_norm(x)
+
+    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.head(h), self.tok_embeddings.weight, self.decoder_bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                position_ids: torch.Tensor | None = None, prediction_positions: torch.Tensor | None = None,
+                return_logits: bool = True, labels: torch.Tensor | None = None) -> TransformerOutput:
+        ids, positions, layout, unpad = self._layout(input_ids, attention_mask, cu_seqlens, max_seqlen, position_ids)
+        h = self.encode(ids, positions, layout)
+        if unpad is not None:
+            B, T, keep = unpad
+            full = h.new_zeros(B, T, h.shape[-1])
+            full[keep] = h
+            hidden = full
+        elif cu_seqlens is None:
+            hidden = h.view(input_ids.shape[0], input_ids.shape[1], -1)
+        else:
+            hidden = h
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        selected = None
+        if prediction_positions is not None:
+            if prediction_positions.dim() != 1 or prediction_positions.dtype.is_floating_point:
+                raise ValueError("prediction_positions must be a 1-D integer tensor of flat token indices")
+            if prediction_positions.numel() and (int(prediction_positions.min()) < 0
+                                                 or int(prediction_positions.max()) >= flat.shape[0]):
+                raise ValueError(f"prediction_positions must index the {flat.shape[0]} flat tokens")
+            selected = flat.index_select(0, prediction_positions.to(flat.device).long())
+        if labels is not None:
+            target_rows = selected if selected is not None else flat
+            if labels.numel() != target_rows.shape[0]:
+                raise ValueError(f"labels has {labels.numel()} entries but the head runs on {target_rows.shape[0]} "
+                                 f"positions (labels align with prediction_positions, or with input_ids)")
+            loss = fused_linear_cross_entropy(self.head(target_rows), self.tok_embeddings.weight, self.decoder_bias,
+                                              labels.reshape(-1).to(flat.device).long())
+            return TransformerOutput(logits=None, hidden_states=hidden, loss=loss)
+        if not return_logits:
+            return TransformerOutput(logits=None, hidden_states=hidden)
+        if selected is not None:
+            return TransformerOutput(logits=self.logits_from_hidden(selected), hidden_states=hidden)
+        return TransformerOutput(logits=self.logits_from_hidden(hidden), hidden_states=hidden)
+
+    # --- utilities -------------------------------------------------------------------------------
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_embeddings.weight.numel() + self.decoder_bias.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int, predicted_fraction: float = 1.0) -> float:
+        """Training FLOPs (forward + backward) per token for documents of `seq_len` tokens.
+
+        6 × (matmul weights per token) for the layers, plus 6 × predicted_fraction × (head dense + tied vocabulary
+        projection), plus attention 12 × d × (keys each query really attends to: windows and causality counted).
+        The embedding lookup costs no FLOPs.
+        """
+        cfg = self.config
+        d, inter = cfg.hidden_size, cfg.intermediate_size
+        per_layer = 4 * d * d + 3 * d * inter
+        flops = 6.0 * cfg.num_layers * per_layer
+        flops += 6.0 * predicted_fraction * (d * d + cfg.vocab_size * d)
+        for block in self.layers:
+            flops += 12.0 * d * mean_keys_per_query(seq_len, block.attn.window)
+        return flops
+
+    def parameter_groups(self, weight_decay: float, *, decay_embeddings: bool = True) -> list[dict]:
+        """Two optimizer groups: matrices (decayed) and norms/biases (+ embeddings unless decay_embeddings)."""
+        names = self.no_decay_parameter_names(decay_embeddings=decay_embeddings)
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if name in names else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def no_decay_parameter_names(self, *, decay_embeddings: bool = True) -> set[str]:
+        out = set()
+        for name, p in self.named_parameters():
+            if p.dim() < 2 or (name == "tok_embeddings.weight" and not decay_embeddings):
+                out.add(name)
+        return out
+
+    def save_pretrained(self, path, tokenizer=None) -> None:
+        """Hugging Face folder (config.json, model.safetensors, tokenizer files); see twinlm.hf."""
+        from twinlm.hf import save_pretrained
+        save_pretrained(self, path, tokenizer=tokenizer)
+
+    def save_checkpoint(self, path) -> None:
+        """twinlm's own folder: model.safetensors (twinlm names) + model_config.json."""
+        from twinlm.hf import save_checkpoint
+        save_checkpoint(self, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# fused head + cross-entropy
+def _ce_chunk_rows(vocab: int) -> int:
+    return max(64, min(4096, (1 << 22) // max(vocab, 1)))  # ~16 MB of fp32 logits per chunk
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, ignore_index, chunk):
+        n = h.shape[0]
+        valid = targets != ignore_index
+        count = int(valid.sum())
+        needs_grad = any(ctx.needs_input_grad[:3])
+        device_type = h.device.type
+        cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+        w = weight.to(cast)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if needs_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if needs_grad else None
+        scale = 1.0 / max(count, 1)
+        with torch.autocast(device_type, enabled=False):
+            for s in range(0, n, chunk):
+                hc = h[s:s + chunk].to(cast)
+                tc = targets[s:s + chunk]
+                vc = valid[s:s + chunk]
+                logits = torch.addmm(bias.to(cast), hc, w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                safe_t = tc.clamp(min=0)
+                picked = logits.gather(1, safe_t[:, None])[:, 0]
+                total += ((lse - picked) * vc).sum()
+                if needs_grad:
+                    g = torch.exp_(logits.sub_(lse[:, None]))  # softmax, in place
+                    g.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
+                    g.mul_((vc.to(g.dtype) * scale)[:, None])
+                    gc = g.to(cast)
+                    grad_h[s:s + chunk] = (gc @ w).to(h.dtype)
+                    grad_w.addmm_(gc.t().float() if cast != torch.float32 else gc.t(), hc.float())
+                    grad_b += g.sum(0)
+        if needs_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype))
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, grad_b * grad_out, None, None, None
+
+
+def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,
+                               ignore_index: int = IGNORE_INDEX, chunk_rows: int | None = None) -> torch.Tensor:
+    """mean over targets != ignore_index of CE(h @ weight.T + bias, targets), computed in row chunks.
+
+    The gradients are computed during the forward pass chunk by chunk, so neither the (n, V) logits nor their
+    gradient ever exist in full. Equal to F.cross_entropy(F.linear(h, weight, bias), targets) up to rounding.
+    """
+    if h.dim() != 2 or targets.shape != h.shape[:1]:
+        raise ValueError(f"fused_linear_cross_entropy expects h (n, d) and targets (n,); got {tuple(h.shape)}, "
+                         f"{tuple(targets.shape)}")
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+    if bool(bad.any()):
+        raise ValueError(f"label {int(targets[bad][0])} is out of range for a vocabulary of {weight.shape[0]}")
+    return _FusedLinearCE.apply(h, weight, bias, targets, ignore_index, chunk_rows or _ce_chunk_rows(weight.shape[0]))
+
+
+__all__ = ["Transformer", "TransformerOutput", "fused_linear_cross_entropy", "IGNORE_INDEX"]

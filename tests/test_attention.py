@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from twinlm.attention import BACKENDS, PackedLayout, attention, mean_keys_per_query
+
+WINDOWS = [(-1, -1), (-1, 0), (3, 3), (2, 0), (64, 64), (63, 0)]
+
+
+def _inputs(lens, heads=2, dim=16, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(lens)
+    q, k, v = (torch.randn(n, heads, dim, generator=g).to(device, dtype) for _ in range(3))
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    return q, k, v, PackedLayout.from_cu_seqlens(cu)
+
+
+@pytest.mark.parametrize("lens", [[5, 40, 1, 17], [24, 24, 24]])
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_cpu_backends_agree_with_reference(lens, window, backend):
+    q, k, v, layout = _inputs(lens)
+    ref = attention(q, k, v, layout, window=window, backend="eager")
+    out = attention(q, k, v, layout, window=window, backend=backend)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (3, 3), (2, 0)])
+def test_sdpa_gradients_agree_with_reference(window):
+    q, k, v, layout = _inputs([7, 30, 2])
+    grads = []
+    for backend in ("eager", "sdpa"):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        (attention(qq, kk, vv, layout, window=window, backend=backend) ** 2).sum().backward()
+        grads.append([t.grad for t in (qq, kk, vv)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_no_attention_across_documents():
+    q, k, v, layout = _inputs([6, 6])
+    out = attention(q, k, v, layout, backend="sdpa")
+    v2 = v.clone()
+    v2[6:] += 100.0  # change the second document only
+    out2 = attention(q, k, v2, layout, backend="sdpa")
+    torch.testing.assert_close(out[:6], out2[:6])
+
+
+def test_window_semantics():
+    # value j = one-hot of j: the output's support shows which keys a query saw
+    n = 12
+    v = torch.eye(n)[:, None, :].repeat(1, 1, 1)
+    q = torch.zeros(n, 1, n)
+    k = torch.zeros(n, 1, n)
+    layout = PackedLayout.from_cu_seqlens(torch.tensor([0, n], dtype=torch.int32))
+    seen = attention(q, k, v, layout, window=(3, 3), backend="sdpa")[:, 0] > 0
+    assert seen[6].nonzero().flatten().tolist() == [3, 4, 5, 6, 7, 8, 9]
+    seen = attention(q, k, v, layout, window=(2, 0), backend="sdpa")[:, 0] > 0
+    assert seen[6].nonzero().flatten().tolist() == [4, 5, 6]
+
+
+def test_mean_keys_per_query():
+    assert mean_keys_per_query(4, (-1, -1)) == 4
+    assert mean_keys_per_query(4, (-1, 0)) == 2.5
+    assert mean_keys_per_query(1000, (64, 64)) < 129
+
+
+def test_bad_inputs():
+    q, k, v, layout = _inputs([4, 4])
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention(q, k, v, layout, backend="nope")
+    with pytest.raises(ValueError, match="tokens but cu_seqlens"):
+        attention(q[:5], k[:5], v[:5], layout)
+    with pytest.raises(ValueError, match="one shape"):
+        attention(q, k[:, :1], v, layout)
+    assert set(BACKENDS) >= {"sdpa", "flex", "eager", "flash", "varlen"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("window", WINDOWS)
+def test_gpu_backends_agree(window):
+    from twinlm.attention import flash_attn_available, varlen_available
+
+    q, k, v, layout = _inputs([100, 300, 7, 150], heads=4, dim=64, dtype=torch.bfloat16, device="cuda")
+    ref = attention(q.float(), k.float(), v.float(), layout, window=window, backend="eager")
+    backends = ["sdpa"] + (["flash"] if flash_attn_available() else []) + (["varlen"] if varlen_available() else [])
+    for backend in backends:
+        out = attention(q, k, v, layout, window=window, backend=backend)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2, msg=backend)
