@@ -155,9 +155,14 @@ def test_structure_and_init():
     assert logits.shape == (1, 3, cfg.vocab_size)
 
 
+def _meta(cfg):
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
 def test_flops_per_token():
     cfg = ModelConfig.preset("ettin-17m")
-    m = Transformer(cfg)
+    m = _meta(cfg)
     f = m.flops_per_token(512)
     dense = 6 * (m.num_parameters(non_embedding=True) - sum(p.numel() for p in m.parameters() if p.dim() == 1)
                  + cfg.vocab_size * cfg.hidden_size)
@@ -165,7 +170,7 @@ def test_flops_per_token():
     assert m.flops_per_token(512, predicted_fraction=0.3) < f
     # windows: local layers cost less than global ones at long length; the decoder attends to fewer keys
     assert m.flops_per_token(4096) - m.flops_per_token(512) < 12 * 256 * 7 * (4096 - 512)
-    assert Transformer(cfg.replace(causal=True)).flops_per_token(512) < f
+    assert _meta(cfg.replace(causal=True)).flops_per_token(512) < f
 
 
 def test_parameter_groups():

@@ -291,11 +291,10 @@ def mean_keys_per_query(seq_len: int, window: tuple[int, int]) -> float:
     if seq_len <= 0:
         return 0.0
     left, right = window
-    total = 0
-    for i in range(seq_len):
-        lo = 0 if left < 0 else max(0, i - left)
-        hi = seq_len - 1 if right < 0 else min(seq_len - 1, i + right)
-        total += hi - lo + 1
+    i = torch.arange(seq_len, dtype=torch.float64)
+    lo = torch.zeros_like(i) if left < 0 else (i - left).clamp(min=0)
+    hi = torch.full_like(i, seq_len - 1) if right < 0 else (i + right).clamp(max=seq_len - 1)
+    total = float((hi - lo + 1).sum())
     return total / seq_len
 
 
