@@ -1,7 +1,54 @@
-"""`twinlm` subcommands of the train area."""
+"""`twinlm train RECIPE.yaml --out RUN [key=value …]` (works under torchrun: `torchrun … -m twinlm train …`)."""
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 
 def register(commands) -> None:
-    pass
+    p = commands.add_parser(
+        "train", help="train a recipe (all its phases); resumes by itself",
+        description="Train a YAML recipe into a run folder: every phase in order, checkpoints, metrics.jsonl, "
+                    "and final/ (a Hugging Face folder). Running the same command again resumes from the newest "
+                    "intact checkpoint. Overrides are dotted KEY=VALUE pairs: optim.lr=1e-3 "
+                    "phases.pretrain.tokens=2M data=/path/to/shards model.overrides.attention_dropout=0. "
+                    "Multi-GPU/CPU: torchrun --nproc_per_node N -m twinlm train RECIPE --out RUN.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides")
+    p.add_argument("--out", required=True, help="run folder (created; resumed if it holds checkpoints)")
+    p.add_argument("--print", dest="print_only", action="store_true",
+                   help="print the resolved recipe and exit")
+    p.set_defaults(handler=_train)
+
+
+def _train(args) -> int:
+    from twinlm.train.recipe import load_recipe
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        print(f"error: overrides must be KEY=VALUE, got {bad}", file=sys.stderr)
+        return 2
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_only:
+        print(recipe.resolved_paths().to_yaml(), end="")
+        return 0
+    from twinlm.train import dist
+    from twinlm.train.trainer import Trainer, TrainingDiverged
+    trainer = Trainer(recipe, args.out)
+    try:
+        out = trainer.fit()
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        dist.shutdown()
+    if trainer.interrupted:
+        print(f"stopped by SIGTERM; checkpoint {out}; run the same command again to resume", file=sys.stderr)
+    else:
+        print(out)
+    return 0

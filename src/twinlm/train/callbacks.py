@@ -1,0 +1,197 @@
+"""Optional trainer behaviour: metrics file, progress bar, TensorBoard, periodic checkpoints, eval, batch order."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from twinlm.train import dist
+from twinlm.train.trainer import Callback
+
+
+class MetricsLogger(Callback):
+    """`metrics.jsonl`: one JSON object per optimizer step (rank 0). On resume, rows after the checkpoint's step
+    (logged by the interrupted run after its last checkpoint) are dropped, so the file has each step once."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._f = None
+        self._t_log = 0.0
+
+    def on_train_start(self, trainer) -> None:
+        if not trainer.env.is_main:
+            return
+        step = trainer.state.step
+        if self.path.exists():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if row.get("step", 0) <= step:
+                    kept.append(line)
+            self.path.write_text("".join(k + "\n" for k in kept))
+        self._f = open(self.path, "a")
+
+    def on_log(self, trainer, row: dict) -> None:
+        if self._f is None:
+            return
+        t0 = time.perf_counter()
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        if isinstance(row.get("loss"), float) and not math.isfinite(row["loss"]):
+            clean["loss_repr"] = repr(row["loss"])
+        clean["log_s"] = self._t_log
+        self._f.write(json.dumps(clean) + "\n")
+        self._f.flush()
+        self._t_log = time.perf_counter() - t0
+
+    def on_train_end(self, trainer) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class ProgressBar(Callback):
+    """tqdm over all phases' tokens: tokens, tokens/s, loss, ETA (rank 0, stderr)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_train_start(self, trainer) -> None:
+        if not trainer.env.is_main:
+            return
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=trainer.recipe.total_tokens, initial=trainer.state.tokens, unit="tok",
+                        unit_scale=True, dynamic_ncols=True, smoothing=0.1, desc="train")
+
+    def on_log(self, trainer, row: dict) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(row["step_tokens"])
+        self.bar.set_postfix_str(f"{row['phase']} loss {row['loss']:.4f} lr {row['lr']:.2e}", refresh=False)
+
+    def on_train_end(self, trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class TensorBoard(Callback):
+    """Scalars under RUN/tensorboard, only when the `tensorboard` package is installed."""
+
+    def __init__(self, logdir: str | Path):
+        self.logdir = Path(logdir)
+        self.writer = None
+
+    def on_train_start(self, trainer) -> None:
+        if not trainer.env.is_main:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # noqa: BLE001 - tensorboard missing: silently off
+            return
+        self.writer = SummaryWriter(str(self.logdir))
+
+    def on_log(self, trainer, row: dict) -> None:
+        if self.writer is None:
+            return
+        for key in ("loss", "lr", "batch_size", "eval_loss", "tokens_per_s"):
+            v = row.get(key)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.writer.add_scalar(f"train/{key}", v, row["step"])
+
+    def on_train_end(self, trainer) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class PeriodicCheckpoint(Callback):
+    """A checkpoint each time the run's token count passes a multiple of `every_tokens`."""
+
+    def __init__(self, every_tokens: int):
+        self.every = int(every_tokens)
+
+    def on_step_end(self, trainer, row: dict) -> None:
+        ordinal = trainer.state.tokens // self.every
+        if ordinal > trainer.state.checkpoint_ordinal:
+            trainer.state.checkpoint_ordinal = ordinal
+            phase = trainer.phases[trainer.state.phase_index]
+            if trainer.state.phase_tokens >= phase.tokens:
+                return  # the phase-end checkpoint follows right away
+            trainer.save_checkpoint()
+
+
+class Throughput(Callback):
+    """Adds `tokens_per_s` (this step) to each row."""
+
+    def on_step_end(self, trainer, row: dict) -> None:
+        row["tokens_per_s"] = row["step_tokens"] / max(row["step_s"], 1e-9)
+
+
+class Evaluate(Callback):
+    """Held-out loss every `every_tokens`: the first `samples` chunks of `eval.data`, masked at `eval.mask_ratio`
+    for mlm/mntp (15%, as the paper evaluates), next token for clm. Adds `eval_loss` to the row."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.samples = None
+
+    def on_train_start(self, trainer) -> None:
+        from twinlm.train.trainer import build_dataset
+        ds = build_dataset(self.cfg.data, trainer.recipe.seed)
+        n = min(self.cfg.samples, len(ds))
+        self.samples = [(10**12 + i, np.asarray(ds[i])) for i in range(n)]
+
+    @torch.no_grad()
+    def evaluate(self, trainer) -> float:
+        phase = trainer.phases[min(trainer.state.phase_index, len(trainer.phases) - 1)]
+        mine = self.samples[trainer.env.rank::trainer.env.world_size]
+        objective = trainer._objective(phase, eval_mask=self.cfg.mask_ratio)
+        total = torch.zeros(2, dtype=torch.float64)
+        trainer.model.eval()
+        for mb in trainer.micro_batches(mine, phase):
+            cu = np.asarray(mb.cu_seqlens)
+            p = objective.prepare(np.asarray(mb.input_ids), cu, list(mb.sample_ids))
+            if p.num_targets == 0:
+                continue
+            loss = trainer.forward_loss(p.input_ids, torch.as_tensor(cu, dtype=torch.int32), int(mb.max_seqlen),
+                                        p.positions, p.targets)
+            total += torch.tensor([float(loss) * p.num_targets, p.num_targets], dtype=torch.float64)
+        trainer.model.train()
+        dist.all_reduce(total)
+        return float(total[0] / max(total[1], 1))
+
+    def on_step_end(self, trainer, row: dict) -> None:
+        ordinal = trainer.state.tokens // self.cfg.every_tokens
+        if ordinal > trainer.state.eval_ordinal:
+            trainer.state.eval_ordinal = ordinal
+            row["eval_loss"] = self.evaluate(trainer)
+
+
+class RecordOrder(Callback):
+    """Writes each step's global sample ids (this rank's share; rank-tagged) to RUN/order/rank-R.jsonl, so the
+    exact batch order between checkpoints can be published. Uses twinlm.data's OrderRecorder when present."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._f = None
+
+    def on_train_start(self, trainer) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.folder / f"rank-{trainer.env.rank}.jsonl", "a")
+
+    def on_batch(self, trainer, samples: list) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps({"step": trainer.state.step + 1,
+                                      "sample_ids": [int(s) for s, _ in samples]}) + "\n")
+            self._f.flush()
+
+    def on_train_end(self, trainer) -> None:
+        if self._f is not None:
+            self._f.close()

@@ -1,0 +1,173 @@
+"""Distribution, compilation and activation checkpointing, applied from outside the model.
+
+`init()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts the process group: NCCL on
+CUDA, gloo on CPU. `parallelize()` then wraps the bare model:
+
+- activation checkpointing: each transformer block's forward runs under `torch.utils.checkpoint`
+  (non-reentrant); parameter names do not change;
+- compile: each block is compiled in place (`module.compile()`), names unchanged;
+- `ddp`: DistributedDataParallel (gradient all-reduce);
+- `fsdp`: FSDP2 `fully_shard` on each block, then on the root (parameters become DTensors sharded on dim 0).
+
+Checkpoints always hold full tensors (`full_state_dict`, `load_full_state_dict`), so a run resumes on any
+number of ranks and with or without FSDP.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device: str | None = None) -> DistEnv:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def all_gather_object(obj) -> list:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def blocks_of(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer blocks: `model.layers` if present, else the largest ModuleList."""
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList):
+        return layers
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ValueError("cannot find the transformer blocks (no nn.ModuleList in the model)")
+    return max(lists, key=len)
+
+
+def parallelize(model: torch.nn.Module, env: DistEnv, *, mode: str = "auto", compile: bool = False,
+                activation_checkpointing: bool = False) -> torch.nn.Module:
+    """Wrap `model` for training; returns the module to call (the bare model stays reachable via unwrap())."""
+    blocks = blocks_of(model)
+    if activation_checkpointing:
+        from torch.utils.checkpoint import checkpoint
+        for block in blocks:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    if compile:
+        for block in blocks:
+            block.compile()
+    if mode == "auto":
+        mode = "ddp" if env.distributed else "none"
+    if mode == "fsdp" and env.distributed:
+        from torch.distributed.fsdp import fully_shard
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    if mode in ("ddp", "fsdp") and env.distributed:  # fsdp on one rank degenerates to plain training
+        from torch.nn.parallel import DistributedDataParallel
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu()
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU tensors of the model's state dict; call on every rank (FSDP gathers)."""
+    return {k: _full(v) for k, v in unwrap(model).state_dict().items()}
+
+
+def _assign(dst: torch.Tensor, full: torch.Tensor) -> None:
+    if hasattr(dst, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+        shard = distribute_tensor(full.to(dst.device, dst.dtype), dst.device_mesh, dst.placements)
+        dst.to_local().copy_(shard.to_local())
+    else:
+        dst.copy_(full.to(dst.device, dst.dtype))
+
+
+@torch.no_grad()
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors into the (possibly sharded) model in place; missing/unexpected keys are errors,
+    except tied aliases (a key whose tensor shares storage with another key that was given)."""
+    own = unwrap(model).state_dict(keep_vars=True)
+    missing = [k for k in own if k not in state]
+    if missing:
+        # tied weights are stored once; accept a missing key whose storage is shared with a present one
+        ptr = {}
+        for k, v in own.items():
+            ptr.setdefault(_ptr(v), []).append(k)
+        missing = [k for k in missing if not any(o in state for o in ptr[_ptr(own[k])])]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in state.items():
+        _assign(own[k], v)
+
+
+def _ptr(t: torch.Tensor) -> int:
+    if hasattr(t, "to_local"):
+        t = t.to_local()
+    return t.untyped_storage().data_ptr() if t.numel() else id(t)

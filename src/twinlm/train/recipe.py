@@ -1,0 +1,384 @@
+"""Training recipes: YAML files → typed dataclasses, with base files and dotted command-line overrides.
+
+A recipe is one objective (`mlm`, `clm` or `mntp`), one model (a preset plus field overrides), a tokenizer,
+data, an optimizer, and an ordered mapping of phases (pre-training, context extension, decay, or the single
+phase of a cross-objective run). Every phase starts from the previous one's weights *and optimizer*; a
+recipe with `init_from:` starts from converted weights with a fresh optimizer.
+
+YAML rules
+- `base: FILE` or `base: [FILE, …]` (paths relative to the file naming them) are loaded first and deep-merged
+  in order, then the file itself on top. Mappings merge key by key; lists and scalars replace.
+- Phases are a mapping `phases: {name: {...}}` so that base files and overrides can address one phase:
+  `phases.decay.tokens=50B`.
+- Token counts accept suffixes: `1.7T`, `8.5B`, `250M`, `4K` (powers of 1000), or plain numbers.
+- Paths (data, tokenizer, init_from) expand `${VAR}` from the environment and `~`; `${TWINLM_HOME}` defaults
+  to `~/.cache/twinlm` when unset. Relative paths are relative to the current working directory.
+  The shipped recipes point at `${TWINLM_HOME}/…`, so setting TWINLM_HOME (or overriding `data=…`,
+  `tokenizer=…`) is all a caller needs.
+- Overrides: `key.sub=value` with the value parsed as YAML (`optim.lr=1e-3`, `phases.pretrain.tokens=2M`,
+  `data=/path/to/shards`, `model.overrides.attention_dropout=0`). Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+OBJECTIVES = ("mlm", "clm", "mntp")
+
+_SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+
+
+def parse_count(value: Any) -> int:
+    """An integer count from 1234, 1.7e12, "1.7T", "8.5B", "250M", "4K", "1_000"."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a count: {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(round(value))
+    text = str(value).strip().replace("_", "").replace(",", "")
+    m = re.fullmatch(r"([0-9.eE+-]+)\s*([KMBGT]?)", text, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a count: {value!r} (use e.g. 1000, 1.7T, 8.5B, 250M, 4K)")
+    return int(round(float(m.group(1)) * _SUFFIX.get(m.group(2).upper(), 1)))
+
+
+def expand_path(value: str | None) -> str | None:
+    if value is None:
+        return None
+    env = dict(os.environ)
+    env.setdefault("TWINLM_HOME", str(Path("~/.cache/twinlm").expanduser()))
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1) or m.group(2)
+        if name not in env:
+            raise ValueError(f"recipe path {value!r} uses ${{{name}}}, which is not set in the environment")
+        return env[name]
+
+    return str(Path(re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, str(value))).expanduser())
+
+
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Source:
+    """One prepared shard folder (`twinlm data prepare --out DIR`) and its share of the tokens."""
+    path: str
+    weight: float = 1.0
+
+
+@dataclass
+class Schedule:
+    """LR multipliers of `optim.lr` within a phase (see twinlm.train.schedule)."""
+    warmup_tokens: int = 0
+    start: float = 1.0
+    end: float = 1.0
+    decay: str = "constant"  # constant | one_minus_sqrt | linear
+    decay_tokens: int | None = None  # window at the end of the phase; None: all of it after warmup
+
+
+@dataclass
+class Phase:
+    name: str = ""
+    tokens: int = 0  # tokens to train in this phase (real tokens: inputs are unpadded)
+    seq_len: int = 1024  # chunk length; longer chunks are truncated (prepare shards at this length)
+    batch_size: int = 4608  # global batch in sequences, independent of the number of ranks
+    batch_warmup_tokens: int = 0
+    batch_warmup_start: int | None = None  # None: one micro-batch (micro_batch_tokens // seq_len)
+    micro_batch_tokens: int = 8192  # packed tokens per forward pass per rank (memory knob, not the recipe)
+    mask_ratio: float = 0.30  # mlm / mntp only
+    rope_theta: float | None = None  # global-layer θ from this phase on (None: keep)
+    local_rope_theta: float | None = None
+    schedule: Schedule = field(default_factory=Schedule)
+    data: list[Source] | None = None  # None: the recipe's `data`
+
+    @property
+    def micro_batch_size(self) -> int:
+        return max(1, self.micro_batch_tokens // self.seq_len)
+
+    @property
+    def warmup_start(self) -> int:
+        return self.batch_warmup_start if self.batch_warmup_start else min(self.batch_size, self.micro_batch_size)
+
+
+@dataclass
+class Optim:
+    lr: float = 8e-4  # peak
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 1e-5
+
+
+@dataclass
+class ModelSpec:
+    preset: str = "ettin-150m"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Checkpointing:
+    every_tokens: int = 0  # 0: only at phase ends and on SIGTERM
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every M-th periodic checkpoint for good (0: none); phase ends always kept
+
+
+@dataclass
+class Eval:
+    data: list[Source] | None = None  # held-out shards; None: no eval
+    every_tokens: int = 0
+    samples: int = 64
+    mask_ratio: float = 0.15  # eval masking is always 15% in the paper
+
+
+@dataclass
+class Recipe:
+    name: str = ""
+    objective: str = "mlm"  # mlm (encoder) | clm (decoder) | mntp (encoder trained from a decoder)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    tokenizer: str | None = None  # tokenizer folder; None: the one recorded in the first data source's meta
+    data: list[Source] = field(default_factory=list)
+    phases: dict[str, Phase] = field(default_factory=dict)
+    optim: Optim = field(default_factory=Optim)
+    checkpoint: Checkpointing = field(default_factory=Checkpointing)
+    eval: Eval = field(default_factory=Eval)
+    seed: int = 21
+    init_from: str | None = None  # cross-objective: a trained model folder of the other kind
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    parallel: str = "auto"  # auto (ddp when several ranks) | ddp | fsdp
+    compile: bool = False
+    activation_checkpointing: bool = False
+    max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops
+    tensorboard: bool = True  # only if the tensorboard package is installed
+    progress: bool = True
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def causal(self) -> bool:
+        return self.objective == "clm"
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(p.tokens for p in self.phases.values())
+
+    def phase_list(self) -> list[Phase]:
+        return list(self.phases.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["optim"]["betas"] = list(d["optim"]["betas"])
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> "Recipe":
+        problems = []
+        if self.objective not in OBJECTIVES:
+            problems.append(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if not self.phases:
+            problems.append("a recipe needs at least one phase")
+        for p in self.phases.values():
+            where = f"phases.{p.name}"
+            if p.tokens <= 0:
+                problems.append(f"{where}.tokens must be positive")
+            if p.seq_len <= 1 or p.batch_size <= 0 or p.micro_batch_tokens <= 0:
+                problems.append(f"{where}: seq_len, batch_size and micro_batch_tokens must be positive")
+            if p.micro_batch_tokens < p.seq_len:
+                problems.append(f"{where}.micro_batch_tokens ({p.micro_batch_tokens}) must hold one sequence "
+                                f"({p.seq_len})")
+            if not 0 < p.mask_ratio < 1:
+                problems.append(f"{where}.mask_ratio must be in (0, 1)")
+            if p.schedule.decay not in ("constant", "one_minus_sqrt", "linear"):
+                problems.append(f"{where}.schedule.decay: unknown {p.schedule.decay!r}")
+            if p.schedule.warmup_tokens > p.tokens:
+                problems.append(f"{where}.schedule.warmup_tokens exceeds the phase")
+            if not (p.data or self.data):
+                problems.append(f"{where}: no data (set `data:` or `{where}.data`)")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            problems.append(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.parallel not in ("auto", "ddp", "fsdp"):
+            problems.append(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
+        if problems:
+            raise ValueError(f"invalid recipe {self.name!r}:\n  " + "\n  ".join(problems))
+        return self
+
+    def resolved_paths(self) -> "Recipe":
+        """A copy with ${VAR}/~ expanded in every path."""
+        r = copy.deepcopy(self)
+        for src in list(r.data) + [s for p in r.phases.values() for s in (p.data or [])] + list(r.eval.data or []):
+            src.path = expand_path(src.path)
+        r.tokenizer = expand_path(r.tokenizer)
+        r.init_from = expand_path(r.init_from)
+        return r
+
+
+# --- building dataclasses from plain dicts, with coercion --------------------------------------------------
+_COUNT_FIELDS = {"tokens", "every_tokens", "warmup_tokens", "decay_tokens", "batch_warmup_tokens",
+                 "micro_batch_tokens", "samples"}
+
+
+def _coerce(tp: Any, value: Any, where: str, name: str = "") -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where, name)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is list:
+        (item,) = args
+        if item is Source:
+            return _sources(value, where)
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(item, v, f"{where}.{i}") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{where}.{i}") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    try:
+        if tp is int:
+            return parse_count(value) if name in _COUNT_FIELDS else int(parse_count(value))
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1", "on"):
+                return True
+            if str(value).lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (ValueError, TypeError):
+        raise ValueError(f"{where}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def _sources(value: Any, where: str) -> list[Source]:
+    if value is None:
+        return []
+    if isinstance(value, (str, dict)):
+        value = [value]
+    out = []
+    for i, v in enumerate(value):
+        if isinstance(v, str):
+            out.append(Source(path=v))
+        else:
+            out.append(_build(Source, v, f"{where}.{i}"))
+    return out
+
+
+def _build(cls, data: Any, where: str):
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'recipe'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where or 'recipe'}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = f"{where}.{name}" if where else name
+        if cls is Recipe and name == "phases":
+            if not isinstance(value, dict):
+                raise ValueError("phases: expected a mapping {name: {...}} (ordered)")
+            kwargs[name] = {k: _build(Phase, {**(v or {}), "name": k}, f"phases.{k}") for k, v in value.items()}
+        else:
+            kwargs[name] = _coerce(hints[name], value, sub, name)
+    return cls(**kwargs)
+
+
+# --- YAML loading ------------------------------------------------------------------------------------------
+def deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_raw(path: str | Path, _seen: tuple = ()) -> dict:
+    """A recipe file as a plain dict, its `base:` files merged in."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ValueError(f"recipe base cycle: {' -> '.join(map(str, _seen + (path,)))}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe is a YAML mapping")
+    bases = data.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict = {}
+    for b in bases:
+        merged = deep_merge(merged, load_raw(path.parent / b, _seen + (path,)))
+    return deep_merge(merged, data)
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    raw = copy.deepcopy(raw)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not KEY=VALUE")
+        key, text = item.split("=", 1)
+        value = yaml.safe_load(text) if text.strip() else None
+        parts = key.strip().split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[int(part)]
+                continue
+            if node.get(part) is None:
+                node[part] = {}
+            elif isinstance(node[part], str) and part in ("data",):
+                node[part] = [{"path": node[part]}]
+            node = node[part]
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def from_dict(raw: dict) -> Recipe:
+    return _build(Recipe, raw, "").validate()
+
+
+def load_recipe(path_or_obj: Any, overrides: list[str] | None = None) -> Recipe:
+    """A Recipe from a YAML path, a dict or a Recipe, with dotted overrides applied."""
+    if isinstance(path_or_obj, Recipe):
+        raw = path_or_obj.to_dict()
+    elif isinstance(path_or_obj, dict):
+        raw = copy.deepcopy(path_or_obj)
+    else:
+        raw = load_raw(path_or_obj)
+        raw.setdefault("name", Path(path_or_obj).stem)
+    return from_dict(apply_overrides(raw, overrides))

@@ -1,0 +1,117 @@
+"""StableAdamW against a hand computation; schedules' numbers."""
+
+import math
+
+import pytest
+import torch
+
+from twinlm.train.optim import StableAdamW, param_groups
+from twinlm.train.schedule import batch_size, lr_multiplier
+
+
+def hand_stableadamw(p, grads, lr, peak, b1, b2, eps, wd):
+    """Plain-Python reference: per-tensor RMS clipping, fully decoupled weight decay."""
+    p = list(p)
+    m = [0.0] * len(p)
+    v = [0.0] * len(p)
+    for t, g in enumerate(grads, start=1):
+        m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g)]
+        v = [b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(v, g)]
+        mh = [mi / (1 - b1 ** t) for mi in m]
+        vh = [vi / (1 - b2 ** t) for vi in v]
+        rms = math.sqrt(sum(gi * gi / max(vi, eps * eps) for gi, vi in zip(g, vh)) / len(p))
+        eta = lr / max(1.0, rms)
+        p = [pi * (1 - eta * wd / peak) for pi in p]
+        p = [pi - eta * mi / (math.sqrt(vi) + eps) for pi, mi, vi in zip(p, mh, vh)]
+    return p
+
+
+def test_stableadamw_matches_hand_computation():
+    init = [0.5, -1.0, 2.0, 0.25]
+    # step 2's gradient is large relative to history: the RMS clip (> 1) engages
+    grads = [[0.1, -0.2, 0.3, 0.0], [2.0, 1.0, -3.0, 0.5], [0.01, 0.02, -0.01, 0.0]]
+    lr, peak, wd = 1e-2, 2e-2, 0.1
+    x = torch.nn.Parameter(torch.tensor(init, dtype=torch.float64))
+    opt = StableAdamW([x], lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=wd, peak_lr=peak)
+    for g in grads:
+        x.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+    expected = hand_stableadamw(init, grads, lr, peak, 0.9, 0.98, 1e-6, wd)
+    assert x.detach().tolist() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    # the clip really engaged on step 2: plain AdamW would differ
+    assert opt.state[x]["step"].item() == 3
+
+
+def test_rms_clip_bounds_the_first_update():
+    # first step: v_hat = g^2, so the update is lr * sign(g) (rms = 1, no clip): |Δ| = lr
+    x = torch.nn.Parameter(torch.zeros(5))
+    opt = StableAdamW([x], lr=0.1, weight_decay=0.0)
+    x.grad = torch.tensor([1e3, -1e-2, 5.0, -2.0, 0.1])
+    opt.step()
+    assert x.detach().abs().tolist() == pytest.approx([0.1] * 5, rel=1e-4)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Embedding(10, 4))
+    groups = param_groups(model, 0.01)
+    decay = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 0.01 and groups[1]["weight_decay"] == 0.0
+    assert id(model[0].weight) in decay and id(model[2].weight) in decay
+    assert id(model[0].bias) not in decay and id(model[1].weight) not in decay and id(model[1].bias) not in decay
+
+
+def test_weight_decay_is_fully_decoupled():
+    # zero gradient: only decay acts; at lr = peak the weight shrinks by exactly wd per step, not lr*wd
+    x = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = StableAdamW([x], lr=5e-4, weight_decay=1e-2, peak_lr=5e-4)
+    x.grad = torch.zeros(3, dtype=torch.float64)
+    opt.step()
+    assert x.detach().tolist() == pytest.approx([1 - 1e-2] * 3, rel=1e-12)
+    for g in opt.param_groups:
+        g["lr"] = 2.5e-4  # half the peak: half the decay
+    opt.step()
+    assert x.detach().tolist() == pytest.approx([(1 - 1e-2) * (1 - 5e-3)] * 3, rel=1e-12)
+
+
+def test_warmup_then_constant():
+    kw = dict(warmup_tokens=100, start=1.0, end=1.0, decay="constant")
+    assert lr_multiplier(0, 1000, **kw) == 0.0
+    assert lr_multiplier(25, 1000, **kw) == 0.25
+    assert lr_multiplier(100, 1000, **kw) == 1.0
+    assert lr_multiplier(1000, 1000, **kw) == 1.0
+
+
+def test_one_minus_sqrt_decay():
+    kw = dict(start=1.0, end=0.5, decay="one_minus_sqrt")
+    assert lr_multiplier(0, 1000, **kw) == 1.0
+    assert lr_multiplier(250, 1000, **kw) == pytest.approx(0.5 + 0.5 * (1 - math.sqrt(0.25)))  # 0.75
+    assert lr_multiplier(1000, 1000, **kw) == pytest.approx(0.5)
+    # decay phase: restart at 0.5 x peak, down to 0.02 x peak
+    kw = dict(start=0.5, end=0.02, decay="one_minus_sqrt")
+    assert lr_multiplier(0, 100, **kw) == 0.5
+    assert lr_multiplier(64, 100, **kw) == pytest.approx(0.02 + 0.48 * (1 - 0.8))
+    assert lr_multiplier(100, 100, **kw) == pytest.approx(0.02)
+    # the REFERENCE formula, relative to the phase's start LR: a_f + (1 - a_f)(1 - sqrt(x)), a_f = 0.04
+    x = 0.3
+    assert lr_multiplier(30, 100, **kw) / 0.5 == pytest.approx(0.04 + 0.96 * (1 - math.sqrt(x)))
+
+
+def test_warmup_stable_linear_decay_window():
+    # cross-objective: warmup 3, stable, linear decay over the last 10 of 50 to 0.02
+    kw = dict(warmup_tokens=3, start=1.0, end=0.02, decay="linear", decay_tokens=10)
+    assert lr_multiplier(1.5, 50, **kw) == 0.5
+    assert lr_multiplier(20, 50, **kw) == 1.0
+    assert lr_multiplier(40, 50, **kw) == 1.0
+    assert lr_multiplier(45, 50, **kw) == pytest.approx(0.02 + 0.98 * 0.5)
+    assert lr_multiplier(50, 50, **kw) == pytest.approx(0.02)
+
+
+def test_batch_size_warmup():
+    kw = dict(full=4608, start=32, warmup_tokens=1000, multiple=32)
+    assert batch_size(0, **kw) == 32
+    assert batch_size(500, **kw) == (32 + (4608 - 32) // 2) // 32 * 32
+    assert batch_size(999, **kw) <= 4608
+    assert batch_size(1000, **kw) == 4608
+    assert batch_size(10, full=8, start=8, warmup_tokens=100) == 8
+    sizes = [batch_size(t, **kw) for t in range(0, 1100, 10)]
+    assert sizes == sorted(sizes) and all(s % 32 == 0 for s in sizes)
