@@ -154,12 +154,12 @@ def config_from_hf(d: dict[str, Any], folder: Path | None = None) -> ModelConfig
         unknown = set(layer_types) - {"full_attention", "sliding_attention"}
         if unknown:
             raise ModelLoadError(f"{folder or 'config'}: unknown layer types {sorted(unknown)}")
-        candidates = [e for e in range(1, n_layers + 1)
+        candidates = [e for e in [every, *range(1, n_layers + 1)]
                       if [i for i in range(n_layers) if i % e == 0] == globals_]
         if not candidates:
             raise ModelLoadError(f"{folder or 'config'}: layer_types puts global attention on layers {globals_}; "
                                  f"twinlm supports every n-th layer starting at layer 0")
-        every = every if every in candidates else candidates[0]
+        every = candidates[0]
     cfg_kw["global_attn_every_n_layers"] = every
     local = d.get("local_attention", 128)
     if local is None or (isinstance(local, (int, float)) and local <= 0):

@@ -2,6 +2,101 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def register(commands) -> None:
-    pass
+    p = commands.add_parser("info", help="parameter counts and training FLOPs/token of a preset or model folder",
+                            description="Print a model's shape, parameter counts (total, non-embedding) and training "
+                                        "FLOPs per token (forward + backward, sliding windows counted).")
+    p.add_argument("model", metavar="PRESET_OR_DIR",
+                   help="a preset name (ettin-17m … ettin-1b, cpu-small, cpu-tiny) or a model folder")
+    p.add_argument("--decoder", action="store_true", help="for a preset: the decoder (causal) variant")
+    p.add_argument("--seq-len", type=int, default=1024, help="document length for FLOPs/token (default 1024)")
+    p.add_argument("--predicted-fraction", type=float, default=None,
+                   help="fraction of tokens the head runs on (default: 0.3 encoder MLM, 1.0 decoder)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_info)
+
+    c = commands.add_parser("convert", help="cross-objective weight conversion (encoder <-> decoder)",
+                            description="Convert an encoder folder into a decoder folder or the reverse (HF format; "
+                                        "loads in twinlm and transformers). Tokenizer files are copied along.")
+    c.add_argument("src", metavar="SRC", help="HF ModernBERT / ModernBERT-decoder folder or twinlm checkpoint")
+    c.add_argument("--to", required=True, choices=["encoder", "decoder"])
+    c.add_argument("--out", required=True, metavar="DIR")
+    c.add_argument("--global-rope-theta", type=float, default=None, help="set global RoPE θ in the result")
+    c.add_argument("--local-rope-theta", type=float, default=None, help="set local RoPE θ in the result")
+    c.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR")
+    c.set_defaults(handler=_convert)
+
+
+def _config_for(name: str, decoder: bool):
+    from pathlib import Path
+
+    from twinlm.config import ModelConfig
+
+    if Path(name).is_dir():
+        from twinlm.hf import read_config
+        return read_config(name)
+    if name not in ModelConfig.preset_names():
+        raise SystemExit(f"twinlm info: {name!r} is neither a preset ({', '.join(ModelConfig.preset_names())}) "
+                         f"nor a model folder")
+    return ModelConfig.preset(name, causal=decoder)
+
+
+def info(cfg, seq_len: int = 1024, predicted_fraction: float | None = None) -> dict:
+    import torch
+
+    from twinlm.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if predicted_fraction is None:
+        predicted_fraction = 1.0 if cfg.causal else 0.3
+    total = model.num_parameters()
+    return {
+        "kind": "decoder" if cfg.causal else "encoder",
+        "layers": cfg.num_layers, "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
+        "heads": cfg.num_heads, "vocab": cfg.vocab_size, "layer_types": cfg.layer_types,
+        "parameters": total, "non_embedding_parameters": model.num_parameters(non_embedding=True),
+        "seq_len": seq_len, "predicted_fraction": predicted_fraction,
+        "flops_per_token": model.flops_per_token(seq_len, predicted_fraction),
+        "flops_per_token_all_predicted": model.flops_per_token(seq_len, 1.0),
+    }
+
+
+def _info(args) -> int:
+    import json
+
+    if args.seq_len <= 0:
+        raise SystemExit("twinlm info: --seq-len must be positive")
+    if args.predicted_fraction is not None and not 0.0 <= args.predicted_fraction <= 1.0:
+        raise SystemExit("twinlm info: --predicted-fraction must be within [0, 1]")
+    cfg = _config_for(args.model, args.decoder)
+    d = info(cfg, args.seq_len, args.predicted_fraction)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    n_global = sum(t == "full_attention" for t in d["layer_types"])
+    print(f"{args.model} ({d['kind']}): {d['layers']} layers ({n_global} global), hidden {d['hidden']}, "
+          f"GLU {d['intermediate']}, {d['heads']} heads, vocab {d['vocab']}")
+    print(f"parameters:               {d['parameters']:,} ({d['parameters'] / 1e6:.1f}M)")
+    print(f"non-embedding parameters: {d['non_embedding_parameters']:,} ({d['non_embedding_parameters'] / 1e6:.1f}M)")
+    print(f"training FLOPs/token at seq {d['seq_len']}: {d['flops_per_token']:.4g} "
+          f"(head on {d['predicted_fraction']:.0%} of tokens); {d['flops_per_token_all_predicted']:.4g} with "
+          f"every token predicted")
+    return 0
+
+
+def _convert(args) -> int:
+    from twinlm.convert import convert
+    from twinlm.hf import ModelLoadError
+
+    try:
+        out = convert(args.src, args.to, args.out, global_rope_theta=args.global_rope_theta,
+                      local_rope_theta=args.local_rope_theta, overwrite=args.overwrite)
+    except (ModelLoadError, ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"twinlm convert: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.to} to {out}")
+    return 0
