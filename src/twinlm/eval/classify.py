@@ -1,0 +1,298 @@
+"""Classification track: linear probe (frozen backbone) or full fine-tuning on labelled tasks, single
+texts or pairs, with a small hyper-parameter sweep and several seeds (mean ± sample std reported).
+
+Pooling per architecture (REFERENCE §3): encoders `[CLS]` (or mean), decoders the last real token (or
+mean). Inputs are `[CLS] a [SEP]` / `[CLS] a [SEP] b [SEP]`, packed padding-free.
+
+Splits. Tasks with a training split train on (a seeded draw of `max_train` of) it and evaluate on a
+fixed draw of `max_eval` validation examples. Tasks with only a validation split run k-fold
+cross-validation on a fixed draw of `max_eval` examples; the folds are reshuffled per seed and the
+predictions of all folds are scored together. Seeds change the training draw, the folds and (fine-tuning)
+the head initialisation and batch order.
+
+Sweep. The probe sweeps the logistic regression's C, fine-tuning sweeps the learning rate; either way the
+value is chosen on a development split carved from the training portion (15%), never on the evaluation
+examples, and the model is then refit on the whole training portion.
+
+Outside baselines on the very same splits: `model="tfidf"` (TF-IDF + logistic regression; the suite's
+bag-of-words control) and `model="minilm"` (the bundled all-MiniLM-L6-v2 sentence encoder, probed).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from twinlm.eval.common import (Loaded, Timer, default_pooling, embed, encode_with_specials, forward_packed,
+                                length_batches, load, pool_packed, versions, write_json)
+from twinlm.eval.metrics import classification_metrics, summarise
+from twinlm.eval.tasks import CLASSIFICATION_TASKS, ClsExample, ClsTask, _subset, kfold_indices, load_classification_task
+
+DEFAULT_TASKS = ["sst2", "rte", "mrpc", "cb", "boolq", "spam", "brown"]
+DEFAULT_CS = (0.1, 1.0, 10.0)
+DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
+DEV_FRACTION = 0.15
+
+
+# --- splits ----------------------------------------------------------------------------------------
+def make_splits(task: ClsTask, seed: int, max_train: int | None, max_eval: int | None,
+                kfold: int) -> list[tuple[list[ClsExample], list[ClsExample]]]:
+    """[(train, eval)] for one seed: one pair for a train/validation task, k folds otherwise."""
+    ev = _subset(task.eval, max_eval, 0)
+    if task.train is not None:
+        return [(_subset(task.train, max_train, 1000 + seed), ev)]
+    folds = []
+    for tr_idx, te_idx in kfold_indices(len(ev), kfold, seed):
+        tr = [ev[i] for i in tr_idx]
+        folds.append((_subset(tr, max_train, 1000 + seed), [ev[i] for i in te_idx]))
+    return folds
+
+
+def _dev_split(n: int, seed: int) -> tuple[list[int], list[int]]:
+    order = list(range(n))
+    random.Random(7919 + seed).shuffle(order)
+    k = max(1, int(round(DEV_FRACTION * n))) if n >= 4 else 0
+    return sorted(order[k:]), sorted(order[:k])
+
+
+# --- linear probe ----------------------------------------------------------------------------------
+def _fit_lr(X, y, C: float, seed: int):
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=C, max_iter=2000, random_state=seed)
+    if len(set(y)) < 2:  # degenerate training portion: predict its one class
+        return _Constant(int(y[0]))
+    return clf.fit(X, y)
+
+
+class _Constant:
+    def __init__(self, c):
+        self.c = c
+
+    def predict(self, X):
+        return np.full(X.shape[0], self.c)
+
+
+def probe_predict(Xtr, ytr, Xev, seed: int, Cs: Sequence[float] = DEFAULT_CS, scale: bool = True,
+                  metric_fn: Callable | None = None) -> tuple[np.ndarray, dict]:
+    """Logistic regression on frozen features, C chosen on a dev split of the training portion."""
+    from sklearn.preprocessing import StandardScaler
+
+    ytr = np.asarray(ytr)
+    if scale:
+        sc = StandardScaler(with_mean=not _is_sparse(Xtr)).fit(Xtr)
+        Xtr, Xev = sc.transform(Xtr), sc.transform(Xev)
+    tr, dev = _dev_split(len(ytr), seed)
+    sweep = {}
+    if dev and len(Cs) > 1:
+        for C in Cs:
+            pred = _fit_lr(Xtr[tr], ytr[tr], C, seed).predict(Xtr[dev])
+            sweep[C] = metric_fn(ytr[dev], pred) if metric_fn else float(np.mean(pred == ytr[dev]))
+        best = max(Cs, key=lambda c: (sweep[c], -abs(math.log10(c))))
+    else:
+        best = Cs[len(Cs) // 2]
+    return _fit_lr(Xtr, ytr, best, seed).predict(Xev), {"C": best, "dev": sweep}
+
+
+def _is_sparse(X) -> bool:
+    return hasattr(X, "tocsr")
+
+
+# --- fine-tuning -----------------------------------------------------------------------------------
+def _batches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
+    order = list(range(n))
+    rng.shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def finetune_predict(loaded: Loaded, tr_seqs, ytr, ev_seqs, num_labels: int, *, lr: float, seed: int,
+                     epochs: int = 3, batch_size: int = 16, pooling: str, weight_decay: float = 0.01,
+                     warmup: float = 0.1) -> np.ndarray:
+    """Fine-tune a copy of the backbone + a linear head; return predictions on `ev_seqs`."""
+    torch.manual_seed(seed)
+    model = copy.deepcopy(loaded.model)
+    model.train()
+    d = loaded.cfg.hidden_size
+    head = torch.nn.Linear(d, num_labels)
+    torch.nn.init.normal_(head.weight, std=0.02)
+    torch.nn.init.zeros_(head.bias)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98), eps=1e-6)
+    rng = random.Random(seed)
+    steps = max(1, epochs * math.ceil(len(tr_seqs) / batch_size))
+    warm = max(1, int(warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    y = torch.tensor(list(ytr), dtype=torch.long)
+    for _ in range(epochs):
+        for b in _batches(len(tr_seqs), batch_size, rng):
+            seqs = [tr_seqs[i] for i in b]
+            out, _ = forward_packed(model, seqs, return_logits=False)
+            pooled = pool_packed(out.hidden_states, [len(s) for s in seqs], pooling)
+            loss = torch.nn.functional.cross_entropy(head(pooled), y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    with torch.inference_mode():
+        feats = embed(model, ev_seqs, pooling)
+        return head(feats).argmax(-1).numpy()
+
+
+# --- the track -------------------------------------------------------------------------------------
+def _headline(task: ClsTask) -> str:
+    return task.metric
+
+
+def _metric_fn(task: ClsTask):
+    key = _headline(task)
+    return lambda yt, yp: classification_metrics(yt, yp, task.num_labels)[key]
+
+
+def evaluate_task(task: ClsTask, featurize, *, mode: str, seeds: Sequence[int], max_train: int | None,
+                  max_eval: int | None, kfold: int, Cs=DEFAULT_CS, lrs=DEFAULT_LRS, finetune_fn=None,
+                  log=None) -> dict:
+    """Runs every seed (and fold) of one task. `featurize(train_examples, eval_examples) -> (Xtr, Xev)`
+    for probe mode; `finetune_fn(train, eval, lr, seed) -> predictions` for fine-tuning."""
+    per_seed, chosen = [], []
+    sweep_log: dict = {}
+    for seed in seeds:
+        y_true, y_pred = [], []
+        for tr, ev in make_splits(task, seed, max_train, max_eval, kfold):
+            ytr = np.array([e.label for e in tr])
+            if mode == "probe":
+                Xtr, Xev = featurize(tr, ev)
+                pred, info = probe_predict(Xtr, ytr, Xev, seed, Cs, scale=not _is_sparse(Xtr),
+                                           metric_fn=_metric_fn(task))
+                chosen.append(info["C"])
+            else:
+                pred, info = _finetune_with_sweep(task, tr, ev, seed, lrs, finetune_fn)
+                chosen.append(info["lr"])
+                for k, v in info["dev"].items():
+                    sweep_log.setdefault(str(k), []).append(v)
+            y_true += [e.label for e in ev]
+            y_pred += list(pred)
+        per_seed.append(classification_metrics(y_true, y_pred, task.num_labels))
+        if log:
+            log(f"  seed {seed}: {_headline(task)}={per_seed[-1][_headline(task)]:.2f}")
+    out = summarise(per_seed)
+    out["score"] = out[_headline(task)]
+    out["score_std"] = out[f"{_headline(task)}_std"]
+    out["headline"] = _headline(task)
+    out["per_seed"] = per_seed
+    out["chosen"] = chosen
+    if sweep_log:
+        out["dev_sweep"] = {k: float(np.mean(v)) for k, v in sweep_log.items()}
+    return out
+
+
+def _finetune_with_sweep(task, tr, ev, seed, lrs, finetune_fn):
+    ytr = np.array([e.label for e in tr])
+    tri, dev = _dev_split(len(tr), seed)
+    sweep = {}
+    if dev and len(lrs) > 1:
+        for lr in lrs:
+            pred = finetune_fn([tr[i] for i in tri], [tr[i] for i in dev], lr, seed)
+            sweep[lr] = _metric_fn(task)(ytr[dev], pred)
+        best = max(lrs, key=lambda lr: sweep[lr])
+    else:
+        best = lrs[len(lrs) // 2]
+    return finetune_fn(tr, ev, best, seed), {"lr": best, "dev": sweep}
+
+
+def run(model, tasks: Sequence[str] = DEFAULT_TASKS, *, tokenizer=None, mode: str = "probe",
+        seeds: Sequence[int] = (0, 1, 2), max_train: int | None = 2000, max_eval: int | None = 1000,
+        kfold: int = 5, epochs: int = 3, batch_size: int = 16, lrs: Sequence[float] = DEFAULT_LRS,
+        Cs: Sequence[float] = DEFAULT_CS, max_length: int = 256, pooling: str | None = None,
+        train_file=None, eval_file=None, data_root=None, variant: str | None = None,
+        out: str | Path | None = None, log=print) -> dict:
+    """Classification of `model` — a model folder, a `Loaded`, an in-memory Transformer with
+    `tokenizer`, or the baselines "tfidf" / "minilm" — on built-in tasks (names) or on a task given by
+    `eval_file` (and optional `train_file`) JSONL. Returns the result dict (also written to `out`)."""
+    if mode not in ("probe", "finetune"):
+        raise ValueError(f"mode must be probe or finetune, got {mode!r}")
+    baseline = model if isinstance(model, str) and model in ("tfidf", "minilm") else None
+    t_all = Timer()
+    # tasks first: a bad task file fails before any model is loaded
+    if eval_file is not None:
+        task_objs = [load_classification_task(tasks[0] if tasks and len(tasks) == 1 and tasks[0] not in
+                                              CLASSIFICATION_TASKS else Path(eval_file).stem,
+                                              train_file=train_file, eval_file=eval_file)]
+    else:
+        task_objs = [load_classification_task(t, root=data_root) for t in tasks]
+    if baseline:
+        from twinlm.eval import baselines
+
+        loaded, info = None, baselines.describe(baseline, data_root)
+        if baseline == "tfidf":
+            mode = "probe"
+    else:
+        loaded = load(model, tokenizer, variant=variant)
+        info = loaded.info
+        pooling = pooling or default_pooling(loaded.causal, "classify")
+
+    results = {}
+    for task in task_objs:
+        t = Timer()
+        if log:
+            log(f"[classify] {info['variant']} {task.name} ({mode}, {task.num_labels} labels)")
+        if baseline:
+            from twinlm.eval import baselines
+
+            featurize = baselines.featurizer(baseline, data_root)
+            finetune_fn = None
+        else:
+            cache: dict[int, np.ndarray] = {}
+
+            def seqs_of(exs):
+                return encode_with_specials(loaded.tokenizer, loaded.cfg, [e.text for e in exs],
+                                            [e.text_pair for e in exs] if task.is_pair else None, max_length)
+
+            def featurize(tr, ev, cache=cache):
+                need = [e for e in tr + ev if id(e) not in cache]
+                if need:
+                    feats = embed(loaded.model, seqs_of(need), pooling).float().numpy()
+                    for e, f in zip(need, feats):
+                        cache[id(e)] = f
+                return np.stack([cache[id(e)] for e in tr]), np.stack([cache[id(e)] for e in ev])
+
+            def finetune_fn(tr, ev, lr, seed, task=task):
+                return finetune_predict(loaded, seqs_of(tr), [e.label for e in tr], seqs_of(ev), task.num_labels,
+                                        lr=lr, seed=seed, epochs=epochs, batch_size=batch_size, pooling=pooling)
+        res = evaluate_task(task, featurize, mode=mode, seeds=seeds, max_train=max_train, max_eval=max_eval,
+                            kfold=kfold, Cs=Cs, lrs=lrs, finetune_fn=finetune_fn, log=log)
+        res.update(seconds=t(), split="train/validation" if task.train is not None else f"{kfold}-fold",
+                   labels=task.labels)
+        results[task.name] = res
+        if log:
+            log(f"[classify] {info['variant']} {task.name}: {res['headline']}={res['score']:.2f} "
+                f"± {res['score_std']:.2f} ({res['seconds']:.1f}s)")
+    result = {"track": "classification", "model": info, "tasks": results,
+              "average": _average(results),
+              "config": {"tasks": [t.name for t in task_objs], "mode": mode, "seeds": list(seeds),
+                         "max_train": max_train, "max_eval": max_eval, "kfold": kfold, "epochs": epochs,
+                         "batch_size": batch_size, "lrs": list(lrs), "Cs": list(Cs), "max_length": max_length,
+                         "pooling": pooling, "dev_fraction": DEV_FRACTION, "seconds": t_all(),
+                         "versions": versions()}}
+    if out:
+        write_json(out, result)
+    return result
+
+
+def _average(results: dict) -> dict:
+    """Mean over tasks of each seed's headline score, then mean ± std over seeds."""
+    if not results:
+        return {"metric": "score", "mean": float("nan"), "std": float("nan"), "n_tasks": 0}
+    n = min(len(r["per_seed"]) for r in results.values())
+    per_seed = [float(np.mean([r["per_seed"][i][r["headline"]] for r in results.values()])) for i in range(n)]
+    mean = float(np.mean(per_seed))
+    std = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0
+    return {"metric": "mean headline score over tasks", "mean": mean, "std": std, "std_kind": "over seeds",
+            "per_seed": per_seed, "n_tasks": len(results)}

@@ -1,0 +1,270 @@
+"""Shared machinery of the eval tracks: loading a model folder with its tokenizer, padding-free packing
+of many sequences per forward pass, pooling, and describing the model in result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+
+@dataclass
+class Loaded:
+    model: Any                  # twinlm.Transformer
+    tokenizer: Any              # PreTrainedTokenizerFast
+    path: str | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def causal(self) -> bool:
+        return bool(self.model.config.causal)
+
+    @property
+    def cfg(self):
+        return self.model.config
+
+
+def load(model, tokenizer=None, *, mntp: bool | None = None, variant: str | None = None,
+         threads: int | None = None) -> Loaded:
+    """A model folder (HF ModernBERT / ModernBERT-decoder or twinlm checkpoint, via `twinlm.load`) with
+    the tokenizer saved in it, or an in-memory `(Transformer, tokenizer)` pair. Already-`Loaded` passes."""
+    if isinstance(model, Loaded):
+        return model
+    if threads:
+        torch.set_num_threads(threads)
+    path = None
+    if isinstance(model, (str, os.PathLike)):
+        path = str(model)
+        import twinlm
+
+        from transformers import AutoTokenizer
+
+        net = twinlm.load(path)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        model = net
+    if tokenizer is None:
+        raise ValueError("an in-memory model needs its tokenizer")
+    model.eval()
+    info = describe(model, path, mntp=mntp, variant=variant)
+    return Loaded(model, tokenizer, path, info)
+
+
+def _detect_mntp(path: str | None) -> bool:
+    """MNTP-trained encoders (enc-from-dec) read masked-token logits one position earlier. Detected from
+    an `"objective": "mntp"` field in the folder's `twinlm.json` / `config.json`, or in the run's
+    `config.yaml` next to it."""
+    if not path:
+        return False
+    p = Path(path)
+    for cand in (p / "twinlm.json", p / "config.json", p / "model_config.json"):
+        try:
+            d = json.loads(cand.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for key in ("objective", "twinlm_objective", "training_objective"):
+            if str(d.get(key, "")).lower() == "mntp":
+                return True
+    for cand in (p / "config.yaml", p.parent / "config.yaml"):
+        try:
+            text = cand.read_text()
+        except OSError:
+            continue
+        if "mntp" in text.lower():
+            import yaml
+
+            try:
+                d = yaml.safe_load(text)
+            except yaml.YAMLError:
+                continue
+
+            def walk(o):
+                if isinstance(o, dict):
+                    return any((k in ("objective", "loss") and str(v).lower() == "mntp") or walk(v)
+                               for k, v in o.items())
+                if isinstance(o, list):
+                    return any(walk(v) for v in o)
+                return False
+            if walk(d):
+                return True
+    return False
+
+
+def describe(model, path: str | None, *, mntp: bool | None = None, variant: str | None = None) -> dict:
+    cfg = model.config
+    causal = bool(cfg.causal)
+    mntp = _detect_mntp(path) if mntp is None else bool(mntp)
+    if causal:
+        mntp = False
+    params = sum(p.numel() for p in model.parameters())
+    if variant is None:
+        variant = _guess_variant(path, causal)
+    return {"path": path, "arch": "decoder" if causal else "encoder", "causal": causal,
+            "objective": "clm" if causal else ("mntp" if mntp else "mlm"), "mntp": mntp,
+            "variant": variant, "params": params,
+            "non_embedding_params": params - cfg.vocab_size * cfg.hidden_size,
+            "size": f"{cfg.num_layers}L-{cfg.hidden_size}d", "num_layers": cfg.num_layers,
+            "hidden_size": cfg.hidden_size}
+
+
+def _guess_variant(path: str | None, causal: bool) -> str:
+    """encoder / decoder / enc-from-dec / dec-from-enc / random-encoder / random-decoder, from names in
+    the path (the suite passes `variant` explicitly)."""
+    base = "decoder" if causal else "encoder"
+    if path:
+        low = str(path).lower().replace("_", "-")
+        for tag in ("enc-from-dec", "dec-from-enc"):
+            if tag in low:
+                return tag
+        if "random" in low:
+            return f"random-{base}"
+    return base
+
+
+# --- tokenization ----------------------------------------------------------------------------------
+def encode_plain(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids without special tokens."""
+    if not texts:
+        return []
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def encode_with_specials(tokenizer, cfg, texts: Sequence[str], pairs: Sequence[str] | None = None,
+                         max_length: int = 512) -> list[list[int]]:
+    """`[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, truncated to `max_length` (longest side first), built
+    from the model config's special ids (so it does not depend on the tokenizer's post-processor)."""
+    a_ids = encode_plain(tokenizer, texts)
+    b_ids = encode_plain(tokenizer, pairs) if pairs is not None else [None] * len(a_ids)
+    out = []
+    for a, b in zip(a_ids, b_ids):
+        if b is None:
+            a = a[:max_length - 2]
+            out.append([cfg.cls_token_id, *a, cfg.sep_token_id])
+        else:
+            budget = max_length - 3
+            a, b = list(a), list(b)
+            while len(a) + len(b) > budget:
+                if len(a) >= len(b):
+                    a.pop()
+                else:
+                    b.pop()
+            out.append([cfg.cls_token_id, *a, cfg.sep_token_id, *b, cfg.sep_token_id])
+    return out
+
+
+# --- packing ---------------------------------------------------------------------------------------
+def length_batches(lengths: Sequence[int], max_tokens: int, max_docs: int | None = None,
+                   sort: bool = True) -> Iterator[list[int]]:
+    """Groups of indices whose total length stays under `max_tokens` (a longer sequence goes alone);
+    longest first so that similar lengths share a pack (the SDPA backend pads inside a pack)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else list(range(len(lengths)))
+    batch, total = [], 0
+    for i in order:
+        n = lengths[i]
+        if batch and (total + n > max_tokens or (max_docs and len(batch) >= max_docs)):
+            yield batch
+            batch, total = [], 0
+        batch.append(i)
+        total += n
+    if batch:
+        yield batch
+
+
+def pack(seqs: Sequence[Sequence[int]], device="cpu") -> tuple[torch.Tensor, torch.Tensor, int, list[int]]:
+    """Flat ids (N,), cu_seqlens int32 (D+1,), max_seqlen, start offset of each sequence."""
+    lens = [len(s) for s in seqs]
+    offsets, acc = [], 0
+    for n in lens:
+        offsets.append(acc)
+        acc += n
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=device)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return ids, cu, max(lens), offsets
+
+
+def forward_packed(model, seqs: Sequence[Sequence[int]], prediction_positions: Sequence[int] | None = None,
+                   return_logits: bool = True):
+    """One padding-free forward pass over `seqs`; prediction positions are flat indices."""
+    device = next(model.parameters()).device
+    ids, cu, m, offsets = pack(seqs, device)
+    kwargs = {}
+    if prediction_positions is not None:
+        kwargs["prediction_positions"] = torch.tensor(list(prediction_positions), dtype=torch.long, device=device)
+    out = model(ids, cu_seqlens=cu, max_seqlen=m, return_logits=return_logits, **kwargs)
+    return out, offsets
+
+
+# --- pooling ---------------------------------------------------------------------------------------
+def pool_packed(hidden: torch.Tensor, seq_lens: Sequence[int], pooling: str) -> torch.Tensor:
+    """(N, d) packed hidden states -> (D, d): "cls" (first token), "last" (last token), "mean"."""
+    starts = torch.tensor([0, *torch.tensor(list(seq_lens)).cumsum(0).tolist()[:-1]], dtype=torch.long,
+                          device=hidden.device)
+    lens = torch.tensor(list(seq_lens), dtype=torch.long, device=hidden.device)
+    if pooling == "cls":
+        return hidden.index_select(0, starts)
+    if pooling == "last":
+        return hidden.index_select(0, starts + lens - 1)
+    if pooling == "mean":
+        doc = torch.repeat_interleave(torch.arange(len(seq_lens), device=hidden.device), lens)
+        sums = hidden.new_zeros(len(seq_lens), hidden.shape[-1]).index_add_(0, doc, hidden)
+        return sums / lens.unsqueeze(1).to(hidden.dtype)
+    raise ValueError(f"unknown pooling {pooling!r}: cls, last or mean")
+
+
+def default_pooling(causal: bool, track: str = "classify") -> str:
+    """The paper's choices: encoders [CLS] for classification and mean for retrieval; decoders last token."""
+    if causal:
+        return "last"
+    return "cls" if track == "classify" else "mean"
+
+
+def embed(model, seqs: Sequence[Sequence[int]], pooling: str, max_tokens: int = 8192,
+          grad: bool = False) -> torch.Tensor:
+    """Pooled embeddings (D, d) of token sequences, packed `max_tokens` at a time, in input order."""
+    outs: list[torch.Tensor | None] = [None] * len(seqs)
+    ctx = torch.enable_grad() if grad else torch.inference_mode()
+    with ctx:
+        for batch in length_batches([len(s) for s in seqs], max_tokens):
+            sub = [seqs[i] for i in batch]
+            out, _ = forward_packed(model, sub, return_logits=False)
+            pooled = pool_packed(out.hidden_states, [len(s) for s in sub], pooling)
+            for j, i in enumerate(batch):
+                outs[i] = pooled[j]
+    return torch.stack(outs) if outs else torch.empty(0)
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    tmp.replace(path)
+
+
+def _jsonable(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def versions() -> dict:
+    import transformers
+
+    import twinlm
+
+    return {"twinlm": twinlm.__version__, "torch": torch.__version__, "transformers": transformers.__version__}

@@ -1,0 +1,252 @@
+"""`twinlm compare`: result JSONs of the eval tracks (and training runs' metrics.jsonl) side by side as
+Markdown and JSON tables and PNG plots, in the manner of the paper's figures: per task, encoder vs
+decoder vs cross-objective models, grouped by size, outside baselines as reference lines; and the
+training loss curves.
+
+Inputs: result files (`{"track", "model", "tasks", ...}`) or folders searched recursively for them and
+for `metrics.jsonl` (one JSON object per optimizer step with `loss` and `step` / `tokens`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+VARIANT_ORDER = ["encoder", "decoder", "enc-from-dec", "dec-from-enc", "random-encoder", "random-decoder",
+                 "bag-of-words", "minilm"]
+COLORS = {"encoder": "#1f77b4", "decoder": "#d62728", "enc-from-dec": "#7fb2e5", "dec-from-enc": "#f08a8a",
+          "random-encoder": "#9e9e9e", "random-decoder": "#5e5e5e", "bag-of-words": "#2ca02c", "minilm": "#9467bd"}
+BASELINES = {"bag-of-words", "minilm"}
+TRACK_ORDER = ["classification", "retrieval", "generative", "bpb"]
+
+
+def _is_result(obj) -> bool:
+    return isinstance(obj, dict) and "track" in obj and isinstance(obj.get("tasks"), dict) and "model" in obj
+
+
+def collect(paths: Iterable[str | Path]) -> tuple[list[dict], list[tuple[str, Path]]]:
+    """(result dicts, [(run label, metrics.jsonl path)])."""
+    results, curves = [], []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such file or folder")
+        files = [p] if p.is_file() else sorted(p.rglob("*.json"))
+        for f in files:
+            if f.name.endswith(".tmp") or f.suffix != ".json":
+                continue
+            try:
+                obj = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+                if f == p:
+                    raise ValueError(f"{p}: not a JSON result file") from None
+                continue
+            if _is_result(obj):
+                obj.setdefault("_source", str(f))
+                results.append(obj)
+            elif f == p:
+                raise ValueError(f"{p}: not an eval result (needs track, model, tasks)")
+        if p.is_dir():
+            for m in sorted(p.rglob("metrics.jsonl")):
+                curves.append((_run_label(m, p), m))
+    return results, curves
+
+
+def _run_label(metrics: Path, root: Path) -> str:
+    rel = metrics.parent.relative_to(root) if metrics.parent != root else Path(root.name)
+    return str(rel) if str(rel) != "." else root.name
+
+
+def _variant(r: dict) -> str:
+    return r["model"].get("variant") or r["model"].get("arch") or "model"
+
+
+def _size(r: dict) -> str:
+    return r["model"].get("size") or "?"
+
+
+def _params(r: dict) -> float:
+    return float(r["model"].get("params") or 0)
+
+
+def table(results: Sequence[dict]) -> list[dict]:
+    """One row per (track, task, variant, size): headline score mean and std."""
+    rows = []
+    for r in results:
+        for task, m in r["tasks"].items():
+            score = m.get("score", m.get(m.get("headline", ""), None))
+            if score is None:
+                continue
+            rows.append({"track": r["track"], "task": task, "metric": m.get("headline", "score"),
+                         "variant": _variant(r), "size": _size(r), "params": _params(r),
+                         "mean": float(score), "std": float(m.get("score_std", m.get("stderr", 0.0)) or 0.0),
+                         "source": r.get("_source")})
+        avg = r.get("average") or {}
+        if "mean" in avg and len(r["tasks"]) > 1:
+            rows.append({"track": r["track"], "task": "average", "metric": avg.get("metric", "mean"),
+                         "variant": _variant(r), "size": _size(r), "params": _params(r),
+                         "mean": float(avg["mean"]), "std": float(avg.get("std") or 0.0), "source": r.get("_source")})
+    return rows
+
+
+def _vkey(v: str) -> tuple:
+    return (VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER), v)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["# twinlm comparison", "",
+             "Mean ± spread per task (spread: std over seeds; for zero-shot generative scores, the standard "
+             "error over examples). bpb: lower is better.", ""]
+    for track in sorted({r["track"] for r in rows}, key=lambda t: (TRACK_ORDER.index(t) if t in TRACK_ORDER else 9, t)):
+        trows = [r for r in rows if r["track"] == track]
+        cols = sorted({(r["params"], r["size"], r["variant"]) for r in trows},
+                      key=lambda c: (c[2] in BASELINES, c[0], _vkey(c[2])))
+        tasks = sorted({r["task"] for r in trows}, key=lambda t: (t == "average", t))
+        lines += [f"## {track}", "", "| task | metric | " + " | ".join(f"{v} {s}" for _, s, v in cols) + " |",
+                  "|---|---|" + "---|" * len(cols)]
+        for task in tasks:
+            cells, metric = [], ""
+            for p, s, v in cols:
+                hit = [r for r in trows if r["task"] == task and r["size"] == s and r["variant"] == v]
+                if hit:
+                    metric = hit[0]["metric"]
+                    cells.append(f"{hit[0]['mean']:.2f} ± {hit[0]['std']:.2f}" if track != "bpb"
+                                 else f"{hit[0]['mean']:.4f}")
+                else:
+                    cells.append("—")
+            name = f"**{task}**" if task == "average" else task
+            lines.append(f"| {name} | {metric} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plot_track(track: str, trows: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in trows}, key=lambda t: (t != "average", t))
+    models = [r for r in trows if r["variant"] not in BASELINES]
+    sizes = sorted({(r["params"], r["size"]) for r in models})
+    variants = sorted({r["variant"] for r in models}, key=_vkey)
+    ncols = min(4, len(tasks))
+    nrows = math.ceil(len(tasks) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    width = 0.8 / max(1, len(variants))
+    for ax, task in zip(axes.flat, tasks):
+        for vi, v in enumerate(variants):
+            xs, ys, es = [], [], []
+            for si, (p, s) in enumerate(sizes):
+                hit = [r for r in models if r["task"] == task and r["variant"] == v and r["size"] == s]
+                if hit:
+                    xs.append(si - 0.4 + width * (vi + 0.5))
+                    ys.append(hit[0]["mean"])
+                    es.append(hit[0]["std"])
+            if xs:
+                ax.bar(xs, ys, width=width * 0.95, yerr=es, capsize=2, color=COLORS.get(v), label=v)
+        for b in sorted({r["variant"] for r in trows if r["variant"] in BASELINES}):
+            hit = [r for r in trows if r["task"] == task and r["variant"] == b]
+            if hit:
+                ax.axhline(hit[0]["mean"], ls="--", lw=1.2, color=COLORS.get(b), label=b)
+        metric = next((r["metric"] for r in trows if r["task"] == task), "")
+        ax.set_title(f"{task}", fontsize=10)
+        ax.set_ylabel(metric if len(metric) < 30 else "score", fontsize=8)
+        ax.set_xticks(range(len(sizes)))
+        ax.set_xticklabels([f"{s}\n{p / 1e6:.1f}M" for p, s in sizes], fontsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    handles, labels = {}, []
+    for ax in axes.flat:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(l, h)
+    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(6, len(handles)),
+               fontsize=9, frameon=False)
+    fig.suptitle(f"{track}" + (" (bits per byte, lower is better)" if track == "bpb" else ""), y=1.0 + 0.02 * nrows,
+                 fontsize=12)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    path = out / f"{track}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def read_curve(path: Path) -> tuple[list[float], list[float], str]:
+    xs, ys, xkey = [], [], "step"
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if rows and all("tokens" in r for r in rows if "loss" in r):
+        xkey = "tokens"
+    for i, r in enumerate(rows):
+        if "loss" in r and r["loss"] is not None and math.isfinite(float(r["loss"])):
+            xs.append(float(r.get(xkey, r.get("step", i))))
+            ys.append(float(r["loss"]))
+    return xs, ys, xkey
+
+
+def _plot_curves(curves: list[tuple[str, Path]], out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = [(label, *read_curve(p)) for label, p in curves]
+    data = [d for d in data if d[1]]
+    if not data:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    xkey = "tokens" if all(d[3] == "tokens" for d in data) else "step"
+    for label, xs, ys, _ in data:
+        low = label.lower()
+        color = next((COLORS[v] for v in ("enc-from-dec", "dec-from-enc", "encoder", "decoder") if v in low), None)
+        ax.plot(xs, ys, label=label, lw=1.2, color=color,
+                ls="--" if ("from" in low or "cross" in low) else "-")
+    ax.set_xlabel(xkey)
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("training loss")
+    fig.tight_layout()
+    path = out / "loss_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare(inputs: Sequence[str | Path], out_dir: str | Path) -> dict:
+    """Writes `comparison.md`, `comparison.json`, one `<track>.png` per track and `loss_curves.png`;
+    returns {"markdown", "json", "plots": [...], "rows": n}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results, curves = collect(inputs)
+    if not results and not curves:
+        raise ValueError(f"no eval results and no metrics.jsonl found in {', '.join(map(str, inputs))}")
+    rows = table(results)
+    md = markdown(rows)
+    (out / "comparison.md").write_text(md + "\n")
+    payload = {"rows": rows, "models": _models(results), "curves": [{"run": l, "path": str(p)} for l, p in curves]}
+    (out / "comparison.json").write_text(json.dumps(payload, indent=2) + "\n")
+    plots = []
+    for track in sorted({r["track"] for r in rows}):
+        plots.append(str(_plot_track(track, [r for r in rows if r["track"] == track], out)))
+    if curves:
+        p = _plot_curves(curves, out)
+        if p:
+            plots.append(str(p))
+    return {"markdown": str(out / "comparison.md"), "json": str(out / "comparison.json"), "plots": plots,
+            "rows": len(rows)}
+
+
+def _models(results) -> list[dict]:
+    seen, out = set(), []
+    for r in results:
+        m = r["model"]
+        key = (m.get("variant"), m.get("size"), m.get("path"))
+        if key not in seen:
+            seen.add(key)
+            out.append({k: m.get(k) for k in ("variant", "arch", "size", "params", "path", "objective")})
+    return out

@@ -1,0 +1,229 @@
+"""Retrieval track: contrastive fine-tuning with in-batch negatives, then nDCG@10 / MRR@10 / Recall@100
+on held-out queries.
+
+Sets built from the fetched QA data (tasks.RETRIEVAL_SETS): SQuAD, BoolQ and SciQ — corpus = every
+passage of the set, a question's one relevant document = its own passage. A fixed draw of each set's
+questions (`max_eval_queries`) is held out; the other questions with their passages are the training
+pairs (the union over sets, capped at `max_train_pairs`).
+
+Loss: sentence-transformers' MultipleNegativesRankingLoss — cross-entropy over cosine similarities × 20
+between each query and every passage of the batch, its own passage the target. Pooling: encoder mean,
+decoder last token (the `[SEP]` that closes `[CLS] text [SEP]`), exactly what sentence-transformers
+computes on the folder `export_sentence_transformers` writes.
+
+Baselines on the same held-out queries and corpora: `model="bm25"`, `model="minilm"` (zero-shot).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from twinlm.eval.common import (Loaded, Timer, default_pooling, embed, encode_with_specials, forward_packed, load,
+                                pool_packed, versions, write_json)
+from twinlm.eval.metrics import retrieval_metrics, run_from_scores, summarise
+from twinlm.eval.tasks import RETRIEVAL_SETS, RetrievalSet, load_retrieval_set
+
+DEFAULT_SETS = ["squad", "boolq", "sciq"]
+SCALE = 20.0
+
+
+def held_out(sets: Sequence[RetrievalSet], max_eval_queries: int, max_corpus: int | None = None,
+             seed: int = 0) -> tuple[list[RetrievalSet], list[tuple[str, str]]]:
+    """(test sets, training (query, passage) pairs). Each set's test part keeps `max_eval_queries`
+    questions; `max_corpus` keeps all their relevant passages plus a seeded draw of the others."""
+    tests, pairs = [], []
+    for s in sets:
+        n_test = min(max_eval_queries, max(1, len(s.queries) // 2))
+        train, test = s.split(n_test, seed=seed)
+        if max_corpus is not None and max_corpus < len(test.corpus):
+            keep = {d for rel in test.qrels.values() for d in rel}
+            others = sorted(set(test.corpus) - keep)
+            random.Random(seed).shuffle(others)
+            keep |= set(others[:max(0, max_corpus - len(keep))])
+            test = RetrievalSet(test.name, {d: test.corpus[d] for d in sorted(keep)}, test.queries, test.qrels,
+                                test.meta)
+        tests.append(test)
+        for q, rel in train.qrels.items():
+            for d in rel:
+                pairs.append((train.queries[q], s.corpus[d]))
+    return tests, pairs
+
+
+# --- model side ------------------------------------------------------------------------------------
+def contrastive_finetune(loaded: Loaded, pairs: Sequence[tuple[str, str]], *, pooling: str, seed: int = 0,
+                         epochs: int = 1, batch_size: int = 32, lr: float = 2e-4, warmup: float = 0.1,
+                         max_length: int = 256, query_max_length: int = 64, log=None):
+    """A fine-tuned copy of the model (MultipleNegativesRankingLoss, scale 20, cosine)."""
+    torch.manual_seed(seed)
+    model = copy.deepcopy(loaded.model)
+    model.train()
+    q_seqs = encode_with_specials(loaded.tokenizer, loaded.cfg, [q for q, _ in pairs], max_length=query_max_length)
+    d_seqs = encode_with_specials(loaded.tokenizer, loaded.cfg, [d for _, d in pairs], max_length=max_length)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98), eps=1e-6)
+    rng = random.Random(seed)
+    steps = max(1, epochs * (len(pairs) // batch_size or 1))
+    warm = max(1, int(warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    losses = []
+    for _ in range(epochs):
+        order = list(range(len(pairs)))
+        rng.shuffle(order)
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if len(batches) > 1 and len(batches[-1]) < 2:
+            batches.pop()
+        for b in batches:
+            seqs = [q_seqs[i] for i in b] + [d_seqs[i] for i in b]
+            out, _ = forward_packed(model, seqs, return_logits=False)
+            emb = pool_packed(out.hidden_states, [len(s) for s in seqs], pooling)
+            q, d = emb[:len(b)], emb[len(b):]
+            sim = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(d, dim=-1).T
+            loss = torch.nn.functional.cross_entropy(SCALE * sim, torch.arange(len(b)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+    model.eval()
+    if log and losses:
+        log(f"  contrastive fine-tuning: {len(losses)} steps, loss {losses[0]:.3f} -> {np.mean(losses[-5:]):.3f}")
+    return model, losses
+
+
+def encode_texts(model, tokenizer, texts: Sequence[str], pooling: str, max_length: int = 256,
+                 max_tokens: int = 16384) -> np.ndarray:
+    seqs = encode_with_specials(tokenizer, model.config, list(texts), max_length=max_length)
+    return embed(model, seqs, pooling, max_tokens=max_tokens).float().numpy()
+
+
+def _cosine_run(qv: np.ndarray, dv: np.ndarray, qids, dids):
+    qv = qv / np.maximum(np.linalg.norm(qv, axis=1, keepdims=True), 1e-12)
+    dv = dv / np.maximum(np.linalg.norm(dv, axis=1, keepdims=True), 1e-12)
+    return run_from_scores(qids, dids, qv @ dv.T, top=100)
+
+
+def evaluate_sets(encode_queries, encode_docs, tests: Sequence[RetrievalSet]) -> dict[str, dict]:
+    out = {}
+    for s in tests:
+        qids, dids = list(s.queries), list(s.corpus)
+        qv = encode_queries([s.queries[q] for q in qids])
+        dv = encode_docs([s.corpus[d] for d in dids])
+        out[s.name] = retrieval_metrics(s.qrels, _cosine_run(qv, dv, qids, dids))
+    return out
+
+
+# --- sentence-transformers export ------------------------------------------------------------------
+def export_sentence_transformers(model, tokenizer, out_dir: str | Path, pooling: str, max_seq_length: int = 256) -> Path:
+    """An HF model folder (`save_pretrained`) plus `modules.json`, `sentence_bert_config.json` and
+    `1_Pooling/config.json` so that `SentenceTransformer(out_dir)` loads it with our pooling (decoders:
+    last token, set explicitly — sentence-transformers would otherwise mean-pool)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), tokenizer=tokenizer)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (out / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
+                                                               "do_lower_case": False}, indent=2) + "\n")
+    modes = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "last": "pooling_mode_lasttoken"}
+    if pooling not in modes:
+        raise ValueError(f"cannot export pooling {pooling!r}")
+    cfg = {"word_embedding_dimension": model.config.hidden_size, "pooling_mode_cls_token": False,
+           "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
+           "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+           "pooling_mode_lasttoken": False, "include_prompt": True}
+    cfg[modes[pooling]] = True
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "config_sentence_transformers.json").write_text(json.dumps(
+        {"similarity_fn_name": "cosine", "model_type": "SentenceTransformer"}, indent=2) + "\n")
+    return out
+
+
+# --- the track -------------------------------------------------------------------------------------
+def run(model, sets: Sequence[str] = DEFAULT_SETS, *, tokenizer=None, finetune: bool = True,
+        seeds: Sequence[int] = (0,), epochs: int = 1, batch_size: int = 32, lr: float = 2e-4,
+        max_train_pairs: int | None = 2000, max_eval_queries: int = 300, max_corpus: int | None = None,
+        max_length: int = 256, query_max_length: int = 64, pooling: str | None = None,
+        export_dir: str | Path | None = None, data_root=None, variant: str | None = None,
+        retrieval_sets: Sequence[RetrievalSet] | None = None, out: str | Path | None = None, log=print) -> dict:
+    """Retrieval of `model` (folder / `Loaded` / Transformer + tokenizer, or "bm25" / "minilm").
+    `retrieval_sets` replaces the built-in sets by in-memory ones. `export_dir`: the first seed's
+    fine-tuned model as a sentence-transformers folder."""
+    t_all = Timer()
+    all_sets = list(retrieval_sets) if retrieval_sets is not None else [load_retrieval_set(s, data_root) for s in sets]
+    tests, pairs = held_out(all_sets, max_eval_queries, max_corpus, seed=0)
+    baseline = model if isinstance(model, str) and model in ("bm25", "minilm") else None
+    per_seed_sets: list[dict[str, dict]] = []
+    train_info = {}
+    if baseline:
+        from twinlm.eval import baselines
+
+        info = baselines.describe(baseline)
+        if baseline == "bm25":
+            per_set = {}
+            for s in tests:
+                qids, dids = list(s.queries), list(s.corpus)
+                bm = baselines.BM25([s.corpus[d] for d in dids])
+                per_set[s.name] = retrieval_metrics(s.qrels, run_from_scores(
+                    qids, dids, bm.scores([s.queries[q] for q in qids]), top=100))
+        else:
+            enc = lambda texts: baselines.minilm_encode(texts, data_root)  # noqa: E731
+            per_set = evaluate_sets(enc, enc, tests)
+        per_seed_sets.append(per_set)
+        seeds = (0,)
+        pooling = info.get("pooling")
+    else:
+        loaded = load(model, tokenizer, variant=variant)
+        info = loaded.info
+        pooling = pooling or default_pooling(loaded.causal, "retrieval")
+        if max_train_pairs is not None and len(pairs) > max_train_pairs:
+            pairs = [pairs[i] for i in sorted(random.Random(0).sample(range(len(pairs)), max_train_pairs))]
+        for seed in (seeds if finetune else (0,)):
+            t = Timer()
+            if finetune:
+                net, losses = contrastive_finetune(loaded, pairs, pooling=pooling, seed=seed, epochs=epochs,
+                                                   batch_size=batch_size, lr=lr, max_length=max_length,
+                                                   query_max_length=query_max_length, log=log)
+                train_info[seed] = {"steps": len(losses), "first_loss": losses[0] if losses else None,
+                                    "last_loss": float(np.mean(losses[-5:])) if losses else None,
+                                    "seconds": t()}
+            else:
+                net = loaded.model
+            per_set = evaluate_sets(
+                lambda texts: encode_texts(net, loaded.tokenizer, texts, pooling, query_max_length),
+                lambda texts: encode_texts(net, loaded.tokenizer, texts, pooling, max_length), tests)
+            per_seed_sets.append(per_set)
+            if export_dir is not None and seed == seeds[0]:
+                export_sentence_transformers(net, loaded.tokenizer, export_dir, pooling, max_length)
+            if log:
+                log(f"[retrieval] {info['variant']} seed {seed}: " + ", ".join(
+                    f"{k} nDCG@10={v['ndcg@10']:.2f}" for k, v in per_set.items()))
+    results = {}
+    for s in tests:
+        res = summarise([ps[s.name] for ps in per_seed_sets])
+        res.update(score=res["ndcg@10"], score_std=res["ndcg@10_std"], headline="ndcg@10",
+                   queries=len(s.queries), corpus=len(s.corpus), per_seed=[ps[s.name] for ps in per_seed_sets])
+        results[s.name] = res
+    avg_per_seed = [float(np.mean([ps[n]["ndcg@10"] for n in ps])) for ps in per_seed_sets]
+    result = {"track": "retrieval", "model": info, "tasks": results,
+              "average": {"metric": "mean nDCG@10 over sets", "mean": float(np.mean(avg_per_seed)),
+                          "std": float(np.std(avg_per_seed, ddof=1)) if len(avg_per_seed) > 1 else 0.0,
+                          "std_kind": "over seeds", "per_seed": avg_per_seed, "n_tasks": len(results)},
+              "config": {"sets": [s.name for s in all_sets], "finetune": finetune and not baseline,
+                         "seeds": list(seeds), "epochs": epochs, "batch_size": batch_size, "lr": lr, "scale": SCALE,
+                         "train_pairs": len(pairs), "max_eval_queries": max_eval_queries, "max_corpus": max_corpus,
+                         "max_length": max_length, "query_max_length": query_max_length, "pooling": pooling,
+                         "training": train_info, "export_dir": str(export_dir) if export_dir else None,
+                         "seconds": t_all(), "versions": versions()}}
+    if out:
+        write_json(out, result)
+    return result
