@@ -207,10 +207,10 @@ class Trainer:
         loaded = twinlm.load(src)
         if bool(loaded.config.causal) != self.recipe.causal:
             conv_dir = self.out / "init"
-            if self.env.is_main and not (conv_dir / "config.json").exists() and \
-                    not (conv_dir / "model_config.json").exists():
+            if self.env.is_main and not (conv_dir / "DONE").exists():
                 from twinlm.convert import convert
-                convert(src, to=target, out=conv_dir)
+                convert(src, to=target, out=conv_dir, overwrite=True)
+                (conv_dir / "DONE").write_text(str(src) + "\n")
             dist.barrier()
             loaded = twinlm.load(conv_dir)
         # the recipe's model overrides (e.g. dropout) apply on top of the converted shape
@@ -373,7 +373,8 @@ class Trainer:
             except (OSError, json.JSONDecodeError):
                 pass
         for path, meta in metas:
-            fp = meta.get("tokenizer_fingerprint")
+            fp = (meta.get("tokenizer") or {}).get("fingerprint") if isinstance(meta.get("tokenizer"), dict) \
+                else meta.get("tokenizer_fingerprint")
             if fp is None:
                 continue
             if self.tokenizer_fingerprint is None:
