@@ -133,7 +133,8 @@ def _plot_track(track: str, trows: list[dict], out: Path) -> Path:
     variants = sorted({r["variant"] for r in models}, key=_vkey)
     ncols = min(4, len(tasks))
     nrows = math.ceil(len(tasks) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    height = 3.4 * nrows + 0.9  # 0.9 inch on top for the title and the legend
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, height), squeeze=False)
     width = 0.8 / max(1, len(variants))
     for ax, task in zip(axes.flat, tasks):
         for vi, v in enumerate(variants):
@@ -163,11 +164,12 @@ def _plot_track(track: str, trows: list[dict], out: Path) -> Path:
     for ax in axes.flat:
         for h, l in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(l, h)
-    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(6, len(handles)),
-               fontsize=9, frameon=False)
-    fig.suptitle(f"{track}" + (" (bits per byte, lower is better)" if track == "bpb" else ""), y=1.0 + 0.02 * nrows,
-                 fontsize=12)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    top = 1 - 0.9 / height
+    fig.tight_layout(rect=(0, 0, 1, top))
+    fig.suptitle(f"{track}" + (" (bits per byte, lower is better)" if track == "bpb" else ""),
+                 y=1 - 0.12 / height, fontsize=12)
+    fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 1 - 0.4 / height),
+               ncol=min(8, len(handles)), fontsize=9, frameon=False)
     path = out / f"{track}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -1,0 +1,129 @@
+"""Classification, retrieval (with the sentence-transformers export), bits per byte and the comparison
+report, end to end on toy data with freshly initialised model folders (the random-init control)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import twinlm
+from twinlm.eval import bpb, classify, report, retrieval
+from twinlm.eval.tasks import RetrievalSet
+from twinlm.eval.toy import toy_classification, toy_model_dir, toy_retrieval, toy_sentences, toy_tokenizer
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaltracks")
+    tok = toy_tokenizer()
+    for name, rows in (("train", toy_classification(60, 0)), ("dev", toy_classification(30, 1))):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pair = toy_classification(30, 2, pair=True)
+    (root / "pair.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pair))
+    return {"root": root, "tok": tok, "enc": toy_model_dir(root / "random-encoder", False, tokenizer=tok),
+            "dec": toy_model_dir(root / "random-decoder", True, tokenizer=tok), "results": root / "results"}
+
+
+def test_classify_probe_baseline_and_finetune(env):
+    root = env["root"]
+    kw = dict(train_file=root / "train.jsonl", eval_file=root / "dev.jsonl", log=None)
+    tf = classify.run("tfidf", ["toy"], seeds=[0, 1], out=env["results"] / "cls_bow.json", **kw)
+    assert tf["model"]["variant"] == "bag-of-words" and tf["tasks"]["toy"]["score"] >= 70
+    for key in ("enc", "dec"):
+        res = classify.run(str(env[key]), ["toy"], seeds=[0, 1], out=env["results"] / f"cls_{key}.json", **kw)
+        t = res["tasks"]["toy"]
+        assert res["track"] == "classification" and len(t["per_seed"]) == 2 and t["n_seeds"] == 2
+        assert 0 <= t["score"] <= 100 and t["score_std"] >= 0 and res["average"]["std_kind"] == "over seeds"
+        assert res["config"]["pooling"] == ("last" if key == "dec" else "cls")
+    # fine-tuning with a 2-point learning-rate sweep, one seed; a pair task by k-fold
+    ft = classify.run(str(env["enc"]), ["toy"], seeds=[0], mode="finetune", epochs=1, lrs=[1e-4, 1e-3],
+                      max_train=24, **kw)
+    assert ft["tasks"]["toy"]["chosen"][0] in (1e-4, 1e-3) and set(ft["tasks"]["toy"]["dev_sweep"]) == {"0.0001", "0.001"}
+    kf = classify.run(str(env["dec"]), ["pairs"], seeds=[0], kfold=3, eval_file=root / "pair.jsonl", log=None)
+    assert kf["tasks"]["pairs"]["split"] == "3-fold" and kf["tasks"]["pairs"]["n_seeds"] == 1
+
+
+def test_retrieval_finetune_export_loads_in_sentence_transformers(env):
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers import SentenceTransformer
+
+    c, q, r = toy_retrieval(40)
+    sets = [RetrievalSet("toy", c, q, r)]
+    bm = retrieval.run("bm25", retrieval_sets=sets, max_eval_queries=15, log=None,
+                       out=env["results"] / "ret_bow.json")
+    assert bm["tasks"]["toy"]["ndcg@10"] > 50 and bm["model"]["variant"] == "bag-of-words"
+    texts = ["the cat sees the house", "Water freezes the cold ice and it is good. Fine fine fine."]
+    for key, pooling in (("enc", "mean"), ("dec", "last")):
+        export = env["root"] / f"st-{key}"
+        res = retrieval.run(str(env[key]), retrieval_sets=sets, max_eval_queries=15, epochs=1, batch_size=8,
+                            export_dir=export, out=env["results"] / f"ret_{key}.json", log=None)
+        t = res["tasks"]["toy"]
+        assert {"ndcg@10", "mrr@10", "recall@100"} <= set(t) and t["queries"] == 15 and t["corpus"] == 40
+        assert res["config"]["pooling"] == pooling and res["config"]["training"][0]["steps"] >= 1
+        pool_cfg = json.loads((export / "1_Pooling" / "config.json").read_text())
+        assert pool_cfg["pooling_mode_lasttoken" if key == "dec" else "pooling_mode_mean_tokens"] is True
+        st = SentenceTransformer(str(export), device="cpu")
+        ours = retrieval.encode_texts(twinlm.load(export).eval(), env["tok"], texts, pooling)
+        theirs = st.encode(texts, convert_to_numpy=True)
+        np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+
+def test_bits_per_byte(env):
+    tok = env["tok"]
+    texts = toy_sentences(12, seed=5)
+    dec = twinlm.load(env["dec"]).eval()
+    res = bpb.bits_per_byte(dec, tok, texts, max_length=8)   # windows of 7 tokens + [CLS]
+    # by hand: every token predicted from [CLS] + its window's earlier tokens
+    nll = 0.0
+    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
+        for s in range(0, len(ids), 7):
+            seq = [dec.config.cls_token_id] + ids[s:s + 7]
+            with torch.no_grad():
+                logp = torch.log_softmax(dec(torch.tensor([seq])).logits[0].double(), -1)
+            nll -= sum(float(logp[i, seq[i + 1]]) for i in range(len(seq) - 1))
+    n_bytes = sum(len(t.encode()) for t in texts)
+    assert res["bpb"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
+    assert res["predicted"] == res["tokens"]
+    enc = twinlm.load(env["enc"]).eval()
+    for mntp in (False, True):
+        r = bpb.bits_per_byte(enc, tok, texts, mntp=mntp)
+        assert r["predicted"] == r["tokens"] and 0 < r["bpb"] < 50   # every token masked exactly once
+    out = bpb.run(str(env["dec"]), texts=texts, out=env["results"] / "bpb_dec.json", log=None)
+    assert out["track"] == "bpb" and out["tasks"]["texts"]["bpb"] == pytest.approx(
+        bpb.bits_per_byte(dec, tok, texts)["bpb"])
+
+
+def _fake_result(track, variant, size, params, scores, std=1.0):
+    return {"track": track, "model": {"variant": variant, "size": size, "params": params, "arch": variant},
+            "tasks": {t: {"score": v, "score_std": std, "headline": "accuracy"} for t, v in scores.items()},
+            "average": {"mean": float(np.mean(list(scores.values()))), "std": std}, "config": {}}
+
+
+def test_compare_writes_tables_and_plots(tmp_path):
+    res_dir = tmp_path / "results"
+    res_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for size, params in (("7L-256d", 17e6), ("10L-384d", 32e6)):
+        for v in ("encoder", "decoder", "enc-from-dec", "dec-from-enc"):
+            for track in ("classification", "generative"):
+                r = _fake_result(track, v, size, params, {t: float(rng.uniform(40, 90)) for t in ("sst2", "rte", "cb")})
+                (res_dir / f"{track}-{v}-{size}.json").write_text(json.dumps(r))
+    for v in ("bag-of-words", "minilm"):
+        r = _fake_result("classification", v, "n/a", 0, {"sst2": 70.0, "rte": 55.0, "cb": 60.0}, 0.0)
+        (res_dir / f"classification-{v}.json").write_text(json.dumps(r))
+    run = tmp_path / "runs" / "encoder"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "tokens": 512 * i, "loss": 8 / (1 + i)}) + "\n"
+                                               for i in range(1, 30)))
+    out = report.compare([res_dir, tmp_path / "runs"], tmp_path / "report")
+    md = (tmp_path / "report" / "comparison.md").read_text()
+    assert "## classification" in md and "## generative" in md and "bag-of-words" in md and "**average**" in md
+    data = json.loads((tmp_path / "report" / "comparison.json").read_text())
+    assert len(data["rows"]) == 2 * 4 * 2 * 4 + 2 * 4 and data["curves"][0]["run"] == "encoder"
+    assert sorted(p.split("/")[-1] for p in out["plots"]) == ["classification.png", "generative.png", "loss_curves.png"]
+    for p in out["plots"]:
+        assert (tmp_path / "report" / p.split("/")[-1]).stat().st_size > 1000
+    with pytest.raises(ValueError):
+        report.compare([run / "metrics.jsonl"], tmp_path / "bad")
