@@ -405,8 +405,13 @@ def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, *, chunk_siz
     t0 = time.time()
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     specs = resolve_inputs(inputs) if not all(isinstance(x, InputSpec) for x in inputs) else list(inputs)
-    if min_chunk > chunk_size or backfill > chunk_size:
-        raise ValueError(f"min_chunk ({min_chunk}) and backfill ({backfill}) must not exceed chunk_size ({chunk_size})")
+    if chunk_size < 3:
+        raise ValueError(f"chunk_size must be at least 3 ([CLS] + 1 token + [SEP]), got {chunk_size}")
+    if min_chunk > chunk_size - 2 or backfill > chunk_size - 2:
+        # short CPU sequences with the paper's 128/512: clamp to the chunk body, recorded in meta.json
+        log.info("min_chunk %d / backfill %d exceed the chunk body (%d tokens): clamped", min_chunk, backfill,
+                 chunk_size - 2)
+        min_chunk, backfill = min(min_chunk, chunk_size - 2), min(backfill, chunk_size - 2)
     ids = special_ids(tok)
     fingerprint = tokenizer_fingerprint(tok)
     backend_json = tok.backend_tokenizer.to_str()
