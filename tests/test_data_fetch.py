@@ -188,28 +188,29 @@ def test_no_evaluation_passage_in_pretraining_text():
     except FileNotFoundError:
         pytest.skip("real data not fetched (twinlm data fetch)")
     # evaluation passages of 8+ words, normalised
-    passages = {_norm(p) for p in F.eval_passages(root)}
-    passages = {p for p in passages if len(p.split()) >= 8}
+    raw = {p for p in F.eval_passages(root) if p.count(" ") >= 7}
+    passages = {n for n in map(_norm, raw) if n.count(" ") >= 7}
     assert len(passages) > 100_000
-    # 1) no pre-training sentence / line is an evaluation passage
-    lines = set()
+    # 1) no pre-training document (nlp-corpus documents are single sentences) is an evaluation passage
     pieces = []
     for f in files:
         for line in f.open(encoding="utf-8"):
-            text = json.loads(line)["text"]
-            pieces.append(_norm(text))
-            for part in re.split(r"\n|(?<=[.!?])\s+", text):
-                lines.add(_norm(part))
-    assert not (lines & passages)
-    # 2) no 13-word run from the middle of a long evaluation passage occurs anywhere (sampled)
+            pieces.append(_norm(json.loads(line)["text"]))
+    assert not (set(pieces) & passages)
+    # 2) no evaluation passage occurs anywhere (sampled): a 13-word run from the middle of long passages,
+    #    whole short (8-12 word) passages
     corpus = " " + " ".join(pieces) + " "
     rng = random.Random(0)
     long_ones = sorted(p for p in passages if len(p.split()) >= 30)
-    for p in rng.sample(long_ones, 60):
+    short_ones = sorted(p for p in passages if 8 <= len(p.split()) < 13)
+    probes = []
+    for p in rng.sample(long_ones, 40):
         words = p.split()
         mid = len(words) // 2
-        probe = " " + " ".join(words[mid:mid + 13]) + " "
-        assert probe not in corpus, probe
+        probes.append(" ".join(words[mid:mid + 13]))
+    probes += rng.sample(short_ones, 40)
+    for probe in probes:
+        assert f" {probe} " not in corpus, probe
     # 3) the short nlp-corpus sentences that were evaluation text are gone
     nlp = root / "pretrain" / "nlp-corpus.jsonl"
     manifest = F.read_manifest(root)

@@ -1,0 +1,130 @@
+"""Throughput of `twinlm data prepare`: raw text -> tokenized, chunked shards (target: >= 2 MB/s on 2 cores).
+
+    python bench/data_prepare.py [--mb 24] [--workers 1 2] [--tokenizer ettin|bpe] [--write]
+
+Input: the first --mb megabytes of the fetched pre-training text (a mix of every source, round-robin by
+document), or synthetic text when nothing is fetched. Reports wall-clock MB/s, CPU seconds (this process +
+workers), MB per CPU-second, peak RSS, and the machine's load average (the machine is shared: a busy
+machine lowers wall-clock figures; MB per CPU-second is the steadier number). --write replaces this
+script's section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BEGIN, END = "<!-- data_prepare:begin -->", "<!-- data_prepare:end -->"
+
+
+def corpus(out: Path, mb: float) -> tuple[Path, str]:
+    from twinlm.data import fetch
+    limit = int(mb * 1e6)
+    try:
+        files = fetch.pretrain_files()
+    except FileNotFoundError:
+        files = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    total = 0
+    with open(out, "w", encoding="utf-8") as f:
+        if files:
+            handles = [p.open(encoding="utf-8") for p in files]
+            while handles and total < limit:
+                for h in list(handles):
+                    line = h.readline()
+                    if not line:
+                        handles.remove(h)
+                        continue
+                    f.write(line)
+                    total += len(json.loads(line)["text"].encode())
+            desc = f"fetched pre-training text ({', '.join(p.stem for p in files)})"
+        else:
+            import random
+            rng = random.Random(0)
+            words = [w for w in open(__file__).read().split() if w.isalpha()]
+            while total < limit:
+                text = " ".join(rng.choice(words) for _ in range(2000))
+                f.write(json.dumps({"text": text}) + "\n")
+                total += len(text)
+            desc = "synthetic text (nothing fetched)"
+    return out, desc
+
+
+def tokenizer(kind: str, work: Path, text: Path):
+    from twinlm.data.tokenizer import build_ettin_tokenizer, train_tokenizer
+    if kind == "ettin":
+        try:
+            return build_ettin_tokenizer(work / "ettin"), "Ettin (OLMo BPE, 50,368)"
+        except FileNotFoundError:
+            kind = "bpe"
+    return train_tokenizer([text], 8192, work / "bpe", max_bytes=5_000_000), "byte-level BPE 8,192 (trained here)"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=float, default=24.0)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--tokenizer", choices=["ettin", "bpe"], default="ettin")
+    ap.add_argument("--chunk-size", type=int, default=1024)
+    ap.add_argument("--write", action="store_true", help="write the figures into bench/RESULTS.md")
+    args = ap.parse_args()
+    from twinlm.data.prepare import prepare
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        text, desc = corpus(work / "corpus.jsonl", args.mb)
+        tok, tok_desc = tokenizer(args.tokenizer, work, text)
+        for w in args.workers:
+            c0 = os.times()
+            t0 = time.time()
+            meta = prepare([text], tok, work / f"shards-{w}", chunk_size=args.chunk_size, workers=w)
+            wall = time.time() - t0
+            c1 = os.times()
+            cpu = (c1.user - c0.user) + (c1.system - c0.system) + (c1.children_user - c0.children_user) + \
+                  (c1.children_system - c0.children_system)
+            mb = meta["stats"]["bytes"] / 1e6
+            peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                       resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+            row = dict(workers=w, mb=round(mb, 1), wall_s=round(wall, 1), mb_per_s=round(mb / wall, 2),
+                       cpu_s=round(cpu, 1), mb_per_cpu_s=round(mb / max(cpu, 1e-9), 2), peak_rss_mib=round(peak),
+                       tokens=meta["num_tokens"], chunks=meta["num_chunks"], load=round(os.getloadavg()[0], 1))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    lines = [
+        "## Data preparation (`bench/data_prepare.py`)", "",
+        f"Command: `python bench/data_prepare.py --mb {args.mb:g} --workers {' '.join(map(str, args.workers))} "
+        f"--tokenizer {args.tokenizer} --chunk-size {args.chunk_size} --write`",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs; 1-minute load "
+        f"average at the end of each run in the table), Python {platform.python_version()}.",
+        f"Input: {desc}; tokenizer: {tok_desc}; chunks of {args.chunk_size} tokens. "
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+        "| workers | MB | wall s | MB/s (wall) | CPU s | MB per CPU-s | peak RSS MiB | tokens | chunks | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['workers']} | {r['mb']} | {r['wall_s']} | {r['mb_per_s']} | {r['cpu_s']} | "
+                     f"{r['mb_per_cpu_s']} | {r['peak_rss_mib']} | {r['tokens']} | {r['chunks']} | {r['load']} |")
+    section = "\n".join(lines) + "\n"
+    print(section)
+    if args.write:
+        path = Path(__file__).with_name("RESULTS.md")
+        old = path.read_text() if path.exists() else "# Benchmark results\n"
+        block = f"{BEGIN}\n{section}{END}"
+        if BEGIN in old and END in old:
+            new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+        else:
+            new = old.rstrip("\n") + "\n\n" + block + "\n"
+        path.write_text(new)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
