@@ -32,9 +32,10 @@ def toy_sentences(n: int = 400, seed: int = 0) -> list[str]:
     return out
 
 
-def toy_tokenizer(vocab_size: int = 384, out_dir: str | Path | None = None):
+def toy_tokenizer(vocab_size: int = 384, out_dir: str | Path | None = None, texts=None):
     """A `PreTrainedTokenizerFast` with the twinlm special tokens at ids 0..4 and a `[CLS] … [SEP]`
-    post-processor (pairs: `[CLS] a [SEP] b [SEP]`). Saved to `out_dir` when given."""
+    post-processor (pairs: `[CLS] a [SEP] b [SEP]`), trained on the toy sentences or on `texts`.
+    Saved to `out_dir` when given."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,7 +44,7 @@ def toy_tokenizer(vocab_size: int = 384, out_dir: str | Path | None = None):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(toy_sentences(2000) + [a for a in _ADJ], trainer=trainer)
+    tok.train_from_iterator(texts if texts is not None else toy_sentences(2000) + list(_ADJ), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", 1), ("[SEP]", 2)])

@@ -1,0 +1,170 @@
+"""Evaluation throughput on CPU: generative (zero-shot) scoring of HellaSwag items.
+
+1. Decoder: twinlm's batched, padding-free scoring (sparse head on the scored positions only) against
+   lm-evaluation-harness's `hf` model on the same exported folder and the same items (a local task
+   through TaskManager), back to back in one process. Also checks that both give the same accuracies.
+2. Encoder: the masked scoring needs one masked copy per continuation token; batched copies (many per
+   packed forward pass, cu_seqlens) against one forward pass per copy (`score_requests_naive`).
+
+Models: freshly initialised `cpu-small` shapes (7 layers, 256 wide, 8,192-token BPE trained here on the
+fetched pre-training text; ≈6M parameters): throughput does not depend on the weights.
+
+    python bench/eval_throughput.py                      # 300 items; naive encoder on --naive-items
+    python bench/eval_throughput.py --items 100 --naive-items 20 --json out.json
+
+Needs `twinlm data fetch` (HellaSwag and pre-training text) and lm-eval (the `test` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from twinlm.eval import generative as G  # noqa: E402
+from twinlm.eval.common import load  # noqa: E402
+from twinlm.eval.tasks import load_generative_task  # noqa: E402
+from twinlm.eval.toy import toy_model_dir, toy_tokenizer  # noqa: E402
+
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "[CLS]{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def pretrain_texts(max_bytes: int) -> list[str]:
+    from twinlm.data.fetch import home
+
+    out, n = [], 0
+    for name in ("nlp-corpus", "wiki-gensim", "moby-dick", "sotu"):
+        path = home() / "pretrain" / f"{name}.jsonl"
+        if not path.exists():
+            continue
+        with open(path) as f:
+            for line in f:
+                t = json.loads(line)["text"]
+                out.append(t)
+                n += len(t)
+                if n >= max_bytes:
+                    return out
+    if not out:
+        raise SystemExit("no pre-training text: run `twinlm data fetch` first")
+    return out
+
+
+def timed(fn):
+    t = time.perf_counter()
+    r = fn()
+    return r, time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=300)
+    ap.add_argument("--naive-items", type=int, default=30, help="items for the one-forward-per-token encoder")
+    ap.add_argument("--preset", default="cpu-small")
+    ap.add_argument("--lm-eval-batch", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip-lm-eval", action="store_true")
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    work = Path(tempfile.mkdtemp(prefix="twinlm-evalbench-"))
+    tok, t_tok = timed(lambda: toy_tokenizer(8192, texts=pretrain_texts(3_000_000)))
+    dec_dir = toy_model_dir(work / "decoder", True, preset=args.preset, tokenizer=tok)
+    enc_dir = toy_model_dir(work / "encoder", False, preset=args.preset, tokenizer=tok)
+    task = load_generative_task("hellaswag", limit=args.items, seed=0)
+    exs = task.examples
+    n_req = sum(len(e.continuations) for e in exs)
+    figures = {"machine": f"{platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+               "torch": torch.__version__, "preset": args.preset, "items": len(exs), "requests": n_req,
+               "tokenizer_train_s": round(t_tok, 1)}
+    dec = load(str(dec_dir))
+    enc = load(str(enc_dir))
+    figures["params"] = dec.info["params"]
+    print(f"{len(exs)} HellaSwag items, {n_req} requests; {args.preset} ({dec.info['params'] / 1e6:.1f}M params)",
+          file=sys.stderr)
+
+    # --- decoder: ours vs lm-evaluation-harness ---------------------------------------------------
+    G.evaluate_examples(dec, exs[:8], max_tokens=args.max_tokens)  # warm-up
+    (ours, _), t_ours = timed(lambda: G.evaluate_examples(dec, exs, max_tokens=args.max_tokens))
+    figures["decoder_twinlm_s"] = round(t_ours, 2)
+    figures["decoder_twinlm_items_per_s"] = round(len(exs) / t_ours, 1)
+    figures["decoder_twinlm_acc"], figures["decoder_twinlm_acc_norm"] = ours["acc"], ours["acc_norm"]
+    print(f"decoder, twinlm: {t_ours:.1f}s ({len(exs) / t_ours:.1f} items/s)", file=sys.stderr)
+    if not args.skip_lm_eval:
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+
+        data = work / "hellaswag.jsonl"
+        with open(data, "w") as f:
+            for e in exs:
+                f.write(json.dumps({"context": e.contexts[0], "choices": [c[1:] for c in e.continuations],
+                                    "label": e.label}) + "\n")
+        tdir = work / "tasks"
+        tdir.mkdir()
+        (tdir / "bench_hellaswag.yaml").write_text(TASK_YAML.format(name="bench_hellaswag", path=data))
+        tm = TaskManager(include_path=str(tdir))
+
+        def lm():
+            return simple_evaluate(model="hf", model_args=f"pretrained={dec_dir},dtype=float32",
+                                   tasks=["bench_hellaswag"], task_manager=tm, batch_size=args.lm_eval_batch,
+                                   device="cpu")
+        out, t_lm = timed(lm)
+        res = out["results"]["bench_hellaswag"]
+        figures.update(decoder_lm_eval_s=round(t_lm, 2), decoder_lm_eval_items_per_s=round(len(exs) / t_lm, 1),
+                       decoder_lm_eval_batch=args.lm_eval_batch, decoder_lm_eval_acc=100 * res["acc,none"],
+                       decoder_lm_eval_acc_norm=100 * res["acc_norm,none"],
+                       decoder_speedup=round(t_lm / t_ours, 2))
+        print(f"decoder, lm-eval (batch {args.lm_eval_batch}): {t_lm:.1f}s -> twinlm is {t_lm / t_ours:.2f}x faster; "
+              f"acc {ours['acc']:.2f} vs {100 * res['acc,none']:.2f}, acc_norm {ours['acc_norm']:.2f} vs "
+              f"{100 * res['acc_norm,none']:.2f}", file=sys.stderr)
+
+    # --- encoder: batched masked copies vs one forward per copy ----------------------------------
+    G.evaluate_examples(enc, exs[:4], max_tokens=args.max_tokens)
+    sub = exs[:args.naive_items]
+    (b_sub, _), t_b_sub = timed(lambda: G.evaluate_examples(enc, sub, max_tokens=args.max_tokens))
+    (n_sub, _), t_n_sub = timed(lambda: G.evaluate_examples(enc, sub, naive=True))
+    (b_all, _), t_b_all = timed(lambda: G.evaluate_examples(enc, exs, max_tokens=args.max_tokens))
+    figures.update(encoder_items_naive=len(sub), encoder_naive_s=round(t_n_sub, 2),
+                   encoder_batched_same_items_s=round(t_b_sub, 2), encoder_speedup=round(t_n_sub / t_b_sub, 2),
+                   encoder_same_acc=b_sub["acc"] == n_sub["acc"] and b_sub["acc_norm"] == n_sub["acc_norm"],
+                   encoder_masked_copies=b_all["scored_tokens"], encoder_batched_all_s=round(t_b_all, 2),
+                   encoder_batched_items_per_s=round(len(exs) / t_b_all, 1),
+                   encoder_naive_items_per_s=round(len(sub) / t_n_sub, 2),
+                   encoder_vs_decoder_time=round(t_b_all / t_ours, 2))
+    print(f"encoder, {len(sub)} items: one forward per copy {t_n_sub:.1f}s, batched {t_b_sub:.1f}s -> "
+          f"{t_n_sub / t_b_sub:.1f}x; all {len(exs)} items batched: {t_b_all:.1f}s "
+          f"({b_all['scored_tokens']} masked copies)", file=sys.stderr)
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
