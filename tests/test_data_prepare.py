@@ -217,3 +217,16 @@ def test_cli_prepare_and_tokenizer(tmp_path, corpus, capsys):
     out = capsys.readouterr().out
     assert "chunks" in out and "held out" in out
     assert ShardDataset(tmp_path / "sh").meta["chunking"] == {"chunk_size": 64, "min_chunk": 8, "backfill": 16}
+
+
+def test_large_text_file_is_streamed_in_pieces(tok, tmp_path, monkeypatch):
+    import twinlm.data.prepare as P
+    f = tmp_path / "big.txt"
+    text = ("alpha beta gamma\ndelta\n\n" * 400 + "omega") * 5
+    f.write_text(text)
+    monkeypatch.setattr(P, "LARGE_TEXT_BYTES", 1000)
+    docs = list(P._iter_large_text(f, lambda b: None, block=2048))
+    assert len(docs) > 10 and "".join(t for _, t in docs) == text
+    monkeypatch.setattr(P, "_iter_large_text", lambda path, bad: iter(docs))
+    meta = prepare([f], tok, tmp_path / "s", chunk_size=64, workers=1)
+    assert meta["num_documents"] == len(docs)

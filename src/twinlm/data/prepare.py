@@ -150,7 +150,9 @@ def iter_documents(specs: Iterable[InputSpec], text_field: str = "text", on_bad_
         if path.stat().st_size == 0:
             bad(_Bad("empty", str(path), "empty file"))
             continue
-        if spec.kind == "text":
+        if spec.kind == "text" and path.stat().st_size > LARGE_TEXT_BYTES:
+            yield from _iter_large_text(path, bad)
+        elif spec.kind == "text":
             try:
                 text = _decode_text(path.read_bytes(), str(path))
             except _Bad as b:
@@ -166,6 +168,44 @@ def iter_documents(specs: Iterable[InputSpec], text_field: str = "text", on_bad_
             yield from _iter_parquet(path, text_field, bad)
         else:
             raise DataError(f"{path}: unknown input kind {spec.kind!r}")
+
+
+LARGE_TEXT_BYTES = 64 << 20
+
+
+def _iter_large_text(path: Path, bad, block: int = 8 << 20) -> Iterator[tuple[str, str]]:
+    """A plain text file too large to be one document: read in blocks, cut at blank lines (so memory stays
+    bounded); each piece is a document keyed path@offset."""
+    offset = 0
+    carry = b""
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block)
+            buf = carry + data
+            if not buf:
+                return
+            cut = buf.rfind(b"\n\n") if data else len(buf)
+            if cut <= 0:
+                cut = buf.rfind(b"\n") if data else len(buf)
+            if cut <= 0:
+                cut = len(buf) if not data or len(buf) > 4 * block else -1
+            if cut < 0:
+                carry = buf
+                continue
+            piece, carry = buf[:cut], buf[cut:]
+            where = f"{path}@{offset}"
+            offset += len(piece)
+            try:
+                text = _decode_text(piece, where)
+            except _Bad as b:
+                bad(b)
+                continue
+            if text.strip():
+                yield where, text
+            if not data:
+                if carry.strip():
+                    continue
+                return
 
 
 def _iter_jsonl(path: Path, text_field: str, bad) -> Iterator[tuple[str, str]]:
@@ -404,7 +444,8 @@ def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, *, chunk_siz
     from twinlm.data.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
     t0 = time.time()
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
-    specs = resolve_inputs(inputs) if not all(isinstance(x, InputSpec) for x in inputs) else list(inputs)
+    inputs = list(inputs)
+    specs = resolve_inputs(inputs) if not all(isinstance(x, InputSpec) for x in inputs) else inputs
     if chunk_size < 3:
         raise ValueError(f"chunk_size must be at least 3 ([CLS] + 1 token + [SEP]), got {chunk_size}")
     if min_chunk > chunk_size - 2 or backfill > chunk_size - 2:
