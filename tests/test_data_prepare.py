@@ -97,6 +97,7 @@ def test_holdout_split(tok, tmp_path):
     held = ShardDataset(tmp_path / "tr-heldout")
     assert meta["holdout"]["num_documents"] == held.meta["num_documents"]
     assert 20 <= held.meta["num_documents"] <= 60
+    assert meta["chunking"] == {"chunk_size": 64, "min_chunk": 8, "backfill": 32}  # 128/512 scaled from 1024
     assert meta["num_documents"] + held.meta["num_documents"] == 200
     assert held.meta["split"] == "heldout" and held.fingerprint == meta["tokenizer"]["fingerprint"]
     # a count, deterministic for a seed

@@ -30,8 +30,10 @@ def register(commands) -> None:
     p.add_argument("--tokenizer", required=True, help="tokenizer folder (`twinlm tokenizer …`)")
     p.add_argument("--out", required=True, help="output shard folder")
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk including [CLS] and [SEP]")
-    p.add_argument("--min-chunk", type=int, default=128, help="drop later chunks shorter than this")
-    p.add_argument("--backfill", type=int, default=512, help="back-fill chunks shorter than this")
+    p.add_argument("--min-chunk", type=int, default=None,
+                   help="drop later chunks shorter than this (default chunk size / 8: 128 at 1024)")
+    p.add_argument("--backfill", type=int, default=None,
+                   help="back-fill later chunks shorter than this (default chunk size / 2: 512 at 1024)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--holdout-docs", type=float, default=0.0,
                    help="held-out documents (fraction < 1 or a count) written to OUT-heldout/")

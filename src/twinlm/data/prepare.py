@@ -434,13 +434,14 @@ def _holdout_rule(holdout_docs: float, seed: int):
     return rule
 
 
-def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, *, chunk_size: int = 1024, min_chunk: int = 128,
-            backfill: int = 512, text_field: str = "text", holdout_docs: float = 0.0,
+def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, *, chunk_size: int = 1024,
+            min_chunk: int | None = None, backfill: int | None = None, text_field: str = "text", holdout_docs: float = 0.0,
             holdout_out: str | Path | None = None, workers: int | None = None, seed: int = 0,
             on_bad_input: str = "error", max_docs: int | None = None, batch_bytes: int = 1 << 20,
             overwrite: bool = True) -> dict[str, Any]:
     """Tokenize, chunk and shard `inputs` into `out` (and held-out documents into `holdout_out`, default
-    `<out>-heldout`); returns the meta.json written. `tokenizer`: a PreTrainedTokenizerFast or a folder."""
+    `<out>-heldout`); returns the meta.json written. `tokenizer`: a PreTrainedTokenizerFast or a folder.
+    min_chunk / backfill default to chunk_size/8 and chunk_size/2 (128 and 512 at the paper's 1,024)."""
     from twinlm.data.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
     t0 = time.time()
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
@@ -448,6 +449,9 @@ def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, *, chunk_siz
     specs = resolve_inputs(inputs) if not all(isinstance(x, InputSpec) for x in inputs) else inputs
     if chunk_size < 3:
         raise ValueError(f"chunk_size must be at least 3 ([CLS] + 1 token + [SEP]), got {chunk_size}")
+    # default: the paper's 128 / 512 at 1,024 tokens, scaled with the chunk size for short CPU sequences
+    min_chunk = chunk_size // 8 if min_chunk is None else min_chunk
+    backfill = chunk_size // 2 if backfill is None else backfill
     if min_chunk > chunk_size - 2 or backfill > chunk_size - 2:
         # short CPU sequences with the paper's 128/512: clamp to the chunk body, recorded in meta.json
         log.info("min_chunk %d / backfill %d exceed the chunk body (%d tokens): clamped", min_chunk, backfill,
