@@ -65,7 +65,7 @@ def test_uniforms_are_uniform_and_independent():
 
 def test_clm_has_no_cross_document_targets():
     ids, cu, sids = packed(n_docs=5, length=20)
-    p = CLM(seed=0).prepare(ids, cu, sids)
+    p = CLM(seed=0).prepare(ids, cu, sids, salt=5)
     pos, tgt = p.positions.numpy(), p.targets.numpy()
     assert (p.input_ids.numpy() == ids).all()
     last = cu[1:] - 1
@@ -92,3 +92,11 @@ def test_mntp_predicts_the_masked_token_from_the_previous_position():
     assert m.positions.tolist() == chosen.tolist()
     assert (m.input_ids.numpy() == p.input_ids.numpy()).all()
     assert (p.input_ids.numpy()[chosen] == MASK).mean() > 0.7
+
+
+def test_a_sample_seen_again_in_another_step_gets_a_fresh_mask():
+    ids, cu, sids = packed(n_docs=4, length=80)
+    obj = MLM(seed=21, mask_ratio=0.3, mask_token_id=MASK, special_ids=SPECIALS, random_high=1000)
+    a = obj.prepare(ids, cu, sids, salt=1)
+    assert obj.prepare(ids, cu, sids, salt=1).positions.tolist() == a.positions.tolist()
+    assert obj.prepare(ids, cu, sids, salt=2).positions.tolist() != a.positions.tolist()

@@ -17,7 +17,10 @@ def register(commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="recipe YAML file (see recipes/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides")
-    p.add_argument("--out", required=True, help="run folder (created; resumed if it holds checkpoints)")
+    # nargs="+": overrides may follow the run folder (`--out RUN optim.lr=1e-3`); argparse cannot otherwise
+    # take positionals on both sides of an option.
+    p.add_argument("--out", required=True, nargs="+", metavar="RUN",
+                   help="run folder (created; resumed if it holds checkpoints); KEY=VALUE overrides may follow")
     p.add_argument("--print", dest="print_only", action="store_true",
                    help="print the resolved recipe and exit")
     p.set_defaults(handler=_train)
@@ -25,6 +28,8 @@ def register(commands) -> None:
 
 def _train(args) -> int:
     from twinlm.train.recipe import load_recipe
+    args.out, extra = args.out[0], args.out[1:]
+    args.overrides = list(args.overrides) + list(extra)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         print(f"error: overrides must be KEY=VALUE, got {bad}", file=sys.stderr)

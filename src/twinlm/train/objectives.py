@@ -12,9 +12,10 @@ where the prediction head runs, and the target token at each of them:
 - `mntp` (encoder trained from a decoder): MLM masking, but the token chosen at position i is predicted from
   position i−1's output (never from the previous document: the first token of a document is never chosen).
 
-The masking draws are a pure function of (seed, sample_id, position in the sample): a hash, not a stateful
-generator. The same sample is masked the same way on any number of ranks, in any micro-batch, and after
-resuming: nothing to checkpoint.
+The masking draws are a pure function of (seed, salt, sample_id, position in the sample), a hash rather than
+a stateful generator; the trainer passes the global step as the salt. The same sample in the same step is
+masked the same way on any number of ranks, in any micro-batch, and after resuming (nothing to checkpoint),
+while a sample seen again in a later epoch gets a fresh mask (dynamic masking).
 """
 
 from __future__ import annotations
@@ -78,15 +79,20 @@ class Objective:
         self.special_ids = tuple(int(s) for s in special_ids)
         self.random_high = int(random_high)  # random replacements drawn from [0, random_high)
 
-    def prepare(self, input_ids: np.ndarray, cu_seqlens: np.ndarray, sample_ids) -> Prepared:
+    def prepare(self, input_ids: np.ndarray, cu_seqlens: np.ndarray, sample_ids, salt: int = 0) -> Prepared:
         raise NotImplementedError
 
+    def _seed(self, salt: int) -> int:
+        with np.errstate(over="ignore"):
+            return int(_mix(np.array([self.seed], dtype=np.uint64) * _GOLD + np.uint64(salt & 0xFFFFFFFFFFFFFFFF))[0])
+
     # MLM-style choice + 80/10/10 corruption; `allowed` marks positions that may be chosen
-    def _mask(self, ids: np.ndarray, cu: np.ndarray, sample_ids, allowed: np.ndarray):
+    def _mask(self, ids: np.ndarray, cu: np.ndarray, sample_ids, allowed: np.ndarray, salt: int):
         sid, pos = _doc_layout(cu, sample_ids)
-        u_pick = token_uniforms(self.seed, sid, pos, 0)
-        u_kind = token_uniforms(self.seed, sid, pos, 1)
-        u_tok = token_uniforms(self.seed, sid, pos, 2)
+        seed = self._seed(salt)
+        u_pick = token_uniforms(seed, sid, pos, 0)
+        u_kind = token_uniforms(seed, sid, pos, 1)
+        u_tok = token_uniforms(seed, sid, pos, 2)
         chosen = allowed & (u_pick < self.mask_ratio)
         corrupted = ids.copy()
         to_mask = chosen & (u_kind < 0.8)
@@ -103,29 +109,29 @@ class Objective:
 class MLM(Objective):
     name = "mlm"
 
-    def prepare(self, input_ids, cu_seqlens, sample_ids) -> Prepared:
+    def prepare(self, input_ids, cu_seqlens, sample_ids, salt: int = 0) -> Prepared:
         ids = np.asarray(input_ids, dtype=np.int64)
         cu = np.asarray(cu_seqlens, dtype=np.int64)
-        corrupted, chosen = self._mask(ids, cu, sample_ids, self._not_special(ids))
+        corrupted, chosen = self._mask(ids, cu, sample_ids, self._not_special(ids), salt)
         return Prepared(torch.from_numpy(corrupted), torch.from_numpy(chosen), torch.from_numpy(ids[chosen]))
 
 
 class MNTP(Objective):
     name = "mntp"
 
-    def prepare(self, input_ids, cu_seqlens, sample_ids) -> Prepared:
+    def prepare(self, input_ids, cu_seqlens, sample_ids, salt: int = 0) -> Prepared:
         ids = np.asarray(input_ids, dtype=np.int64)
         cu = np.asarray(cu_seqlens, dtype=np.int64)
         allowed = self._not_special(ids)
         allowed[cu[:-1]] = False  # a document's first token has no previous position in its document
-        corrupted, chosen = self._mask(ids, cu, sample_ids, allowed)
+        corrupted, chosen = self._mask(ids, cu, sample_ids, allowed, salt)
         return Prepared(torch.from_numpy(corrupted), torch.from_numpy(chosen - 1), torch.from_numpy(ids[chosen]))
 
 
 class CLM(Objective):
     name = "clm"
 
-    def prepare(self, input_ids, cu_seqlens, sample_ids) -> Prepared:
+    def prepare(self, input_ids, cu_seqlens, sample_ids, salt: int = 0) -> Prepared:
         ids = np.asarray(input_ids, dtype=np.int64)
         cu = np.asarray(cu_seqlens, dtype=np.int64)
         keep = np.ones(len(ids), dtype=bool)

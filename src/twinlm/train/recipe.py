@@ -156,6 +156,8 @@ class Recipe:
     compile: bool = False
     activation_checkpointing: bool = False
     max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops
+    max_steps: int | None = None  # stop (checkpoint, exit 0, like SIGTERM) at this many optimizer steps; rerun
+    #                               with a larger value or none to continue (time-limited jobs, tests)
     tensorboard: bool = True  # only if the tensorboard package is installed
     progress: bool = True
 

@@ -383,6 +383,15 @@ class Trainer:
                 raise ValueError(f"shards {path} were tokenized with another tokenizer (fingerprint {fp[:12]}… vs "
                                  f"{self.tokenizer_fingerprint[:12]}…): prepare them with the recipe's tokenizer")
 
+    def _next_samples(self, bs: int) -> list:
+        """This rank's share of the next global batch; a share may be empty (batch smaller than the ranks)."""
+        if bs >= self.env.world_size:
+            return self.stream.next_step(bs)
+        ids = self.stream.peek_global(bs)[self.env.rank::self.env.world_size]
+        self.stream.skip(bs)
+        self.stream.step += 1
+        return [(int(i), self.stream.dataset[int(i)]) for i in ids]
+
     def micro_batches(self, samples: list, phase: Phase):
         """Truncate to the phase's sequence length and pack into padding-free micro-batches."""
         from twinlm.data import pack
@@ -413,7 +422,7 @@ class Trainer:
         for mb in mbs:
             ids = np.asarray(mb.input_ids)
             cu = np.asarray(mb.cu_seqlens)
-            p = self.objective.prepare(ids, cu, list(mb.sample_ids))
+            p = self.objective.prepare(ids, cu, list(mb.sample_ids), salt=self.state.step + 1)
             prepared.append((p.input_ids, torch.as_tensor(cu, dtype=torch.int32), int(mb.max_seqlen),
                              p.positions, p.targets))
             local_tokens += len(ids)
@@ -433,7 +442,7 @@ class Trainer:
             g["lr"] = lr
 
         self.model.train()
-        loss_local = torch.zeros((), dtype=torch.float64)
+        loss_local = torch.zeros((), dtype=torch.float64, device=self.env.device)
         scale = self.env.world_size / max(global_targets, 1)  # DDP/FSDP average gradients over ranks
         for i in range(n):
             last = i == n - 1
@@ -446,10 +455,10 @@ class Trainer:
                 weight = (k * scale) if real else 0.0
                 (mean * weight).backward()
             if real:
-                loss_local += mean.detach().double().cpu() * k
+                loss_local += mean.detach().double() * k
         t_compute = time.perf_counter() - t0 - t_data
 
-        red = torch.stack([loss_local, torch.tensor(float(self.stop_requested), dtype=torch.float64)])
+        red = torch.stack([loss_local.cpu(), torch.tensor(float(self.stop_requested), dtype=torch.float64)])
         dist.all_reduce(red)
         loss = float(red[0]) / max(global_targets, 1)
         if red[1] > 0:
@@ -551,7 +560,7 @@ class Trainer:
             while self.state.phase_tokens < phase.tokens:
                 bs = scheduled_batch_size(self.state.phase_tokens, full=phase.batch_size, start=phase.warmup_start,
                                           warmup_tokens=phase.batch_warmup_tokens, multiple=phase.warmup_start)
-                samples = self.stream.next_step(bs)
+                samples = self._next_samples(bs)
                 self._emit("on_batch", samples)
                 row = self.train_step(phase, samples)
                 row["batch_size"] = bs
@@ -566,11 +575,13 @@ class Trainer:
                         f"{self.state.bad_streak} non-finite losses in a row (max_bad_steps="
                         f"{self.recipe.max_bad_steps}) at step {self.state.step}: the run is diverging. Lower "
                         f"optim.lr, check the data, or resume from an earlier checkpoint in {self.ckpt.root}")
+                if self.recipe.max_steps and self.state.step >= self.recipe.max_steps:
+                    self.stop_requested = True
                 if self.stop_requested:
                     if self.state.phase_tokens >= phase.tokens:
                         break  # the phase-end checkpoint below covers it
                     self.save_checkpoint()
-                    self.log(f"stopped by SIGTERM at step {self.state.step}; checkpoint {self.last_checkpoint}")
+                    self.log(f"stopped at step {self.state.step} (SIGTERM or max_steps); checkpoint {self.last_checkpoint}")
                     return "interrupted"
             self.state.phase_index += 1
             self.state.phase_step = 0

@@ -1,0 +1,137 @@
+"""The training loop in-process: phases chain, metrics, final folder, NaN skipping, cross-objective start."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from twinlm.train import run
+from twinlm.train.recipe import load_recipe
+from twinlm.train.testing import make_shards, tiny_recipe
+from twinlm.train.trainer import Trainer, TrainingDiverged
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards") / "tiny", n_docs=200)
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_three_phases_chain_and_write_a_loadable_model(shards, tmp_path, objective):
+    import twinlm
+    out = tmp_path / "run"
+    recipe = tiny_recipe(shards, objective=objective, phases=3, tokens=800, every_tokens=500)
+    final = run(recipe, out)
+    assert final == out / "final" and (final / "config.json").is_file()
+    r = rows(out)
+    assert [x["step"] for x in r] == list(range(1, len(r) + 1))
+    for key in ("step", "tokens", "loss", "lr", "phase", "batch_size", "tokens_per_s"):
+        assert key in r[0]
+    phases = [x["phase"] for x in r]
+    assert phases == sorted(phases, key=["pretrain", "extension", "decay"].index)
+    assert set(phases) == {"pretrain", "extension", "decay"}
+    # the phases' token budgets are met, tokens are cumulative
+    assert r[-1]["tokens"] >= 2400 and all(b["tokens"] > a["tokens"] for a, b in zip(r, r[1:]))
+    # LR: warmup in pretrain, 1-sqrt to 0.5 x peak, decay ends at 0.02 x peak
+    peak = recipe["optim"]["lr"]
+    pre = [x["lr"] for x in r if x["phase"] == "pretrain"]
+    assert pre[0] < peak and pre[-1] == pytest.approx(peak)
+    assert [x["lr"] for x in r if x["phase"] == "extension"][-1] == pytest.approx(0.5 * peak)
+    dec = [x["lr"] for x in r if x["phase"] == "decay"]
+    assert dec[0] <= 0.5 * peak and dec[-1] == pytest.approx(0.02 * peak)
+    # batch-size warmup in pretrain
+    bs = [x["batch_size"] for x in r if x["phase"] == "pretrain"]
+    assert bs[0] < bs[-1] == 8
+    assert all(math.isfinite(x["loss"]) for x in r)
+    # the model learned something on the structured synthetic data
+    assert min(x["loss"] for x in r[-3:]) < r[0]["loss"]
+    # run folder describes itself
+    cfg = load_recipe(str(out / "config.yaml"))
+    assert cfg.objective == objective
+    env = json.loads((out / "env.json").read_text())
+    assert {"versions", "hardware", "git"} <= set(env) and env["versions"]["torch"] == torch.__version__
+    # phase-end checkpoints are kept; RoPE θ switched to 160k from the extension phase on
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert len(ckpts) >= 3
+    model = twinlm.load(ckpts[-1])  # a checkpoint is a twinlm model folder
+    assert model.config.global_rope_theta == 160_000 and model.config.causal == (objective == "clm")
+    loaded = twinlm.load(final)
+    assert loaded.config.global_rope_theta == 160_000
+    # the final weights are the last checkpoint's
+    a = dict(model.state_dict())
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, a[k]), k
+    # transformers reads the final folder
+    import transformers
+    cls = transformers.AutoModelForCausalLM if objective == "clm" else transformers.AutoModelForMaskedLM
+    hf = cls.from_pretrained(final)
+    assert hf.config.vocab_size == model.config.vocab_size
+    # a second run of a finished folder does nothing
+    assert run(recipe, out) == final
+    assert len(rows(out)) == len(r)
+
+
+class NaNAt(Trainer):
+    bad_steps: set = set()
+
+    def forward_loss(self, *args):
+        loss = super().forward_loss(*args)
+        if self.state.step + 1 in self.bad_steps:
+            return loss * float("nan")
+        return loss
+
+
+def test_nan_loss_skips_the_step(shards, tmp_path):
+    recipe = load_recipe(tiny_recipe(shards, phases=1, tokens=1200))
+    NaNAt.bad_steps = {3, 4}
+    snapshots = {}
+
+    class Snap:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+        def on_step_end(self, trainer, row):
+            snapshots[row["step"]] = {k: v.clone() for k, v in trainer.bare_model.state_dict().items()}
+
+    logs = []
+    t = NaNAt(recipe, tmp_path / "run", callbacks=[Snap()], log=logs.append)
+    t.fit()
+    r = rows(tmp_path / "run")
+    assert [x["skipped"] for x in r[:5]] == [False, False, True, True, False]
+    assert r[2]["loss"] is None and r[2]["loss_repr"] == "nan"
+    for k, v in snapshots[2].items():  # skipped steps leave the weights alone
+        assert torch.equal(v, snapshots[4][k])
+    assert any("non-finite" in line for line in logs)
+    assert t.state.skipped_steps == 2 and t.state.bad_streak == 0
+
+
+def test_k_nan_losses_in_a_row_stop_the_run(shards, tmp_path):
+    recipe = load_recipe(tiny_recipe(shards, phases=1, tokens=3000, max_bad_steps=3))
+    NaNAt.bad_steps = {2, 3, 4, 5, 6}
+    with pytest.raises(TrainingDiverged, match="3 non-finite losses in a row"):
+        NaNAt(recipe, tmp_path / "run", log=lambda m: None).fit()
+
+
+def test_cross_objective_starts_from_converted_weights_with_a_fresh_optimizer(shards, tmp_path):
+    import twinlm
+    dec = run(tiny_recipe(shards, objective="clm", phases=1, tokens=600), tmp_path / "dec")
+    recipe = tiny_recipe(shards, objective="mntp", phases=1, tokens=400, init_from=str(dec), seed=210)
+    recipe["phases"]["pretrain"]["rope_theta"] = 160000
+    logs = []
+    final = run(recipe, tmp_path / "enc", log=logs.append)
+    assert any("converted weights" in line and "fresh optimizer" in line for line in logs)
+    enc = twinlm.load(final)
+    assert enc.config.causal is False and enc.config.global_rope_theta == 160000
+    # the first step started from the decoder's weights (fresh optimizer: step count restarts)
+    ck = sorted((tmp_path / "enc" / "checkpoints").glob("step-*"))[-1]
+    from safetensors.torch import load_file
+    opt = load_file(str(ck / "optimizer.safetensors"))
+    steps = {float(v) for k, v in opt.items() if k.endswith("::step")}
+    assert steps == {float(len(rows(tmp_path / "enc")))}
+    r = rows(tmp_path / "enc")
+    assert r[0]["step"] == 1 and math.isfinite(r[0]["loss"])
