@@ -135,3 +135,15 @@ def test_cross_objective_starts_from_converted_weights_with_a_fresh_optimizer(sh
     assert steps == {float(len(rows(tmp_path / "enc")))}
     r = rows(tmp_path / "enc")
     assert r[0]["step"] == 1 and math.isfinite(r[0]["loss"])
+
+
+def test_batch_order_is_recorded_per_checkpoint(shards, tmp_path):
+    from twinlm.data import read_step
+    out = tmp_path / "run"
+    run(tiny_recipe(shards, phases=1, tokens=600, every_tokens=300, record_order=True), out)
+    folders = sorted((out / "data_order").glob("step-*"))
+    assert folders and all((f / "rank-00000.parquet").exists() for f in folders)
+    n = len(rows(out))
+    first = read_step(out, 1)
+    last = read_step(out, n)
+    assert first and last and all(len(r["input_ids"]) <= 64 for r in first)

@@ -175,23 +175,24 @@ class Evaluate(Callback):
 
 
 class RecordOrder(Callback):
-    """Writes each step's global sample ids (this rank's share; rank-tagged) to RUN/order/rank-R.jsonl, so the
-    exact batch order between checkpoints can be published. Uses twinlm.data's OrderRecorder when present."""
+    """The exact batch order, as the paper released it: every step's samples (ids and tokens, this rank's share)
+    collected with twinlm.data's OrderRecorder and written at each checkpoint to
+    RUN/data_order/step-XXXXXXXX/rank-RRRRR.parquet (the batches since the previous checkpoint). Steps after the
+    last checkpoint of a killed run are recorded again by the resumed run, so each step appears once."""
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self._f = None
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.recorder = None
 
     def on_train_start(self, trainer) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.folder / f"rank-{trainer.env.rank}.jsonl", "a")
+        from twinlm.data import OrderRecorder
+        self.recorder = OrderRecorder(self.run_dir, rank=trainer.env.rank)
 
     def on_batch(self, trainer, samples: list) -> None:
-        if self._f is not None:
-            self._f.write(json.dumps({"step": trainer.state.step + 1,
-                                      "sample_ids": [int(s) for s, _ in samples]}) + "\n")
-            self._f.flush()
+        if self.recorder is not None and samples:
+            seq_len = trainer.phases[trainer.state.phase_index].seq_len
+            self.recorder.record(trainer.state.step + 1, [s for s, _ in samples], [a[:seq_len] for _, a in samples])
 
-    def on_train_end(self, trainer) -> None:
-        if self._f is not None:
-            self._f.close()
+    def on_checkpoint(self, trainer, path: Path) -> None:
+        if self.recorder is not None:
+            self.recorder.flush(Path(path).name)

@@ -159,6 +159,7 @@ class Recipe:
     max_steps: int | None = None  # stop (checkpoint, exit 0, like SIGTERM) at this many optimizer steps; rerun
     #                               with a larger value or none to continue (time-limited jobs, tests)
     tensorboard: bool = True  # only if the tensorboard package is installed
+    record_order: bool = False  # write each checkpoint interval's batches to RUN/data_order/ (parquet)
     progress: bool = True
 
     # ---------------------------------------------------------------------------------------------

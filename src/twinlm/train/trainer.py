@@ -251,6 +251,8 @@ class Trainer:
                 out.append(cbs.PeriodicCheckpoint(self.recipe.checkpoint.every_tokens))
             if self.recipe.eval.data and self.recipe.eval.every_tokens:
                 out.append(cbs.Evaluate(self.recipe.eval))
+            if self.recipe.record_order:
+                out.append(cbs.RecordOrder(self.out))
         return out + self.extra_callbacks
 
     # --- checkpoint I/O -----------------------------------------------------------------------------
@@ -313,8 +315,8 @@ class Trainer:
 
             path = self.ckpt.save(self.state.step, write, state)
             self.last_checkpoint = path
-            self._emit("on_checkpoint", path)
         dist.barrier()
+        self._emit("on_checkpoint", self.ckpt.path_for(self.state.step))
         return path
 
     def _restore(self, ckpt: Path) -> None:
