@@ -1,6 +1,6 @@
 """Throughput of `twinlm data prepare`: raw text -> tokenized, chunked shards (target: >= 2 MB/s on 2 cores).
 
-    python bench/data_prepare.py [--mb 24] [--workers 1 2] [--tokenizer ettin|bpe] [--write]
+    python bench/data_prepare.py [--mb 24] [--configs 1x2 2x1] [--tokenizer ettin|bpe] [--write]
 
 Input: the first --mb megabytes of the fetched pre-training text (a mix of every source, round-robin by
 document), or synthetic text when nothing is fetched. Reports wall-clock MB/s, CPU seconds (this process +
@@ -70,7 +70,8 @@ def tokenizer(kind: str, work: Path, text: Path):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=24.0)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--configs", nargs="+", default=["1x2", "2x1"],
+                    help="WORKERSxTHREADS: tokenizer processes x encoder threads each")
     ap.add_argument("--tokenizer", choices=["ettin", "bpe"], default="ettin")
     ap.add_argument("--chunk-size", type=int, default=1024)
     ap.add_argument("--write", action="store_true", help="write the figures into bench/RESULTS.md")
@@ -81,10 +82,11 @@ def main() -> int:
         work = Path(tmp)
         text, desc = corpus(work / "corpus.jsonl", args.mb)
         tok, tok_desc = tokenizer(args.tokenizer, work, text)
-        for w in args.workers:
+        for config in args.configs:
+            w, th = (int(x) for x in config.split("x"))
             c0 = os.times()
             t0 = time.time()
-            meta = prepare([text], tok, work / f"shards-{w}", chunk_size=args.chunk_size, workers=w)
+            meta = prepare([text], tok, work / f"shards-{w}", chunk_size=args.chunk_size, workers=w, threads=th)
             wall = time.time() - t0
             c1 = os.times()
             cpu = (c1.user - c0.user) + (c1.system - c0.system) + (c1.children_user - c0.children_user) + \
@@ -92,28 +94,29 @@ def main() -> int:
             mb = meta["stats"]["bytes"] / 1e6
             peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
-            row = dict(workers=w, mb=round(mb, 1), wall_s=round(wall, 1), mb_per_s=round(mb / wall, 2),
+            row = dict(workers=w, threads=th, mb=round(mb, 1), wall_s=round(wall, 1), mb_per_s=round(mb / wall, 2),
                        cpu_s=round(cpu, 1), mb_per_cpu_s=round(mb / max(cpu, 1e-9), 2), peak_rss_mib=round(peak),
                        tokens=meta["num_tokens"], chunks=meta["num_chunks"], load=round(os.getloadavg()[0], 1))
             rows.append(row)
             print(json.dumps(row), flush=True)
     lines = [
         "## Data preparation (`bench/data_prepare.py`)", "",
-        f"Command: `python bench/data_prepare.py --mb {args.mb:g} --workers {' '.join(map(str, args.workers))} "
+        f"Command: `python bench/data_prepare.py --mb {args.mb:g} --configs {' '.join(args.configs)} "
         f"--tokenizer {args.tokenizer} --chunk-size {args.chunk_size} --write`",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs; 1-minute load "
         f"average at the end of each run in the table), Python {platform.python_version()}.",
         f"Input: {desc}; tokenizer: {tok_desc}; chunks of {args.chunk_size} tokens. "
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
-        "| workers | MB | wall s | MB/s (wall) | CPU s | MB per CPU-s | peak RSS MiB | tokens | chunks | load |",
+        "| workers × threads | MB | wall s | MB/s (wall) | CPU s | MB per CPU-s | peak RSS MiB | tokens | chunks | load |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['workers']} | {r['mb']} | {r['wall_s']} | {r['mb_per_s']} | {r['cpu_s']} | "
+        lines.append(f"| {r['workers']} × {r['threads']} | {r['mb']} | {r['wall_s']} | {r['mb_per_s']} | {r['cpu_s']} | "
                      f"{r['mb_per_cpu_s']} | {r['peak_rss_mib']} | {r['tokens']} | {r['chunks']} | {r['load']} |")
-    par = max(rows, key=lambda r: r["workers"])
+    par = max(rows, key=lambda r: r["mb_per_s"])
     lines += ["", (
-        f"Reading: preparation is CPU-bound in the `tokenizers` BPE encoder; with {par['workers']} workers it does "
+        f"Reading: preparation is CPU-bound in the `tokenizers` BPE encoder; the fastest setting "
+        f"({par['workers']} × {par['threads']}) does "
         f"{par['mb_per_cpu_s']} MB of text per CPU-second (reader process and transfers included), so "
         f"{os.cpu_count()} free cores would give about {par['mb_per_cpu_s'] * (os.cpu_count() or 1):.1f} MB/s "
         "(target: ≥ 2 MB/s). The wall-clock column is what "

@@ -61,7 +61,7 @@ def test_chunk_document_rules():
 # --- prepare ------------------------------------------------------------------------------------------------
 def test_prepare_text_jsonl_parquet(tok, corpus, tmp_path):
     d, docs = corpus
-    meta = prepare([d], tok, tmp_path / "shards", chunk_size=64, min_chunk=8, backfill=32, workers=1)
+    meta = prepare([d], tok, tmp_path / "shards", chunk_size=64, min_chunk=8, backfill=32, workers=0)
     ds = ShardDataset(tmp_path / "shards", verify=True)
     assert len(ds) == meta["num_chunks"] > len(docs)
     assert meta["num_documents"] == len(docs) and meta["stats"]["documents"] == len(docs)
@@ -84,16 +84,19 @@ def test_prepare_text_jsonl_parquet(tok, corpus, tmp_path):
 
 def test_prepare_multiprocess_matches_single(tok, corpus, tmp_path):
     d, _ = corpus
-    a = prepare([d], tok, tmp_path / "one", chunk_size=64, min_chunk=8, backfill=32, workers=1, batch_bytes=500)
+    a = prepare([d], tok, tmp_path / "one", chunk_size=64, min_chunk=8, backfill=32, workers=0, batch_bytes=500)
     b = prepare([d], tok, tmp_path / "two", chunk_size=64, min_chunk=8, backfill=32, workers=2, batch_bytes=500)
-    assert a["sha256"] == b["sha256"]
+    c = prepare([d], tok, tmp_path / "three", chunk_size=64, min_chunk=8, backfill=32, workers=1, threads=2,
+                batch_bytes=500)
+    assert a["sha256"] == b["sha256"] == c["sha256"]
+    assert (b["stats"]["workers"], b["stats"]["threads"]) == (2, 1)
 
 
 def test_holdout_split(tok, tmp_path):
     rng = np.random.default_rng(2)
     f = tmp_path / "many.jsonl"
     f.write_text("\n".join(json.dumps({"text": make_doc(rng, 30)}) for _ in range(200)))
-    meta = prepare([f], tok, tmp_path / "tr", chunk_size=64, workers=1, holdout_docs=0.2, seed=3)
+    meta = prepare([f], tok, tmp_path / "tr", chunk_size=64, workers=0, holdout_docs=0.2, seed=3)
     held = ShardDataset(tmp_path / "tr-heldout")
     assert meta["holdout"]["num_documents"] == held.meta["num_documents"]
     assert 20 <= held.meta["num_documents"] <= 60
@@ -101,15 +104,15 @@ def test_holdout_split(tok, tmp_path):
     assert meta["num_documents"] + held.meta["num_documents"] == 200
     assert held.meta["split"] == "heldout" and held.fingerprint == meta["tokenizer"]["fingerprint"]
     # a count, deterministic for a seed
-    m2 = prepare([f], tok, tmp_path / "tr2", chunk_size=64, workers=1, holdout_docs=7, seed=3)
-    m3 = prepare([f], tok, tmp_path / "tr3", chunk_size=64, workers=1, holdout_docs=7, seed=3)
+    m2 = prepare([f], tok, tmp_path / "tr2", chunk_size=64, workers=0, holdout_docs=7, seed=3)
+    m3 = prepare([f], tok, tmp_path / "tr3", chunk_size=64, workers=0, holdout_docs=7, seed=3)
     assert m2["holdout"]["num_documents"] == 7 and m2["sha256"] == m3["sha256"]
 
 
 def test_hf_dataset_by_name_on_local_files(tok, corpus, tmp_path):
     d, docs = corpus
-    meta = prepare([f"hf:{d / 'b.jsonl'}"], tok, tmp_path / "hf", chunk_size=64, workers=1)
-    ref = prepare([d / "b.jsonl"], tok, tmp_path / "ref", chunk_size=64, workers=1)
+    meta = prepare([f"hf:{d / 'b.jsonl'}"], tok, tmp_path / "hf", chunk_size=64, workers=0)
+    ref = prepare([d / "b.jsonl"], tok, tmp_path / "ref", chunk_size=64, workers=0)
     assert meta["num_documents"] == 3 and meta["sha256"]["tokens.bin"] == ref["sha256"]["tokens.bin"]
 
 
@@ -129,14 +132,14 @@ def test_bad_inputs_error_or_skip(tok, tmp_path):
         resolve_inputs([tmp_path / "missing.txt"])
     for bad, what in [(empty, "empty"), (binary, "binary"), (latin, "UTF-8"), (nofield, "no 'text' field")]:
         with pytest.raises(DataError, match=what):
-            prepare([good, bad], tok, tmp_path / "out", workers=1)
+            prepare([good, bad], tok, tmp_path / "out", workers=0)
         assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary leftovers
-    meta = prepare([good, empty, binary, latin, nofield], tok, tmp_path / "out", workers=1, on_bad_input="skip")
+    meta = prepare([good, empty, binary, latin, nofield], tok, tmp_path / "out", workers=0, on_bad_input="skip")
     assert meta["stats"]["skipped"] == {"empty": 1, "binary": 1, "not_utf8": 1, "missing_field": 1, "invalid_json": 1}
     assert meta["num_documents"] == 2
     with pytest.raises(DataError, match="no documents"):
-        prepare([empty], tok, tmp_path / "none", workers=1, on_bad_input="skip")
+        prepare([empty], tok, tmp_path / "none", workers=0, on_bad_input="skip")
     assert not (tmp_path / "none").exists()
 
 
@@ -165,7 +168,7 @@ def test_interrupted_prepare_leaves_nothing(tok, tmp_path, monkeypatch):
 
     monkeypatch.setattr(P, "_process", boom)
     with pytest.raises(KeyboardInterrupt):
-        prepare([f, f, f], tok, tmp_path / "out", workers=1, batch_bytes=10)
+        prepare([f, f, f], tok, tmp_path / "out", workers=0, batch_bytes=10)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
 
@@ -174,7 +177,7 @@ def test_interrupted_prepare_leaves_nothing(tok, tmp_path, monkeypatch):
 def test_truncated_altered_incomplete_shards(tok, corpus, tmp_path):
     d, _ = corpus
     out = tmp_path / "s"
-    prepare([d], tok, out, chunk_size=64, workers=1)
+    prepare([d], tok, out, chunk_size=64, workers=0)
     verify_shards(out)
     tokens = out / "tokens.bin"
     data = tokens.read_bytes()
@@ -198,7 +201,7 @@ def test_truncated_altered_incomplete_shards(tok, corpus, tmp_path):
 
 def test_check_tokenizer(tok, corpus, tmp_path):
     d, _ = corpus
-    prepare([d], tok, tmp_path / "s", chunk_size=64, workers=1)
+    prepare([d], tok, tmp_path / "s", chunk_size=64, workers=0)
     ds = ShardDataset(tmp_path / "s")
     check_tokenizer(ds, tok)
     check_tokenizer(tmp_path / "s", tokenizer_fingerprint(tok))
@@ -213,7 +216,7 @@ def test_cli_prepare_and_tokenizer(tmp_path, corpus, capsys):
     d, _ = corpus
     assert main(["tokenizer", "train", "--vocab-size", "300", "--out", str(tmp_path / "tok"), str(d)]) == 0
     assert main(["data", "prepare", str(d), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "sh"),
-                 "--chunk-size", "64", "--min-chunk", "8", "--backfill", "16", "--workers", "1",
+                 "--chunk-size", "64", "--min-chunk", "8", "--backfill", "16", "--workers", "0",
                  "--holdout-docs", "1"]) == 0
     out = capsys.readouterr().out
     assert "chunks" in out and "held out" in out
@@ -229,5 +232,5 @@ def test_large_text_file_is_streamed_in_pieces(tok, tmp_path, monkeypatch):
     docs = list(P._iter_large_text(f, lambda b: None, block=2048))
     assert len(docs) > 10 and "".join(t for _, t in docs) == text
     monkeypatch.setattr(P, "_iter_large_text", lambda path, bad: iter(docs))
-    meta = prepare([f], tok, tmp_path / "s", chunk_size=64, workers=1)
+    meta = prepare([f], tok, tmp_path / "s", chunk_size=64, workers=0)
     assert meta["num_documents"] == len(docs)

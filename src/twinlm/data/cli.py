@@ -38,7 +38,9 @@ def register(commands) -> None:
     p.add_argument("--holdout-docs", type=float, default=0.0,
                    help="held-out documents (fraction < 1 or a count) written to OUT-heldout/")
     p.add_argument("--holdout-out", help="folder for the held-out shards (default OUT-heldout)")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizer processes (default 1; 0: tokenize in this process)")
+    p.add_argument("--threads", type=int, default=None, help="encoder threads per worker (default: CPUs / workers)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out document choice")
     p.add_argument("--on-bad-input", choices=["error", "skip"], default="error",
                    help="undecodable/empty inputs or records without the text field: stop (default) or skip and count")
@@ -100,7 +102,7 @@ def _prepare(args) -> int:
     holdout = args.holdout_docs
     meta = prepare(inputs, tok, args.out, chunk_size=args.chunk_size, min_chunk=args.min_chunk,
                    backfill=args.backfill, text_field=args.text_field, holdout_docs=holdout,
-                   holdout_out=args.holdout_out, workers=args.workers, seed=args.seed,
+                   holdout_out=args.holdout_out, workers=args.workers, threads=args.threads, seed=args.seed,
                    on_bad_input=args.on_bad_input, max_docs=args.max_docs)
     s = meta["stats"]
     print(f"{args.out}: {meta['num_chunks']} chunks, {meta['num_tokens']} tokens from {s['documents']} documents "

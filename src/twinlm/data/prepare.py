@@ -370,8 +370,11 @@ def _byte_lengths(backend) -> np.ndarray:
     return out
 
 
-def _init_worker(tokenizer_json: str, cls_id: int, sep_id: int, chunk_size: int, min_chunk: int, backfill: int) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+def _init_worker(tokenizer_json: str, cls_id: int, sep_id: int, chunk_size: int, min_chunk: int, backfill: int,
+                 threads: int | None = None) -> None:
+    if threads is not None:  # in a worker process: its own encoder thread count
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
     from tokenizers import Tokenizer
     backend = Tokenizer.from_str(tokenizer_json)
     backend.no_padding()
@@ -436,12 +439,15 @@ def _holdout_rule(holdout_docs: float, seed: int):
 
 def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, *, chunk_size: int = 1024,
             min_chunk: int | None = None, backfill: int | None = None, text_field: str = "text", holdout_docs: float = 0.0,
-            holdout_out: str | Path | None = None, workers: int | None = None, seed: int = 0,
+            holdout_out: str | Path | None = None, workers: int | None = None, threads: int | None = None,
+            seed: int = 0,
             on_bad_input: str = "error", max_docs: int | None = None, batch_bytes: int = 1 << 20,
             overwrite: bool = True) -> dict[str, Any]:
     """Tokenize, chunk and shard `inputs` into `out` (and held-out documents into `holdout_out`, default
     `<out>-heldout`); returns the meta.json written. `tokenizer`: a PreTrainedTokenizerFast or a folder.
-    min_chunk / backfill default to chunk_size/8 and chunk_size/2 (128 and 512 at the paper's 1,024)."""
+    min_chunk / backfill default to chunk_size/8 and chunk_size/2 (128 and 512 at the paper's 1,024).
+    workers: tokenizer processes (default 1; 0 = tokenize in this process); threads: encoder threads per
+    worker process (default: CPU count / workers). The main process reads while the workers encode."""
     from twinlm.data.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
     t0 = time.time()
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
@@ -466,7 +472,8 @@ def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, *, chunk_siz
     writers = {False: ShardWriter(out, vocab, overwrite=overwrite)}
     if holdout_docs:
         writers[True] = ShardWriter(holdout_out, vocab, overwrite=overwrite)
-    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    workers = 1 if workers is None else max(0, int(workers))
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1)) if threads is None else max(1, int(threads))
     init_args = (backend_json, ids["cls"], ids["sep"], chunk_size, min_chunk, backfill)
     skipped: Counter = Counter()
     counts: Counter = Counter()
@@ -499,17 +506,17 @@ def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, *, chunk_siz
 
     pool = None
     try:
-        if workers == 1:
+        if workers == 0:
             _init_worker(*init_args)
             for b in batches():
                 consume(_process(b))
         else:
             ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=init_args)
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(*init_args, threads))
             pending: deque = deque()
             for b in batches():
                 pending.append(pool.apply_async(_process, (b,)))
-                while len(pending) >= 2 * workers:
+                while len(pending) >= 2 * workers + 1:
                     consume(pending.popleft().get())
             while pending:
                 consume(pending.popleft().get())
@@ -535,7 +542,7 @@ def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, *, chunk_siz
         "inputs": [str(s) for s in specs][:1000], "text_field": text_field,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    stats = {"documents": docs, "bytes": nbytes, "seconds": round(seconds, 3), "workers": workers,
+    stats = {"documents": docs, "bytes": nbytes, "seconds": round(seconds, 3), "workers": workers, "threads": threads,
              "skipped": dict(skipped), **{k: int(v) for k, v in counts.items()}}
     holdout_meta = None
     if True in writers:
