@@ -58,18 +58,39 @@ def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (N, 1, head_dim) for positions (N,) (half-split layout, as transformers)."""
+    """cos, sin of shape (N, 1, head_dim // 2) for positions (N,) (fp32)."""
     freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-    return emb.cos(), emb.sin()
+    return freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of the last dim (transformers' half-split layout): [x1 c - x2 s, x2 c + x1 s]."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    torch.sub(x1 * cos, x2 * sin, out=out[..., :half])
+    torch.add(x2 * cos, x1 * sin, out=out[..., half:])
+    return out.to(x.dtype)
+
+
+class _Rope(torch.autograd.Function):
+    """RoPE as one autograd node: the backward is the rotation by -theta (nothing saved but cos/sin)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (N, H, Dh). Computed in fp32 and cast back."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    """x: (..., heads, head_dim); cos/sin broadcastable to (..., heads, head_dim // 2). Computed in fp32."""
+    return _Rope.apply(x, cos, sin)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,8 +111,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         N = x.shape[0]
-        q, k, v = self.Wqkv(x).view(N, 3, self.num_heads, self.head_dim).unbind(1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.Wqkv(x).view(N, 3, self.num_heads, self.head_dim)
+        q, k = apply_rope(qkv[:, :2], cos[:, None], sin[:, None]).unbind(1)  # q and k rotated together
+        v = qkv[:, 2]
         a = attention(q, k, v, layout, window=self.window)
         return self.out_drop(self.Wo(a.reshape(N, -1)))
 
@@ -364,45 +386,70 @@ class Transformer(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # fused head + cross-entropy
 def _ce_chunk_rows(vocab: int) -> int:
-    return max(64, min(4096, (1 << 22) // max(vocab, 1)))  # ~16 MB of fp32 logits per chunk
+    return max(64, min(4096, (1 << 25) // max(vocab, 1)))  # ~128 MB of fp32 logits per chunk (512 rows at 50k)
 
 
 class _FusedLinearCE(torch.autograd.Function):
+    """Chunked head + cross-entropy whose gradients are computed in the forward pass.
+
+    Per chunk of rows the only passes over the (rows, V) matrix are: the logits matmul, one (in-place) softmax,
+    and the two gradient matmuls. The one-hot part of the gradient, the bias gradient and the 1/count scaling
+    are applied on the small sides: with g = softmax - onehot (the one-hot subtracted in place, one element per
+    row) and c = valid / count per row, grad_h = c * (g @ W), grad_W = g^T @ (c * h), grad_b = g^T @ c.
+    """
+
     @staticmethod
     def forward(ctx, h, weight, bias, targets, ignore_index, chunk):
-        n = h.shape[0]
+        n, d = h.shape
         valid = targets != ignore_index
         count = int(valid.sum())
         needs_grad = any(ctx.needs_input_grad[:3])
         device_type = h.device.type
         cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
         w = weight.to(cast)
+        b = bias.to(cast)
+        inv = 1.0 / max(count, 1)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if needs_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if needs_grad else None
-        scale = 1.0 / max(count, 1)
+        acc = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad else None
+        acc_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if needs_grad else None
+        grad_h = torch.empty(n, d, dtype=h.dtype, device=h.device) if needs_grad else None
+        buf = None
         with torch.autocast(device_type, enabled=False):
             for s in range(0, n, chunk):
-                hc = h[s:s + chunk].to(cast)
-                tc = targets[s:s + chunk]
-                vc = valid[s:s + chunk]
-                logits = torch.addmm(bias.to(cast), hc, w.t()).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                safe_t = tc.clamp(min=0)
-                picked = logits.gather(1, safe_t[:, None])[:, 0]
-                total += ((lse - picked) * vc).sum()
+                e = min(n, s + chunk)
+                hc = h[s:e].to(cast)
+                tc = targets[s:e]
+                vc = valid[s:e]
+                safe_t = torch.where(vc, tc, torch.zeros_like(tc))
+                if cast == torch.float32 and not h.is_cuda:
+                    if buf is None or buf.shape[0] < e - s:
+                        buf = torch.empty(e - s, weight.shape[0], dtype=torch.float32, device=h.device)
+                    logits = torch.addmm(b, hc, w.t(), out=buf[: e - s])
+                    p = torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # in place, one pass
+                else:
+                    p = torch.softmax(torch.addmm(b, hc, w.t()).float(), dim=-1)
+                pt = p.gather(1, safe_t[:, None])[:, 0]
+                nll = -torch.log(pt)
+                if bool(torch.isinf(nll).any()):  # p underflowed to 0: recompute those rows exactly
+                    rows = torch.isinf(nll).nonzero()[:, 0]
+                    lg = torch.addmm(b, hc[rows], w.t()).float()
+                    nll[rows] = torch.logsumexp(lg, -1) - lg.gather(1, safe_t[rows, None])[:, 0]
+                total += (nll * vc).sum()
                 if needs_grad:
-                    g = torch.exp_(logits.sub_(lse[:, None]))  # softmax, in place
-                    g.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
-                    g.mul_((vc.to(g.dtype) * scale)[:, None])
-                    gc = g.to(cast)
-                    grad_h[s:s + chunk] = (gc @ w).to(h.dtype)
-                    grad_w.addmm_(gc.t().float() if cast != torch.float32 else gc.t(), hc.float())
-                    grad_b += g.sum(0)
+                    c = vc.to(torch.float32) * inv  # (rows,)
+                    p = p.scatter_add_(1, safe_t[:, None], torch.full_like(pt[:, None], -1.0))  # p - onehot
+                    pc = p.to(cast)
+                    grad_h[s:e] = ((pc @ w).float() * c[:, None]).to(h.dtype)
+                    hs = (hc.float() * c[:, None]).to(cast)
+                    if cast == torch.float32:
+                        acc.addmm_(pc.t(), hs)
+                        acc_b.addmv_(pc.t(), c)
+                    else:
+                        acc += (pc.t() @ hs).float()
+                        acc_b += (pc.t() @ c.to(cast)).float()
         if needs_grad:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype))
-        return total * scale
+            ctx.save_for_backward(grad_h, acc.to(weight.dtype), acc_b.to(bias.dtype))
+        return total * inv
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -1,0 +1,240 @@
+"""Training-step throughput of twinlm against transformers' own ModernBERT classes, same run, same shape.
+
+One step = forward + backward + AdamW step. Encoder: masked LM with 30% of tokens predicted (twinlm runs the
+head on the masked positions only; transformers' ModernBertForMaskedLM as configured by default computes every
+position's logits and ignores the unmasked labels). Decoder: next-token prediction on every position.
+
+The models are timed alternately (twinlm step, transformers step, twinlm step, …) so that load from other
+processes on a shared machine hits both alike; the median step time gives tokens/s.
+
+    python bench/model_throughput.py                       # CPU: ettin-17m, fp32, batch 8 x 512 (RESULTS.md)
+    python bench/model_throughput.py --device cuda         # GPU: ettin-150m, bf16 autocast, batch 32 x 1024, MFU
+    python bench/model_throughput.py --no-write            # print only
+
+Results go to bench/RESULTS.md between the model-throughput markers (other sections are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from twinlm import ModelConfig, Transformer  # noqa: E402
+
+START, END = "<!-- model_throughput:start -->", "<!-- model_throughput:end -->"
+
+# dense bf16 peak FLOP/s by device name fragment (no sparsity)
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import transformers
+
+    d = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        d["gpu"] = torch.cuda.get_device_name(0)
+    return d
+
+
+def hf_model(model: Transformer, causal: bool, sparse: bool, device):
+    """transformers' class with twinlm's weights (through save_pretrained, i.e. the real interchange path)."""
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        cfg = json.loads((Path(tmp) / "config.json").read_text())
+        # transformers applies attention_dropout to the attention probabilities *and* the output; the Ettin
+        # recipe only drops the output. Run transformers as its released configs do (0.0) - it only saves work.
+        cfg["attention_dropout"] = 0.0
+        if not causal:
+            cfg["sparse_prediction"] = sparse
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+        cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForMaskedLM
+        hf = cls.from_pretrained(tmp, attn_implementation="sdpa")
+    return hf.to(device).train()
+
+
+def make_batch(cfg: ModelConfig, batch: int, seq: int, mask_frac: float, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, min(cfg.vocab_size, 50280), (batch, seq), generator=g)
+    n = batch * seq
+    if cfg.causal:
+        labels = torch.roll(ids, -1, 1)
+        labels[:, -1] = -100
+        twin = dict(labels=labels.to(device))
+        hf = dict(labels=ids.to(device))  # transformers shifts inside its loss
+        return ids.to(device), twin, hf
+    pos = torch.randperm(n, generator=g)[: int(mask_frac * n)].sort().values
+    labels_full = torch.full((n,), -100, dtype=torch.long)
+    labels_full[pos] = ids.view(-1)[pos]
+    inp = ids.clone().view(-1)
+    inp[pos] = cfg.mask_token_id
+    inp = inp.view(batch, seq)
+    twin = dict(prediction_positions=pos.to(device), labels=ids.view(-1)[pos].to(device))
+    hf = dict(labels=labels_full.view(batch, seq).to(device))
+    return inp.to(device), twin, hf
+
+
+def run(kind: str, args) -> dict:
+    device = torch.device(args.device)
+    causal = kind == "decoder"
+    cfg = ModelConfig.preset(args.preset, causal=causal)
+    torch.manual_seed(0)
+    twin = Transformer(cfg).to(device).train()
+    models = {"twinlm": twin, "transformers": hf_model(twin, causal, False, device)}
+    if args.hf_sparse and not causal:
+        models["transformers (sparse_prediction=True)"] = hf_model(twin, causal, True, device)
+    ids, twin_kw, hf_kw = make_batch(cfg, args.batch, args.seq, args.mask, device)
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5,
+                                    fused=True)
+            for name, m in models.items()}
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
+                                                                                                      enabled=False)
+    steps = {}
+    for name, m in models.items():
+        kw = twin_kw if name == "twinlm" else hf_kw
+        if name == "twinlm" and args.compile:
+            m = torch.compile(m)
+
+        def step(m=m, kw=kw, opt=opts[name]):
+            with amp:
+                loss = m(ids, **kw).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        steps[name] = step
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for name in models:  # warm-up
+        for _ in range(args.warmup):
+            steps[name]()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    for _ in range(args.steps):
+        for name in models:
+            t0 = time.perf_counter()
+            steps[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    tokens = args.batch * args.seq
+    res = {"kind": kind, "preset": args.preset, "batch": args.batch, "seq": args.seq, "rows": {}}
+    # MFU, REFERENCE.md §5 convention: 6 x matmul params (tied head included) + 12 x layers x hidden x seq
+    matmul = sum(p.numel() for n, p in twin.named_parameters() if p.dim() == 2)
+    ref_flops = 6 * matmul + 12 * cfg.num_layers * cfg.hidden_size * args.seq
+    peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name(0)),
+                None)
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        row = {"step_s": med, "tok_s": tokens / med, "all_s": [round(t, 3) for t in ts]}
+        if peak:
+            row["mfu"] = ref_flops * row["tok_s"] / peak
+        res["rows"][name] = row
+    base = res["rows"]["transformers"]["tok_s"]
+    for row in res["rows"].values():
+        row["ratio"] = row["tok_s"] / base
+    del models, opts, steps
+    return res
+
+
+def markdown(results: list[dict], info: dict, args, cmd: str) -> str:
+    lines = [START, "## Model throughput (`bench/model_throughput.py`)", "",
+             f"Command: `{cmd}`  ", f"Machine: {info.get('gpu', info['cpu'])}, {info['cores']} cores "
+             f"(torch threads {info['torch_threads']}), torch {info['torch']}, transformers {info['transformers']}, "
+             f"Python {info['python']}  ",
+             f"Shape: {args.preset}, batch {args.batch} x {args.seq}, "
+             f"{'bf16 autocast' if args.device == 'cuda' else 'fp32'}, step = forward + backward + AdamW; "
+             f"encoder masked LM at {args.mask:.0%}, decoder next-token on every position. Median of "
+             f"{args.steps} alternating steps after {args.warmup} warm-up step(s).", "",
+             "| model | implementation | step (s) | tokens/s | vs transformers |" +
+             (" MFU |" if args.device == "cuda" else ""),
+             "|---|---|---|---|---|" + ("---|" if args.device == "cuda" else "")]
+    for r in results:
+        for name, row in r["rows"].items():
+            mfu = f" {row['mfu']:.1%} |" if "mfu" in row else ""
+            lines.append(f"| {r['kind']} | {name} | {row['step_s']:.2f} | {row['tok_s']:,.0f} | "
+                         f"{row['ratio']:.2f}x |{mfu}")
+    lines += ["", "Notes: twinlm runs the masked-LM head on the masked positions only (sparse prediction) and the "
+              "decoder's head + cross-entropy chunked (`labels=`); transformers runs as its classes are configured "
+              "by default (dense MLM logits), with attention dropout 0 (twinlm keeps the recipe's 0.1 output "
+              "dropout). The machine is shared with other processes: absolute numbers move, the ratios are from "
+              "alternating steps in one process.", END]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(section: str, path: Path) -> None:
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if START in text and END in text:
+        before, rest = text.split(START, 1)
+        after = rest.split(END, 1)[1]
+        text = before + section.rstrip("\n") + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--preset", default=None, help="default: ettin-17m on CPU, ettin-150m on CUDA")
+    p.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 32 on CUDA")
+    p.add_argument("--seq", type=int, default=None, help="default: 512 on CPU, 1024 on CUDA")
+    p.add_argument("--mask", type=float, default=0.3, help="encoder masking fraction")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per model (default 5 CPU, 20 CUDA)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--kinds", default="encoder,decoder")
+    p.add_argument("--compile", action="store_true", help="torch.compile the twinlm model")
+    p.add_argument("--hf-sparse", action="store_true", help="also time transformers with sparse_prediction=True")
+    p.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    p.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda but no CUDA device is available")
+    args.preset = args.preset or ("ettin-150m" if cuda else "ettin-17m")
+    args.batch = args.batch or (32 if cuda else 8)
+    args.seq = args.seq or (1024 if cuda else 512)
+    args.steps = args.steps or (20 if cuda else 5)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    info = machine()
+    print(json.dumps(info))
+    results = []
+    for kind in args.kinds.split(","):
+        r = run(kind.strip(), args)
+        results.append(r)
+        for name, row in r["rows"].items():
+            extra = f", MFU {row['mfu']:.1%}" if "mfu" in row else ""
+            print(f"{kind:8s} {name:40s} {row['tok_s']:10,.0f} tok/s  ({row['ratio']:.2f}x)  steps {row['all_s']}{extra}",
+                  flush=True)
+    cmd = "python bench/model_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    section = markdown(results, info, args, cmd.strip())
+    if not args.no_write:
+        write_results(section, Path(args.results))
+        print(f"wrote {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
