@@ -34,20 +34,21 @@ class BatchStream:
         self.shuffle = shuffle
         self.position = 0      # global samples consumed
         self.step = 0          # next_step calls made
-        self._perm_epoch = -1
-        self._perm: np.ndarray | None = None
+        self._perms: dict[int, np.ndarray] = {}
 
     # --- order ---------------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The dataset indices of epoch `epoch`, in order (depends on seed and epoch only)."""
-        if epoch != self._perm_epoch:
+        cache = self._perms
+        if epoch not in cache:
             n = len(self.dataset)
             if self.shuffle:
-                self._perm = np.random.default_rng([self.seed, 104729, epoch]).permutation(n)
+                cache[epoch] = np.random.default_rng([self.seed, 104729, epoch]).permutation(n)
             else:
-                self._perm = np.arange(n)
-            self._perm_epoch = epoch
-        return self._perm
+                cache[epoch] = np.arange(n)
+            for old in sorted(cache)[:-2]:  # keep the two latest epochs (a batch may span a boundary)
+                del cache[old]
+        return cache[epoch]
 
     def global_ids(self, start: int, count: int) -> np.ndarray:
         """Sample ids at global positions [start, start + count) of the order."""
