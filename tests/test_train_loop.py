@@ -147,3 +147,21 @@ def test_batch_order_is_recorded_per_checkpoint(shards, tmp_path):
     first = read_step(out, 1)
     last = read_step(out, n)
     assert first and last and all(len(r["input_ids"]) <= 64 for r in first)
+
+
+def test_eval_hook_logs_a_held_out_loss(shards, tmp_path):
+    held = make_shards(tmp_path / "held", n_docs=20, seed=7)
+    recipe = tiny_recipe(shards, phases=1, tokens=600, eval={"data": str(held), "every_tokens": 300, "samples": 8})
+    run(recipe, tmp_path / "run")
+    r = rows(tmp_path / "run")
+    evals = [x["eval_loss"] for x in r if "eval_loss" in x]
+    assert len(evals) >= 1 and all(math.isfinite(v) for v in evals)
+
+
+def test_activation_checkpointing_gives_the_same_losses(shards, tmp_path):
+    base = tiny_recipe(shards, phases=1, tokens=400)
+    run(base, tmp_path / "plain")
+    run({**base, "activation_checkpointing": True}, tmp_path / "ac")
+    a = [x["loss"] for x in rows(tmp_path / "plain")]
+    b = [x["loss"] for x in rows(tmp_path / "ac")]
+    assert a == pytest.approx(b, rel=1e-6)

@@ -562,9 +562,13 @@ class Trainer:
             while self.state.phase_tokens < phase.tokens:
                 bs = scheduled_batch_size(self.state.phase_tokens, full=phase.batch_size, start=phase.warmup_start,
                                           warmup_tokens=phase.batch_warmup_tokens, multiple=phase.warmup_start)
+                t_read = time.perf_counter()
                 samples = self._next_samples(bs)
+                t_read = time.perf_counter() - t_read
                 self._emit("on_batch", samples)
                 row = self.train_step(phase, samples)
+                row["data_s"] += t_read
+                row["step_s"] += t_read
                 row["batch_size"] = bs
                 self.state.stream = self.stream.state_dict()
                 if row["skipped"]:
