@@ -1,0 +1,75 @@
+import json
+
+import pytest
+
+from twinlm.suite.pipeline import Suite, build_corpus
+from twinlm.suite.scales import SCALES, get_scale
+
+
+def write_jsonl(path, texts):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+@pytest.fixture
+def fake_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    write_jsonl(home / "pretrain" / "nlp-corpus.jsonl", [f"sentence number {i} is short." for i in range(2000)])
+    write_jsonl(home / "pretrain" / "sotu.jsonl", ["a long address " * 400 + str(i) for i in range(40)])
+    monkeypatch.setenv("TWINLM_HOME", str(home))
+    return home
+
+
+def read(path):
+    return [json.loads(line)["text"] for line in path.read_text().splitlines()]
+
+
+def test_corpus_groups_short_documents_splits_heldout_and_respects_the_budget(fake_home, tmp_path):
+    out = tmp_path / "corpus"
+    out.mkdir()
+    counts = build_corpus(out, ["nlp-corpus", "sotu"], max_mb=0.1, heldout_fraction=0.2, min_doc_bytes=1000)
+    train, held = read(out / "train.jsonl"), read(out / "heldout.jsonl")
+    assert counts["train_docs"] == len(train) and counts["heldout_docs"] == len(held)
+    assert held and train and not set(train) & set(held)
+    # sentences were joined into documents of at least 1,000 bytes (but the last of a source)
+    sentences = [d for d in train + held if "sentence number" in d]
+    assert sum(len(d.encode()) < 1000 for d in sentences) <= 1
+    assert all("\n" in d for d in sentences[:-1])
+    # an equal share per source, within one document of the 100 KB budget
+    assert counts["train_bytes"] + counts["heldout_bytes"] <= 100_000 + 6100 * 2
+    # the split is a property of the text: a rebuild is identical
+    again = tmp_path / "again"
+    again.mkdir()
+    build_corpus(again, ["nlp-corpus", "sotu"], max_mb=0.1, heldout_fraction=0.2, min_doc_bytes=1000)
+    assert (again / "heldout.jsonl").read_text() == (out / "heldout.jsonl").read_text()
+
+
+def test_scale_overrides_are_typed_and_checked():
+    scale = get_scale("quick", ["pretrain_tokens=1M", "classify_seeds=5", "sources=[sotu]"])
+    assert scale.pretrain_tokens == "1M" and scale.classify_seeds == 5 and scale.sources == ["sotu"]
+    with pytest.raises(ValueError, match="unknown suite setting"):
+        get_scale("quick", ["pretrain_tokenz=1M"])
+    with pytest.raises(KeyError, match="unknown suite scale"):
+        get_scale("huge")
+
+
+def test_every_scale_builds_a_consistent_pipeline(tmp_path):
+    for name in SCALES:
+        suite = Suite(tmp_path / name, get_scale(name))
+        names = [s.name for s in suite.steps()]
+        assert names[0] == "fetch" and names[-1] == "report"
+        for model in ("encoder", "decoder", "enc-from-dec", "dec-from-enc", "random-encoder", "random-decoder"):
+            for track in ("classification", "retrieval", "generative", "bpb"):
+                assert f"eval-{model}-{track}" in names
+        assert set(suite.status().values()) == {"todo"}
+
+
+def test_changing_a_training_budget_invalidates_training_and_everything_after(tmp_path):
+    a = Suite(tmp_path, get_scale("quick")).steps()
+    b = Suite(tmp_path, get_scale("quick", ["cross_tokens=50K"])).steps()
+    from twinlm.suite.steps import Pipeline
+    ids_a, ids_b = Pipeline(tmp_path, a).identities(), Pipeline(tmp_path, b).identities()
+    changed = {n for n in ids_a if ids_a[n] != ids_b[n]}
+    assert "train-enc-from-dec" in changed and "train-dec-from-enc" in changed and "report" in changed
+    assert "train-encoder" not in changed and "eval-encoder-classification" not in changed
+    assert "eval-enc-from-dec-generative" in changed
