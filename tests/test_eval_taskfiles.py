@@ -73,3 +73,13 @@ def test_cli_reports_file_and_line(tmp_path, capsys):
     rc = main(["eval", "generative", str(tmp_path / "no-model"), "--tasks", str(path)])
     err = capsys.readouterr().err
     assert rc == 2 and f"{path}:2: 'label' 3 is out of range" in err
+
+
+def test_training_text_overlapping_evaluation_sentences_is_dropped():
+    from twinlm.eval.tasks import ClsExample, drop_overlapping
+    train = [ClsExample("A charming and often affecting journey through the heart of France .", 1),
+             ClsExample("unflinchingly bleak and desperate", 0),
+             ClsExample("a completely different review about something else entirely", 1)]
+    evals = ["it 's a charming and often affecting journey . ", "unflinchingly bleak and desperate"]
+    kept, dropped = drop_overlapping(train, evals)
+    assert dropped == 2 and [e.label for e in kept] == [1] and "different" in kept[0].text
