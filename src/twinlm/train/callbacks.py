@@ -154,15 +154,24 @@ class Evaluate(Callback):
         mine = self.samples[trainer.env.rank::trainer.env.world_size]
         objective = trainer._objective(phase, eval_mask=self.cfg.mask_ratio)
         total = torch.zeros(2, dtype=torch.float64)
-        trainer.model.eval()
+        batches = []
         for mb in trainer.micro_batches(mine, phase):
             cu = np.asarray(mb.cu_seqlens)
-            p = objective.prepare(np.asarray(mb.input_ids), cu, list(mb.sample_ids))
-            if p.num_targets == 0:
-                continue
-            loss = trainer.forward_loss(p.input_ids, torch.as_tensor(cu, dtype=torch.int32), int(mb.max_seqlen),
-                                        p.positions, p.targets)
-            total += torch.tensor([float(loss) * p.num_targets, p.num_targets], dtype=torch.float64)
+            p = objective.prepare(np.asarray(mb.input_ids), cu, list(mb.sample_ids), salt=0)
+            if p.num_targets:
+                batches.append((p.input_ids, torch.as_tensor(cu, dtype=torch.int32), int(mb.max_seqlen),
+                                p.positions, p.targets))
+        # every rank runs as many forwards as the busiest one (FSDP gathers parameters collectively)
+        n = torch.tensor([len(batches)], dtype=torch.int64)
+        if trainer.env.distributed:
+            dist.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+        trainer.model.eval()
+        for i in range(int(n[0])):
+            batch = batches[i] if i < len(batches) else trainer._dummy()
+            loss = trainer.forward_loss(*batch)
+            if i < len(batches):
+                k = int(batch[4].numel())
+                total += torch.tensor([float(loss) * k, k], dtype=torch.float64)
         trainer.model.train()
         dist.all_reduce(total)
         return float(total[0] / max(total[1], 1))

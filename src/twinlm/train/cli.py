@@ -52,8 +52,11 @@ def _train(args) -> int:
         return 3
     finally:
         dist.shutdown()
+    if trainer.env is not None and not trainer.env.is_main:
+        return 0
     if trainer.interrupted:
-        print(f"stopped by SIGTERM; checkpoint {out}; run the same command again to resume", file=sys.stderr)
+        print(f"stopped (SIGTERM or max_steps); checkpoint {out}; run the same command again to resume",
+              file=sys.stderr)
     else:
         print(out)
     return 0

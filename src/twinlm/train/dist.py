@@ -61,8 +61,15 @@ def shutdown() -> None:
 
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place all-reduce of a small tensor; CPU tensors go through the GPU when the backend is NCCL."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        op = op or dist.ReduceOp.SUM
+        if not t.is_cuda and dist.get_backend() == "nccl":
+            d = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(d, op=op)
+            t.copy_(d.cpu())
+        else:
+            dist.all_reduce(t, op=op)
     return t
 
 

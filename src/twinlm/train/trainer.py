@@ -190,9 +190,9 @@ class Trainer:
             model = Transformer(cfg)
             dist.load_full_state_dict(model, _read_safetensors(ckpt / "model.safetensors"))
             return model
+        torch.manual_seed(self.recipe.seed)
         if self.recipe.init_from:
             return self._converted_model()
-        torch.manual_seed(self.recipe.seed)
         return Transformer(self._model_config())
 
     def _converted_model(self):
@@ -226,7 +226,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         cfg_path = self.out / "config.yaml"
         text = self.recipe.to_yaml()
-        if cfg_path.exists() and cfg_path.read_text() != text:
+        if cfg_path.exists() and _without_run_knobs(cfg_path.read_text()) != _without_run_knobs(text):
             self.log(f"warning: {cfg_path} differs from this recipe; the new one is used and saved as "
                      f"config.yaml (the old one is kept as config.previous.yaml)")
             cfg_path.replace(self.out / "config.previous.yaml")
@@ -622,6 +622,15 @@ class Trainer:
             self.log(f"final model: {final}")
         dist.barrier()
         return final
+
+
+def _without_run_knobs(text: str) -> dict:
+    """A resolved recipe minus the settings that may change between restarts without changing the run."""
+    import yaml
+    d = yaml.safe_load(text) or {}
+    for k in ("max_steps", "progress", "tensorboard"):
+        d.pop(k, None)
+    return d
 
 
 def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
