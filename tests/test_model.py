@@ -208,3 +208,45 @@ def test_bad_inputs_are_named():
         m(torch.tensor([[1, 2, 3]]), labels=torch.tensor([1, 2]))
     with pytest.raises(TypeError, match="ModelConfig"):
         Transformer({"hidden_size": 4})
+
+
+def test_labels_loss_under_bf16_autocast():
+    # the accelerator code path of the fused loss (logsumexp, low-precision matmuls), exercised on CPU
+    m = tiny()
+    _, flat, cu = _docs([10, 20], 512)
+    labels = torch.randint(0, 512, (30,))
+    with torch.no_grad():
+        ref = F.cross_entropy(m(flat, cu_seqlens=cu).logits, labels)
+    m.train()
+    m.config.attention_dropout = 0.0
+    for block in m.layers:
+        block.attn.out_drop.p = 0.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(flat, cu_seqlens=cu, labels=labels).loss
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 0.05
+    assert m.tok_embeddings.weight.grad is not None and torch.isfinite(m.tok_embeddings.weight.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_packed_equals_alone_and_matches_cpu(causal):
+    m = tiny(causal)
+    docs, flat, cu = _docs([5, 300, 1, 133], m.config.vocab_size)
+    with torch.no_grad():
+        cpu = m(flat, cu_seqlens=cu).logits
+        g = m.cuda()
+        out = g(flat.cuda(), cu_seqlens=cu.cuda()).logits
+        torch.testing.assert_close(out.cpu(), cpu, atol=1e-4, rtol=1e-4)
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # flash / varlen kernels when available
+            bf = g(flat.cuda(), cu_seqlens=cu.cuda()).logits.float()
+            for i, d in enumerate(docs):
+                alone = g(d[None].cuda()).logits[0].float()
+                assert (alone - bf[cu[i]:cu[i + 1]]).abs().max() < 0.1
+        assert (bf.cpu() - cpu).abs().max() < 0.1
+    g.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = g(flat.cuda(), cu_seqlens=cu.cuda(), labels=flat.cuda()).loss
+    loss.backward()
+    assert torch.isfinite(loss)

@@ -10,7 +10,8 @@ Naming (twinlm <- HF encoder / HF decoder):
     tok_embeddings.weight        model.embeddings.tok_embeddings.weight (both)
     embed_norm.weight            model.embeddings.norm.weight
     layers.i.attn_norm.weight    model.layers.i.attn_norm.weight        (i > 0)
-    layers.i.attn.Wqkv.weight    model.layers.i.attn.Wqkv.weight / cat(q_proj, k_proj, v_proj)
+    layers.i.attn.Wqkv.weight    model.layers.i.attn.Wqkv.weight / cat(q_proj, k_proj, v_proj); twinlm keeps the
+                                 q and k rows of each head interleaved (see twinlm.model), HF half-split
     layers.i.attn.Wo.weight      model.layers.i.attn.Wo.weight
     layers.i.mlp_norm.weight     model.layers.i.mlp_norm.weight
     layers.i.mlp.Wi.weight       model.layers.i.mlp.Wi.weight
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 
 from twinlm.config import ETTIN_SPECIAL_TOKENS, ModelConfig
+from twinlm.model import qk_half_to_interleaved, qk_interleaved_to_half
 
 ENCODER_TYPE, DECODER_TYPE = "modernbert", "modernbert-decoder"
 ENCODER_ARCH, DECODER_ARCH = "ModernBertForMaskedLM", "ModernBertDecoderForCausalLM"
@@ -215,17 +217,17 @@ def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
         f"{_prefixes(cfg.causal)}.norm.weight": sd["head.norm.weight"],
         "decoder.bias": sd["decoder_bias"],
     }
-    d = cfg.hidden_size
+    d, h = cfg.hidden_size, cfg.num_heads
     for i in range(cfg.num_layers):
         p, q = f"layers.{i}.", f"model.layers.{i}."
         if i > 0:
             out[q + "attn_norm.weight"] = sd[p + "attn_norm.weight"]
         wqkv = sd[p + "attn.Wqkv.weight"]
+        wq, wk, wv = (qk_interleaved_to_half(wqkv[:d], h), qk_interleaved_to_half(wqkv[d:2 * d], h), wqkv[2 * d:])
         if cfg.causal:
-            out[q + "attn.q_proj.weight"], out[q + "attn.k_proj.weight"], out[q + "attn.v_proj.weight"] = \
-                wqkv[:d], wqkv[d:2 * d], wqkv[2 * d:]
+            out[q + "attn.q_proj.weight"], out[q + "attn.k_proj.weight"], out[q + "attn.v_proj.weight"] = wq, wk, wv
         else:
-            out[q + "attn.Wqkv.weight"] = wqkv
+            out[q + "attn.Wqkv.weight"] = torch.cat([wq, wk, wv], 0)
         out[q + "attn.Wo.weight"] = sd[p + "attn.Wo.weight"]
         out[q + "mlp_norm.weight"] = sd[p + "mlp_norm.weight"]
         out[q + "mlp.Wi.weight"] = sd[p + "mlp.Wi.weight"]
@@ -271,10 +273,15 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, where: str
         elif q + "attn_norm.weight" in sd:
             raise ModelLoadError(f"{where}: layer 0 has an attention norm; ModernBERT's layer 0 has none")
         if q + "attn.Wqkv.weight" in sd:
-            out[p + "attn.Wqkv.weight"] = take(q + "attn.Wqkv.weight")
+            wq, wk, wv = take(q + "attn.Wqkv.weight").chunk(3, 0)
         else:
-            out[p + "attn.Wqkv.weight"] = torch.cat([take(q + "attn.q_proj.weight"), take(q + "attn.k_proj.weight"),
-                                                     take(q + "attn.v_proj.weight")], 0)
+            wq, wk, wv = take(q + "attn.q_proj.weight"), take(q + "attn.k_proj.weight"), take(q + "attn.v_proj.weight")
+        if not wq.shape == wk.shape == wv.shape or wq.shape[0] % cfg.num_heads or wq.dim() != 2:
+            raise ModelLoadError(f"{where}: attention projection of layer {i} has shape {tuple(wq.shape)} x 3, which "
+                                 f"does not fit {cfg.num_heads} heads of hidden size {cfg.hidden_size} (the config "
+                                 f"contradicts the weights)")
+        out[p + "attn.Wqkv.weight"] = torch.cat([qk_half_to_interleaved(wq, cfg.num_heads),
+                                                 qk_half_to_interleaved(wk, cfg.num_heads), wv], 0)
         out[p + "attn.Wo.weight"] = take(q + "attn.Wo.weight")
         out[p + "mlp_norm.weight"] = take(q + "mlp_norm.weight")
         out[p + "mlp.Wi.weight"] = take(q + "mlp.Wi.weight")

@@ -53,44 +53,86 @@ class TransformerOutput:
 
 # --------------------------------------------------------------------------------------------------
 # rotary embeddings
+#
+# Internally the query/key dims of each head are stored *interleaved* ([x0, x32, x1, x33, ...] for head_dim 64)
+# instead of transformers' half-split layout ([x0..x31 | x32..x63]). Attention scores are unchanged (q and k are
+# permuted alike) and RoPE becomes one complex multiplication on contiguous pairs. twinlm.hf permutes the q/k rows
+# of Wqkv when it reads or writes Hugging Face weights (`qk_half_to_interleaved`).
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (N, 1, head_dim // 2) for positions (N,) (fp32)."""
-    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
-    return freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+def rope_freqs(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Complex rotations e^{i·pos·f} of shape (N, 1, 1, head_dim // 2) for positions (N,)."""
+    angles = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
+    return torch.polar(torch.ones_like(angles), angles)[:, None, None, :]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of the last dim (transformers' half-split layout): [x1 c - x2 s, x2 c + x1 s]."""
-    half = x.shape[-1] // 2
-    xf = x.float()
-    x1, x2 = xf[..., :half], xf[..., half:]
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    torch.sub(x1 * cos, x2 * sin, out=out[..., :half])
-    torch.add(x2 * cos, x1 * sin, out=out[..., half:])
-    return out.to(x.dtype)
+def qk_half_to_interleaved(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Reorder the rows of a (heads*head_dim, d) q or k projection from half-split to interleaved per head."""
+    hd = w.shape[0] // num_heads
+    return w.view(num_heads, 2, hd // 2, -1).transpose(1, 2).reshape(w.shape)
 
 
-class _Rope(torch.autograd.Function):
-    """RoPE as one autograd node: the backward is the rotation by -theta (nothing saved but cos/sin)."""
+def qk_interleaved_to_half(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    hd = w.shape[0] // num_heads
+    return w.view(num_heads, hd // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def _rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """x (..., head_dim) interleaved pairs, any float dtype -> rotated, fp32, contiguous."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * freqs).flatten(-2)
+
+
+class _QKVRope(torch.autograd.Function):
+    """(N, 3, H, Dh) fused projection output -> rotated q, rotated k, v: three contiguous (N, H, Dh) tensors.
+
+    One autograd node: the backward rotates the q/k gradients back and writes q, k and v gradients straight into
+    one (N, 3, H, Dh) tensor (no zero-filled slice gradients to add up).
+    """
 
     @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
+    def forward(ctx, qkv, freqs):
+        ctx.save_for_backward(freqs)
+        return (_rotate(qkv[:, 0], freqs).to(qkv.dtype), _rotate(qkv[:, 1], freqs).to(qkv.dtype),
+                qkv[:, 2].contiguous())
+
+    @staticmethod
+    def backward(ctx, g_q, g_k, g_v):
+        (freqs,) = ctx.saved_tensors
+        n, h, dh = g_v.shape
+        grad = torch.empty(n, 3, h, dh, dtype=g_v.dtype, device=g_v.device)
+        conj = freqs.conj()
+        for i, g in ((0, g_q), (1, g_k)):
+            if grad.dtype == torch.float32:  # rotate straight into the gradient's slice
+                torch.mul(torch.view_as_complex(g.unflatten(-1, (-1, 2))), conj,
+                          out=torch.view_as_complex(grad[:, i].unflatten(-1, (-1, 2))))
+            else:
+                grad[:, i] = _rotate(g, conj)
+        grad[:, 2] = g_v
+        return grad, None
+
+
+class _GeGLU(torch.autograd.Function):
+    """gelu(u) * g for [u | g] = x (N, 2I); the backward writes both halves into one (N, 2I) gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        u, g = x.chunk(2, dim=-1)
+        a = F.gelu(u)
+        ctx.save_for_backward(x, a)
+        return a * g
 
     @staticmethod
     def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, -sin), None, None
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (..., heads, head_dim); cos/sin broadcastable to (..., heads, head_dim // 2). Computed in fp32."""
-    return _Rope.apply(x, cos, sin)
+        x, a = ctx.saved_tensors
+        u, g = x.chunk(2, dim=-1)
+        out = torch.empty_like(x)
+        inter = u.shape[-1]
+        torch.ops.aten.gelu_backward.grad_input(grad * g, u, grad_input=out[..., :inter])
+        torch.mul(grad, a, out=out[..., inter:])
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,15 +147,13 @@ class Attention(nn.Module):
         else:
             # decoder: the current token and the (window/2 - 1) before it, as transformers' ModernBertDecoder
             self.window = (half - 1, 0) if cfg.causal else (half, half)
-        self.Wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.Wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)  # q/k rows interleaved per head
         self.Wo = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.out_drop = nn.Dropout(cfg.attention_dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         N = x.shape[0]
-        qkv = self.Wqkv(x).view(N, 3, self.num_heads, self.head_dim)
-        q, k = apply_rope(qkv[:, :2], cos[:, None], sin[:, None]).unbind(1)  # q and k rotated together
-        v = qkv[:, 2]
+        q, k, v = _QKVRope.apply(self.Wqkv(x).view(N, 3, self.num_heads, self.head_dim), freqs[:, 0])
         a = attention(q, k, v, layout, window=self.window)
         return self.out_drop(self.Wo(a.reshape(N, -1)))
 
@@ -125,8 +165,7 @@ class MLP(nn.Module):
         self.Wo = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u, g = self.Wi(x).chunk(2, dim=-1)
-        return self.Wo(F.gelu(u) * g)
+        return self.Wo(_GeGLU.apply(self.Wi(x)))
 
 
 def _norm(cfg: ModelConfig) -> nn.LayerNorm:
@@ -146,8 +185,9 @@ class Block(nn.Module):
     def is_global(self) -> bool:
         return self.attn.is_global
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, layout)
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """x (N, d) flat tokens; freqs: this layer type's RoPE rotations (rope_freqs); layout: document structure."""
+        x = x + self.attn(self.attn_norm(x), freqs, layout)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -284,12 +324,11 @@ class Transformer(nn.Module):
     def encode(self, ids: torch.Tensor, positions: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         """Flat ids (N,) -> final-norm hidden states (N, d)."""
         x = self.embed_norm(self.tok_embeddings(ids))
-        rope_g = rope_cos_sin(positions, self.global_inv_freq)
+        rope_g = rope_freqs(positions, self.global_inv_freq)
         rope_l = rope_g if self.config.local_rope_theta == self.config.global_rope_theta else \
-            rope_cos_sin(positions, self.local_inv_freq)
+            rope_freqs(positions, self.local_inv_freq)
         for block in self.layers:
-            cos, sin = rope_g if block.is_global else rope_l
-            x = block(x, cos, sin, layout)
+            x = block(x, rope_g if block.is_global else rope_l, layout)
         return self.final_norm(x)
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
@@ -385,8 +424,9 @@ class Transformer(nn.Module):
 
 # --------------------------------------------------------------------------------------------------
 # fused head + cross-entropy
-def _ce_chunk_rows(vocab: int) -> int:
-    return max(64, min(4096, (1 << 25) // max(vocab, 1)))  # ~128 MB of fp32 logits per chunk (512 rows at 50k)
+def _ce_chunk_rows(vocab: int, device_type: str = "cpu") -> int:
+    budget = (1 << 25) if device_type == "cpu" else (1 << 27)  # fp32 logits per chunk: 128 MB CPU, 512 MB GPU
+    return max(64, min(8192, budget // max(vocab, 1)))
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -426,18 +466,22 @@ class _FusedLinearCE(torch.autograd.Function):
                         buf = torch.empty(e - s, weight.shape[0], dtype=torch.float32, device=h.device)
                     logits = torch.addmm(b, hc, w.t(), out=buf[: e - s])
                     p = torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # in place, one pass
-                else:
-                    p = torch.softmax(torch.addmm(b, hc, w.t()).float(), dim=-1)
-                pt = p.gather(1, safe_t[:, None])[:, 0]
-                nll = -torch.log(pt)
-                if bool(torch.isinf(nll).any()):  # p underflowed to 0: recompute those rows exactly
-                    rows = torch.isinf(nll).nonzero()[:, 0]
-                    lg = torch.addmm(b, hc[rows], w.t()).float()
-                    nll[rows] = torch.logsumexp(lg, -1) - lg.gather(1, safe_t[rows, None])[:, 0]
+                    pt = p.gather(1, safe_t[:, None])[:, 0]
+                    nll = -torch.log(pt)
+                    if bool(torch.isinf(nll).any()):  # p underflowed to 0: recompute those rows exactly
+                        rows = torch.isinf(nll).nonzero()[:, 0]
+                        lg = torch.addmm(b, hc[rows], w.t()).float()
+                        nll[rows] = torch.logsumexp(lg, -1) - lg.gather(1, safe_t[rows, None])[:, 0]
+                else:  # accelerators: memory passes are cheap, host syncs are not
+                    logits = torch.addmm(b, hc, w.t()).float()
+                    lse = torch.logsumexp(logits, dim=-1)
+                    nll = lse - logits.gather(1, safe_t[:, None])[:, 0]
+                    p = logits.sub_(lse[:, None]).exp_()
+                    pt = None
                 total += (nll * vc).sum()
                 if needs_grad:
                     c = vc.to(torch.float32) * inv  # (rows,)
-                    p = p.scatter_add_(1, safe_t[:, None], torch.full_like(pt[:, None], -1.0))  # p - onehot
+                    p = p.scatter_add_(1, safe_t[:, None], torch.full_like(safe_t[:, None], -1, dtype=p.dtype))
                     pc = p.to(cast)
                     grad_h[s:e] = ((pc @ w).float() * c[:, None]).to(h.dtype)
                     hs = (hc.float() * c[:, None]).to(cast)
@@ -470,7 +514,7 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torc
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
     if bool(bad.any()):
         raise ValueError(f"label {int(targets[bad][0])} is out of range for a vocabulary of {weight.shape[0]}")
-    return _FusedLinearCE.apply(h, weight, bias, targets, ignore_index, chunk_rows or _ce_chunk_rows(weight.shape[0]))
+    return _FusedLinearCE.apply(h, weight, bias, targets, ignore_index, chunk_rows or _ce_chunk_rows(weight.shape[0], h.device.type))
 
 
 __all__ = ["Transformer", "TransformerOutput", "fused_linear_cross_entropy", "IGNORE_INDEX"]
