@@ -100,3 +100,15 @@ def test_winogrande_style_partial_contexts(tok):
     metrics, per_ex = G.evaluate_examples(Loaded(model, tok, None, {"mntp": False}), [ex])
     lls = [s.loglikelihood for s in per_ex[0]]
     assert lls[0] != lls[1] and metrics["n"] == 1
+
+
+def test_mntp_detected_from_the_run_config(tmp_path, tok):
+    from twinlm.eval.common import load
+
+    run = tmp_path / "enc-from-dec"
+    folder = toy_model_dir(run / "final", causal=False, tokenizer=tok)
+    assert load(str(folder)).info["mntp"] is False
+    (run / "config.yaml").write_text("objective: mntp\nmodel:\n  preset: cpu-tiny\n")
+    info = load(str(folder)).info
+    assert info["mntp"] is True and info["objective"] == "mntp" and info["variant"] == "enc-from-dec"
+    assert load(str(folder), mntp=False).info["mntp"] is False

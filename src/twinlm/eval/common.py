@@ -70,7 +70,7 @@ def _detect_mntp(path: str | None) -> bool:
         for key in ("objective", "twinlm_objective", "training_objective"):
             if str(d.get(key, "")).lower() == "mntp":
                 return True
-    for cand in (p / "config.yaml", p.parent / "config.yaml"):
+    for cand in (p / "config.yaml", p.parent / "config.yaml", p.parent.parent / "config.yaml"):
         try:
             text = cand.read_text()
         except OSError:
