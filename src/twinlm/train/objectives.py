@@ -41,12 +41,19 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def token_hashes(seed: int, sample_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """64 random bits per (sample_id, position), a pure function of the seed (uint64 arithmetic wraps)."""
+    with np.errstate(over="ignore"):
+        key = _mix(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) * _GOLD)
+        h = _mix(key ^ (sample_ids.astype(np.uint64) * _GOLD))
+        h ^= positions.astype(np.uint64) + _GOLD
+        return _mix(h)
+
+
 def token_uniforms(seed: int, sample_ids: np.ndarray, positions: np.ndarray, stream: int) -> np.ndarray:
     """Uniform [0, 1) floats, one per (sample_id, position), independent across `stream`s and seeds."""
     with np.errstate(over="ignore"):
-        key = _mix(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * _GOLD + np.uint64(stream) + np.zeros(1, np.uint64))
-        h = _mix(key ^ (sample_ids.astype(np.uint64) * _GOLD))
-        h = _mix(h ^ (positions.astype(np.uint64) + _GOLD))
+        h = token_hashes(seed ^ ((stream + 1) * 0x632BE59BD9B4E019 & 0xFFFFFFFFFFFFFFFF), sample_ids, positions)
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
@@ -88,22 +95,28 @@ class Objective:
 
     # MLM-style choice + 80/10/10 corruption; `allowed` marks positions that may be chosen
     def _mask(self, ids: np.ndarray, cu: np.ndarray, sample_ids, allowed: np.ndarray, salt: int):
+        # one 64-bit hash per token: bits 40-63 choose the token (24 bits), bits 24-39 pick [MASK] / random /
+        # unchanged (16 bits), bits 0-23 the random replacement (24 bits)
         sid, pos = _doc_layout(cu, sample_ids)
-        seed = self._seed(salt)
-        u_pick = token_uniforms(seed, sid, pos, 0)
-        u_kind = token_uniforms(seed, sid, pos, 1)
-        u_tok = token_uniforms(seed, sid, pos, 2)
-        chosen = allowed & (u_pick < self.mask_ratio)
+        h = token_hashes(self._seed(salt), sid, pos)
+        threshold = np.uint64(int(round(self.mask_ratio * (1 << 24))))
+        chosen = np.flatnonzero(allowed & ((h >> np.uint64(40)) < threshold))
+        hc = h[chosen]
+        kind = (hc >> np.uint64(24)) & np.uint64(0xFFFF)
+        to_mask = chosen[kind < np.uint64(int(0.8 * (1 << 16)))]
+        rnd = (kind >= np.uint64(int(0.8 * (1 << 16)))) & (kind < np.uint64(int(0.9 * (1 << 16))))
+        to_random = chosen[rnd]
         corrupted = ids.copy()
-        to_mask = chosen & (u_kind < 0.8)
-        to_random = chosen & (u_kind >= 0.8) & (u_kind < 0.9)
         corrupted[to_mask] = self.mask_token_id
-        corrupted[to_random] = (u_tok[to_random] * self.random_high).astype(ids.dtype)
-        return corrupted, np.flatnonzero(chosen)
+        u_tok = (hc[rnd] & np.uint64(0xFFFFFF)).astype(np.float64) * (1.0 / (1 << 24))
+        corrupted[to_random] = (u_tok * self.random_high).astype(ids.dtype)
+        return corrupted, chosen
 
     def _not_special(self, ids: np.ndarray) -> np.ndarray:
-        return ~np.isin(ids, np.asarray(self.special_ids, dtype=ids.dtype)) if self.special_ids else \
-            np.ones(ids.shape, dtype=bool)
+        out = np.ones(ids.shape, dtype=bool)
+        for s in set(self.special_ids):
+            out &= ids != s
+        return out
 
 
 class MLM(Objective):
