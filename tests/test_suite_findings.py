@@ -34,3 +34,10 @@ def test_judge_combines_comparisons_and_reports_controls():
     assert claims["encoder > bag-of-words on classification"] == "reproduced"
     text = findings_markdown(judged)
     assert "encoder > decoder on retrieval" in text and "+10.00" in text
+
+
+def test_a_single_seed_without_spread_never_resolves():
+    scores = {"encoder": {"retrieval": Score(30, 0.0, 1)}, "decoder": {"retrieval": Score(10, 0.0, 1)}}
+    assert compare("c", "retrieval", "encoder", "decoder", scores).verdict == "unresolved"
+    scores = {"encoder": {"retrieval": Score(30, 0.0, 3)}, "decoder": {"retrieval": Score(10, 0.0, 3)}}
+    assert compare("c", "retrieval", "encoder", "decoder", scores).verdict == "reproduced"

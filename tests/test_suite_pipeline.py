@@ -73,3 +73,13 @@ def test_changing_a_training_budget_invalidates_training_and_everything_after(tm
     assert "train-enc-from-dec" in changed and "train-dec-from-enc" in changed and "report" in changed
     assert "train-encoder" not in changed and "eval-encoder-classification" not in changed
     assert "eval-enc-from-dec-generative" in changed
+
+
+def test_training_overrides_reach_only_the_phases_a_recipe_has(tmp_path):
+    from twinlm.train.recipe import load_recipe
+    suite = Suite(tmp_path, get_scale("cpu"))
+    for name in ("encoder", "enc-from-dec"):
+        overrides = suite._train_overrides(name)
+        recipe = load_recipe(suite.recipes / "cpu" / f"{name}.yaml", overrides)
+        batch = {p: ph.batch_size for p, ph in recipe.phases.items()}
+        assert batch == ({"pretrain": 32, "extension": 16, "decay": 16} if name == "encoder" else {"cross": 16})

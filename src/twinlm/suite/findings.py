@@ -53,7 +53,9 @@ def compare(claim: str, track: str, winner: str, loser: str, scores: dict[str, d
         return None
     margin = a.mean - b.mean
     spread = math.sqrt(a.std ** 2 + b.std ** 2)
-    if spread == 0:
+    if spread == 0 and min(a.n, b.n) < 2 and not (a.std or b.std):
+        verdict = "unresolved"  # one seed each: no spread to judge the margin against
+    elif spread == 0:
         verdict = "reproduced" if margin > 0 else ("contradicted" if margin < 0 else "unresolved")
     elif margin > RESOLVED_AT * spread:
         verdict = "reproduced"

@@ -152,8 +152,11 @@ class Suite:
 
     def _train_overrides(self, name: str) -> list[str]:
         s = self.scale
-        common = [f"tokenizer={self.tokenizer_dir}", *s.train_overrides]
         recipe, parent = TRAINED[name]
+        phases = ("cross",) if parent else ("pretrain", "extension", "decay")
+        # scale overrides name phases of both kinds of recipe: each run takes those of its own phases
+        common = [f"tokenizer={self.tokenizer_dir}",
+                  *(o for o in s.train_overrides if not o.startswith("phases.") or o.split(".")[1] in phases)]
         if parent is None:
             return common + [
                 f"phases.pretrain.data={self.shards(s.short_seq)}", f"phases.pretrain.seq_len={s.short_seq}",
@@ -252,8 +255,8 @@ class Suite:
             for track in TRACKS:
                 steps.append(Step(f"eval-{model}-{track}", self._evaluate(model, track), eval_settings[track],
                                   [source, "corpus"], estimate_s=est[track], title=f"{track}: {model}"))
-        if s.baselines:
-            for model, track in BASELINE_RUNS:
+        for model, track in BASELINE_RUNS:
+            if model in s.baselines:
                 steps.append(Step(f"eval-{model}-{track}", self._evaluate(model, track), eval_settings[track],
                                   ["fetch"], estimate_s=est["baseline"], title=f"{track}: {model} baseline"))
         eval_steps = [st.name for st in steps if st.name.startswith("eval-")]

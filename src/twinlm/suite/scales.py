@@ -53,7 +53,8 @@ class Scale:
     generative_tasks: list[str] = field(default_factory=lambda: ["arc_easy", "piqa", "sciq", "copa", "hellaswag"])
     generative_limit: int = 300
     bpb_docs: int = 200
-    baselines: bool = True  # TF-IDF, BM25 and MiniLM-L6 on the same splits
+    # outside baselines on the same splits: tfidf (classification), bm25 (retrieval), minilm (both)
+    baselines: list[str] = field(default_factory=lambda: ["tfidf", "bm25", "minilm"])
 
     def with_overrides(self, overrides: list[str]) -> "Scale":
         changes: dict[str, Any] = {}
@@ -77,6 +78,15 @@ SCALES: dict[str, Scale] = {
         description="17M-shaped body, 8K BPE, 2 CPU cores, about 30 minutes",
         preset="cpu-small",
         recipe_dir="cpu",
+        short_seq=128,
+        long_seq=256,
+        pretrain_tokens="1.2M",
+        extension_tokens="150K",
+        decay_tokens="150K",
+        cross_tokens="400K",
+        # about 4K tokens per optimizer step in every phase, as the recipe's 16 × 256
+        train_overrides=["phases.pretrain.batch_size=32", "phases.extension.batch_size=16",
+                         "phases.decay.batch_size=16", "phases.cross.batch_size=16"],
     ),
     "quick": Scale(
         name="quick",
@@ -87,10 +97,10 @@ SCALES: dict[str, Scale] = {
         vocab_size=4096,
         short_seq=128,
         long_seq=256,
-        pretrain_tokens="150K",
-        extension_tokens="30K",
-        decay_tokens="30K",
-        cross_tokens="40K",
+        pretrain_tokens="100K",
+        extension_tokens="20K",
+        decay_tokens="20K",
+        cross_tokens="30K",
         train_overrides=["model.preset=cpu-tiny"],
         classify_tasks=["sst2"],
         classify_seeds=2,
@@ -98,11 +108,12 @@ SCALES: dict[str, Scale] = {
         classify_max_eval=300,
         retrieval_sets=["sciq"],
         retrieval_seeds=1,
-        retrieval_train_pairs=200,
+        retrieval_train_pairs=100,
         retrieval_eval_queries=100,
         generative_tasks=["arc_easy", "copa"],
         generative_limit=100,
         bpb_docs=50,
+        baselines=["tfidf", "bm25"],
     ),
     "gpu": Scale(
         name="gpu",
