@@ -117,11 +117,15 @@ def test_compare_writes_tables_and_plots(tmp_path):
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "tokens": 512 * i, "loss": 8 / (1 + i)}) + "\n"
                                                for i in range(1, 30)))
-    out = report.compare([res_dir, tmp_path / "runs"], tmp_path / "report")
+    suite_run = tmp_path / "train-decoder" / "run"   # the suite's layout: a generic folder name
+    suite_run.mkdir(parents=True)
+    (suite_run / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 512, "loss": 9.0}) + "\n")
+    out = report.compare([res_dir, tmp_path / "runs", suite_run], tmp_path / "report")
     md = (tmp_path / "report" / "comparison.md").read_text()
     assert "## classification" in md and "## generative" in md and "bag-of-words" in md and "**average**" in md
     data = json.loads((tmp_path / "report" / "comparison.json").read_text())
-    assert len(data["rows"]) == 2 * 4 * 2 * 4 + 2 * 4 and data["curves"][0]["run"] == "encoder"
+    assert len(data["rows"]) == 2 * 4 * 2 * 4 + 2 * 4
+    assert [c["run"] for c in data["curves"]] == ["encoder", "train-decoder"]
     assert sorted(p.split("/")[-1] for p in out["plots"]) == ["classification.png", "generative.png", "loss_curves.png"]
     for p in out["plots"]:
         assert (tmp_path / "report" / p.split("/")[-1]).stat().st_size > 1000

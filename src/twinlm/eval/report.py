@@ -53,9 +53,17 @@ def collect(paths: Iterable[str | Path]) -> tuple[list[dict], list[tuple[str, Pa
     return results, curves
 
 
+GENERIC_DIRS = {"run", "runs", "final", "out", "output", "train"}
+
+
 def _run_label(metrics: Path, root: Path) -> str:
-    rel = metrics.parent.relative_to(root) if metrics.parent != root else Path(root.name)
-    return str(rel) if str(rel) != "." else root.name
+    """The run folder's name, relative to the input folder; generic names ("run") take their parent's."""
+    folder = metrics.parent
+    rel = folder.relative_to(root) if folder != root else Path(root.name)
+    parts = [p for p in rel.parts if p not in GENERIC_DIRS]
+    if not parts:
+        parts = [p for p in folder.resolve().parts if p not in GENERIC_DIRS][-1:]
+    return "/".join(parts) or folder.name
 
 
 def _variant(r: dict) -> str:
