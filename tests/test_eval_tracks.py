@@ -131,3 +131,24 @@ def test_compare_writes_tables_and_plots(tmp_path):
         assert (tmp_path / "report" / p.split("/")[-1]).stat().st_size > 1000
     with pytest.raises(ValueError):
         report.compare([run / "metrics.jsonl"], tmp_path / "bad")
+
+
+def test_cli_eval_and_compare(env, tmp_path, capsys):
+    from twinlm.cli import main
+    from twinlm.eval.toy import write_toy_mc_jsonl
+
+    task = write_toy_mc_jsonl(tmp_path / "mc.jsonl", n=6)
+    (tmp_path / "held.txt").write_text("\n\n".join(toy_sentences(6, seed=9)))
+    out = tmp_path / "cli"
+    assert main(["eval", "generative", str(env["dec"]), "--tasks", str(task), "--limit", "all",
+                 "--out", str(out / "gen.json")]) == 0
+    assert main(["eval", "bpb", str(env["enc"]), "--text-file", str(tmp_path / "held.txt"),
+                 "--out", str(out / "bpb.json")]) == 0
+    assert main(["eval", "classify", "tfidf", "--eval-file", str(env["root"] / "dev.jsonl"), "--seeds", "0",
+                 "--kfold", "3", "--out", str(out / "cls.json")]) == 0
+    assert json.loads((out / "gen.json").read_text())["tasks"]["mc"]["n"] == 6
+    assert json.loads((out / "bpb.json").read_text())["tasks"]["held"]["bpb"] > 0
+    assert main(["compare", str(out), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "comparison.md").exists() and (tmp_path / "report" / "generative.png").exists()
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "r2")]) == 2

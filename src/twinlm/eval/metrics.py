@@ -9,6 +9,7 @@ relevant document skipped; MRR@k is 1/rank of the first relevant document within
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -25,7 +26,9 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_lab
            "f1_macro": 100.0 * f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)}
     if num_labels == 2:
         out["f1"] = 100.0 * f1_score(y_true, y_pred, pos_label=1, average="binary", zero_division=0)
-        out["mcc"] = 100.0 * matthews_corrcoef(y_true, y_pred)
+        with warnings.catch_warnings():  # a one-class dev split: MCC is 0, say nothing
+            warnings.simplefilter("ignore")
+            out["mcc"] = 100.0 * matthews_corrcoef(y_true, y_pred)
     return out
 
 
