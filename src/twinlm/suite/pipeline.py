@@ -245,7 +245,7 @@ class Suite:
             "classification": {k: getattr(s, k) for k in ("classify_tasks", "classify_mode", "classify_seeds",
                                                             "classify_max_train", "classify_max_eval")},
             "retrieval": {k: getattr(s, k) for k in ("retrieval_sets", "retrieval_seeds", "retrieval_train_pairs",
-                                                       "retrieval_eval_queries")},
+                                                       "retrieval_eval_queries", "retrieval_max_corpus")},
             "generative": {k: getattr(s, k) for k in ("generative_tasks", "generative_limit")},
             "bpb": {"docs": s.bpb_docs},
         }
@@ -296,6 +296,7 @@ def run_track(track: str, model: str, suite: Suite, out: Path) -> dict:
         from twinlm.eval import retrieval
         return retrieval.run(target, s.retrieval_sets, seeds=list(range(s.retrieval_seeds)),
                              max_train_pairs=s.retrieval_train_pairs, max_eval_queries=s.retrieval_eval_queries,
+                             max_corpus=s.retrieval_max_corpus,
                              out=out, log=quiet, **named)
     if track == "generative":
         from twinlm.eval import generative
@@ -316,7 +317,7 @@ def _recipe_digest(path: Path) -> str:
 def _estimates(s: Scale) -> dict[str, float]:
     """Rough seconds per step for the ETA line (2-core CPU figures for the CPU scales)."""
     from twinlm.train.recipe import parse_count
-    tok_per_s = {"cpu-tiny": 25000.0, "cpu-small": 9000.0}.get(s.preset, 200000.0)
+    tok_per_s = {"cpu-tiny": 6000.0, "cpu-small": 2500.0}.get(s.preset, 200000.0)
     train = sum(parse_count(t) for t in (s.pretrain_tokens, s.extension_tokens, s.decay_tokens)) / tok_per_s
     return {"prepare": s.corpus_mb * 0.6, "train": train, "cross": parse_count(s.cross_tokens) / tok_per_s,
             "classification": 8.0 * len(s.classify_tasks) * s.classify_seeds,

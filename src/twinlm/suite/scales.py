@@ -50,6 +50,7 @@ class Scale:
     retrieval_seeds: int = 2
     retrieval_train_pairs: int = 1000
     retrieval_eval_queries: int = 200
+    retrieval_max_corpus: int | None = None  # passages per set (the relevant ones always kept); None: all
     generative_tasks: list[str] = field(default_factory=lambda: ["arc_easy", "piqa", "sciq", "copa", "hellaswag"])
     generative_limit: int = 300
     bpb_docs: int = 200
@@ -80,13 +81,17 @@ SCALES: dict[str, Scale] = {
         recipe_dir="cpu",
         short_seq=128,
         long_seq=256,
-        pretrain_tokens="1.2M",
-        extension_tokens="150K",
-        decay_tokens="150K",
-        cross_tokens="400K",
+        pretrain_tokens="700K",
+        extension_tokens="100K",
+        decay_tokens="100K",
+        cross_tokens="250K",
         # about 4K tokens per optimizer step in every phase, as the recipe's 16 × 256
         train_overrides=["phases.pretrain.batch_size=32", "phases.extension.batch_size=16",
                          "phases.decay.batch_size=16", "phases.cross.batch_size=16"],
+        retrieval_train_pairs=300,
+        retrieval_eval_queries=150,
+        retrieval_max_corpus=400,
+        generative_limit=200,
     ),
     "quick": Scale(
         name="quick",
