@@ -322,5 +322,5 @@ def _estimates(s: Scale) -> dict[str, float]:
     return {"prepare": s.corpus_mb * 0.6, "train": train, "cross": parse_count(s.cross_tokens) / tok_per_s,
             "classification": 8.0 * len(s.classify_tasks) * s.classify_seeds,
             "retrieval": 0.05 * s.retrieval_train_pairs * s.retrieval_seeds + 10,
-            "generative": 0.02 * s.generative_limit * len(s.generative_tasks), "bpb": 0.05 * s.bpb_docs,
+            "generative": 0.1 * s.generative_limit * len(s.generative_tasks), "bpb": 0.05 * s.bpb_docs,
             "baseline": 20.0}
