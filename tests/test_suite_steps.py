@@ -56,3 +56,15 @@ def test_interrupted_step_is_not_marked_done_and_resumes_in_place(tmp_path):
 def test_step_reading_a_later_step_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="do not run before it"):
         Pipeline(tmp_path, [Step("a", lambda f: {}, after=["b"]), Step("b", lambda f: {})])
+
+
+def test_partial_step_of_other_settings_starts_from_an_empty_folder(tmp_path):
+    calls = []
+    with pytest.raises(RuntimeError):
+        Pipeline(tmp_path, make_steps(calls, fail_c=True), log=lambda _: None).run()
+    (tmp_path / "c" / "checkpoint").write_text("from the old settings")
+    changed = make_steps(calls, settings_b=2)
+    pipe = Pipeline(tmp_path, changed, log=lambda _: None)
+    assert pipe.status()["c"] == "stale"
+    pipe.run()
+    assert not (tmp_path / "c" / "checkpoint").exists()

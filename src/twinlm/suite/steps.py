@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 MARKER = "STEP.json"
+STARTED = "STARTED.json"  # written when a step starts: its identity, so a partial folder of other settings is not reused
 
 
 @dataclass
@@ -37,11 +38,15 @@ def _identity(step: Step, upstream: dict[str, str]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def read_marker(folder: Path) -> dict[str, Any] | None:
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((folder / MARKER).read_text())
+        return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    return _read_json(folder / MARKER)
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -78,9 +83,10 @@ class Pipeline:
         for step in self.steps:
             folder = self.root / step.name
             marker = read_marker(folder)
+            started = _read_json(folder / STARTED)
             if marker and marker.get("identity") == ids[step.name]:
                 out[step.name] = "done"
-            elif marker:
+            elif marker or (started and started.get("identity") != ids[step.name]):
                 out[step.name] = "stale"
             elif folder.exists():
                 out[step.name] = "partial"
@@ -107,6 +113,7 @@ class Pipeline:
             self.log(f"{label}{resumed}: ~{_fmt_seconds(step.estimate_s)}; suite ETA "
                      f"{_fmt_seconds(remaining)}")
             folder.mkdir(parents=True, exist_ok=True)
+            (folder / STARTED).write_text(json.dumps({"identity": ids[step.name]}) + "\n")
             t0 = time.monotonic()
             summary = step.run(folder) or {}
             elapsed = time.monotonic() - t0
