@@ -91,9 +91,11 @@ SCALES: dict[str, Scale] = {
         retrieval_train_pairs=300,
         retrieval_eval_queries=150,
         retrieval_max_corpus=400,
-        # HellaSwag's long endings cost an encoder one masked copy per token: left to the larger scales
+        # Brown's long documents (3 min per model) and HellaSwag's long endings (one masked copy per token
+        # for encoders) are left to the larger scales
+        classify_tasks=["sst2", "spam"],
         generative_tasks=["arc_easy", "piqa", "sciq", "copa"],
-        generative_limit=150,
+        generative_limit=100,
     ),
     "quick": Scale(
         name="quick",
