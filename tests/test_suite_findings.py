@@ -41,3 +41,21 @@ def test_a_single_seed_without_spread_never_resolves():
     assert compare("c", "retrieval", "encoder", "decoder", scores).verdict == "unresolved"
     scores = {"encoder": {"retrieval": Score(30, 0.0, 3)}, "decoder": {"retrieval": Score(10, 0.0, 3)}}
     assert compare("c", "retrieval", "encoder", "decoder", scores).verdict == "reproduced"
+
+
+def test_training_table_measures_loss_against_the_unigram_entropy(tmp_path):
+    import json
+
+    import numpy as np
+
+    from twinlm.suite.report import training_table, unigram_entropy
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    np.array([1, 1, 2, 2], dtype=np.uint16).tofile(shards / "tokens.bin")
+    (shards / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
+    assert math.isclose(unigram_entropy(shards), math.log(2))
+    run = tmp_path / "train-encoder" / "run"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"tokens": 10 * i, "loss": 0.5}) + "\n" for i in range(12)))
+    table = training_table(tmp_path, math.log(2))
+    assert "| encoder | 110 | 0.50 | +0.19 nats |" in table

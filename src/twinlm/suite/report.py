@@ -65,6 +65,31 @@ def step_times(root: Path) -> list[tuple[str, float]]:
     return rows
 
 
+def unigram_entropy(shards: Path, max_tokens: int = 5_000_000) -> float:
+    """Entropy (nats) of the token distribution of a shard folder: the loss of a model that ignores context."""
+    import numpy as np
+
+    meta = json.loads((shards / "meta.json").read_text())
+    tokens = np.memmap(shards / "tokens.bin", dtype=np.dtype(meta.get("dtype", "uint16")), mode="r")
+    counts = np.bincount(np.asarray(tokens[:max_tokens]))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def training_table(root: Path, entropy: float | None) -> str:
+    """Final training loss of each run (mean of its last 10 steps) against the context-free loss."""
+    lines = ["| run | tokens | final loss (last 10 steps) | below the unigram entropy by |", "|---|---|---|---|"]
+    for metrics in sorted(root.glob("train-*/run/metrics.jsonl")):
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if not rows:
+            continue
+        last = [r["loss"] for r in rows[-10:] if r.get("loss") is not None and math.isfinite(r["loss"])]
+        loss = sum(last) / max(1, len(last))
+        gap = "—" if entropy is None else f"{entropy - loss:+.2f} nats"
+        lines.append(f"| {metrics.parent.parent.name[len('train-'):]} | {rows[-1]['tokens']:,} | {loss:.2f} | {gap} |")
+    return "\n".join(lines)
+
+
 def write_report(suite: "Suite", folder: Path) -> dict:
     from twinlm.eval.report import compare
 
@@ -78,6 +103,8 @@ def write_report(suite: "Suite", folder: Path) -> dict:
     total = sum(t for _, t in times)
     plots = [Path(p).name for p in tables["plots"]]
     s = suite.scale
+    shards = suite.shards(s.short_seq)
+    entropy = unigram_entropy(shards) if (shards / "meta.json").exists() else None
     lines = [
         f"# twinlm suite report: scale `{s.name}`",
         "",
@@ -89,6 +116,15 @@ def write_report(suite: "Suite", folder: Path) -> dict:
         "## The paper's findings at this scale",
         "",
         findings_markdown(judged),
+        "## How far training got",
+        "",
+        "A model that ignores its input can at best predict the unigram distribution: "
+        + (f"{entropy:.2f} nats per token on these shards. " if entropy is not None else "")
+        + "Until a run's loss is well below that, its representations carry little about the input, and "
+        "random-initialisation controls (whose random features still separate tokens) can beat it.",
+        "",
+        training_table(root, entropy),
+        "",
         "## Scores per track (mean ± spread over seeds; generative: ± standard error)",
         "",
         score_table(scores),
@@ -109,7 +145,7 @@ def write_report(suite: "Suite", folder: Path) -> dict:
         "",
     ]
     (folder / "report.md").write_text("\n".join(lines))
-    payload = {"scale": s.as_dict(), "findings": judged,
+    payload = {"scale": s.as_dict(), "findings": judged, "unigram_entropy": entropy,
                "scores": {m: {t: vars(sc) for t, sc in per.items()} for m, per in scores.items()},
                "step_seconds": dict(times), "plots": plots}
     (folder / "report.json").write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
