@@ -1,6 +1,6 @@
 """Suite scales: every size and budget knob of `twinlm suite` in one typed object per scale.
 
-`cpu` is the default (about 30 minutes on 2 cores), `quick` is a first look (about 5 minutes), `gpu` is the
+`cpu` is the default (about 35 minutes on 2 cores), `quick` is a first look (about 5 minutes), `gpu` is the
 paper's 17M pair on one GPU, and `ettin-<size>` run the paper's recipes (launch with `--nproc N` for
 torchrun). Any field can be overridden from the command line: `twinlm suite train_tokens=2M`.
 """
@@ -76,7 +76,7 @@ class Scale:
 SCALES: dict[str, Scale] = {
     "cpu": Scale(
         name="cpu",
-        description="17M-shaped body, 8K BPE, 2 CPU cores, about 30 minutes",
+        description="17M-shaped body, 8K BPE, 2 CPU cores, about 35 minutes",
         preset="cpu-small",
         recipe_dir="cpu",
         short_seq=128,
