@@ -23,7 +23,7 @@ def register(commands) -> None:
     )
     p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="override a scale setting")
     p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="size and budgets (default: cpu)")
-    p.add_argument("--quick", action="store_true", help="same as --scale quick: every step, smallest size, ~5 min")
+    p.add_argument("--quick", action="store_true", help="same as --scale quick: every step, smallest size, ~2 min")
     p.add_argument("--out", default=None, help="suite folder (default: runs/suite-<scale>)")
     p.add_argument("--nproc", type=int, default=None, help="train under torchrun with this many processes")
     p.add_argument("--status", action="store_true", help="show which steps are done, stale or to do, and exit")

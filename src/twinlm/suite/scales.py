@@ -1,6 +1,6 @@
 """Suite scales: every size and budget knob of `twinlm suite` in one typed object per scale.
 
-`cpu` is the default (about 35 minutes on 2 cores), `quick` is a first look (about 5 minutes), `gpu` is the
+`cpu` is the default (about 35 minutes on 2 cores), `quick` is a first look (about 2 minutes), `gpu` is the
 paper's 17M pair on one GPU, and `ettin-<size>` run the paper's recipes (launch with `--nproc N` for
 torchrun). Any field can be overridden from the command line: `twinlm suite train_tokens=2M`.
 """
@@ -99,7 +99,7 @@ SCALES: dict[str, Scale] = {
     ),
     "quick": Scale(
         name="quick",
-        description="every step at the smallest size, about 5 minutes: a first look, not a result",
+        description="every step at the smallest size, about 2 minutes: a first look, not a result",
         preset="cpu-tiny",
         recipe_dir="cpu",
         corpus_mb=4.0,
