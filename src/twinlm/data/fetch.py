@@ -39,6 +39,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from twinlm.checksum import sha256_file
+
 
 class FetchError(RuntimeError):
     """A source could not be fetched (client missing, hash mismatch, bad archive)."""
@@ -212,12 +214,6 @@ def _write_atomic(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from twinlm.checksum import sha256_file
+
 FORMAT_VERSION = 1
 FILES = ("tokens.bin", "index.npy", "docs.npy", "bytes.npy")
 
@@ -34,12 +36,6 @@ class TokenizerMismatch(ShardError):
     """Shards were made with another tokenizer than the one in use."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_npy_from_raw(raw: Path, out: Path, dtype: str, count: int) -> None:
@@ -105,7 +101,7 @@ class ShardWriter:
         _write_npy_from_raw(self.tmp / "bytes.raw", self.tmp / "bytes.npy", "<i8", self.num_chunks)
         sha = {"tokens.bin": self._hash.hexdigest()}
         for name in FILES[1:]:
-            sha[name] = _sha256(self.tmp / name)
+            sha[name] = sha256_file(self.tmp / name)
         meta = {
             "format": "twinlm-shards", "format_version": FORMAT_VERSION, **meta,
             "dtype": self.dtype.name, "num_chunks": self.num_chunks, "num_tokens": self.num_tokens,
@@ -158,7 +154,7 @@ def verify_shards(path: str | Path, checksums: bool = True) -> dict[str, Any]:
                              "prepare the shards again")
     if checksums:
         for name in FILES:
-            got = _sha256(path / name)
+            got = sha256_file(path / name)
             if got != meta["sha256"][name]:
                 raise ShardError(f"{path / name}: sha256 {got[:16]}… differs from meta.json "
                                  f"({meta['sha256'][name][:16]}…): the file was altered; prepare the shards again")

@@ -16,7 +16,6 @@ checkpoint. Only one process (rank 0) writes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,8 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
+
+from twinlm.checksum import sha256_file
 
 MARKER = "COMPLETE"
 MANIFEST = "MANIFEST.sha256"
@@ -34,15 +35,6 @@ class CorruptCheckpointError(RuntimeError):
     pass
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
