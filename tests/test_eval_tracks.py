@@ -45,6 +45,35 @@ def test_classify_probe_baseline_and_finetune(env):
     assert kf["tasks"]["pairs"]["split"] == "3-fold" and kf["tasks"]["pairs"]["n_seeds"] == 1
 
 
+def test_probe_depth_search_picks_the_informative_features(env):
+    # select_features: one candidate carries the label, the others are noise
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 2
+    informative = rng.normal(size=(200, 8)) + 2.0 * y[:, None]
+    cands = {(0, "mean"): rng.normal(size=(200, 8)), (1, "mean"): informative, (2, "mean"): rng.normal(size=(200, 8))}
+    key, scores = classify.select_features(cands, y, seed=0)
+    assert key == (1, "mean") and scores[key] > 0.9 and set(scores) == set(cands)
+    # embed_layers: the last depth is exactly what `embed` pools, the first the embedding norm's output
+    loaded = classify.load(str(env["enc"]))
+    seqs = [[1, 5, 6, 7, 2], [1, 9, 2], [1, 4, 4, 4, 4, 4, 2]]
+    depths = classify.embed_layers(loaded.model, seqs, ["cls", "mean"])
+    last = loaded.cfg.num_layers + 1
+    assert set(depths) == {(i, p) for i in range(last + 1) for p in ("cls", "mean")}
+    torch.testing.assert_close(depths[(last, "mean")], classify.embed(loaded.model, seqs, "mean"))
+    with torch.inference_mode():
+        emb = loaded.model.embed_norm(loaded.model.tok_embeddings(torch.tensor(seqs[1])))
+    torch.testing.assert_close(depths[(0, "cls")][1], emb[0])
+    # end to end: the choice is recorded and is one of the candidates
+    kw = dict(train_file=env["root"] / "train.jsonl", eval_file=env["root"] / "dev.jsonl", log=None)
+    for key in ("enc", "dec"):
+        res = classify.run(str(env[key]), ["toy"], seeds=[0, 1], probe_layer="best", **kw)
+        f = res["tasks"]["toy"]["features"]
+        assert 0 <= f["layer"] <= f["of_layers"] == last and res["config"]["probe_layer"] == "best"
+        assert f["pooling"] in (("last", "mean") if key == "dec" else ("cls", "mean")) and len(f["dev"]) == 2 * (last + 1)
+    with pytest.raises(ValueError, match="probe_layer"):
+        classify.run(str(env["enc"]), ["toy"], probe_layer="middle", **kw)
+
+
 def test_retrieval_finetune_export_loads_in_sentence_transformers(env):
     pytest.importorskip("sentence_transformers")
     from sentence_transformers import SentenceTransformer

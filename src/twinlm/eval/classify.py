@@ -10,6 +10,13 @@ cross-validation on a fixed draw of `max_eval` examples; the folds are reshuffle
 predictions of all folds are scored together. Seeds change the training draw, the folds and (fine-tuning)
 the head initialisation and batch order.
 
+Probe depth. By default the probe reads the final norm's output with the architecture's pooling. With
+`probe_layer="best"` every depth (embedding norm, each block, final norm) under both poolings of the
+architecture is a candidate, and the one with the best development score of the first seed (C = 1) is
+used for every seed: small or briefly trained models often keep more of their input in lower layers and
+in mean pooling than in the last layer's `[CLS]` or last token, and random-initialisation controls get
+the same choice.
+
 Sweep. The probe sweeps the logistic regression's C, fine-tuning sweeps the learning rate; either way the
 value is chosen on a development split carved from the training portion (15%), never on the evaluation
 examples, and the model is then refit on the whole training portion.
@@ -29,8 +36,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from twinlm.eval.common import (Loaded, Timer, default_pooling, embed, encode_with_specials, forward_packed,
-                                length_batches, load, pool_packed, versions, write_json)
+from twinlm.eval.common import (Loaded, Timer, default_pooling, embed, embed_layers, encode_with_specials,
+                                forward_packed, length_batches, load, pool_packed, versions, write_json)
 from twinlm.eval.metrics import classification_metrics, summarise
 from twinlm.eval.tasks import CLASSIFICATION_TASKS, ClsExample, ClsTask, _subset, kfold_indices, load_classification_task
 
@@ -98,6 +105,28 @@ def probe_predict(Xtr, ytr, Xev, seed: int, Cs: Sequence[float] = DEFAULT_CS, sc
     else:
         best = Cs[len(Cs) // 2]
     return _fit_lr(Xtr, ytr, best, seed).predict(Xev), {"C": best, "dev": sweep}
+
+
+def select_features(candidates: dict, ytr, seed: int, metric_fn: Callable | None = None) -> tuple:
+    """The candidate feature set (key -> (n, d) array) whose probe (C = 1) scores best on the development
+    split of `seed`; ties go to the later key. Returns (key, {key: dev score})."""
+    from sklearn.preprocessing import StandardScaler
+
+    ytr = np.asarray(ytr)
+    tr, dev = _dev_split(len(ytr), seed)
+    if not dev:
+        key = max(candidates)
+        return key, {}
+    scores = {}
+    for key, X in candidates.items():
+        sc = StandardScaler().fit(X[tr])
+        pred = _fit_lr(sc.transform(X[tr]), ytr[tr], 1.0, seed).predict(sc.transform(X[dev]))
+        scores[key] = metric_fn(ytr[dev], pred) if metric_fn else float(np.mean(pred == ytr[dev]))
+    return max(candidates, key=lambda k: (scores[k], k)), scores
+
+
+def candidate_poolings(causal: bool) -> list[str]:
+    return [default_pooling(causal, "classify"), "mean"]
 
 
 def _is_sparse(X) -> bool:
@@ -211,13 +240,15 @@ def run(model, tasks: Sequence[str] = DEFAULT_TASKS, *, tokenizer=None, mode: st
         seeds: Sequence[int] = (0, 1, 2), max_train: int | None = 2000, max_eval: int | None = 1000,
         kfold: int = 5, epochs: int = 3, batch_size: int = 16, lrs: Sequence[float] = DEFAULT_LRS,
         Cs: Sequence[float] = DEFAULT_CS, max_length: int = 256, pooling: str | None = None,
-        train_file=None, eval_file=None, data_root=None, variant: str | None = None,
+        probe_layer: str = "final", train_file=None, eval_file=None, data_root=None, variant: str | None = None,
         out: str | Path | None = None, log=print) -> dict:
     """Classification of `model` — a model folder, a `Loaded`, an in-memory Transformer with
     `tokenizer`, or the baselines "tfidf" / "minilm" — on built-in tasks (names) or on a task given by
     `eval_file` (and optional `train_file`) JSONL. Returns the result dict (also written to `out`)."""
     if mode not in ("probe", "finetune"):
         raise ValueError(f"mode must be probe or finetune, got {mode!r}")
+    if probe_layer not in ("final", "best"):
+        raise ValueError(f"probe_layer must be final or best, got {probe_layer!r}")
     baseline = model if isinstance(model, str) and model in ("tfidf", "minilm") else None
     t_all = Timer()
     # tasks first: a bad task file fails before any model is loaded
@@ -236,7 +267,9 @@ def run(model, tasks: Sequence[str] = DEFAULT_TASKS, *, tokenizer=None, mode: st
     else:
         loaded = load(model, tokenizer, variant=variant)
         info = loaded.info
+        poolings = [pooling] if pooling else candidate_poolings(loaded.causal)
         pooling = pooling or default_pooling(loaded.causal, "classify")
+    search_depth = mode == "probe" and probe_layer == "best" and not baseline
 
     results = {}
     for task in task_objs:
@@ -263,13 +296,36 @@ def run(model, tasks: Sequence[str] = DEFAULT_TASKS, *, tokenizer=None, mode: st
                         cache[id(e)] = f
                 return np.stack([cache[id(e)] for e in tr]), np.stack([cache[id(e)] for e in ev])
 
+            chosen_depth: dict = {}
+
+            def featurize_depths(tr, ev, cache=cache, chosen=chosen_depth, task=task):
+                need = [e for e in tr + ev if id(e) not in cache]
+                if need:
+                    feats = {k: v.float().numpy() for k, v in embed_layers(loaded.model, seqs_of(need), poolings).items()}
+                    for n, e in enumerate(need):
+                        cache[id(e)] = {k: v[n] for k, v in feats.items()}
+                if not chosen:  # the first seed's first split decides
+                    keys = sorted(cache[id(tr[0])])
+                    key, scores = select_features({k: np.stack([cache[id(e)][k] for e in tr]) for k in keys},
+                                                  [e.label for e in tr], seeds[0], _metric_fn(task))
+                    chosen.update(layer=key[0], pooling=key[1], of_layers=max(k[0] for k in keys),
+                                  dev={f"{k[0]}/{k[1]}": v for k, v in scores.items()})
+                    if log:
+                        log(f"  probe reads layer {key[0]} of 0..{chosen['of_layers']} with {key[1]} pooling "
+                            f"(dev {scores.get(key, float('nan')):.2f})")
+                key = (chosen["layer"], chosen["pooling"])
+                return np.stack([cache[id(e)][key] for e in tr]), np.stack([cache[id(e)][key] for e in ev])
+
             def finetune_fn(tr, ev, lr, seed, task=task):
                 return finetune_predict(loaded, seqs_of(tr), [e.label for e in tr], seqs_of(ev), task.num_labels,
                                         lr=lr, seed=seed, epochs=epochs, batch_size=batch_size, pooling=pooling)
-        res = evaluate_task(task, featurize, mode=mode, seeds=seeds, max_train=max_train, max_eval=max_eval,
+        res = evaluate_task(task, featurize_depths if search_depth else featurize, mode=mode, seeds=seeds,
+                            max_train=max_train, max_eval=max_eval,
                             kfold=kfold, Cs=Cs, lrs=lrs, finetune_fn=finetune_fn, log=log)
         res.update(seconds=t(), split="train/validation" if task.train is not None else f"{kfold}-fold",
                    labels=task.labels)
+        if search_depth:
+            res["features"] = dict(chosen_depth)
         results[task.name] = res
         if log:
             log(f"[classify] {info['variant']} {task.name}: {res['headline']}={res['score']:.2f} "
@@ -279,7 +335,7 @@ def run(model, tasks: Sequence[str] = DEFAULT_TASKS, *, tokenizer=None, mode: st
               "config": {"tasks": [t.name for t in task_objs], "mode": mode, "seeds": list(seeds),
                          "max_train": max_train, "max_eval": max_eval, "kfold": kfold, "epochs": epochs,
                          "batch_size": batch_size, "lrs": list(lrs), "Cs": list(Cs), "max_length": max_length,
-                         "pooling": pooling, "dev_fraction": DEV_FRACTION, "seconds": t_all(),
+                         "pooling": pooling, "probe_layer": probe_layer if mode == "probe" else None, "dev_fraction": DEV_FRACTION, "seconds": t_all(),
                          "versions": versions()}}
     if out:
         write_json(out, result)

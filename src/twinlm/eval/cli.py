@@ -53,6 +53,8 @@ def register(commands) -> None:
     p.add_argument("--lrs", type=_floats, default=None, help="fine-tuning learning rates swept (comma list)")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--pooling", choices=["cls", "mean", "last"])
+    p.add_argument("--probe-layer", choices=["final", "best"], default="final",
+                   help="probe the final layer, or the depth and pooling that score best on the dev split")
     p.add_argument("--train-file", help="JSONL {text, text_pair?, label} training file of a custom task")
     p.add_argument("--eval-file", help="JSONL validation file of a custom task (k-fold without --train-file)")
     p.set_defaults(handler=_classify)
@@ -146,7 +148,8 @@ def _classify(args) -> int:
     tasks = args.tasks or (["custom"] if args.eval_file else classify.DEFAULT_TASKS)
     res = classify.run(args.model, tasks, mode=args.mode, seeds=args.seeds, max_train=args.max_train,
                        max_eval=args.max_eval, kfold=args.kfold, epochs=args.epochs, batch_size=args.batch_size,
-                       max_length=args.max_length, pooling=args.pooling, train_file=args.train_file,
+                       max_length=args.max_length, pooling=args.pooling, probe_layer=args.probe_layer,
+                       train_file=args.train_file,
                        eval_file=args.eval_file, data_root=args.data_root, variant=args.variant, out=args.out,
                        log=_log, **kw)
     return _finish(res, args)

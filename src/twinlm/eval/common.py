@@ -238,6 +238,31 @@ def embed(model, seqs: Sequence[Sequence[int]], pooling: str, max_tokens: int = 
     return torch.stack(outs) if outs else torch.empty(0)
 
 
+def embed_layers(model, seqs: Sequence[Sequence[int]], poolings: Sequence[str], max_tokens: int = 8192
+                 ) -> dict[tuple[int, str], torch.Tensor]:
+    """Pooled embeddings of every depth: {(layer, pooling): (D, d)}. Layer 0 is the embedding norm's output,
+    1..L the blocks' outputs (the residual stream), L + 1 the final norm's output (what `embed` pools)."""
+    caught: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: caught.append(o)) for m in (model.embed_norm, *model.layers)]
+    cols: dict[tuple[int, str], list] = {}
+    try:
+        with torch.inference_mode():
+            for batch in length_batches([len(s) for s in seqs], max_tokens):
+                sub = [seqs[i] for i in batch]
+                caught.clear()
+                out, _ = forward_packed(model, sub, return_logits=False)
+                for layer, h in enumerate([*caught, out.hidden_states]):
+                    for pooling in poolings:
+                        pooled = pool_packed(h, [len(s) for s in sub], pooling)
+                        col = cols.setdefault((layer, pooling), [None] * len(seqs))
+                        for j, i in enumerate(batch):
+                            col[i] = pooled[j]
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: torch.stack(v) for k, v in cols.items()}
+
+
 class Timer:
     def __init__(self):
         self.t0 = time.perf_counter()

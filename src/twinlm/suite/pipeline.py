@@ -243,7 +243,8 @@ class Suite:
                               estimate_s=5, title=f"{name} control"))
         eval_settings = {
             "classification": {k: getattr(s, k) for k in ("classify_tasks", "classify_mode", "classify_seeds",
-                                                            "classify_max_train", "classify_max_eval")},
+                                                            "classify_max_train", "classify_max_eval",
+                                                            "classify_probe_layer")},
             "retrieval": {k: getattr(s, k) for k in ("retrieval_sets", "retrieval_seeds", "retrieval_train_pairs",
                                                        "retrieval_eval_queries", "retrieval_max_corpus")},
             "generative": {k: getattr(s, k) for k in ("generative_tasks", "generative_limit")},
@@ -253,6 +254,8 @@ class Suite:
         for model in models:
             source = model if model in CONTROLS else f"train-{model}"
             for track in TRACKS:
+                if model in CONTROLS and track not in s.control_tracks:
+                    continue
                 steps.append(Step(f"eval-{model}-{track}", self._evaluate(model, track), eval_settings[track],
                                   [source, "corpus"], estimate_s=est[track], title=f"{track}: {model}"))
         for model, track in BASELINE_RUNS:
@@ -291,7 +294,8 @@ def run_track(track: str, model: str, suite: Suite, out: Path) -> dict:
     if track == "classification":
         from twinlm.eval import classify
         return classify.run(target, s.classify_tasks, mode=s.classify_mode, seeds=list(range(s.classify_seeds)),
-                            max_train=s.classify_max_train, max_eval=s.classify_max_eval, out=out, log=quiet, **named)
+                            max_train=s.classify_max_train, max_eval=s.classify_max_eval,
+                            **({} if baseline else {"probe_layer": s.classify_probe_layer}), out=out, log=quiet, **named)
     if track == "retrieval":
         from twinlm.eval import retrieval
         return retrieval.run(target, s.retrieval_sets, seeds=list(range(s.retrieval_seeds)),
