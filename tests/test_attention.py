@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from twinlm import attention as attention_module
 from twinlm.attention import BACKENDS, PackedLayout, attention, mean_keys_per_query
 
 WINDOWS = [(-1, -1), (-1, 0), (3, 3), (2, 0), (64, 64), (63, 0)]
@@ -33,6 +34,26 @@ def test_sdpa_gradients_agree_with_reference(window):
         qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
         (attention(qq, kk, vv, layout, window=window, backend=backend) ** 2).sum().backward()
         grads.append([t.grad for t in (qq, kk, vv)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [(63, 0), (64, 64), (10, 3), (130, 0)])
+@pytest.mark.parametrize("lens", [[256, 256, 256], [300, 5, 64, 190, 1, 129]])
+def test_blocked_sliding_window_path_agrees_with_reference(window, lens, monkeypatch):
+    # windows narrower than the documents take the blocked path over the packed stream: values and gradients
+    calls = []
+    real = attention_module._sdpa_blocked_band
+    monkeypatch.setattr(attention_module, "_sdpa_blocked_band", lambda *a: calls.append(1) or real(*a))
+    q, k, v, layout = _inputs(lens, heads=2, dim=8)
+    grads = []
+    for backend in ("eager", "sdpa"):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out = attention(qq, kk, vv, layout, window=window, backend=backend)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append([out.detach(), *(t.grad for t in (qq, kk, vv))])
+    # a window reaching (nearly) every key of a document gains nothing from blocks: the masked matrix is used
+    assert bool(calls) == (window != (130, 0) or lens[0] == 300)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 

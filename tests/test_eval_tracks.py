@@ -122,6 +122,13 @@ def test_bits_per_byte(env):
     out = bpb.run(str(env["dec"]), texts=texts, out=env["results"] / "bpb_dec.json", log=None)
     assert out["track"] == "bpb" and out["tasks"]["texts"]["bpb"] == pytest.approx(
         bpb.bits_per_byte(dec, tok, texts)["bpb"])
+    # a byte budget scores the leading bytes of the documents in order, the last one cut (at a character)
+    budget = len(texts[0].encode()) + len(texts[1].encode()) + 5
+    capped = bpb.run(str(env["dec"]), texts=texts + ["é" * 50], max_bytes=budget, log=None)
+    kept = [texts[0], texts[1], texts[2].encode()[:5].decode()]
+    assert capped["tasks"]["texts"]["bytes"] == budget and capped["config"]["max_bytes"] == budget
+    assert capped["tasks"]["texts"]["bpb"] == pytest.approx(bpb.bits_per_byte(dec, tok, kept)["bpb"])
+    assert bpb._first_bytes(["é" * 4], 3) == ["é"]
 
 
 def _fake_result(track, variant, size, params, scores, std=1.0):

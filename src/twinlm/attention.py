@@ -12,7 +12,9 @@ attention, (-1, 0) is causal, (64, 64) is the encoder's ±64 band, (63, 0) the d
 
 Backends:
   "sdpa"   torch.nn.functional.scaled_dot_product_attention over documents padded to max_seqlen
-           (no padding at all when every document has the same length). CPU and GPU.
+           (no padding at all when every document has the same length). Sliding windows narrower than
+           the documents run blocked over the flat stream instead: blocks of 64 queries against the key
+           blocks the window reaches, so a local layer costs O(N · window), not O(D · L²). CPU and GPU.
   "flex"   FlexAttention with a document + window block mask over the flat stream (compiled on GPU).
   "eager"  explicit masked softmax, one document at a time: the reference the others are tested against.
   "flash"  flash_attn.flash_attn_varlen_func with window_size (CUDA, fp16/bf16, `flash-attn` installed).
@@ -186,6 +188,8 @@ def _auto_backend(q: torch.Tensor) -> str:
 
 # --- sdpa -----------------------------------------------------------------------------------------
 def _sdpa(q, k, v, layout: PackedLayout, window, scale):
+    if _band_pays(layout, *window):
+        return _sdpa_blocked_band(q, k, v, layout, *window, scale)
     N, H, Dh = q.shape
     D, L = layout.n_docs, layout.max_seqlen
     uniform = layout.is_uniform
@@ -210,6 +214,64 @@ def _sdpa(q, k, v, layout: PackedLayout, window, scale):
         return out.reshape(N, H, Dh)
     _, valid = layout.pad_index()
     return out[valid]
+
+
+BAND_BLOCK = 64  # queries per block of the blocked sliding-window path
+
+
+def _band_reach(width: int) -> int:
+    return -(-width // BAND_BLOCK)  # blocks one side of a window spans
+
+
+def _band_pays(layout: PackedLayout, left: int, right: int) -> bool:
+    """Whether the blocked path does less work than the masked (D, L, L) matrices of padded documents."""
+    if left < 0 or right < 0:
+        return False
+    keys = (_band_reach(left) + 1 + _band_reach(right)) * BAND_BLOCK
+    return layout.total * keys < layout.n_docs * layout.max_seqlen ** 2
+
+
+def _band_mask(layout: PackedLayout, left: int, right: int) -> torch.Tensor:
+    """(blocks, 1, B, K·B) mask over the flat stream cut into blocks of B queries, each facing the K key blocks
+    its window can reach: same document and -left <= key - query <= right (a padding query keeps itself)."""
+    key = ("band", left, right)
+    if key not in layout._cache:
+        B, before = BAND_BLOCK, _band_reach(left)
+        K = before + 1 + _band_reach(right)
+        n, device = layout.total, layout.cu_seqlens.device
+        nb = -(-n // B)
+        doc = torch.full((nb * B + (K - 1) * B,), -1, dtype=torch.long, device=device)
+        doc[before * B: before * B + n] = layout.doc_ids()  # doc id per key slot; -1 outside the stream
+        block = torch.arange(nb, device=device)[:, None, None]
+        r = torch.arange(B, device=device)[None, :, None]
+        c = torch.arange(K * B, device=device)[None, None, :]
+        delta = c - r - before * B  # key position - query position
+        query_doc = doc[before * B + block * B + r]  # (nb, B, 1)
+        key_doc = doc[block * B + c]  # (nb, 1, K·B)
+        allowed = (delta >= -left) & (delta <= right) & (key_doc == query_doc) & (query_doc >= 0)
+        layout._cache[key] = (allowed | (delta == 0))[:, None]
+    return layout._cache[key]
+
+
+def _sdpa_blocked_band(q, k, v, layout: PackedLayout, left: int, right: int, scale):
+    """Sliding-window attention over the packed stream: queries in blocks of 64 attend only to the key blocks the
+    window reaches (two for the decoder's 64-token window, three for the encoder's ±64), so a local layer costs
+    O(N·window) instead of O(D·L²) for a full masked matrix per document, and needs no padding per document."""
+    N, H, Dh = q.shape
+    B, before, after = BAND_BLOCK, _band_reach(left), _band_reach(right)
+    nb = -(-N // B)
+    tail = nb * B - N
+
+    def blocks(t, lead=0, trail=0):  # (N, H, Dh) -> (nb + lead + trail, B, H, Dh), zero blocks around
+        return F.pad(t, (0, 0, 0, 0, lead * B, tail + trail * B)).view(-1, B, H, Dh)
+
+    def neighbours(t):
+        kb = blocks(t, before, after)
+        return torch.cat([kb[j:j + nb] for j in range(before + 1 + after)], dim=1).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(blocks(q).transpose(1, 2), neighbours(k), neighbours(v), scale=scale,
+                                         attn_mask=_band_mask(layout, left, right))
+    return out.transpose(1, 2).reshape(nb * B, H, Dh)[:N]
 
 
 # --- eager (reference) ----------------------------------------------------------------------------

@@ -105,9 +105,21 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], *, mntp: bool = False,
             "bytes_per_token": n_bytes / max(1, n_tokens)}
 
 
+def _first_bytes(docs: Sequence[str], max_bytes: int) -> list[str]:
+    """The leading `max_bytes` of UTF-8 text of `docs` in order, the last document cut at a character boundary."""
+    out, left = [], max_bytes
+    for doc in docs:
+        if left <= 0:
+            break
+        raw = doc.encode("utf-8")
+        out.append(doc if len(raw) <= left else raw[:left].decode("utf-8", errors="ignore"))
+        left -= len(raw)
+    return [d for d in out if d]
+
+
 def run(model, *, tokenizer=None, texts: Sequence[str] | None = None, text_file: str | Path | None = None,
-        max_docs: int | None = 500, max_length: int = 512, max_tokens: int = 16384, seed: int = 0,
-        mntp: bool | None = None, variant: str | None = None, data_root=None, out: str | Path | None = None,
+        max_docs: int | None = 500, max_bytes: int | None = None, max_length: int = 512, max_tokens: int = 16384,
+        seed: int = 0, mntp: bool | None = None, variant: str | None = None, data_root=None, out: str | Path | None = None,
         log=print) -> dict:
     loaded = load(model, tokenizer, mntp=mntp, variant=variant)
     if texts is not None:
@@ -118,6 +130,8 @@ def run(model, *, tokenizer=None, texts: Sequence[str] | None = None, text_file:
         name, docs = "lambada", default_texts(data_root)
     if max_docs is not None and len(docs) > max_docs:
         docs = [docs[i] for i in sorted(random.Random(seed).sample(range(len(docs)), max_docs))]
+    if max_bytes is not None:
+        docs = _first_bytes(docs, max_bytes)
     t = Timer()
     res = bits_per_byte(loaded.model, loaded.tokenizer, docs, mntp=bool(loaded.info["mntp"]),
                         max_length=max_length, max_tokens=max_tokens, seed=seed)
@@ -127,7 +141,7 @@ def run(model, *, tokenizer=None, texts: Sequence[str] | None = None, text_file:
     result = {"track": "bpb", "model": loaded.info, "tasks": {name: res},
               "average": {"metric": "bits per byte (lower is better)", "mean": res["bpb"], "std": 0.0,
                           "n_tasks": 1},
-              "config": {"text": name, "max_docs": max_docs, "max_length": max_length, "seed": seed,
+              "config": {"text": name, "max_docs": max_docs, "max_bytes": max_bytes, "max_length": max_length, "seed": seed,
                          "objective": "next token" if loaded.causal else
                          f"masked pseudo-likelihood, {round(1 / MASK_RATE)} copies of ~{MASK_RATE:.0%} masks",
                          "versions": versions()}}

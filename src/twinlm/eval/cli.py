@@ -93,6 +93,7 @@ def register(commands) -> None:
     _common(p)
     p.add_argument("--text-file", help=".txt (blank-line separated documents) or JSONL {text}; default LAMBADA")
     p.add_argument("--max-docs", type=_opt_int, default=500)
+    p.add_argument("--max-bytes", type=_opt_int, default=None, help="score only the first N bytes of the documents")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--mntp", action="store_true", default=None)
     p.set_defaults(handler=_bpb)
@@ -185,8 +186,8 @@ def _bpb(args) -> int:
     _threads(args)
     from twinlm.eval import bpb
 
-    res = bpb.run(args.model, text_file=args.text_file, max_docs=args.max_docs, max_length=args.max_length,
-                  mntp=args.mntp, variant=args.variant, data_root=args.data_root, out=args.out, log=_log)
+    res = bpb.run(args.model, text_file=args.text_file, max_docs=args.max_docs, max_bytes=args.max_bytes,
+                  max_length=args.max_length, mntp=args.mntp, variant=args.variant, data_root=args.data_root, out=args.out, log=_log)
     return _finish(res, args)
 
 

@@ -248,7 +248,7 @@ class Suite:
             "retrieval": {k: getattr(s, k) for k in ("retrieval_sets", "retrieval_seeds", "retrieval_train_pairs",
                                                        "retrieval_eval_queries", "retrieval_max_corpus")},
             "generative": {k: getattr(s, k) for k in ("generative_tasks", "generative_limit")},
-            "bpb": {"docs": s.bpb_docs},
+            "bpb": {"docs": s.bpb_docs, **({"bytes": s.bpb_bytes} if s.bpb_bytes is not None else {})},
         }
         models = list(TRAINED) + list(CONTROLS)
         for model in models:
@@ -307,8 +307,8 @@ def run_track(track: str, model: str, suite: Suite, out: Path) -> dict:
         return generative.run(target, s.generative_tasks, limit=s.generative_limit, out=out, log=quiet, **named)
     if track == "bpb":
         from twinlm.eval import bpb
-        return bpb.run(target, text_file=suite.path("corpus", "heldout.jsonl"), max_docs=s.bpb_docs, out=out,
-                       log=quiet, **named)
+        return bpb.run(target, text_file=suite.path("corpus", "heldout.jsonl"), max_docs=s.bpb_docs,
+                       max_bytes=s.bpb_bytes, out=out, log=quiet, **named)
     raise ValueError(f"unknown track {track!r}")
 
 
