@@ -192,11 +192,12 @@ def markdown(results: list[dict], info: dict, args, cmd: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(section: str, path: Path) -> None:
+def write_results(section: str, path: Path, start: str = START, end: str = END) -> None:
+    """Replaces the section between `start` and `end` in RESULTS.md (or appends it); `section` includes both."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        after = rest.split(END, 1)[1]
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1]
         text = before + section.rstrip("\n") + after
     else:
         text = text.rstrip("\n") + "\n\n" + section

@@ -51,8 +51,13 @@ def test_probe_depth_search_picks_the_informative_features(env):
     y = np.arange(200) % 2
     informative = rng.normal(size=(200, 8)) + 2.0 * y[:, None]
     cands = {(0, "mean"): rng.normal(size=(200, 8)), (1, "mean"): informative, (2, "mean"): rng.normal(size=(200, 8))}
-    key, scores = classify.select_features(cands, y, seed=0)
+    key, scores = classify.select_features([(cands, y, 0)], None)
     assert key == (1, "mean") and scores[key] > 0.9 and set(scores) == set(cands)
+    # averaged over several seeds' development splits: a candidate good on one split only loses
+    lucky = {**cands, (2, "mean"): 10.0 * y[:, None] + rng.normal(size=(200, 8))}
+    assert classify.select_features([(lucky, y, 0)], None)[0] == (2, "mean")
+    key, scores = classify.select_features([(lucky, y, 0), (cands, y, 1), (cands, y, 2)], None)
+    assert key == (1, "mean") and scores[(2, "mean")] < scores[(1, "mean")]
     # embed_layers: the last depth is exactly what `embed` pools, the first the embedding norm's output
     loaded = classify.load(str(env["enc"]))
     seqs = [[1, 5, 6, 7, 2], [1, 9, 2], [1, 4, 4, 4, 4, 4, 2]]

@@ -12,8 +12,8 @@ the head initialisation and batch order.
 
 Probe depth. By default the probe reads the final norm's output with the architecture's pooling. With
 `probe_layer="best"` every depth (embedding norm, each block, final norm) under both poolings of the
-architecture is a candidate, and the one with the best development score of the first seed (C = 1) is
-used for every seed: small or briefly trained models often keep more of their input in lower layers and
+architecture is a candidate, and the one with the best development score (C = 1), averaged over the
+development splits of all seeds, is used for every seed: small or briefly trained models often keep more of their input in lower layers and
 in mean pooling than in the last layer's `[CLS]` or last token, and random-initialisation controls get
 the same choice.
 
@@ -107,22 +107,25 @@ def probe_predict(Xtr, ytr, Xev, seed: int, Cs: Sequence[float] = DEFAULT_CS, sc
     return _fit_lr(Xtr, ytr, best, seed).predict(Xev), {"C": best, "dev": sweep}
 
 
-def select_features(candidates: dict, ytr, seed: int, metric_fn: Callable | None = None) -> tuple:
-    """The candidate feature set (key -> (n, d) array) whose probe (C = 1) scores best on the development
-    split of `seed`; ties go to the later key. Returns (key, {key: dev score})."""
+def select_features(splits: Sequence[tuple[dict, Sequence, int]], metric_fn: Callable | None = None) -> tuple:
+    """The candidate feature set whose probe (C = 1) scores best on development data, averaged over `splits`
+    — (candidates {key: (n, d) array}, training labels, seed), scored on the development split of that seed.
+    Ties go to the later key. Returns (key, {key: mean dev score})."""
     from sklearn.preprocessing import StandardScaler
 
-    ytr = np.asarray(ytr)
-    tr, dev = _dev_split(len(ytr), seed)
-    if not dev:
-        key = max(candidates)
-        return key, {}
-    scores = {}
-    for key, X in candidates.items():
-        sc = StandardScaler().fit(X[tr])
-        pred = _fit_lr(sc.transform(X[tr]), ytr[tr], 1.0, seed).predict(sc.transform(X[dev]))
-        scores[key] = metric_fn(ytr[dev], pred) if metric_fn else float(np.mean(pred == ytr[dev]))
-    return max(candidates, key=lambda k: (scores[k], k)), scores
+    totals: dict = {}
+    for candidates, ytr, seed in splits:
+        ytr = np.asarray(ytr)
+        tr, dev = _dev_split(len(ytr), seed)
+        for key, X in candidates.items():
+            if not dev:
+                totals.setdefault(key, [])
+                continue
+            sc = StandardScaler().fit(X[tr])
+            pred = _fit_lr(sc.transform(X[tr]), ytr[tr], 1.0, seed).predict(sc.transform(X[dev]))
+            totals.setdefault(key, []).append(metric_fn(ytr[dev], pred) if metric_fn else float(np.mean(pred == ytr[dev])))
+    scores = {k: float(np.mean(v)) if v else float("nan") for k, v in totals.items()}
+    return max(scores, key=lambda k: (np.nan_to_num(scores[k], nan=-1.0), k)), scores
 
 
 def candidate_poolings(causal: bool) -> list[str]:
@@ -298,23 +301,26 @@ def run(model, tasks: Sequence[str] = DEFAULT_TASKS, *, tokenizer=None, mode: st
 
             chosen_depth: dict = {}
 
-            def featurize_depths(tr, ev, cache=cache, chosen=chosen_depth, task=task):
-                need = [e for e in tr + ev if id(e) not in cache]
+            def depth_features(exs, only=None, cache=cache):
+                need = [e for e in exs if id(e) not in cache]
                 if need:
                     feats = {k: v.float().numpy() for k, v in embed_layers(loaded.model, seqs_of(need), poolings).items()}
                     for n, e in enumerate(need):
                         cache[id(e)] = {k: v[n] for k, v in feats.items()}
-                if not chosen:  # the first seed's first split decides
-                    keys = sorted(cache[id(tr[0])])
-                    key, scores = select_features({k: np.stack([cache[id(e)][k] for e in tr]) for k in keys},
-                                                  [e.label for e in tr], seeds[0], _metric_fn(task))
-                    chosen.update(layer=key[0], pooling=key[1], of_layers=max(k[0] for k in keys),
+                return {k: np.stack([cache[id(e)][k] for e in exs]) for k in (only or sorted(cache[id(exs[0])]))}
+
+            def featurize_depths(tr, ev, chosen=chosen_depth, task=task):
+                if not chosen:  # decided once, on the first split of every seed
+                    firsts = [make_splits(task, seed, max_train, max_eval, kfold)[0][0] for seed in seeds]
+                    key, scores = select_features([(depth_features(t), [e.label for e in t], seed)
+                                                   for t, seed in zip(firsts, seeds)], _metric_fn(task))
+                    chosen.update(layer=key[0], pooling=key[1], of_layers=max(k[0] for k in scores),
                                   dev={f"{k[0]}/{k[1]}": v for k, v in scores.items()})
                     if log:
                         log(f"  probe reads layer {key[0]} of 0..{chosen['of_layers']} with {key[1]} pooling "
-                            f"(dev {scores.get(key, float('nan')):.2f})")
+                            f"(dev {scores[key]:.2f})")
                 key = (chosen["layer"], chosen["pooling"])
-                return np.stack([cache[id(e)][key] for e in tr]), np.stack([cache[id(e)][key] for e in ev])
+                return depth_features(tr, [key])[key], depth_features(ev, [key])[key]
 
             def finetune_fn(tr, ev, lr, seed, task=task):
                 return finetune_predict(loaded, seqs_of(tr), [e.label for e in tr], seqs_of(ev), task.num_labels,
