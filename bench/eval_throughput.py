@@ -35,23 +35,9 @@ import torch  # noqa: E402
 
 from twinlm.eval import generative as G  # noqa: E402
 from twinlm.eval.common import load  # noqa: E402
-from twinlm.eval.tasks import load_generative_task  # noqa: E402
+from twinlm.eval.tasks import lm_eval_task_yaml, load_generative_task  # noqa: E402
 from twinlm.eval.toy import toy_model_dir, toy_tokenizer  # noqa: E402
 
-TASK_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "[CLS]{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 
 
 def pretrain_texts(max_bytes: int) -> list[str]:
@@ -137,7 +123,8 @@ def main() -> int:
                                     "label": e.label}) + "\n")
         tdir = work / "tasks"
         tdir.mkdir()
-        (tdir / "bench_hellaswag.yaml").write_text(TASK_YAML.format(name="bench_hellaswag", path=data))
+        yaml_text = lm_eval_task_yaml("bench_hellaswag", data, metrics=("acc", "acc_norm"))
+        (tdir / "bench_hellaswag.yaml").write_text(yaml_text)
         tm = TaskManager(include_path=str(tdir))
         # the model is built once, outside the timed region, like ours
         lm = HFLM(pretrained=str(dec_dir), dtype="float32", device="cpu", batch_size=args.lm_eval_batch)

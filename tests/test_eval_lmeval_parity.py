@@ -8,26 +8,11 @@ import math
 import pytest
 
 from twinlm.eval import generative as G
-from twinlm.eval.tasks import read_mc_jsonl
+from twinlm.eval.tasks import lm_eval_task_yaml, read_mc_jsonl
 from twinlm.eval.toy import toy_model_dir, toy_tokenizer, write_toy_mc_jsonl
 
 lm_eval = pytest.importorskip("lm_eval")
 
-TASK_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "[CLS]{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-  - metric: acc_bytes
-"""
 
 
 def lm_eval_scores(model_dir, task_file, name, tmp_path):
@@ -37,7 +22,7 @@ def lm_eval_scores(model_dir, task_file, name, tmp_path):
 
     tasks_dir = tmp_path / "lm_eval_tasks"
     tasks_dir.mkdir(exist_ok=True)
-    (tasks_dir / f"{name}.yaml").write_text(TASK_YAML.format(name=name, path=task_file))
+    (tasks_dir / f"{name}.yaml").write_text(lm_eval_task_yaml(name, task_file))
     out = simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=[name],
                           task_manager=TaskManager(include_path=str(tasks_dir)), batch_size=4, device="cpu",
                           log_samples=True)

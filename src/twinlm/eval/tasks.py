@@ -269,6 +269,18 @@ def _int_label(path, lineno, value, n: int | None, field_name: str = "label") ->
     return value
 
 
+def lm_eval_task_yaml(name: str, jsonl_path: str | Path, prefix: str = "[CLS]",
+                      metrics: Sequence[str] = ("acc", "acc_norm", "acc_bytes")) -> str:
+    """An lm-evaluation-harness task config for a `{context, choices, label}` JSONL file (`read_mc_jsonl`'s
+    format), for cross-checking twinlm's scores with lm-eval: write it as `<name>.yaml` into a folder and
+    pass that folder to `lm_eval.tasks.TaskManager(include_path=...)`."""
+    lines = [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:", f"    test: {jsonl_path}",
+             "test_split: test", "output_type: multiple_choice", f'doc_to_text: "{prefix}{{{{context}}}}"',
+             'doc_to_choice: "{{choices}}"', "doc_to_target: label", "metric_list:",
+             *(f"  - metric: {m}" for m in metrics)]
+    return "\n".join(lines) + "\n"
+
+
 def read_mc_jsonl(path: str | Path, delimiter: str = " ") -> list[MCExample]:
     """`{"context": str, "choices": [str, ...], "label": int}` per line; the continuation scored for a
     choice is `delimiter + choice`, as lm-evaluation-harness's `target_delimiter`."""
