@@ -66,9 +66,13 @@ class ProgressBar(Callback):
     def on_train_start(self, trainer) -> None:
         if not trainer.env.is_main:
             return
+        import sys
+
         from tqdm.auto import tqdm
+        # into a log file (not a terminal) one update per 30 s, not ten per second
         self.bar = tqdm(total=trainer.recipe.total_tokens, initial=trainer.state.tokens, unit="tok",
-                        unit_scale=True, dynamic_ncols=True, smoothing=0.1, desc="train")
+                        unit_scale=True, dynamic_ncols=True, smoothing=0.1, desc="train",
+                        mininterval=0.1 if sys.stderr.isatty() else 30.0)
 
     def on_log(self, trainer, row: dict) -> None:
         if self.bar is None:
