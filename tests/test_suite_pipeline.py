@@ -49,6 +49,9 @@ def test_scale_overrides_are_typed_and_checked():
     assert scale.pretrain_tokens == "1M" and scale.classify_seeds == 5 and scale.sources == ["sotu"]
     with pytest.raises(ValueError, match="unknown suite setting"):
         get_scale("quick", ["pretrain_tokenz=1M"])
+    assert get_scale("quick", ["peak_lr=3e-3"]).peak_lr == 0.003
+    with pytest.raises(ValueError, match="expects a number"):
+        get_scale("quick", ["peak_lr=fast"])
     with pytest.raises(KeyError, match="unknown suite scale"):
         get_scale("huge")
 
@@ -87,3 +90,10 @@ def test_training_overrides_reach_only_the_phases_a_recipe_has(tmp_path):
         recipe = load_recipe(suite.recipes / "cpu" / f"{name}.yaml", overrides)
         batch = {p: ph.batch_size for p, ph in recipe.phases.items()}
         assert batch == ({"pretrain": 32, "extension": 16, "decay": 16} if name == "encoder" else {"cross": 16})
+    # a scale's peak LR reaches pre-training whole and cross-objective training at half, as the recipes do
+    suite = Suite(tmp_path, get_scale("cpu", ["peak_lr=3e-3"]))
+    lrs = {name: load_recipe(suite.recipes / "cpu" / f"{name}.yaml", suite._train_overrides(name)).optim.lr
+           for name in ("decoder", "dec-from-enc")}
+    assert lrs == {"decoder": 3e-3, "dec-from-enc": 1.5e-3}
+    plain = Suite(tmp_path, get_scale("cpu"))
+    assert not any(o.startswith("optim.lr") for o in plain._train_overrides("encoder"))

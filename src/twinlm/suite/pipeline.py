@@ -157,6 +157,8 @@ class Suite:
         # scale overrides name phases of both kinds of recipe: each run takes those of its own phases
         common = [f"tokenizer={self.tokenizer_dir}",
                   *(o for o in s.train_overrides if not o.startswith("phases.") or o.split(".")[1] in phases)]
+        if s.peak_lr is not None:  # cross-objective runs train at the decay phase's 0.5 x peak, as the recipes
+            common.append(f"optim.lr={s.peak_lr * (0.5 if parent else 1.0)}")
         if parent is None:
             return common + [
                 f"phases.pretrain.data={self.shards(s.short_seq)}", f"phases.pretrain.seq_len={s.short_seq}",

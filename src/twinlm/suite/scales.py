@@ -39,6 +39,7 @@ class Scale:
     decay_tokens: str = "300K"
     cross_tokens: str = "600K"
     train_overrides: list[str] = field(default_factory=list)  # extra recipe overrides for every run
+    peak_lr: float | None = None  # None: the recipes' own; else pre-training peak, cross-objective at half of it
     nproc: int = 1  # >1: training steps run under torchrun
     # evaluation budgets
     classify_tasks: list[str] = field(default_factory=lambda: ["sst2", "spam", "brown"])
@@ -71,7 +72,13 @@ class Scale:
                 raise ValueError(f"suite override {item!r} is not KEY=VALUE")
             if key not in fields:
                 raise ValueError(f"unknown suite setting {key!r}; settings: {', '.join(sorted(fields))}")
-            changes[key] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
+            if isinstance(parsed, str) and "float" in str(fields[key].type):
+                try:
+                    parsed = float(parsed)  # YAML reads 3e-3 (no dot) as a string
+                except ValueError:
+                    raise ValueError(f"suite setting {key!r} expects a number, got {value!r}") from None
+            changes[key] = parsed
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:
@@ -149,7 +156,8 @@ SCALES: dict[str, Scale] = {
         extension_tokens="30M",
         decay_tokens="30M",
         cross_tokens="50M",
-        train_overrides=["model.preset=ettin-17m", "optim.lr=3e-3", "precision=auto",
+        peak_lr=3e-3,  # the paper's 17M peak: 65K-token batches here, not the cpu scale's 4K
+        train_overrides=["model.preset=ettin-17m", "precision=auto",
                          "phases.pretrain.batch_size=64", "phases.extension.batch_size=64",
                          "phases.decay.batch_size=64", "phases.pretrain.micro_batch_tokens=65536",
                          "phases.extension.micro_batch_tokens=65536", "phases.decay.micro_batch_tokens=65536"],
