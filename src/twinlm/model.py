@@ -477,7 +477,6 @@ class _FusedLinearCE(torch.autograd.Function):
                     lse = torch.logsumexp(logits, dim=-1)
                     nll = lse - logits.gather(1, safe_t[:, None])[:, 0]
                     p = logits.sub_(lse[:, None]).exp_()
-                    pt = None
                 total += (nll * vc).sum()
                 if needs_grad:
                     c = vc.to(torch.float32) * inv  # (rows,)
@@ -516,7 +515,8 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torc
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
     if bool(bad.any()):
         raise ValueError(f"label {int(targets[bad][0])} is out of range for a vocabulary of {weight.shape[0]}")
-    return _FusedLinearCE.apply(h, weight, bias, targets, ignore_index, chunk_rows or _ce_chunk_rows(weight.shape[0], h.device.type))
+    chunk = chunk_rows or _ce_chunk_rows(weight.shape[0], h.device.type)
+    return _FusedLinearCE.apply(h, weight, bias, targets, ignore_index, chunk)
 
 
 __all__ = ["Transformer", "TransformerOutput", "fused_linear_cross_entropy", "IGNORE_INDEX"]

@@ -36,8 +36,6 @@ class TokenizerMismatch(ShardError):
     """Shards were made with another tokenizer than the one in use."""
 
 
-
-
 def _write_npy_from_raw(raw: Path, out: Path, dtype: str, count: int) -> None:
     """Turn a raw little-endian array file into .npy without loading it."""
     header = {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": (count,)}

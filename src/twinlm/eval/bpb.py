@@ -119,8 +119,8 @@ def _first_bytes(docs: Sequence[str], max_bytes: int) -> list[str]:
 
 def run(model, *, tokenizer=None, texts: Sequence[str] | None = None, text_file: str | Path | None = None,
         max_docs: int | None = 500, max_bytes: int | None = None, max_length: int = 512, max_tokens: int = 16384,
-        seed: int = 0, mntp: bool | None = None, variant: str | None = None, data_root=None, out: str | Path | None = None,
-        log=print) -> dict:
+        seed: int = 0, mntp: bool | None = None, variant: str | None = None, data_root=None,
+        out: str | Path | None = None, log=print) -> dict:
     loaded = load(model, tokenizer, mntp=mntp, variant=variant)
     if texts is not None:
         name, docs = "texts", list(texts)
@@ -141,7 +141,8 @@ def run(model, *, tokenizer=None, texts: Sequence[str] | None = None, text_file:
     result = {"track": "bpb", "model": loaded.info, "tasks": {name: res},
               "average": {"metric": "bits per byte (lower is better)", "mean": res["bpb"], "std": 0.0,
                           "n_tasks": 1},
-              "config": {"text": name, "max_docs": max_docs, "max_bytes": max_bytes, "max_length": max_length, "seed": seed,
+              "config": {"text": name, "max_docs": max_docs, "max_bytes": max_bytes, "max_length": max_length,
+                         "seed": seed,
                          "objective": "next token" if loaded.causal else
                          f"masked pseudo-likelihood, {round(1 / MASK_RATE)} copies of ~{MASK_RATE:.0%} masks",
                          "versions": versions()}}

@@ -13,9 +13,9 @@ the head initialisation and batch order.
 Probe depth. By default the probe reads the final norm's output with the architecture's pooling. With
 `probe_layer="best"` every depth (embedding norm, each block, final norm) under both poolings of the
 architecture is a candidate, and the one with the best development score (C = 1), averaged over the
-development splits of all seeds, is used for every seed: small or briefly trained models often keep more of their input in lower layers and
-in mean pooling than in the last layer's `[CLS]` or last token, and random-initialisation controls get
-the same choice.
+development splits of all seeds, is used for every seed: small or briefly trained models often keep more
+of their input in lower layers and in mean pooling than in the last layer's `[CLS]` or last token, and
+random-initialisation controls get the same choice.
 
 Sweep. The probe sweeps the logistic regression's C, fine-tuning sweeps the learning rate; either way the
 value is chosen on a development split carved from the training portion (15%), never on the evaluation
@@ -123,7 +123,8 @@ def select_features(splits: Sequence[tuple[dict, Sequence, int]], metric_fn: Cal
                 continue
             sc = StandardScaler().fit(X[tr])
             pred = _fit_lr(sc.transform(X[tr]), ytr[tr], 1.0, seed).predict(sc.transform(X[dev]))
-            totals.setdefault(key, []).append(metric_fn(ytr[dev], pred) if metric_fn else float(np.mean(pred == ytr[dev])))
+            score = metric_fn(ytr[dev], pred) if metric_fn else float(np.mean(pred == ytr[dev]))
+            totals.setdefault(key, []).append(score)
     scores = {k: float(np.mean(v)) if v else float("nan") for k, v in totals.items()}
     return max(scores, key=lambda k: (np.nan_to_num(scores[k], nan=-1.0), k)), scores
 
@@ -300,11 +301,13 @@ def run(model, tasks: Sequence[str] = DEFAULT_TASKS, *, tokenizer=None, mode: st
                 return np.stack([cache[id(e)] for e in tr]), np.stack([cache[id(e)] for e in ev])
 
             chosen_depth: dict = {}
+            depth_cache: dict[int, dict] = {}  # example -> {(layer, pooling): features}
 
-            def depth_features(exs, only=None, cache=cache):
+            def depth_features(exs, only=None, cache=depth_cache):
                 need = [e for e in exs if id(e) not in cache]
                 if need:
-                    feats = {k: v.float().numpy() for k, v in embed_layers(loaded.model, seqs_of(need), poolings).items()}
+                    feats = {k: v.float().numpy()
+                             for k, v in embed_layers(loaded.model, seqs_of(need), poolings).items()}
                     for n, e in enumerate(need):
                         cache[id(e)] = {k: v[n] for k, v in feats.items()}
                 return {k: np.stack([cache[id(e)][k] for e in exs]) for k in (only or sorted(cache[id(exs[0])]))}
@@ -341,7 +344,8 @@ def run(model, tasks: Sequence[str] = DEFAULT_TASKS, *, tokenizer=None, mode: st
               "config": {"tasks": [t.name for t in task_objs], "mode": mode, "seeds": list(seeds),
                          "max_train": max_train, "max_eval": max_eval, "kfold": kfold, "epochs": epochs,
                          "batch_size": batch_size, "lrs": list(lrs), "Cs": list(Cs), "max_length": max_length,
-                         "pooling": pooling, "probe_layer": probe_layer if mode == "probe" else None, "dev_fraction": DEV_FRACTION, "seconds": t_all(),
+                         "pooling": pooling, "probe_layer": probe_layer if mode == "probe" and not baseline else None,
+                         "dev_fraction": DEV_FRACTION, "seconds": t_all(),
                          "versions": versions()}}
     if out:
         write_json(out, result)

@@ -187,7 +187,8 @@ def _bpb(args) -> int:
     from twinlm.eval import bpb
 
     res = bpb.run(args.model, text_file=args.text_file, max_docs=args.max_docs, max_bytes=args.max_bytes,
-                  max_length=args.max_length, mntp=args.mntp, variant=args.variant, data_root=args.data_root, out=args.out, log=_log)
+                  max_length=args.max_length, mntp=args.mntp, variant=args.variant, data_root=args.data_root,
+                  out=args.out, log=_log)
     return _finish(res, args)
 
 

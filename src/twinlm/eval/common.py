@@ -229,13 +229,22 @@ def embed(model, seqs: Sequence[Sequence[int]], pooling: str, max_tokens: int = 
     outs: list[torch.Tensor | None] = [None] * len(seqs)
     ctx = torch.enable_grad() if grad else torch.inference_mode()
     with ctx:
-        for batch in length_batches([len(s) for s in seqs], max_tokens):
-            sub = [seqs[i] for i in batch]
-            out, _ = forward_packed(model, sub, return_logits=False)
-            pooled = pool_packed(out.hidden_states, [len(s) for s in sub], pooling)
-            for j, i in enumerate(batch):
-                outs[i] = pooled[j]
+        for batch, out, lens in _packed_forwards(model, seqs, max_tokens):
+            _place(outs, batch, pool_packed(out.hidden_states, lens, pooling))
     return torch.stack(outs) if outs else torch.empty(0)
+
+
+def _packed_forwards(model, seqs: Sequence[Sequence[int]], max_tokens: int):
+    """(input indices, output, lengths) of one padding-free forward per `length_batches` batch."""
+    for batch in length_batches([len(s) for s in seqs], max_tokens):
+        sub = [seqs[i] for i in batch]
+        out, _ = forward_packed(model, sub, return_logits=False)
+        yield batch, out, [len(s) for s in sub]
+
+
+def _place(column: list, batch: Sequence[int], pooled: torch.Tensor) -> None:
+    for j, i in enumerate(batch):
+        column[i] = pooled[j]
 
 
 def embed_layers(model, seqs: Sequence[Sequence[int]], poolings: Sequence[str], max_tokens: int = 8192
@@ -247,16 +256,12 @@ def embed_layers(model, seqs: Sequence[Sequence[int]], poolings: Sequence[str], 
     cols: dict[tuple[int, str], list] = {}
     try:
         with torch.inference_mode():
-            for batch in length_batches([len(s) for s in seqs], max_tokens):
-                sub = [seqs[i] for i in batch]
-                caught.clear()
-                out, _ = forward_packed(model, sub, return_logits=False)
+            for batch, out, lens in _packed_forwards(model, seqs, max_tokens):
                 for layer, h in enumerate([*caught, out.hidden_states]):
                     for pooling in poolings:
-                        pooled = pool_packed(h, [len(s) for s in sub], pooling)
-                        col = cols.setdefault((layer, pooling), [None] * len(seqs))
-                        for j, i in enumerate(batch):
-                            col[i] = pooled[j]
+                        _place(cols.setdefault((layer, pooling), [None] * len(seqs)), batch,
+                               pool_packed(h, lens, pooling))
+                caught.clear()
     finally:
         for h in hooks:
             h.remove()

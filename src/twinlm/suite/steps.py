@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 MARKER = "STEP.json"
-STARTED = "STARTED.json"  # written when a step starts: its identity, so a partial folder of other settings is not reused
+STARTED = "STARTED.json"  # written when a step starts (its identity): a partial folder of other settings is not reused
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -66,8 +67,6 @@ class ProgressBar(Callback):
     def on_train_start(self, trainer) -> None:
         if not trainer.env.is_main:
             return
-        import sys
-
         from tqdm.auto import tqdm
         # into a log file (not a terminal) one update per 30 s, not ten per second
         self.bar = tqdm(total=trainer.recipe.total_tokens, initial=trainer.state.tokens, unit="tok",

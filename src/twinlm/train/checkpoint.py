@@ -35,8 +35,6 @@ class CorruptCheckpointError(RuntimeError):
     pass
 
 
-
-
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
