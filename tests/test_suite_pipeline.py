@@ -52,6 +52,9 @@ def test_scale_overrides_are_typed_and_checked():
     assert get_scale("quick", ["peak_lr=3e-3"]).peak_lr == 0.003
     with pytest.raises(ValueError, match="expects a number"):
         get_scale("quick", ["peak_lr=fast"])
+    for bad in ("classify_probe_layer=middle", "control_tracks=[bpbb]", "baselines=[bm52]"):
+        with pytest.raises(ValueError, match="is not one of"):
+            get_scale("quick", [bad])
     with pytest.raises(KeyError, match="unknown suite scale"):
         get_scale("huge")
 

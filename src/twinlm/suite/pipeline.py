@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from twinlm.suite.scales import Scale
+from twinlm.suite.scales import TRACKS, Scale
 from twinlm.suite.steps import Pipeline, Step, read_marker
 
 REPO_RECIPES = Path(__file__).resolve().parents[3] / "recipes"
@@ -28,7 +28,6 @@ TRAINED = {
     "dec-from-enc": ("dec-from-enc", "encoder"),
 }
 CONTROLS = {"random-encoder": False, "random-decoder": True}  # name -> causal
-TRACKS = ("classification", "retrieval", "generative", "bpb")
 
 
 def recipes_dir() -> Path:
@@ -297,7 +296,7 @@ def run_track(track: str, model: str, suite: Suite, out: Path) -> dict:
         from twinlm.eval import classify
         return classify.run(target, s.classify_tasks, mode=s.classify_mode, seeds=list(range(s.classify_seeds)),
                             max_train=s.classify_max_train, max_eval=s.classify_max_eval,
-                            **({} if baseline else {"probe_layer": s.classify_probe_layer}), out=out, log=quiet, **named)
+                            probe_layer=s.classify_probe_layer, out=out, log=quiet, **named)
     if track == "retrieval":
         from twinlm.eval import retrieval
         return retrieval.run(target, s.retrieval_sets, seeds=list(range(s.retrieval_seeds)),

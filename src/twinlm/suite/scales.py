@@ -17,6 +17,8 @@ import yaml
 # available (python-stdlib, python-doc, linux-doc) but buy little for these tasks at CPU scale.
 PROSE_SOURCES = ["wiki-gensim", "nlp-corpus", "sotu", "gcide", "shakespeare", "moby-dick"]
 ALL_SOURCES = PROSE_SOURCES + ["python-doc", "linux-doc", "python-stdlib"]
+TRACKS = ("classification", "retrieval", "generative", "bpb")
+BASELINES = ("tfidf", "bm25", "minilm")
 
 
 @dataclass
@@ -59,9 +61,18 @@ class Scale:
     generative_limit: int = 300
     bpb_docs: int = 200
     bpb_bytes: int | None = None  # cap on held-out text scored (UTF-8 bytes); None: all of bpb_docs
-    control_tracks: list[str] = field(default_factory=lambda: ["classification", "retrieval", "generative", "bpb"])
+    control_tracks: list[str] = field(default_factory=lambda: list(TRACKS))
     # outside baselines on the same splits: tfidf (classification), bm25 (retrieval), minilm (both)
     baselines: list[str] = field(default_factory=lambda: ["tfidf", "bm25", "minilm"])
+
+    def __post_init__(self):
+        # checked here, not when the evaluation steps reach them minutes into a run
+        for key, value, allowed in (("classify_probe_layer", [self.classify_probe_layer], ("final", "best")),
+                                    ("control_tracks", self.control_tracks, TRACKS),
+                                    ("baselines", self.baselines, BASELINES)):
+            bad = [v for v in value if v not in allowed]
+            if bad:
+                raise ValueError(f"suite setting {key}: {', '.join(map(str, bad))} is not one of {', '.join(allowed)}")
 
     def with_overrides(self, overrides: list[str]) -> "Scale":
         changes: dict[str, Any] = {}
