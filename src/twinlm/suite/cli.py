@@ -6,9 +6,13 @@ import argparse
 
 
 def register(commands) -> None:
-    from twinlm.suite.scales import SCALES
+    import dataclasses
+    import textwrap
+
+    from twinlm.suite.scales import SCALES, Scale
 
     scales = "; ".join(f"{name}: {s.description}" for name, s in SCALES.items())
+    fields = textwrap.fill(", ".join(f.name for f in dataclasses.fields(Scale) if f.name != "name"), 100)
     p = commands.add_parser(
         "suite",
         help="the whole paper in one command: data, paired training, cross-objective, all evaluations, report",
@@ -19,7 +23,7 @@ def register(commands) -> None:
                     "skips finished steps, and a changed setting reruns only what depends on it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"scales: {scales}\n\nsettings (KEY=VALUE) override any field of the scale, e.g. "
-               "pretrain_tokens=4M classify_seeds=5 sources='[wiki-gensim,gcide]'",
+               f"pretrain_tokens=4M classify_seeds=5 sources='[wiki-gensim,gcide]'; the fields:\n{fields}",
     )
     p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="override a scale setting")
     p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="size and budgets (default: cpu)")
