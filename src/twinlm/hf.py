@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from twinlm.errors import ModelLoadError
 from twinlm.config import ETTIN_SPECIAL_TOKENS, ModelConfig
 from twinlm.model import qk_half_to_interleaved, qk_interleaved_to_half
 
@@ -46,10 +47,6 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 TWINLM_CONFIG = "model_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "chat_template.jinja")
-
-
-class ModelLoadError(ValueError):
-    """A folder that is not a loadable twinlm / ModernBERT model; the message names the problem."""
 
 
 # --------------------------------------------------------------------------------------------------

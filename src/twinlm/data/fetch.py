@@ -39,11 +39,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from twinlm.checksum import sha256_file
-
-
-class FetchError(RuntimeError):
-    """A source could not be fetched (client missing, hash mismatch, bad archive)."""
+from twinlm.errors import FetchError
+from twinlm.io import sha256_file
 
 
 def home() -> Path:

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from twinlm.errors import DataError
 from twinlm.data.shards import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ log = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text", ".tex", ".html", ".c", ".h", ".js")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
-
-
-class DataError(ValueError):
-    """Unusable input (missing, empty, binary, non-UTF-8, no text field)."""
 
 
 @dataclass(frozen=True)

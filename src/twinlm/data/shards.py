@@ -22,18 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from twinlm.checksum import sha256_file
+from twinlm.errors import ShardError, TokenizerMismatch
+from twinlm.io import sha256_file
 
 FORMAT_VERSION = 1
 FILES = ("tokens.bin", "index.npy", "docs.npy", "bytes.npy")
-
-
-class ShardError(RuntimeError):
-    """A shard folder is missing, incomplete, truncated or altered."""
-
-
-class TokenizerMismatch(ShardError):
-    """Shards were made with another tokenizer than the one in use."""
 
 
 def _write_npy_from_raw(raw: Path, out: Path, dtype: str, count: int) -> None:

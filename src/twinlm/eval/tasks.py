@@ -23,15 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
-
-
-class TaskFileError(ValueError):
-    """A task file is malformed; the message starts with `file:line:`."""
-
-    def __init__(self, path: str | Path, line: int | None, problem: str):
-        self.path, self.line, self.problem = str(path), line, problem
-        where = f"{path}:{line}" if line is not None else str(path)
-        super().__init__(f"{where}: {problem}")
+from twinlm.errors import TaskFileError
 
 
 # ==================================================================================================

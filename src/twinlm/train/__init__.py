@@ -15,13 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from twinlm.errors import RunInterrupted
 from twinlm.train.recipe import Recipe, load_recipe
 
 __all__ = ["run", "load_recipe", "Recipe", "RunInterrupted"]
-
-
-class RunInterrupted(Exception):
-    """Raised by run(..., raise_on_interrupt=True) when SIGTERM stopped the run after a checkpoint."""
 
 
 def run(recipe: Any, out_dir: str | Path, overrides: list[str] | None = None, *, callbacks=None,

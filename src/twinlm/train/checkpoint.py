@@ -24,15 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twinlm.checksum import sha256_file
+from twinlm.errors import CorruptCheckpointError
+from twinlm.io import sha256_file
 
 MARKER = "COMPLETE"
 MANIFEST = "MANIFEST.sha256"
 _NAME = re.compile(r"^step-(\d{8,})$")
-
-
-class CorruptCheckpointError(RuntimeError):
-    pass
 
 
 def _fsync_file(path: Path) -> None:

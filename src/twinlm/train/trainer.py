@@ -29,16 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from twinlm.errors import TrainingDiverged
 from twinlm.train import dist
 from twinlm.train.checkpoint import CheckpointManager, write_json
 from twinlm.train.objectives import build_objective
 from twinlm.train.optim import build_optimizer
 from twinlm.train.recipe import Phase, Recipe, Source
 from twinlm.train.schedule import batch_size as scheduled_batch_size, lr_multiplier
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 @dataclass

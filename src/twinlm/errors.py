@@ -1,0 +1,65 @@
+"""Every error twinlm raises for a user to act on derives from `TwinlmError`.
+
+The `twinlm` command prints such an error as one line, `twinlm: error: <message>`, and exits with status 2;
+anything else is a bug and keeps its traceback (as does every error under `twinlm --debug`). So the message
+of a `TwinlmError` must stand alone: it names what is wrong (the file, the field, the value) and what to do.
+
+The subclasses say which stage failed. Each also derives from the built-in exception it replaced
+(`ValueError` for bad input, `RuntimeError` for a failed process, `FileNotFoundError` for something not
+there yet), so `except ValueError` in user code keeps working.
+"""
+
+from __future__ import annotations
+
+
+class TwinlmError(Exception):
+    """A problem the user can fix; the message says how."""
+
+
+class ConfigError(TwinlmError, ValueError):
+    """A recipe, scale, setting or command-line value that cannot be used."""
+
+
+class MissingArtifactError(TwinlmError, FileNotFoundError):
+    """Something an earlier command makes is not there yet (fetched data, a tokenizer, shards, a run)."""
+
+
+class DataError(TwinlmError, ValueError):
+    """Input text or records that cannot be read (names the file and line)."""
+
+
+class FetchError(TwinlmError, RuntimeError):
+    """Downloading or unpacking a data source failed."""
+
+
+class ShardError(TwinlmError, RuntimeError):
+    """A shard folder is missing, truncated, altered or inconsistent."""
+
+
+class TokenizerMismatch(ShardError):
+    """Shards, tokenizer and model disagree on the vocabulary."""
+
+
+class TaskFileError(TwinlmError, ValueError):
+    """An evaluation task file (JSONL) that cannot be used; the message starts with `file:line:`."""
+
+    def __init__(self, path, line: int | None, problem: str):
+        self.path, self.line, self.problem = str(path), line, problem
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {problem}")
+
+
+class ModelLoadError(TwinlmError, ValueError):
+    """A model folder or checkpoint that cannot be loaded as a twinlm model."""
+
+
+class CorruptCheckpointError(TwinlmError, RuntimeError):
+    """A training checkpoint that is incomplete or fails its checksums."""
+
+
+class TrainingDiverged(TwinlmError, RuntimeError):
+    """Too many non-finite losses in a row: the run stopped."""
+
+
+class RunInterrupted(TwinlmError):
+    """SIGTERM stopped a run after a checkpoint (raised only when the caller asks for it)."""

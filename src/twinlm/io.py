@@ -1,0 +1,124 @@
+"""Durable output: every file or folder twinlm writes for later reading goes through here.
+
+A reader never sees a half-written artifact: files are written to a temporary name in the same folder,
+flushed to disk, then renamed over the final name (`os.replace` is atomic on one filesystem); folders are
+filled under a temporary name and renamed when complete. A failure removes the temporary file or folder
+and leaves whatever was at the final name before untouched. `sha256_file` is the one checksum that fetch
+archives, shards and checkpoints are verified with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """sha256 hex digest of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file's data to disk (best effort where the filesystem cannot)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block ends without error, fsync it and rename it to `path`.
+
+    For writers that want a file name (pyarrow, numpy, torch). On error the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_bytes(path: str | Path, data: str | bytes) -> None:
+    """Atomically write `data` (text is UTF-8 encoded) to `path`, creating its folder."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "item"):  # numpy and torch scalars
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def dumps_json(obj: Any, indent: int | None = 2) -> str:
+    """The one JSON text format of twinlm files: strict JSON (NaN is an error), numpy/torch scalars as numbers."""
+    return json.dumps(obj, indent=indent, default=_jsonable, allow_nan=False) + "\n"
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write `obj` as indented JSON. NaN or infinity raise ValueError: they are not JSON."""
+    write_bytes(path, dumps_json(obj))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; when the block ends without error, rename it to `path`.
+
+    With `replace=True` an existing `path` is swapped out and removed after the rename (never a moment
+    without a complete folder there); otherwise an existing `path` is an error (FileExistsError). On error
+    the temporary folder is removed and `path` is left as it was. Temporary folders are named
+    `.<name>.tmp-*` so that a later run can recognise and remove those a killed process left behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        if path.exists():
+            if not replace:
+                raise FileExistsError(f"{path} already exists")
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(folder: str | Path, name: str) -> list[Path]:
+    """Remove the `.<name>.tmp-*` folders and files a killed writer left in `folder`; return what was removed."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for p in folder.glob(f".{name}.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
