@@ -428,10 +428,7 @@ def load(path, *, device=None, dtype=None):
     _check_shapes(model, sd, str(folder))
     model = model.to_empty(device="cpu")
     model.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=True)
-    with torch.no_grad():  # non-persistent RoPE buffers were left empty by to_empty
-        from twinlm.model import rope_inv_freq
-        model.global_inv_freq.copy_(rope_inv_freq(cfg.head_dim, cfg.global_rope_theta))
-        model.local_inv_freq.copy_(rope_inv_freq(cfg.head_dim, cfg.local_rope_theta))
+    model.set_rope_theta()  # non-persistent RoPE buffers were left empty by to_empty
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return model.eval()

@@ -242,6 +242,20 @@ class Transformer(nn.Module):
             if isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
         nn.init.zeros_(self.decoder_bias)
+        self.set_rope_theta()
+
+    @torch.no_grad()
+    def set_rope_theta(self, global_theta: float | None = None, local_theta: float | None = None) -> None:
+        """Set the RoPE bases (None keeps the config's) and recompute the frequency buffers from the config.
+
+        Context extension raises global θ 10k → 160k; loading from the meta device calls it with no arguments
+        to fill the non-persistent buffers.
+        """
+        if global_theta is not None:
+            self.config.global_rope_theta = float(global_theta)
+        if local_theta is not None:
+            self.config.local_rope_theta = float(local_theta)
+        cfg = self.config
         self.global_inv_freq.copy_(rope_inv_freq(cfg.head_dim, cfg.global_rope_theta))
         self.local_inv_freq.copy_(rope_inv_freq(cfg.head_dim, cfg.local_rope_theta))
 

@@ -109,20 +109,6 @@ def environment(env: dist.DistEnv) -> dict[str, Any]:
             "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def set_rope_theta(model: torch.nn.Module, global_theta: float | None, local_theta: float | None = None) -> None:
-    """Change the RoPE bases in place (context extension: global θ 10k → 160k)."""
-    from twinlm.model import rope_inv_freq
-    m = dist.unwrap(model)
-    cfg = m.config
-    if global_theta is not None:
-        cfg.global_rope_theta = float(global_theta)
-    if local_theta is not None:
-        cfg.local_rope_theta = float(local_theta)
-    with torch.no_grad():
-        m.global_inv_freq.copy_(rope_inv_freq(cfg.head_dim, cfg.global_rope_theta))
-        m.local_inv_freq.copy_(rope_inv_freq(cfg.head_dim, cfg.local_rope_theta))
-
-
 class Trainer:
     def __init__(self, recipe: Recipe, out_dir: str | Path, *, callbacks: list[Callback] | None = None,
                  env: dist.DistEnv | None = None, log=None, default_callbacks: bool = True):
@@ -511,7 +497,7 @@ class Trainer:
         if ckpt is None:
             first = self.phases[0]
             if first.rope_theta or first.local_rope_theta:
-                set_rope_theta(model, first.rope_theta, first.local_rope_theta)
+                dist.unwrap(model).set_rope_theta(first.rope_theta, first.local_rope_theta)
         self.model = dist.parallelize(model, self.env, mode=self.recipe.parallel, compile=self.recipe.compile,
                                       activation_checkpointing=self.recipe.activation_checkpointing)
         o = self.recipe.optim
@@ -551,7 +537,7 @@ class Trainer:
             phase = self.phases[idx]
             self.objective = self._objective(phase)
             if self.state.phase_step == 0 and (phase.rope_theta or phase.local_rope_theta):
-                set_rope_theta(self.model, phase.rope_theta, phase.local_rope_theta)
+                dist.unwrap(self.model).set_rope_theta(phase.rope_theta, phase.local_rope_theta)
             self.stream = self._stream_for(idx)
             if self.state.stream:
                 self.stream.load_state_dict(self.state.stream)
