@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from twinlm import ModelConfig, Transformer, load
-from twinlm.hf import ModelLoadError, read_config
+from twinlm.errors import ModelLoadError
+from twinlm.hf import HF_TO_TWINLM, TWINLM_TO_HF, from_hf_state_dict, hf_names, to_hf_state_dict
+from twinlm.loading import read_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -161,3 +163,43 @@ def test_bad_folders_are_named(tmp_path):
     empty.mkdir()
     with pytest.raises(ModelLoadError, match="neither config.json"):
         read_config(empty)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_name_table_covers_every_weight_both_ways(causal):
+    m = _twin(causal, layers=4)
+    assert {v: k for k, v in TWINLM_TO_HF.items()} == HF_TO_TWINLM  # one table, the inverse derived
+    names = hf_names(m.config)
+    assert set(names) == set(m.state_dict())
+    assert "layers.0.attn_norm.weight" not in names and names["layers.1.attn_norm.weight"].startswith("model.")
+    hf = to_hf_state_dict(m)
+    if causal:
+        assert "model.layers.2.attn.q_proj.weight" in hf and "lm_head.dense.weight" in hf
+        assert not any("Wqkv" in k for k in hf)
+    else:
+        assert "model.layers.2.attn.Wqkv.weight" in hf and "head.dense.weight" in hf
+    back = from_hf_state_dict(hf, m.config)
+    assert set(back) == set(m.state_dict())
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(back[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_name_table_special_cases():
+    m = _twin(False, layers=2)
+    hf = to_hf_state_dict(m)
+    # a base ModernBertModel saved alone (no "model." prefix) with a head
+    bare = {k.removeprefix("model."): v for k, v in hf.items()}
+    torch.testing.assert_close(from_hf_state_dict(bare, m.config)["layers.1.mlp.Wi.weight"],
+                               m.state_dict()["layers.1.mlp.Wi.weight"], rtol=0, atol=0)
+    # the tied projection is accepted when it equals the embeddings, refused otherwise
+    emb = hf["model.embeddings.tok_embeddings.weight"]
+    from_hf_state_dict({**hf, "decoder.weight": emb.clone()}, m.config)
+    with pytest.raises(ModelLoadError, match="differs from the token embeddings"):
+        from_hf_state_dict({**hf, "decoder.weight": emb + 1}, m.config)
+    with pytest.raises(ModelLoadError, match="layer 0 has an attention norm"):
+        from_hf_state_dict({**hf, "model.layers.0.attn_norm.weight": torch.ones(128)}, m.config)
+    # the decoder class's head and split projections load as an encoder (conversion)
+    dec = to_hf_state_dict(_twin(True, layers=2))
+    assert set(from_hf_state_dict(dec, m.config)) == set(m.state_dict())
+    with pytest.raises(ModelLoadError, match="missing weight 'head.dense.weight' \\(the prediction head"):
+        from_hf_state_dict({k: v for k, v in hf.items() if not k.startswith("head.dense")}, m.config)

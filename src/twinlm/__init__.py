@@ -12,6 +12,6 @@ def __getattr__(name: str):
         from twinlm.model import Transformer
         return Transformer
     if name == "load":
-        from twinlm.hf import load
+        from twinlm.loading import load
         return load
     raise AttributeError(f"module 'twinlm' has no attribute {name!r}")

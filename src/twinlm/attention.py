@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from twinlm.errors import ConfigError
+
 BACKENDS = ("auto", "sdpa", "flex", "eager", "flash", "varlen")
 
 _default_backend = "auto"
@@ -41,7 +43,7 @@ def set_default_backend(name: str) -> None:
     """Backend used when `attention(..., backend=None)`; one of BACKENDS."""
     global _default_backend
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown attention backend {name!r}; choose one of: {', '.join(BACKENDS)}")
     _default_backend = name
 
 
@@ -63,7 +65,7 @@ class PackedLayout:
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> "PackedLayout":
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> PackedLayout:
         host = cu_seqlens.detach().to("cpu", torch.int64)
         seqlens = (host[1:] - host[:-1]).tolist()
         true_max = max(seqlens) if seqlens else 0
@@ -72,7 +74,7 @@ class PackedLayout:
         return cls(cu_seqlens.to(torch.int32), int(max_seqlen), seqlens)
 
     @classmethod
-    def uniform(cls, n_docs: int, length: int, device) -> "PackedLayout":
+    def uniform(cls, n_docs: int, length: int, device) -> PackedLayout:
         cu = torch.arange(0, (n_docs + 1) * length, length, dtype=torch.int32, device=device)
         return cls(cu, length, [length] * n_docs)
 
@@ -174,7 +176,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedL
         return _flash(q, k, v, layout, window, scale)
     if backend == "varlen":
         return _varlen(q, k, v, layout, window, scale)
-    raise ValueError(f"unknown attention backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    raise ConfigError(f"unknown attention backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
 
 
 def _auto_backend(q: torch.Tensor) -> str:
@@ -303,6 +305,8 @@ _flex_compiled = None
 
 def _flex(q, k, v, layout: PackedLayout, window, scale):
     global _flex_compiled
+    # optional backends import on first use: FlexAttention needs torch >= 2.5, flash_attn a separate install,
+    # varlen_attn torch >= 2.10
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     left, right = window

@@ -1,20 +1,29 @@
 """Model shape: one dataclass whose defaults are the reference model (Ettin 150M), sizes as presets.
 
-Encoder and decoder share every field; `causal` is the only switch between them.
+Encoder and decoder share every field; `causal` is the only switch between them. A config that cannot be
+built raises ConfigError listing every problem at once; an unknown preset raises UnknownPreset.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twinlm.errors import ConfigError
+from twinlm.io import write_json
 
 # Ettin / ModernBERT special tokens in the 50,368-token vocabulary (REFERENCE §1).
 ETTIN_VOCAB_SIZE = 50368
 ETTIN_SPECIAL_TOKENS = {"unk": 50280, "cls": 50281, "sep": 50282, "pad": 50283, "mask": 50284}
+
+
+class UnknownPreset(ConfigError, KeyError):
+    """A preset name that is not in PRESETS (a KeyError too, as it was before ConfigError existed)."""
+
+    __str__ = Exception.__str__  # KeyError would quote the message
 
 
 @dataclass
@@ -56,7 +65,7 @@ class ModelConfig:
             if not 0 <= getattr(self, name) < self.vocab_size:
                 problems.append(f"{name}={getattr(self, name)} is outside the vocabulary (size {self.vocab_size})")
         if problems:
-            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+            raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
 
     @property
     def head_dim(self) -> int:
@@ -73,9 +82,9 @@ class ModelConfig:
 
     # --- presets ---------------------------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         if name not in PRESETS:
-            raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+            raise UnknownPreset(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
@@ -87,21 +96,21 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {', '.join(unknown)}")
+            raise ConfigError(f"unknown ModelConfig fields: {', '.join(unknown)}")
         return cls(**data)
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelConfig":
+    def load(cls, path: str | Path) -> ModelConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

@@ -1,52 +1,55 @@
 """Hugging Face interop: the only module that knows transformers' ModernBERT weight and config names.
 
-- `save_pretrained(model, dir, tokenizer=None)`: a folder that `AutoModelForMaskedLM` (encoders, model_type
-  `modernbert`, `ModernBertForMaskedLM`) or `AutoModelForCausalLM` (decoders, model_type `modernbert-decoder`,
-  `ModernBertDecoderForCausalLM`) loads with no custom code.
-- `save_checkpoint(model, dir)`: twinlm's own folder, `model.safetensors` in twinlm names + `model_config.json`.
-- `load(path)`: either kind of folder (also ones written by transformers itself) -> `Transformer`.
+twinlm encoders are `ModernBertForMaskedLM` (model_type `modernbert`) and decoders
+`ModernBertDecoderForCausalLM` (model_type `modernbert-decoder`); both load in transformers with no custom code.
+This module translates, in both directions, without touching files or the `Transformer` class:
 
-Naming (twinlm <- HF encoder / HF decoder):
-    tok_embeddings.weight        model.embeddings.tok_embeddings.weight (both)
-    embed_norm.weight            model.embeddings.norm.weight
-    layers.i.attn_norm.weight    model.layers.i.attn_norm.weight        (i > 0)
-    layers.i.attn.Wqkv.weight    model.layers.i.attn.Wqkv.weight / cat(q_proj, k_proj, v_proj); twinlm keeps the
-                                 q and k rows of each head interleaved (see twinlm.model), HF half-split
-    layers.i.attn.Wo.weight      model.layers.i.attn.Wo.weight
-    layers.i.mlp_norm.weight     model.layers.i.mlp_norm.weight
-    layers.i.mlp.Wi.weight       model.layers.i.mlp.Wi.weight
-    layers.i.mlp.Wo.weight       model.layers.i.mlp.Wo.weight
-    final_norm.weight            model.final_norm.weight
-    head.dense.weight            head.dense.weight / lm_head.dense.weight
-    head.norm.weight             head.norm.weight / lm_head.norm.weight
-    decoder_bias                 decoder.bias                            (decoder.weight is tied, not stored)
+- Weight names: one table, `HF_TO_TWINLM` (templates with `{i}` for the layer and `{head}` for the class's
+  prediction-head prefix, `head` or `lm_head`); `TWINLM_TO_HF` is its inverse and `hf_names(config)` its
+  expansion for one model. `to_hf_state_dict` / `from_hf_state_dict` follow the table, with code only for the
+  real special cases: the attention input projection (the encoder class stores the fused `Wqkv`, the decoder
+  class `q_proj`, `k_proj`, `v_proj`; twinlm keeps the q and k rows of each head interleaved, transformers
+  half-split: `qk_half_to_interleaved`), layer 0's missing attention norm (transformers' `nn.Identity`), and
+  `decoder.weight`, the vocabulary projection tied to the embeddings (never written; checked when present).
+  Reading accepts either class's names, so a folder converts between encoder and decoder on load.
+- Config (`hf_config_dict`, `config_from_hf`): `local_attention` = ModelConfig.local_window in both classes
+  (the encoder reads it as ±64, the decoder as a 64-token left window: transformers' own definitions, checked
+  against its code); `rope_parameters` per layer type carries the global and local RoPE θ (transformers 5),
+  `global_rope_theta` / `local_rope_theta` are written too for transformers 4.x; `layer_types` is written
+  explicitly.
 
-Config: `local_attention` = ModelConfig.local_window in both classes (the encoder reads it as ±64, the decoder as a
-64-token left window: transformers' own definitions, checked against its code); `rope_parameters` per layer type
-carries the global and local RoPE θ (transformers 5), `global_rope_theta` / `local_rope_theta` are written too for
-transformers 4.x; `layer_types` is written explicitly.
+Folders are written by twinlm.export and read by twinlm.loading.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from twinlm.errors import ModelLoadError
 from twinlm.config import ETTIN_SPECIAL_TOKENS, ModelConfig
-from twinlm.model import qk_half_to_interleaved, qk_interleaved_to_half
+from twinlm.errors import ModelLoadError
 
 ENCODER_TYPE, DECODER_TYPE = "modernbert", "modernbert-decoder"
 ENCODER_ARCH, DECODER_ARCH = "ModernBertForMaskedLM", "ModernBertDecoderForCausalLM"
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
-TWINLM_CONFIG = "model_config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+# --------------------------------------------------------------------------------------------------
+# q/k layout: transformers stores each head's q and k dims half-split ([x0..x31 | x32..x63] for head_dim 64),
+# twinlm interleaved ([x0, x32, x1, x33, ...]) so that RoPE is a complex multiply on contiguous pairs.
+def qk_half_to_interleaved(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Reorder the rows of a (heads*head_dim, d) q or k projection from half-split to interleaved per head."""
+    hd = w.shape[0] // num_heads
+    return w.view(num_heads, 2, hd // 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def qk_interleaved_to_half(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The inverse of qk_half_to_interleaved."""
+    hd = w.shape[0] // num_heads
+    return w.view(num_heads, hd // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,46 +201,74 @@ def config_from_hf(d: dict[str, Any], folder: Path | None = None) -> ModelConfig
 
 
 # --------------------------------------------------------------------------------------------------
-# weights
-def _prefixes(causal: bool) -> str:
-    return "lm_head" if causal else "head"
+# weight names
+HEAD_PREFIX = {False: "head", True: "lm_head"}  # the prediction head in the encoder / decoder class (by causal)
+
+# HF name -> twinlm name, model-wide weights first, then one layer's, in the order they are read.
+HF_TO_TWINLM = {
+    "model.embeddings.tok_embeddings.weight": "tok_embeddings.weight",
+    "model.embeddings.norm.weight": "embed_norm.weight",
+    "model.final_norm.weight": "final_norm.weight",
+    "{head}.dense.weight": "head.dense.weight",
+    "{head}.norm.weight": "head.norm.weight",
+    "decoder.bias": "decoder_bias",
+    "model.layers.{i}.attn_norm.weight": "layers.{i}.attn_norm.weight",  # not in layer 0
+    "model.layers.{i}.attn.Wqkv.weight": "layers.{i}.attn.Wqkv.weight",  # decoder class: q_proj, k_proj, v_proj
+    "model.layers.{i}.attn.Wo.weight": "layers.{i}.attn.Wo.weight",
+    "model.layers.{i}.mlp_norm.weight": "layers.{i}.mlp_norm.weight",
+    "model.layers.{i}.mlp.Wi.weight": "layers.{i}.mlp.Wi.weight",
+    "model.layers.{i}.mlp.Wo.weight": "layers.{i}.mlp.Wo.weight",
+}
+TWINLM_TO_HF = {ours: theirs for theirs, ours in HF_TO_TWINLM.items()}
+
+# the special cases
+_NOT_IN_LAYER_0 = "layers.{i}.attn_norm.weight"  # transformers' layer 0 has nn.Identity for this norm
+_QKV = "attn.Wqkv.weight"  # fused in the encoder class; q/k rows permuted in both classes
+_SPLIT_QKV = ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight")  # the decoder class's names
+_TIED = "decoder.weight"  # the vocabulary projection = the token embeddings: never written, checked if present
+
+
+def hf_names(cfg: ModelConfig) -> dict[str, str]:
+    """twinlm name -> HF name of every weight of one model (the fused Wqkv name for attention inputs)."""
+    head = HEAD_PREFIX[cfg.causal]
+    names = {ours: theirs.format(head=head) for ours, theirs in TWINLM_TO_HF.items() if "{i}" not in ours}
+    for i in range(cfg.num_layers):
+        names.update((ours.format(i=i), theirs.format(i=i)) for ours, theirs in TWINLM_TO_HF.items()
+                     if "{i}" in ours and not (i == 0 and ours == _NOT_IN_LAYER_0))
+    return names
+
+
+def _split_names(fused: str) -> list[str]:
+    return [fused.replace(_QKV, name) for name in _SPLIT_QKV]
 
 
 def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's weights under the HF names of its class (encoder or decoder), q/k rows half-split."""
     cfg = model.config
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    out = {
-        "model.embeddings.tok_embeddings.weight": sd["tok_embeddings.weight"],
-        "model.embeddings.norm.weight": sd["embed_norm.weight"],
-        "model.final_norm.weight": sd["final_norm.weight"],
-        f"{_prefixes(cfg.causal)}.dense.weight": sd["head.dense.weight"],
-        f"{_prefixes(cfg.causal)}.norm.weight": sd["head.norm.weight"],
-        "decoder.bias": sd["decoder_bias"],
-    }
     d, h = cfg.hidden_size, cfg.num_heads
-    for i in range(cfg.num_layers):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        if i > 0:
-            out[q + "attn_norm.weight"] = sd[p + "attn_norm.weight"]
-        wqkv = sd[p + "attn.Wqkv.weight"]
-        wq, wk, wv = (qk_interleaved_to_half(wqkv[:d], h), qk_interleaved_to_half(wqkv[d:2 * d], h), wqkv[2 * d:])
+    out = {}
+    for ours, theirs in hf_names(cfg).items():
+        if not ours.endswith(_QKV):
+            out[theirs] = sd[ours]
+            continue
+        w = sd[ours]
+        qkv = (qk_interleaved_to_half(w[:d], h), qk_interleaved_to_half(w[d:2 * d], h), w[2 * d:])
         if cfg.causal:
-            out[q + "attn.q_proj.weight"], out[q + "attn.k_proj.weight"], out[q + "attn.v_proj.weight"] = wq, wk, wv
+            out.update(zip(_split_names(theirs), qkv))
         else:
-            out[q + "attn.Wqkv.weight"] = torch.cat([wq, wk, wv], 0)
-        out[q + "attn.Wo.weight"] = sd[p + "attn.Wo.weight"]
-        out[q + "mlp_norm.weight"] = sd[p + "mlp_norm.weight"]
-        out[q + "mlp.Wi.weight"] = sd[p + "mlp.Wi.weight"]
-        out[q + "mlp.Wo.weight"] = sd[p + "mlp.Wo.weight"]
+            out[theirs] = torch.cat(qkv, 0)
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, where: str = "weights") -> dict[str, torch.Tensor]:
+def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig,
+                       where: str = "weights") -> dict[str, torch.Tensor]:
     """HF names (either class) -> twinlm names. Accepts the other class's names too (conversion)."""
     sd = dict(sd)
     # strip a common wrapper prefix if the base model was saved alone (ModernBertModel: no "model.")
     if not any(k.startswith("model.") for k in sd) and any(k.startswith("embeddings.") for k in sd):
-        sd = {("model." + k if k.startswith(("embeddings.", "layers.", "final_norm.")) else k): v for k, v in sd.items()}
+        sd = {("model." + k if k.startswith(("embeddings.", "layers.", "final_norm.")) else k): v
+              for k, v in sd.items()}
     used: set[str] = set()
 
     def take(*names: str) -> torch.Tensor:
@@ -247,42 +278,25 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, where: str
                 return sd[n]
         raise ModelLoadError(f"{where}: missing weight {names[0]!r}")
 
-    out = {
-        "tok_embeddings.weight": take("model.embeddings.tok_embeddings.weight"),
-        "embed_norm.weight": take("model.embeddings.norm.weight"),
-        "final_norm.weight": take("model.final_norm.weight"),
-    }
-    for name in ("dense", "norm"):
-        first, second = ("lm_head", "head") if cfg.causal else ("head", "lm_head")
-        if f"{first}.{name}.weight" not in sd and f"{second}.{name}.weight" not in sd:
-            raise ModelLoadError(f"{where}: missing weight '{first}.{name}.weight' (the prediction head; a folder "
-                                 f"saved from a base model without a head cannot be loaded as a language model)")
-        out[f"head.{name}.weight"] = take(f"{first}.{name}.weight", f"{second}.{name}.weight")
-    out["decoder_bias"] = take("decoder.bias")
-    if "decoder.weight" in sd:
-        used.add("decoder.weight")
-        if not torch.equal(sd["decoder.weight"], out["tok_embeddings.weight"]):
-            raise ModelLoadError(f"{where}: decoder.weight differs from the token embeddings; twinlm ties them")
-    for i in range(cfg.num_layers):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        if i > 0:
-            out[p + "attn_norm.weight"] = take(q + "attn_norm.weight")
-        elif q + "attn_norm.weight" in sd:
-            raise ModelLoadError(f"{where}: layer 0 has an attention norm; ModernBERT's layer 0 has none")
-        if q + "attn.Wqkv.weight" in sd:
-            wq, wk, wv = take(q + "attn.Wqkv.weight").chunk(3, 0)
+    own, other = HEAD_PREFIX[cfg.causal], HEAD_PREFIX[not cfg.causal]
+    out = {}
+    for ours, theirs in hf_names(cfg).items():
+        if ours.endswith(_QKV):
+            out[ours] = _qkv_from_hf(take, theirs in sd, theirs, int(ours.split(".")[1]), cfg, where)
+        elif theirs.startswith(own + "."):
+            alt = other + theirs[len(own):]
+            if theirs not in sd and alt not in sd:
+                raise ModelLoadError(f"{where}: missing weight {theirs!r} (the prediction head; a folder saved "
+                                     f"from a base model without a head cannot be loaded as a language model)")
+            out[ours] = take(theirs, alt)
         else:
-            wq, wk, wv = take(q + "attn.q_proj.weight"), take(q + "attn.k_proj.weight"), take(q + "attn.v_proj.weight")
-        if not wq.shape == wk.shape == wv.shape or wq.shape[0] % cfg.num_heads or wq.dim() != 2:
-            raise ModelLoadError(f"{where}: attention projection of layer {i} has shape {tuple(wq.shape)} x 3, which "
-                                 f"does not fit {cfg.num_heads} heads of hidden size {cfg.hidden_size} (the config "
-                                 f"contradicts the weights)")
-        out[p + "attn.Wqkv.weight"] = torch.cat([qk_half_to_interleaved(wq, cfg.num_heads),
-                                                 qk_half_to_interleaved(wk, cfg.num_heads), wv], 0)
-        out[p + "attn.Wo.weight"] = take(q + "attn.Wo.weight")
-        out[p + "mlp_norm.weight"] = take(q + "mlp_norm.weight")
-        out[p + "mlp.Wi.weight"] = take(q + "mlp.Wi.weight")
-        out[p + "mlp.Wo.weight"] = take(q + "mlp.Wo.weight")
+            out[ours] = take(theirs)
+    if _TIED in sd:
+        used.add(_TIED)
+        if not torch.equal(sd[_TIED], out["tok_embeddings.weight"]):
+            raise ModelLoadError(f"{where}: {_TIED} differs from the token embeddings; twinlm ties them")
+    if TWINLM_TO_HF[_NOT_IN_LAYER_0].format(i=0) in sd:
+        raise ModelLoadError(f"{where}: layer 0 has an attention norm; ModernBERT's layer 0 has none")
     extra = sorted(set(sd) - used)
     if extra:
         shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
@@ -291,148 +305,17 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, where: str
     return out
 
 
-# --------------------------------------------------------------------------------------------------
-# saving
-def _save_tokenizer(tokenizer, path: Path) -> None:
-    if tokenizer is None:
-        return
-    if isinstance(tokenizer, (str, Path)):
-        src = Path(tokenizer)
-        copied = copy_tokenizer_files(src, path)
-        if not copied:
-            raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}) in {src}")
-        return
-    if not hasattr(tokenizer, "save_pretrained"):
-        raise TypeError(f"tokenizer must be a transformers tokenizer or a folder, got {type(tokenizer).__name__}")
-    tokenizer.save_pretrained(str(path))
+def _qkv_from_hf(take: Callable[..., torch.Tensor], fused: bool, name: str, layer: int, cfg: ModelConfig,
+                 where: str) -> torch.Tensor:
+    """twinlm's Wqkv of one layer from the fused (encoder class) or split (decoder class) HF projections."""
+    wq, wk, wv = take(name).chunk(3, 0) if fused else (take(n) for n in _split_names(name))
+    if not wq.shape == wk.shape == wv.shape or wq.shape[0] % cfg.num_heads or wq.dim() != 2:
+        raise ModelLoadError(f"{where}: attention projection of layer {layer} has shape {tuple(wq.shape)} x 3, "
+                             f"which does not fit {cfg.num_heads} heads of hidden size {cfg.hidden_size} (the "
+                             f"config contradicts the weights)")
+    h = cfg.num_heads
+    return torch.cat([qk_half_to_interleaved(wq, h), qk_half_to_interleaved(wk, h), wv], 0)
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
-            copied.append(name)
-    return copied
-
-
-def save_pretrained(model, path, tokenizer=None) -> Path:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    if tokenizer is not None and hasattr(tokenizer, "__len__") and len(tokenizer) > cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {cfg.vocab_size}")
-    sd = {k: v.to("cpu", torch.float32) if v.is_floating_point() else v.cpu()
-          for k, v in to_hf_state_dict(model).items()}
-    save_file(sd, str(path / WEIGHTS), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
-    _save_tokenizer(tokenizer, path)
-    return path
-
-
-def save_checkpoint(model, path) -> Path:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(path / WEIGHTS), metadata={"format": "pt", "names": "twinlm"})
-    model.config.save(path / TWINLM_CONFIG)
-    return path
-
-
-# --------------------------------------------------------------------------------------------------
-# loading
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files: list[Path]
-    if (folder / WEIGHTS).is_file():
-        files = [folder / WEIGHTS]
-    elif (folder / WEIGHTS_INDEX).is_file():
-        try:
-            index = json.loads((folder / WEIGHTS_INDEX).read_text())
-            files = [folder / f for f in sorted(set(index["weight_map"].values()))]
-        except (ValueError, KeyError) as e:
-            raise ModelLoadError(f"{folder / WEIGHTS_INDEX}: not a valid safetensors index ({e})") from None
-    else:
-        others = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-        hint = f" (found {', '.join(others)}: convert them to safetensors)" if others else ""
-        raise ModelLoadError(f"{folder}: no weights file {WEIGHTS}{hint}")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        if not f.is_file():
-            raise ModelLoadError(f"{f}: weights file missing (listed in {WEIGHTS_INDEX})")
-        try:
-            sd.update(load_file(str(f)))
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-            raise ModelLoadError(f"{f}: cannot read the weights file (corrupt or truncated?): {e}") from None
-    return sd
-
-
-def _check_shapes(model, sd: dict[str, torch.Tensor], where: str) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    if missing:
-        raise ModelLoadError(f"{where}: missing weights {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    unexpected = sorted(set(sd) - set(expected))
-    if unexpected:
-        raise ModelLoadError(f"{where}: unexpected weights {', '.join(unexpected[:5])}"
-                             f"{' ...' if len(unexpected) > 5 else ''} (does the config contradict the weights?)")
-    for k, v in sd.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise ModelLoadError(f"{where}: weight {k} has shape {tuple(v.shape)} but the config implies "
-                                 f"{tuple(expected[k].shape)} (the config contradicts the weights)")
-        if not v.is_floating_point():
-            raise ModelLoadError(f"{where}: weight {k} has dtype {v.dtype}, expected a floating-point tensor")
-
-
-def read_config(path) -> ModelConfig:
-    """The ModelConfig of a twinlm checkpoint folder or an HF ModernBERT(-decoder) folder."""
-    folder = Path(path)
-    if not folder.exists():
-        raise FileNotFoundError(f"{folder}: no such model folder")
-    if not folder.is_dir():
-        raise ModelLoadError(f"{folder}: expected a model folder (config.json or model_config.json + {WEIGHTS})")
-    if (folder / TWINLM_CONFIG).is_file():
-        try:
-            return ModelConfig.load(folder / TWINLM_CONFIG)
-        except (ValueError, TypeError) as e:
-            raise ModelLoadError(f"{folder / TWINLM_CONFIG}: invalid twinlm model config: {e}") from None
-    if (folder / "config.json").is_file():
-        try:
-            d = json.loads((folder / "config.json").read_text())
-        except ValueError as e:
-            raise ModelLoadError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ModelLoadError(f"{folder / 'config.json'}: expected a JSON object")
-        return config_from_hf(d, folder)
-    raise ModelLoadError(f"{folder}: neither config.json (Hugging Face) nor {TWINLM_CONFIG} (twinlm checkpoint) found")
-
-
-def load(path, *, device=None, dtype=None):
-    """Load a Transformer from an HF ModernBERT / ModernBERT-decoder folder or a twinlm checkpoint folder."""
-    from twinlm.model import Transformer
-
-    folder = Path(path)
-    cfg = read_config(folder)
-    raw = _read_weights(folder)
-    if (folder / TWINLM_CONFIG).is_file():
-        sd = raw
-    else:
-        sd = from_hf_state_dict(raw, cfg, where=str(folder))
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    _check_shapes(model, sd, str(folder))
-    model = model.to_empty(device="cpu")
-    model.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=True)
-    model.set_rope_theta()  # non-persistent RoPE buffers were left empty by to_empty
-    if device is not None or dtype is not None:
-        model = model.to(device=device, dtype=dtype)
-    return model.eval()
-
-
-__all__ = ["save_pretrained", "save_checkpoint", "load", "read_config", "hf_config_dict", "config_from_hf",
-           "to_hf_state_dict", "from_hf_state_dict", "copy_tokenizer_files", "ModelLoadError"]
+__all__ = ["HF_TO_TWINLM", "TWINLM_TO_HF", "hf_names", "to_hf_state_dict", "from_hf_state_dict", "hf_config_dict",
+           "config_from_hf", "qk_half_to_interleaved", "qk_interleaved_to_half"]

@@ -1,8 +1,17 @@
-"""Model commands: `twinlm info` and `twinlm convert`."""
+"""Model commands: `twinlm info` and `twinlm convert`.
+
+Handlers import torch and the model modules when they run, so that `twinlm --help` stays fast. User errors
+(an unknown preset, a bad setting, a folder that cannot be loaded or written) raise TwinlmError subclasses,
+which twinlm.cli prints as one line with exit status 2.
+"""
 
 from __future__ import annotations
 
-import sys
+import json
+from pathlib import Path
+
+from twinlm.config import ModelConfig
+from twinlm.errors import ConfigError
 
 
 def register(commands) -> None:
@@ -30,21 +39,19 @@ def register(commands) -> None:
     c.set_defaults(handler=_convert)
 
 
-def _config_for(name: str, decoder: bool):
-    from pathlib import Path
-
-    from twinlm.config import ModelConfig
-
+def _config_for(name: str, decoder: bool) -> ModelConfig:
     if Path(name).is_dir():
-        from twinlm.hf import read_config
+        from twinlm.loading import read_config
+
         return read_config(name)
     if name not in ModelConfig.preset_names():
-        raise SystemExit(f"twinlm info: {name!r} is neither a preset ({', '.join(ModelConfig.preset_names())}) "
-                         f"nor a model folder")
+        raise ConfigError(f"{name!r} is neither a preset ({', '.join(ModelConfig.preset_names())}) "
+                          f"nor a model folder")
     return ModelConfig.preset(name, causal=decoder)
 
 
-def info(cfg, seq_len: int = 1024, predicted_fraction: float | None = None) -> dict:
+def info(cfg: ModelConfig, seq_len: int = 1024, predicted_fraction: float | None = None) -> dict:
+    """Shape, parameter counts and training FLOPs/token of a model of config `cfg` (built on the meta device)."""
     import torch
 
     from twinlm.model import Transformer
@@ -66,12 +73,10 @@ def info(cfg, seq_len: int = 1024, predicted_fraction: float | None = None) -> d
 
 
 def _info(args) -> int:
-    import json
-
     if args.seq_len <= 0:
-        raise SystemExit("twinlm info: --seq-len must be positive")
+        raise ConfigError("--seq-len must be positive")
     if args.predicted_fraction is not None and not 0.0 <= args.predicted_fraction <= 1.0:
-        raise SystemExit("twinlm info: --predicted-fraction must be within [0, 1]")
+        raise ConfigError("--predicted-fraction must be within [0, 1]")
     cfg = _config_for(args.model, args.decoder)
     d = info(cfg, args.seq_len, args.predicted_fraction)
     if args.json:
@@ -90,13 +95,8 @@ def _info(args) -> int:
 
 def _convert(args) -> int:
     from twinlm.convert import convert
-    from twinlm.hf import ModelLoadError
 
-    try:
-        out = convert(args.src, args.to, args.out, global_rope_theta=args.global_rope_theta,
-                      local_rope_theta=args.local_rope_theta, overwrite=args.overwrite)
-    except (ModelLoadError, ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"twinlm convert: {e}", file=sys.stderr)
-        return 2
+    out = convert(args.src, args.to, args.out, global_rope_theta=args.global_rope_theta,
+                  local_rope_theta=args.local_rope_theta, overwrite=args.overwrite)
     print(f"wrote {args.to} to {out}")
     return 0
