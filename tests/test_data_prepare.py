@@ -1,13 +1,15 @@
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from twinlm.data.prepare import DataError, chunk_document, iter_documents, prepare, resolve_inputs
-from twinlm.data.shards import (ShardDataset, ShardError, TokenizerMismatch, check_tokenizer, verify_shards)
+import twinlm.data.inputs as inputs_mod
+import twinlm.data.prepare as prepare_mod
+from twinlm.data.inputs import iter_documents, resolve_inputs
+from twinlm.data.prepare import chunk_document, prepare
+from twinlm.data.shards import ShardDataset, ShardError, TokenizerMismatch, check_tokenizer, verify_shards
 from twinlm.data.tokenizer import tokenizer_fingerprint, train_tokenizer
+from twinlm.errors import DataError
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega").split()
@@ -42,7 +44,6 @@ def corpus(tmp_path):
 def test_chunk_document_rules():
     ids = np.arange(10, 10 + 25)
     chunks, c = chunk_document(ids, 1, 2, chunk_size=12, min_chunk=4, backfill=8)
-    body = 10
     assert all(ch[0] == 1 and ch[-1] == 2 for ch in chunks)
     assert [len(ch) - 2 for ch in chunks] == [10, 10, 8]  # last piece (5 tokens) back-filled to 8
     assert list(chunks[2][1:-1]) == list(ids[17:25])       # 3 tokens of the previous piece's tail + the 5
@@ -154,7 +155,7 @@ def test_parquet_without_text_column(tok, tmp_path):
 
 
 def test_interrupted_prepare_leaves_nothing(tok, tmp_path, monkeypatch):
-    import twinlm.data.prepare as P
+    P = prepare_mod
     f = tmp_path / "x.txt"
     f.write_text("alpha beta " * 500)
     calls = {"n": 0}
@@ -224,7 +225,7 @@ def test_cli_prepare_and_tokenizer(tmp_path, corpus, capsys):
 
 
 def test_large_text_file_is_streamed_in_pieces(tok, tmp_path, monkeypatch):
-    import twinlm.data.prepare as P
+    P = inputs_mod  # the input readers
     f = tmp_path / "big.txt"
     text = ("alpha beta gamma\ndelta\n\n" * 400 + "omega") * 5
     f.write_text(text)
