@@ -9,7 +9,7 @@ from twinlm.data.inputs import iter_documents, resolve_inputs
 from twinlm.data.prepare import chunk_document, prepare
 from twinlm.data.shards import ShardDataset, ShardError, TokenizerMismatch, check_tokenizer, verify_shards
 from twinlm.data.tokenizer import tokenizer_fingerprint, train_tokenizer
-from twinlm.errors import DataError
+from twinlm.errors import DataError, MissingArtifactError
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega").split()
@@ -117,6 +117,17 @@ def test_hf_dataset_by_name_on_local_files(tok, corpus, tmp_path):
     assert meta["num_documents"] == 3 and meta["sha256"]["tokens.bin"] == ref["sha256"]["tokens.bin"]
 
 
+def test_unknown_hf_dataset_is_a_data_error(monkeypatch):
+    import datasets
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("Dataset 'nope' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    with pytest.raises(DataError, match="hf:nope: cannot load this Hugging Face dataset"):
+        list(iter_documents(resolve_inputs(["hf:nope"])))
+
+
 # --- bad input ---------------------------------------------------------------------------------------------
 def test_bad_inputs_error_or_skip(tok, tmp_path):
     good = tmp_path / "good.txt"
@@ -198,6 +209,29 @@ def test_truncated_altered_incomplete_shards(tok, corpus, tmp_path):
         ShardDataset(out)
     with pytest.raises(ShardError, match="no such shard folder"):
         ShardDataset(tmp_path / "nope")
+    with pytest.raises(MissingArtifactError, match="twinlm data prepare"):
+        ShardDataset(tmp_path / "nope")
+
+
+def test_shard_writer_replaces_a_folder_whole_and_abort_keeps_the_old_one(tmp_path):
+    from twinlm.data.shards import ShardWriter
+
+    def write(n, abort=False):
+        w = ShardWriter(tmp_path / "s", vocab_size=100, overwrite=True)
+        w.add(np.arange(n) % 100, np.asarray([n]), np.asarray([0]), np.asarray([n]))
+        if abort:
+            w.abort()
+        else:
+            w.close({"tokenizer": {"fingerprint": "x"}})
+
+    write(5)
+    write(7)
+    assert ShardDataset(tmp_path / "s", verify=True).num_tokens == 7
+    write(9, abort=True)
+    assert ShardDataset(tmp_path / "s", verify=True).num_tokens == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temporary or old folders left
+    with pytest.raises(FileExistsError):
+        ShardWriter(tmp_path / "s", vocab_size=100)
 
 
 def test_check_tokenizer(tok, corpus, tmp_path):

@@ -287,7 +287,11 @@ def _iter_hf(spec: InputSpec, text_field: str, bad) -> Iterator[tuple[str, str]]
         builder = {"jsonl": "json", "parquet": "parquet", "text": "text"}[kind or "text"]
         kwargs["data_files"] = name
         name = builder
-    ds = datasets.load_dataset(name, spec.config, split=spec.split or "train", **kwargs)
+    try:
+        ds = datasets.load_dataset(name, spec.config, split=spec.split or "train", **kwargs)
+    except (FileNotFoundError, ConnectionError) as e:  # an unknown name; the Hub out of reach and not cached
+        raise DataError(f"{spec}: cannot load this Hugging Face dataset ({e}); check the name "
+                        "(hf:NAME[:CONFIG][:SPLIT]), or fetch it once where the Hub is reachable") from e
     for i, rec in enumerate(ds):
         got = _field(rec, text_field, f"{spec}:{i}", bad)
         if got is not None:

@@ -43,6 +43,10 @@ def _write_npy_from_raw(raw: Path, out: Path, dtype: str, count: int) -> None:
     raw.unlink()
 
 
+class _Aborted(Exception):
+    """Thrown into the writer's atomic_dir block by `ShardWriter.abort`: the block ends as if by an error."""
+
+
 class ShardWriter:
     """Streams chunks into a temporary folder; `close(meta)` verifies, checksums and renames it to `out`."""
 
@@ -108,10 +112,6 @@ class ShardWriter:
         write_json(self.tmp / "meta.json", meta)
         self._folder.__exit__(None, None, None)
         return meta
-
-
-class _Aborted(Exception):
-    """Thrown into the writer's atomic_dir block by `ShardWriter.abort`: the block ends as if by an error."""
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
