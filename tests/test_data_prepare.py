@@ -1,13 +1,15 @@
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from twinlm.data.prepare import DataError, chunk_document, iter_documents, prepare, resolve_inputs
-from twinlm.data.shards import (ShardDataset, ShardError, TokenizerMismatch, check_tokenizer, verify_shards)
+import twinlm.data.inputs as inputs_mod
+import twinlm.data.prepare as prepare_mod
+from twinlm.data.inputs import iter_documents, resolve_inputs
+from twinlm.data.prepare import chunk_document, prepare
+from twinlm.data.shards import ShardDataset, ShardError, TokenizerMismatch, check_tokenizer, verify_shards
 from twinlm.data.tokenizer import tokenizer_fingerprint, train_tokenizer
+from twinlm.errors import DataError, MissingArtifactError
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega").split()
@@ -42,7 +44,6 @@ def corpus(tmp_path):
 def test_chunk_document_rules():
     ids = np.arange(10, 10 + 25)
     chunks, c = chunk_document(ids, 1, 2, chunk_size=12, min_chunk=4, backfill=8)
-    body = 10
     assert all(ch[0] == 1 and ch[-1] == 2 for ch in chunks)
     assert [len(ch) - 2 for ch in chunks] == [10, 10, 8]  # last piece (5 tokens) back-filled to 8
     assert list(chunks[2][1:-1]) == list(ids[17:25])       # 3 tokens of the previous piece's tail + the 5
@@ -116,6 +117,17 @@ def test_hf_dataset_by_name_on_local_files(tok, corpus, tmp_path):
     assert meta["num_documents"] == 3 and meta["sha256"]["tokens.bin"] == ref["sha256"]["tokens.bin"]
 
 
+def test_unknown_hf_dataset_is_a_data_error(monkeypatch):
+    import datasets
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("Dataset 'nope' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    with pytest.raises(DataError, match="hf:nope: cannot load this Hugging Face dataset"):
+        list(iter_documents(resolve_inputs(["hf:nope"])))
+
+
 # --- bad input ---------------------------------------------------------------------------------------------
 def test_bad_inputs_error_or_skip(tok, tmp_path):
     good = tmp_path / "good.txt"
@@ -154,7 +166,7 @@ def test_parquet_without_text_column(tok, tmp_path):
 
 
 def test_interrupted_prepare_leaves_nothing(tok, tmp_path, monkeypatch):
-    import twinlm.data.prepare as P
+    P = prepare_mod
     f = tmp_path / "x.txt"
     f.write_text("alpha beta " * 500)
     calls = {"n": 0}
@@ -197,6 +209,29 @@ def test_truncated_altered_incomplete_shards(tok, corpus, tmp_path):
         ShardDataset(out)
     with pytest.raises(ShardError, match="no such shard folder"):
         ShardDataset(tmp_path / "nope")
+    with pytest.raises(MissingArtifactError, match="twinlm data prepare"):
+        ShardDataset(tmp_path / "nope")
+
+
+def test_shard_writer_replaces_a_folder_whole_and_abort_keeps_the_old_one(tmp_path):
+    from twinlm.data.shards import ShardWriter
+
+    def write(n, abort=False):
+        w = ShardWriter(tmp_path / "s", vocab_size=100, overwrite=True)
+        w.add(np.arange(n) % 100, np.asarray([n]), np.asarray([0]), np.asarray([n]))
+        if abort:
+            w.abort()
+        else:
+            w.close({"tokenizer": {"fingerprint": "x"}})
+
+    write(5)
+    write(7)
+    assert ShardDataset(tmp_path / "s", verify=True).num_tokens == 7
+    write(9, abort=True)
+    assert ShardDataset(tmp_path / "s", verify=True).num_tokens == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temporary or old folders left
+    with pytest.raises(FileExistsError):
+        ShardWriter(tmp_path / "s", vocab_size=100)
 
 
 def test_check_tokenizer(tok, corpus, tmp_path):
@@ -224,7 +259,7 @@ def test_cli_prepare_and_tokenizer(tmp_path, corpus, capsys):
 
 
 def test_large_text_file_is_streamed_in_pieces(tok, tmp_path, monkeypatch):
-    import twinlm.data.prepare as P
+    P = inputs_mod  # the input readers
     f = tmp_path / "big.txt"
     text = ("alpha beta gamma\ndelta\n\n" * 400 + "omega") * 5
     f.write_text(text)

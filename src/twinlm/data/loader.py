@@ -9,10 +9,13 @@ batches after a resume are the batches it would have seen without one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+
+from twinlm.errors import ConfigError, DataError
 
 
 class BatchStream:
@@ -26,7 +29,7 @@ class BatchStream:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if len(dataset) == 0:
-            raise ValueError("BatchStream over an empty dataset")
+            raise DataError("BatchStream over an empty dataset")
         self.dataset = dataset
         self.seed = int(seed)
         self.rank = rank
@@ -71,8 +74,8 @@ class BatchStream:
     # --- stepping ------------------------------------------------------------------------------------
     def next_step(self, global_batch_size: int) -> list[tuple[int, np.ndarray]]:
         if global_batch_size < self.world_size:
-            raise ValueError(f"global batch size {global_batch_size} is smaller than world_size {self.world_size}: "
-                             "every rank needs at least one sample")
+            raise ConfigError(f"global batch size {global_batch_size} is smaller than world_size {self.world_size}: "
+                              "every rank needs at least one sample")
         ids = self.global_ids(self.position, int(global_batch_size))
         mine = ids[self.rank::self.world_size]
         self.position += int(global_batch_size)
@@ -90,10 +93,11 @@ class BatchStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["seed"]) != self.seed:
-            raise ValueError(f"data order seed {state['seed']} in the checkpoint differs from this stream's {self.seed}")
+            raise ConfigError(f"data order seed {state['seed']} in the checkpoint differs from this stream's "
+                              f"{self.seed}")
         if int(state.get("dataset_len", len(self.dataset))) != len(self.dataset):
-            raise ValueError(f"the checkpoint's data had {state['dataset_len']} samples, this dataset has "
-                             f"{len(self.dataset)}: resuming would not replay the same order")
+            raise ConfigError(f"the checkpoint's data had {state['dataset_len']} samples, this dataset has "
+                              f"{len(self.dataset)}: resuming would not replay the same order")
         self.position = int(state["position"])
         self.step = int(state.get("step", 0))
 
@@ -125,7 +129,7 @@ class PackedBatch:
         cu = self.cu_seqlens.tolist()
         return [self.input_ids[cu[i]:cu[i + 1]] for i in range(len(cu) - 1)]
 
-    def to(self, device: Any) -> "PackedBatch":
+    def to(self, device: Any) -> PackedBatch:
         return PackedBatch(self.input_ids.to(device, non_blocking=True), self.cu_seqlens.to(device, non_blocking=True),
                            self.max_seqlen, list(self.sample_ids))
 
@@ -133,7 +137,7 @@ class PackedBatch:
 def pack(samples: Sequence[tuple[int, np.ndarray]], max_tokens: int) -> list[PackedBatch]:
     """Pack samples, in order, into micro-batches of at most `max_tokens` tokens (a sample longer than that
     is an error: raise the budget or prepare shorter chunks)."""
-    import torch
+    import torch  # imported where a batch is built: `import twinlm.data` stays light (no torch)
     batches: list[PackedBatch] = []
     cur: list[tuple[int, np.ndarray]] = []
     used = 0
@@ -148,7 +152,8 @@ def pack(samples: Sequence[tuple[int, np.ndarray]], max_tokens: int) -> list[Pac
     for sid, toks in samples:
         n = len(toks)
         if n > max_tokens:
-            raise ValueError(f"sample {sid} has {n} tokens, more than the micro-batch budget of {max_tokens}")
+            raise ConfigError(f"sample {sid} has {n} tokens, more than the micro-batch budget of {max_tokens} "
+                              "(raise the budget or prepare shorter chunks)")
         if n == 0:
             continue
         if used + n > max_tokens and cur:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
+
+from twinlm.data.shards import ShardDataset
+from twinlm.errors import ConfigError, DataError
 
 
 class Mixture:
@@ -20,22 +24,25 @@ class Mixture:
 
     def __init__(self, sources: Sequence[tuple[Any, float]], seed: int = 0, num_tokens: int | None = None) -> None:
         if not sources:
-            raise ValueError("a Mixture needs at least one (dataset, weight) pair")
+            raise ConfigError("a Mixture needs at least one (dataset, weight) pair")
         weights = np.asarray([float(w) for _, w in sources])
         if (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {weights.tolist()}")
+            raise ConfigError(f"mixture weights must be >= 0 with a positive sum, got {weights.tolist()}")
         self.datasets = [d for d, _ in sources]
         self.weights = weights / weights.sum()
         self.seed = seed
         fps = {getattr(d, "fingerprint", None) for d in self.datasets}
         if len(fps) > 1:
-            raise ValueError("mixture sources were prepared with different tokenizers: "
-                             + ", ".join(f"{getattr(d, 'path', d)}={getattr(d, 'fingerprint', '?')[:12]}" for d in self.datasets))
+            raise DataError("mixture sources were prepared with different tokenizers: "
+                            + ", ".join(f"{getattr(d, 'path', d)}={getattr(d, 'fingerprint', '?')[:12]}"
+                                        for d in self.datasets)
+                            + " (prepare them again with one tokenizer: `twinlm data prepare --tokenizer DIR`)")
         totals = np.asarray([_num_tokens(d) for d in self.datasets], dtype=np.float64)
         counts = np.asarray([len(d) for d in self.datasets], dtype=np.float64)
         if (counts == 0).any():
             empty = [str(getattr(d, "path", d)) for d, c in zip(self.datasets, counts) if c == 0]
-            raise ValueError(f"empty mixture source(s): {', '.join(empty)}")
+            raise DataError(f"empty mixture source(s): {', '.join(empty)} (prepare them again, or drop them "
+                            "from the recipe)")
         self.num_tokens_target = int(num_tokens if num_tokens is not None else totals.sum())
         mean_len = totals / counts
         self.samples_per_source = np.rint(self.weights * self.num_tokens_target / mean_len).astype(np.int64)
@@ -53,9 +60,8 @@ class Mixture:
 
     @classmethod
     def from_spec(cls, spec: dict[str | Path, float] | Iterable[tuple[str | Path, float]], seed: int = 0,
-                  num_tokens: int | None = None, verify: bool = False) -> "Mixture":
+                  num_tokens: int | None = None, verify: bool = False) -> Mixture:
         """`{shard folder: weight, …}` (e.g. one phase of a recipe) -> Mixture of ShardDatasets."""
-        from twinlm.data.shards import ShardDataset
         items = spec.items() if isinstance(spec, dict) else spec
         return cls([(ShardDataset(p, verify=verify), w) for p, w in items], seed=seed, num_tokens=num_tokens)
 

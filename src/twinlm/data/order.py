@@ -9,12 +9,16 @@ input_ids list<int32>. Files are written under a temporary name and renamed when
 
 from __future__ import annotations
 
-import os
-import tempfile
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
+
+from twinlm.data.tokenizer import load_tokenizer
+from twinlm.errors import MissingArtifactError
+from twinlm.io import atomic_path
 
 
 def _to_list(x: Any) -> list[int]:
@@ -61,6 +65,7 @@ class OrderRecorder:
 
     def flush(self, interval_name: str) -> Path | None:
         """Write the rows recorded since the last flush to RUN/data_order/<interval_name>/rank-XXXXX.parquet."""
+        # pyarrow is imported where it is used: `import twinlm.data` (every training rank) stays light.
         import pyarrow as pa
         import pyarrow.parquet as pq
         if not len(self):
@@ -72,21 +77,20 @@ class OrderRecorder:
             "sample_id": pa.array(self._rows["sample_id"], pa.int64()),
             "input_ids": pa.array(self._rows["input_ids"], pa.list_(pa.int32())),
         })
-        folder = self.root / interval_name
-        folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"rank-{self.rank:05d}.parquet"
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{final.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        final = self.root / interval_name / f"rank-{self.rank:05d}.parquet"
+        with atomic_path(final) as tmp:
             pq.write_table(table, tmp)
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         for v in self._rows.values():
             v.clear()
         self._positions.clear()
         return final
+
+
+class StepNotRecorded(MissingArtifactError, KeyError):
+    """`read_step` of a step the run has not recorded (a KeyError, as a lookup by step)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 
 def _order_root(run: str | Path) -> Path:
@@ -95,13 +99,14 @@ def _order_root(run: str | Path) -> Path:
         return run / "data_order"
     if run.name == "data_order" and run.is_dir():
         return run
-    raise FileNotFoundError(f"{run}: no data_order/ folder (the trainer records one per checkpoint interval)")
+    raise MissingArtifactError(f"{run}: no data_order/ folder: not a training run folder, or the run has not reached "
+                               "its first checkpoint (`twinlm train` records the batches of each checkpoint interval)")
 
 
 def read_step(run: str | Path, step: int) -> list[dict[str, Any]]:
     """The recorded rows of one step, all ranks, in global batch order (rank r's i-th sample is global
     position i·world_size + r)."""
-    import pyarrow.dataset as pads
+    import pyarrow.dataset as pads  # half a second to import: only reading records needs it
     root = _order_root(run)
     rows = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -113,7 +118,8 @@ def read_step(run: str | Path, step: int) -> list[dict[str, Any]]:
         if table.num_rows:
             rows.extend(table.to_pylist())
     if not rows:
-        raise KeyError(f"step {step} is not recorded under {root}")
+        raise StepNotRecorded(f"step {step} is not recorded under {root} (records exist only for the steps up to "
+                              "the run's last checkpoint)")
     world = max(r["rank"] for r in rows) + 1
     rows.sort(key=lambda r: (r["position"] * world + r["rank"]))
     return rows
@@ -128,7 +134,6 @@ def show_step(run: str | Path, step: int, tokenizer: str | Path | None = None, o
               max_chars: int = 300, file: Any = None) -> list[dict[str, Any]]:
     """Print (or write to parquet `out`) the batch of a recorded step; decode with `tokenizer` if given
     (default: RUN/final or RUN/tokenizer when they hold a tokenizer)."""
-    import sys
     file = file or sys.stdout
     rows = read_step(run, step)
     if out:
@@ -144,7 +149,6 @@ def show_step(run: str | Path, step: int, tokenizer: str | Path | None = None, o
                 tokenizer = cand
                 break
     if tokenizer is not None:
-        from twinlm.data.tokenizer import load_tokenizer
         tok = load_tokenizer(tokenizer)
     total = sum(len(r["input_ids"]) for r in rows)
     print(f"step {step}: {len(rows)} samples, {total} tokens", file=file)

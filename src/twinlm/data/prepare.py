@@ -1,8 +1,7 @@
 """Raw text -> tokenized, chunked shards (REFERENCE §2).
 
-Sources: plain text files (one document per file), JSONL (`{"text": …}` per line; `.jsonl.gz` too),
-parquet (a text column), fetched sources by name (`$TWINLM_HOME/pretrain/<name>.jsonl`), and Hugging Face
-datasets by name (`hf:NAME[:CONFIG][:SPLIT]`, read with `datasets.load_dataset(..., streaming=True)`).
+Inputs are read by `twinlm.data.inputs` (files, folders, JSONL, parquet, fetched sources, `hf:` datasets);
+shards are written by `twinlm.data.shards.ShardWriter`. This module holds the chunking rule and runs the two.
 
 Each document is tokenized without specials and cut into pieces of (chunk_size − 2) tokens, each wrapped
 as `[CLS] … [SEP]`. A piece shorter than `min_chunk` tokens is dropped unless it is the document's first;
@@ -14,290 +13,26 @@ corpus size. Output is written under a temporary name and renamed when complete 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import logging
 import multiprocessing as mp
 import os
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
-from twinlm.errors import DataError
+from twinlm.data.inputs import InputSpec, iter_documents, resolve_inputs
 from twinlm.data.shards import ShardWriter
+from twinlm.data.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
+from twinlm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text", ".tex", ".html", ".c", ".h", ".js")
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz")
-PARQUET_SUFFIXES = (".parquet",)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    kind: str                 # "text" | "jsonl" | "parquet" | "hf"
-    path: str                 # file path, or dataset name for "hf"
-    config: str | None = None
-    split: str | None = None
-    source: str | None = None  # fetched source name, when it came from one
-
-    def __str__(self) -> str:
-        if self.kind == "hf":
-            return f"hf:{self.path}" + (f":{self.config or ''}" if self.config or self.split else "") + (
-                f":{self.split}" if self.split else "")
-        return self.path
-
-
-def _kind_of(path: Path) -> str | None:
-    name = path.name.lower()
-    if name.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    if name.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    if name.endswith(TEXT_SUFFIXES) or "." not in name:
-        return "text"
-    return None
-
-
-def resolve_inputs(items: Iterable[Any] | None, fetched: bool = False, home: str | Path | None = None) -> list[InputSpec]:
-    """Turn command-line inputs into InputSpecs. Items: paths (files or folders, searched recursively for
-    text/JSONL/parquet files), fetched pre-training source names, `hf:NAME[:CONFIG][:SPLIT]`, or InputSpecs."""
-    from twinlm.data import fetch as fetch_mod
-    specs: list[InputSpec] = []
-    for item in list(items or []):
-        if isinstance(item, InputSpec):
-            specs.append(item)
-            continue
-        s = str(item)
-        if s.startswith("hf:"):
-            parts = s[3:].split(":")
-            specs.append(InputSpec("hf", parts[0], (parts[1] or None) if len(parts) > 1 else None,
-                                   (parts[2] or None) if len(parts) > 2 else None))
-            continue
-        path = Path(s)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and _kind_of(p))
-            if not found:
-                raise DataError(f"{path}: no text, JSONL or parquet files in this folder")
-            specs.extend(InputSpec(_kind_of(p), str(p)) for p in found)
-        elif path.is_file():
-            kind = _kind_of(path) or "text"
-            specs.append(InputSpec(kind, str(path)))
-        elif s in fetch_mod.SOURCES:
-            for f in fetch_mod.pretrain_files(home, [s]):
-                specs.append(InputSpec("jsonl", str(f), source=s))
-        else:
-            raise DataError(f"{s}: no such file or folder, and not a fetched source "
-                            f"({', '.join(n for n, x in fetch_mod.SOURCES.items() if x.group == 'pretrain')}) "
-                            "nor hf:NAME")
-    if fetched:
-        for f in fetch_mod.pretrain_files(home):
-            specs.append(InputSpec("jsonl", str(f), source=f.stem))
-    if not specs:
-        raise DataError("no inputs given (files, folders, fetched source names, hf:NAME, or --fetched)")
-    return specs
-
-
-class _Bad(Exception):
-    def __init__(self, reason: str, where: str, detail: str = "") -> None:
-        super().__init__(f"{where}: {reason}{': ' + detail if detail else ''}")
-        self.reason = reason
-
-
-def _decode_text(data: bytes, where: str) -> str:
-    if b"\x00" in data[:65536]:
-        raise _Bad("binary", where, "contains NUL bytes (binary file?)")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _Bad("not_utf8", where, f"not valid UTF-8 at byte {e.start}") from e
-
-
-def iter_documents(specs: Iterable[InputSpec], text_field: str = "text", on_bad_input: str = "error",
-                   skipped: Counter | None = None) -> Iterator[tuple[str, str]]:
-    """(document key, text) for every document of the inputs, in order.
-
-    Bad input (a missing or empty file, binary or non-UTF-8 content, invalid JSON, a record without the
-    text field): on_bad_input="error" raises DataError naming the file and line; "skip" counts it in
-    `skipped` (by reason) and logs a warning.
-    """
-    if on_bad_input not in ("error", "skip"):
-        raise ValueError(f"on_bad_input must be 'error' or 'skip', got {on_bad_input!r}")
-    skipped = skipped if skipped is not None else Counter()
-
-    def bad(b: _Bad) -> None:
-        if on_bad_input == "error":
-            raise DataError(str(b) + " (pass --on-bad-input skip to skip and count such input)") from None
-        skipped[b.reason] += 1
-        log.warning("skipped %s", b)
-
-    for spec in specs:
-        if spec.kind == "hf":
-            yield from _iter_hf(spec, text_field, bad)
-            continue
-        path = Path(spec.path)
-        if not path.exists():
-            raise DataError(f"{path}: no such file")
-        if path.stat().st_size == 0:
-            bad(_Bad("empty", str(path), "empty file"))
-            continue
-        if spec.kind == "text" and path.stat().st_size > LARGE_TEXT_BYTES:
-            yield from _iter_large_text(path, bad)
-        elif spec.kind == "text":
-            try:
-                text = _decode_text(path.read_bytes(), str(path))
-            except _Bad as b:
-                bad(b)
-                continue
-            if not text.strip():
-                bad(_Bad("empty", str(path), "only whitespace"))
-                continue
-            yield str(path), text
-        elif spec.kind == "jsonl":
-            yield from _iter_jsonl(path, text_field, bad)
-        elif spec.kind == "parquet":
-            yield from _iter_parquet(path, text_field, bad)
-        else:
-            raise DataError(f"{path}: unknown input kind {spec.kind!r}")
-
-
-LARGE_TEXT_BYTES = 64 << 20
-
-
-def _iter_large_text(path: Path, bad, block: int = 8 << 20) -> Iterator[tuple[str, str]]:
-    """A plain text file too large to be one document: read in blocks, cut at blank lines (so memory stays
-    bounded); each piece is a document keyed path@offset."""
-    offset = 0
-    carry = b""
-    with open(path, "rb") as f:
-        while True:
-            data = f.read(block)
-            buf = carry + data
-            if not buf:
-                return
-            cut = buf.rfind(b"\n\n") if data else len(buf)
-            if cut <= 0:
-                cut = buf.rfind(b"\n") if data else len(buf)
-            if cut <= 0:
-                cut = len(buf) if not data or len(buf) > 4 * block else -1
-            if cut < 0:
-                carry = buf
-                continue
-            piece, carry = buf[:cut], buf[cut:]
-            where = f"{path}@{offset}"
-            offset += len(piece)
-            try:
-                text = _decode_text(piece, where)
-            except _Bad as b:
-                bad(b)
-                continue
-            if text.strip():
-                yield where, text
-            if not data:
-                if carry.strip():
-                    continue
-                return
-
-
-def _iter_jsonl(path: Path, text_field: str, bad) -> Iterator[tuple[str, str]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        if path.name.endswith(".json") and not path.name.endswith(".jsonl"):
-            head = f.read(1)
-            f.seek(0)
-            if head == b"[":  # a JSON array of records
-                try:
-                    records = json.load(io.TextIOWrapper(f, encoding="utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    bad(_Bad("invalid_json", str(path), str(e)))
-                    return
-                for i, rec in enumerate(records):
-                    got = _field(rec, text_field, f"{path}:{i}", bad)
-                    if got is not None:
-                        yield f"{path}:{i}", got
-                return
-        n = 0
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(_decode_text(raw, where))
-            except _Bad as b:
-                bad(b)
-                continue
-            except json.JSONDecodeError as e:
-                bad(_Bad("invalid_json", where, str(e)))
-                continue
-            got = _field(rec, text_field, where, bad)
-            if got is not None:
-                n += 1
-                yield where, got
-        if n == 0 and lineno_is_empty(path):
-            bad(_Bad("empty", str(path), "no records"))
-
-
-def lineno_is_empty(path: Path) -> bool:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        return not any(line.strip() for line in f)
-
-
-def _field(rec: Any, text_field: str, where: str, bad) -> str | None:
-    if not isinstance(rec, dict) or text_field not in rec:
-        bad(_Bad("missing_field", where, f"no {text_field!r} field"))
-        return None
-    text = rec[text_field]
-    if not isinstance(text, str):
-        bad(_Bad("missing_field", where, f"field {text_field!r} is {type(text).__name__}, not text"))
-        return None
-    if not text.strip():
-        bad(_Bad("empty", where, f"empty {text_field!r}"))
-        return None
-    return text
-
-
-def _iter_parquet(path: Path, text_field: str, bad) -> Iterator[tuple[str, str]]:
-    import pyarrow.parquet as pq
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for unreadable files
-        bad(_Bad("unreadable", str(path), str(e)))
-        return
-    if text_field not in pf.schema_arrow.names:
-        bad(_Bad("missing_field", str(path), f"no {text_field!r} column (columns: {', '.join(pf.schema_arrow.names)})"))
-        return
-    row = 0
-    for batch in pf.iter_batches(batch_size=4096, columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            where = f"{path}:{row}"
-            row += 1
-            if not isinstance(text, str) or not text.strip():
-                bad(_Bad("missing_field" if not isinstance(text, str) else "empty", where, f"no text in {text_field!r}"))
-                continue
-            yield where, text
-
-
-def _iter_hf(spec: InputSpec, text_field: str, bad) -> Iterator[tuple[str, str]]:
-    import datasets
-    kwargs: dict[str, Any] = {"streaming": True}
-    name = spec.path
-    if Path(name).is_file():  # a single local data file: use the builder its suffix names
-        kind = _kind_of(Path(name))
-        builder = {"jsonl": "json", "parquet": "parquet", "text": "text"}[kind or "text"]
-        kwargs["data_files"] = name
-        name = builder
-    ds = datasets.load_dataset(name, spec.config, split=spec.split or "train", **kwargs)
-    for i, rec in enumerate(ds):
-        got = _field(rec, text_field, f"{spec}:{i}", bad)
-        if got is not None:
-            yield f"{spec}:{i}", got
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,7 +43,7 @@ def chunk_document(ids: np.ndarray, cls_id: int, sep_id: int, chunk_size: int = 
     """Cut one document's token ids into `[CLS] … [SEP]` chunks (REFERENCE §2); returns (chunks, counts)."""
     body = chunk_size - 2
     if body < 1:
-        raise ValueError(f"chunk_size must be at least 3, got {chunk_size}")
+        raise ConfigError(f"chunk_size must be at least 3, got {chunk_size}")
     ids = np.asarray(ids)
     counts = {"dropped": 0, "backfilled": 0}
     if len(ids) == 0:
@@ -326,7 +61,8 @@ def chunk_document(ids: np.ndarray, cls_id: int, sep_id: int, chunk_size: int = 
                 piece = np.concatenate([prev[len(prev) - need:], piece]) if need > 0 else piece
                 counts["backfilled"] += 1
         prev = ids[start:start + body]
-        chunks.append(np.concatenate([[cls_id], piece, [sep_id]]).astype(ids.dtype if ids.dtype.kind in "iu" else np.int64))
+        dtype = ids.dtype if ids.dtype.kind in "iu" else np.int64
+        chunks.append(np.concatenate([[cls_id], piece, [sep_id]]).astype(dtype))
     return chunks, counts
 
 
@@ -338,7 +74,6 @@ _W: dict[str, Any] = {}
 
 def _byte_lengths(backend) -> np.ndarray:
     """UTF-8 bytes each token id stands for (0 for special tokens)."""
-    from tokenizers import pre_tokenizers  # noqa: F401  (the byte-level alphabet below)
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -372,7 +107,6 @@ def _init_worker(tokenizer_json: str, cls_id: int, sep_id: int, chunk_size: int,
     if threads is not None:  # in a worker process: its own encoder thread count
         os.environ["RAYON_NUM_THREADS"] = str(threads)
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
-    from tokenizers import Tokenizer
     backend = Tokenizer.from_str(tokenizer_json)
     backend.no_padding()
     backend.no_truncation()
@@ -417,7 +151,7 @@ def _holdout_rule(holdout_docs: float, seed: int):
     if not holdout_docs:
         return lambda ordinal, key: False
     if holdout_docs < 0:
-        raise ValueError(f"holdout_docs must be >= 0, got {holdout_docs}")
+        raise ConfigError(f"holdout_docs must be >= 0, got {holdout_docs}")
     fraction = holdout_docs if holdout_docs < 1 else 0.1
     limit = None if holdout_docs < 1 else int(holdout_docs)
     taken = [0]
@@ -435,23 +169,21 @@ def _holdout_rule(holdout_docs: float, seed: int):
 
 
 def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, *, chunk_size: int = 1024,
-            min_chunk: int | None = None, backfill: int | None = None, text_field: str = "text", holdout_docs: float = 0.0,
-            holdout_out: str | Path | None = None, workers: int | None = None, threads: int | None = None,
-            seed: int = 0,
-            on_bad_input: str = "error", max_docs: int | None = None, batch_bytes: int = 1 << 20,
-            overwrite: bool = True) -> dict[str, Any]:
+            min_chunk: int | None = None, backfill: int | None = None, text_field: str = "text",
+            holdout_docs: float = 0.0, holdout_out: str | Path | None = None, workers: int | None = None,
+            threads: int | None = None, seed: int = 0, on_bad_input: str = "error", max_docs: int | None = None,
+            batch_bytes: int = 1 << 20, overwrite: bool = True) -> dict[str, Any]:
     """Tokenize, chunk and shard `inputs` into `out` (and held-out documents into `holdout_out`, default
     `<out>-heldout`); returns the meta.json written. `tokenizer`: a PreTrainedTokenizerFast or a folder.
     min_chunk / backfill default to chunk_size/8 and chunk_size/2 (128 and 512 at the paper's 1,024).
     workers: tokenizer processes (default 1; 0 = tokenize in this process); threads: encoder threads per
     worker process (default: CPU count / workers). The main process reads while the workers encode."""
-    from twinlm.data.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
     t0 = time.time()
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     inputs = list(inputs)
     specs = resolve_inputs(inputs) if not all(isinstance(x, InputSpec) for x in inputs) else inputs
     if chunk_size < 3:
-        raise ValueError(f"chunk_size must be at least 3 ([CLS] + 1 token + [SEP]), got {chunk_size}")
+        raise ConfigError(f"chunk_size must be at least 3 ([CLS] + 1 token + [SEP]), got {chunk_size}")
     # default: the paper's 128 / 512 at 1,024 tokens, scaled with the chunk size for short CPU sequences
     min_chunk = chunk_size // 8 if min_chunk is None else min_chunk
     backfill = chunk_size // 2 if backfill is None else backfill

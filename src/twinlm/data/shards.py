@@ -7,7 +7,7 @@
     DIR/meta.json    written last: tokenizer fingerprint, counts, dtype, chunking, sha256 of each file
 
 A folder without meta.json is not a shard folder (an interrupted write never gets that far: the
-writer fills `DIR.tmp-*` and renames it when done).
+writer fills `.DIR.tmp-*` and renames it when done, through `twinlm.io.atomic_dir`).
 """
 
 from __future__ import annotations
@@ -16,17 +16,21 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from twinlm.errors import ShardError, TokenizerMismatch
-from twinlm.io import sha256_file
+from twinlm.data.tokenizer import tokenizer_fingerprint
+from twinlm.errors import MissingArtifactError, ShardError, TokenizerMismatch
+from twinlm.io import atomic_dir, sha256_file, write_json
 
 FORMAT_VERSION = 1
 FILES = ("tokens.bin", "index.npy", "docs.npy", "bytes.npy")
+
+
+class MissingShards(ShardError, MissingArtifactError):
+    """No shard folder at the path given: `twinlm data prepare` makes it."""
 
 
 def _write_npy_from_raw(raw: Path, out: Path, dtype: str, count: int) -> None:
@@ -39,6 +43,10 @@ def _write_npy_from_raw(raw: Path, out: Path, dtype: str, count: int) -> None:
     raw.unlink()
 
 
+class _Aborted(Exception):
+    """Thrown into the writer's atomic_dir block by `ShardWriter.abort`: the block ends as if by an error."""
+
+
 class ShardWriter:
     """Streams chunks into a temporary folder; `close(meta)` verifies, checksums and renames it to `out`."""
 
@@ -46,8 +54,10 @@ class ShardWriter:
         self.out = Path(out)
         if self.out.exists() and not overwrite:
             raise FileExistsError(f"{self.out} exists (pass overwrite=True / --overwrite to replace it)")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.tmp-"))
+        # The writer outlives one `with` block (many `add` calls), so it enters atomic_dir here and leaves it in
+        # `close` (rename to `out`, replacing an older folder) or `abort` (the temporary folder is removed).
+        self._folder = atomic_dir(self.out, replace=True)
+        self.tmp = self._folder.__enter__()
         self.dtype = np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
         self._tokens = open(self.tmp / "tokens.bin", "wb")
         self._index = open(self.tmp / "index.raw", "wb")
@@ -80,7 +90,7 @@ class ShardWriter:
     def abort(self) -> None:
         for f in (self._tokens, self._index, self._docs, self._bytes):
             f.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._folder.__exit__(_Aborted, _Aborted(), None)
 
     def close(self, meta: dict[str, Any]) -> dict[str, Any]:
         for f in (self._tokens, self._index, self._docs, self._bytes):
@@ -99,25 +109,15 @@ class ShardWriter:
             "num_bytes": self.num_bytes, "max_chunk_len": self.max_len,
             "sizes": {name: (self.tmp / name).stat().st_size for name in FILES}, "sha256": sha,
         }
-        with open(self.tmp / "meta.json", "w") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
+        write_json(self.tmp / "meta.json", meta)
+        self._folder.__exit__(None, None, None)
         return meta
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
-        raise ShardError(f"{path}: no such shard folder (make one with `twinlm data prepare … --out {path}`)")
+        raise MissingShards(f"{path}: no such shard folder (make one with `twinlm data prepare … --out {path}`)")
     meta_path = path / "meta.json"
     if not meta_path.exists():
         raise ShardError(f"{path}: no meta.json, so not a complete shard folder (an interrupted "
@@ -160,7 +160,8 @@ class ShardDataset:
         self.meta = verify_shards(self.path, checksums=verify)
         self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
         self.index = np.load(self.path / "index.npy", mmap_mode="r")
-        if len(self.index) != self.meta["num_chunks"] + 1 or (len(self.index) and int(self.index[-1]) != len(self.tokens)):
+        n = len(self.index)
+        if n != self.meta["num_chunks"] + 1 or (n and int(self.index[-1]) != len(self.tokens)):
             raise ShardError(f"{self.path}: index.npy does not match tokens.bin")
         self._docs = None
         self._bytes = None
@@ -208,7 +209,6 @@ class ShardDataset:
 def check_tokenizer(dataset: Any, tokenizer: Any) -> None:
     """Raise TokenizerMismatch unless `dataset` (ShardDataset, Mixture, folder path, or meta dict) was made with
     `tokenizer` (a tokenizer, a folder, or a fingerprint string). The trainer calls this before training."""
-    from twinlm.data.tokenizer import tokenizer_fingerprint
     if isinstance(tokenizer, str) and len(tokenizer) == 64 and not Path(tokenizer).exists():
         want = tokenizer
     else:
@@ -225,6 +225,7 @@ def check_tokenizer(dataset: Any, tokenizer: Any) -> None:
         got = meta["tokenizer"]["fingerprint"]
         if got != want:
             raise TokenizerMismatch(
-                f"{where} was prepared with tokenizer {meta['tokenizer'].get('name', '?')} (fingerprint {got[:12]}…), "
-                f"but this run uses fingerprint {want[:12]}…: prepare the data again with the recipe's tokenizer "
-                "(`twinlm data prepare --tokenizer DIR`) or point the recipe at the tokenizer the shards were made with")
+                f"{where} was prepared with tokenizer {meta['tokenizer'].get('name', '?')} "
+                f"(fingerprint {got[:12]}…), but this run uses fingerprint {want[:12]}…: prepare the data again "
+                "with the recipe's tokenizer (`twinlm data prepare --tokenizer DIR`) or point the recipe at the "
+                "tokenizer the shards were made with")

