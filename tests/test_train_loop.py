@@ -6,10 +6,12 @@ import math
 import pytest
 import torch
 
+from twinlm.errors import TrainingDiverged
 from twinlm.train import run
 from twinlm.train.recipe import load_recipe
+from twinlm.train.step import TrainStep
 from twinlm.train.testing import make_shards, tiny_recipe
-from twinlm.train.trainer import Trainer, TrainingDiverged
+from twinlm.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -74,19 +76,29 @@ def test_three_phases_chain_and_write_a_loadable_model(shards, tmp_path, objecti
     assert len(rows(out)) == len(r)
 
 
-class NaNAt(Trainer):
+class NaNStep(TrainStep):
+    """The loss of every forward pass of the listed (1-based) steps is NaN."""
     bad_steps: set = set()
+    current = 0
 
-    def forward_loss(self, *args):
-        loss = super().forward_loss(*args)
-        if self.state.step + 1 in self.bad_steps:
+    def train_batch(self, samples, phase, *, step, **kwargs):
+        self.current = step
+        return super().train_batch(samples, phase, step=step, **kwargs)
+
+    def forward_loss(self, mb):
+        loss = super().forward_loss(mb)
+        if self.current in self.bad_steps:
             return loss * float("nan")
         return loss
 
 
+class NaNAt(Trainer):
+    step_class = NaNStep
+
+
 def test_nan_loss_skips_the_step(shards, tmp_path):
     recipe = load_recipe(tiny_recipe(shards, phases=1, tokens=1200))
-    NaNAt.bad_steps = {3, 4}
+    NaNStep.bad_steps = {3, 4}
     snapshots = {}
 
     class Snap:
@@ -110,7 +122,7 @@ def test_nan_loss_skips_the_step(shards, tmp_path):
 
 def test_k_nan_losses_in_a_row_stop_the_run(shards, tmp_path):
     recipe = load_recipe(tiny_recipe(shards, phases=1, tokens=3000, max_bad_steps=3))
-    NaNAt.bad_steps = {2, 3, 4, 5, 6}
+    NaNStep.bad_steps = {2, 3, 4, 5, 6}
     with pytest.raises(TrainingDiverged, match="3 non-finite losses in a row"):
         NaNAt(recipe, tmp_path / "run", log=lambda m: None).fit()
 
