@@ -74,8 +74,8 @@ def verify(folder: str | Path) -> None:
 
 
 def _is_leftover(p: Path) -> bool:
-    """A temporary folder of a save that was killed (the `.tmp-step-*` name is that of older versions)."""
-    return p.name.startswith(".tmp-") or (p.name.startswith(".step-") and ".tmp-" in p.name)
+    """A temporary or swapped-out folder of a save that was killed (`.tmp-step-*` is the name older versions used)."""
+    return p.name.startswith((".tmp-", ".step-"))
 
 
 class CheckpointManager:
