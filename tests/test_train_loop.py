@@ -5,11 +5,14 @@ import math
 
 import pytest
 import torch
+import yaml
 
+from twinlm.errors import TrainingDiverged
 from twinlm.train import run
 from twinlm.train.recipe import load_recipe
+from twinlm.train.step import TrainStep
 from twinlm.train.testing import make_shards, tiny_recipe
-from twinlm.train.trainer import Trainer, TrainingDiverged
+from twinlm.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -74,19 +77,29 @@ def test_three_phases_chain_and_write_a_loadable_model(shards, tmp_path, objecti
     assert len(rows(out)) == len(r)
 
 
-class NaNAt(Trainer):
+class NaNStep(TrainStep):
+    """The loss of every forward pass of the listed (1-based) steps is NaN."""
     bad_steps: set = set()
+    current = 0
 
-    def forward_loss(self, *args):
-        loss = super().forward_loss(*args)
-        if self.state.step + 1 in self.bad_steps:
+    def train_batch(self, samples, phase, *, step, **kwargs):
+        self.current = step
+        return super().train_batch(samples, phase, step=step, **kwargs)
+
+    def forward_loss(self, mb):
+        loss = super().forward_loss(mb)
+        if self.current in self.bad_steps:
             return loss * float("nan")
         return loss
 
 
+class NaNAt(Trainer):
+    step_class = NaNStep
+
+
 def test_nan_loss_skips_the_step(shards, tmp_path):
     recipe = load_recipe(tiny_recipe(shards, phases=1, tokens=1200))
-    NaNAt.bad_steps = {3, 4}
+    NaNStep.bad_steps = {3, 4}
     snapshots = {}
 
     class Snap:
@@ -110,7 +123,7 @@ def test_nan_loss_skips_the_step(shards, tmp_path):
 
 def test_k_nan_losses_in_a_row_stop_the_run(shards, tmp_path):
     recipe = load_recipe(tiny_recipe(shards, phases=1, tokens=3000, max_bad_steps=3))
-    NaNAt.bad_steps = {2, 3, 4, 5, 6}
+    NaNStep.bad_steps = {2, 3, 4, 5, 6}
     with pytest.raises(TrainingDiverged, match="3 non-finite losses in a row"):
         NaNAt(recipe, tmp_path / "run", log=lambda m: None).fit()
 
@@ -163,3 +176,35 @@ def test_activation_checkpointing_gives_the_same_losses(shards, tmp_path):
     a = [x["loss"] for x in rows(tmp_path / "plain")]
     b = [x["loss"] for x in rows(tmp_path / "ac")]
     assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_user_errors_print_one_line(shards, tmp_path, capsys):
+    """Missing shards, a missing init_from model, a missing tokenizer, shards of another tokenizer and a
+    malformed override each end the command with one line that says what to do (exit 2), no traceback."""
+    from twinlm.cli import main
+
+    def train(recipe, *extra):
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        code = main(["train", str(path), "--out", str(tmp_path / f"run{len(list(tmp_path.iterdir()))}"), *extra])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return code, err.strip().splitlines()[-1]
+
+    code, line = train(tiny_recipe(tmp_path / "no-shards", phases=1, tokens=200))
+    assert code == 2 and line.startswith("twinlm: error:") and "twinlm data prepare" in line
+    code, line = train(tiny_recipe(shards, phases=1, tokens=200, init_from=str(tmp_path / "no-model")))
+    assert code == 2 and "init_from" in line and "train the source model first" in line
+    code, line = train(tiny_recipe(shards, phases=1, tokens=200, tokenizer=str(tmp_path / "no-tokenizer")))
+    assert code == 2 and "tokenizer" in line and "twinlm tokenizer" in line
+    code, line = train(tiny_recipe(shards, phases=1, tokens=200), "not-an-override")
+    assert code == 2 and "KEY=VALUE" in line
+    # the second phase's shards were made with another tokenizer than the first's
+    other = make_shards(tmp_path / "other", n_docs=50, seed=3)
+    meta = json.loads((other / "meta.json").read_text())
+    meta["tokenizer"]["fingerprint"] = "0" * 64
+    (other / "meta.json").write_text(json.dumps(meta))
+    recipe = tiny_recipe(shards, phases=2, tokens=200)
+    recipe["phases"]["extension"]["data"] = str(other)
+    code, line = train(recipe)
+    assert code == 2 and f"{other} was prepared with tokenizer" in line and "prepare the data again" in line

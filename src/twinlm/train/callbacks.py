@@ -1,4 +1,7 @@
-"""Optional trainer behaviour: metrics file, progress bar, TensorBoard, periodic checkpoints, eval, batch order."""
+"""Optional trainer behaviour: metrics file, progress bar, TensorBoard, periodic checkpoints, eval, batch order.
+
+Each is a `Callback` (train/callback.py) that uses the trainer's public surface only.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +12,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from tqdm.auto import tqdm
 
-from twinlm.train import dist
-from twinlm.train.trainer import Callback
+from twinlm.data import OrderRecorder
+from twinlm.io import write_bytes
+from twinlm.train.callback import Callback
+from twinlm.train.datasets import build_dataset
 
 
 class MetricsLogger(Callback):
@@ -37,7 +42,7 @@ class MetricsLogger(Callback):
                     continue  # a line cut by a kill
                 if row.get("step", 0) <= step:
                     kept.append(line)
-            self.path.write_text("".join(k + "\n" for k in kept))
+            write_bytes(self.path, "".join(k + "\n" for k in kept))
         self._f = open(self.path, "a")
 
     def on_log(self, trainer, row: dict) -> None:
@@ -67,7 +72,6 @@ class ProgressBar(Callback):
     def on_train_start(self, trainer) -> None:
         if not trainer.env.is_main:
             return
-        from tqdm.auto import tqdm
         # into a log file (not a terminal) one update per 30 s, not ten per second
         self.bar = tqdm(total=trainer.recipe.total_tokens, initial=trainer.state.tokens, unit="tok",
                         unit_scale=True, dynamic_ncols=True, smoothing=0.1, desc="train",
@@ -96,7 +100,7 @@ class TensorBoard(Callback):
         if not trainer.env.is_main:
             return
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
         except Exception:  # noqa: BLE001 - tensorboard missing: silently off
             return
         self.writer = SummaryWriter(str(self.logdir))
@@ -146,38 +150,14 @@ class Evaluate(Callback):
         self.samples = None
 
     def on_train_start(self, trainer) -> None:
-        from twinlm.train.trainer import build_dataset
         ds = build_dataset(self.cfg.data, trainer.recipe.seed)
         n = min(self.cfg.samples, len(ds))
         self.samples = [(10**12 + i, np.asarray(ds[i])) for i in range(n)]
 
-    @torch.no_grad()
     def evaluate(self, trainer) -> float:
         phase = trainer.phases[min(trainer.state.phase_index, len(trainer.phases) - 1)]
         mine = self.samples[trainer.env.rank::trainer.env.world_size]
-        objective = trainer._objective(phase, eval_mask=self.cfg.mask_ratio)
-        total = torch.zeros(2, dtype=torch.float64)
-        batches = []
-        for mb in trainer.micro_batches(mine, phase):
-            cu = np.asarray(mb.cu_seqlens)
-            p = objective.prepare(np.asarray(mb.input_ids), cu, list(mb.sample_ids), salt=0)
-            if p.num_targets:
-                batches.append((p.input_ids, torch.as_tensor(cu, dtype=torch.int32), int(mb.max_seqlen),
-                                p.positions, p.targets))
-        # every rank runs as many forwards as the busiest one (FSDP gathers parameters collectively)
-        n = torch.tensor([len(batches)], dtype=torch.int64)
-        if trainer.env.distributed:
-            dist.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
-        trainer.model.eval()
-        for i in range(int(n[0])):
-            batch = batches[i] if i < len(batches) else trainer._dummy()
-            loss = trainer.forward_loss(*batch)
-            if i < len(batches):
-                k = int(batch[4].numel())
-                total += torch.tensor([float(loss) * k, k], dtype=torch.float64)
-        trainer.model.train()
-        dist.all_reduce(total)
-        return float(total[0] / max(total[1], 1))
+        return trainer.step.eval_loss(mine, phase, self.cfg.mask_ratio)
 
     def on_step_end(self, trainer, row: dict) -> None:
         ordinal = trainer.state.tokens // self.cfg.every_tokens
@@ -197,7 +177,6 @@ class RecordOrder(Callback):
         self.recorder = None
 
     def on_train_start(self, trainer) -> None:
-        from twinlm.data import OrderRecorder
         self.recorder = OrderRecorder(self.run_dir, rank=trainer.env.rank)
 
     def on_batch(self, trainer, samples: list) -> None:

@@ -1,4 +1,5 @@
-"""Training checkpoints: atomic folders, a sha256 manifest, a completion marker written last, a keep policy.
+"""Training checkpoints: atomic folders, a sha256 manifest, a completion marker written last, a keep policy,
+and the training state they hold (weights, optimizer state, every rank's RNG, the trainer's record).
 
 Layout of one checkpoint `RUN/checkpoints/step-XXXXXXXX/`:
   model.safetensors       the weights (full, unsharded; tied tensors stored once)
@@ -9,9 +10,11 @@ Layout of one checkpoint `RUN/checkpoints/step-XXXXXXXX/`:
   MANIFEST.sha256         "<sha256>  <file>" for every file above
   COMPLETE                written last; a folder without it is ignored (and removed by the next save)
 
-Saving writes into `.tmp-step-XXXXXXXX/`, renames it, then writes COMPLETE. Loading verifies the manifest: a
-flipped byte or a truncated file is detected, reported, and resuming falls back to the newest intact
-checkpoint. Only one process (rank 0) writes.
+Saving fills a temporary folder beside it (`.step-XXXXXXXX.tmp-*`, see twinlm.io.atomic_dir), renames it,
+then writes COMPLETE. Loading verifies the manifest: a flipped byte or a truncated file is detected,
+reported, and resuming falls back to the newest intact checkpoint. Tensors are always full (gathered from
+FSDP shards), so a checkpoint resumes on any number of ranks. `save_training` is collective (every rank
+gathers; rank 0 writes); `restore_training` runs on every rank.
 """
 
 from __future__ import annotations
@@ -21,23 +24,20 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from twinlm.errors import CorruptCheckpointError
-from twinlm.io import sha256_file
+from twinlm.io import atomic_dir, fsync_file, sha256_file, write_bytes, write_json
+from twinlm.train import dist
 
 MARKER = "COMPLETE"
 MANIFEST = "MANIFEST.sha256"
 _NAME = re.compile(r"^step-(\d{8,})$")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -51,10 +51,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def verify(folder: str | Path) -> None:
@@ -75,6 +71,11 @@ def verify(folder: str | Path) -> None:
         if sha256_file(path) != digest:
             raise CorruptCheckpointError(f"{folder}: {name} does not match its sha256 in {MANIFEST} "
                                          "(the file was altered or truncated)")
+
+
+def _is_leftover(p: Path) -> bool:
+    """A temporary or swapped-out folder of a save that was killed (`.tmp-step-*` is the name older versions used)."""
+    return p.name.startswith((".tmp-", ".step-"))
 
 
 class CheckpointManager:
@@ -108,29 +109,21 @@ class CheckpointManager:
                 self.log(f"warning: skipping checkpoint: {e}")
         return None
 
-    def save(self, step: int, write_files, state: dict[str, Any]) -> Path:
+    def save(self, step: int, write_files: Callable[[Path], None], state: dict[str, Any]) -> Path:
         """Write a checkpoint. `write_files(folder)` writes the tensor files; `state` goes to state.json."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.path_for(step)
-        tmp = self.root / f".tmp-{final.name}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        write_files(tmp)
-        write_json(tmp / "state.json", state)
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        lines = []
-        for name in files:
-            _fsync_file(tmp / name)
-            lines.append(f"{sha256_file(tmp / name)}  {name}")
-        (tmp / MANIFEST).write_text("\n".join(lines) + "\n")
-        _fsync_file(tmp / MANIFEST)
-        if final.exists():  # an unmarked leftover of an interrupted save, or a re-save of the same step
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        # replace=True: an unmarked leftover of an interrupted save, or a re-save of the same step
+        with atomic_dir(final, replace=True) as tmp:
+            write_files(tmp)
+            write_json(tmp / "state.json", state)
+            lines = []
+            for name in sorted(p.name for p in tmp.iterdir() if p.is_file()):
+                fsync_file(tmp / name)
+                lines.append(f"{sha256_file(tmp / name)}  {name}")
+            write_bytes(tmp / MANIFEST, "\n".join(lines) + "\n")
         _fsync_dir(self.root)
-        (final / MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
-        _fsync_file(final / MARKER)
+        write_bytes(final / MARKER, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
         _fsync_dir(final)
         self.prune()
         return final
@@ -154,6 +147,111 @@ class CheckpointManager:
             removed.append(p)
         # leftovers of interrupted saves
         for p in self.root.iterdir():
-            if p.name.startswith(".tmp-") or (_NAME.match(p.name) and not (p / MARKER).exists()):
+            if _is_leftover(p) or (_NAME.match(p.name) and not (p / MARKER).exists()):
                 shutil.rmtree(p, ignore_errors=True)
         return removed
+
+
+# --- training state ---------------------------------------------------------------------------------
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of a checkpoint (`model.safetensors`, `optimizer.safetensors`) on the CPU."""
+    return load_file(str(path))
+
+
+def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage: keep the first name of each tied tensor."""
+    seen, out = set(), {}
+    for k, v in tensors.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else (k,)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v.contiguous()
+    return out
+
+
+def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer state as full tensors named `<parameter>::<key>` (collective under FSDP)."""
+    out = {}
+    for name, p in model.named_parameters():
+        st = optimizer.state.get(p)
+        if not st:
+            continue
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                out[f"{name}::{key}"] = dist.full_tensor(value).contiguous()
+    return out
+
+
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """Put `optimizer_tensors` output back, sharded like each parameter (FSDP) or on its device."""
+    by_param: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        name, key = k.rsplit("::", 1)
+        by_param.setdefault(name, {})[key] = v
+    params = dict(model.named_parameters())
+    unknown = sorted(set(by_param) - set(params))
+    if unknown:
+        raise CorruptCheckpointError(f"the optimizer state names parameters the model does not have: {unknown[:5]}; "
+                                     "the checkpoint's files do not belong together: move that checkpoint folder "
+                                     "away to resume from an earlier one")
+    for name, entries in by_param.items():
+        p = params[name]
+        # 0-dim entries (`step`) are restored as saved, on the CPU
+        optimizer.state[p] = {key: full.clone() if full.dim() == 0 else dist.place_like(full, p)
+                              for key, full in entries.items()}
+
+
+def _rng_state(env: dist.DistEnv) -> dict[str, list]:
+    rng = {"torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and env.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(env.device).tolist()
+    return rng
+
+
+def save_training(manager: CheckpointManager, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  env: dist.DistEnv, *, step: int, trainer_state: dict, info: dict) -> Path | None:
+    """Checkpoint `step`. Collective: every rank calls it (weights and optimizer state are gathered, and every
+    rank's RNG state recorded); rank 0 writes. state.json holds `trainer_state` under "trainer", the RNG
+    states, the world size and `info`. Returns the folder on rank 0, None elsewhere."""
+    weights = dist.full_state_dict(model)
+    bare = dist.unwrap(model)
+    optim = optimizer_tensors(bare, optimizer)
+    rngs = dist.all_gather_object(_rng_state(env))
+    if not env.is_main:
+        return None
+    cfg = bare.config
+
+    def write(folder: Path) -> None:
+        save_file(_dedupe(weights), str(folder / "model.safetensors"), metadata={"format": "pt"})
+        cfg.save(folder / "model_config.json")
+        save_file(optim, str(folder / "optimizer.safetensors"))
+
+    state = {"trainer": trainer_state, "rng": rngs, "world_size": env.world_size, **info}
+    return manager.save(step, write, state)
+
+
+def read_state(folder: str | Path) -> dict[str, Any]:
+    """A checkpoint's state.json."""
+    return json.loads((Path(folder) / "state.json").read_text())
+
+
+def restore_training(folder: str | Path, state: dict[str, Any], model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer, env: dist.DistEnv, *, seed: int, log) -> None:
+    """Load the optimizer state and this rank's RNG state of checkpoint `folder` (its `state` from read_state).
+
+    The weights are loaded when the model is built (`read_tensors(folder / "model.safetensors")`). On another
+    number of ranks than the checkpoint's, RNG streams are re-seeded from (seed, step, rank): dropout differs,
+    the data order and masking do not (they are functions of the step).
+    """
+    load_optimizer(dist.unwrap(model), optimizer, read_tensors(Path(folder) / "optimizer.safetensors"))
+    rngs = state.get("rng") or []
+    if len(rngs) == env.world_size:
+        rng = rngs[env.rank]
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        if "cuda" in rng and env.device.type == "cuda":
+            torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8), env.device)
+    else:
+        log(f"note: resuming on {env.world_size} ranks from a checkpoint written by {len(rngs)}; "
+            "dropout RNG streams are re-seeded (data order and masking are unchanged)")
+        torch.manual_seed(seed * 1000 + state["trainer"]["step"] * 17 + env.rank)

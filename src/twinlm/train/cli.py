@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from twinlm.errors import ConfigError
+
 
 def register(commands) -> None:
     p = commands.add_parser(
@@ -27,29 +29,22 @@ def register(commands) -> None:
 
 
 def _train(args) -> int:
+    # user errors (a bad recipe, missing data, diverging: exit 3) reach twinlm.cli, which prints them as one line
     from twinlm.train.recipe import load_recipe
     args.out, extra = args.out[0], args.out[1:]
     args.overrides = list(args.overrides) + list(extra)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
-        print(f"error: overrides must be KEY=VALUE, got {bad}", file=sys.stderr)
-        return 2
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"overrides must be KEY=VALUE, got {bad}")
+    recipe = load_recipe(args.recipe, args.overrides)
     if args.print_only:
         print(recipe.resolved_paths().to_yaml(), end="")
         return 0
     from twinlm.train import dist
-    from twinlm.train.trainer import Trainer, TrainingDiverged
+    from twinlm.train.trainer import Trainer
     trainer = Trainer(recipe, args.out)
     try:
         out = trainer.fit()
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
     finally:
         dist.shutdown()
     if trainer.env is not None and not trainer.env.is_main:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -110,7 +112,6 @@ def parallelize(model: torch.nn.Module, env: DistEnv, *, mode: str = "auto", com
     """Wrap `model` for training; returns the module to call (the bare model stays reachable via unwrap())."""
     blocks = blocks_of(model)
     if activation_checkpointing:
-        from torch.utils.checkpoint import checkpoint
         for block in blocks:
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     if compile:
@@ -119,13 +120,12 @@ def parallelize(model: torch.nn.Module, env: DistEnv, *, mode: str = "auto", com
     if mode == "auto":
         mode = "ddp" if env.distributed else "none"
     if mode == "fsdp" and env.distributed:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # FSDP only: ~1 s to import
         for block in blocks:
             fully_shard(block)
         fully_shard(model)
         return model
     if mode in ("ddp", "fsdp") and env.distributed:  # fsdp on one rank degenerates to plain training
-        from torch.nn.parallel import DistributedDataParallel
         ids = [env.device.index] if env.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     return model
@@ -135,20 +135,29 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of the whole tensor (gathered from the ranks when `t` is an FSDP shard: collective)."""
     if hasattr(t, "full_tensor"):
         t = t.full_tensor()
     return t.detach().cpu()
 
 
+def place_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`full` on `param`'s device, sharded like `param` when that is an FSDP shard (the inverse of full_tensor)."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor  # DTensor: FSDP only, ~1 s to import
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements)
+    return full.to(param.device).clone()
+
+
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU tensors of the model's state dict; call on every rank (FSDP gathers)."""
-    return {k: _full(v) for k, v in unwrap(model).state_dict().items()}
+    return {k: full_tensor(v) for k, v in unwrap(model).state_dict().items()}
 
 
 def _assign(dst: torch.Tensor, full: torch.Tensor) -> None:
     if hasattr(dst, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
+        from torch.distributed.tensor import distribute_tensor  # DTensor: FSDP only, ~1 s to import
         shard = distribute_tensor(full.to(dst.device, dst.dtype), dst.device_mesh, dst.placements)
         dst.to_local().copy_(shard.to_local())
     else:

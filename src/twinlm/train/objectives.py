@@ -13,9 +13,10 @@ where the prediction head runs, and the target token at each of them:
   position i−1's output (never from the previous document: the first token of a document is never chosen).
 
 The masking draws are a pure function of (seed, salt, sample_id, position in the sample), a hash rather than
-a stateful generator; the trainer passes the global step as the salt. The same sample in the same step is
-masked the same way on any number of ranks, in any micro-batch, and after resuming (nothing to checkpoint),
-while a sample seen again in a later epoch gets a fresh mask (dynamic masking).
+a stateful generator; the training step (train/step.py) passes the global step number as the salt. The same
+sample in the same step is masked the same way on any number of ranks, in any micro-batch, and after
+resuming (nothing to checkpoint), while a sample seen again in a later epoch gets a fresh mask (dynamic
+masking).
 """
 
 from __future__ import annotations
@@ -70,7 +71,6 @@ class Prepared:
 
 def _doc_layout(cu_seqlens: np.ndarray, sample_ids) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.diff(cu_seqlens.astype(np.int64))
-    doc = np.repeat(np.arange(len(lengths)), lengths)
     pos = np.arange(int(cu_seqlens[-1]), dtype=np.int64) - np.repeat(cu_seqlens[:-1].astype(np.int64), lengths)
     sid = np.repeat(np.asarray(sample_ids, dtype=np.int64), lengths)
     return sid, pos

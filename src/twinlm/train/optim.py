@@ -22,7 +22,7 @@ host synchronisation: the clipping factor stays a device tensor.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -78,7 +78,7 @@ class StableAdamW(torch.optim.Optimizer):
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: matrices (and embeddings) with weight decay; norms and biases (ndim < 2) without."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 else decay).append(p)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from twinlm.data.shards import ShardWriter
+
+# shaped like a real tokenizer fingerprint (64 hex digits), which is how check_tokenizer recognises one
+SYNTHETIC_FINGERPRINT = hashlib.sha256(b"synthetic-test-shards").hexdigest()
+
 
 def make_shards(out: str | Path, *, n_docs: int = 300, min_len: int = 16, max_len: int = 64, vocab: int = 4096,
                 seed: int = 0, first_id: int = 5, cls_id: int = 1, sep_id: int = 2) -> Path:
     """A shard folder of `[CLS] random tokens [SEP]` chunks with a little structure to learn (repeated bigrams)."""
-    from twinlm.data.shards import ShardWriter
     rng = np.random.default_rng(seed)
     chunks = []
     for _ in range(n_docs):
@@ -22,7 +27,7 @@ def make_shards(out: str | Path, *, n_docs: int = 300, min_len: int = 16, max_le
     lengths = np.array([len(c) for c in chunks], dtype=np.int64)
     w = ShardWriter(out, vocab_size=vocab, overwrite=True)
     w.add(np.concatenate(chunks), lengths, np.arange(n_docs, dtype=np.int64), lengths * 4)
-    w.close({"tokenizer": {"fingerprint": "synthetic-test-shards"}, "source": "synthetic"})
+    w.close({"tokenizer": {"fingerprint": SYNTHETIC_FINGERPRINT}, "source": "synthetic"})
     return Path(out)
 
 

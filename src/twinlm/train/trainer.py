@@ -4,112 +4,49 @@
     final = trainer.fit()                     # runs/enc/final (an HF folder); resumes by itself
 
 One optimizer step = one global batch (`batch_size` sequences, grown by the batch-size warmup), identical for
-any number of ranks: each rank takes its share, packs it into padding-free micro-batches, and the loss is
-normalised by the *global* number of target tokens (sum of token losses / global target count), so neither
-ranks nor micro-batches change it. Optional behaviour is in callbacks (metrics, progress bar, TensorBoard,
-periodic checkpoints, eval, order recording); `Trainer.fit` only trains, checkpoints at phase ends, and
-handles SIGTERM (finish the step, checkpoint, return) and non-finite losses (skip, stop after
-`max_bad_steps` in a row).
+any number of ranks: each rank takes its share and hands it to the step (train/step.py: packing, masking, the
+loss normalised by the *global* number of target tokens, the update). The trainer builds the model (fresh,
+from a checkpoint, or converted from a model of the other kind), runs the phases in order (RoPE θ, data and
+schedule per phase), checkpoints at phase ends (train/checkpoint.py), handles SIGTERM (finish the step,
+checkpoint, return) and non-finite losses (the step skips the update; the run stops after `max_bad_steps` in
+a row), and exports `final/`. Optional behaviour is in callbacks (train/callbacks.py: metrics, progress bar,
+TensorBoard, periodic checkpoints, eval, order recording); the run folder's provenance is train/rundir.py.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import platform
 import signal
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
-from twinlm.errors import TrainingDiverged
+import twinlm
+from twinlm.config import ModelConfig
+from twinlm.convert import convert
+from twinlm.data import BatchStream, check_tokenizer
+from twinlm.data.tokenizer import load_tokenizer, model_config_for, tokenizer_fingerprint
+from twinlm.errors import MissingArtifactError, TokenizerMismatch, TrainingDiverged
+from twinlm.io import atomic_dir, remove_stale_temporaries, write_bytes
+from twinlm.model import Transformer
+from twinlm.train import callbacks as cbs
 from twinlm.train import dist
-from twinlm.train.checkpoint import CheckpointManager, write_json
-from twinlm.train.objectives import build_objective
+from twinlm.train.callback import Callback
+from twinlm.train.checkpoint import CheckpointManager, read_state, read_tensors, restore_training, save_training
+from twinlm.train.datasets import build_dataset, phase_sources
 from twinlm.train.optim import build_optimizer
-from twinlm.train.recipe import Phase, Recipe, Source
-from twinlm.train.schedule import batch_size as scheduled_batch_size, lr_multiplier
-
-
-@dataclass
-class TrainState:
-    phase_index: int = 0
-    phase_step: int = 0
-    phase_tokens: int = 0
-    step: int = 0  # optimizer steps attempted over the whole run (skipped ones included)
-    tokens: int = 0  # tokens consumed over the whole run
-    bad_streak: int = 0
-    skipped_steps: int = 0
-    checkpoint_ordinal: int = 0  # number of periodic checkpoint intervals passed
-    eval_ordinal: int = 0
-    stream: dict = field(default_factory=dict)  # the data stream's position in the current phase
-    finished: bool = False
-
-
-class Callback:
-    """Hooks; every method is optional. `row` is the metrics dict of the step (callbacks may add keys)."""
-
-    def on_train_start(self, trainer: "Trainer") -> None: ...
-    def on_phase_start(self, trainer: "Trainer", phase: Phase) -> None: ...
-    def on_batch(self, trainer: "Trainer", samples: list) -> None: ...
-    def on_step_end(self, trainer: "Trainer", row: dict) -> None: ...
-    def on_log(self, trainer: "Trainer", row: dict) -> None: ...
-    def on_checkpoint(self, trainer: "Trainer", path: Path) -> None: ...
-    def on_phase_end(self, trainer: "Trainer", phase: Phase) -> None: ...
-    def on_train_end(self, trainer: "Trainer") -> None: ...
-
-
-def _sources(recipe: Recipe, phase: Phase) -> list[Source]:
-    return phase.data or recipe.data
-
-
-def build_dataset(sources: list[Source], seed: int):
-    from twinlm.data import Mixture, ShardDataset
-    sets = [ShardDataset(s.path) for s in sources]
-    if len(sets) == 1:
-        return sets[0]
-    return Mixture([(d, s.weight) for d, s in zip(sets, sources)], seed)
-
-
-def git_revision(path: Path) -> dict[str, Any]:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
-                               capture_output=True, text=True, timeout=10)
-        if rev.returncode == 0:
-            return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"commit": None}
-
-
-def environment(env: dist.DistEnv) -> dict[str, Any]:
-    import twinlm
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
-                "twinlm": twinlm.__version__}
-    for name in ("transformers", "tokenizers", "safetensors"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - optional packages
-            versions[name] = None
-    hw: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
-                          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "device": str(env.device), "world_size": env.world_size}
-    if torch.cuda.is_available():
-        hw["cuda"] = torch.version.cuda
-        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return {"versions": versions, "hardware": hw, "git": git_revision(Path(__file__).resolve().parent),
-            "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+from twinlm.train.recipe import Phase, Recipe
+from twinlm.train.rundir import prepare_run_dir
+from twinlm.train.schedule import batch_size as scheduled_batch_size
+from twinlm.train.state import TrainState
+from twinlm.train.step import TrainStep
 
 
 class Trainer:
+    step_class = TrainStep  # what runs each step (a subclass may be substituted, e.g. to inject failures)
+
     def __init__(self, recipe: Recipe, out_dir: str | Path, *, callbacks: list[Callback] | None = None,
                  env: dist.DistEnv | None = None, log=None, default_callbacks: bool = True):
         self.recipe = recipe.resolved_paths().validate()
@@ -122,10 +59,10 @@ class Trainer:
         self.stop_requested = False
         self.model = None  # the module to call (maybe DDP/FSDP wrapped)
         self.optimizer = None
+        self.step: TrainStep | None = None
         self.tokenizer = None
         self.tokenizer_fingerprint = None
         self.stream = None
-        self.objective = None
         self.last_checkpoint: Path | None = None
         self.interrupted = False
 
@@ -151,49 +88,43 @@ class Trainer:
         src = self.recipe.tokenizer
         if not src:
             return None, None
-        from twinlm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-        tok = load_tokenizer(src)
+        try:
+            tok = load_tokenizer(src)
+        except FileNotFoundError as e:
+            raise MissingArtifactError(f"the recipe's tokenizer: {e}") from e
         return tok, tokenizer_fingerprint(tok)
 
-    def _model_config(self):
-        from twinlm.config import ModelConfig
+    def _model_config(self) -> ModelConfig:
         spec = self.recipe.model
         if self.tokenizer is not None:
-            from twinlm.data.tokenizer import model_config_for
             cfg = model_config_for(self.tokenizer, spec.preset)
         else:
             cfg = ModelConfig.preset(spec.preset)
         return cfg.replace(**{**spec.overrides, "causal": self.recipe.causal})
 
-    def _init_model(self, ckpt: Path | None):
-        from twinlm.config import ModelConfig
-        from twinlm.model import Transformer
+    def _init_model(self, ckpt: Path | None) -> Transformer:
         if ckpt is not None:
-            cfg = ModelConfig.load(ckpt / "model_config.json")
-            model = Transformer(cfg)
-            dist.load_full_state_dict(model, _read_safetensors(ckpt / "model.safetensors"))
+            model = Transformer(ModelConfig.load(ckpt / "model_config.json"))
+            dist.load_full_state_dict(model, read_tensors(ckpt / "model.safetensors"))
             return model
         torch.manual_seed(self.recipe.seed)
         if self.recipe.init_from:
             return self._converted_model()
         return Transformer(self._model_config())
 
-    def _converted_model(self):
+    def _converted_model(self) -> Transformer:
         """Cross-objective start: weights of a trained model of the other kind, converted; fresh optimizer."""
-        import twinlm
-        from twinlm.model import Transformer
         src = Path(self.recipe.init_from)
         target = "decoder" if self.recipe.causal else "encoder"
         if not src.exists():
-            raise FileNotFoundError(f"init_from: {src} does not exist (train the source model first, or override "
-                                    f"init_from=PATH)")
+            raise MissingArtifactError(f"init_from: {src} does not exist (train the source model first, or "
+                                       f"override init_from=PATH)")
         loaded = twinlm.load(src)
         if bool(loaded.config.causal) != self.recipe.causal:
             conv_dir = self.out / "init"
             if self.env.is_main and not (conv_dir / "DONE").exists():
-                from twinlm.convert import convert
                 convert(src, to=target, out=conv_dir, overwrite=True)
-                (conv_dir / "DONE").write_text(str(src) + "\n")
+                write_bytes(conv_dir / "DONE", str(src) + "\n")
             dist.barrier()
             loaded = twinlm.load(conv_dir)
         # the recipe's model overrides (e.g. dropout) apply on top of the converted shape
@@ -203,25 +134,7 @@ class Trainer:
         dist.load_full_state_dict(model, {k: v.detach().cpu() for k, v in loaded.state_dict().items()})
         return model
 
-    def _prepare_run_dir(self) -> None:
-        if not self.env.is_main:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        cfg_path = self.out / "config.yaml"
-        text = self.recipe.to_yaml()
-        if cfg_path.exists() and _without_run_knobs(cfg_path.read_text()) != _without_run_knobs(text):
-            self.log(f"warning: {cfg_path} differs from this recipe; the new one is used and saved as "
-                     f"config.yaml (the old one is kept as config.previous.yaml)")
-            cfg_path.replace(self.out / "config.previous.yaml")
-        cfg_path.write_text(text)
-        info = environment(self.env)
-        if not (self.out / "env.json").exists():
-            write_json(self.out / "env.json", info)
-        with open(self.out / "starts.jsonl", "a") as f:
-            f.write(json.dumps(info) + "\n")
-
     def _build_callbacks(self) -> list[Callback]:
-        from twinlm.train import callbacks as cbs
         out: list[Callback] = []
         if self.default_callbacks:
             out.append(cbs.Throughput())
@@ -238,135 +151,50 @@ class Trainer:
                 out.append(cbs.RecordOrder(self.out))
         return out + self.extra_callbacks
 
-    # --- checkpoint I/O -----------------------------------------------------------------------------
-    def _optimizer_tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, p in self.bare_model.named_parameters():
-            st = self.optimizer.state.get(p)
-            if not st:
-                continue
-            for key, value in st.items():
-                if torch.is_tensor(value):
-                    out[f"{name}::{key}"] = dist._full(value).contiguous()
-        return out
-
-    def _load_optimizer(self, tensors: dict[str, torch.Tensor]) -> None:
-        by_param: dict[str, dict[str, torch.Tensor]] = {}
-        for k, v in tensors.items():
-            name, key = k.rsplit("::", 1)
-            by_param.setdefault(name, {})[key] = v
-        params = dict(self.bare_model.named_parameters())
-        unknown = sorted(set(by_param) - set(params))
-        if unknown:
-            raise KeyError(f"optimizer state names parameters the model does not have: {unknown[:5]}")
-        for name, entries in by_param.items():
-            p = params[name]
-            st = {}
-            for key, full in entries.items():
-                if full.dim() == 0:
-                    st[key] = full.clone()
-                elif hasattr(p, "device_mesh"):
-                    from torch.distributed.tensor import distribute_tensor
-                    st[key] = distribute_tensor(full.to(p.device), p.device_mesh, p.placements)
-                else:
-                    st[key] = full.to(p.device).clone()
-            self.optimizer.state[p] = st
-
+    # --- checkpoints ----------------------------------------------------------------------------------
     def save_checkpoint(self, keep: bool = False) -> Path | None:
         """Collective: every rank calls it; rank 0 writes. Returns the folder (rank 0) or None."""
-        weights = dist.full_state_dict(self.model)
-        optim = self._optimizer_tensors()
-        rng = {"torch": torch.get_rng_state().tolist()}
-        if torch.cuda.is_available() and self.env.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.env.device).tolist()
-        rngs = dist.all_gather_object(rng)
-        path = None
-        if self.env.is_main:
-            st = asdict(self.state)
-            state = {"trainer": st, "rng": rngs, "world_size": self.env.world_size,
-                     "tokenizer_fingerprint": self.tokenizer_fingerprint, "keep": bool(keep),
-                     "checkpoint_ordinal": self.state.checkpoint_ordinal,
-                     "phase": self.phases[min(self.state.phase_index, len(self.phases) - 1)].name,
-                     "recipe": self.recipe.to_dict()}
-            cfg = self.bare_model.config
-
-            def write(folder: Path) -> None:
-                from safetensors.torch import save_file
-                save_file(_dedupe(weights), str(folder / "model.safetensors"), metadata={"format": "pt"})
-                cfg.save(folder / "model_config.json")
-                save_file(optim, str(folder / "optimizer.safetensors"))
-
-            path = self.ckpt.save(self.state.step, write, state)
+        info = {"tokenizer_fingerprint": self.tokenizer_fingerprint, "keep": bool(keep),
+                "checkpoint_ordinal": self.state.checkpoint_ordinal,
+                "phase": self.phases[min(self.state.phase_index, len(self.phases) - 1)].name,
+                "recipe": self.recipe.to_dict()}
+        path = save_training(self.ckpt, self.model, self.optimizer, self.env, step=self.state.step,
+                             trainer_state=asdict(self.state), info=info)
+        if path is not None:
             self.last_checkpoint = path
         dist.barrier()
         self._emit("on_checkpoint", self.ckpt.path_for(self.state.step))
         return path
 
     def _restore(self, ckpt: Path) -> None:
-        state = json.loads((ckpt / "state.json").read_text())
+        state = read_state(ckpt)
         self.state = TrainState(**state["trainer"])
         fp = state.get("tokenizer_fingerprint")
         if fp and self.tokenizer_fingerprint and fp != self.tokenizer_fingerprint:
-            raise ValueError(f"{ckpt} was trained with another tokenizer (fingerprint {fp[:12]}… vs "
-                             f"{self.tokenizer_fingerprint[:12]}…)")
+            raise TokenizerMismatch(f"{ckpt} was trained with another tokenizer (fingerprint {fp[:12]}… vs "
+                                    f"{self.tokenizer_fingerprint[:12]}…): point the recipe's `tokenizer` at the "
+                                    f"one this run started with, or train into a new run folder")
         self.tokenizer_fingerprint = self.tokenizer_fingerprint or fp
-        self._load_optimizer(_read_safetensors(ckpt / "optimizer.safetensors"))
-        rngs = state.get("rng") or []
-        if len(rngs) == self.env.world_size:
-            rng = rngs[self.env.rank]
-            torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-            if "cuda" in rng and self.env.device.type == "cuda":
-                torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8), self.env.device)
-        else:
-            self.log(f"note: resuming on {self.env.world_size} ranks from a checkpoint written by {len(rngs)}; "
-                     "dropout RNG streams are re-seeded (data order and masking are unchanged)")
-            torch.manual_seed(self.recipe.seed * 1000 + self.state.step * 17 + self.env.rank)
+        restore_training(ckpt, state, self.model, self.optimizer, self.env, seed=self.recipe.seed, log=self.log)
 
-    # --- the loop ---------------------------------------------------------------------------------
-    def _handle_sigterm(self, signum, frame) -> None:  # noqa: ARG002
-        self.stop_requested = True
-
-    def _autocast(self):
-        prec = self.recipe.precision
-        if prec == "auto":
-            prec = "bf16" if self.env.device.type == "cuda" else "fp32"
-        if prec == "bf16":
-            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
-        return torch.autocast(self.env.device.type, enabled=False)
-
-    def _objective(self, phase: Phase, eval_mask: float | None = None):
-        cfg = self.bare_model.config
-        specials = (cfg.cls_token_id, cfg.sep_token_id, cfg.pad_token_id, cfg.mask_token_id, cfg.unk_token_id)
-        high = len(self.tokenizer) if self.tokenizer is not None else cfg.vocab_size
-        return build_objective(self.recipe.objective, seed=self.recipe.seed,
-                               mask_ratio=eval_mask if eval_mask is not None else phase.mask_ratio,
-                               mask_token_id=cfg.mask_token_id, special_ids=specials, random_high=min(high, cfg.vocab_size))
-
-    def _stream_for(self, phase_index: int):
-        from twinlm.data import BatchStream
+    # --- data -----------------------------------------------------------------------------------------
+    def _stream_for(self, phase_index: int) -> BatchStream:
         phase = self.phases[phase_index]
-        ds = build_dataset(_sources(self.recipe, phase), self.recipe.seed + 1000 * phase_index)
-        self._check_fingerprint(ds, phase)
+        ds = build_dataset(phase_sources(self.recipe, phase), self.recipe.seed + 1000 * phase_index)
+        self._check_tokenizer(ds)
         return BatchStream(ds, self.recipe.seed + 1000 * phase_index, rank=self.env.rank,
                            world_size=self.env.world_size)
 
-    def _check_fingerprint(self, ds, phase: Phase) -> None:
-        metas = []
-        for s in _sources(self.recipe, phase):
-            try:
-                metas.append((s.path, json.loads((Path(s.path) / "meta.json").read_text())))
-            except (OSError, json.JSONDecodeError):
-                pass
-        for path, meta in metas:
-            fp = (meta.get("tokenizer") or {}).get("fingerprint") if isinstance(meta.get("tokenizer"), dict) \
-                else meta.get("tokenizer_fingerprint")
-            if fp is None:
-                continue
-            if self.tokenizer_fingerprint is None:
-                self.tokenizer_fingerprint = fp
-            elif fp != self.tokenizer_fingerprint:
-                raise ValueError(f"shards {path} were tokenized with another tokenizer (fingerprint {fp[:12]}… vs "
-                                 f"{self.tokenizer_fingerprint[:12]}…): prepare them with the recipe's tokenizer")
+    def _check_tokenizer(self, ds) -> None:
+        """The shards must come from the run's tokenizer: the recipe's, else the checkpoint's, else that of
+        the first shards trained on. Shards that record no tokenizer are not checked."""
+        first = ds.datasets[0] if hasattr(ds, "datasets") else ds  # a Mixture's sources agree (it checks)
+        found = (first.meta.get("tokenizer") or {}).get("fingerprint")
+        if found is None:
+            return
+        if self.tokenizer_fingerprint is None:
+            self.tokenizer_fingerprint = found
+        check_tokenizer(ds, self.tokenizer_fingerprint)
 
     def _next_samples(self, bs: int) -> list:
         """This rank's share of the next global batch; a share may be empty (batch smaller than the ranks)."""
@@ -377,107 +205,28 @@ class Trainer:
         self.stream.step += 1
         return [(int(i), self.stream.dataset[int(i)]) for i in ids]
 
-    def micro_batches(self, samples: list, phase: Phase):
-        """Truncate to the phase's sequence length and pack into padding-free micro-batches."""
-        from twinlm.data import pack
-        cut = [(sid, arr[:phase.seq_len]) for sid, arr in samples]
-        return pack(cut, phase.micro_batch_tokens) if cut else []
+    # --- the loop ---------------------------------------------------------------------------------
+    def _handle_sigterm(self, signum, frame) -> None:  # noqa: ARG002
+        self.stop_requested = True
 
-    def _dummy(self):
-        cfg = self.bare_model.config
-        ids = np.array([cfg.cls_token_id, cfg.sep_token_id], dtype=np.int64)
-        return (torch.from_numpy(ids), torch.tensor([0, 2], dtype=torch.int32), 2,
-                torch.tensor([0]), torch.tensor([cfg.sep_token_id]))
-
-    def forward_loss(self, input_ids, cu_seqlens, max_seqlen, positions, targets) -> torch.Tensor:
-        """Mean cross-entropy over this micro-batch's targets (the model's fused head + loss)."""
-        dev = self.env.device
-        with self._autocast():
-            out = self.model(input_ids.to(dev, non_blocking=True), cu_seqlens=cu_seqlens.to(dev),
-                             max_seqlen=int(max_seqlen), prediction_positions=positions.to(dev),
-                             labels=targets.to(dev))
-        return out.loss
-
-    def train_step(self, phase: Phase, samples: list) -> dict:
-        """One optimizer step on this rank's share of the global batch; collective across ranks."""
-        t0 = time.perf_counter()
-        mbs = self.micro_batches(samples, phase)
-        prepared = []
-        local_tokens = 0
-        for mb in mbs:
-            ids = np.asarray(mb.input_ids)
-            cu = np.asarray(mb.cu_seqlens)
-            p = self.objective.prepare(ids, cu, list(mb.sample_ids), salt=self.state.step + 1)
-            prepared.append((p.input_ids, torch.as_tensor(cu, dtype=torch.int32), int(mb.max_seqlen),
-                             p.positions, p.targets))
-            local_tokens += len(ids)
-        counts = torch.tensor([sum(int(p[4].numel()) for p in prepared), local_tokens], dtype=torch.float64)
-        n_micro = torch.tensor([len(prepared)], dtype=torch.int64)
-        dist.all_reduce(counts)
-        dist.all_reduce(n_micro, op=torch.distributed.ReduceOp.MAX if self.env.distributed else None)
-        global_targets, global_tokens = int(counts[0]), int(counts[1])
-        n = int(n_micro[0])
-        t_data = time.perf_counter() - t0
-
-        lr = self.recipe.optim.lr * lr_multiplier(
-            self.state.phase_tokens + global_tokens, phase.tokens, warmup_tokens=phase.schedule.warmup_tokens,
-            start=phase.schedule.start, end=phase.schedule.end, decay=phase.schedule.decay,
-            decay_tokens=phase.schedule.decay_tokens)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-
-        self.model.train()
-        loss_local = torch.zeros((), dtype=torch.float64, device=self.env.device)
-        scale = self.env.world_size / max(global_targets, 1)  # DDP/FSDP average gradients over ranks
-        for i in range(n):
-            last = i == n - 1
-            real = i < len(prepared)
-            batch = prepared[i] if real else self._dummy()
-            k = int(batch[4].numel())
-            ctx = self._sync_context(last)
-            with ctx:
-                mean = self.forward_loss(*batch)
-                weight = (k * scale) if real else 0.0
-                (mean * weight).backward()
-            if real:
-                loss_local += mean.detach().double() * k
-        t_compute = time.perf_counter() - t0 - t_data
-
-        red = torch.stack([loss_local.cpu(), torch.tensor(float(self.stop_requested), dtype=torch.float64)])
-        dist.all_reduce(red)
-        loss = float(red[0]) / max(global_targets, 1)
-        if red[1] > 0:
+    def _train_step(self, phase: Phase, samples: list) -> dict:
+        """One optimizer step (collective), counted in the state; returns the metrics row."""
+        r = self.step.train_batch(samples, phase, step=self.state.step + 1, phase_tokens=self.state.phase_tokens,
+                                  stop=self.stop_requested)
+        if r.stop:
             self.stop_requested = True
-        skipped = not math.isfinite(loss)
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
+        if r.skipped:
             self.state.bad_streak += 1
             self.state.skipped_steps += 1
         else:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
             self.state.bad_streak = 0
         self.state.step += 1
         self.state.phase_step += 1
-        self.state.tokens += global_tokens
-        self.state.phase_tokens += global_tokens
-        return {"step": self.state.step, "phase": phase.name, "tokens": self.state.tokens, "loss": loss, "lr": lr,
-                "batch_size": None, "targets": global_targets, "step_tokens": global_tokens,
-                "skipped": skipped, "data_s": t_data, "compute_s": t_compute,
-                "step_s": time.perf_counter() - t0}
-
-    def _sync_context(self, last: bool):
-        import contextlib
-        m = self.model
-        if last:
-            if hasattr(m, "set_requires_gradient_sync"):
-                m.set_requires_gradient_sync(True)
-            return contextlib.nullcontext()
-        if hasattr(m, "no_sync"):
-            return m.no_sync()
-        if hasattr(m, "set_requires_gradient_sync"):
-            m.set_requires_gradient_sync(False)
-        return contextlib.nullcontext()
+        self.state.tokens += r.tokens
+        self.state.phase_tokens += r.tokens
+        return {"step": self.state.step, "phase": phase.name, "tokens": self.state.tokens, "loss": r.loss,
+                "lr": r.lr, "batch_size": None, "targets": r.targets, "step_tokens": r.tokens,
+                "skipped": r.skipped, "data_s": r.data_s, "compute_s": r.compute_s, "step_s": r.step_s}
 
     def fit(self) -> Path:
         """Train every phase (resuming from the newest intact checkpoint); returns the final HF folder."""
@@ -485,7 +234,7 @@ class Trainer:
         self.callbacks = self._build_callbacks()
         self.ckpt = CheckpointManager(self.out / "checkpoints", self.recipe.checkpoint.keep_last,
                                       self.recipe.checkpoint.keep_every, log=self.log)
-        self._prepare_run_dir()
+        prepare_run_dir(self.out, self.recipe.to_yaml(), self.env, self.log)
         dist.barrier()
         self.tokenizer, self.tokenizer_fingerprint = self._load_tokenizer()
 
@@ -503,6 +252,9 @@ class Trainer:
         o = self.recipe.optim
         self.optimizer = build_optimizer(self.bare_model, lr=o.lr, betas=o.betas, eps=o.eps,
                                          weight_decay=o.weight_decay)
+        self.step = self.step_class(self.model, self.optimizer, self.env, objective=self.recipe.objective,
+                                    seed=self.recipe.seed, lr=o.lr, precision=self.recipe.precision,
+                                    vocab_in_use=len(self.tokenizer) if self.tokenizer is not None else None)
         if ckpt is not None:
             self._restore(ckpt)
             self.log(f"resuming from {ckpt} (step {self.state.step}, {self.state.tokens:,} tokens)")
@@ -535,7 +287,6 @@ class Trainer:
         while self.state.phase_index < len(self.phases):
             idx = self.state.phase_index
             phase = self.phases[idx]
-            self.objective = self._objective(phase)
             if self.state.phase_step == 0 and (phase.rope_theta or phase.local_rope_theta):
                 dist.unwrap(self.model).set_rope_theta(phase.rope_theta, phase.local_rope_theta)
             self.stream = self._stream_for(idx)
@@ -549,7 +300,7 @@ class Trainer:
                 samples = self._next_samples(bs)
                 t_read = time.perf_counter() - t_read
                 self._emit("on_batch", samples)
-                row = self.train_step(phase, samples)
+                row = self._train_step(phase, samples)
                 row["data_s"] += t_read
                 row["step_s"] += t_read
                 row["batch_size"] = bs
@@ -570,7 +321,8 @@ class Trainer:
                     if self.state.phase_tokens >= phase.tokens:
                         break  # the phase-end checkpoint below covers it
                     self.save_checkpoint()
-                    self.log(f"stopped at step {self.state.step} (SIGTERM or max_steps); checkpoint {self.last_checkpoint}")
+                    self.log(f"stopped at step {self.state.step} (SIGTERM or max_steps); "
+                             f"checkpoint {self.last_checkpoint}")
                     return "interrupted"
             self.state.phase_index += 1
             self.state.phase_step = 0
@@ -589,45 +341,13 @@ class Trainer:
         final = self.out / "final"
         weights = dist.full_state_dict(self.model)
         if self.env.is_main:
-            import shutil
-            from twinlm.model import Transformer
             model = self.bare_model
             if any(hasattr(p, "device_mesh") for p in model.parameters()):
                 model = Transformer(self.bare_model.config)
                 dist.load_full_state_dict(model, weights)
-            tmp = self.out / ".final.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            model.save_pretrained(tmp, tokenizer=self.tokenizer)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            remove_stale_temporaries(self.out, "final")  # left by a run killed while exporting
+            with atomic_dir(final, replace=True) as tmp:
+                model.save_pretrained(tmp, tokenizer=self.tokenizer)
             self.log(f"final model: {final}")
         dist.barrier()
         return final
-
-
-def _without_run_knobs(text: str) -> dict:
-    """A resolved recipe minus the settings that may change between restarts without changing the run."""
-    import yaml
-    d = yaml.safe_load(text) or {}
-    for k in ("max_steps", "progress", "tensorboard"):
-        d.pop(k, None)
-    return d
-
-
-def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses shared storage: keep the first name of each tied tensor."""
-    seen, out = set(), {}
-    for k, v in tensors.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else (k,)
-        if key in seen:
-            continue
-        seen.add(key)
-        out[k] = v.contiguous()
-    return out
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    return load_file(str(path))

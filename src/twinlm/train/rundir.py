@@ -1,0 +1,83 @@
+"""A run folder's provenance: the resolved recipe (`config.yaml`), the first start's environment (`env.json`)
+and one line per start (`starts.jsonl`: versions, hardware, git revision, argv, time).
+
+A restart whose recipe differs from the saved one (other than the knobs that may change between restarts:
+`max_steps`, `progress`, `tensorboard`) is warned about; the new recipe is used and saved, the old one kept
+as `config.previous.yaml`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+import twinlm
+from twinlm.io import dumps_json, write_bytes, write_json
+from twinlm.train.dist import DistEnv
+
+RUN_KNOBS = ("max_steps", "progress", "tensorboard")
+
+
+def git_revision(path: Path) -> dict[str, Any]:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
+                               capture_output=True, text=True, timeout=10)
+        if rev.returncode == 0:
+            return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"commit": None}
+
+
+def environment(env: DistEnv) -> dict[str, Any]:
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
+                "twinlm": twinlm.__version__}
+    for name in ("transformers", "tokenizers", "safetensors"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - optional packages
+            versions[name] = None
+    hw: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
+                          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "device": str(env.device), "world_size": env.world_size}
+    if torch.cuda.is_available():
+        hw["cuda"] = torch.version.cuda
+        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"versions": versions, "hardware": hw, "git": git_revision(Path(__file__).resolve().parent),
+            "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def without_run_knobs(text: str) -> dict:
+    """A resolved recipe (YAML text) minus the settings that may change between restarts without changing the run."""
+    d = yaml.safe_load(text) or {}
+    for k in RUN_KNOBS:
+        d.pop(k, None)
+    return d
+
+
+def prepare_run_dir(out: Path, recipe_yaml: str, env: DistEnv, log) -> None:
+    """Create or update the run folder's provenance files (rank 0 only; other ranks return at once)."""
+    if not env.is_main:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.yaml"
+    if cfg_path.exists() and without_run_knobs(cfg_path.read_text()) != without_run_knobs(recipe_yaml):
+        log(f"warning: {cfg_path} differs from this recipe; the new one is used and saved as "
+            f"config.yaml (the old one is kept as config.previous.yaml)")
+        cfg_path.replace(out / "config.previous.yaml")
+    write_bytes(cfg_path, recipe_yaml)
+    info = environment(env)
+    if not (out / "env.json").exists():
+        write_json(out / "env.json", info)
+    with open(out / "starts.jsonl", "a") as f:
+        f.write(dumps_json(info, indent=None))

@@ -1,0 +1,20 @@
+"""The trainer's progress record: what a checkpoint's state.json holds under "trainer" and a resume restores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainState:
+    phase_index: int = 0
+    phase_step: int = 0
+    phase_tokens: int = 0
+    step: int = 0  # optimizer steps attempted over the whole run (skipped ones included)
+    tokens: int = 0  # tokens consumed over the whole run
+    bad_streak: int = 0
+    skipped_steps: int = 0
+    checkpoint_ordinal: int = 0  # number of periodic checkpoint intervals passed
+    eval_ordinal: int = 0
+    stream: dict = field(default_factory=dict)  # the data stream's position in the current phase
+    finished: bool = False
