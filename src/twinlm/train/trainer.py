@@ -34,7 +34,7 @@ from twinlm.train import dist
 from twinlm.train.checkpoint import CheckpointManager, write_json
 from twinlm.train.objectives import build_objective
 from twinlm.train.optim import build_optimizer
-from twinlm.train.recipe import Phase, Recipe, Source
+from twinlm.train.recipe import Phase, Recipe, ShardSource
 from twinlm.train.schedule import batch_size as scheduled_batch_size, lr_multiplier
 
 
@@ -66,11 +66,11 @@ class Callback:
     def on_train_end(self, trainer: "Trainer") -> None: ...
 
 
-def _sources(recipe: Recipe, phase: Phase) -> list[Source]:
+def _sources(recipe: Recipe, phase: Phase) -> list[ShardSource]:
     return phase.data or recipe.data
 
 
-def build_dataset(sources: list[Source], seed: int):
+def build_dataset(sources: list[ShardSource], seed: int):
     from twinlm.data import Mixture, ShardDataset
     sets = [ShardDataset(s.path) for s in sources]
     if len(sets) == 1:
