@@ -28,9 +28,12 @@ def seed_list(seeds: int | list[int]) -> list[int]:
     return list(range(seeds)) if isinstance(seeds, int) else list(seeds)
 
 
+POOLINGS = (None, "cls", "mean", "last")
+
+
 def _one_of(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
 
 
 @dataclass
@@ -58,6 +61,7 @@ class ClassifyConfig:
     def __post_init__(self):
         _one_of("mode", self.mode, ("probe", "finetune"))
         _one_of("probe_layer", self.probe_layer, ("final", "best"))
+        _one_of("pooling", self.pooling, POOLINGS)
 
 
 @dataclass
@@ -76,6 +80,9 @@ class RetrievalConfig:
     max_length: int = 256  # passage tokens
     query_max_length: int = 64
     pooling: str | None = None  # None: the architecture's (encoder mean, decoder last)
+
+    def __post_init__(self):
+        _one_of("pooling", self.pooling, POOLINGS)
 
 
 @dataclass
