@@ -34,10 +34,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from twinlm.eval import generative as G  # noqa: E402
-from twinlm.eval.common import load  # noqa: E402
+from twinlm.eval.common import load_for_eval as load  # noqa: E402
 from twinlm.eval.tasks import lm_eval_task_yaml, load_generative_task  # noqa: E402
 from twinlm.eval.toy import toy_model_dir, toy_tokenizer  # noqa: E402
-
 
 
 def pretrain_texts(max_bytes: int) -> list[str]:
@@ -99,7 +98,8 @@ def main() -> int:
     task = load_generative_task("hellaswag", limit=args.items, seed=0)
     exs = task.examples
     n_req = sum(len(e.continuations) for e in exs)
-    figures = {"tokenizer": args.tokenizer, "vocab": len(tok), "machine": f"{platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+    machine = f"{platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    figures = {"tokenizer": args.tokenizer, "vocab": len(tok), "machine": machine,
                "torch": torch.__version__, "preset": args.preset, "items": len(exs), "requests": n_req,
                "tokenizer_train_s": round(t_tok, 1)}
     dec = load(str(dec_dir))

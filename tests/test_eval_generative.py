@@ -9,7 +9,7 @@ import torch
 
 import twinlm
 from twinlm.eval import generative as G
-from twinlm.eval.tasks import read_mc_jsonl
+from twinlm.eval.settings import GenerativeConfig
 from twinlm.eval.toy import toy_model_dir, toy_tokenizer, write_toy_mc_jsonl
 
 PAIRS = [("The cat sees", " the house."), ("A dog ", "likes a red ball and it is good"), ("", "the moon"),
@@ -81,7 +81,8 @@ def test_run_on_jsonl_task_with_random_init_folders(tmp_path, tok):
                             for _ in range(3)))
     for causal in (True, False):
         folder = toy_model_dir(tmp_path / f"m{causal}", causal, tokenizer=tok)
-        res = G.run(str(folder), [str(task), str(comp)], limit=None, out=tmp_path / f"r{causal}.json", log=None)
+        res = G.run(str(folder), GenerativeConfig([str(task), str(comp)], limit=None), out=tmp_path / f"r{causal}.json",
+                    log=None)
         assert res["track"] == "generative" and res["model"]["causal"] == causal
         t = res["tasks"]["toy"]
         assert t["n"] == 12 and 0 <= t["acc"] <= 100 and {"acc_norm", "acc_bytes"} <= set(t)
@@ -103,7 +104,7 @@ def test_winogrande_style_partial_contexts(tok):
 
 
 def test_mntp_detected_from_the_run_config(tmp_path, tok):
-    from twinlm.eval.common import load
+    from twinlm.eval.common import load_for_eval as load
 
     run = tmp_path / "enc-from-dec"
     folder = toy_model_dir(run / "final", causal=False, tokenizer=tok)

@@ -33,7 +33,7 @@ def lm_eval_scores(model_dir, task_file, name, tmp_path):
 
 
 def ours(model_dir, task_file):
-    from twinlm.eval.common import load
+    from twinlm.eval.common import load_for_eval as load
 
     loaded = load(str(model_dir))
     exs = read_mc_jsonl(task_file)

@@ -83,3 +83,12 @@ def test_training_text_overlapping_evaluation_sentences_is_dropped():
     evals = ["it 's a charming and often affecting journey . ", "unflinchingly bleak and desperate"]
     kept, dropped = drop_overlapping(train, evals)
     assert dropped == 2 and [e.label for e in kept] == [1] and "different" in kept[0].text
+
+
+def test_cli_reports_unknown_task_names_in_one_line(tmp_path, capsys):
+    from twinlm.cli import main
+
+    rc = main(["eval", "generative", str(tmp_path / "no-model"), "--tasks", "arc_easy_typo"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("twinlm: error: unknown generative task 'arc_easy_typo'")
+    assert "Traceback" not in err

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import twinlm
-from twinlm.eval import bpb, classify, report, retrieval
+from twinlm.eval import bpb, classify, compare, retrieval
+from twinlm.eval.common import embed, embed_layers, load_for_eval
+from twinlm.eval.settings import BpbConfig, ClassifyConfig, RetrievalConfig
 from twinlm.eval.tasks import RetrievalSet
 from twinlm.eval.toy import toy_classification, toy_model_dir, toy_retrieval, toy_sentences, toy_tokenizer
 
@@ -28,20 +30,24 @@ def env(tmp_path_factory):
 
 def test_classify_probe_baseline_and_finetune(env):
     root = env["root"]
-    kw = dict(train_file=root / "train.jsonl", eval_file=root / "dev.jsonl", log=None)
-    tf = classify.run("tfidf", ["toy"], seeds=[0, 1], out=env["results"] / "cls_bow.json", **kw)
+    files = dict(train_file=root / "train.jsonl", eval_file=root / "dev.jsonl")
+    tf = classify.run("tfidf", ClassifyConfig(["toy"], seeds=[0, 1], **files), out=env["results"] / "cls_bow.json",
+                      log=None)
     assert tf["model"]["variant"] == "bag-of-words" and tf["tasks"]["toy"]["score"] >= 70
     for key in ("enc", "dec"):
-        res = classify.run(str(env[key]), ["toy"], seeds=[0, 1], out=env["results"] / f"cls_{key}.json", **kw)
+        res = classify.run(str(env[key]), ClassifyConfig(["toy"], seeds=[0, 1], **files),
+                           out=env["results"] / f"cls_{key}.json", log=None)
         t = res["tasks"]["toy"]
         assert res["track"] == "classification" and len(t["per_seed"]) == 2 and t["n_seeds"] == 2
         assert 0 <= t["score"] <= 100 and t["score_std"] >= 0 and res["average"]["std_kind"] == "over seeds"
         assert res["config"]["pooling"] == ("last" if key == "dec" else "cls")
     # fine-tuning with a 2-point learning-rate sweep, one seed; a pair task by k-fold
-    ft = classify.run(str(env["enc"]), ["toy"], seeds=[0], mode="finetune", epochs=1, lrs=[1e-4, 1e-3],
-                      max_train=24, **kw)
-    assert ft["tasks"]["toy"]["chosen"][0] in (1e-4, 1e-3) and set(ft["tasks"]["toy"]["dev_sweep"]) == {"0.0001", "0.001"}
-    kf = classify.run(str(env["dec"]), ["pairs"], seeds=[0], kfold=3, eval_file=root / "pair.jsonl", log=None)
+    ft = classify.run(str(env["enc"]), ClassifyConfig(["toy"], seeds=[0], mode="finetune", epochs=1,
+                                                      lrs=[1e-4, 1e-3], max_train=24, **files), log=None)
+    assert ft["tasks"]["toy"]["chosen"][0] in (1e-4, 1e-3)
+    assert set(ft["tasks"]["toy"]["dev_sweep"]) == {"0.0001", "0.001"}
+    kf = classify.run(str(env["dec"]), ClassifyConfig(["pairs"], seeds=[0], kfold=3, eval_file=root / "pair.jsonl"),
+                      log=None)
     assert kf["tasks"]["pairs"]["split"] == "3-fold" and kf["tasks"]["pairs"]["n_seeds"] == 1
 
 
@@ -59,24 +65,25 @@ def test_probe_depth_search_picks_the_informative_features(env):
     key, scores = classify.select_features([(lucky, y, 0), (cands, y, 1), (cands, y, 2)], None)
     assert key == (1, "mean") and scores[(2, "mean")] < scores[(1, "mean")]
     # embed_layers: the last depth is exactly what `embed` pools, the first the embedding norm's output
-    loaded = classify.load(str(env["enc"]))
+    loaded = load_for_eval(str(env["enc"]))
     seqs = [[1, 5, 6, 7, 2], [1, 9, 2], [1, 4, 4, 4, 4, 4, 2]]
-    depths = classify.embed_layers(loaded.model, seqs, ["cls", "mean"])
+    depths = embed_layers(loaded.model, seqs, ["cls", "mean"])
     last = loaded.cfg.num_layers + 1
     assert set(depths) == {(i, p) for i in range(last + 1) for p in ("cls", "mean")}
-    torch.testing.assert_close(depths[(last, "mean")], classify.embed(loaded.model, seqs, "mean"))
+    torch.testing.assert_close(depths[(last, "mean")], embed(loaded.model, seqs, "mean"))
     with torch.inference_mode():
         emb = loaded.model.embed_norm(loaded.model.tok_embeddings(torch.tensor(seqs[1])))
     torch.testing.assert_close(depths[(0, "cls")][1], emb[0])
     # end to end: the choice is recorded and is one of the candidates
-    kw = dict(train_file=env["root"] / "train.jsonl", eval_file=env["root"] / "dev.jsonl", log=None)
+    files = dict(train_file=env["root"] / "train.jsonl", eval_file=env["root"] / "dev.jsonl")
     for key in ("enc", "dec"):
-        res = classify.run(str(env[key]), ["toy"], seeds=[0, 1], probe_layer="best", **kw)
+        res = classify.run(str(env[key]), ClassifyConfig(["toy"], seeds=[0, 1], probe_layer="best", **files), log=None)
         f = res["tasks"]["toy"]["features"]
         assert 0 <= f["layer"] <= f["of_layers"] == last and res["config"]["probe_layer"] == "best"
-        assert f["pooling"] in (("last", "mean") if key == "dec" else ("cls", "mean")) and len(f["dev"]) == 2 * (last + 1)
+        assert f["pooling"] in (("last", "mean") if key == "dec" else ("cls", "mean"))
+        assert len(f["dev"]) == 2 * (last + 1)
     with pytest.raises(ValueError, match="probe_layer"):
-        classify.run(str(env["enc"]), ["toy"], probe_layer="middle", **kw)
+        classify.run(str(env["enc"]), ClassifyConfig(["toy"], probe_layer="middle", **files), log=None)
 
 
 def test_retrieval_finetune_export_loads_in_sentence_transformers(env):
@@ -85,14 +92,14 @@ def test_retrieval_finetune_export_loads_in_sentence_transformers(env):
 
     c, q, r = toy_retrieval(40)
     sets = [RetrievalSet("toy", c, q, r)]
-    bm = retrieval.run("bm25", retrieval_sets=sets, max_eval_queries=15, log=None,
+    bm = retrieval.run("bm25", RetrievalConfig(max_eval_queries=15), retrieval_sets=sets, log=None,
                        out=env["results"] / "ret_bow.json")
     assert bm["tasks"]["toy"]["ndcg@10"] > 50 and bm["model"]["variant"] == "bag-of-words"
     texts = ["the cat sees the house", "Water freezes the cold ice and it is good. Fine fine fine."]
     for key, pooling in (("enc", "mean"), ("dec", "last")):
         export = env["root"] / f"st-{key}"
-        res = retrieval.run(str(env[key]), retrieval_sets=sets, max_eval_queries=15, epochs=1, batch_size=8,
-                            export_dir=export, out=env["results"] / f"ret_{key}.json", log=None)
+        res = retrieval.run(str(env[key]), RetrievalConfig(max_eval_queries=15, epochs=1, batch_size=8),
+                            retrieval_sets=sets, export_dir=export, out=env["results"] / f"ret_{key}.json", log=None)
         t = res["tasks"]["toy"]
         assert {"ndcg@10", "mrr@10", "recall@100"} <= set(t) and t["queries"] == 15 and t["corpus"] == 40
         assert res["config"]["pooling"] == pooling and res["config"]["training"][0]["steps"] >= 1
@@ -129,7 +136,7 @@ def test_bits_per_byte(env):
         bpb.bits_per_byte(dec, tok, texts)["bpb"])
     # a byte budget scores the leading bytes of the documents in order, the last one cut (at a character)
     budget = len(texts[0].encode()) + len(texts[1].encode()) + 5
-    capped = bpb.run(str(env["dec"]), texts=texts + ["é" * 50], max_bytes=budget, log=None)
+    capped = bpb.run(str(env["dec"]), BpbConfig(max_bytes=budget), texts=texts + ["é" * 50], log=None)
     kept = [texts[0], texts[1], texts[2].encode()[:5].decode()]
     assert capped["tasks"]["texts"]["bytes"] == budget and capped["config"]["max_bytes"] == budget
     assert capped["tasks"]["texts"]["bpb"] == pytest.approx(bpb.bits_per_byte(dec, tok, kept)["bpb"])
@@ -161,7 +168,7 @@ def test_compare_writes_tables_and_plots(tmp_path):
     suite_run = tmp_path / "train-decoder" / "run"   # the suite's layout: a generic folder name
     suite_run.mkdir(parents=True)
     (suite_run / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 512, "loss": 9.0}) + "\n")
-    out = report.compare([res_dir, tmp_path / "runs", suite_run], tmp_path / "report")
+    out = compare.compare([res_dir, tmp_path / "runs", suite_run], tmp_path / "report")
     md = (tmp_path / "report" / "comparison.md").read_text()
     assert "## classification" in md and "## generative" in md and "bag-of-words" in md and "**average**" in md
     data = json.loads((tmp_path / "report" / "comparison.json").read_text())
@@ -171,7 +178,7 @@ def test_compare_writes_tables_and_plots(tmp_path):
     for p in out["plots"]:
         assert (tmp_path / "report" / p.split("/")[-1]).stat().st_size > 1000
     with pytest.raises(ValueError):
-        report.compare([run / "metrics.jsonl"], tmp_path / "bad")
+        compare.compare([run / "metrics.jsonl"], tmp_path / "bad")
 
 
 def test_cli_eval_and_compare(env, tmp_path, capsys):

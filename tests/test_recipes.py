@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from twinlm.config import ModelConfig
-from twinlm.train.recipe import load_recipe, parse_count
+from twinlm.train.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -134,7 +134,8 @@ def test_cpu_cross_recipes():
 def test_overrides_and_paths(monkeypatch, tmp_path):
     monkeypatch.setenv("TWINLM_HOME", str(tmp_path))
     r = load_recipe(RECIPES / "cpu" / "encoder.yaml",
-                    ["optim.lr=1e-3", "phases.pretrain.tokens=2M", "data=/x/shards", "model.overrides.attention_dropout=0"])
+                    ["optim.lr=1e-3", "phases.pretrain.tokens=2M", "data=/x/shards",
+                     "model.overrides.attention_dropout=0"])
     assert r.optim.lr == 1e-3 and r.phases["pretrain"].tokens == 2_000_000
     assert r.data[0].path == "/x/shards" and r.model.overrides == {"attention_dropout": 0}
     res = r.resolved_paths()
@@ -145,11 +146,3 @@ def test_overrides_and_paths(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="cannot read"):
         load_recipe(RECIPES / "cpu" / "encoder.yaml", ["phases.pretrain.seq_len=long"])
 
-
-def test_parse_count():
-    assert parse_count("1.7T") == 1_700_000_000_000
-    assert parse_count("8.5B") == 8_500_000_000
-    assert parse_count("250M") == 250_000_000 and parse_count("4K") == 4000 and parse_count(12) == 12
-    assert parse_count("1e3") == 1000
-    with pytest.raises(ValueError):
-        parse_count("lots")

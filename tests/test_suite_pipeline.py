@@ -45,14 +45,14 @@ def test_corpus_groups_short_documents_splits_heldout_and_respects_the_budget(fa
 
 
 def test_scale_overrides_are_typed_and_checked():
-    scale = get_scale("quick", ["pretrain_tokens=1M", "classify_seeds=5", "sources=[sotu]"])
-    assert scale.pretrain_tokens == "1M" and scale.classify_seeds == 5 and scale.sources == ["sotu"]
+    scale = get_scale("quick", ["pretrain_tokens=1M", "classify.seeds=5", "sources=[sotu]"])
+    assert scale.pretrain_tokens == "1M" and scale.classify.seeds == 5 and scale.sources == ["sotu"]
     with pytest.raises(ValueError, match="unknown suite setting"):
         get_scale("quick", ["pretrain_tokenz=1M"])
     assert get_scale("quick", ["peak_lr=3e-3"]).peak_lr == 0.003
     with pytest.raises(ValueError, match="expects a number"):
         get_scale("quick", ["peak_lr=fast"])
-    for bad in ("classify_probe_layer=middle", "control_tracks=[bpbb]", "baselines=[bm52]"):
+    for bad in ("classify.probe_layer=middle", "control_tracks=[bpbb]", "baselines=[bm52]"):
         with pytest.raises(ValueError, match="is not one of"):
             get_scale("quick", [bad])
     with pytest.raises(KeyError, match="unknown suite scale"):
@@ -100,3 +100,22 @@ def test_training_overrides_reach_only_the_phases_a_recipe_has(tmp_path):
     assert lrs == {"decoder": 3e-3, "dec-from-enc": 1.5e-3}
     plain = Suite(tmp_path, get_scale("cpu"))
     assert not any(o.startswith("optim.lr") for o in plain._train_overrides("encoder"))
+
+
+def test_eval_settings_are_the_tracks_dataclasses_and_reach_only_their_steps(tmp_path):
+    from twinlm.eval.settings import BpbConfig, ClassifyConfig, GenerativeConfig, RetrievalConfig
+    from twinlm.suite.steps import Pipeline
+
+    quick = get_scale("quick")
+    assert quick.classify == ClassifyConfig(tasks=["sst2"], seeds=2, max_train=500, max_eval=300, probe_layer="best")
+    assert quick.retrieval == RetrievalConfig(sets=["sciq"], seeds=1, max_train_pairs=100, max_eval_queries=100)
+    assert quick.generative == GenerativeConfig(tasks=["arc_easy", "copa"], limit=100)
+    assert quick.bpb == BpbConfig(max_docs=50)
+    scale = get_scale("quick", ["classify.seeds=[0, 4]", "retrieval.max_corpus=50"])
+    assert scale.classify.seeds == [0, 4] and scale.retrieval.max_corpus == 50
+    with pytest.raises(ValueError, match="unknown suite setting classify.sedes"):
+        get_scale("quick", ["classify.sedes=5"])
+    a = Pipeline(tmp_path, Suite(tmp_path, quick).steps()).identities()
+    b = Pipeline(tmp_path, Suite(tmp_path, scale).steps()).identities()
+    changed = {n for n in a if a[n] != b[n]}
+    assert changed == {n for n in a if n.endswith(("-classification", "-retrieval"))} | {"report"}

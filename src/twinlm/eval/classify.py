@@ -30,20 +30,32 @@ from __future__ import annotations
 import copy
 import math
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
 
-from twinlm.eval.common import (Loaded, Timer, default_pooling, embed, embed_layers, encode_with_specials,
-                                forward_packed, length_batches, load, pool_packed, versions, write_json)
+from twinlm.eval import baselines
+from twinlm.eval.common import (
+    Loaded,
+    Timer,
+    default_pooling,
+    embed,
+    embed_layers,
+    encode_with_specials,
+    forward_packed,
+    load_for_eval,
+    pool_packed,
+    versions,
+)
 from twinlm.eval.metrics import classification_metrics, summarise
-from twinlm.eval.tasks import CLASSIFICATION_TASKS, ClsExample, ClsTask, _subset, kfold_indices, load_classification_task
+from twinlm.eval.settings import DEFAULT_CS, DEFAULT_LRS, ClassifyConfig, seed_list
+from twinlm.eval.tasks import CLASSIFICATION_TASKS, ClsExample, ClsTask, kfold_indices, load_classification_task, subset
+from twinlm.io import write_json
 
-DEFAULT_TASKS = ["sst2", "rte", "mrpc", "cb", "boolq", "spam", "brown"]
-DEFAULT_CS = (0.1, 1.0, 10.0)
-DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
 DEV_FRACTION = 0.15
 
 
@@ -51,13 +63,13 @@ DEV_FRACTION = 0.15
 def make_splits(task: ClsTask, seed: int, max_train: int | None, max_eval: int | None,
                 kfold: int) -> list[tuple[list[ClsExample], list[ClsExample]]]:
     """[(train, eval)] for one seed: one pair for a train/validation task, k folds otherwise."""
-    ev = _subset(task.eval, max_eval, 0)
+    ev = subset(task.eval, max_eval, 0)
     if task.train is not None:
-        return [(_subset(task.train, max_train, 1000 + seed), ev)]
+        return [(subset(task.train, max_train, 1000 + seed), ev)]
     folds = []
     for tr_idx, te_idx in kfold_indices(len(ev), kfold, seed):
         tr = [ev[i] for i in tr_idx]
-        folds.append((_subset(tr, max_train, 1000 + seed), [ev[i] for i in te_idx]))
+        folds.append((subset(tr, max_train, 1000 + seed), [ev[i] for i in te_idx]))
     return folds
 
 
@@ -70,8 +82,6 @@ def _dev_split(n: int, seed: int) -> tuple[list[int], list[int]]:
 
 # --- linear probe ----------------------------------------------------------------------------------
 def _fit_lr(X, y, C: float, seed: int):
-    from sklearn.linear_model import LogisticRegression
-
     clf = LogisticRegression(C=C, max_iter=2000, random_state=seed)
     if len(set(y)) < 2:  # degenerate training portion: predict its one class
         return _Constant(int(y[0]))
@@ -89,8 +99,6 @@ class _Constant:
 def probe_predict(Xtr, ytr, Xev, seed: int, Cs: Sequence[float] = DEFAULT_CS, scale: bool = True,
                   metric_fn: Callable | None = None) -> tuple[np.ndarray, dict]:
     """Logistic regression on frozen features, C chosen on a dev split of the training portion."""
-    from sklearn.preprocessing import StandardScaler
-
     ytr = np.asarray(ytr)
     if scale:
         sc = StandardScaler(with_mean=not _is_sparse(Xtr)).fit(Xtr)
@@ -111,8 +119,6 @@ def select_features(splits: Sequence[tuple[dict, Sequence, int]], metric_fn: Cal
     """The candidate feature set whose probe (C = 1) scores best on development data, averaged over `splits`
     — (candidates {key: (n, d) array}, training labels, seed), scored on the development split of that seed.
     Ties go to the later key. Returns (key, {key: mean dev score})."""
-    from sklearn.preprocessing import StandardScaler
-
     totals: dict = {}
     for candidates, ytr, seed in splits:
         ytr = np.asarray(ytr)
@@ -240,40 +246,32 @@ def _finetune_with_sweep(task, tr, ev, seed, lrs, finetune_fn):
     return finetune_fn(tr, ev, best, seed), {"lr": best, "dev": sweep}
 
 
-def run(model, tasks: Sequence[str] = DEFAULT_TASKS, *, tokenizer=None, mode: str = "probe",
-        seeds: Sequence[int] = (0, 1, 2), max_train: int | None = 2000, max_eval: int | None = 1000,
-        kfold: int = 5, epochs: int = 3, batch_size: int = 16, lrs: Sequence[float] = DEFAULT_LRS,
-        Cs: Sequence[float] = DEFAULT_CS, max_length: int = 256, pooling: str | None = None,
-        probe_layer: str = "final", train_file=None, eval_file=None, data_root=None, variant: str | None = None,
+def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: str | None = None, data_root=None,
         out: str | Path | None = None, log=print) -> dict:
     """Classification of `model` — a model folder, a `Loaded`, an in-memory Transformer with
     `tokenizer`, or the baselines "tfidf" / "minilm" — on built-in tasks (names) or on a task given by
-    `eval_file` (and optional `train_file`) JSONL. Returns the result dict (also written to `out`)."""
-    if mode not in ("probe", "finetune"):
-        raise ValueError(f"mode must be probe or finetune, got {mode!r}")
-    if probe_layer not in ("final", "best"):
-        raise ValueError(f"probe_layer must be final or best, got {probe_layer!r}")
+    `cfg.eval_file` (and optional `cfg.train_file`) JSONL. Returns the result dict (also written to `out`)."""
+    cfg = cfg or ClassifyConfig()
+    tasks, eval_file, seeds, mode, pooling = cfg.tasks, cfg.eval_file, seed_list(cfg.seeds), cfg.mode, cfg.pooling
     baseline = model if isinstance(model, str) and model in ("tfidf", "minilm") else None
     t_all = Timer()
     # tasks first: a bad task file fails before any model is loaded
     if eval_file is not None:
         task_objs = [load_classification_task(tasks[0] if tasks and len(tasks) == 1 and tasks[0] not in
                                               CLASSIFICATION_TASKS else Path(eval_file).stem,
-                                              train_file=train_file, eval_file=eval_file)]
+                                              train_file=cfg.train_file, eval_file=eval_file)]
     else:
         task_objs = [load_classification_task(t, root=data_root) for t in tasks]
     if baseline:
-        from twinlm.eval import baselines
-
         loaded, info = None, baselines.describe(baseline, data_root)
         if baseline == "tfidf":
             mode = "probe"
     else:
-        loaded = load(model, tokenizer, variant=variant)
+        loaded = load_for_eval(model, tokenizer, variant=variant)
         info = loaded.info
         poolings = [pooling] if pooling else candidate_poolings(loaded.causal)
         pooling = pooling or default_pooling(loaded.causal, "classify")
-    search_depth = mode == "probe" and probe_layer == "best" and not baseline
+    search_depth = mode == "probe" and cfg.probe_layer == "best" and not baseline
 
     results = {}
     for task in task_objs:
@@ -281,16 +279,14 @@ def run(model, tasks: Sequence[str] = DEFAULT_TASKS, *, tokenizer=None, mode: st
         if log:
             log(f"[classify] {info['variant']} {task.name} ({mode}, {task.num_labels} labels)")
         if baseline:
-            from twinlm.eval import baselines
-
             featurize = baselines.featurizer(baseline, data_root)
             finetune_fn = None
         else:
             cache: dict[int, np.ndarray] = {}
 
-            def seqs_of(exs):
+            def seqs_of(exs, task=task):
                 return encode_with_specials(loaded.tokenizer, loaded.cfg, [e.text for e in exs],
-                                            [e.text_pair for e in exs] if task.is_pair else None, max_length)
+                                            [e.text_pair for e in exs] if task.is_pair else None, cfg.max_length)
 
             def featurize(tr, ev, cache=cache):
                 need = [e for e in tr + ev if id(e) not in cache]
@@ -314,7 +310,7 @@ def run(model, tasks: Sequence[str] = DEFAULT_TASKS, *, tokenizer=None, mode: st
 
             def featurize_depths(tr, ev, chosen=chosen_depth, task=task):
                 if not chosen:  # decided once, on the first split of every seed
-                    firsts = [make_splits(task, seed, max_train, max_eval, kfold)[0][0] for seed in seeds]
+                    firsts = [make_splits(task, seed, cfg.max_train, cfg.max_eval, cfg.kfold)[0][0] for seed in seeds]
                     key, scores = select_features([(depth_features(t), [e.label for e in t], seed)
                                                    for t, seed in zip(firsts, seeds)], _metric_fn(task))
                     chosen.update(layer=key[0], pooling=key[1], of_layers=max(k[0] for k in scores),
@@ -327,11 +323,12 @@ def run(model, tasks: Sequence[str] = DEFAULT_TASKS, *, tokenizer=None, mode: st
 
             def finetune_fn(tr, ev, lr, seed, task=task):
                 return finetune_predict(loaded, seqs_of(tr), [e.label for e in tr], seqs_of(ev), task.num_labels,
-                                        lr=lr, seed=seed, epochs=epochs, batch_size=batch_size, pooling=pooling)
+                                        lr=lr, seed=seed, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                        pooling=pooling)
         res = evaluate_task(task, featurize_depths if search_depth else featurize, mode=mode, seeds=seeds,
-                            max_train=max_train, max_eval=max_eval,
-                            kfold=kfold, Cs=Cs, lrs=lrs, finetune_fn=finetune_fn, log=log)
-        res.update(seconds=t(), split="train/validation" if task.train is not None else f"{kfold}-fold",
+                            max_train=cfg.max_train, max_eval=cfg.max_eval,
+                            kfold=cfg.kfold, Cs=cfg.Cs, lrs=cfg.lrs, finetune_fn=finetune_fn, log=log)
+        res.update(seconds=t(), split="train/validation" if task.train is not None else f"{cfg.kfold}-fold",
                    labels=task.labels)
         if search_depth:
             res["features"] = dict(chosen_depth)
@@ -342,9 +339,10 @@ def run(model, tasks: Sequence[str] = DEFAULT_TASKS, *, tokenizer=None, mode: st
     result = {"track": "classification", "model": info, "tasks": results,
               "average": _average(results),
               "config": {"tasks": [t.name for t in task_objs], "mode": mode, "seeds": list(seeds),
-                         "max_train": max_train, "max_eval": max_eval, "kfold": kfold, "epochs": epochs,
-                         "batch_size": batch_size, "lrs": list(lrs), "Cs": list(Cs), "max_length": max_length,
-                         "pooling": pooling, "probe_layer": probe_layer if mode == "probe" and not baseline else None,
+                         "max_train": cfg.max_train, "max_eval": cfg.max_eval, "kfold": cfg.kfold,
+                         "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lrs": list(cfg.lrs),
+                         "Cs": list(cfg.Cs), "max_length": cfg.max_length, "pooling": pooling,
+                         "probe_layer": cfg.probe_layer if mode == "probe" and not baseline else None,
                          "dev_fraction": DEV_FRACTION, "seconds": t_all(),
                          "versions": versions()}}
     if out:

@@ -1,7 +1,8 @@
 """`twinlm eval {classify,retrieval,generative,bpb} MODEL` and `twinlm compare RUN … --out DIR`.
 
 MODEL is a model folder (HF ModernBERT / ModernBERT-decoder, or a twinlm checkpoint), or a baseline
-name: classify takes `tfidf` / `minilm`, retrieval `bm25` / `minilm`."""
+name: classify takes `tfidf` / `minilm`, retrieval `bm25` / `minilm`. The flags fill the track's settings
+dataclass (twinlm.eval.settings); user errors reach twinlm.cli, which prints them as one line."""
 
 from __future__ import annotations
 
@@ -78,8 +79,8 @@ def register(commands) -> None:
     p = tracks.add_parser("generative", help="zero-shot multiple choice / completion by log-likelihood")
     _common(p)
     p.add_argument("--tasks", type=_names, default=None,
-                   help="comma list of built-in names and/or JSONL files {context, choices, label} "
-                        "(default: arc_easy,arc_challenge,hellaswag,piqa,sciq,siqa,winogrande,openbookqa,boolq,copa,lambada)")
+                   help="comma list of built-in names and/or JSONL files {context, choices, label} (default: "
+                        "arc_easy,arc_challenge,hellaswag,piqa,sciq,siqa,winogrande,openbookqa,boolq,copa,lambada)")
     p.add_argument("--limit", type=_opt_int, default=500, help="examples per task (seeded draw; 'all' for every one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=16384, help="tokens per packed forward pass")
@@ -125,80 +126,61 @@ def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _guard(fn):
-    def wrapped(args):
-        from twinlm.eval.tasks import TaskFileError
-
-        try:
-            return fn(args)
-        except (TaskFileError, FileNotFoundError, KeyError, ValueError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            print(f"twinlm eval: error: {msg}", file=sys.stderr)
-            return 2
-    return wrapped
-
-
-@_guard
 def _classify(args) -> int:
     _threads(args)
     from twinlm.eval import classify
+    from twinlm.eval.settings import ClassifyConfig
 
-    kw = {}
-    if args.lrs:
-        kw["lrs"] = args.lrs
-    tasks = args.tasks or (["custom"] if args.eval_file else classify.DEFAULT_TASKS)
-    res = classify.run(args.model, tasks, mode=args.mode, seeds=args.seeds, max_train=args.max_train,
-                       max_eval=args.max_eval, kfold=args.kfold, epochs=args.epochs, batch_size=args.batch_size,
-                       max_length=args.max_length, pooling=args.pooling, probe_layer=args.probe_layer,
-                       train_file=args.train_file,
-                       eval_file=args.eval_file, data_root=args.data_root, variant=args.variant, out=args.out,
-                       log=_log, **kw)
+    given = {"tasks": args.tasks or (["custom"] if args.eval_file else None), "lrs": args.lrs}
+    cfg = ClassifyConfig(mode=args.mode, seeds=args.seeds, max_train=args.max_train, max_eval=args.max_eval,
+                         kfold=args.kfold, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
+                         pooling=args.pooling, probe_layer=args.probe_layer, train_file=args.train_file,
+                         eval_file=args.eval_file, **{k: v for k, v in given.items() if v})
+    res = classify.run(args.model, cfg, data_root=args.data_root, variant=args.variant, out=args.out, log=_log)
     return _finish(res, args)
 
 
-@_guard
 def _retrieval(args) -> int:
     _threads(args)
     from twinlm.eval import retrieval
+    from twinlm.eval.settings import RetrievalConfig
 
-    res = retrieval.run(args.model, args.sets or retrieval.DEFAULT_SETS, finetune=not args.no_finetune,
-                        seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        max_train_pairs=args.max_train_pairs, max_eval_queries=args.max_eval_queries,
-                        max_corpus=args.max_corpus, max_length=args.max_length, pooling=args.pooling,
-                        export_dir=args.export, data_root=args.data_root, variant=args.variant, out=args.out,
-                        log=_log)
+    cfg = RetrievalConfig(finetune=not args.no_finetune, seeds=args.seeds, epochs=args.epochs,
+                          batch_size=args.batch_size, lr=args.lr, max_train_pairs=args.max_train_pairs,
+                          max_eval_queries=args.max_eval_queries, max_corpus=args.max_corpus,
+                          max_length=args.max_length, pooling=args.pooling,
+                          **({"sets": args.sets} if args.sets else {}))
+    res = retrieval.run(args.model, cfg, export_dir=args.export, data_root=args.data_root, variant=args.variant,
+                        out=args.out, log=_log)
     return _finish(res, args)
 
 
-@_guard
 def _generative(args) -> int:
     _threads(args)
     from twinlm.eval import generative
+    from twinlm.eval.settings import GenerativeConfig
 
-    res = generative.run(args.model, args.tasks or generative.DEFAULT_TASKS, limit=args.limit, seed=args.seed,
-                         max_tokens=args.max_tokens, add_bos=not args.no_bos, delimiter=args.delimiter,
-                         mntp=args.mntp, variant=args.variant, data_root=args.data_root, out=args.out, log=_log)
+    cfg = GenerativeConfig(limit=args.limit, seed=args.seed, max_tokens=args.max_tokens, add_bos=not args.no_bos,
+                           delimiter=args.delimiter, **({"tasks": args.tasks} if args.tasks else {}))
+    res = generative.run(args.model, cfg, mntp=args.mntp, variant=args.variant, data_root=args.data_root,
+                         out=args.out, log=_log)
     return _finish(res, args)
 
 
-@_guard
 def _bpb(args) -> int:
     _threads(args)
     from twinlm.eval import bpb
+    from twinlm.eval.settings import BpbConfig
 
-    res = bpb.run(args.model, text_file=args.text_file, max_docs=args.max_docs, max_bytes=args.max_bytes,
-                  max_length=args.max_length, mntp=args.mntp, variant=args.variant, data_root=args.data_root,
-                  out=args.out, log=_log)
+    cfg = BpbConfig(text_file=args.text_file, max_docs=args.max_docs, max_bytes=args.max_bytes,
+                    max_length=args.max_length)
+    res = bpb.run(args.model, cfg, mntp=args.mntp, variant=args.variant, data_root=args.data_root, out=args.out,
+                  log=_log)
     return _finish(res, args)
 
 
 def _compare(args) -> int:
-    from twinlm.eval.report import compare
+    from twinlm.eval.compare import compare
 
-    try:
-        res = compare(args.runs, args.out)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"twinlm compare: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(res, indent=2))
+    print(json.dumps(compare(args.runs, args.out), indent=2))
     return 0

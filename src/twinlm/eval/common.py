@@ -6,11 +6,18 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
+import transformers
+import yaml
+from transformers import AutoTokenizer
+
+import twinlm
+from twinlm.errors import ConfigError
 
 
 @dataclass
@@ -29,7 +36,7 @@ class Loaded:
         return self.model.config
 
 
-def load(model, tokenizer=None, *, mntp: bool | None = None, variant: str | None = None,
+def load_for_eval(model, tokenizer=None, *, mntp: bool | None = None, variant: str | None = None,
          threads: int | None = None) -> Loaded:
     """A model folder (HF ModernBERT / ModernBERT-decoder or twinlm checkpoint, via `twinlm.load`) with
     the tokenizer saved in it, or an in-memory `(Transformer, tokenizer)` pair. Already-`Loaded` passes."""
@@ -40,16 +47,12 @@ def load(model, tokenizer=None, *, mntp: bool | None = None, variant: str | None
     path = None
     if isinstance(model, (str, os.PathLike)):
         path = str(model)
-        import twinlm
-
-        from transformers import AutoTokenizer
-
         net = twinlm.load(path)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(path)
         model = net
     if tokenizer is None:
-        raise ValueError("an in-memory model needs its tokenizer")
+        raise ConfigError("an in-memory model needs its tokenizer: pass tokenizer=")
     model.eval()
     info = describe(model, path, mntp=mntp, variant=variant)
     return Loaded(model, tokenizer, path, info)
@@ -76,8 +79,6 @@ def _detect_mntp(path: str | None) -> bool:
         except OSError:
             continue
         if "mntp" in text.lower():
-            import yaml
-
             try:
                 d = yaml.safe_load(text)
             except yaml.YAMLError:
@@ -175,7 +176,7 @@ def length_batches(lengths: Sequence[int], max_tokens: int, max_docs: int | None
         yield batch
 
 
-def pack(seqs: Sequence[Sequence[int]], device="cpu") -> tuple[torch.Tensor, torch.Tensor, int, list[int]]:
+def pack_sequences(seqs: Sequence[Sequence[int]], device="cpu") -> tuple[torch.Tensor, torch.Tensor, int, list[int]]:
     """Flat ids (N,), cu_seqlens int32 (D+1,), max_seqlen, start offset of each sequence."""
     lens = [len(s) for s in seqs]
     offsets, acc = [], 0
@@ -191,7 +192,7 @@ def forward_packed(model, seqs: Sequence[Sequence[int]], prediction_positions: S
                    return_logits: bool = True):
     """One padding-free forward pass over `seqs`; prediction positions are flat indices."""
     device = next(model.parameters()).device
-    ids, cu, m, offsets = pack(seqs, device)
+    ids, cu, m, offsets = pack_sequences(seqs, device)
     kwargs = {}
     if prediction_positions is not None:
         kwargs["prediction_positions"] = torch.tensor(list(prediction_positions), dtype=torch.long, device=device)
@@ -276,25 +277,5 @@ class Timer:
         return time.perf_counter() - self.t0
 
 
-def write_json(path: str | Path, obj: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
-    tmp.replace(path)
-
-
-def _jsonable(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def versions() -> dict:
-    import transformers
-
-    import twinlm
-
     return {"twinlm": twinlm.__version__, "torch": torch.__version__, "transformers": transformers.__version__}

@@ -19,19 +19,20 @@ the tests compare against.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from twinlm.eval.common import Loaded, Timer, encode_plain, forward_packed, length_batches, load, versions, write_json
+from twinlm.errors import ConfigError, DataError
+from twinlm.eval.common import Loaded, Timer, encode_plain, forward_packed, length_batches, load_for_eval, versions
 from twinlm.eval.metrics import multiple_choice_metrics
-from twinlm.eval.tasks import GENERATIVE_TASKS, GenTask, MCExample, load_generative_task
+from twinlm.eval.settings import GenerativeConfig
+from twinlm.eval.tasks import MCExample, load_generative_task
+from twinlm.io import write_json
 
-DEFAULT_TASKS = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "sciq", "siqa", "winogrande", "openbookqa",
-                 "boolq", "copa", "lambada"]
 # The metric each task contributes to the average (lm-eval's customary headline for that task).
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "piqa": "acc_norm",
             "openbookqa": "acc_norm", "lambada": "acc"}
@@ -75,9 +76,10 @@ def tokenize_requests(tokenizer, cfg, pairs: Sequence[tuple[str, str]], add_bos:
         else:
             ctx, cont = [], whole
         if not bos and not ctx:
-            raise ValueError("an empty context needs add_bos=True")
+            raise ConfigError("an empty context needs add_bos=True (drop --no-bos)")
         if not cont:
-            raise ValueError(f"continuation {cont_text!r} has no tokens of its own")
+            raise DataError(f"continuation {cont_text!r} has no tokens of its own: its choice text is empty "
+                            "after the context's tokens")
         req = Request(bos + list(ctx), list(cont))
         if max_length is not None and len(req.ctx) + len(req.cont) > max_length:
             # keep BOS and the continuation; drop the context's oldest tokens (lm-eval truncates left)
@@ -201,25 +203,25 @@ def evaluate_examples(loaded: Loaded, examples: Sequence[MCExample], *, kind: st
     return metrics, per_ex
 
 
-def run(model, tasks: Sequence[str] = DEFAULT_TASKS, *, tokenizer=None, limit: int | None = 500, seed: int = 0,
-        max_tokens: int = 16384, max_length: int | None = None, add_bos: bool = True, delimiter: str = " ",
-        mntp: bool | None = None, variant: str | None = None, data_root=None, out: str | Path | None = None,
-        log=print) -> dict:
+def run(model, cfg: GenerativeConfig | None = None, *, tokenizer=None, mntp: bool | None = None,
+        variant: str | None = None, data_root=None, out: str | Path | None = None, log=print) -> dict:
     """Zero-shot scoring of `model` (a folder, a `Loaded`, or a Transformer with `tokenizer`) on built-in
-    task names or JSONL files. `limit`: a seeded random subset of each task (None = all).
+    task names or JSONL files (`cfg.tasks`); `cfg.limit` draws a seeded random subset of each task (None = all).
+    `mntp` overrides the detection of MNTP-trained encoders.
 
     Returns {"track": "generative", "model", "tasks": {name: {acc, acc_norm, acc_bytes | acc, ppl; n,
     score, stderr, seconds, examples_per_s}}, "average": {"metric", "mean", "std", "n_tasks"}, "config"}.
     """
+    cfg = cfg or GenerativeConfig()
     # tasks first: a bad task file fails before any model is loaded
-    task_objs = [load_generative_task(name, root=data_root, limit=limit, seed=seed, delimiter=delimiter)
-                 for name in tasks]
-    loaded = load(model, tokenizer, mntp=mntp, variant=variant)
+    task_objs = [load_generative_task(name, root=data_root, limit=cfg.limit, seed=cfg.seed, delimiter=cfg.delimiter)
+                 for name in cfg.tasks]
+    loaded = load_for_eval(model, tokenizer, mntp=mntp, variant=variant)
     results = {}
     for task in task_objs:
         t = Timer()
-        metrics, _ = evaluate_examples(loaded, task.examples, kind=task.kind, add_bos=add_bos,
-                                       max_tokens=max_tokens, max_length=max_length)
+        metrics, _ = evaluate_examples(loaded, task.examples, kind=task.kind, add_bos=cfg.add_bos,
+                                       max_tokens=cfg.max_tokens, max_length=cfg.max_length)
         sec = t()
         headline = HEADLINE.get(task.name, "acc")
         p = metrics[headline] / 100.0
@@ -237,8 +239,8 @@ def run(model, tasks: Sequence[str] = DEFAULT_TASKS, *, tokenizer=None, limit: i
                           "mean": float(np.mean(scores)) if scores else float("nan"), "std": se,
                           "std_kind": "standard error over examples (zero-shot scoring is deterministic)",
                           "n_tasks": len(scores)},
-              "config": {"tasks": list(tasks), "limit": limit, "seed": seed, "add_bos": add_bos,
-                         "delimiter": delimiter, "max_tokens": max_tokens, "n_future_masks": N_FUTURE_MASKS,
+              "config": {"tasks": list(cfg.tasks), "limit": cfg.limit, "seed": cfg.seed, "add_bos": cfg.add_bos,
+                         "delimiter": cfg.delimiter, "max_tokens": cfg.max_tokens, "n_future_masks": N_FUTURE_MASKS,
                          "scoring": "log-likelihood" if loaded.causal else
                          ("masked (MNTP: read position before the first mask)" if loaded.info["mntp"]
                           else "masked (read first mask)"),
@@ -249,4 +251,4 @@ def run(model, tasks: Sequence[str] = DEFAULT_TASKS, *, tokenizer=None, limit: i
 
 
 __all__ = ["run", "score_requests", "score_requests_naive", "tokenize_requests", "evaluate_examples",
-           "Request", "Scored", "DEFAULT_TASKS", "GENERATIVE_TASKS"]
+           "Request", "Scored", "GenerativeConfig"]

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 
 # --- classification --------------------------------------------------------------------------------
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_labels: int) -> dict[str, float]:
     """accuracy, macro-F1, and (binary tasks) F1 of class 1 and Matthews correlation, all in percent."""
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     labels = list(range(num_labels))
     out = {"accuracy": 100.0 * accuracy_score(y_true, y_pred),

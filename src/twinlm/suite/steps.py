@@ -14,9 +14,12 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from twinlm.io import write_json
 
 MARKER = "STEP.json"
 STARTED = "STARTED.json"  # written when a step starts (its identity): a partial folder of other settings is not reused
@@ -113,16 +116,15 @@ class Pipeline:
             self.log(f"{label}{resumed}: ~{_fmt_seconds(step.estimate_s)}; suite ETA "
                      f"{_fmt_seconds(remaining)}")
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / STARTED).write_text(json.dumps({"identity": ids[step.name]}) + "\n")
+            write_json(folder / STARTED, {"identity": ids[step.name]})
             t0 = time.monotonic()
             summary = step.run(folder) or {}
             elapsed = time.monotonic() - t0
             marker = {"identity": ids[step.name], "settings": step.settings, "seconds": round(elapsed, 1),
                       "summary": summary}
-            tmp = folder / (MARKER + ".tmp")
-            tmp.write_text(json.dumps(marker, indent=2, default=str) + "\n")
-            tmp.replace(folder / MARKER)
+            write_json(folder / MARKER, marker)  # last: the step counts as done once this is there
             summaries[step.name] = summary
             remaining = max(0.0, remaining - step.estimate_s)
-            self.log(f"{label}: done in {_fmt_seconds(elapsed)} (suite so far {_fmt_seconds(time.monotonic() - started)})")
+            so_far = _fmt_seconds(time.monotonic() - started)
+            self.log(f"{label}: done in {_fmt_seconds(elapsed)} (suite so far {so_far})")
         return summaries

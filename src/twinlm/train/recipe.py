@@ -17,6 +17,8 @@ YAML rules
   `tokenizer=…`) is all a caller needs.
 - Overrides: `key.sub=value` with the value parsed as YAML (`optim.lr=1e-3`, `phases.pretrain.tokens=2M`,
   `data=/path/to/shards`, `model.overrides.attention_dropout=0`). Unknown keys are errors.
+- Values are coerced to the fields' types by `twinlm.configs` (the rules shared with suite scales and
+  evaluation settings); `data:` may be a path, a `{path, weight}` mapping or a list of either.
 """
 
 from __future__ import annotations
@@ -25,31 +27,16 @@ import copy
 import dataclasses
 import os
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from twinlm.configs import apply_overrides, build, deep_merge
+from twinlm.errors import ConfigError, MissingArtifactError
+
 OBJECTIVES = ("mlm", "clm", "mntp")
-
-_SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
-
-
-def parse_count(value: Any) -> int:
-    """An integer count from 1234, 1.7e12, "1.7T", "8.5B", "250M", "4K", "1_000"."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a count: {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(round(value))
-    text = str(value).strip().replace("_", "").replace(",", "")
-    m = re.fullmatch(r"([0-9.eE+-]+)\s*([KMBGT]?)", text, flags=re.IGNORECASE)
-    if not m:
-        raise ValueError(f"not a count: {value!r} (use e.g. 1000, 1.7T, 8.5B, 250M, 4K)")
-    return int(round(float(m.group(1)) * _SUFFIX.get(m.group(2).upper(), 1)))
 
 
 def expand_path(value: str | None) -> str | None:
@@ -61,7 +48,7 @@ def expand_path(value: str | None) -> str | None:
     def sub(m: re.Match) -> str:
         name = m.group(1) or m.group(2)
         if name not in env:
-            raise ValueError(f"recipe path {value!r} uses ${{{name}}}, which is not set in the environment")
+            raise ConfigError(f"recipe path {value!r} uses ${{{name}}}, which is not set in the environment")
         return env[name]
 
     return str(Path(re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, str(value))).expanduser())
@@ -69,7 +56,7 @@ def expand_path(value: str | None) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
-class Source:
+class ShardSource:
     """One prepared shard folder (`twinlm data prepare --out DIR`) and its share of the tokens."""
     path: str
     weight: float = 1.0
@@ -98,7 +85,7 @@ class Phase:
     rope_theta: float | None = None  # global-layer θ from this phase on (None: keep)
     local_rope_theta: float | None = None
     schedule: Schedule = field(default_factory=Schedule)
-    data: list[Source] | None = None  # None: the recipe's `data`
+    data: list[ShardSource] | None = None  # None: the recipe's `data`
 
     @property
     def micro_batch_size(self) -> int:
@@ -132,7 +119,7 @@ class Checkpointing:
 
 @dataclass
 class Eval:
-    data: list[Source] | None = None  # held-out shards; None: no eval
+    data: list[ShardSource] | None = None  # held-out shards; None: no eval
     every_tokens: int = 0
     samples: int = 64
     mask_ratio: float = 0.15  # eval masking is always 15% in the paper
@@ -144,7 +131,7 @@ class Recipe:
     objective: str = "mlm"  # mlm (encoder) | clm (decoder) | mntp (encoder trained from a decoder)
     model: ModelSpec = field(default_factory=ModelSpec)
     tokenizer: str | None = None  # tokenizer folder; None: the one recorded in the first data source's meta
-    data: list[Source] = field(default_factory=list)
+    data: list[ShardSource] = field(default_factory=list)
     phases: dict[str, Phase] = field(default_factory=dict)
     optim: Optim = field(default_factory=Optim)
     checkpoint: Checkpointing = field(default_factory=Checkpointing)
@@ -182,7 +169,7 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def validate(self) -> "Recipe":
+    def validate(self) -> Recipe:
         problems = []
         if self.objective not in OBJECTIVES:
             problems.append(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
@@ -210,10 +197,10 @@ class Recipe:
         if self.parallel not in ("auto", "ddp", "fsdp"):
             problems.append(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
         if problems:
-            raise ValueError(f"invalid recipe {self.name!r}:\n  " + "\n  ".join(problems))
+            raise ConfigError(f"invalid recipe {self.name!r}:\n  " + "\n  ".join(problems))
         return self
 
-    def resolved_paths(self) -> "Recipe":
+    def resolved_paths(self) -> Recipe:
         """A copy with ${VAR}/~ expanded in every path."""
         r = copy.deepcopy(self)
         for src in list(r.data) + [s for p in r.phases.values() for s in (p.data or [])] + list(r.eval.data or []):
@@ -223,119 +210,43 @@ class Recipe:
         return r
 
 
-# --- building dataclasses from plain dicts, with coercion --------------------------------------------------
-_COUNT_FIELDS = {"tokens", "every_tokens", "warmup_tokens", "decay_tokens", "batch_warmup_tokens",
-                 "micro_batch_tokens", "samples"}
-
-
-def _coerce(tp: Any, value: Any, where: str, name: str = "") -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where, name)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if origin is list:
-        (item,) = args
-        if item is Source:
-            return _sources(value, where)
-        if not isinstance(value, list):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(item, v, f"{where}.{i}") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"{where}: expected {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, f"{where}.{i}") for i, (a, v) in enumerate(zip(args, value)))
-    if origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    try:
-        if tp is int:
-            return parse_count(value) if name in _COUNT_FIELDS else int(parse_count(value))
-        if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "yes", "1", "on"):
-                return True
-            if str(value).lower() in ("false", "no", "0", "off"):
-                return False
-            raise ValueError
-        if tp is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return str(value)
-    except (ValueError, TypeError):
-        raise ValueError(f"{where}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
-    return value
-
-
-def _sources(value: Any, where: str) -> list[Source]:
+# --- building the dataclasses (twinlm.configs), with the recipe's two shorthands ---------------------------
+def _sources(value: Any, where: str) -> list[ShardSource]:
+    """`data: PATH`, `data: {path, weight}` or a list of either."""
     if value is None:
         return []
     if isinstance(value, (str, dict)):
         value = [value]
-    out = []
-    for i, v in enumerate(value):
-        if isinstance(v, str):
-            out.append(Source(path=v))
-        else:
-            out.append(_build(Source, v, f"{where}.{i}"))
-    return out
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    return [ShardSource(path=v) if isinstance(v, str) else build(ShardSource, v, f"{where}.{i}")
+            for i, v in enumerate(value)]
 
 
-def _build(cls, data: Any, where: str):
-    if isinstance(data, cls):
-        return data
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{where or 'recipe'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"{where or 'recipe'}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = f"{where}.{name}" if where else name
-        if cls is Recipe and name == "phases":
-            if not isinstance(value, dict):
-                raise ValueError("phases: expected a mapping {name: {...}} (ordered)")
-            kwargs[name] = {k: _build(Phase, {**(v or {}), "name": k}, f"phases.{k}") for k, v in value.items()}
-        else:
-            kwargs[name] = _coerce(hints[name], value, sub, name)
-    return cls(**kwargs)
+def _phases(value: Any, where: str) -> dict[str, Phase]:
+    """`phases: {name: {...}}`, in order; each phase knows its name."""
+    if not isinstance(value, dict):
+        raise ConfigError("phases: expected a mapping {name: {...}} (ordered)")
+    return {k: build(Phase, {**(v or {}), "name": k}, f"phases.{k}", hooks=_HOOKS) for k, v in value.items()}
+
+
+_HOOKS = {list[ShardSource]: _sources, dict[str, Phase]: _phases}
 
 
 # --- YAML loading ------------------------------------------------------------------------------------------
-def deep_merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def load_raw(path: str | Path, _seen: tuple = ()) -> dict:
     """A recipe file as a plain dict, its `base:` files merged in."""
     path = Path(path).resolve()
     if path in _seen:
-        raise ValueError(f"recipe base cycle: {' -> '.join(map(str, _seen + (path,)))}")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"recipe base cycle: {' -> '.join(map(str, _seen + (path,)))}")
+    if not path.is_file():
+        raise MissingArtifactError(f"recipe file {path} not found" + (f" (a base of {_seen[-1]})" if _seen else ""))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a recipe is a YAML mapping")
+        raise ConfigError(f"{path}: a recipe is a YAML mapping")
     bases = data.pop("base", None) or []
     if isinstance(bases, str):
         bases = [bases]
@@ -345,34 +256,8 @@ def load_raw(path: str | Path, _seen: tuple = ()) -> dict:
     return deep_merge(merged, data)
 
 
-def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
-    raw = copy.deepcopy(raw)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not KEY=VALUE")
-        key, text = item.split("=", 1)
-        value = yaml.safe_load(text) if text.strip() else None
-        parts = key.strip().split(".")
-        node = raw
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                node = node[int(part)]
-                continue
-            if node.get(part) is None:
-                node[part] = {}
-            elif isinstance(node[part], str) and part in ("data",):
-                node[part] = [{"path": node[part]}]
-            node = node[part]
-        last = parts[-1]
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
-    return raw
-
-
 def from_dict(raw: dict) -> Recipe:
-    return _build(Recipe, raw, "").validate()
+    return build(Recipe, raw, hooks=_HOOKS).validate()
 
 
 def load_recipe(path_or_obj: Any, overrides: list[str] | None = None) -> Recipe:
@@ -384,4 +269,4 @@ def load_recipe(path_or_obj: Any, overrides: list[str] | None = None) -> Recipe:
     else:
         raw = load_raw(path_or_obj)
         raw.setdefault("name", Path(path_or_obj).stem)
-    return from_dict(apply_overrides(raw, overrides))
+    return from_dict(apply_overrides(raw, overrides, path_lists=("data",)))

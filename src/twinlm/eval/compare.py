@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
+
+from twinlm.errors import DataError, MissingArtifactError
+from twinlm.io import write_bytes, write_json
 
 VARIANT_ORDER = ["encoder", "decoder", "enc-from-dec", "dec-from-enc", "random-encoder", "random-decoder",
                  "bag-of-words", "minilm"]
@@ -31,7 +34,7 @@ def collect(paths: Iterable[str | Path]) -> tuple[list[dict], list[tuple[str, Pa
     results, curves = [], []
     for p in map(Path, paths):
         if not p.exists():
-            raise FileNotFoundError(f"{p}: no such file or folder")
+            raise MissingArtifactError(f"{p}: no such file or folder (give eval result files or folders holding them)")
         files = [p] if p.is_file() else sorted(p.rglob("*.json"))
         for f in files:
             if f.name.endswith(".tmp") or f.suffix != ".json":
@@ -40,13 +43,13 @@ def collect(paths: Iterable[str | Path]) -> tuple[list[dict], list[tuple[str, Pa
                 obj = json.loads(f.read_text())
             except (OSError, json.JSONDecodeError, UnicodeDecodeError):
                 if f == p:
-                    raise ValueError(f"{p}: not a JSON result file") from None
+                    raise DataError(f"{p}: not a JSON result file") from None
                 continue
             if _is_result(obj):
                 obj.setdefault("_source", str(f))
                 results.append(obj)
             elif f == p:
-                raise ValueError(f"{p}: not an eval result (needs track, model, tasks)")
+                raise DataError(f"{p}: not an eval result (needs track, model, tasks)")
         if p.is_dir():
             for m in sorted(p.rglob("metrics.jsonl")):
                 curves.append((_run_label(m, p), m))
@@ -115,7 +118,7 @@ def markdown(rows: list[dict]) -> str:
                   "|---|---|" + "---|" * len(cols)]
         for task in tasks:
             cells, metric = [], ""
-            for p, s, v in cols:
+            for _, s, v in cols:
                 hit = [r for r in trows if r["task"] == task and r["size"] == s and r["variant"] == v]
                 if hit:
                     metric = hit[0]["metric"]
@@ -129,11 +132,19 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot_track(track: str, trows: list[dict], out: Path) -> Path:
+def _pyplot():
+    """pyplot with the file-only Agg backend. Imported here, not at the top: importing pyplot picks a GUI backend
+    for the whole process, which a library must not do to a program that merely imports it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_track(track: str, trows: list[dict], out: Path) -> Path:
+    plt = _pyplot()
 
     tasks = sorted({r["task"] for r in trows}, key=lambda t: (t != "average", t))
     models = [r for r in trows if r["variant"] not in BASELINES]
@@ -147,7 +158,7 @@ def _plot_track(track: str, trows: list[dict], out: Path) -> Path:
     for ax, task in zip(axes.flat, tasks):
         for vi, v in enumerate(variants):
             xs, ys, es = [], [], []
-            for si, (p, s) in enumerate(sizes):
+            for si, (_, s) in enumerate(sizes):
                 hit = [r for r in models if r["task"] == task and r["variant"] == v and r["size"] == s]
                 if hit:
                     xs.append(si - 0.4 + width * (vi + 0.5))
@@ -168,10 +179,10 @@ def _plot_track(track: str, trows: list[dict], out: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
-    handles, labels = {}, []
+    handles = {}
     for ax in axes.flat:
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(l, h)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
     top = 1 - 0.9 / height
     fig.tight_layout(rect=(0, 0, 1, top))
     fig.suptitle(f"{track}" + (" (bits per byte, lower is better)" if track == "bpb" else ""),
@@ -198,10 +209,7 @@ def read_curve(path: Path) -> tuple[list[float], list[float], str]:
 
 
 def _plot_curves(curves: list[tuple[str, Path]], out: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     data = [(label, *read_curve(p)) for label, p in curves]
     data = [d for d in data if d[1]]
@@ -234,12 +242,13 @@ def compare(inputs: Sequence[str | Path], out_dir: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results, curves = collect(inputs)
     if not results and not curves:
-        raise ValueError(f"no eval results and no metrics.jsonl found in {', '.join(map(str, inputs))}")
+        raise DataError(f"no eval results and no metrics.jsonl found in {', '.join(map(str, inputs))}: "
+                        "give the files `twinlm eval --out` wrote, or folders holding them")
     rows = table(results)
     md = markdown(rows)
-    (out / "comparison.md").write_text(md + "\n")
-    payload = {"rows": rows, "models": _models(results), "curves": [{"run": l, "path": str(p)} for l, p in curves]}
-    (out / "comparison.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_bytes(out / "comparison.md", md + "\n")
+    payload = {"rows": rows, "models": _models(results), "curves": [{"run": run, "path": str(p)} for run, p in curves]}
+    write_json(out / "comparison.json", payload)
     plots = []
     for track in sorted({r["track"] for r in rows}):
         plots.append(str(_plot_track(track, [r for r in rows if r["track"] == track], out)))
