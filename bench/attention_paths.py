@@ -61,7 +61,8 @@ def main() -> int:
     section = "\n".join([
         START, "## Sliding-window attention paths (`bench/attention_paths.py`)", "",
         f"Command: `python bench/attention_paths.py`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.  ",
-        f"Machine: {info['cpu']}, {info['cores']} cores (torch threads {info['torch_threads']}), torch {info['torch']}.  ",
+        f"Machine: {info['cpu']}, {info['cores']} cores (torch threads {info['torch_threads']}), "
+        f"torch {info['torch']}.  ",
         "One attention layer, forward + backward, 4 heads x 64, fp32; median of 6 runs (ms).", "",
         "| window | batch | blocked (ms) | masked full matrix (ms) | speed-up |", "|---|---|---|---|---|", *rows, "",
         "Reading: the blocked path's cost follows the tokens, not the longest document; in the model benchmark's",

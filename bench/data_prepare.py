@@ -107,12 +107,14 @@ def main() -> int:
         f"average at the end of each run in the table), Python {platform.python_version()}.",
         f"Input: {desc}; tokenizer: {tok_desc}; chunks of {args.chunk_size} tokens. "
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
-        "| workers × threads | MB | wall s | MB/s (wall) | CPU s | MB per CPU-s | peak RSS MiB | tokens | chunks | load |",
+        "| workers × threads | MB | wall s | MB/s (wall) | CPU s | MB per CPU-s | peak RSS MiB | tokens | chunks "
+        "| load |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['workers']} × {r['threads']} | {r['mb']} | {r['wall_s']} | {r['mb_per_s']} | {r['cpu_s']} | "
-                     f"{r['mb_per_cpu_s']} | {r['peak_rss_mib']} | {r['tokens']} | {r['chunks']} | {r['load']} |")
+        lines.append(f"| {r['workers']} × {r['threads']} | {r['mb']} | {r['wall_s']} | {r['mb_per_s']} "
+                     f"| {r['cpu_s']} | {r['mb_per_cpu_s']} | {r['peak_rss_mib']} | {r['tokens']} | {r['chunks']} "
+                     f"| {r['load']} |")
     par = max(rows, key=lambda r: r["mb_per_s"])
     lines += ["", (
         f"Reading: preparation is CPU-bound in the `tokenizers` BPE encoder; the fastest setting "

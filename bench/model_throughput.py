@@ -181,13 +181,14 @@ def markdown(results: list[dict], info: dict, args, cmd: str) -> str:
             mfu = f" {row['mfu']:.1%} |" if "mfu" in row else ""
             lines.append(f"| {r['kind']} | {name} | {row['step_s']:.2f} | {row['tok_s']:,.0f} | "
                          f"{row['best_tok_s']:,.0f} | {row['ratio_paired']:.2f}x | {row['ratio']:.2f}x |{mfu}")
-        lines.append(f"| | step times (s) | " + "; ".join(
+        lines.append("| | step times (s) | " + "; ".join(
             f"{n}: {', '.join(f'{t:.2f}' for t in row['all_s'])}" for n, row in r["rows"].items()) + " | | | | |" +
             (" |" if args.device == "cuda" else ""))
     lines += ["", "Notes: twinlm runs the masked-LM head on the masked positions only (sparse prediction) and the "
               "decoder's head + cross-entropy chunked (`labels=`); transformers runs as its classes are configured "
               "by default (dense MLM logits). Both run without dropout (the same computation; twinlm's recipe "
-              "value 0.1 is `--dropout 0.1`). The machine is shared with other processes: absolute numbers move, the ratios are from "
+              "value 0.1 is `--dropout 0.1`). The machine is shared with other processes: absolute numbers move, "
+              "the ratios are from "
               "alternating steps in one process." + (" " + args.note if args.note else ""), END]
     return "\n".join(lines) + "\n"
 
@@ -239,7 +240,8 @@ def main(argv=None) -> int:
         for name, row in r["rows"].items():
             extra = f", MFU {row['mfu']:.1%}" if "mfu" in row else ""
             print(f"{kind:8s} {name:40s} {row['tok_s']:10,.0f} tok/s median ({row['ratio']:.2f}x; paired "
-                  f"{row['ratio_paired']:.2f}x), {row['best_tok_s']:,.0f} best  steps {row['all_s']}{extra}", flush=True)
+                  f"{row['ratio_paired']:.2f}x), {row['best_tok_s']:,.0f} best  steps {row['all_s']}{extra}",
+                  flush=True)
     cmd = "python bench/model_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = markdown(results, info, args, cmd.strip())
     if not args.no_write:

@@ -73,9 +73,9 @@ def loop_times(args, data: Path, out: Path):
 def bare_times(args, trainer):
     """The same batches through model + optimizer only, on a fresh model (same init seed)."""
     from twinlm.data import BatchStream, pack
+    from twinlm.model import Transformer
     from twinlm.train.objectives import build_objective
     from twinlm.train.optim import build_optimizer
-    from twinlm.model import Transformer
     from twinlm.train.trainer import build_dataset
     r = trainer.recipe
     phase = r.phase_list()[0]
@@ -85,7 +85,8 @@ def bare_times(args, trainer):
     opt = build_optimizer(model, lr=1e-3, betas=r.optim.betas, eps=r.optim.eps, weight_decay=1e-4)
     cfg = model.config
     obj = build_objective(r.objective, seed=r.seed, mask_ratio=phase.mask_ratio, mask_token_id=cfg.mask_token_id,
-                          special_ids=(cfg.cls_token_id, cfg.sep_token_id, cfg.pad_token_id), random_high=cfg.vocab_size)
+                          special_ids=(cfg.cls_token_id, cfg.sep_token_id, cfg.pad_token_id),
+                          random_high=cfg.vocab_size)
     stream = BatchStream(build_dataset(r.data if not phase.data else phase.data, r.seed), r.seed)
     steps = []
     for s in range(args.steps):
@@ -165,8 +166,8 @@ def write(args, r) -> None:
 Command: `{cmd}`
 Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared; 1-minute load average {r['load']:.1f} at the end),
 torch {torch.__version__}, {args.threads} thread(s). Model `{r['preset']}`, objective {r['objective']}, fp32,
-{int(r['tokens_per_step'])} tokens per step (batch {args.batch} × ≤{args.seq_len}), medians over {args.steps - args.warmup}
-steps × 2 runs. Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.
+{int(r['tokens_per_step'])} tokens per step (batch {args.batch} × ≤{args.seq_len}),
+medians over {args.steps - args.warmup} steps × 2 runs. Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.
 
 | | bare model step | trainer step | overhead |
 |---|---|---|---|

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from twinlm.configs import UnknownName, apply_overrides, build, deep_merge, field_names, parse_count
-from twinlm.errors import ConfigError
+from twinlm.configs import apply_overrides, build, deep_merge, field_names, parse_count
+from twinlm.errors import ConfigError, UnknownName
 
 
 def test_parse_count():

@@ -1,7 +1,7 @@
 """Model shape: one dataclass whose defaults are the reference model (Ettin 150M), sizes as presets.
 
 Encoder and decoder share every field; `causal` is the only switch between them. A config that cannot be
-built raises ConfigError listing every problem at once; an unknown preset raises UnknownPreset.
+built raises ConfigError listing every problem at once; an unknown preset raises UnknownName.
 """
 
 from __future__ import annotations
@@ -12,18 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twinlm.errors import ConfigError
+from twinlm.errors import ConfigError, UnknownName
 from twinlm.io import write_json
 
 # Ettin / ModernBERT special tokens in the 50,368-token vocabulary (REFERENCE §1).
 ETTIN_VOCAB_SIZE = 50368
 ETTIN_SPECIAL_TOKENS = {"unk": 50280, "cls": 50281, "sep": 50282, "pad": 50283, "mask": 50284}
-
-
-class UnknownPreset(ConfigError, KeyError):
-    """A preset name that is not in PRESETS (a KeyError too, as it was before ConfigError existed)."""
-
-    __str__ = Exception.__str__  # KeyError would quote the message
 
 
 @dataclass
@@ -84,7 +78,7 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         if name not in PRESETS:
-            raise UnknownPreset(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+            raise UnknownName(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod

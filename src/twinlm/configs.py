@@ -39,14 +39,6 @@ Hooks = Mapping[Any, Callable[[Any, str], Any]]
 _SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
 
-class UnknownName(ConfigError, KeyError):
-    """A name (a suite scale, a task, a baseline) that is not in its table; the message lists the known ones.
-
-    Also a `KeyError`, which these lookups raised before."""
-
-    __str__ = Exception.__str__  # KeyError's would quote the message
-
-
 def parse_count(value: Any) -> int:
     """An integer count from 1234, 1.7e12, "1.7T", "8.5B", "250M", "4K", "1_000"."""
     if isinstance(value, bool):

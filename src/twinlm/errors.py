@@ -24,6 +24,19 @@ class MissingArtifactError(TwinlmError, FileNotFoundError):
     """Something an earlier command makes is not there yet (fetched data, a tokenizer, shards, a run)."""
 
 
+class UnknownName(ConfigError, KeyError):
+    """A name (a preset, a data source, a suite scale, a task, a baseline) that is not in its table; the message
+    lists the known ones. Also a `KeyError`, which these lookups raised before."""
+
+    __str__ = Exception.__str__  # KeyError's would quote the message
+
+
+class StepNotRecorded(MissingArtifactError, KeyError):
+    """A training step whose batch order the run did not record (a `KeyError` too, as a lookup by step)."""
+
+    __str__ = Exception.__str__
+
+
 class DataError(TwinlmError, ValueError):
     """Input text or records that cannot be read (names the file and line)."""
 
@@ -34,6 +47,10 @@ class FetchError(TwinlmError, RuntimeError):
 
 class ShardError(TwinlmError, RuntimeError):
     """A shard folder is missing, truncated, altered or inconsistent."""
+
+
+class MissingShards(ShardError, MissingArtifactError):
+    """No shard folder at the path given: `twinlm data prepare` makes it."""
 
 
 class TokenizerMismatch(ShardError):

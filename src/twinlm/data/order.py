@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from twinlm.data.tokenizer import load_tokenizer
-from twinlm.errors import MissingArtifactError
+from twinlm.errors import MissingArtifactError, StepNotRecorded
 from twinlm.io import atomic_path
 
 
@@ -84,13 +84,6 @@ class OrderRecorder:
             v.clear()
         self._positions.clear()
         return final
-
-
-class StepNotRecorded(MissingArtifactError, KeyError):
-    """`read_step` of a step the run has not recorded (a KeyError, as a lookup by step)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
 
 
 def _order_root(run: str | Path) -> Path:

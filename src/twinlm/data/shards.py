@@ -22,15 +22,11 @@ from typing import Any
 import numpy as np
 
 from twinlm.data.tokenizer import tokenizer_fingerprint
-from twinlm.errors import MissingArtifactError, ShardError, TokenizerMismatch
+from twinlm.errors import MissingShards, ShardError, TokenizerMismatch
 from twinlm.io import atomic_dir, sha256_file, write_json
 
 FORMAT_VERSION = 1
 FILES = ("tokens.bin", "index.npy", "docs.npy", "bytes.npy")
-
-
-class MissingShards(ShardError, MissingArtifactError):
-    """No shard folder at the path given: `twinlm data prepare` makes it."""
 
 
 def _write_npy_from_raw(raw: Path, out: Path, dtype: str, count: int) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 
-from twinlm.configs import UnknownName
+from twinlm.errors import UnknownName
 from twinlm.eval.tasks import minilm_dir
 
 PAIR_JOIN = " [SEP] "

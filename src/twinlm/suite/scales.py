@@ -14,8 +14,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from twinlm.configs import UnknownName, apply_overrides, build
-from twinlm.errors import ConfigError
+from twinlm.configs import apply_overrides, build
+from twinlm.errors import ConfigError, UnknownName
 from twinlm.eval.settings import BpbConfig, ClassifyConfig, GenerativeConfig, RetrievalConfig
 
 # Natural-language pre-training text first: the evaluation tasks are English prose. Code and manuals are

@@ -33,13 +33,13 @@ from twinlm.data.fetch.catalog import ARCHIVES, EVAL_TEXT_SOURCES, SOURCE_FILES,
 from twinlm.data.fetch.decontam import EvalIndex, build_eval_index, decontaminate_many, eval_passages, normalize_words
 from twinlm.data.fetch.download import client_available, default_downloader, ensure_archive, iter_archive
 from twinlm.data.fetch.extract import PRETRAIN_EXTRACTORS, clean_wikitext, extract_eval, write_pretrain
-from twinlm.data.fetch.store import UnknownSourceError, home, pretrain_files, read_manifest, source_dir
-from twinlm.errors import ConfigError, FetchError
+from twinlm.data.fetch.store import home, pretrain_files, read_manifest, source_dir
+from twinlm.errors import ConfigError, FetchError, UnknownName
 from twinlm.io import atomic_dir, write_json
 
 __all__ = [
     "ARCHIVES", "EVAL_TEXT_SOURCES", "PRETRAIN_EXTRACTORS", "SOURCE_FILES", "SOURCES", "Archive", "DataSource",
-    "EvalIndex", "FetchError", "UnknownSourceError", "build_eval_index", "clean_wikitext", "client_available",
+    "EvalIndex", "FetchError", "build_eval_index", "clean_wikitext", "client_available",
     "decontaminate_many", "default_downloader", "ensure_archive", "eval_passages", "fetch", "home", "iter_archive",
     "normalize_words", "pretrain_files", "read_manifest", "select", "source_dir", "status",
 ]
@@ -50,7 +50,7 @@ def select(only: Iterable[str] | None = None, group: str | None = None,
     if only:
         unknown = [n for n in only if n not in sources]
         if unknown:
-            raise UnknownSourceError(f"unknown source(s) {', '.join(unknown)}; known: {', '.join(sources)}")
+            raise UnknownName(f"unknown source(s) {', '.join(unknown)}; known: {', '.join(sources)}")
         chosen = [sources[n] for n in only]
     else:
         chosen = list(sources.values())

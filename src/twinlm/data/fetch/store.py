@@ -2,7 +2,7 @@
 of `twinlm.data.fetch` shows, and its manifest.json.
 
 Asking for something not fetched yet raises MissingArtifactError naming the `twinlm data fetch` command
-that fetches it; asking for a name the catalogue does not know raises UnknownSourceError.
+that fetches it; asking for a name the catalogue does not know raises UnknownName.
 """
 
 from __future__ import annotations
@@ -13,14 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from twinlm.data.fetch.catalog import SOURCES
-from twinlm.errors import ConfigError, MissingArtifactError
-
-
-class UnknownSourceError(ConfigError, KeyError):
-    """A source name that is not in the catalogue (a KeyError too, as a failed lookup by name)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
+from twinlm.errors import ConfigError, MissingArtifactError, UnknownName
 
 
 def home() -> Path:
@@ -31,7 +24,7 @@ def home() -> Path:
 def source_dir(name: str, root: str | Path | None = None) -> Path:
     """Folder of an unpacked source (`$TWINLM_HOME/sources/<name>/`); a clear error if not fetched."""
     if name not in SOURCES:
-        raise UnknownSourceError(f"unknown source {name!r}; known: {', '.join(SOURCES)}")
+        raise UnknownName(f"unknown source {name!r}; known: {', '.join(SOURCES)}")
     path = Path(root or home()) / "sources" / name
     if not path.is_dir():
         raise MissingArtifactError(f"source {name!r} is not fetched ({path} is missing): "

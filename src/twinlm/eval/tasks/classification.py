@@ -17,8 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from twinlm.configs import UnknownName
-from twinlm.errors import TaskFileError
+from twinlm.errors import TaskFileError, UnknownName
 from twinlm.eval.tasks.fetched import hf_dataset, source_path
 from twinlm.eval.tasks.files import int_label, read_jsonl
 

@@ -14,8 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from twinlm.configs import UnknownName
-from twinlm.errors import TaskFileError
+from twinlm.errors import TaskFileError, UnknownName
 from twinlm.eval.tasks.fetched import hf_dataset, oe_eval_requests
 from twinlm.eval.tasks.files import int_label, read_jsonl
 from twinlm.eval.tasks.sampling import subset

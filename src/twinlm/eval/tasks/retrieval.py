@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twinlm.configs import UnknownName
+from twinlm.errors import UnknownName
 from twinlm.eval.tasks.fetched import hf_dataset, oe_eval_requests
 
 
