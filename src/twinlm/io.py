@@ -30,8 +30,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def fsync_file(path: str | Path) -> None:
-    """Flush a written file's data to disk (best effort where the filesystem cannot)."""
-    fd = os.open(path, os.O_RDONLY)
+    """Flush a written file's data (or a folder's entries) to disk; best effort where the filesystem cannot."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
     except OSError:

@@ -20,7 +20,6 @@ gathers; rank 0 writes); `restore_training` runs on every rank.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -38,19 +37,6 @@ from twinlm.train import dist
 MARKER = "COMPLETE"
 MANIFEST = "MANIFEST.sha256"
 _NAME = re.compile(r"^step-(\d{8,})$")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def verify(folder: str | Path) -> None:
@@ -122,9 +108,9 @@ class CheckpointManager:
                 fsync_file(tmp / name)
                 lines.append(f"{sha256_file(tmp / name)}  {name}")
             write_bytes(tmp / MANIFEST, "\n".join(lines) + "\n")
-        _fsync_dir(self.root)
+        fsync_file(self.root)
         write_bytes(final / MARKER, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
-        _fsync_dir(final)
+        fsync_file(final)
         self.prune()
         return final
 
