@@ -24,7 +24,10 @@ def _save_encoder(path, tokenizer=True):
 def test_encoder_to_decoder_and_back(tmp_path):
     enc = _save_encoder(tmp_path / "enc")
     dec_dir = convert(tmp_path / "enc", "decoder", tmp_path / "dec")
-    assert (dec_dir / "tokenizer.json").read_text() == '{"dummy": true}'
+    # the tokenizer is carried along, with the decoder's template (issue 11: `[CLS] $A`, nothing appended)
+    tok_json = json.loads((dec_dir / "tokenizer.json").read_text())
+    assert tok_json["dummy"] is True
+    assert [next(iter(x.values()))["id"] for x in tok_json["post_processor"]["single"]] == ["[CLS]", "A"]
     cfg = json.loads((dec_dir / "config.json").read_text())
     assert cfg["model_type"] == "modernbert-decoder" and cfg["architectures"] == ["ModernBertDecoderForCausalLM"]
     dec = load(dec_dir)

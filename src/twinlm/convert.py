@@ -1,17 +1,32 @@
-"""Cross-objective weight conversion: an encoder folder -> a decoder folder, or the reverse.
+"""Rewriting a model folder as a Hugging Face folder: of the other kind (`convert`, cross-objective) or of
+its own kind (`export_model`, e.g. an intermediate training checkpoint).
 
 The two objectives share every weight; only the attention mask differs (config.causal). In Hugging Face
 terms the conversion splits/fuses the attention input projection (encoder `Wqkv` <-> decoder `q_proj`,
 `k_proj`, `v_proj`) and renames the prediction head (`head.*` <-> `lm_head.*`); twinlm.hf does both when the
-folder of the other class is written. Tokenizer files are copied along.
+folder of the other class is written.
+
+What travels with the weights:
+- the tokenizer: the source folder's files; for a twinlm checkpoint (`RUN/checkpoints/step-N`), the run's
+  tokenizer (the recipe's `tokenizer` in the checkpoint's state, else `RUN/final`); `tokenizer=` names one
+  explicitly. A tokenizer whose fingerprint differs from the one the checkpoint records is refused. With no
+  tokenizer to write, `convert` warns through `log` (the folder is still usable in Python with a tokenizer
+  passed separately) and `export_model` refuses unless `allow_no_tokenizer`.
+- the source's config.json fields that are not architecture (`classifier_pooling`, `id2label`, …: every key
+  outside twinlm.hf.ARCHITECTURE_FIELDS) and its `generation_config.json` settings (for a decoder result);
+- a model card naming the source as `base_model` (convert) or the run, phase and step (export_model).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
-from twinlm.errors import ConfigError
-from twinlm.export import copy_tokenizer_files
+from twinlm.card import run_summary
+from twinlm.data.tokenizer import tokenizer_fingerprint
+from twinlm.errors import ConfigError, MissingArtifactError, TokenizerMismatch
+from twinlm.export import GENERATION_CONFIG, TOKENIZER_FILES, TWINLM_CONFIG
 from twinlm.loading import load
 from twinlm.model import Transformer
 
@@ -19,29 +34,148 @@ TARGETS = ("encoder", "decoder")
 
 
 def convert(src, to: str, out, *, global_rope_theta: float | None = None,
-            local_rope_theta: float | None = None, overwrite: bool = False) -> Path:
+            local_rope_theta: float | None = None, overwrite: bool = False, tokenizer=None,
+            license: str | None = None, log=print) -> Path:
     """Write `out`: the model in `src` (HF folder or twinlm checkpoint) as the `to` kind, in HF format."""
     if to not in TARGETS:
         raise ConfigError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     src, out = Path(src), Path(out)
-    if out.resolve() == src.resolve():
-        raise ConfigError(f"the output folder must differ from the source ({src})")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+    _check_out(src, out, overwrite)
     model = load(src)
     causal = to == "decoder"
     if model.config.causal == causal:
-        raise ConfigError(f"{src} already holds an {to}; nothing to convert")
-    changes = {"causal": causal}
+        raise ConfigError(f"{src} already holds an {to}; nothing to convert (to write it as a Hugging Face "
+                          f"folder of its own kind: `twinlm export {src} --out DIR`)")
+    changes: dict[str, Any] = {"causal": causal}
     if global_rope_theta is not None:
         changes["global_rope_theta"] = float(global_rope_theta)
     if local_rope_theta is not None:
         changes["local_rope_theta"] = float(local_rope_theta)
     converted = Transformer(model.config.replace(**changes))
     converted.load_state_dict(model.state_dict())
-    converted.save_pretrained(out)
-    copy_tokenizer_files(src, out)
+    tok = find_tokenizer(src, tokenizer)
+    if tok is None:
+        log(f"warning: {src} has no tokenizer files and none was given (--tokenizer DIR): {out} holds no "
+            f"tokenizer; transformers and `twinlm eval` need one beside the weights")
+    card = _summary(src)
+    card.update(base_model=str(src), note=f"Converted by `twinlm convert --to {to}` from `{src}` (same weights, "
+                                          f"{'causal' if causal else 'bidirectional'} attention).")
+    if license:
+        card["license"] = license
+    converted.save_pretrained(out, tokenizer=tok, card=card, extra_config=_source_config(src),
+                              generation_config=_source_json(src, GENERATION_CONFIG),
+                              max_length=_tokenizer_max_length(tok))
     return out
 
 
-__all__ = ["convert", "TARGETS"]
+def export_model(src, out, *, tokenizer=None, overwrite: bool = False, license: str | None = None,
+                 allow_no_tokenizer: bool = False) -> Path:
+    """Write `out`: the model in `src` (a training checkpoint or any model folder) as a Hugging Face folder of
+    its own kind, with the run's tokenizer and a model card."""
+    src, out = Path(src), Path(out)
+    _check_out(src, out, overwrite)
+    model = load(src)
+    tok = find_tokenizer(src, tokenizer)
+    if tok is None and not allow_no_tokenizer:
+        raise MissingArtifactError(f"{src}: no tokenizer found (not in the folder, nor the run's recipe, nor "
+                                   f"RUN/final): pass --tokenizer DIR (or --no-tokenizer to write the weights only)")
+    state = _json(src / "state.json")
+    card = _summary(src)
+    if state:
+        step = (state.get("trainer") or {}).get("step")
+        tokens = (state.get("trainer") or {}).get("tokens")
+        card["note"] = (f"Exported by `twinlm export` from training checkpoint `{src.name}` (phase "
+                        f"`{state.get('phase')}`, step {step}, {tokens:,} tokens trained)." if tokens is not None
+                        else f"Exported by `twinlm export` from `{src}`.")
+        card.pop("final_loss", None)  # the run's last loss is not this checkpoint's
+        card.pop("phases", None)
+    if license:
+        card["license"] = license
+    model.save_pretrained(out, tokenizer=tok, card=card, extra_config=_source_config(src),
+                          generation_config=_source_json(src, GENERATION_CONFIG),
+                          max_length=_trained_length(state) or _tokenizer_max_length(tok))
+    return out
+
+
+def find_tokenizer(src: Path, explicit=None):
+    """The tokenizer folder to write beside `src`'s weights (see the module docstring), or None."""
+    if explicit is not None:
+        tok = Path(explicit)
+        if not (tok / "tokenizer.json").is_file():
+            raise MissingArtifactError(f"{tok}: no tokenizer.json (pass the folder a tokenizer was saved to)")
+        _check_fingerprint(src, tok)
+        return tok
+    if (src / "tokenizer.json").is_file():
+        return src
+    candidates = []
+    recipe_tok = ((_json(src / "state.json") or {}).get("recipe") or {}).get("tokenizer")
+    if recipe_tok:
+        candidates.append(Path(recipe_tok))
+    for run in (src.parent.parent, src.parent):  # RUN/checkpoints/step-N -> RUN
+        candidates.append(run / "final")
+    for c in candidates:
+        if (c / "tokenizer.json").is_file():
+            _check_fingerprint(src, c)
+            return c
+    return None
+
+
+def _check_fingerprint(src: Path, tok: Path) -> None:
+    recorded = (_json(src / "state.json") or {}).get("tokenizer_fingerprint")
+    if recorded and recorded != tokenizer_fingerprint(tok):
+        raise TokenizerMismatch(f"{tok} is not the tokenizer {src} was trained with (fingerprint "
+                                f"{recorded[:12]}…): pass the run's tokenizer with --tokenizer DIR")
+
+
+def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+    if out.resolve() == src.resolve():
+        raise ConfigError(f"the output folder must differ from the source ({src})")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _source_json(src: Path, name: str) -> dict | None:
+    return None if (src / TWINLM_CONFIG).is_file() else _json(src / name)
+
+
+def _source_config(src: Path) -> dict | None:
+    return _source_json(src, "config.json")
+
+
+def _summary(src: Path) -> dict[str, Any]:
+    """What the source's run recorded (for a checkpoint or a run's final folder), else nothing."""
+    for run in (src.parent.parent, src.parent):
+        if (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file():
+            return run_summary(run)
+    return {}
+
+
+def _trained_length(state: dict | None) -> int | None:
+    """The longest sequence length of the phases a checkpoint has gone through."""
+    if not state:
+        return None
+    phases = (state.get("recipe") or {}).get("phases") or {}
+    lengths = []
+    for name, p in phases.items():
+        lengths.append(int((p or {}).get("seq_len") or 0))
+        if name == state.get("phase"):
+            break
+    return max(lengths) if lengths and max(lengths) > 0 else None
+
+
+def _tokenizer_max_length(tok) -> int | None:
+    """The source tokenizer's `model_max_length` (transformers writes a huge number for "no limit")."""
+    conf = _json(Path(tok) / "tokenizer_config.json") if tok is not None else None
+    value = (conf or {}).get("model_max_length")
+    return int(value) if isinstance(value, int) and value < 10**9 else None
+
+
+__all__ = ["convert", "export_model", "find_tokenizer", "TARGETS", "TOKENIZER_FILES"]

@@ -1,9 +1,19 @@
 """Writing model folders. Two kinds, both read back by `twinlm.load` (twinlm.loading):
 
 - Hugging Face folder (`save_pretrained`, also `Transformer.save_pretrained`): `config.json`
-  (twinlm.hf.hf_config_dict) and `model.safetensors` in transformers' names (twinlm.hf.to_hf_state_dict),
-  fp32, plus the tokenizer's files when one is given (a transformers tokenizer or a folder to copy them from).
-  `AutoModelForMaskedLM` (encoders) and `AutoModelForCausalLM` (decoders) load it with no custom code.
+  (twinlm.hf.hf_config_dict, plus any non-architectural fields passed on, e.g. by `convert`) and
+  `model.safetensors` in transformers' names (twinlm.hf.to_hf_state_dict), fp32, plus the tokenizer's files
+  when one is given (a transformers tokenizer or a folder to copy them from), a model card `README.md`
+  (twinlm.card), for decoders `generation_config.json` (bos = `[CLS]`, eos = `[SEP]`, pad), and last
+  `MANIFEST.sha256` ("<sha256>  <file>" for every file written except the card, which users edit), which
+  `twinlm.load` checks. `AutoModelForMaskedLM` (encoders) and `AutoModelForCausalLM` (decoders) load it with
+  no custom code.
+- The tokenizer files are made to follow hub conventions (`apply_tokenizer_conventions`): `model_input_names`
+  = input_ids, attention_mask; `model_max_length` = the context the model was trained at (else its
+  `max_position_embeddings`); decoders get the single-sequence template `[CLS] $A` (pair `[CLS] $A $B`) and
+  left padding, so that `generate`, the text-generation pipeline and lm-evaluation-harness with default
+  arguments see `[CLS] text`, as in training; encoders keep their template (twinlm's: `[CLS] $A [SEP]`). A tokenizer whose special ids or
+  size contradict the model is refused (TokenizerMismatch).
 - twinlm checkpoint folder (`save_checkpoint`): `model.safetensors` in twinlm's own names, the state dict as
   it is, plus `model_config.json` (ModelConfig.to_dict).
 
@@ -13,37 +23,151 @@ model's `config` and `state_dict()` are used, so this module needs no `Transform
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from twinlm.errors import ConfigError, MissingArtifactError
-from twinlm.hf import hf_config_dict, to_hf_state_dict
-from twinlm.io import atomic_path, write_json
+from twinlm.card import CARD, model_card
+from twinlm.errors import MissingArtifactError, ModelLoadError, TokenizerMismatch
+from twinlm.hf import ARCHITECTURE_FIELDS, hf_config_dict, to_hf_state_dict
+from twinlm.io import atomic_path, sha256_file, write_bytes, write_json
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded weights (written by transformers, read by twinlm)
 TWINLM_CONFIG = "model_config.json"
+GENERATION_CONFIG = "generation_config.json"
+MANIFEST = "MANIFEST.sha256"  # the same format as a training checkpoint's (train/checkpoint.py)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "chat_template.jinja")
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
 
 
-def save_pretrained(model, path, tokenizer=None) -> Path:
-    """Write `model` as a Hugging Face folder (see the module docstring); returns the folder."""
+def save_pretrained(model, path, tokenizer=None, *, max_length: int | None = None,
+                    card: dict[str, Any] | None = None, extra_config: dict[str, Any] | None = None,
+                    generation_config: dict[str, Any] | None = None) -> Path:
+    """Write `model` as a Hugging Face folder (see the module docstring); returns the folder.
+
+    `max_length`: the context the model was trained at (the tokenizer's `model_max_length`); `card`: what
+    the model card states (twinlm.card.model_card's `info`); `extra_config`: config.json fields to keep (those
+    not in twinlm.hf.ARCHITECTURE_FIELDS: classifier settings, labels); `generation_config`: a decoder's
+    generation settings to keep (its token ids are always the model's)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    if tokenizer is not None and hasattr(tokenizer, "__len__") and len(tokenizer) > cfg.vocab_size:
-        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
-                          f"{cfg.vocab_size}")
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        check_tokenizer_matches(tokenizer, cfg)
     sd = {k: v.to("cpu", torch.float32) if v.is_floating_point() else v.cpu()
           for k, v in to_hf_state_dict(model).items()}
+    written = [WEIGHTS, "config.json"]
     _save_weights(sd, path / WEIGHTS, {"format": "pt"})
-    write_json(path / "config.json", hf_config_dict(cfg))
-    _save_tokenizer(tokenizer, path)
+    config = hf_config_dict(cfg)
+    config.update({k: v for k, v in (extra_config or {}).items() if k not in ARCHITECTURE_FIELDS})
+    write_json(path / "config.json", config)
+    written += _save_tokenizer(tokenizer, path, cfg)
+    if any((path / n).is_file() for n in TOKENIZER_FILES):
+        apply_tokenizer_conventions(path, cfg, max_length=max_length)
+    if cfg.causal:
+        gen = {**(generation_config or {}), "bos_token_id": cfg.cls_token_id, "eos_token_id": cfg.sep_token_id,
+               "pad_token_id": cfg.pad_token_id}
+        gen.pop("transformers_version", None)
+        write_json(path / GENERATION_CONFIG, gen)
+        written.append(GENERATION_CONFIG)
+    info = dict(card or {})
+    info.setdefault("params", sum(p.numel() for p in model.parameters()))
+    write_bytes(path / CARD, model_card(cfg, info))
+    write_manifest(path, written)
     return path
+
+
+def apply_tokenizer_conventions(folder, cfg, *, max_length: int | None = None, append_sep: bool | None = None) -> None:
+    """Rewrite the tokenizer files in `folder` for a model of config `cfg` (see the module docstring).
+    `append_sep`: the template is `[CLS] $A [SEP]` (default: decoders get `[CLS] $A`, encoders keep theirs; a
+    decoder's sentence-transformers export pools on that `[SEP]`, as twinlm's decoder retrieval does)."""
+    folder = Path(folder)
+    tj = folder / "tokenizer.json"
+    if tj.is_file() and (cfg.causal or append_sep is not None):  # an encoder's own template is kept
+        append_sep = bool(append_sep)
+        data = json.loads(tj.read_text())
+        data["post_processor"] = _template(cfg, append_sep)
+        write_bytes(tj, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    tc = folder / "tokenizer_config.json"
+    if tc.is_file():
+        conf = json.loads(tc.read_text())
+        conf["model_input_names"] = list(MODEL_INPUT_NAMES)
+        conf["model_max_length"] = int(max_length or cfg.max_position_embeddings)
+        conf["padding_side"] = "left" if cfg.causal else "right"
+        for k in ("add_bos_token", "add_eos_token"):  # transformers 5 would rebuild the template from these
+            conf.pop(k, None)
+        write_json(tc, conf)
+
+
+def _template(cfg, append_sep: bool) -> dict[str, Any]:
+    """A `tokenizers` TemplateProcessing post-processor (its JSON form) with the model's special ids."""
+    def spec(name):
+        return {"SpecialToken": {"id": name, "type_id": 0}}
+
+    def seq(which, type_id):
+        return {"Sequence": {"id": which, "type_id": type_id}}
+
+    single = [spec("[CLS]"), seq("A", 0)] + ([spec("[SEP]")] if append_sep else [])
+    if append_sep:
+        pair = [spec("[CLS]"), seq("A", 0), spec("[SEP]"), seq("B", 1), {"SpecialToken": {"id": "[SEP]", "type_id": 1}}]
+    else:
+        pair = [spec("[CLS]"), seq("A", 0), seq("B", 1)]
+    specials = {"[CLS]": {"id": "[CLS]", "ids": [cfg.cls_token_id], "tokens": ["[CLS]"]}}
+    if append_sep:
+        specials["[SEP]"] = {"id": "[SEP]", "ids": [cfg.sep_token_id], "tokens": ["[SEP]"]}
+    return {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials}
+
+
+def check_tokenizer_matches(tokenizer, cfg) -> None:
+    """Refuse a tokenizer whose size or special token ids contradict the model config (TokenizerMismatch)."""
+    if hasattr(tokenizer, "__len__") and len(tokenizer) > cfg.vocab_size:
+        raise TokenizerMismatch(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+                                f"{cfg.vocab_size}: pass the tokenizer the model was trained with")
+    for attr, field in (("cls_token", "cls_token_id"), ("sep_token", "sep_token_id"), ("pad_token", "pad_token_id"),
+                        ("mask_token", "mask_token_id")):
+        token = getattr(tokenizer, attr, None)
+        if token is None:
+            continue
+        got = tokenizer.convert_tokens_to_ids(token)
+        if got != getattr(cfg, field):
+            raise TokenizerMismatch(f"the tokenizer's {token} is id {got} but the model's {field} is "
+                                    f"{getattr(cfg, field)}: pass the tokenizer the model was trained with")
+
+
+def write_manifest(folder, names) -> None:
+    """Write `folder/MANIFEST.sha256` for the files `names` that exist (weights, configs, tokenizer)."""
+    folder = Path(folder)
+    lines = [f"{sha256_file(folder / n)}  {n}" for n in sorted(set(names)) if (folder / n).is_file()]
+    write_bytes(folder / MANIFEST, "\n".join(lines) + "\n")
+
+
+def verify_manifest(folder) -> None:
+    """Check every file `folder/MANIFEST.sha256` lists (no manifest: nothing to check); a missing or changed
+    file raises ModelLoadError naming it and what to do."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return
+    for line in manifest.read_text().splitlines():
+        if not line.strip():
+            continue
+        digest, _, name = line.partition("  ")
+        if not name or "/" in name or name.startswith("."):
+            raise ModelLoadError(f"{manifest}: malformed line {line!r}: download or export the folder again")
+        f = folder / name
+        if not f.is_file():
+            raise ModelLoadError(f"{f}: listed in {MANIFEST} but missing: the folder is incomplete; download or "
+                                 f"export it again")
+        if sha256_file(f) != digest:
+            raise ModelLoadError(f"{f}: does not match its sha256 in {MANIFEST} (corrupt, truncated or edited "
+                                 f"after export): download or export the folder again, or delete {MANIFEST} "
+                                 f"to accept the files as they are")
 
 
 def save_checkpoint(model, path) -> Path:
@@ -72,20 +196,22 @@ def _save_weights(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, s
         save_file(sd, str(tmp), metadata=metadata)
 
 
-def _save_tokenizer(tokenizer, path: Path) -> None:
+def _save_tokenizer(tokenizer, path: Path, cfg) -> list[str]:
     if tokenizer is None:
-        return
+        return []
     if isinstance(tokenizer, (str, Path)):
         src = Path(tokenizer)
         copied = copy_tokenizer_files(src, path)
         if not copied:
             raise MissingArtifactError(f"no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}) in {src}: pass the "
                                        f"folder a tokenizer was saved to")
-        return
+        return copied
     if not hasattr(tokenizer, "save_pretrained"):
         raise TypeError(f"tokenizer must be a transformers tokenizer or a folder, got {type(tokenizer).__name__}")
     tokenizer.save_pretrained(str(path))
+    return [n for n in TOKENIZER_FILES if (path / n).is_file()]
 
 
-__all__ = ["save_pretrained", "save_checkpoint", "copy_tokenizer_files", "WEIGHTS", "TWINLM_CONFIG",
-           "TOKENIZER_FILES"]
+__all__ = ["save_pretrained", "save_checkpoint", "copy_tokenizer_files", "apply_tokenizer_conventions",
+           "check_tokenizer_matches", "write_manifest", "verify_manifest", "WEIGHTS", "WEIGHTS_INDEX",
+           "TWINLM_CONFIG", "GENERATION_CONFIG", "MANIFEST", "TOKENIZER_FILES"]

@@ -35,6 +35,16 @@ from twinlm.errors import ModelLoadError
 
 ENCODER_TYPE, DECODER_TYPE = "modernbert", "modernbert-decoder"
 ENCODER_ARCH, DECODER_ARCH = "ModernBertForMaskedLM", "ModernBertDecoderForCausalLM"
+TWINLM_ATTENTION_DROPOUT = "twinlm_attention_dropout"  # twinlm's training value (output-only dropout)
+# config.json fields that describe the architecture (written by hf_config_dict from the ModelConfig); every other
+# field (classifier settings, labels, task-specific settings) is the folder's own and `convert` carries it
+ARCHITECTURE_FIELDS = frozenset({
+    "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "max_position_embeddings", "local_attention", "global_attn_every_n_layers", "layer_types",
+    "rope_parameters", "global_rope_theta", "local_rope_theta", "sliding_window", "use_cache", "is_decoder",
+    "transformers_version", "dtype", "torch_dtype", "pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id",
+    "sep_token_id", "mask_token_id", "unk_token_id", "attention_dropout", TWINLM_ATTENTION_DROPOUT, "head_dim",
+    "sparse_prediction", "sparse_pred_ignore_index", "deterministic_flash_attn"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,7 +88,10 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
         "mask_token_id": cfg.mask_token_id,
         "unk_token_id": cfg.unk_token_id,
         "attention_bias": False,
-        "attention_dropout": cfg.attention_dropout,
+        # transformers applies attention_dropout to the attention probabilities as well as the output; twinlm
+        # trains with dropout on the output only, so HF fine-tuning gets none and twinlm keeps its own value
+        "attention_dropout": 0.0,
+        TWINLM_ATTENTION_DROPOUT: cfg.attention_dropout,
         "embedding_dropout": 0.0,
         "mlp_bias": False,
         "mlp_dropout": 0.0,
@@ -177,7 +190,8 @@ def config_from_hf(d: dict[str, Any], folder: Path | None = None) -> ModelConfig
     cfg_kw.update(global_rope_theta=float(g), local_rope_theta=float(loc))
     for ours, theirs in (("max_position_embeddings", "max_position_embeddings"), ("norm_eps", "norm_eps"),
                          ("init_std", "initializer_range"), ("init_cutoff_factor", "initializer_cutoff_factor"),
-                         ("attention_dropout", "attention_dropout")):
+                         ("attention_dropout", TWINLM_ATTENTION_DROPOUT if TWINLM_ATTENTION_DROPOUT in d
+                          else "attention_dropout")):
         if d.get(theirs) is not None:
             cfg_kw[ours] = type(getattr(ModelConfig, ours, 0.0))(d[theirs]) if ours != "max_position_embeddings" \
                 else int(d[theirs])

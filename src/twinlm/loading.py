@@ -1,13 +1,17 @@
 """Reading model folders: `load(path)` (also `twinlm.load`) -> a `Transformer`, and `read_config(path)`.
 
 Reads both kinds twinlm.export writes, and folders transformers itself wrote (ModernBertForMaskedLM,
-ModernBertDecoderForCausalLM or a base ModernBertModel with a head; one `model.safetensors` or a sharded
-`model.safetensors.index.json`):
+ModernBertDecoderForCausalLM or a base ModernBertModel with a head; one `model.safetensors`, a sharded
+`model.safetensors.index.json`, or the older `pytorch_model.bin` / `pytorch_model.bin.index.json`, read
+with `torch.load(weights_only=True)`, so a pickle that is anything but tensors is refused):
 
 - a folder with `model_config.json` is a twinlm checkpoint: weights in twinlm names, loaded as they are;
 - otherwise `config.json` is translated by twinlm.hf.config_from_hf and the weights by from_hf_state_dict.
 
-The weights are checked against the config before they are loaded (names, shapes, floating-point dtype).
+A folder with a `MANIFEST.sha256` (every folder twinlm exports, every training checkpoint) is checked against it
+first: a missing or changed file is named, with what to do. The weights are checked against the config before
+they are loaded (names, shapes, floating-point dtype); a folder of another architecture (a sequence classifier,
+a base model without a head, a BERT or Llama folder) is named as such.
 A folder that is not there raises MissingArtifactError; one that cannot be used raises ModelLoadError naming
 the file and what contradicts what. The model is returned in eval mode, fp32 on the CPU unless `device` /
 `dtype` say otherwise.
@@ -23,7 +27,7 @@ from safetensors.torch import load_file
 
 from twinlm.config import ModelConfig
 from twinlm.errors import MissingArtifactError, ModelLoadError
-from twinlm.export import TWINLM_CONFIG, WEIGHTS, WEIGHTS_INDEX
+from twinlm.export import TWINLM_CONFIG, WEIGHTS, WEIGHTS_INDEX, verify_manifest
 from twinlm.hf import config_from_hf, from_hf_state_dict
 from twinlm.model import Transformer
 
@@ -32,10 +36,12 @@ def load(path, *, device=None, dtype=None):
     """Load a Transformer from an HF ModernBERT / ModernBERT-decoder folder or a twinlm checkpoint folder."""
     folder = Path(path)
     cfg = read_config(folder)
+    verify_manifest(folder)
     raw = _read_weights(folder)
     if (folder / TWINLM_CONFIG).is_file():
         sd = raw
     else:
+        _check_architecture(folder, raw)
         sd = from_hf_state_dict(raw, cfg, where=str(folder))
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -71,29 +77,68 @@ def read_config(path) -> ModelConfig:
     raise ModelLoadError(f"{folder}: neither config.json (Hugging Face) nor {TWINLM_CONFIG} (twinlm checkpoint) found")
 
 
+BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"  # transformers' older format
+
+
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     files: list[Path]
     if (folder / WEIGHTS).is_file():
         files = [folder / WEIGHTS]
-    elif (folder / WEIGHTS_INDEX).is_file():
+    elif (folder / WEIGHTS_INDEX).is_file() or (folder / BIN_INDEX).is_file():
+        index_file = folder / (WEIGHTS_INDEX if (folder / WEIGHTS_INDEX).is_file() else BIN_INDEX)
         try:
-            index = json.loads((folder / WEIGHTS_INDEX).read_text())
+            index = json.loads(index_file.read_text())
             files = [folder / f for f in sorted(set(index["weight_map"].values()))]
-        except (ValueError, KeyError) as e:
-            raise ModelLoadError(f"{folder / WEIGHTS_INDEX}: not a valid safetensors index ({e})") from None
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ModelLoadError(f"{index_file}: not a valid weights index ({e})") from None
+    elif (folder / BIN_WEIGHTS).is_file():
+        files = [folder / BIN_WEIGHTS]
     else:
-        others = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-        hint = f" (found {', '.join(others)}: convert them to safetensors)" if others else ""
-        raise ModelLoadError(f"{folder}: no weights file {WEIGHTS}{hint}")
+        others = [p.name for p in folder.glob("*.pt")] + [p.name for p in folder.glob("*.ckpt")]
+        hint = f" (found {', '.join(others)}: save it with save_pretrained)" if others else ""
+        raise ModelLoadError(f"{folder}: no weights file ({WEIGHTS}, {WEIGHTS_INDEX}, {BIN_WEIGHTS}){hint}")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         if not f.is_file():
-            raise ModelLoadError(f"{f}: weights file missing (listed in {WEIGHTS_INDEX})")
-        try:
-            sd.update(load_file(str(f)))
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-            raise ModelLoadError(f"{f}: cannot read the weights file (corrupt or truncated?): {e}") from None
+            raise ModelLoadError(f"{f}: weights file missing (listed in the folder's weights index)")
+        sd.update(_read_bin(f) if f.suffix == ".bin" else _read_safetensors(f))
     return sd
+
+
+def _read_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(f))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ModelLoadError(f"{f}: cannot read the weights file (corrupt or truncated?): {e}") from None
+
+
+def _read_bin(f: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch pickle of a plain state dict, read without running code (weights_only=True)."""
+    try:
+        sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # an UnpicklingError for anything but tensors and plain containers, or a bad file
+        raise ModelLoadError(f"{f}: not a plain PyTorch state dict that can be read safely (weights only): "
+                             f"{str(e).splitlines()[0]}; re-save it with transformers' save_pretrained") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ModelLoadError(f"{f}: expected a state dict (names -> tensors), got {type(sd).__name__}; "
+                             f"re-save it with transformers' save_pretrained")
+    return sd
+
+
+def _check_architecture(folder: Path, sd: dict[str, torch.Tensor]) -> None:
+    """Name the class of an HF folder that has no language-model head (what a user saved it from)."""
+    has_head = any(k.startswith(("head.", "lm_head.")) for k in sd)
+    if has_head and not any(k.startswith("classifier.") for k in sd):
+        return
+    try:
+        archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        archs = []
+    what = archs[0] if archs else ("a sequence/token classifier" if any(k.startswith("classifier.") for k in sd)
+                                   else "a base model without a head")
+    raise ModelLoadError(f"{folder}: this is a {what} folder; twinlm loads language models "
+                         f"(ModernBertForMaskedLM, ModernBertDecoderForCausalLM): save the masked-LM or causal-LM "
+                         f"model, or evaluate this one with `twinlm eval` as any transformers model")
 
 
 def _check_shapes(model, sd: dict[str, torch.Tensor], where: str) -> None:

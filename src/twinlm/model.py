@@ -342,9 +342,10 @@ class Transformer(nn.Module):
             flops += 12.0 * d * mean_keys_per_query(seq_len, block.attn.window)
         return flops
 
-    def save_pretrained(self, path, tokenizer=None) -> None:
-        """Hugging Face folder (config.json, model.safetensors, tokenizer files); see twinlm.export."""
-        export.save_pretrained(self, path, tokenizer=tokenizer)
+    def save_pretrained(self, path, tokenizer=None, **options) -> None:
+        """Hugging Face folder (config.json, model.safetensors, tokenizer files, card); see twinlm.export
+        (`options`: max_length, card, extra_config, generation_config)."""
+        export.save_pretrained(self, path, tokenizer=tokenizer, **options)
 
     def save_checkpoint(self, path) -> None:
         """twinlm's own folder: model.safetensors (twinlm names) + model_config.json."""

@@ -91,7 +91,10 @@ def train_tokenizer(inputs, vocab_size: int, out: str | Path, *, texts: Iterable
     backend = Tokenizer(models.BPE(unk_token=None))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+    # [MASK] swallows the space before it (lstrip), as in the Ettin tokenizer: "the [MASK]." -> Ġthe, [MASK], .
+    # (the model masks whole Ġword tokens in training; a lone Ġ before the mask is a token it never saw there)
+    specials = [AddedToken(t, special=True, normalized=False, lstrip=(t == "[MASK]")) for t in SPECIAL_TOKENS]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     backend.train_from_iterator(_capped(texts, max_bytes), trainer=trainer)
     for i, t in enumerate(SPECIAL_TOKENS):

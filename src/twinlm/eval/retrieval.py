@@ -40,6 +40,7 @@ from twinlm.eval.common import (
 from twinlm.eval.metrics import retrieval_metrics, run_from_scores, summarise
 from twinlm.eval.settings import RetrievalConfig, seed_list
 from twinlm.eval.tasks import RetrievalSet, load_retrieval_set
+from twinlm.export import GENERATION_CONFIG, TOKENIZER_FILES, WEIGHTS, apply_tokenizer_conventions, write_manifest
 from twinlm.io import write_json
 
 SCALE = 20.0
@@ -138,7 +139,11 @@ def export_sentence_transformers(model, tokenizer, out_dir: str | Path, pooling:
     last token, set explicitly — sentence-transformers would otherwise mean-pool)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), tokenizer=tokenizer)
+    model.save_pretrained(str(out), tokenizer=tokenizer, max_length=max_seq_length)
+    # sentence-transformers tokenizes with the folder's template: a decoder's must end with the [SEP] that
+    # twinlm's decoder retrieval pools on (a plain decoder folder prepends [CLS] only)
+    apply_tokenizer_conventions(out, model.config, max_length=max_seq_length, append_sep=True)
+    write_manifest(out, [WEIGHTS, "config.json", GENERATION_CONFIG, *TOKENIZER_FILES])
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     write_json(out / "modules.json", modules)

@@ -138,6 +138,7 @@ class Recipe:
     eval: Eval = field(default_factory=Eval)
     seed: int = 21
     init_from: str | None = None  # cross-objective: a trained model folder of the other kind
+    license: str | None = None  # the exported model card's `license` (e.g. mit, apache-2.0)
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     parallel: str = "auto"  # auto (ddp when several ranks) | ddp | fsdp
     compile: bool = False

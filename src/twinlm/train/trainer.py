@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import twinlm
+from twinlm.card import run_summary
 from twinlm.config import ModelConfig
 from twinlm.convert import convert
 from twinlm.data import BatchStream, check_tokenizer
@@ -346,8 +347,14 @@ class Trainer:
                 model = Transformer(self.bare_model.config)
                 dist.load_full_state_dict(model, weights)
             remove_stale_temporaries(self.out, "final")  # left by a run killed while exporting
+            card = run_summary(self.out)
+            if self.tokenizer is not None:
+                card["tokenizer"] = {"name": getattr(self.tokenizer, "name_or_path", None) or self.recipe.tokenizer,
+                                     "vocab": len(self.tokenizer), "fingerprint": self.tokenizer_fingerprint}
             with atomic_dir(final, replace=True) as tmp:
-                model.save_pretrained(tmp, tokenizer=self.tokenizer)
+                # the tokenizer's model_max_length is the longest context trained at
+                model.save_pretrained(tmp, tokenizer=self.tokenizer, card=card,
+                                      max_length=max(p.seq_len for p in self.phases))
             self.log(f"final model: {final}")
         dist.barrier()
         return final
