@@ -4,7 +4,8 @@
   (twinlm.hf.hf_config_dict, plus any non-architectural fields passed on, e.g. by `convert`) and
   `model.safetensors` in transformers' names (twinlm.hf.to_hf_state_dict), fp32, plus the tokenizer's files
   when one is given (a transformers tokenizer or a folder to copy them from), a model card `README.md`
-  (twinlm.card), for decoders `generation_config.json` (bos = `[CLS]`, eos = `[SEP]`, pad), and last
+  (twinlm.card), for decoders `generation_config.json` (bos = `[CLS]`, eos = `[SEP]`, pad; kept for an
+  encoder converted from a decoder, so a round trip loses nothing), and last
   `MANIFEST.sha256` ("<sha256>  <file>" for every file written except the card, which users edit), which
   `twinlm.load` checks. `AutoModelForMaskedLM` (encoders) and `AutoModelForCausalLM` (decoders) load it with
   no custom code.
@@ -12,8 +13,8 @@
   = input_ids, attention_mask; `model_max_length` = the context the model was trained at (else its
   `max_position_embeddings`); decoders get the single-sequence template `[CLS] $A` (pair `[CLS] $A $B`) and
   left padding, so that `generate`, the text-generation pipeline and lm-evaluation-harness with default
-  arguments see `[CLS] text`, as in training; encoders keep their template (twinlm's: `[CLS] $A [SEP]`). A tokenizer whose special ids or
-  size contradict the model is refused (TokenizerMismatch).
+  arguments see `[CLS] text`, as in training; encoders keep their template (twinlm's: `[CLS] $A [SEP]`).
+  A tokenizer whose special ids or size contradict the model is refused (TokenizerMismatch).
 - twinlm checkpoint folder (`save_checkpoint`): `model.safetensors` in twinlm's own names, the state dict as
   it is, plus `model_config.json` (ModelConfig.to_dict).
 
@@ -70,7 +71,7 @@ def save_pretrained(model, path, tokenizer=None, *, max_length: int | None = Non
     written += _save_tokenizer(tokenizer, path, cfg)
     if any((path / n).is_file() for n in TOKENIZER_FILES):
         apply_tokenizer_conventions(path, cfg, max_length=max_length)
-    if cfg.causal:
+    if cfg.causal or generation_config:  # an encoder keeps a source's settings, so a round trip loses nothing
         gen = {**(generation_config or {}), "bos_token_id": cfg.cls_token_id, "eos_token_id": cfg.sep_token_id,
                "pad_token_id": cfg.pad_token_id}
         gen.pop("transformers_version", None)

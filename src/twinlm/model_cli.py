@@ -1,4 +1,4 @@
-"""Model commands: `twinlm info` and `twinlm convert`.
+"""Model commands: `twinlm info`, `twinlm convert` and `twinlm export`.
 
 Handlers import torch and the model modules when they run, so that `twinlm --help` stays fast. User errors
 (an unknown preset, a bad setting, a folder that cannot be loaded or written) raise TwinlmError subclasses,
@@ -36,7 +36,24 @@ def register(commands) -> None:
     c.add_argument("--global-rope-theta", type=float, default=None, help="set global RoPE θ in the result")
     c.add_argument("--local-rope-theta", type=float, default=None, help="set local RoPE θ in the result")
     c.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR")
+    c.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="tokenizer folder to write beside the weights (default: the source's, or its run's)")
+    c.add_argument("--license", default=None, help="the model card's license (e.g. mit, apache-2.0)")
     c.set_defaults(handler=_convert)
+
+    e = commands.add_parser("export", help="write any checkpoint (intermediate ones too) as a Hugging Face folder",
+                            description="Write a model as a Hugging Face folder of its own kind (encoder: "
+                                        "ModernBertForMaskedLM, decoder: ModernBertDecoderForCausalLM) with the run's "
+                                        "tokenizer, a model card and a checksum manifest. CHECKPOINT is a training "
+                                        "checkpoint (RUN/checkpoints/step-N) or any model folder twinlm.load reads.")
+    e.add_argument("src", metavar="CHECKPOINT", help="RUN/checkpoints/step-N, RUN/final, or an HF model folder")
+    e.add_argument("--out", required=True, metavar="DIR")
+    e.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="tokenizer folder (default: the folder's own, else the run's recipe tokenizer or RUN/final)")
+    e.add_argument("--no-tokenizer", action="store_true", help="write the weights without a tokenizer")
+    e.add_argument("--license", default=None, help="the model card's license (e.g. mit, apache-2.0)")
+    e.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR")
+    e.set_defaults(handler=_export)
 
 
 def _config_for(name: str, decoder: bool) -> ModelConfig:
@@ -97,6 +114,18 @@ def _convert(args) -> int:
     from twinlm.convert import convert
 
     out = convert(args.src, args.to, args.out, global_rope_theta=args.global_rope_theta,
-                  local_rope_theta=args.local_rope_theta, overwrite=args.overwrite)
+                  local_rope_theta=args.local_rope_theta, overwrite=args.overwrite, tokenizer=args.tokenizer,
+                  license=args.license)
     print(f"wrote {args.to} to {out}")
+    return 0
+
+
+def _export(args) -> int:
+    from twinlm.convert import export_model
+    from twinlm.loading import read_config
+
+    out = export_model(args.src, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite, license=args.license,
+                       allow_no_tokenizer=args.no_tokenizer)
+    kind = "decoder" if read_config(out).causal else "encoder"
+    print(f"wrote {kind} {args.src} as a Hugging Face folder to {out}")
     return 0
