@@ -59,3 +59,40 @@ def test_decoder_accuracies_equal_lm_eval_harness(tmp_path):
         assert a == pytest.approx(b, abs=2e-4)
     for k in ("acc", "acc_norm", "acc_bytes"):
         assert math.isclose(got[k], ref[k], abs_tol=1e-9), (k, got[k], ref[k])
+
+
+@pytest.mark.slow
+def test_twinlm_trained_decoder_equals_lm_eval_with_default_arguments(trained_decoder, tmp_path):
+    """lm-eval exactly as a user runs it on a twinlm-trained decoder: `pretrained=DIR` and nothing else, a task
+    template with no special tokens in it. Its log-likelihoods and accuracies equal `twinlm eval generative`
+    with its defaults (the folder's tokenizer prepends [CLS] only, so lm-eval splits context and continuation
+    after it, as twinlm does)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from twinlm.cli import main
+
+    model_dir = trained_decoder["final"]
+    task = write_toy_mc_jsonl(tmp_path / "toy.jsonl", n=16, n_choices=4, seed=5)
+    tasks_dir = tmp_path / "lm_eval_tasks"
+    tasks_dir.mkdir()
+    yaml_text = lm_eval_task_yaml("twinlm_default", task, prefix="")
+    assert "[CLS]" not in yaml_text
+    (tasks_dir / "twinlm_default.yaml").write_text(yaml_text)
+    out = simple_evaluate(model="hf", model_args=f"pretrained={model_dir}", tasks=["twinlm_default"],
+                          task_manager=TaskManager(include_path=str(tasks_dir)), device="cpu", log_samples=True)
+    samples = sorted(out["samples"]["twinlm_default"], key=lambda s: s["doc_id"])
+    ref_lls = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
+    ref = {k: 100.0 * out["results"]["twinlm_default"][f"{k},none"] for k in ("acc", "acc_norm")}
+
+    our_lls, _ = ours(model_dir, task)
+    assert len(ref_lls) == len(our_lls) == 16
+    for a, b in zip(ref_lls, our_lls):
+        assert a == pytest.approx(b, abs=2e-4)
+    result_file = tmp_path / "ours.json"
+    assert main(["eval", "generative", str(model_dir), "--tasks", str(task), "--limit", "all",
+                 "--out", str(result_file)]) == 0
+    got = json.loads(result_file.read_text())["tasks"]
+    (name,) = got
+    for k in ("acc", "acc_norm"):
+        assert math.isclose(got[name][k], ref[k], abs_tol=1e-9), (k, got[name][k], ref[k])

@@ -12,13 +12,10 @@ import torch
 from twinlm import load
 from twinlm.cli import main
 from twinlm.convert import convert, export_model
-from twinlm.data.prepare import prepare
 from twinlm.data.tokenizer import train_tokenizer
 from twinlm.errors import MissingArtifactError, ModelLoadError, TokenizerMismatch
 from twinlm.eval.toy import toy_sentences
 from twinlm.generate import continue_text, greedy
-from twinlm.train import run
-from twinlm.train.testing import tiny_recipe
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,19 +24,8 @@ PROMPTS = ["the old man", "a small red", "she said that the"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tokenizer, shards and a decoder (with an intermediate checkpoint) trained by twinlm on toy text."""
-    root = tmp_path_factory.mktemp("hub")
-    texts = toy_sentences(1500, seed=4)
-    tok = train_tokenizer(None, 320, root / "tok", texts=texts)
-    (root / "docs.jsonl").write_text("".join(json.dumps({"text": " ".join(texts[i:i + 6])}) + "\n"
-                                             for i in range(0, len(texts), 6)))
-    prepare([root / "docs.jsonl"], tok, root / "shards", chunk_size=64, min_chunk=8, backfill=32, workers=0)
-    recipe = tiny_recipe(root / "shards", objective="clm", phases=1, tokens=6000, every_tokens=3000,
-                         dropout=0.1, tokenizer=str(root / "tok"), license="mit")
-    recipe["optim"]["lr"] = 1e-2
-    final = run(recipe, root / "dec", log=lambda *a: None)
-    return {"root": root, "tok": root / "tok", "final": final, "run": root / "dec"}
+def trained(trained_decoder):
+    return trained_decoder
 
 
 def test_decoder_folder_tokenizes_as_training_did(trained):
