@@ -1,5 +1,6 @@
-"""Shared machinery of the eval tracks: loading a model folder with its tokenizer, padding-free packing
-of many sequences per forward pass, pooling, and describing the model in result files."""
+"""Shared machinery of the eval tracks: loading a model folder with its tokenizer (twinlm's own, or any
+transformers model through eval/hf_models.py), padding-free packing of many sequences per forward pass,
+pooling, and describing the model in result files."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from transformers import AutoTokenizer
 
 import twinlm
 from twinlm.errors import ConfigError
+from twinlm.eval.hf_models import is_twinlm_folder, load_hf_model
 
 
 @dataclass
@@ -38,8 +40,9 @@ class Loaded:
 
 def load_for_eval(model, tokenizer=None, *, mntp: bool | None = None, variant: str | None = None,
          threads: int | None = None) -> Loaded:
-    """A model folder (HF ModernBERT / ModernBERT-decoder or twinlm checkpoint, via `twinlm.load`) with
-    the tokenizer saved in it, or an in-memory `(Transformer, tokenizer)` pair. Already-`Loaded` passes."""
+    """A model folder (HF ModernBERT / ModernBERT-decoder or twinlm checkpoint, via `twinlm.load`; any other
+    transformers masked-LM, causal-LM or encoder folder through eval/hf_models.py) with the tokenizer saved in
+    it, or an in-memory `(Transformer, tokenizer)` pair. Already-`Loaded` passes."""
     if isinstance(model, Loaded):
         return model
     if threads:
@@ -47,9 +50,14 @@ def load_for_eval(model, tokenizer=None, *, mntp: bool | None = None, variant: s
     path = None
     if isinstance(model, (str, os.PathLike)):
         path = str(model)
-        net = twinlm.load(path)
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+        if is_twinlm_folder(path):
+            net = twinlm.load(path)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+        else:  # any other transformers model: BERT, RoBERTa, Llama, GPT-2 style … (eval/hf_models.py)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            net = load_hf_model(path, tokenizer)
         model = net
     if tokenizer is None:
         raise ConfigError("an in-memory model needs its tokenizer: pass tokenizer=")
@@ -103,14 +111,14 @@ def describe(model, path: str | None, *, mntp: bool | None = None, variant: str 
     if causal:
         mntp = False
     params = sum(p.numel() for p in model.parameters())
-    if variant is None:
-        variant = _guess_variant(path, causal)
+    if variant is None:  # another transformers model is named by its type (bert, llama …) in tables
+        variant = getattr(cfg, "model_type", None) or _guess_variant(path, causal)
     return {"path": path, "arch": "decoder" if causal else "encoder", "causal": causal,
             "objective": "clm" if causal else ("mntp" if mntp else "mlm"), "mntp": mntp,
             "variant": variant, "params": params,
             "non_embedding_params": params - cfg.vocab_size * cfg.hidden_size,
             "size": f"{cfg.num_layers}L-{cfg.hidden_size}d", "num_layers": cfg.num_layers,
-            "hidden_size": cfg.hidden_size}
+            "hidden_size": cfg.hidden_size, "hf_class": getattr(cfg, "hf_class", None)}
 
 
 def _guess_variant(path: str | None, causal: bool) -> str:
@@ -252,6 +260,9 @@ def embed_layers(model, seqs: Sequence[Sequence[int]], poolings: Sequence[str], 
                  ) -> dict[tuple[int, str], torch.Tensor]:
     """Pooled embeddings of every depth: {(layer, pooling): (D, d)}. Layer 0 is the embedding norm's output,
     1..L the blocks' outputs (the residual stream), L + 1 the final norm's output (what `embed` pools)."""
+    if not hasattr(model, "embed_norm"):
+        raise ConfigError("the depth search (probe_layer=best) needs a twinlm model; use probe_layer=final for "
+                          "other transformers models")
     caught: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda _m, _i, o: caught.append(o)) for m in (model.embed_norm, *model.layers)]
     cols: dict[tuple[int, str], list] = {}

@@ -1,0 +1,121 @@
+"""Any transformers model in every track (issue 11, item 7): small random BERT (masked LM) and Llama (causal
+LM) folders written by transformers itself go through classify, retrieval, generative and bpb with their own
+tokenizer and special tokens, scored as twinlm models are (checked against transformers' own forward), and
+`twinlm compare` puts them in the same tables as a twinlm model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from twinlm.cli import main
+from twinlm.eval import bpb, classify, generative, retrieval
+from twinlm.eval.common import embed, load_for_eval
+from twinlm.eval.settings import BpbConfig, ClassifyConfig, GenerativeConfig, RetrievalConfig
+from twinlm.eval.tasks import RetrievalSet, read_mc_jsonl
+from twinlm.eval.toy import (
+    toy_classification,
+    toy_model_dir,
+    toy_retrieval,
+    toy_sentences,
+    toy_tokenizer,
+    write_toy_mc_jsonl,
+)
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hfmodels")
+    tok = toy_tokenizer()
+    vocab = len(tok)
+    torch.manual_seed(0)
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, pad_token_id=tok.pad_token_id))
+    bert.save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    # a Llama-style tokenizer: BOS/EOS only, no cls/sep/mask tokens
+    llama_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token="[CLS]",
+                                                     eos_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]")
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3))
+    llama.save_pretrained(root / "llama")
+    llama_tok.save_pretrained(root / "llama")
+    for name, rows in (("train", toy_classification(40, 0)), ("dev", toy_classification(20, 1))):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"root": root, "bert": root / "bert", "llama": root / "llama",
+            "twin": toy_model_dir(root / "random-encoder", False, tokenizer=tok)}
+
+
+def test_loaded_with_their_own_special_tokens_and_scored_like_transformers(folders):
+    b = load_for_eval(str(folders["bert"]))
+    assert not b.causal and b.info["hf_class"] == "BertForMaskedLM" and b.info["arch"] == "encoder"
+    assert b.cfg.cls_token_id == b.tokenizer.cls_token_id and b.cfg.mask_token_id == b.tokenizer.mask_token_id
+    ll = load_for_eval(str(folders["llama"]))
+    assert ll.causal and ll.info["hf_class"] == "LlamaForCausalLM"
+    assert (ll.cfg.cls_token_id, ll.cfg.sep_token_id) == (ll.tokenizer.bos_token_id, ll.tokenizer.eos_token_id)
+    # packed forwards equal transformers' own unpadded forward, sequence by sequence
+    seqs = [[1, 40, 41, 42, 2], [1, 50, 2], [1, 60, 61, 62, 63, 64, 65, 2]]
+    for loaded in (b, ll):
+        pooled = embed(loaded.model, seqs, "last")
+        for i, s in enumerate(seqs):
+            with torch.no_grad():
+                ref = loaded.model.hf(torch.tensor([s]), output_hidden_states=True).hidden_states[-1][0, -1]
+            torch.testing.assert_close(pooled[i], ref, atol=1e-5, rtol=0)
+    # a decoder's log-likelihood: log p(continuation | BOS context) by transformers' logits
+    task = write_toy_mc_jsonl(folders["root"] / "mc.jsonl", n=4, n_choices=2, seed=2)
+    exs = read_mc_jsonl(task)
+    _, per_ex = generative.evaluate_examples(ll, exs)
+    ctx = ll.tokenizer(exs[0].contexts[0], add_special_tokens=False)["input_ids"]
+    whole = ll.tokenizer(exs[0].contexts[0] + exs[0].continuations[0], add_special_tokens=False)["input_ids"]
+    ids = [ll.tokenizer.bos_token_id, *whole]
+    with torch.no_grad():
+        logp = torch.log_softmax(ll.model.hf(torch.tensor([ids])).logits[0], -1)
+    ref = sum(float(logp[i - 1, ids[i]]) for i in range(1 + len(ctx), len(ids)))
+    assert per_ex[0][0].loglikelihood == pytest.approx(ref, abs=1e-4)
+
+
+def test_every_track_and_compare(folders, tmp_path):
+    root, res_dir = folders["root"], tmp_path / "results"
+    files = dict(train_file=root / "train.jsonl", eval_file=root / "dev.jsonl")
+    task = write_toy_mc_jsonl(root / "mc2.jsonl", n=8, n_choices=3, seed=3)
+    text = root / "held.txt"
+    text.write_text("\n\n".join(toy_sentences(6, seed=7)))
+    c, q, r = toy_retrieval(20)
+    sets = [RetrievalSet("toy", c, q, r)]
+    for key in ("bert", "llama", "twin"):
+        path = str(folders[key])
+        cl = classify.run(path, ClassifyConfig(["toy"], seeds=[0], **files), out=res_dir / f"{key}-cls.json", log=None)
+        assert 0 <= cl["tasks"]["toy"]["score"] <= 100
+        rt = retrieval.run(path, RetrievalConfig(max_eval_queries=8, finetune=False), retrieval_sets=sets,
+                           out=res_dir / f"{key}-ret.json", log=None)
+        assert 0 <= rt["tasks"]["toy"]["ndcg@10"] <= 100
+        gen = generative.run(path, GenerativeConfig(tasks=[str(task)], limit=None), out=res_dir / f"{key}-gen.json",
+                             log=None)
+        (name,) = gen["tasks"]
+        assert 0 <= gen["tasks"][name]["acc"] <= 100
+        bp = bpb.run(path, BpbConfig(text_file=str(text), max_length=32), out=res_dir / f"{key}-bpb.json", log=None)
+        score = next(iter(bp["tasks"].values()))["score"]
+        assert math.isfinite(score) and score > 0
+    assert main(["compare", *(str(p) for p in sorted(res_dir.glob("*.json"))), "--out", str(tmp_path / "cmp")]) == 0
+    table = "\n".join(p.read_text() for p in (tmp_path / "cmp").glob("*.md"))
+    for key in ("bert", "llama"):
+        assert key in table
+
+
+def test_headless_and_unusable_models_say_why(folders, tmp_path):
+    from twinlm.errors import ConfigError
+
+    cfg = transformers.BertConfig(vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "base")
+    toy_tokenizer().save_pretrained(tmp_path / "base")
+    loaded = load_for_eval(str(tmp_path / "base"))
+    assert embed(loaded.model, [[1, 5, 2]], "cls").shape == (1, 32)
+    task = write_toy_mc_jsonl(tmp_path / "mc.jsonl", n=2, n_choices=2)
+    with pytest.raises(ConfigError, match="BertModel has no language-model head"):
+        generative.evaluate_examples(loaded, read_mc_jsonl(task))
