@@ -1,4 +1,5 @@
-"""`twinlm data {fetch,list,prepare,order}` and `twinlm tokenizer {ettin,train}`.
+"""`twinlm data {fetch,list,prepare,order}` (`prepare --for RECIPE`: data/for_recipe.py) and
+`twinlm tokenizer {ettin,train}`.
 
 Handlers import their modules when they run (`twinlm --help` stays fast) and let a TwinlmError reach
 `twinlm.cli`, which prints it as one line.
@@ -31,8 +32,13 @@ def register(commands) -> None:
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="text/JSONL/parquet files or folders, fetched source names, or hf:NAME[:CONFIG][:SPLIT]")
     p.add_argument("--fetched", action="store_true", help="all fetched pre-training sources")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder (`twinlm tokenizer …`)")
-    p.add_argument("--out", required=True, help="output shard folder")
+    p.add_argument("--tokenizer", help="tokenizer folder (`twinlm tokenizer …`); required unless --for")
+    p.add_argument("--out", help="output shard folder; required unless --for")
+    p.add_argument("--for", dest="for_recipe", metavar="RECIPE",
+                   help="instead: build the tokenizer and every shard folder RECIPE's default paths name, from the "
+                        "fetched data (cpu recipes; for the Ettin recipes it says what is needed and from what)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="with --for: the BPE's vocabulary when the tokenizer is built (default 8192)")
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk including [CLS] and [SEP]")
     p.add_argument("--min-chunk", type=int, default=None,
                    help="drop later chunks shorter than this (default chunk size / 8: 128 at 1024)")
@@ -102,6 +108,11 @@ def _prepare(args) -> int:
     from twinlm.data.inputs import resolve_inputs
     from twinlm.data.prepare import prepare
     from twinlm.data.tokenizer import load_tokenizer
+    from twinlm.errors import ConfigError
+    if args.for_recipe:
+        return _prepare_for(args)
+    if not args.tokenizer or not args.out:
+        raise ConfigError("twinlm data prepare needs --tokenizer DIR and --out DIR (or --for RECIPE)")
     inputs = resolve_inputs(args.inputs, fetched=args.fetched)
     tok = load_tokenizer(args.tokenizer)
     holdout = args.holdout_docs
@@ -116,6 +127,20 @@ def _prepare(args) -> int:
         print(f"skipped: {json.dumps(s['skipped'])}", file=sys.stderr)
     if meta.get("holdout"):
         print(f"held out: {meta['holdout']['path']} ({meta['holdout']['num_chunks']} chunks)")
+    return 0
+
+
+def _prepare_for(args) -> int:
+    from twinlm.data.for_recipe import DEFAULT_VOCAB, build
+    from twinlm.errors import ConfigError
+    from twinlm.train.recipe import load_recipe
+    if args.inputs or args.fetched or args.tokenizer or args.out:
+        raise ConfigError("--for RECIPE takes its inputs, tokenizer and output folders from the recipe: drop the "
+                          "INPUT, --fetched, --tokenizer and --out arguments")
+    recipe = load_recipe(args.for_recipe).resolved_paths()
+    built = build(recipe, name=args.for_recipe, vocab_size=args.vocab_size or DEFAULT_VOCAB, workers=args.workers)
+    if built:
+        print(f"built {len(built)} folders; now: twinlm train {args.for_recipe} --out RUN")
     return 0
 
 

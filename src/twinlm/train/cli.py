@@ -42,6 +42,7 @@ def _train(args) -> int:
         return 0
     from twinlm.train import dist
     from twinlm.train.trainer import Trainer
+    _check_data(recipe, args.recipe)
     trainer = Trainer(recipe, args.out)
     try:
         out = trainer.fit()
@@ -55,3 +56,16 @@ def _train(args) -> int:
     else:
         print(out)
     return 0
+
+
+def _check_data(recipe, recipe_arg: str) -> None:
+    """A missing tokenizer or shard folder names the command that builds what the recipe's paths need."""
+    from twinlm.data.for_recipe import needs
+    from twinlm.errors import MissingShards
+    missing = [n for n in needs(recipe.resolved_paths()) if not n.exists]
+    if missing:
+        n = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise MissingShards(f"{n.path}: no {n.kind} folder{more}: build what {recipe_arg} needs with `twinlm data "
+                            f"fetch && twinlm data prepare --for {recipe_arg}`, or point it at your own "
+                            f"(tokenizer=DIR data=DIR)")
