@@ -66,6 +66,8 @@ def _check_data(recipe, recipe_arg: str) -> None:
     if missing:
         n = missing[0]
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        own = (f"make one with `twinlm tokenizer ettin|train --out {n.path}`" if n.kind == "tokenizer"
+               else f"make them with `twinlm data prepare INPUT… --tokenizer DIR --out {n.path}`")
         raise MissingShards(f"{n.path}: no {n.kind} folder{more}: build what {recipe_arg} needs with `twinlm data "
-                            f"fetch && twinlm data prepare --for {recipe_arg}`, or point it at your own "
-                            f"(tokenizer=DIR data=DIR)")
+                            f"fetch && twinlm data prepare --for {recipe_arg}`, {own}, or point the recipe at "
+                            f"your own (tokenizer=DIR data=DIR)")
