@@ -223,3 +223,29 @@ def test_other_architectures_are_named(tmp_path):
     transformers.ModernBertModel(cfg).save_pretrained(tmp_path / "base")
     with pytest.raises(ModelLoadError, match="this is a ModernBertModel folder"):
         load(tmp_path / "base")
+
+
+def test_a_tokenizer_that_contradicts_the_model_is_refused(trained, tmp_path):
+    import shutil
+
+    from twinlm.eval.common import load_for_eval
+
+    model = load(trained["final"])
+    tok = transformers.AutoTokenizer.from_pretrained(trained["final"])
+    wrong = model.config.replace(cls_token_id=model.config.sep_token_id, sep_token_id=model.config.cls_token_id)
+    from twinlm import Transformer
+
+    with pytest.raises(TokenizerMismatch, match=r"the tokenizer's \[CLS\] is id 1 but the model's cls_token_id is 2"):
+        Transformer(wrong).save_pretrained(tmp_path / "x", tokenizer=tok)
+    small = model.config.replace(vocab_size=64)
+    with pytest.raises(TokenizerMismatch, match="tokens but the model's vocabulary is 64"):
+        Transformer(small).save_pretrained(tmp_path / "y", tokenizer=tok)
+    # a folder whose tokenizer was swapped for one with other special ids
+    folder = tmp_path / "swapped"
+    shutil.copytree(trained["final"], folder)
+    (folder / "MANIFEST.sha256").unlink()
+    conf = json.loads((folder / "config.json").read_text())
+    conf.update(cls_token_id=4, bos_token_id=4)
+    (folder / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(TokenizerMismatch, match="cls_token_id is 4"):
+        load_for_eval(str(folder))

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 import twinlm
 from twinlm.errors import ConfigError
 from twinlm.eval.hf_models import is_twinlm_folder, load_hf_model
+from twinlm.export import check_tokenizer_matches
 
 
 @dataclass
@@ -54,6 +55,7 @@ def load_for_eval(model, tokenizer=None, *, mntp: bool | None = None, variant: s
             net = twinlm.load(path)
             if tokenizer is None:
                 tokenizer = AutoTokenizer.from_pretrained(path)
+            check_tokenizer_matches(tokenizer, net.config)  # scores use the config's special ids
         else:  # any other transformers model: BERT, RoBERTa, Llama, GPT-2 style … (eval/hf_models.py)
             if tokenizer is None:
                 tokenizer = AutoTokenizer.from_pretrained(path)
