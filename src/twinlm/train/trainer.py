@@ -11,6 +11,11 @@ schedule per phase), checkpoints at phase ends (train/checkpoint.py), handles SI
 checkpoint, return) and non-finite losses (the step skips the update; the run stops after `max_bad_steps` in
 a row), and exports `final/`. Optional behaviour is in callbacks (train/callbacks.py: metrics, progress bar,
 TensorBoard, periodic checkpoints, eval, order recording); the run folder's provenance is train/rundir.py.
+
+Resuming is refused (ConfigError / TokenizerMismatch, one line naming the changed settings) when the recipe
+changes what the checkpoint's weights are: `model` (preset or overrides), `objective`, or the tokenizer (its
+fingerprint). The check runs before anything in the run folder is written (config.yaml included); only
+then are checkpoints that failed verification moved aside (train/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ from twinlm.config import ModelConfig
 from twinlm.convert import convert
 from twinlm.data import BatchStream, check_tokenizer
 from twinlm.data.tokenizer import load_tokenizer, model_config_for, tokenizer_fingerprint
-from twinlm.errors import MissingArtifactError, TokenizerMismatch, TrainingDiverged
+from twinlm.errors import ConfigError, MissingArtifactError, TokenizerMismatch, TrainingDiverged
 from twinlm.io import atomic_dir, remove_stale_temporaries, write_bytes
 from twinlm.model import Transformer
 from twinlm.train import callbacks as cbs
 from twinlm.train import dist
 from twinlm.train.callback import Callback
-from twinlm.train.checkpoint import CheckpointManager, read_state, read_tensors, restore_training, save_training
+from twinlm.train.checkpoint import (TRAINING_FILES, CheckpointManager, read_state, read_tensors, restore_training,
+                                     save_training)
 from twinlm.train.datasets import build_dataset, phase_sources
 from twinlm.train.optim import build_optimizer
 from twinlm.train.recipe import Phase, Recipe
@@ -65,6 +71,7 @@ class Trainer:
         self.stream = None
         self.last_checkpoint: Path | None = None
         self.interrupted = False
+        self._saved_step = -1
 
     # --- small helpers ------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -153,7 +160,10 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------------
     def save_checkpoint(self, keep: bool = False) -> Path | None:
-        """Collective: every rank calls it; rank 0 writes. Returns the folder (rank 0) or None."""
+        """Collective: every rank calls it; rank 0 writes. Returns the folder (rank 0) or None. Callbacks'
+        `on_before_checkpoint` runs first (the metrics file is made durable up to this step)."""
+        self._emit("on_before_checkpoint")
+        self._saved_step = self.state.step  # on every rank (the save is collective)
         info = {"tokenizer_fingerprint": self.tokenizer_fingerprint, "keep": bool(keep),
                 "checkpoint_ordinal": self.state.checkpoint_ordinal,
                 "phase": self.phases[min(self.state.phase_index, len(self.phases) - 1)].name,
@@ -166,15 +176,28 @@ class Trainer:
         self._emit("on_checkpoint", self.ckpt.path_for(self.state.step))
         return path
 
-    def _restore(self, ckpt: Path) -> None:
+    def _check_resume(self, ckpt: Path) -> None:
+        """Refuse to resume from `ckpt` with a recipe that changes the model, the objective or the tokenizer."""
         state = read_state(ckpt)
-        self.state = TrainState(**state["trainer"])
+        saved, now = state.get("recipe") or {}, self.recipe.to_dict()
+        changed = []
+        for key in ("objective", "model"):
+            if key in saved and saved[key] != now.get(key):
+                changed.append(f"{key}: {saved[key]!r} -> {now.get(key)!r}")
+        if changed:
+            raise ConfigError(f"{self.out} holds a run trained with another {' and '.join(c.split(':')[0] for c in changed)}"
+                              f" ({'; '.join(changed)}); resuming would keep the checkpoint's weights under the new "
+                              f"settings: restore them, or train into a new folder (--out)")
         fp = state.get("tokenizer_fingerprint")
         if fp and self.tokenizer_fingerprint and fp != self.tokenizer_fingerprint:
             raise TokenizerMismatch(f"{ckpt} was trained with another tokenizer (fingerprint {fp[:12]}… vs "
                                     f"{self.tokenizer_fingerprint[:12]}…): point the recipe's `tokenizer` at the "
                                     f"one this run started with, or train into a new run folder")
-        self.tokenizer_fingerprint = self.tokenizer_fingerprint or fp
+
+    def _restore(self, ckpt: Path) -> None:
+        state = read_state(ckpt)
+        self.state = TrainState(**state["trainer"])
+        self.tokenizer_fingerprint = self.tokenizer_fingerprint or state.get("tokenizer_fingerprint")
         restore_training(ckpt, state, self.model, self.optimizer, self.env, seed=self.recipe.seed, log=self.log)
 
     # --- data -----------------------------------------------------------------------------------------
@@ -233,14 +256,18 @@ class Trainer:
         self.env = self.env or dist.init()
         self.callbacks = self._build_callbacks()
         self.ckpt = CheckpointManager(self.out / "checkpoints", self.recipe.checkpoint.keep_last,
-                                      self.recipe.checkpoint.keep_every, log=self.log)
-        prepare_run_dir(self.out, self.recipe.to_yaml(), self.env, self.log)
-        dist.barrier()
+                                      self.recipe.checkpoint.keep_every, log=self.log, required=TRAINING_FILES)
         self.tokenizer, self.tokenizer_fingerprint = self._load_tokenizer()
-
+        # read-only until the resume is accepted: a refused resume leaves the run folder as it was
         latest = self.ckpt.latest() if self.env.is_main else None
         latest = dist.broadcast_object(str(latest) if latest else None)
         ckpt = Path(latest) if latest else None
+        if ckpt is not None:
+            self._check_resume(ckpt)
+        prepare_run_dir(self.out, self.recipe.to_yaml(), self.env, self.log)
+        if self.env.is_main:
+            self.ckpt.set_aside_corrupt()
+        dist.barrier()
         model = self._init_model(ckpt)
         model.to(self.env.device)
         if ckpt is None:
@@ -320,7 +347,8 @@ class Trainer:
                 if self.stop_requested:
                     if self.state.phase_tokens >= phase.tokens:
                         break  # the phase-end checkpoint below covers it
-                    self.save_checkpoint()
+                    if self._saved_step != self.state.step:  # PeriodicCheckpoint may have just saved it
+                        self.save_checkpoint()
                     self.log(f"stopped at step {self.state.step} (SIGTERM or max_steps); "
                              f"checkpoint {self.last_checkpoint}")
                     return "interrupted"
