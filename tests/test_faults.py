@@ -138,6 +138,72 @@ def test_C09_trainer_falls_back_moves_corrupt_aside_and_keeps_new_checkpoints(tm
     assert steps_logged(out) == list(range(1, back + 3))
 
 
+# --- shards ------------------------------------------------------------------------------------------
+def _shard_copy(shards: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    return out
+
+
+@pytest.mark.parametrize("target", ["tokens.bin", "docs.npy", "bytes.npy"])
+def test_S03_a_flipped_byte_inside_a_shard_file_stops_training_naming_the_file(tmp_path, shards, target):
+    data = _shard_copy(shards, tmp_path)
+    flip(data / target, 0.7)
+    ShardDataset(data)  # sizes still match: opening alone cannot see it...
+    with pytest.raises(ShardError, match=f"{target}: sha256 .* prepare the shards again"):
+        run(recipe_for(data), tmp_path / "run", ["max_steps=1"], log=_quiet)  # ...the first use verifies
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_S06_a_flipped_offset_in_index_is_an_error_not_a_negative_chunk(tmp_path, shards):
+    data = _shard_copy(shards, tmp_path)
+    idx = np.load(data / "index.npy")
+    raw = bytearray((data / "index.npy").read_bytes())
+    header = len(raw) - idx.nbytes
+    raw[header + 8 * 50 + 1] ^= 0xFF  # one byte of offset 50 (sizes unchanged)
+    (data / "index.npy").write_bytes(bytes(raw))
+    ds = ShardDataset(data)
+    with pytest.raises(ShardError, match="chunk 4[89] spans offsets"):
+        ds[49], ds[50]  # noqa: B018 - reading is the test
+    with pytest.raises(ShardError, match="index.npy"):
+        verify_shards(data)
+
+
+def test_S02_out_of_vocabulary_ids_and_bad_index_found_by_the_content_check(tmp_path, shards):
+    data = _shard_copy(shards, tmp_path)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["tokenizer"]["vocab_size"] = 1000  # the synthetic ids go up to 4095
+    (data / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ShardError, match=r"tokens.bin: token \d+ has id \d+, outside the tokenizer's vocabulary"):
+        verify_shards(data)
+
+
+def test_shards_verified_once_per_run_and_again_when_changed(tmp_path, shards):
+    data = _shard_copy(shards, tmp_path)
+    recipe, out = recipe_for(data), tmp_path / "run"
+    logs: list[str] = []
+    run(recipe, out, ["max_steps=1"], log=logs.append)
+    assert sum(line.startswith("verified ") for line in logs) == 1, logs
+    logs.clear()
+    run(recipe, out, ["max_steps=2"], log=logs.append)
+    assert not any(line.startswith("verified ") for line in logs)
+    flip(data / "tokens.bin", 0.3)
+    with pytest.raises(ShardError, match="tokens.bin: sha256"):
+        run(recipe, out, ["max_steps=3"], log=_quiet)
+
+
+def test_data_verify_command(tmp_path, shards):
+    data = _shard_copy(shards, tmp_path)
+    ok = subprocess.run([sys.executable, "-m", "twinlm", "data", "verify", str(data)], env=_env(),
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "ok (200 chunks" in ok.stdout, ok.stderr
+    flip(data / "tokens.bin", 0.3)
+    bad = subprocess.run([sys.executable, "-m", "twinlm", "data", "verify", str(data)], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("twinlm: error: ") and "tokens.bin: sha256" in bad.stderr
+
+
 # --- resume with a changed recipe --------------------------------------------------------------------
 @pytest.mark.parametrize("change", [["model.preset=cpu-small"], ["objective=clm"],
                                     ["model.overrides.attention_dropout=0.5"]])

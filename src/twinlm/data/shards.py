@@ -8,6 +8,16 @@
 
 A folder without meta.json is not a shard folder (an interrupted write never gets that far: the
 writer fills `.DIR.tmp-*` and renames it when done, through `twinlm.io.atomic_dir`).
+
+Integrity, three levels. Opening (`ShardDataset`) checks every file's size against meta.json and that the
+index covers tokens.bin exactly; reading chunk i checks that its offsets increase and its length is at most
+meta.json's `max_chunk_len` (a flipped offset is a ShardError naming the folder and chunk, never a
+negative-length chunk). `verify_shards(path)` (and `twinlm data verify DIR…`) also checks every file's
+sha256, that the whole index is monotonic, starts at 0 and ends at the token count, that docs.npy and
+bytes.npy have one entry per chunk, and that every token id is below the tokenizer's vocabulary size
+(meta.json `tokenizer.vocab_size`, when recorded). The trainer runs it at the first use of a shard folder
+in a run and again whenever the folder changed (`shard_signature`: meta.json's hash and every file's size
+and modification time).
 """
 
 from __future__ import annotations
@@ -127,8 +137,51 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def shard_signature(path: str | Path) -> dict[str, Any]:
+    """A cheap fingerprint of a shard folder's state on disk (no data read): meta.json's sha256 and every
+    file's size and modification time. A changed signature means the folder must be verified again."""
+    path = Path(path)
+    sig: dict[str, Any] = {"meta.json": sha256_file(path / "meta.json")}
+    for name in FILES:
+        st = (path / name).stat()
+        sig[name] = [st.st_size, st.st_mtime_ns]
+    return sig
+
+
+def _check_contents(path: Path, meta: dict[str, Any]) -> None:
+    """The full structural check of `verify_shards`: index, per-chunk arrays and token id range."""
+    index = np.load(path / "index.npy", mmap_mode="r")
+    n = int(meta["num_chunks"])
+    if len(index) != n + 1 or (n >= 0 and len(index) and (int(index[0]) != 0 or int(index[-1]) != meta["num_tokens"])):
+        raise ShardError(f"{path / 'index.npy'}: does not cover tokens.bin (0..{meta['num_tokens']}): the file is "
+                         "damaged; prepare the shards again")
+    limit = int(meta.get("max_chunk_len") or meta["num_tokens"])
+    block = 1 << 24
+    for start in range(0, n, block):
+        d = np.diff(np.asarray(index[start:start + block + 1]))
+        bad = np.flatnonzero((d < 0) | (d > limit))
+        if len(bad):
+            i = start + int(bad[0])
+            raise ShardError(f"{path / 'index.npy'}: chunk {i} spans offsets {int(index[i])}..{int(index[i + 1])} "
+                             f"(lengths must be 0..{limit}): the file is damaged; prepare the shards again")
+    for name in ("docs.npy", "bytes.npy"):
+        if len(np.load(path / name, mmap_mode="r")) != n:
+            raise ShardError(f"{path / name}: not one entry per chunk ({n}): the file is damaged; prepare again")
+    vocab = (meta.get("tokenizer") or {}).get("vocab_size")
+    if vocab:
+        tokens = np.memmap(path / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+        for start in range(0, len(tokens), block):
+            part = tokens[start:start + block]
+            top = int(part.max()) if len(part) else 0
+            if top >= vocab:
+                at = start + int(np.argmax(part >= vocab))
+                raise ShardError(f"{path / 'tokens.bin'}: token {at} has id {int(tokens[at])}, outside the "
+                                 f"tokenizer's vocabulary of {vocab}: the file is damaged; prepare the shards again")
+
+
 def verify_shards(path: str | Path, checksums: bool = True) -> dict[str, Any]:
-    """Raise ShardError if a file is missing, of the wrong size (truncated) or (checksums=True) altered."""
+    """Raise ShardError if a file is missing, of the wrong size (truncated) or (checksums=True) altered or
+    inconsistent (see the module docstring: hashes, index, per-chunk arrays, token ids)."""
     path = Path(path)
     meta = read_meta(path)
     for name in FILES:
@@ -145,6 +198,7 @@ def verify_shards(path: str | Path, checksums: bool = True) -> dict[str, Any]:
             if got != meta["sha256"][name]:
                 raise ShardError(f"{path / name}: sha256 {got[:16]}… differs from meta.json "
                                  f"({meta['sha256'][name][:16]}…): the file was altered; prepare the shards again")
+        _check_contents(path, meta)
     return meta
 
 
@@ -161,6 +215,7 @@ class ShardDataset:
             raise ShardError(f"{self.path}: index.npy does not match tokens.bin")
         self._docs = None
         self._bytes = None
+        self._limit = int(self.meta.get("max_chunk_len") or len(self.tokens))
 
     def __len__(self) -> int:
         return len(self.index) - 1
@@ -171,7 +226,12 @@ class ShardDataset:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"chunk {i} out of range ({len(self)} chunks)")
-        return np.asarray(self.tokens[int(self.index[i]):int(self.index[i + 1])])
+        a, b = int(self.index[i]), int(self.index[i + 1])
+        if not 0 <= b - a <= self._limit or b > len(self.tokens):
+            raise ShardError(f"{self.path / 'index.npy'}: chunk {i} spans offsets {a}..{b} (lengths must be "
+                             f"0..{self._limit}): the file is damaged; run `twinlm data verify {self.path}` and "
+                             "prepare the shards again")
+        return np.asarray(self.tokens[a:b])
 
     @property
     def fingerprint(self) -> str:

@@ -15,11 +15,14 @@ TensorBoard, periodic checkpoints, eval, order recording); the run folder's prov
 Resuming is refused (ConfigError / TokenizerMismatch, one line naming the changed settings) when the recipe
 changes what the checkpoint's weights are: `model` (preset or overrides), `objective`, or the tokenizer (its
 fingerprint). The check runs before anything in the run folder is written (config.yaml included); only
-then are checkpoints that failed verification moved aside (train/checkpoint.py).
+then are checkpoints that failed verification moved aside (train/checkpoint.py). Every shard folder is
+verified in full (data/shards.py `verify_shards`: hashes, index, token ids) the first time the run uses it
+and whenever it changed since (RUN/verified_shards.json); a damaged folder stops the run with one line.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
@@ -33,8 +36,10 @@ from twinlm.config import ModelConfig
 from twinlm.convert import convert
 from twinlm.data import BatchStream, check_tokenizer
 from twinlm.data.tokenizer import load_tokenizer, model_config_for, tokenizer_fingerprint
-from twinlm.errors import ConfigError, MissingArtifactError, TokenizerMismatch, TrainingDiverged
-from twinlm.io import atomic_dir, remove_stale_temporaries, write_bytes
+from twinlm.data.shards import shard_signature, verify_shards
+from twinlm.errors import (ConfigError, MissingArtifactError, MissingShards, ShardError, TokenizerMismatch,
+                           TrainingDiverged)
+from twinlm.io import atomic_dir, remove_stale_temporaries, write_bytes, write_json
 from twinlm.model import Transformer
 from twinlm.train import callbacks as cbs
 from twinlm.train import dist
@@ -48,6 +53,9 @@ from twinlm.train.rundir import prepare_run_dir
 from twinlm.train.schedule import batch_size as scheduled_batch_size
 from twinlm.train.state import TrainState
 from twinlm.train.step import TrainStep
+
+
+VERIFIED_SHARDS = "verified_shards.json"  # in the run folder: shard folders verified, with their signature
 
 
 class Trainer:
@@ -201,6 +209,35 @@ class Trainer:
         restore_training(ckpt, state, self.model, self.optimizer, self.env, seed=self.recipe.seed, log=self.log)
 
     # --- data -----------------------------------------------------------------------------------------
+    def _verify_shards(self) -> str | None:
+        """Verify (sha256, index, token ids) every shard folder the recipe trains on that this run has not
+        verified in its current state (RUN/verified_shards.json: path -> shard_signature); return the problem
+        or None. Rank 0 only; the caller broadcasts the outcome."""
+        record_path = self.out / VERIFIED_SHARDS
+        try:
+            record = json.loads(record_path.read_text()) if record_path.exists() else {}
+        except json.JSONDecodeError:
+            record = {}
+        paths = {str(s.path) for phase in self.phases for s in phase_sources(self.recipe, phase)}
+        changed = False
+        for path in sorted(paths):
+            try:
+                sig = shard_signature(path) if Path(path, "meta.json").exists() else None
+                if sig is not None and record.get(path) == sig:
+                    continue
+                t0 = time.perf_counter()
+                verify_shards(path)
+            except (ShardError, OSError) as e:  # a missing folder is reported when the phase opens it
+                if isinstance(e, ShardError) and not isinstance(e, MissingShards):
+                    return str(e)
+                continue
+            self.log(f"verified {path} (sha256 of every file, index, token ids) in {time.perf_counter() - t0:.1f} s")
+            record[path] = sig
+            changed = True
+        if changed:
+            write_json(record_path, record)
+        return None
+
     def _stream_for(self, phase_index: int) -> BatchStream:
         phase = self.phases[phase_index]
         ds = build_dataset(phase_sources(self.recipe, phase), self.recipe.seed + 1000 * phase_index)
@@ -267,6 +304,10 @@ class Trainer:
         prepare_run_dir(self.out, self.recipe.to_yaml(), self.env, self.log)
         if self.env.is_main:
             self.ckpt.set_aside_corrupt()
+        problem = self._verify_shards() if self.env.is_main else None
+        problem = dist.broadcast_object(problem)
+        if problem:
+            raise ShardError(problem)
         dist.barrier()
         model = self._init_model(ckpt)
         model.to(self.env.device)
