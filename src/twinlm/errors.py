@@ -74,6 +74,10 @@ class CorruptCheckpointError(TwinlmError, RuntimeError):
     """A training checkpoint that is incomplete or fails its checksums."""
 
 
+class ScoreError(TwinlmError, ValueError):
+    """An evaluation score that cannot be reported: computed from no data, or not a finite number."""
+
+
 class TrainingDiverged(TwinlmError, RuntimeError):
     """Too many non-finite losses in a row: the run stopped."""
 

@@ -35,17 +35,29 @@ import twinlm
 from twinlm.config import ModelConfig
 from twinlm.convert import convert
 from twinlm.data import BatchStream, check_tokenizer
-from twinlm.data.tokenizer import load_tokenizer, model_config_for, tokenizer_fingerprint
 from twinlm.data.shards import shard_signature, verify_shards
-from twinlm.errors import (ConfigError, MissingArtifactError, MissingShards, ShardError, TokenizerMismatch,
-                           TrainingDiverged)
+from twinlm.data.tokenizer import load_tokenizer, model_config_for, tokenizer_fingerprint
+from twinlm.errors import (
+    ConfigError,
+    MissingArtifactError,
+    MissingShards,
+    ShardError,
+    TokenizerMismatch,
+    TrainingDiverged,
+)
 from twinlm.io import atomic_dir, remove_stale_temporaries, write_bytes, write_json
 from twinlm.model import Transformer
 from twinlm.train import callbacks as cbs
 from twinlm.train import dist
 from twinlm.train.callback import Callback
-from twinlm.train.checkpoint import (TRAINING_FILES, CheckpointManager, read_state, read_tensors, restore_training,
-                                     save_training)
+from twinlm.train.checkpoint import (
+    TRAINING_FILES,
+    CheckpointManager,
+    read_state,
+    read_tensors,
+    restore_training,
+    save_training,
+)
 from twinlm.train.datasets import build_dataset, phase_sources
 from twinlm.train.optim import build_optimizer
 from twinlm.train.recipe import Phase, Recipe
@@ -53,7 +65,6 @@ from twinlm.train.rundir import prepare_run_dir
 from twinlm.train.schedule import batch_size as scheduled_batch_size
 from twinlm.train.state import TrainState
 from twinlm.train.step import TrainStep
-
 
 VERIFIED_SHARDS = "verified_shards.json"  # in the run folder: shard folders verified, with their signature
 
@@ -193,7 +204,8 @@ class Trainer:
             if key in saved and saved[key] != now.get(key):
                 changed.append(f"{key}: {saved[key]!r} -> {now.get(key)!r}")
         if changed:
-            raise ConfigError(f"{self.out} holds a run trained with another {' and '.join(c.split(':')[0] for c in changed)}"
+            what = " and ".join(c.split(":")[0] for c in changed)
+            raise ConfigError(f"{self.out} holds a run trained with another {what}"
                               f" ({'; '.join(changed)}); resuming would keep the checkpoint's weights under the new "
                               f"settings: restore them, or train into a new folder (--out)")
         fp = state.get("tokenizer_fingerprint")
