@@ -17,8 +17,8 @@ detected, reported, and resuming falls back to the newest intact checkpoint. Che
 verification are moved aside to `RUN/checkpoints/corrupt/step-XXXXXXXX[.N]` (`set_aside_corrupt`, called by
 the trainer once a resume is accepted): they are never counted by the keep policy, so a fresh checkpoint is
 never pruned in favour of a broken one, and they stay on disk for a person to inspect or delete.
-Tensors are always full (gathered from FSDP shards), so a checkpoint resumes on any number of ranks. `save_training` is collective (every rank
-gathers; rank 0 writes); `restore_training` runs on every rank.
+Tensors are always full (gathered from FSDP shards), so a checkpoint resumes on any number of ranks.
+`save_training` is collective (every rank gathers; rank 0 writes); `restore_training` runs on every rank.
 """
 
 from __future__ import annotations
