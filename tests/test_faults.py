@@ -202,6 +202,76 @@ def test_data_verify_command(tmp_path, shards):
     assert bad.stderr.strip().splitlines()[-1].startswith("twinlm: error: ") and "tokens.bin: sha256" in bad.stderr
 
 
+# --- evaluation: no score from no data, no NaN score, arguments that cannot mean anything -------------
+@pytest.fixture(scope="module")
+def toy_models(tmp_path_factory):
+    from twinlm.eval.toy import toy_model_dir
+    root = tmp_path_factory.mktemp("toy")
+    return {"encoder": toy_model_dir(root / "enc", causal=False), "decoder": toy_model_dir(root / "dec", causal=True)}
+
+
+def _twinlm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "twinlm", *map(str, args)], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+def _one_line_error(p: subprocess.CompletedProcess, *needles: str) -> None:
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("twinlm: error: ") and all(n in last for n in needles), last
+
+
+def test_E17_E18_bpb_of_an_empty_or_undecodable_file_is_an_error(tmp_path, toy_models):
+    from twinlm.errors import ScoreError, TaskFileError
+    from twinlm.eval import bpb
+    from twinlm.eval.settings import BpbConfig
+    empty, blank, latin = tmp_path / "empty.txt", tmp_path / "blank.txt", tmp_path / "latin1.txt"
+    empty.write_text("")
+    blank.write_text("\n\n   \n\n")
+    latin.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    for f in (empty, blank):
+        with pytest.raises(ScoreError, match="no text to score"):
+            bpb.run(toy_models["encoder"], BpbConfig(text_file=str(f)), out=tmp_path / "r.json", log=None)
+    with pytest.raises(TaskFileError, match="latin1.txt: not UTF-8"):
+        bpb.run(toy_models["encoder"], BpbConfig(text_file=str(latin)), log=None)
+    assert not (tmp_path / "r.json").exists()
+    _one_line_error(_twinlm("eval", "bpb", toy_models["encoder"], "--text-file", empty), "empty.txt", "no text")
+
+
+def test_E08_a_model_producing_nan_gets_no_score(tmp_path, toy_models):
+    from safetensors.torch import save_file
+
+    from twinlm.errors import ScoreError
+    from twinlm.eval import bpb
+    from twinlm.eval.settings import BpbConfig
+    bad = tmp_path / "nan-model"
+    shutil.copytree(toy_models["decoder"], bad)
+    w = load_file(str(bad / "model.safetensors"))
+    name = next(k for k in w if "embed" in k and w[k].dim() == 2)
+    w[name][:, 3] = float("nan")  # one feature of every token embedding: what a flipped exponent byte does
+    save_file(w, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"the cat sat on mat number {i} and it was fine" for i in range(8)))
+    with pytest.raises(ScoreError, match="non-finite"):
+        bpb.run(bad, BpbConfig(text_file=str(text), max_docs=None), out=tmp_path / "r.json", log=None)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_E15_E19_E20_eval_arguments_that_cannot_mean_anything(toy_models):
+    from twinlm.errors import ConfigError
+    from twinlm.eval.settings import ClassifyConfig, RetrievalConfig
+    with pytest.raises(ConfigError, match="at least 2 folds"):
+        ClassifyConfig(kfold=1)
+    with pytest.raises(ConfigError, match="names no seed"):
+        ClassifyConfig(seeds=[])
+    with pytest.raises(ConfigError, match="names no seed"):
+        RetrievalConfig(seeds=0)
+    p = _twinlm("eval", "classify", toy_models["decoder"], "--pooling", "cls", "--tasks", "sst2")
+    _one_line_error(p, "pooling 'cls' on a decoder")
+    _one_line_error(_twinlm("eval", "classify", toy_models["encoder"], "--kfold", "1"), "kfold", "2 folds")
+    _one_line_error(_twinlm("eval", "classify", toy_models["encoder"], "--seeds", ","), "no seed")
+
+
 # --- resume with a changed recipe --------------------------------------------------------------------
 @pytest.mark.parametrize("change", [["model.preset=cpu-small"], ["objective=clm"],
                                     ["model.overrides.attention_dropout=0.5"]])
