@@ -118,8 +118,13 @@ def _prepare(args) -> int:
           f"({s['bytes'] / 1e6:.1f} MB in {s['seconds']:.1f} s, {s['bytes'] / 1e6 / max(s['seconds'], 1e-9):.2f} MB/s)")
     if s.get("skipped"):
         print(f"skipped: {json.dumps(s['skipped'])}", file=sys.stderr)
-    if meta.get("holdout"):
-        print(f"held out: {meta['holdout']['path']} ({meta['holdout']['num_chunks']} chunks)")
+    h = meta.get("holdout")
+    if h:
+        print(f"held out: {h['path']} ({h['num_documents']} documents, {h['num_chunks']} chunks)")
+        if h["docs"] >= 1 and h["num_documents"] < h["docs"]:
+            print(f"warning: held out {h['num_documents']} of the {int(h['docs'])} documents asked for (the count rule "
+                  f"holds out about 1 document in 10 of the {s['documents']} read); pass a fraction "
+                  "(--holdout-docs 0.2) to hold out more", file=sys.stderr)
     return 0
 
 

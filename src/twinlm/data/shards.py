@@ -76,6 +76,7 @@ class ShardWriter:
         self.max_len = 0
         self._index.write(np.zeros(1, dtype="<i8").tobytes())
         self.overwrite = overwrite
+        self._done = False
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray, doc_ids: np.ndarray, nbytes: np.ndarray) -> None:
         """Append chunks given as flat tokens + per-chunk lengths, document ordinals and byte counts."""
@@ -94,8 +95,16 @@ class ShardWriter:
         self.max_len = max(self.max_len, int(np.max(lengths)))
 
     def abort(self) -> None:
+        """Drop the temporary folder (also on a full disk, where closing the files fails); once `close` has
+        renamed the folder there is nothing to abort."""
+        if self._done:
+            return
+        self._done = True
         for f in (self._tokens, self._index, self._docs, self._bytes):
-            f.close()
+            try:
+                f.close()
+            except OSError:  # buffered data that cannot be written (ENOSPC): the folder goes anyway
+                pass
         self._folder.__exit__(_Aborted, _Aborted(), None)
 
     def close(self, meta: dict[str, Any]) -> dict[str, Any]:
@@ -116,6 +125,7 @@ class ShardWriter:
             "sizes": {name: (self.tmp / name).stat().st_size for name in FILES}, "sha256": sha,
         }
         write_json(self.tmp / "meta.json", meta)
+        self._done = True
         self._folder.__exit__(None, None, None)
         return meta
 

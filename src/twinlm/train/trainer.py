@@ -35,7 +35,7 @@ import twinlm
 from twinlm.config import ModelConfig
 from twinlm.convert import convert
 from twinlm.data import BatchStream, check_tokenizer
-from twinlm.data.shards import shard_signature, verify_shards
+from twinlm.data.shards import read_meta, shard_signature, verify_shards
 from twinlm.data.tokenizer import load_tokenizer, model_config_for, tokenizer_fingerprint
 from twinlm.errors import (
     ConfigError,
@@ -221,6 +221,29 @@ class Trainer:
         restore_training(ckpt, state, self.model, self.optimizer, self.env, seed=self.recipe.seed, log=self.log)
 
     # --- data -----------------------------------------------------------------------------------------
+    def _check_seq_lens(self) -> None:
+        """Each phase's `seq_len` against the chunk size its shards were prepared with (meta.json `chunking`;
+        shards that record none are not checked). Longer: an error (the phase could never see sequences that
+        long; a context extension on short chunks extends nothing). Shorter: a warning (each chunk is cut to
+        seq_len, the rest of it is never trained on)."""
+        for phase in self.phases:
+            for src in phase_sources(self.recipe, phase):
+                try:
+                    meta = read_meta(src.path)
+                except ShardError:
+                    continue  # reported when the phase opens its data
+                size = (meta.get("chunking") or {}).get("chunk_size")
+                if not size or size == phase.seq_len:
+                    continue
+                if phase.seq_len > size:
+                    raise ConfigError(f"phase {phase.name}: seq_len {phase.seq_len} but {src.path} holds chunks of "
+                                      f"at most {size} tokens, so no sequence is longer than {size}: prepare shards "
+                                      f"with --chunk-size {phase.seq_len}, or set "
+                                      f"phases.{phase.name}.seq_len={size}")
+                self.log(f"warning: phase {phase.name}: seq_len {phase.seq_len} is shorter than the {size}-token "
+                         f"chunks of {src.path}: each chunk is cut to {phase.seq_len} tokens and the rest is never "
+                         f"trained on (prepare shards with --chunk-size {phase.seq_len} to use all of the text)")
+
     def _verify_shards(self) -> str | None:
         """Verify (sha256, index, token ids) every shard folder the recipe trains on that this run has not
         verified in its current state (RUN/verified_shards.json: path -> shard_signature); return the problem
@@ -313,6 +336,8 @@ class Trainer:
         ckpt = Path(latest) if latest else None
         if ckpt is not None:
             self._check_resume(ckpt)
+        if self.env.is_main:
+            self._check_seq_lens()
         prepare_run_dir(self.out, self.recipe.to_yaml(), self.env, self.log)
         if self.env.is_main:
             self.ckpt.set_aside_corrupt()
