@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -200,6 +201,145 @@ def test_data_verify_command(tmp_path, shards):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("twinlm: error: ") and "tokens.bin: sha256" in bad.stderr
+
+
+# --- data preparation and tokenizer: bad inputs --------------------------------------------------------
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    from twinlm.data.tokenizer import train_tokenizer
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(30)]
+    return train_tokenizer(None, 300, tmp_path_factory.mktemp("bpe") / "tok", texts=texts)
+
+
+def _jsonl(path: Path, n: int, words: int = 40, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    vocab = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(vocab) for _ in range(words))}) + "\n"
+                            for _ in range(n)))
+    return path
+
+
+def test_P15_prepare_refuses_an_out_that_is_a_file_or_a_folder_of_other_things(tmp_path, bpe):
+    from twinlm.data.prepare import prepare
+    docs = _jsonl(tmp_path / "d.jsonl", 10)
+    afile = tmp_path / "afile"
+    afile.write_text("my notes")
+    with pytest.raises(ConfigError, match="is not a folder"):
+        prepare([docs], bpe, afile, chunk_size=32, workers=0)
+    assert afile.read_text() == "my notes" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not a shard folder"):
+        prepare([docs], bpe, other, chunk_size=32, workers=0)
+    assert (other / "keep.txt").exists()
+    # an earlier shard folder is replaced, an empty folder filled
+    prepare([docs], bpe, tmp_path / "s", chunk_size=32, workers=0)
+    prepare([docs], bpe, tmp_path / "s", chunk_size=32, workers=0)
+    (tmp_path / "empty").mkdir()
+    prepare([docs], bpe, tmp_path / "empty", chunk_size=32, workers=0)
+
+
+def test_P16_holding_out_fewer_documents_than_asked_is_recorded_and_warned(tmp_path, bpe, caplog):
+    from twinlm.data.prepare import prepare
+    docs = _jsonl(tmp_path / "d.jsonl", 40)
+    with caplog.at_level("WARNING", logger="twinlm.data.prepare"):
+        meta = prepare([docs], bpe, tmp_path / "s", chunk_size=32, workers=0, holdout_docs=100)
+    h = meta["holdout"]
+    assert h["docs"] == 100 and h["num_documents"] < 100
+    assert h["num_documents"] == ShardDataset(h["path"]).meta["num_documents"]
+    assert any(f"held out {h['num_documents']} of the 100 documents" in r.getMessage() for r in caplog.records)
+
+
+def test_P20_stale_temporary_folders_of_a_killed_prepare_are_removed(tmp_path, bpe):
+    from twinlm.data.prepare import prepare
+    docs = _jsonl(tmp_path / "d.jsonl", 10)
+    stale = tmp_path / ".s.tmp-killed"
+    stale.mkdir()
+    (stale / "tokens.bin").write_bytes(b"\0" * 1000)
+    prepare([docs], bpe, tmp_path / "s", chunk_size=32, workers=0)
+    assert not stale.exists() and verify_shards(tmp_path / "s")
+
+
+def test_T02_tokenizer_train_on_no_text_is_an_error(tmp_path):
+    from twinlm.data.tokenizer import train_tokenizer
+    from twinlm.errors import DataError
+    with pytest.raises(DataError, match="no text to train a tokenizer on"):
+        train_tokenizer(None, 300, tmp_path / "tok", texts=["", "   "])
+    assert not (tmp_path / "tok").exists()
+
+
+def test_R18_R19_seq_len_against_the_shards_chunk_size(tmp_path, bpe):
+    from twinlm.data.prepare import prepare
+    docs = _jsonl(tmp_path / "d.jsonl", 60, words=80)
+    data = tmp_path / "s32"
+    prepare([docs], bpe, data, chunk_size=32, workers=0)
+    longer = tiny_recipe(data, phases=1, tokens=200, seq_len=64, batch_size=4)
+    longer["model"]["preset"] = "cpu-tiny"
+    with pytest.raises(ConfigError, match="seq_len 64 but .* chunks of at most 32 tokens"):
+        run(longer, tmp_path / "long", log=_quiet)
+    assert not (tmp_path / "long").exists()  # refused before the run folder was made
+    logs: list[str] = []
+    shorter = tiny_recipe(data, phases=1, tokens=200, seq_len=16, batch_size=4)
+    run(shorter, tmp_path / "short", ["max_steps=1"], log=logs.append)
+    assert any("seq_len 16 is shorter than the 32-token chunks" in line for line in logs)
+
+
+# --- a full disk (a small tmpfs; needs root, skipped elsewhere) ------------------------------------------
+@pytest.fixture()
+def small_fs(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+
+    def mount(size_mb: int) -> Path:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mnt)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or 'not root'})")
+        return mnt
+
+    yield mount
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def _fill(folder: Path, leave_mb: float) -> Path:
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        f.write(b"\0" * max(0, free - int(leave_mb * (1 << 20))))
+    return filler
+
+
+def test_disk_full_during_prepare_leaves_no_debris_and_the_old_shards_intact(tmp_path, bpe, small_fs):
+    from twinlm.data.prepare import prepare
+    from twinlm.errors import OutOfSpace
+    mnt = small_fs(4)
+    small, big = _jsonl(tmp_path / "small.jsonl", 20), _jsonl(tmp_path / "big.jsonl", 4000, words=200)
+    old = prepare([small], bpe, mnt / "s", chunk_size=64, workers=0)
+    _fill(mnt, 0.5)
+    with pytest.raises(OutOfSpace, match="is full.* earlier shard folder there is intact"):
+        prepare([big], bpe, mnt / "s", chunk_size=64, workers=0)
+    assert sorted(p.name for p in mnt.iterdir()) == ["filler", "s"]
+    assert verify_shards(mnt / "s")["sha256"] == old["sha256"]
+
+
+def test_disk_full_during_a_checkpoint_is_one_error_and_the_run_resumes(tmp_path, shards, small_fs):
+    from twinlm.errors import OutOfSpace
+    mnt = small_fs(48)
+    recipe, out = recipe_for(shards), mnt / "run"
+    run(recipe, out, ["max_steps=1"], log=_quiet)
+    filler = _fill(mnt, 6)  # less than one checkpoint (~13 MB)
+    with pytest.raises(OutOfSpace, match="checkpoint step 2 was not written.* newest checkpoint is step-00000001"):
+        run(recipe, out, ["max_steps=2"], log=_quiet)
+    assert checkpoint_steps(out) == [1] and [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
+    verify(out / "checkpoints" / "step-00000001")
+    filler.unlink()
+    run(recipe, out, ["max_steps=3"], log=_quiet)
+    assert steps_logged(out) == [1, 2, 3] and checkpoint_steps(out)[-1] == 3
 
 
 # --- evaluation: no score from no data, no NaN score, arguments that cannot mean anything -------------

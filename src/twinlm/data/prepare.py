@@ -20,7 +20,6 @@ beside the `holdout.docs` asked for; `twinlm data prepare` prints it as a warnin
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -39,7 +38,7 @@ from twinlm.data.inputs import InputSpec, iter_documents, resolve_inputs
 from twinlm.data.shards import ShardWriter
 from twinlm.data.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
 from twinlm.errors import ConfigError, DataError, OutOfSpace
-from twinlm.io import remove_stale_temporaries
+from twinlm.io import is_disk_full, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +321,6 @@ def _check_target(path: Path) -> None:
 
 
 def _raise_if_disk_full(e: BaseException, out: Path) -> None:
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+    if is_disk_full(e):
         raise OutOfSpace(f"the disk holding {out} is full ({e}); this run's temporary files were removed and any "
                          f"earlier shard folder there is intact: free space and run the command again") from e

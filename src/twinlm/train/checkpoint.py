@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from twinlm.errors import CorruptCheckpointError
-from twinlm.io import atomic_dir, fsync_file, sha256_file, write_bytes, write_json
+from twinlm.errors import CorruptCheckpointError, OutOfSpace
+from twinlm.io import atomic_dir, fsync_file, is_disk_full, sha256_file, write_bytes, write_json
 from twinlm.train import dist
 
 MARKER = "COMPLETE"
@@ -148,18 +148,27 @@ class CheckpointManager:
         """Write a checkpoint. `write_files(folder)` writes the tensor files; `state` goes to state.json."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.path_for(step)
-        # replace=True: an unmarked leftover of an interrupted save, or a re-save of the same step
-        with atomic_dir(final, replace=True) as tmp:
-            write_files(tmp)
-            write_json(tmp / "state.json", state)
-            lines = []
-            for name in sorted(p.name for p in tmp.iterdir() if p.is_file()):
-                fsync_file(tmp / name)
-                lines.append(f"{sha256_file(tmp / name)}  {name}")
-            write_bytes(tmp / MANIFEST, "\n".join(lines) + "\n")
-        fsync_file(self.root)
-        write_bytes(final / MARKER, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
-        fsync_file(final)
+        try:
+            # replace=True: an unmarked leftover of an interrupted save, or a re-save of the same step
+            with atomic_dir(final, replace=True) as tmp:
+                write_files(tmp)
+                write_json(tmp / "state.json", state)
+                lines = []
+                for name in sorted(p.name for p in tmp.iterdir() if p.is_file()):
+                    fsync_file(tmp / name)
+                    lines.append(f"{sha256_file(tmp / name)}  {name}")
+                write_bytes(tmp / MANIFEST, "\n".join(lines) + "\n")
+            fsync_file(self.root)
+            write_bytes(final / MARKER, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
+            fsync_file(final)
+        except Exception as e:
+            if is_disk_full(e):  # the temporary folder is gone (atomic_dir); an unmarked folder is ignored
+                done = self.complete()
+                raise OutOfSpace(f"the disk holding {self.root} is full: checkpoint step {step} was not written "
+                                 f"(no partial folder is kept; the newest checkpoint is "
+                                 f"{done[-1].name if done else 'none'}): free space and run the same command "
+                                 "again to resume") from e
+            raise
         self.prune(upto=step)
         return final
 

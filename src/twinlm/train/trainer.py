@@ -41,11 +41,12 @@ from twinlm.errors import (
     ConfigError,
     MissingArtifactError,
     MissingShards,
+    OutOfSpace,
     ShardError,
     TokenizerMismatch,
     TrainingDiverged,
 )
-from twinlm.io import atomic_dir, remove_stale_temporaries, write_bytes, write_json
+from twinlm.io import atomic_dir, is_disk_full, remove_stale_temporaries, write_bytes, write_json
 from twinlm.model import Transformer
 from twinlm.train import callbacks as cbs
 from twinlm.train import dist
@@ -452,8 +453,15 @@ class Trainer:
                 model = Transformer(self.bare_model.config)
                 dist.load_full_state_dict(model, weights)
             remove_stale_temporaries(self.out, "final")  # left by a run killed while exporting
-            with atomic_dir(final, replace=True) as tmp:
-                model.save_pretrained(tmp, tokenizer=self.tokenizer)
+            try:
+                with atomic_dir(final, replace=True) as tmp:
+                    model.save_pretrained(tmp, tokenizer=self.tokenizer)
+            except Exception as e:
+                if is_disk_full(e):
+                    raise OutOfSpace(f"the disk holding {self.out} is full: final/ was not written (the temporary "
+                                     "folder was removed; the last checkpoint holds the trained weights): free "
+                                     "space and run the same command again") from e
+                raise
             self.log(f"final model: {final}")
         dist.barrier()
         return final
