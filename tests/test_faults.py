@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -497,3 +498,52 @@ def test_K01_K02_kills_at_chosen_points_resume_exact_with_every_metrics_row(tmp_
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
     left = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     assert left == [], left
+
+
+# --- the soak: N random SIGKILLs from outside, then an exact comparison ----------------------------------
+@pytest.mark.soak
+def test_soak_random_kills_resume_exact_with_complete_metrics(tmp_path, shards):
+    kills_wanted = int(os.environ.get("TWINLM_SOAK_KILLS", "20"))
+    rng = random.Random(int(os.environ.get("TWINLM_SOAK_SEED", "0")))
+    recipe = recipe_for(shards, tokens=6000, every_tokens=120)
+    recipe["checkpoint"]["keep_last"] = 3
+    ref = tmp_path / "ref"
+    assert _drive(tmp_path, recipe, ref) == 0
+    out, ck = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    rp, drv = tmp_path / "recipe.yaml", tmp_path / "driver.py"
+    landed: list[str] = []
+    starts = 0
+    while len(landed) < kills_wanted:
+        starts += 1
+        assert starts < 10 * kills_wanted, "the run never got far enough to be killed"
+        p = subprocess.Popen([sys.executable, str(drv), str(rp), str(out), "none", "0"], env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        mode = rng.choice(["timer", "checkpoint"])
+        deadline = time.time() + 2.0 + rng.uniform(0, 8.0)
+        where = None
+        before = {x.name for x in ck.iterdir()} if ck.is_dir() else set()  # leftovers of an earlier kill
+        while p.poll() is None:
+            if mode == "checkpoint" and ck.is_dir() and any(x.name.startswith(".step-") and x.name not in before
+                                                            for x in ck.iterdir()):
+                time.sleep(rng.uniform(0, 0.02))
+                where = "checkpoint write"
+            elif time.time() >= deadline:
+                where = "timer"
+            if where:
+                p.kill()
+                break
+            time.sleep(0.001)
+        rc = p.wait()
+        if rc == 0:
+            break  # finished before the kill: nothing more to kill
+        assert rc == -signal.SIGKILL, p.stderr.read()[-3000:]
+        rows = len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
+        landed.append(f"{where} after {rows} rows")
+    assert _drive(tmp_path, recipe, out) == 0
+    print(f"{len(landed)} kills: " + "; ".join(landed))
+    assert len(landed) >= kills_wanted
+    assert losses(out) == losses(ref)  # every step once, bit-identical
+    a = load_file(str(ref / "final" / "model.safetensors"))
+    b = load_file(str(out / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    assert [x.name for x in ck.iterdir() if x.name.startswith(".")] == []
