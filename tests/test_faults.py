@@ -9,6 +9,7 @@ the final losses and weights must equal an uninterrupted run's and metrics.jsonl
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -302,7 +303,8 @@ def small_fs(tmp_path):
         return mnt
 
     yield mount
-    subprocess.run(["umount", str(mnt)], capture_output=True)
+    gc.collect()  # a run stopped by the full disk may still hold its metrics file open
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def _fill(folder: Path, leave_mb: float) -> Path:
@@ -425,6 +427,16 @@ def test_R10_R11_a_resume_that_changes_the_model_is_refused_before_writing(tmp_p
         run(recipe, out, change, log=_quiet)
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert after == before  # config.yaml, starts.jsonl, metrics.jsonl untouched; no config.previous.yaml
+
+
+def test_every_earlier_recipe_of_a_run_is_kept(tmp_path, shards):
+    recipe, out = recipe_for(shards), tmp_path / "run"
+    run(recipe, out, ["max_steps=1"], log=_quiet)
+    run(recipe, out, ["max_steps=2", "optim.lr=2e-3"], log=_quiet)
+    run(recipe, out, ["max_steps=3", "optim.lr=1e-3"], log=_quiet)
+    lrs = [yaml.safe_load((out / n).read_text())["optim"]["lr"]
+           for n in ("config.previous.1.yaml", "config.previous.yaml", "config.yaml")]
+    assert lrs == [3e-3, 2e-3, 1e-3]
 
 
 # --- kills at chosen points (subprocess, SIGKILL from inside at an exact place) ----------------------

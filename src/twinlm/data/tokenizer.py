@@ -96,8 +96,8 @@ def train_tokenizer(inputs, vocab_size: int, out: str | Path, *, texts: Iterable
     seen = [0]
     backend.train_from_iterator(_capped(texts, max_bytes, seen), trainer=trainer)
     if seen[0] == 0:  # only the 256 bytes and the specials: a tokenizer of nothing
-        raise DataError(f"no text to train a tokenizer on (inputs: {inputs if inputs is not None else 'texts'}): "
-                        "give files or sources with some text in them")
+        where = ", ".join(map(str, inputs)) if inputs is not None else "the texts given"
+        raise DataError(f"no text to train a tokenizer on in {where}: give files or sources with some text in them")
     for i, t in enumerate(SPECIAL_TOKENS):
         if backend.token_to_id(t) != i:
             raise AssertionError(f"{t} at id {backend.token_to_id(t)}, expected {i}")
