@@ -517,7 +517,7 @@ def test_K01_K02_kills_at_chosen_points_resume_exact_with_every_metrics_row(tmp_
 def test_soak_random_kills_resume_exact_with_complete_metrics(tmp_path, shards):
     kills_wanted = int(os.environ.get("TWINLM_SOAK_KILLS", "20"))
     rng = random.Random(int(os.environ.get("TWINLM_SOAK_SEED", "0")))
-    recipe = recipe_for(shards, tokens=6000, every_tokens=120)
+    recipe = recipe_for(shards, tokens=20000, every_tokens=120)
     recipe["checkpoint"]["keep_last"] = 3
     ref = tmp_path / "ref"
     assert _drive(tmp_path, recipe, ref) == 0
@@ -530,17 +530,26 @@ def test_soak_random_kills_resume_exact_with_complete_metrics(tmp_path, shards):
         assert starts < 10 * kills_wanted, "the run never got far enough to be killed"
         p = subprocess.Popen([sys.executable, str(drv), str(rp), str(out), "none", "0"], env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        mode = rng.choice(["timer", "checkpoint"])
-        deadline = time.time() + 2.0 + rng.uniform(0, 8.0)
-        where = None
+        # where to kill: 0-1.5 s after this start's first metrics row (a step), 0-20 ms into a checkpoint
+        # write, or 0-3 s after the start (startup, restore); the clock starts at the event, not at launch
+        mode = rng.choice(["step", "step", "checkpoint", "checkpoint", "startup"])
+        t_start, t_row, where = time.time(), None, None
+        delay = rng.uniform(0, 3.0 if mode == "startup" else 1.5)
+        metrics = out / "metrics.jsonl"
+        rows0 = len(metrics.read_text().splitlines()) if metrics.exists() else 0
         before = {x.name for x in ck.iterdir()} if ck.is_dir() else set()  # leftovers of an earlier kill
         while p.poll() is None:
-            if mode == "checkpoint" and ck.is_dir() and any(x.name.startswith(".step-") and x.name not in before
+            if mode == "startup" and time.time() - t_start >= delay:
+                where = "startup"
+            elif mode == "step":
+                if t_row is None and metrics.exists() and len(metrics.read_text().splitlines()) > rows0:
+                    t_row = time.time()
+                if t_row is not None and time.time() - t_row >= delay:
+                    where = "training"
+            elif mode == "checkpoint" and ck.is_dir() and any(x.name.startswith(".step-") and x.name not in before
                                                             for x in ck.iterdir()):
                 time.sleep(rng.uniform(0, 0.02))
                 where = "checkpoint write"
-            elif time.time() >= deadline:
-                where = "timer"
             if where:
                 p.kill()
                 break
@@ -550,7 +559,7 @@ def test_soak_random_kills_resume_exact_with_complete_metrics(tmp_path, shards):
             break  # finished before the kill: nothing more to kill
         assert rc == -signal.SIGKILL, p.stderr.read()[-3000:]
         rows = len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
-        landed.append(f"{where} after {rows} rows")
+        landed.append(f"{where} ({rows} rows)")
     assert _drive(tmp_path, recipe, out) == 0
     print(f"{len(landed)} kills: " + "; ".join(landed))
     assert len(landed) >= kills_wanted

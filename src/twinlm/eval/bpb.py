@@ -159,9 +159,6 @@ def run(model, cfg: BpbConfig | None = None, *, tokenizer=None, texts: Sequence[
     res = bits_per_byte(loaded.model, loaded.tokenizer, docs, mntp=bool(loaded.info["mntp"]),
                         max_length=cfg.max_length, max_tokens=cfg.max_tokens, seed=seed)
     res.update(seconds=t(), score=res["bpb"], headline="bpb")
-    if log:
-        log(f"[bpb] {loaded.info['variant']} {name}: {res['bpb']:.4f} bits/byte "
-            f"({res['docs']} docs, {res['seconds']:.1f}s)")
     result = {"track": "bpb", "model": loaded.info, "tasks": {name: res},
               "average": {"metric": "bits per byte (lower is better)", "mean": res["bpb"], "std": 0.0,
                           "n_tasks": 1},
@@ -171,6 +168,9 @@ def run(model, cfg: BpbConfig | None = None, *, tokenizer=None, texts: Sequence[
                          f"masked pseudo-likelihood, {round(1 / MASK_RATE)} copies of ~{MASK_RATE:.0%} masks",
                          "versions": versions()}}
     check_result(result)
+    if log:
+        log(f"[bpb] {loaded.info['variant']} {name}: {res['bpb']:.4f} bits/byte "
+            f"({res['docs']} docs, {res['seconds']:.1f}s)")
     if out:
         write_json(out, result)
     return result
