@@ -67,6 +67,14 @@ from twinlm.train.schedule import batch_size as scheduled_batch_size
 from twinlm.train.state import TrainState
 from twinlm.train.step import TrainStep
 
+
+def _changes(key: str, old, new) -> list[str]:
+    """`key.sub: old -> new` for every leaf that differs between two recipe values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(set(old) | set(new)) for c in _changes(f"{key}.{k}", old.get(k), new.get(k))]
+    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
+
+
 VERIFIED_SHARDS = "verified_shards.json"  # in the run folder: shard folders verified, with their signature
 
 
@@ -200,12 +208,10 @@ class Trainer:
         """Refuse to resume from `ckpt` with a recipe that changes the model, the objective or the tokenizer."""
         state = read_state(ckpt)
         saved, now = state.get("recipe") or {}, self.recipe.to_dict()
-        changed = []
-        for key in ("objective", "model"):
-            if key in saved and saved[key] != now.get(key):
-                changed.append(f"{key}: {saved[key]!r} -> {now.get(key)!r}")
+        changed = [c for key in ("objective", "model") if key in saved
+                   for c in _changes(key, saved[key], now.get(key))]
         if changed:
-            what = " and ".join(c.split(":")[0] for c in changed)
+            what = " and ".join(k for k in ("objective", "model") if any(c.startswith(k) for c in changed))
             raise ConfigError(f"{self.out} holds a run trained with another {what}"
                               f" ({'; '.join(changed)}); resuming would keep the checkpoint's weights under the new "
                               f"settings: restore them, or train into a new folder (--out)")
