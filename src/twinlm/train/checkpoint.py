@@ -68,7 +68,7 @@ def verify(folder: str | Path, required: tuple[str, ...] = ("state.json",)) -> N
         listed[m.group(2)] = m.group(1)
     present = {p.name for p in folder.iterdir() if p.is_file()} - {MANIFEST, MARKER}
     missing = [name for name in required if name not in listed]
-    unlisted = sorted(present - set(listed))
+    unlisted = sorted(present - set(listed) - set(missing))
     if missing or unlisted:
         raise CorruptCheckpointError(f"{folder}: {MANIFEST} does not list {', '.join(missing + unlisted)} (the "
                                      "manifest is incomplete or damaged)")
