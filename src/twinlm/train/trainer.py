@@ -343,8 +343,7 @@ class Trainer:
         ckpt = Path(latest) if latest else None
         if ckpt is not None:
             self._check_resume(ckpt)
-        if self.env.is_main:
-            self._check_seq_lens()
+        self._check_seq_lens()  # every rank: an error must stop all of them (it only reads meta.json)
         prepare_run_dir(self.out, self.recipe.to_yaml(), self.env, self.log)
         if self.env.is_main:
             self.ckpt.set_aside_corrupt()
