@@ -26,7 +26,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from twinlm.data.shards import ShardDataset, verify_shards
+from twinlm.data.shards import ShardDataset, shard_signature, verify_shards
 from twinlm.errors import ConfigError, CorruptCheckpointError, ShardError
 from twinlm.train import run
 from twinlm.train.checkpoint import CheckpointManager, verify
@@ -143,6 +143,7 @@ def test_C09_trainer_falls_back_moves_corrupt_aside_and_keeps_new_checkpoints(tm
 def _shard_copy(shards: Path, tmp_path: Path) -> Path:
     out = tmp_path / "shards"
     shutil.copytree(shards, out)
+    (out / ".verified.json").unlink(missing_ok=True)  # as freshly prepared: not verified yet
     return out
 
 
@@ -188,6 +189,8 @@ def test_shards_verified_once_per_run_and_again_when_changed(tmp_path, shards):
     logs.clear()
     run(recipe, out, ["max_steps=2"], log=logs.append)
     assert not any(line.startswith("verified ") for line in logs)
+    run(recipe, tmp_path / "run2", ["max_steps=1"], log=logs.append)  # another run: the folder's own record
+    assert not any(line.startswith("verified ") for line in logs)
     flip(data / "tokens.bin", 0.3)
     with pytest.raises(ShardError, match="tokens.bin: sha256"):
         run(recipe, out, ["max_steps=3"], log=_quiet)
@@ -198,6 +201,7 @@ def test_data_verify_command(tmp_path, shards):
     ok = subprocess.run([sys.executable, "-m", "twinlm", "data", "verify", str(data)], env=_env(),
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "ok (200 chunks" in ok.stdout, ok.stderr
+    assert json.loads((data / ".verified.json").read_text()) == shard_signature(data)
     flip(data / "tokens.bin", 0.3)
     bad = subprocess.run([sys.executable, "-m", "twinlm", "data", "verify", str(data)], env=_env(),
                          capture_output=True, text=True, timeout=120)

@@ -15,9 +15,11 @@ meta.json's `max_chunk_len` (a flipped offset is a ShardError naming the folder 
 negative-length chunk). `verify_shards(path)` (and `twinlm data verify DIR…`) also checks every file's
 sha256, that the whole index is monotonic, starts at 0 and ends at the token count, that docs.npy and
 bytes.npy have one entry per chunk, and that every token id is below the tokenizer's vocabulary size
-(meta.json `tokenizer.vocab_size`, when recorded). The trainer runs it at the first use of a shard folder
-in a run and again whenever the folder changed (`shard_signature`: meta.json's hash and every file's size
-and modification time).
+(meta.json `tokenizer.vocab_size`, when recorded). A full pass records the folder's `shard_signature`
+(meta.json's hash and every file's size and modification time) in `DIR/.verified.json` when the folder is
+writable; the trainer verifies a folder whose current signature matches no record (its own run's, or the
+folder's), so a folder is hashed once, and again whenever it changed. For very large corpora run
+`twinlm data verify DIR` once before a distributed launch: the ranks wait while rank 0 verifies.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from twinlm.io import atomic_dir, sha256_file, write_json
 
 FORMAT_VERSION = 1
 FILES = ("tokens.bin", "index.npy", "docs.npy", "bytes.npy")
+VERIFIED = ".verified.json"  # the signature of the folder's last full verification
 
 
 def _write_npy_from_raw(raw: Path, out: Path, dtype: str, count: int) -> None:
@@ -158,6 +161,14 @@ def shard_signature(path: str | Path) -> dict[str, Any]:
     return sig
 
 
+def is_verified(path: str | Path) -> bool:
+    """Whether the folder passed a full `verify_shards` in its current state (its `.verified.json`)."""
+    try:
+        return json.loads((Path(path) / VERIFIED).read_text()) == shard_signature(path)
+    except (OSError, ValueError):
+        return False
+
+
 def _check_contents(path: Path, meta: dict[str, Any]) -> None:
     """The full structural check of `verify_shards`: index, per-chunk arrays and token id range."""
     index = np.load(path / "index.npy", mmap_mode="r")
@@ -209,6 +220,10 @@ def verify_shards(path: str | Path, checksums: bool = True) -> dict[str, Any]:
                 raise ShardError(f"{path / name}: sha256 {got[:16]}… differs from meta.json "
                                  f"({meta['sha256'][name][:16]}…): the file was altered; prepare the shards again")
         _check_contents(path, meta)
+        try:  # best effort: a read-only folder is verified again by the next run
+            write_json(path / VERIFIED, shard_signature(path))
+        except OSError:
+            pass
     return meta
 
 

@@ -35,7 +35,7 @@ import twinlm
 from twinlm.config import ModelConfig
 from twinlm.convert import convert
 from twinlm.data import BatchStream, check_tokenizer
-from twinlm.data.shards import read_meta, shard_signature, verify_shards
+from twinlm.data.shards import is_verified, read_meta, shard_signature, verify_shards
 from twinlm.data.tokenizer import load_tokenizer, model_config_for, tokenizer_fingerprint
 from twinlm.errors import (
     ConfigError,
@@ -252,9 +252,9 @@ class Trainer:
                          f"trained on (prepare shards with --chunk-size {phase.seq_len} to use all of the text)")
 
     def _verify_shards(self) -> str | None:
-        """Verify (sha256, index, token ids) every shard folder the recipe trains on that this run has not
-        verified in its current state (RUN/verified_shards.json: path -> shard_signature); return the problem
-        or None. Rank 0 only; the caller broadcasts the outcome."""
+        """Verify (sha256, index, token ids) every shard folder the recipe trains on that was not verified in
+        its current state, by this run (RUN/verified_shards.json: path -> shard_signature) or by anyone
+        (the folder's .verified.json); return the problem or None. Rank 0 only; the caller broadcasts it."""
         record_path = self.out / VERIFIED_SHARDS
         try:
             record = json.loads(record_path.read_text()) if record_path.exists() else {}
@@ -265,7 +265,7 @@ class Trainer:
         for path in sorted(paths):
             try:
                 sig = shard_signature(path) if Path(path, "meta.json").exists() else None
-                if sig is not None and record.get(path) == sig:
+                if sig is not None and (record.get(path) == sig or is_verified(path)):
                     continue
                 t0 = time.perf_counter()
                 verify_shards(path)
