@@ -404,8 +404,9 @@ def test_E08_a_model_producing_nan_gets_no_score(tmp_path, toy_models):
     assert not (tmp_path / "r.json").exists()
 
 
-def test_E15_E19_E20_eval_arguments_that_cannot_mean_anything(toy_models):
+def test_E15_E19_E20_eval_arguments_that_cannot_mean_anything(tmp_path, toy_models):
     from twinlm.errors import ConfigError
+    from twinlm.eval import classify
     from twinlm.eval.settings import ClassifyConfig, RetrievalConfig
     with pytest.raises(ConfigError, match="at least 2 folds"):
         ClassifyConfig(kfold=1)
@@ -413,6 +414,14 @@ def test_E15_E19_E20_eval_arguments_that_cannot_mean_anything(toy_models):
         ClassifyConfig(seeds=[])
     with pytest.raises(ConfigError, match="names no seed"):
         RetrievalConfig(seeds=0)
+    f = tmp_path / "cls.jsonl"
+    f.write_text("".join(json.dumps({"text": f"word {i}", "label": i % 2}) + "\n" for i in range(20)))
+    with pytest.raises(ConfigError, match="pooling 'cls' on a decoder"):
+        classify.run(toy_models["decoder"], ClassifyConfig(pooling="cls", eval_file=str(f), seeds=[0]), log=None)
+
+
+@pytest.mark.slow
+def test_E15_E19_E20_on_the_command_line(toy_models):
     p = _twinlm("eval", "classify", toy_models["decoder"], "--pooling", "cls", "--tasks", "sst2")
     _one_line_error(p, "pooling 'cls' on a decoder")
     _one_line_error(_twinlm("eval", "classify", toy_models["encoder"], "--kfold", "1"), "kfold", "2 folds")
@@ -497,6 +506,7 @@ def _drive(tmp_path: Path, recipe: dict, out: Path, where: str = "none", at: int
     return p.returncode
 
 
+@pytest.mark.slow
 def test_K01_K02_kills_at_chosen_points_resume_exact_with_every_metrics_row(tmp_path, shards):
     recipe = recipe_for(shards)
     ref = tmp_path / "ref"
