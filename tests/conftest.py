@@ -32,3 +32,13 @@ def trained_decoder(tmp_path_factory):
     recipe["optim"]["lr"] = 1e-2
     final = run(recipe, root / "dec", log=lambda *a: None)
     return {"root": root, "tok": root / "tok", "final": final, "run": root / "dec"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`soak` tests (minutes of random kills) run only when selected with `-m soak`."""
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="soak test: run with `pytest -m soak`")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)

@@ -74,6 +74,15 @@ class CorruptCheckpointError(TwinlmError, RuntimeError):
     """A training checkpoint that is incomplete or fails its checksums."""
 
 
+class OutOfSpace(TwinlmError, OSError):
+    """The disk filled up while writing an artifact; the temporary files were removed and every earlier
+    artifact is intact (the message says where and how to go on)."""
+
+
+class ScoreError(TwinlmError, ValueError):
+    """An evaluation score that cannot be reported: computed from no data, or not a finite number."""
+
+
 class TrainingDiverged(TwinlmError, RuntimeError):
     """Too many non-finite losses in a row: the run stopped."""
 

@@ -10,6 +10,7 @@ archives, shards and checkpoints are verified with.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -114,6 +115,20 @@ def atomic_dir(path: str | Path, *, replace: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e` (or an exception it was raised from) is a full disk: ENOSPC, or a library's wrapper of it
+    (safetensors reports "No space left on device (os error 28)" in a plain Exception)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "os error 28" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def remove_stale_temporaries(folder: str | Path, name: str) -> list[Path]:

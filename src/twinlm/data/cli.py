@@ -1,4 +1,4 @@
-"""`twinlm data {fetch,list,prepare,order}` (`prepare --for RECIPE`: data/for_recipe.py) and
+"""`twinlm data {fetch,list,prepare,verify,order}` (`prepare --for RECIPE`: data/for_recipe.py) and
 `twinlm tokenizer {ettin,train}`.
 
 Handlers import their modules when they run (`twinlm --help` stays fast) and let a TwinlmError reach
@@ -56,6 +56,10 @@ def register(commands) -> None:
                    help="undecodable/empty inputs or records without the text field: stop (default) or skip and count")
     p.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
     p.set_defaults(handler=_prepare)
+
+    p = sub.add_parser("verify", help="check shard folders in full: sizes, sha256 of every file, index, token ids")
+    p.add_argument("folders", nargs="+", metavar="DIR", help="shard folders (`twinlm data prepare --out DIR`)")
+    p.set_defaults(handler=_verify)
 
     p = sub.add_parser("order", help="show or replay the recorded batches of a training run")
     p.add_argument("run", help="run folder (or its data_order/ folder)")
@@ -125,8 +129,25 @@ def _prepare(args) -> int:
           f"({s['bytes'] / 1e6:.1f} MB in {s['seconds']:.1f} s, {s['bytes'] / 1e6 / max(s['seconds'], 1e-9):.2f} MB/s)")
     if s.get("skipped"):
         print(f"skipped: {json.dumps(s['skipped'])}", file=sys.stderr)
-    if meta.get("holdout"):
-        print(f"held out: {meta['holdout']['path']} ({meta['holdout']['num_chunks']} chunks)")
+    h = meta.get("holdout")
+    if h:
+        print(f"held out: {h['path']} ({h['num_documents']} documents, {h['num_chunks']} chunks)")
+        if h["docs"] >= 1 and h["num_documents"] < h["docs"]:
+            print(f"warning: held out {h['num_documents']} of the {int(h['docs'])} documents asked for (the count rule "
+                  f"holds out about 1 document in 10 of the {s['documents']} read); pass a fraction "
+                  "(--holdout-docs 0.2) to hold out more", file=sys.stderr)
+    return 0
+
+
+def _verify(args) -> int:
+    import time
+
+    from twinlm.data.shards import verify_shards
+    for folder in args.folders:
+        t0 = time.perf_counter()
+        meta = verify_shards(folder)  # a ShardError names the file and the fix (printed as one line)
+        print(f"{folder}: ok ({meta['num_chunks']:,} chunks, {meta['num_tokens']:,} tokens; sha256 of "
+              f"every file, index and token ids checked in {time.perf_counter() - t0:.1f} s)")
     return 0
 
 

@@ -9,6 +9,13 @@ a later piece shorter than `backfill` tokens is back-filled with the tail of the
 same document up to `backfill` tokens. The main process reads documents; worker processes tokenize and
 chunk batches of them; at most 2×workers batches are in flight, so memory stays bounded whatever the
 corpus size. Output is written under a temporary name and renamed when complete (see shards.py).
+
+Refusals and faults: `out` (and the held-out folder) must be a shard folder, an empty folder or absent (a
+file or a folder of other things is never replaced); temporary `.OUT.tmp-*` folders that a killed earlier
+run left are removed first; a full disk (ENOSPC) stops with `OutOfSpace`, removes this run's temporary
+folders and leaves an earlier shard folder at `out` intact. A count of held-out documents the corpus cannot
+give (the count rule holds out about 1 document in 10) is logged and recorded as `holdout.num_documents`
+beside the `holdout.docs` asked for; `twinlm data prepare` prints it as a warning.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ from tokenizers import Tokenizer
 from twinlm.data.inputs import InputSpec, iter_documents, resolve_inputs
 from twinlm.data.shards import ShardWriter
 from twinlm.data.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
-from twinlm.errors import ConfigError, DataError
+from twinlm.errors import ConfigError, DataError, OutOfSpace
+from twinlm.io import is_disk_full, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +206,11 @@ def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, *, chunk_siz
     vocab = len(tok)
     out = Path(out)
     holdout_out = Path(holdout_out) if holdout_out else out.with_name(out.name + "-heldout")
+    _rule = _holdout_rule(holdout_docs, seed)  # argument errors before anything is written
+    for target in ([out, holdout_out] if holdout_docs else [out]):
+        _check_target(target)
+        for p in remove_stale_temporaries(target.parent, target.name):
+            log.warning("removed %s, left by an earlier run that was killed", p)
     writers = {False: ShardWriter(out, vocab, overwrite=overwrite)}
     if holdout_docs:
         writers[True] = ShardWriter(holdout_out, vocab, overwrite=overwrite)
@@ -208,7 +221,7 @@ def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, *, chunk_siz
     counts: Counter = Counter()
     docs = nbytes = 0
     held_docs = 0
-    rule = _holdout_rule(holdout_docs, seed)
+    rule = _rule
 
     def batches() -> Iterator[list[tuple[int, bool, str]]]:
         nonlocal docs, nbytes, held_docs
@@ -252,11 +265,12 @@ def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, *, chunk_siz
             pool.close()
             pool.join()
             pool = None
-    except BaseException:
+    except BaseException as e:
         if pool is not None:
             pool.terminate()
         for w in writers.values():
             w.abort()
+        _raise_if_disk_full(e, out)
         raise
     if docs == 0:
         for w in writers.values():
@@ -273,12 +287,40 @@ def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, *, chunk_siz
     }
     stats = {"documents": docs, "bytes": nbytes, "seconds": round(seconds, 3), "workers": workers, "threads": threads,
              "skipped": dict(skipped), **{k: int(v) for k, v in counts.items()}}
+    if holdout_docs >= 1 and held_docs < holdout_docs:
+        log.warning("held out %d of the %d documents asked for: the count rule holds out about 1 document in 10 "
+                    "(%d read); pass a fraction (--holdout-docs 0.2) to hold out more", held_docs, holdout_docs, docs)
     holdout_meta = None
-    if True in writers:
-        holdout_meta = writers[True].close({**common, "split": "heldout", "num_documents": held_docs,
-                                            "holdout": {"docs": holdout_docs, "seed": seed}, "stats": stats})
-    meta = writers[False].close({
-        **common, "split": "train", "num_documents": docs - held_docs, "stats": stats,
-        "holdout": ({"path": str(holdout_out), "num_documents": held_docs, "num_chunks": holdout_meta["num_chunks"],
-                     "docs": holdout_docs, "seed": seed} if holdout_meta else None)})
+    try:
+        if True in writers:
+            holdout_meta = writers[True].close({**common, "split": "heldout", "num_documents": held_docs,
+                                                "holdout": {"docs": holdout_docs, "seed": seed}, "stats": stats})
+        meta = writers[False].close({
+            **common, "split": "train", "num_documents": docs - held_docs, "stats": stats,
+            "holdout": ({"path": str(holdout_out), "num_documents": held_docs,
+                         "num_chunks": holdout_meta["num_chunks"], "docs": holdout_docs, "seed": seed}
+                        if holdout_meta else None)})
+    except BaseException as e:
+        for w in writers.values():
+            w.abort()  # a writer already closed has nothing left to remove
+        _raise_if_disk_full(e, out)
+        raise
     return meta
+
+
+def _check_target(path: Path) -> None:
+    """An output folder may be absent, empty, or an earlier shard folder (replaced); nothing else."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise ConfigError(f"{path} exists and is not a folder: give --out a folder name (the shard folder is "
+                          "created there)")
+    if not (path / "meta.json").exists() and any(path.iterdir()):
+        raise ConfigError(f"{path} is a folder of other files, not a shard folder (no meta.json): give --out a new "
+                          "or empty folder, or remove that one")
+
+
+def _raise_if_disk_full(e: BaseException, out: Path) -> None:
+    if is_disk_full(e):
+        raise OutOfSpace(f"the disk holding {out} is full ({e}); this run's temporary files were removed and any "
+                         f"earlier shard folder there is intact: free space and run the command again") from e

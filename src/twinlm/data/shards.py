@@ -8,6 +8,18 @@
 
 A folder without meta.json is not a shard folder (an interrupted write never gets that far: the
 writer fills `.DIR.tmp-*` and renames it when done, through `twinlm.io.atomic_dir`).
+
+Integrity, three levels. Opening (`ShardDataset`) checks every file's size against meta.json and that the
+index covers tokens.bin exactly; reading chunk i checks that its offsets increase and its length is at most
+meta.json's `max_chunk_len` (a flipped offset is a ShardError naming the folder and chunk, never a
+negative-length chunk). `verify_shards(path)` (and `twinlm data verify DIR…`) also checks every file's
+sha256, that the whole index is monotonic, starts at 0 and ends at the token count, that docs.npy and
+bytes.npy have one entry per chunk, and that every token id is below the tokenizer's vocabulary size
+(meta.json `tokenizer.vocab_size`, when recorded). A full pass records the folder's `shard_signature`
+(meta.json's hash and every file's size and modification time) in `DIR/.verified.json` when the folder is
+writable; the trainer verifies a folder whose current signature matches no record (its own run's, or the
+folder's), so a folder is hashed once, and again whenever it changed. For very large corpora run
+`twinlm data verify DIR` once before a distributed launch: the ranks wait while rank 0 verifies.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from twinlm.io import atomic_dir, sha256_file, write_json
 
 FORMAT_VERSION = 1
 FILES = ("tokens.bin", "index.npy", "docs.npy", "bytes.npy")
+VERIFIED = ".verified.json"  # the signature of the folder's last full verification
 
 
 def _write_npy_from_raw(raw: Path, out: Path, dtype: str, count: int) -> None:
@@ -66,6 +79,7 @@ class ShardWriter:
         self.max_len = 0
         self._index.write(np.zeros(1, dtype="<i8").tobytes())
         self.overwrite = overwrite
+        self._done = False
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray, doc_ids: np.ndarray, nbytes: np.ndarray) -> None:
         """Append chunks given as flat tokens + per-chunk lengths, document ordinals and byte counts."""
@@ -84,8 +98,16 @@ class ShardWriter:
         self.max_len = max(self.max_len, int(np.max(lengths)))
 
     def abort(self) -> None:
+        """Drop the temporary folder (also on a full disk, where closing the files fails); once `close` has
+        renamed the folder there is nothing to abort."""
+        if self._done:
+            return
+        self._done = True
         for f in (self._tokens, self._index, self._docs, self._bytes):
-            f.close()
+            try:
+                f.close()
+            except OSError:  # buffered data that cannot be written (ENOSPC): the folder goes anyway
+                pass
         self._folder.__exit__(_Aborted, _Aborted(), None)
 
     def close(self, meta: dict[str, Any]) -> dict[str, Any]:
@@ -106,6 +128,7 @@ class ShardWriter:
             "sizes": {name: (self.tmp / name).stat().st_size for name in FILES}, "sha256": sha,
         }
         write_json(self.tmp / "meta.json", meta)
+        self._done = True
         self._folder.__exit__(None, None, None)
         return meta
 
@@ -127,8 +150,59 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def shard_signature(path: str | Path) -> dict[str, Any]:
+    """A cheap fingerprint of a shard folder's state on disk (no data read): meta.json's sha256 and every
+    file's size and modification time. A changed signature means the folder must be verified again."""
+    path = Path(path)
+    sig: dict[str, Any] = {"meta.json": sha256_file(path / "meta.json")}
+    for name in FILES:
+        st = (path / name).stat()
+        sig[name] = [st.st_size, st.st_mtime_ns]
+    return sig
+
+
+def is_verified(path: str | Path) -> bool:
+    """Whether the folder passed a full `verify_shards` in its current state (its `.verified.json`)."""
+    try:
+        return json.loads((Path(path) / VERIFIED).read_text()) == shard_signature(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _check_contents(path: Path, meta: dict[str, Any]) -> None:
+    """The full structural check of `verify_shards`: index, per-chunk arrays and token id range."""
+    index = np.load(path / "index.npy", mmap_mode="r")
+    n = int(meta["num_chunks"])
+    if len(index) != n + 1 or (n >= 0 and len(index) and (int(index[0]) != 0 or int(index[-1]) != meta["num_tokens"])):
+        raise ShardError(f"{path / 'index.npy'}: does not cover tokens.bin (0..{meta['num_tokens']}): the file is "
+                         "damaged; prepare the shards again")
+    limit = int(meta.get("max_chunk_len") or meta["num_tokens"])
+    block = 1 << 24
+    for start in range(0, n, block):
+        d = np.diff(np.asarray(index[start:start + block + 1]))
+        bad = np.flatnonzero((d < 0) | (d > limit))
+        if len(bad):
+            i = start + int(bad[0])
+            raise ShardError(f"{path / 'index.npy'}: chunk {i} spans offsets {int(index[i])}..{int(index[i + 1])} "
+                             f"(lengths must be 0..{limit}): the file is damaged; prepare the shards again")
+    for name in ("docs.npy", "bytes.npy"):
+        if len(np.load(path / name, mmap_mode="r")) != n:
+            raise ShardError(f"{path / name}: not one entry per chunk ({n}): the file is damaged; prepare again")
+    vocab = (meta.get("tokenizer") or {}).get("vocab_size")
+    if vocab:
+        tokens = np.memmap(path / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+        for start in range(0, len(tokens), block):
+            part = tokens[start:start + block]
+            top = int(part.max()) if len(part) else 0
+            if top >= vocab:
+                at = start + int(np.argmax(part >= vocab))
+                raise ShardError(f"{path / 'tokens.bin'}: token {at} has id {int(tokens[at])}, outside the "
+                                 f"tokenizer's vocabulary of {vocab}: the file is damaged; prepare the shards again")
+
+
 def verify_shards(path: str | Path, checksums: bool = True) -> dict[str, Any]:
-    """Raise ShardError if a file is missing, of the wrong size (truncated) or (checksums=True) altered."""
+    """Raise ShardError if a file is missing, of the wrong size (truncated) or (checksums=True) altered or
+    inconsistent (see the module docstring: hashes, index, per-chunk arrays, token ids)."""
     path = Path(path)
     meta = read_meta(path)
     for name in FILES:
@@ -145,6 +219,11 @@ def verify_shards(path: str | Path, checksums: bool = True) -> dict[str, Any]:
             if got != meta["sha256"][name]:
                 raise ShardError(f"{path / name}: sha256 {got[:16]}… differs from meta.json "
                                  f"({meta['sha256'][name][:16]}…): the file was altered; prepare the shards again")
+        _check_contents(path, meta)
+        try:  # best effort: a read-only folder is verified again by the next run
+            write_json(path / VERIFIED, shard_signature(path))
+        except OSError:
+            pass
     return meta
 
 
@@ -161,6 +240,7 @@ class ShardDataset:
             raise ShardError(f"{self.path}: index.npy does not match tokens.bin")
         self._docs = None
         self._bytes = None
+        self._limit = int(self.meta.get("max_chunk_len") or len(self.tokens))
 
     def __len__(self) -> int:
         return len(self.index) - 1
@@ -171,7 +251,12 @@ class ShardDataset:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"chunk {i} out of range ({len(self)} chunks)")
-        return np.asarray(self.tokens[int(self.index[i]):int(self.index[i + 1])])
+        a, b = int(self.index[i]), int(self.index[i + 1])
+        if not 0 <= b - a <= self._limit or b > len(self.tokens):
+            raise ShardError(f"{self.path / 'index.npy'}: chunk {i} spans offsets {a}..{b} (lengths must be "
+                             f"0..{self._limit}): the file is damaged; run `twinlm data verify {self.path}` and "
+                             "prepare the shards again")
+        return np.asarray(self.tokens[a:b])
 
     @property
     def fingerprint(self) -> str:

@@ -96,7 +96,11 @@ def train_tokenizer(inputs, vocab_size: int, out: str | Path, *, texts: Iterable
     specials = [AddedToken(t, special=True, normalized=False, lstrip=(t == "[MASK]")) for t in SPECIAL_TOKENS]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(_capped(texts, max_bytes), trainer=trainer)
+    seen = [0]
+    backend.train_from_iterator(_capped(texts, max_bytes, seen), trainer=trainer)
+    if seen[0] == 0:  # only the 256 bytes and the specials: a tokenizer of nothing
+        where = ", ".join(map(str, inputs)) if inputs is not None else "the texts given"
+        raise DataError(f"no text to train a tokenizer on in {where}: give files or sources with some text in them")
     for i, t in enumerate(SPECIAL_TOKENS):
         if backend.token_to_id(t) != i:
             raise AssertionError(f"{t} at id {backend.token_to_id(t)}, expected {i}")
@@ -104,11 +108,13 @@ def train_tokenizer(inputs, vocab_size: int, out: str | Path, *, texts: Iterable
     return _wrap(backend, out)
 
 
-def _capped(texts: Iterable[str], max_bytes: int | None) -> Iterator[str]:
+def _capped(texts: Iterable[str], max_bytes: int | None, seen: list[int] | None = None) -> Iterator[str]:
     total = 0
     for text in texts:
         yield text
         total += len(text.encode("utf-8", "replace"))
+        if seen is not None and text.strip():
+            seen[0] += 1
         if max_bytes is not None and total >= max_bytes:
             return
 

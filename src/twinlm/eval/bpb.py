@@ -21,8 +21,16 @@ from pathlib import Path
 
 import torch
 
-from twinlm.errors import TaskFileError
-from twinlm.eval.common import Timer, encode_plain, forward_packed, length_batches, load_for_eval, versions
+from twinlm.errors import ScoreError, TaskFileError
+from twinlm.eval.common import (
+    Timer,
+    check_result,
+    encode_plain,
+    forward_packed,
+    length_batches,
+    load_for_eval,
+    versions,
+)
 from twinlm.eval.settings import BpbConfig
 from twinlm.eval.tasks import oe_eval_requests, read_jsonl
 from twinlm.io import write_json
@@ -42,7 +50,12 @@ def read_texts(path: str | Path) -> list[str]:
         return out
     if not p.exists():
         raise TaskFileError(p, None, "file not found")
-    return [t.strip() for t in p.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskFileError(p, None, f"not UTF-8 text (byte {e.start}: {e.reason}); give a .txt or .jsonl file of "
+                                     "text") from e
+    return [t.strip() for t in text.split("\n\n") if t.strip()]
 
 
 def default_texts(data_root=None) -> list[str]:
@@ -101,6 +114,9 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], *, mntp: bool = False,
             n_pred += len(targets)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_tokens = sum(len(t) for t in toks)
+    if n_bytes == 0 or n_pred == 0:  # 0 bits over 0 bytes would read as a perfect model
+        raise ScoreError(f"no text to score ({len(texts)} non-empty documents, {n_tokens} tokens): give a text "
+                         "file with some text in it")
     return {"bpb": nll / math.log(2) / max(1, n_bytes), "bits_per_token": nll / math.log(2) / max(1, n_pred),
             "tokens": n_tokens, "predicted": n_pred, "bytes": n_bytes, "docs": len(texts),
             "bytes_per_token": n_bytes / max(1, n_tokens)}
@@ -136,13 +152,13 @@ def run(model, cfg: BpbConfig | None = None, *, tokenizer=None, texts: Sequence[
         docs = [docs[i] for i in sorted(random.Random(seed).sample(range(len(docs)), max_docs))]
     if max_bytes is not None:
         docs = _first_bytes(docs, max_bytes)
+    if not any(d.strip() for d in docs):
+        raise ScoreError(f"{cfg.text_file if texts is None and cfg.text_file else name}: no text to score (empty, "
+                         "or only blank lines): give a file with some text in it")
     t = Timer()
     res = bits_per_byte(loaded.model, loaded.tokenizer, docs, mntp=bool(loaded.info["mntp"]),
                         max_length=cfg.max_length, max_tokens=cfg.max_tokens, seed=seed)
     res.update(seconds=t(), score=res["bpb"], headline="bpb")
-    if log:
-        log(f"[bpb] {loaded.info['variant']} {name}: {res['bpb']:.4f} bits/byte "
-            f"({res['docs']} docs, {res['seconds']:.1f}s)")
     result = {"track": "bpb", "model": loaded.info, "tasks": {name: res},
               "average": {"metric": "bits per byte (lower is better)", "mean": res["bpb"], "std": 0.0,
                           "n_tasks": 1},
@@ -151,6 +167,10 @@ def run(model, cfg: BpbConfig | None = None, *, tokenizer=None, texts: Sequence[
                          "objective": "next token" if loaded.causal else
                          f"masked pseudo-likelihood, {round(1 / MASK_RATE)} copies of ~{MASK_RATE:.0%} masks",
                          "versions": versions()}}
+    check_result(result)
+    if log:
+        log(f"[bpb] {loaded.info['variant']} {name}: {res['bpb']:.4f} bits/byte "
+            f"({res['docs']} docs, {res['seconds']:.1f}s)")
     if out:
         write_json(out, result)
     return result

@@ -42,6 +42,8 @@ from twinlm.eval import baselines
 from twinlm.eval.common import (
     Loaded,
     Timer,
+    check_pooling,
+    check_result,
     default_pooling,
     embed,
     embed_layers,
@@ -269,6 +271,7 @@ def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: st
     else:
         loaded = load_for_eval(model, tokenizer, variant=variant)
         info = loaded.info
+        check_pooling(pooling, loaded.causal)
         poolings = [pooling] if pooling else candidate_poolings(loaded.causal)
         pooling = pooling or default_pooling(loaded.causal, "classify")
     search_depth = mode == "probe" and cfg.probe_layer == "best" and not baseline
@@ -345,6 +348,7 @@ def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: st
                          "probe_layer": cfg.probe_layer if mode == "probe" and not baseline else None,
                          "dev_fraction": DEV_FRACTION, "seconds": t_all(),
                          "versions": versions()}}
+    check_result(result)
     if out:
         write_json(out, result)
     return result

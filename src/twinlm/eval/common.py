@@ -5,6 +5,7 @@ pooling, and describing the model in result files."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -18,7 +19,7 @@ import yaml
 from transformers import AutoTokenizer
 
 import twinlm
-from twinlm.errors import ConfigError
+from twinlm.errors import ConfigError, ScoreError
 from twinlm.eval.hf_models import is_twinlm_folder, load_hf_model
 from twinlm.export import check_tokenizer_matches
 
@@ -232,6 +233,27 @@ def default_pooling(causal: bool, track: str = "classify") -> str:
     if causal:
         return "last"
     return "cls" if track == "classify" else "mean"
+
+
+def check_pooling(pooling: str | None, causal: bool) -> None:
+    """Refuse `cls` pooling on a decoder: in a causal model the first token attends to itself only, so its
+    state says nothing about the text (the score would be chance)."""
+    if pooling == "cls" and causal:
+        raise ConfigError("pooling 'cls' on a decoder reads the first token, which in a causal model sees only "
+                          "itself: use --pooling last (the decoder default) or mean")
+
+
+def check_result(result: dict) -> dict:
+    """Raise ScoreError unless every task score and the average are finite numbers: a NaN or infinite score
+    (a model that produced non-finite values) is never reported or written as a result."""
+    scores = [(f"tasks.{name}.score", t.get("score")) for name, t in result.get("tasks", {}).items()]
+    scores.append(("average.mean", (result.get("average") or {}).get("mean")))
+    for where, v in scores:
+        if isinstance(v, (int, float)) and not math.isfinite(v):
+            raise ScoreError(f"{result.get('track', 'eval')} result {where} is {v}: the model produced non-finite "
+                             f"values (damaged or diverged weights?); check the model folder "
+                             f"{(result.get('model') or {}).get('path', '')}".rstrip())
+    return result
 
 
 def embed(model, seqs: Sequence[Sequence[int]], pooling: str, max_tokens: int = 8192,

@@ -27,7 +27,16 @@ import numpy as np
 import torch
 
 from twinlm.errors import ConfigError, DataError
-from twinlm.eval.common import Loaded, Timer, encode_plain, forward_packed, length_batches, load_for_eval, versions
+from twinlm.eval.common import (
+    Loaded,
+    Timer,
+    check_result,
+    encode_plain,
+    forward_packed,
+    length_batches,
+    load_for_eval,
+    versions,
+)
 from twinlm.eval.metrics import multiple_choice_metrics
 from twinlm.eval.settings import GenerativeConfig
 from twinlm.eval.tasks import MCExample, load_generative_task
@@ -245,6 +254,7 @@ def run(model, cfg: GenerativeConfig | None = None, *, tokenizer=None, mntp: boo
                          ("masked (MNTP: read position before the first mask)" if loaded.info["mntp"]
                           else "masked (read first mask)"),
                          "versions": versions()}}
+    check_result(result)
     if out:
         write_json(out, result)
     return result

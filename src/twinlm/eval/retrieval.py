@@ -29,6 +29,8 @@ from twinlm.eval import baselines
 from twinlm.eval.common import (
     Loaded,
     Timer,
+    check_pooling,
+    check_result,
     default_pooling,
     embed,
     encode_with_specials,
@@ -196,6 +198,7 @@ def run(model, cfg: RetrievalConfig | None = None, *, tokenizer=None, variant: s
     else:
         loaded = load_for_eval(model, tokenizer, variant=variant)
         info = loaded.info
+        check_pooling(pooling, loaded.causal)
         pooling = pooling or default_pooling(loaded.causal, "retrieval")
         if max_train_pairs is not None and len(pairs) > max_train_pairs:
             pairs = [pairs[i] for i in sorted(random.Random(0).sample(range(len(pairs)), max_train_pairs))]
@@ -237,6 +240,7 @@ def run(model, cfg: RetrievalConfig | None = None, *, tokenizer=None, variant: s
                          "query_max_length": cfg.query_max_length, "pooling": pooling,
                          "training": train_info, "export_dir": str(export_dir) if export_dir else None,
                          "seconds": t_all(), "versions": versions()}}
+    check_result(result)
     if out:
         write_json(out, result)
     return result

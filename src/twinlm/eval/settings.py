@@ -36,6 +36,11 @@ def _one_of(name: str, value, allowed: tuple) -> None:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
 
 
+def _some_seeds(seeds) -> None:
+    if not seed_list(seeds):
+        raise ConfigError(f"seeds: {seeds!r} names no seed (give a count, or a list like --seeds 0,1,2)")
+
+
 @dataclass
 class ClassifyConfig:
     """Linear probe or fine-tuning on labelled tasks (twinlm.eval.classify)."""
@@ -62,6 +67,9 @@ class ClassifyConfig:
         _one_of("mode", self.mode, ("probe", "finetune"))
         _one_of("probe_layer", self.probe_layer, ("final", "best"))
         _one_of("pooling", self.pooling, POOLINGS)
+        _some_seeds(self.seeds)
+        if not isinstance(self.kfold, int) or self.kfold < 2:
+            raise ConfigError(f"kfold: {self.kfold!r}: cross-validation needs at least 2 folds (--kfold 2 or more)")
 
 
 @dataclass
@@ -83,6 +91,7 @@ class RetrievalConfig:
 
     def __post_init__(self):
         _one_of("pooling", self.pooling, POOLINGS)
+        _some_seeds(self.seeds)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,11 @@ from twinlm.train.datasets import build_dataset
 
 class MetricsLogger(Callback):
     """`metrics.jsonl`: one JSON object per optimizer step (rank 0). On resume, rows after the checkpoint's step
-    (logged by the interrupted run after its last checkpoint) are dropped, so the file has each step once."""
+    (logged by the interrupted run after its last checkpoint) are dropped, so the file has each step once.
+
+    Every row up to a checkpoint's step is on disk (flushed and fsynced in `on_before_checkpoint`) before that
+    checkpoint is written, so a kill at any moment loses no row: the trainer logs a step before any checkpoint
+    of it (PeriodicCheckpoint saves in `on_log`, after this logger)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -56,6 +61,11 @@ class MetricsLogger(Callback):
         self._f.write(json.dumps(clean) + "\n")
         self._f.flush()
         self._t_log = time.perf_counter() - t0
+
+    def on_before_checkpoint(self, trainer) -> None:
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
 
     def on_train_end(self, trainer) -> None:
         if self._f is not None:
@@ -119,12 +129,13 @@ class TensorBoard(Callback):
 
 
 class PeriodicCheckpoint(Callback):
-    """A checkpoint each time the run's token count passes a multiple of `every_tokens`."""
+    """A checkpoint each time the run's token count passes a multiple of `every_tokens`. It saves in `on_log`,
+    after the metrics row of the step is written (a kill between the two would otherwise lose the row)."""
 
     def __init__(self, every_tokens: int):
         self.every = int(every_tokens)
 
-    def on_step_end(self, trainer, row: dict) -> None:
+    def on_log(self, trainer, row: dict) -> None:
         ordinal = trainer.state.tokens // self.every
         if ordinal > trainer.state.checkpoint_ordinal:
             trainer.state.checkpoint_ordinal = ordinal

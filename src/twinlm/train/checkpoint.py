@@ -11,15 +11,20 @@ Layout of one checkpoint `RUN/checkpoints/step-XXXXXXXX/`:
   COMPLETE                written last; a folder without it is ignored (and removed by the next save)
 
 Saving fills a temporary folder beside it (`.step-XXXXXXXX.tmp-*`, see twinlm.io.atomic_dir), renames it,
-then writes COMPLETE. Loading verifies the manifest: a flipped byte or a truncated file is detected,
-reported, and resuming falls back to the newest intact checkpoint. Tensors are always full (gathered from
-FSDP shards), so a checkpoint resumes on any number of ranks. `save_training` is collective (every rank
-gathers; rank 0 writes); `restore_training` runs on every rank.
+then writes COMPLETE. Loading verifies the manifest, which must list every file of the folder and at least
+the four above: a flipped byte, a truncated, missing or unlisted file, or an empty or shortened manifest is
+detected, reported, and resuming falls back to the newest intact checkpoint. Checkpoints that fail
+verification are moved aside to `RUN/checkpoints/corrupt/step-XXXXXXXX[.N]` (`set_aside_corrupt`, called by
+the trainer once a resume is accepted): they are never counted by the keep policy, so a fresh checkpoint is
+never pruned in favour of a broken one, and they stay on disk for a person to inspect or delete.
+Tensors are always full (gathered from FSDP shards), so a checkpoint resumes on any number of ranks.
+`save_training` is collective (every rank gathers; rank 0 writes); `restore_training` runs on every rank.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -30,27 +35,44 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from twinlm.errors import CorruptCheckpointError
-from twinlm.io import atomic_dir, fsync_file, sha256_file, write_bytes, write_json
+from twinlm.errors import CorruptCheckpointError, OutOfSpace
+from twinlm.io import atomic_dir, fsync_file, is_disk_full, sha256_file, write_bytes, write_json
 from twinlm.train import dist
 
 MARKER = "COMPLETE"
 MANIFEST = "MANIFEST.sha256"
+# the files of a training checkpoint (save_training); a bare CheckpointManager requires only state.json
+TRAINING_FILES = ("model.safetensors", "model_config.json", "optimizer.safetensors", "state.json")
+CORRUPT_DIR = "corrupt"
 _NAME = re.compile(r"^step-(\d{8,})$")
+_LINE = re.compile(r"^([0-9a-f]{64})  (\S.*)$")
 
 
-def verify(folder: str | Path) -> None:
-    """Raise CorruptCheckpointError unless `folder` is complete and every file matches its manifest entry."""
+def verify(folder: str | Path, required: tuple[str, ...] = ("state.json",)) -> None:
+    """Raise CorruptCheckpointError unless `folder` is complete, its manifest lists every file in it and each
+    of `required`, and every file matches its manifest entry."""
     folder = Path(folder)
     if not (folder / MARKER).is_file():
         raise CorruptCheckpointError(f"{folder}: incomplete (no {MARKER} marker): the save was interrupted")
     manifest = folder / MANIFEST
     if not manifest.is_file():
         raise CorruptCheckpointError(f"{folder}: no {MANIFEST}")
-    for line in manifest.read_text().splitlines():
+    listed: dict[str, str] = {}
+    for n, line in enumerate(manifest.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
-        digest, name = line.split(maxsplit=1)
+        m = _LINE.match(line)
+        if m is None or "/" in m.group(2):
+            raise CorruptCheckpointError(f"{folder}: {MANIFEST} line {n} is not '<sha256>  <file>' (the manifest "
+                                         "is damaged)")
+        listed[m.group(2)] = m.group(1)
+    present = {p.name for p in folder.iterdir() if p.is_file()} - {MANIFEST, MARKER}
+    missing = [name for name in required if name not in listed]
+    unlisted = sorted(present - set(listed) - set(missing))
+    if missing or unlisted:
+        raise CorruptCheckpointError(f"{folder}: {MANIFEST} does not list {', '.join(missing + unlisted)} (the "
+                                     "manifest is incomplete or damaged)")
+    for name, digest in listed.items():
         path = folder / name
         if not path.is_file():
             raise CorruptCheckpointError(f"{folder}: {name} is listed in the manifest but missing")
@@ -65,8 +87,11 @@ def _is_leftover(p: Path) -> bool:
 
 
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep_last: int = 3, keep_every: int = 0, log=print):
+    def __init__(self, root: str | Path, keep_last: int = 3, keep_every: int = 0, log=print,
+                 required: tuple[str, ...] = ("state.json",)):
         self.root = Path(root)
+        self.required = tuple(required)  # files the manifest must list (TRAINING_FILES for the trainer)
+        self.corrupt: list[Path] = []
         self.keep_last = max(1, int(keep_last))
         self.keep_every = int(keep_every)
         self.log = log
@@ -86,37 +111,76 @@ class CheckpointManager:
         return [p for _, p in sorted(found)]
 
     def latest(self) -> Path | None:
-        """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+        """The newest checkpoint that verifies. Corrupt ones newer than it are reported and remembered in
+        `self.corrupt` (nothing is moved here: the caller decides whether to resume; see `set_aside_corrupt`)."""
+        self.corrupt = []
         for p in reversed(self.complete()):
             try:
-                verify(p)
+                verify(p, self.required)
                 return p
             except CorruptCheckpointError as e:
                 self.log(f"warning: skipping checkpoint: {e}")
+                self.corrupt.append(p)
         return None
+
+    def set_aside_corrupt(self) -> list[Path]:
+        """Move the checkpoints `latest` found corrupt to `checkpoints/corrupt/` (kept for inspection, never
+        counted by the keep policy, never resumed from); return where they went."""
+        moved = []
+        for p in self.corrupt:
+            if not p.is_dir():
+                continue
+            dest_dir = self.root / CORRUPT_DIR
+            dest_dir.mkdir(exist_ok=True)
+            dest, n = dest_dir / p.name, 1
+            while dest.exists():
+                dest, n = dest_dir / f"{p.name}.{n}", n + 1
+            os.replace(p, dest)
+            moved.append(dest)
+            self.log(f"warning: moved the corrupt checkpoint {p.name} to {dest} (delete it when it is no longer "
+                     "needed)")
+        if moved:
+            fsync_file(self.root)
+        self.corrupt = []
+        return moved
 
     def save(self, step: int, write_files: Callable[[Path], None], state: dict[str, Any]) -> Path:
         """Write a checkpoint. `write_files(folder)` writes the tensor files; `state` goes to state.json."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.path_for(step)
-        # replace=True: an unmarked leftover of an interrupted save, or a re-save of the same step
-        with atomic_dir(final, replace=True) as tmp:
-            write_files(tmp)
-            write_json(tmp / "state.json", state)
-            lines = []
-            for name in sorted(p.name for p in tmp.iterdir() if p.is_file()):
-                fsync_file(tmp / name)
-                lines.append(f"{sha256_file(tmp / name)}  {name}")
-            write_bytes(tmp / MANIFEST, "\n".join(lines) + "\n")
-        fsync_file(self.root)
-        write_bytes(final / MARKER, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
-        fsync_file(final)
-        self.prune()
+        try:
+            # replace=True: an unmarked leftover of an interrupted save, or a re-save of the same step
+            with atomic_dir(final, replace=True) as tmp:
+                write_files(tmp)
+                write_json(tmp / "state.json", state)
+                lines = []
+                for name in sorted(p.name for p in tmp.iterdir() if p.is_file()):
+                    fsync_file(tmp / name)
+                    lines.append(f"{sha256_file(tmp / name)}  {name}")
+                write_bytes(tmp / MANIFEST, "\n".join(lines) + "\n")
+            fsync_file(self.root)
+            write_bytes(final / MARKER, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
+            fsync_file(final)
+        except Exception as e:
+            if is_disk_full(e):  # the temporary folder is gone (atomic_dir); an unmarked folder is ignored
+                done = self.complete()
+                raise OutOfSpace(f"the disk holding {self.root} is full: checkpoint step {step} was not written "
+                                 f"(no partial folder is kept; the newest checkpoint is "
+                                 f"{done[-1].name if done else 'none'}): free space and run the same command "
+                                 "again to resume") from e
+            raise
+        self.prune(upto=step)
         return final
 
-    def prune(self) -> list[Path]:
-        """Keep the last `keep_last`, every `keep_every`-th periodic one, and those marked `keep` (phase ends)."""
+    def prune(self, upto: int | None = None) -> list[Path]:
+        """Keep the last `keep_last`, every `keep_every`-th periodic one, and those marked `keep` (phase ends).
+
+        With `upto` (the step just saved), only checkpoints up to that step count as the last `keep_last`;
+        newer ones (left by a run that went further before falling back past them) are neither counted nor
+        removed here, so a fresh checkpoint is never deleted because of them."""
         done = self.complete()
+        if upto is not None:
+            done = [p for p in done if int(_NAME.match(p.name).group(1)) <= upto]
         recent = set(done[-self.keep_last:])
         removed = []
         for p in done:

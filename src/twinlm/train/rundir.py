@@ -3,7 +3,9 @@ and one line per start (`starts.jsonl`: versions, hardware, git revision, argv, 
 
 A restart whose recipe differs from the saved one (other than the knobs that may change between restarts:
 `max_steps`, `progress`, `tensorboard`) is warned about; the new recipe is used and saved, the old one kept
-as `config.previous.yaml`.
+as `config.previous.yaml` (an older previous one is kept as `config.previous.N.yaml`, N = 1, 2, …: no
+recipe a run was trained with is lost). The trainer calls `prepare_run_dir` only after it has accepted a
+resume (a changed model, objective or tokenizer is refused before this file is touched).
 """
 
 from __future__ import annotations
@@ -74,7 +76,13 @@ def prepare_run_dir(out: Path, recipe_yaml: str, env: DistEnv, log) -> None:
     if cfg_path.exists() and without_run_knobs(cfg_path.read_text()) != without_run_knobs(recipe_yaml):
         log(f"warning: {cfg_path} differs from this recipe; the new one is used and saved as "
             f"config.yaml (the old one is kept as config.previous.yaml)")
-        cfg_path.replace(out / "config.previous.yaml")
+        prev = out / "config.previous.yaml"
+        if prev.exists():
+            n = 1
+            while (out / f"config.previous.{n}.yaml").exists():
+                n += 1
+            prev.replace(out / f"config.previous.{n}.yaml")
+        cfg_path.replace(prev)
     write_bytes(cfg_path, recipe_yaml)
     info = environment(env)
     if not (out / "env.json").exists():

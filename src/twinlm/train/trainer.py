@@ -11,10 +11,18 @@ schedule per phase), checkpoints at phase ends (train/checkpoint.py), handles SI
 checkpoint, return) and non-finite losses (the step skips the update; the run stops after `max_bad_steps` in
 a row), and exports `final/`. Optional behaviour is in callbacks (train/callbacks.py: metrics, progress bar,
 TensorBoard, periodic checkpoints, eval, order recording); the run folder's provenance is train/rundir.py.
+
+Resuming is refused (ConfigError / TokenizerMismatch, one line naming the changed settings) when the recipe
+changes what the checkpoint's weights are: `model` (preset or overrides), `objective`, or the tokenizer (its
+fingerprint). The check runs before anything in the run folder is written (config.yaml included); only
+then are checkpoints that failed verification moved aside (train/checkpoint.py). Every shard folder is
+verified in full (data/shards.py `verify_shards`: hashes, index, token ids) the first time the run uses it
+and whenever it changed since (RUN/verified_shards.json); a damaged folder stops the run with one line.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
@@ -28,14 +36,30 @@ from twinlm.card import run_summary
 from twinlm.config import ModelConfig
 from twinlm.convert import convert
 from twinlm.data import BatchStream, check_tokenizer
+from twinlm.data.shards import is_verified, read_meta, shard_signature, verify_shards
 from twinlm.data.tokenizer import load_tokenizer, model_config_for, tokenizer_fingerprint
-from twinlm.errors import MissingArtifactError, TokenizerMismatch, TrainingDiverged
-from twinlm.io import atomic_dir, remove_stale_temporaries, write_bytes
+from twinlm.errors import (
+    ConfigError,
+    MissingArtifactError,
+    MissingShards,
+    OutOfSpace,
+    ShardError,
+    TokenizerMismatch,
+    TrainingDiverged,
+)
+from twinlm.io import atomic_dir, is_disk_full, remove_stale_temporaries, write_bytes, write_json
 from twinlm.model import Transformer
 from twinlm.train import callbacks as cbs
 from twinlm.train import dist
 from twinlm.train.callback import Callback
-from twinlm.train.checkpoint import CheckpointManager, read_state, read_tensors, restore_training, save_training
+from twinlm.train.checkpoint import (
+    TRAINING_FILES,
+    CheckpointManager,
+    read_state,
+    read_tensors,
+    restore_training,
+    save_training,
+)
 from twinlm.train.datasets import build_dataset, phase_sources
 from twinlm.train.optim import build_optimizer
 from twinlm.train.recipe import Phase, Recipe
@@ -43,6 +67,16 @@ from twinlm.train.rundir import prepare_run_dir
 from twinlm.train.schedule import batch_size as scheduled_batch_size
 from twinlm.train.state import TrainState
 from twinlm.train.step import TrainStep
+
+
+def _changes(key: str, old, new) -> list[str]:
+    """`key.sub: old -> new` for every leaf that differs between two recipe values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(set(old) | set(new)) for c in _changes(f"{key}.{k}", old.get(k), new.get(k))]
+    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
+
+
+VERIFIED_SHARDS = "verified_shards.json"  # in the run folder: shard folders verified, with their signature
 
 
 class Trainer:
@@ -66,6 +100,7 @@ class Trainer:
         self.stream = None
         self.last_checkpoint: Path | None = None
         self.interrupted = False
+        self._saved_step = -1
 
     # --- small helpers ------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -154,7 +189,10 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------------
     def save_checkpoint(self, keep: bool = False) -> Path | None:
-        """Collective: every rank calls it; rank 0 writes. Returns the folder (rank 0) or None."""
+        """Collective: every rank calls it; rank 0 writes. Returns the folder (rank 0) or None. Callbacks'
+        `on_before_checkpoint` runs first (the metrics file is made durable up to this step)."""
+        self._emit("on_before_checkpoint")
+        self._saved_step = self.state.step  # on every rank (the save is collective)
         info = {"tokenizer_fingerprint": self.tokenizer_fingerprint, "keep": bool(keep),
                 "checkpoint_ordinal": self.state.checkpoint_ordinal,
                 "phase": self.phases[min(self.state.phase_index, len(self.phases) - 1)].name,
@@ -167,18 +205,82 @@ class Trainer:
         self._emit("on_checkpoint", self.ckpt.path_for(self.state.step))
         return path
 
-    def _restore(self, ckpt: Path) -> None:
+    def _check_resume(self, ckpt: Path) -> None:
+        """Refuse to resume from `ckpt` with a recipe that changes the model, the objective or the tokenizer."""
         state = read_state(ckpt)
-        self.state = TrainState(**state["trainer"])
+        saved, now = state.get("recipe") or {}, self.recipe.to_dict()
+        changed = [c for key in ("objective", "model") if key in saved
+                   for c in _changes(key, saved[key], now.get(key))]
+        if changed:
+            what = " and ".join(k for k in ("objective", "model") if any(c.startswith(k) for c in changed))
+            raise ConfigError(f"{self.out} holds a run trained with another {what}"
+                              f" ({'; '.join(changed)}); resuming would keep the checkpoint's weights under the new "
+                              f"settings: restore them, or train into a new folder (--out)")
         fp = state.get("tokenizer_fingerprint")
         if fp and self.tokenizer_fingerprint and fp != self.tokenizer_fingerprint:
             raise TokenizerMismatch(f"{ckpt} was trained with another tokenizer (fingerprint {fp[:12]}… vs "
                                     f"{self.tokenizer_fingerprint[:12]}…): point the recipe's `tokenizer` at the "
                                     f"one this run started with, or train into a new run folder")
-        self.tokenizer_fingerprint = self.tokenizer_fingerprint or fp
+
+    def _restore(self, ckpt: Path) -> None:
+        state = read_state(ckpt)
+        self.state = TrainState(**state["trainer"])
+        self.tokenizer_fingerprint = self.tokenizer_fingerprint or state.get("tokenizer_fingerprint")
         restore_training(ckpt, state, self.model, self.optimizer, self.env, seed=self.recipe.seed, log=self.log)
 
     # --- data -----------------------------------------------------------------------------------------
+    def _check_seq_lens(self) -> None:
+        """Each phase's `seq_len` against the chunk size its shards were prepared with (meta.json `chunking`;
+        shards that record none are not checked). Longer: an error (the phase could never see sequences that
+        long; a context extension on short chunks extends nothing). Shorter: a warning (each chunk is cut to
+        seq_len, the rest of it is never trained on)."""
+        for phase in self.phases:
+            for src in phase_sources(self.recipe, phase):
+                try:
+                    meta = read_meta(src.path)
+                except ShardError:
+                    continue  # reported when the phase opens its data
+                size = (meta.get("chunking") or {}).get("chunk_size")
+                if not size or size == phase.seq_len:
+                    continue
+                if phase.seq_len > size:
+                    raise ConfigError(f"phase {phase.name}: seq_len {phase.seq_len} but {src.path} holds chunks of "
+                                      f"at most {size} tokens, so no sequence is longer than {size}: prepare shards "
+                                      f"with --chunk-size {phase.seq_len}, or set "
+                                      f"phases.{phase.name}.seq_len={size}")
+                self.log(f"warning: phase {phase.name}: seq_len {phase.seq_len} is shorter than the {size}-token "
+                         f"chunks of {src.path}: each chunk is cut to {phase.seq_len} tokens and the rest is never "
+                         f"trained on (prepare shards with --chunk-size {phase.seq_len} to use all of the text)")
+
+    def _verify_shards(self) -> str | None:
+        """Verify (sha256, index, token ids) every shard folder the recipe trains on that was not verified in
+        its current state, by this run (RUN/verified_shards.json: path -> shard_signature) or by anyone
+        (the folder's .verified.json); return the problem or None. Rank 0 only; the caller broadcasts it."""
+        record_path = self.out / VERIFIED_SHARDS
+        try:
+            record = json.loads(record_path.read_text()) if record_path.exists() else {}
+        except json.JSONDecodeError:
+            record = {}
+        paths = {str(s.path) for phase in self.phases for s in phase_sources(self.recipe, phase)}
+        changed = False
+        for path in sorted(paths):
+            try:
+                sig = shard_signature(path) if Path(path, "meta.json").exists() else None
+                if sig is not None and (record.get(path) == sig or is_verified(path)):
+                    continue
+                t0 = time.perf_counter()
+                verify_shards(path)
+            except (ShardError, OSError) as e:  # a missing folder is reported when the phase opens it
+                if isinstance(e, ShardError) and not isinstance(e, MissingShards):
+                    return str(e)
+                continue
+            self.log(f"verified {path} (sha256 of every file, index, token ids) in {time.perf_counter() - t0:.1f} s")
+            record[path] = sig
+            changed = True
+        if changed:
+            write_json(record_path, record)
+        return None
+
     def _stream_for(self, phase_index: int) -> BatchStream:
         phase = self.phases[phase_index]
         ds = build_dataset(phase_sources(self.recipe, phase), self.recipe.seed + 1000 * phase_index)
@@ -234,14 +336,23 @@ class Trainer:
         self.env = self.env or dist.init()
         self.callbacks = self._build_callbacks()
         self.ckpt = CheckpointManager(self.out / "checkpoints", self.recipe.checkpoint.keep_last,
-                                      self.recipe.checkpoint.keep_every, log=self.log)
-        prepare_run_dir(self.out, self.recipe.to_yaml(), self.env, self.log)
-        dist.barrier()
+                                      self.recipe.checkpoint.keep_every, log=self.log, required=TRAINING_FILES)
         self.tokenizer, self.tokenizer_fingerprint = self._load_tokenizer()
-
+        # read-only until the resume is accepted: a refused resume leaves the run folder as it was
         latest = self.ckpt.latest() if self.env.is_main else None
         latest = dist.broadcast_object(str(latest) if latest else None)
         ckpt = Path(latest) if latest else None
+        if ckpt is not None:
+            self._check_resume(ckpt)
+        self._check_seq_lens()  # every rank: an error must stop all of them (it only reads meta.json)
+        prepare_run_dir(self.out, self.recipe.to_yaml(), self.env, self.log)
+        if self.env.is_main:
+            self.ckpt.set_aside_corrupt()
+        problem = self._verify_shards() if self.env.is_main else None
+        problem = dist.broadcast_object(problem)
+        if problem:
+            raise ShardError(problem)
+        dist.barrier()
         model = self._init_model(ckpt)
         model.to(self.env.device)
         if ckpt is None:
@@ -321,7 +432,8 @@ class Trainer:
                 if self.stop_requested:
                     if self.state.phase_tokens >= phase.tokens:
                         break  # the phase-end checkpoint below covers it
-                    self.save_checkpoint()
+                    if self._saved_step != self.state.step:  # PeriodicCheckpoint may have just saved it
+                        self.save_checkpoint()
                     self.log(f"stopped at step {self.state.step} (SIGTERM or max_steps); "
                              f"checkpoint {self.last_checkpoint}")
                     return "interrupted"
@@ -351,10 +463,17 @@ class Trainer:
             if self.tokenizer is not None:
                 card["tokenizer"] = {"name": getattr(self.tokenizer, "name_or_path", None) or self.recipe.tokenizer,
                                      "vocab": len(self.tokenizer), "fingerprint": self.tokenizer_fingerprint}
-            with atomic_dir(final, replace=True) as tmp:
-                # the tokenizer's model_max_length is the longest context trained at
-                model.save_pretrained(tmp, tokenizer=self.tokenizer, card=card,
-                                      max_length=max(p.seq_len for p in self.phases))
+            try:
+                with atomic_dir(final, replace=True) as tmp:
+                    # the tokenizer's model_max_length is the longest context trained at
+                    model.save_pretrained(tmp, tokenizer=self.tokenizer, card=card,
+                                          max_length=max(p.seq_len for p in self.phases))
+            except Exception as e:
+                if is_disk_full(e):
+                    raise OutOfSpace(f"the disk holding {self.out} is full: final/ was not written (the temporary "
+                                     "folder was removed; the last checkpoint holds the trained weights): free "
+                                     "space and run the same command again") from e
+                raise
             self.log(f"final model: {final}")
         dist.barrier()
         return final

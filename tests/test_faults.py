@@ -1,0 +1,584 @@
+"""Fault injection: corrupt checkpoints and shards, kill the trainer at chosen and random points (inside
+checkpoint writes too), change the recipe under a run, fill a small filesystem; every case asserts what the
+user gets (an exact resume, complete metrics, a one-line error, no debris, nothing lost).
+
+The case ids (C09, K02, R10, …) are those of the reliability review. `pytest -m soak tests/test_faults.py`
+runs the long randomized version (TWINLM_SOAK_KILLS random SIGKILLs, default 20, each followed by a restart;
+the final losses and weights must equal an uninterrupted run's and metrics.jsonl must hold every step once).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from twinlm.data.shards import ShardDataset, shard_signature, verify_shards
+from twinlm.errors import ConfigError, CorruptCheckpointError, ShardError
+from twinlm.train import run
+from twinlm.train.checkpoint import CheckpointManager, verify
+from twinlm.train.testing import make_shards, tiny_recipe
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+def flip(path: Path, frac: float = 0.5) -> None:
+    """XOR one byte at `frac` of the file with 0xFF."""
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * frac)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def steps_logged(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out: Path) -> list[tuple]:
+    return [(r["step"], r["loss"], r["lr"], r["tokens"]) for r in
+            map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def checkpoint_steps(out: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
+
+
+def recipe_for(shards: Path, **kw) -> dict:
+    r = tiny_recipe(shards, objective=kw.pop("objective", "mlm"), phases=2, tokens=kw.pop("tokens", 3000),
+                    every_tokens=kw.pop("every_tokens", 150), **kw)
+    # a short first phase: its end is a kept checkpoint to fall back to
+    r["phases"]["pretrain"].update(tokens=300, batch_warmup_tokens=150, schedule={"warmup_tokens": 75})
+    return r
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("faults") / "shards", n_docs=200)
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+def _save(m: CheckpointManager, step: int, keep: bool = False) -> Path:
+    def write(folder):
+        (folder / "model.safetensors").write_bytes(os.urandom(256))
+    return m.save(step, write, {"keep": keep})
+
+
+def test_C09_corrupt_newest_checkpoints_do_not_make_the_keep_policy_delete_fresh_ones(tmp_path):
+    m = CheckpointManager(tmp_path, keep_last=2, log=_quiet)
+    kept = _save(m, 1, keep=True)
+    for s in (8, 9):
+        flip(_save(m, s) / "model.safetensors")
+    assert m.latest() == kept and [p.name for p in m.corrupt] == ["step-00000009", "step-00000008"]
+    # even without moving them aside, newer (corrupt) folders are not counted against a fresh save
+    fresh = _save(m, 2)
+    assert fresh.is_dir()
+    moved = m.set_aside_corrupt()
+    assert sorted(p.name for p in moved) == ["step-00000008", "step-00000009"]
+    assert all(p.parent == tmp_path / "corrupt" for p in moved)
+    third = _save(m, 3)
+    assert fresh.is_dir() and third.is_dir() and kept.is_dir()
+    assert m.latest() == third
+    # a second corrupt step-00000009 does not overwrite the first one set aside
+    flip(_save(m, 9) / "model.safetensors")
+    m.latest()
+    assert not (tmp_path / "corrupt" / "step-00000009.1").exists()  # not moved until set aside
+    m.set_aside_corrupt()
+    assert (tmp_path / "corrupt" / "step-00000009.1").is_dir()
+
+
+@pytest.mark.parametrize("damage", ["empty", "shortened", "garbage"])
+def test_C10_C11_a_damaged_manifest_fails_verification(tmp_path, damage):
+    m = CheckpointManager(tmp_path, log=_quiet)
+    p = _save(m, 1)
+    man = p / "MANIFEST.sha256"
+    lines = man.read_text().splitlines()
+    man.write_text({"empty": "", "shortened": lines[0] + "\n", "garbage": "not a manifest\n"}[damage])
+    with pytest.raises(CorruptCheckpointError, match="MANIFEST"):
+        verify(p)
+    assert m.latest() is None
+
+
+def test_C09_trainer_falls_back_moves_corrupt_aside_and_keeps_new_checkpoints(tmp_path, shards):
+    recipe = recipe_for(shards)
+    out = tmp_path / "run"
+    run(recipe, out, ["max_steps=9"], log=_quiet)
+    have = checkpoint_steps(out)
+    kept_phase_end = [s for s in have if json.loads((out / "checkpoints" / f"step-{s:08d}" / "state.json")
+                                                    .read_text()).get("keep")]
+    assert kept_phase_end and have[-2:] == [8, 9]
+    for s in have:  # every checkpoint but the phase end is corrupt: fall back past `keep_last` of them
+        if s not in kept_phase_end:
+            flip(out / "checkpoints" / f"step-{s:08d}" / "model.safetensors")
+    back = kept_phase_end[-1]
+    logs = []
+    res = run(recipe, out, [f"max_steps={back + 1}"], log=logs.append)
+    assert res == out / "checkpoints" / f"step-{back + 1:08d}" and res.is_dir()  # the named checkpoint exists
+    assert any("moved the corrupt checkpoint" in line for line in logs)
+    assert sorted(p.name for p in (out / "checkpoints" / "corrupt").iterdir()) == \
+        [f"step-{s:08d}" for s in have if s not in kept_phase_end]
+    # the next interruption resumes from the fresh checkpoint, not from the phase end again
+    logs.clear()
+    run(recipe, out, [f"max_steps={back + 2}"], log=logs.append)
+    assert any(f"resuming from {res}" in line for line in logs), logs
+    assert checkpoint_steps(out)[-2:] == [back + 1, back + 2]
+    assert steps_logged(out) == list(range(1, back + 3))
+
+
+# --- shards ------------------------------------------------------------------------------------------
+def _shard_copy(shards: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    (out / ".verified.json").unlink(missing_ok=True)  # as freshly prepared: not verified yet
+    return out
+
+
+@pytest.mark.parametrize("target", ["tokens.bin", "docs.npy", "bytes.npy"])
+def test_S03_a_flipped_byte_inside_a_shard_file_stops_training_naming_the_file(tmp_path, shards, target):
+    data = _shard_copy(shards, tmp_path)
+    flip(data / target, 0.7)
+    ShardDataset(data)  # sizes still match: opening alone cannot see it...
+    with pytest.raises(ShardError, match=f"{target}: sha256 .* prepare the shards again"):
+        run(recipe_for(data), tmp_path / "run", ["max_steps=1"], log=_quiet)  # ...the first use verifies
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_S06_a_flipped_offset_in_index_is_an_error_not_a_negative_chunk(tmp_path, shards):
+    data = _shard_copy(shards, tmp_path)
+    idx = np.load(data / "index.npy")
+    raw = bytearray((data / "index.npy").read_bytes())
+    header = len(raw) - idx.nbytes
+    raw[header + 8 * 50 + 1] ^= 0xFF  # one byte of offset 50 (sizes unchanged)
+    (data / "index.npy").write_bytes(bytes(raw))
+    ds = ShardDataset(data)
+    with pytest.raises(ShardError, match="chunk 4[89] spans offsets"):
+        ds[49], ds[50]  # noqa: B018 - reading is the test
+    with pytest.raises(ShardError, match="index.npy"):
+        verify_shards(data)
+
+
+def test_S02_out_of_vocabulary_ids_and_bad_index_found_by_the_content_check(tmp_path, shards):
+    data = _shard_copy(shards, tmp_path)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["tokenizer"]["vocab_size"] = 1000  # the synthetic ids go up to 4095
+    (data / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ShardError, match=r"tokens.bin: token \d+ has id \d+, outside the tokenizer's vocabulary"):
+        verify_shards(data)
+
+
+def test_shards_verified_once_per_run_and_again_when_changed(tmp_path, shards):
+    data = _shard_copy(shards, tmp_path)
+    recipe, out = recipe_for(data), tmp_path / "run"
+    logs: list[str] = []
+    run(recipe, out, ["max_steps=1"], log=logs.append)
+    assert sum(line.startswith("verified ") for line in logs) == 1, logs
+    logs.clear()
+    run(recipe, out, ["max_steps=2"], log=logs.append)
+    assert not any(line.startswith("verified ") for line in logs)
+    run(recipe, tmp_path / "run2", ["max_steps=1"], log=logs.append)  # another run: the folder's own record
+    assert not any(line.startswith("verified ") for line in logs)
+    flip(data / "tokens.bin", 0.3)
+    with pytest.raises(ShardError, match="tokens.bin: sha256"):
+        run(recipe, out, ["max_steps=3"], log=_quiet)
+
+
+def test_data_verify_command(tmp_path, shards):
+    data = _shard_copy(shards, tmp_path)
+    ok = subprocess.run([sys.executable, "-m", "twinlm", "data", "verify", str(data)], env=_env(),
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "ok (200 chunks" in ok.stdout, ok.stderr
+    assert json.loads((data / ".verified.json").read_text()) == shard_signature(data)
+    flip(data / "tokens.bin", 0.3)
+    bad = subprocess.run([sys.executable, "-m", "twinlm", "data", "verify", str(data)], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("twinlm: error: ") and "tokens.bin: sha256" in bad.stderr
+
+
+# --- data preparation and tokenizer: bad inputs --------------------------------------------------------
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    from twinlm.data.tokenizer import train_tokenizer
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(30)]
+    return train_tokenizer(None, 300, tmp_path_factory.mktemp("bpe") / "tok", texts=texts)
+
+
+def _jsonl(path: Path, n: int, words: int = 40, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    vocab = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(vocab) for _ in range(words))}) + "\n"
+                            for _ in range(n)))
+    return path
+
+
+def test_P15_prepare_refuses_an_out_that_is_a_file_or_a_folder_of_other_things(tmp_path, bpe):
+    from twinlm.data.prepare import prepare
+    docs = _jsonl(tmp_path / "d.jsonl", 10)
+    afile = tmp_path / "afile"
+    afile.write_text("my notes")
+    with pytest.raises(ConfigError, match="is not a folder"):
+        prepare([docs], bpe, afile, chunk_size=32, workers=0)
+    assert afile.read_text() == "my notes" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not a shard folder"):
+        prepare([docs], bpe, other, chunk_size=32, workers=0)
+    assert (other / "keep.txt").exists()
+    # an earlier shard folder is replaced, an empty folder filled
+    prepare([docs], bpe, tmp_path / "s", chunk_size=32, workers=0)
+    prepare([docs], bpe, tmp_path / "s", chunk_size=32, workers=0)
+    (tmp_path / "empty").mkdir()
+    prepare([docs], bpe, tmp_path / "empty", chunk_size=32, workers=0)
+
+
+def test_P16_holding_out_fewer_documents_than_asked_is_recorded_and_warned(tmp_path, bpe, caplog):
+    from twinlm.data.prepare import prepare
+    docs = _jsonl(tmp_path / "d.jsonl", 40)
+    with caplog.at_level("WARNING", logger="twinlm.data.prepare"):
+        meta = prepare([docs], bpe, tmp_path / "s", chunk_size=32, workers=0, holdout_docs=100)
+    h = meta["holdout"]
+    assert h["docs"] == 100 and h["num_documents"] < 100
+    assert h["num_documents"] == ShardDataset(h["path"]).meta["num_documents"]
+    assert any(f"held out {h['num_documents']} of the 100 documents" in r.getMessage() for r in caplog.records)
+
+
+def test_P20_stale_temporary_folders_of_a_killed_prepare_are_removed(tmp_path, bpe):
+    from twinlm.data.prepare import prepare
+    docs = _jsonl(tmp_path / "d.jsonl", 10)
+    stale = tmp_path / ".s.tmp-killed"
+    stale.mkdir()
+    (stale / "tokens.bin").write_bytes(b"\0" * 1000)
+    prepare([docs], bpe, tmp_path / "s", chunk_size=32, workers=0)
+    assert not stale.exists() and verify_shards(tmp_path / "s")
+
+
+def test_T02_tokenizer_train_on_no_text_is_an_error(tmp_path):
+    from twinlm.data.tokenizer import train_tokenizer
+    from twinlm.errors import DataError
+    with pytest.raises(DataError, match="no text to train a tokenizer on"):
+        train_tokenizer(None, 300, tmp_path / "tok", texts=["", "   "])
+    assert not (tmp_path / "tok").exists()
+
+
+def test_R18_R19_seq_len_against_the_shards_chunk_size(tmp_path, bpe):
+    from twinlm.data.prepare import prepare
+    docs = _jsonl(tmp_path / "d.jsonl", 60, words=80)
+    data = tmp_path / "s32"
+    prepare([docs], bpe, data, chunk_size=32, workers=0)
+    longer = tiny_recipe(data, phases=1, tokens=200, seq_len=64, batch_size=4)
+    longer["model"]["preset"] = "cpu-tiny"
+    with pytest.raises(ConfigError, match="seq_len 64 but .* chunks of at most 32 tokens"):
+        run(longer, tmp_path / "long", log=_quiet)
+    assert not (tmp_path / "long").exists()  # refused before the run folder was made
+    logs: list[str] = []
+    shorter = tiny_recipe(data, phases=1, tokens=200, seq_len=16, batch_size=4)
+    run(shorter, tmp_path / "short", ["max_steps=1"], log=logs.append)
+    assert any("seq_len 16 is shorter than the 32-token chunks" in line for line in logs)
+
+
+# --- a full disk (a small tmpfs; needs root, skipped elsewhere) ------------------------------------------
+@pytest.fixture()
+def small_fs(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+
+    def mount(size_mb: int) -> Path:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mnt)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or 'not root'})")
+        return mnt
+
+    yield mount
+    gc.collect()  # a run stopped by the full disk may still hold its metrics file open
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(folder: Path, leave_mb: float) -> Path:
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        f.write(b"\0" * max(0, free - int(leave_mb * (1 << 20))))
+    return filler
+
+
+def test_disk_full_during_prepare_leaves_no_debris_and_the_old_shards_intact(tmp_path, bpe, small_fs):
+    from twinlm.data.prepare import prepare
+    from twinlm.errors import OutOfSpace
+    mnt = small_fs(4)
+    small, big = _jsonl(tmp_path / "small.jsonl", 20), _jsonl(tmp_path / "big.jsonl", 4000, words=200)
+    old = prepare([small], bpe, mnt / "s", chunk_size=64, workers=0)
+    _fill(mnt, 0.5)
+    with pytest.raises(OutOfSpace, match="is full.* earlier shard folder there is intact"):
+        prepare([big], bpe, mnt / "s", chunk_size=64, workers=0)
+    assert sorted(p.name for p in mnt.iterdir()) == ["filler", "s"]
+    assert verify_shards(mnt / "s")["sha256"] == old["sha256"]
+
+
+def test_disk_full_during_a_checkpoint_is_one_error_and_the_run_resumes(tmp_path, shards, small_fs):
+    from twinlm.errors import OutOfSpace
+    mnt = small_fs(48)
+    recipe, out = recipe_for(shards), mnt / "run"
+    run(recipe, out, ["max_steps=1"], log=_quiet)
+    filler = _fill(mnt, 6)  # less than one checkpoint (~13 MB)
+    with pytest.raises(OutOfSpace, match="checkpoint step 2 was not written.* newest checkpoint is step-00000001"):
+        run(recipe, out, ["max_steps=2"], log=_quiet)
+    assert checkpoint_steps(out) == [1] and [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
+    verify(out / "checkpoints" / "step-00000001")
+    filler.unlink()
+    run(recipe, out, ["max_steps=3"], log=_quiet)
+    assert steps_logged(out) == [1, 2, 3] and checkpoint_steps(out)[-1] == 3
+
+
+# --- evaluation: no score from no data, no NaN score, arguments that cannot mean anything -------------
+@pytest.fixture(scope="module")
+def toy_models(tmp_path_factory):
+    from twinlm.eval.toy import toy_model_dir
+    root = tmp_path_factory.mktemp("toy")
+    return {"encoder": toy_model_dir(root / "enc", causal=False), "decoder": toy_model_dir(root / "dec", causal=True)}
+
+
+def _twinlm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "twinlm", *map(str, args)], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+def _one_line_error(p: subprocess.CompletedProcess, *needles: str) -> None:
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("twinlm: error: ") and all(n in last for n in needles), last
+
+
+def test_E17_E18_bpb_of_an_empty_or_undecodable_file_is_an_error(tmp_path, toy_models):
+    from twinlm.errors import ScoreError, TaskFileError
+    from twinlm.eval import bpb
+    from twinlm.eval.settings import BpbConfig
+    empty, blank, latin = tmp_path / "empty.txt", tmp_path / "blank.txt", tmp_path / "latin1.txt"
+    empty.write_text("")
+    blank.write_text("\n\n   \n\n")
+    latin.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    for f in (empty, blank):
+        with pytest.raises(ScoreError, match="no text to score"):
+            bpb.run(toy_models["encoder"], BpbConfig(text_file=str(f)), out=tmp_path / "r.json", log=None)
+    with pytest.raises(TaskFileError, match="latin1.txt: not UTF-8"):
+        bpb.run(toy_models["encoder"], BpbConfig(text_file=str(latin)), log=None)
+    assert not (tmp_path / "r.json").exists()
+    _one_line_error(_twinlm("eval", "bpb", toy_models["encoder"], "--text-file", empty), "empty.txt", "no text")
+
+
+def test_E08_a_model_producing_nan_gets_no_score(tmp_path, toy_models):
+    from safetensors.torch import save_file
+
+    from twinlm.errors import ScoreError
+    from twinlm.eval import bpb
+    from twinlm.eval.settings import BpbConfig
+    bad = tmp_path / "nan-model"
+    shutil.copytree(toy_models["decoder"], bad)
+    w = load_file(str(bad / "model.safetensors"))
+    name = next(k for k in w if "embed" in k and w[k].dim() == 2)
+    w[name][:, 3] = float("nan")  # one feature of every token embedding: what a flipped exponent byte does
+    save_file(w, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"the cat sat on mat number {i} and it was fine" for i in range(8)))
+    with pytest.raises(ScoreError, match="non-finite"):
+        bpb.run(bad, BpbConfig(text_file=str(text), max_docs=None), out=tmp_path / "r.json", log=None)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_E15_E19_E20_eval_arguments_that_cannot_mean_anything(tmp_path, toy_models):
+    from twinlm.errors import ConfigError
+    from twinlm.eval import classify
+    from twinlm.eval.settings import ClassifyConfig, RetrievalConfig
+    with pytest.raises(ConfigError, match="at least 2 folds"):
+        ClassifyConfig(kfold=1)
+    with pytest.raises(ConfigError, match="names no seed"):
+        ClassifyConfig(seeds=[])
+    with pytest.raises(ConfigError, match="names no seed"):
+        RetrievalConfig(seeds=0)
+    f = tmp_path / "cls.jsonl"
+    f.write_text("".join(json.dumps({"text": f"word {i}", "label": i % 2}) + "\n" for i in range(20)))
+    with pytest.raises(ConfigError, match="pooling 'cls' on a decoder"):
+        classify.run(toy_models["decoder"], ClassifyConfig(pooling="cls", eval_file=str(f), seeds=[0]), log=None)
+
+
+@pytest.mark.slow
+def test_E15_E19_E20_on_the_command_line(toy_models):
+    p = _twinlm("eval", "classify", toy_models["decoder"], "--pooling", "cls", "--tasks", "sst2")
+    _one_line_error(p, "pooling 'cls' on a decoder")
+    _one_line_error(_twinlm("eval", "classify", toy_models["encoder"], "--kfold", "1"), "kfold", "2 folds")
+    _one_line_error(_twinlm("eval", "classify", toy_models["encoder"], "--seeds", ","), "no seed")
+
+
+# --- resume with a changed recipe --------------------------------------------------------------------
+@pytest.mark.parametrize("change", [["model.preset=cpu-small"], ["objective=clm"],
+                                    ["model.overrides.attention_dropout=0.5"]])
+def test_R10_R11_a_resume_that_changes_the_model_is_refused_before_writing(tmp_path, shards, change):
+    recipe = recipe_for(shards)
+    out = tmp_path / "run"
+    run(recipe, out, ["max_steps=2"], log=_quiet)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="another|restore them"):
+        run(recipe, out, change, log=_quiet)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before  # config.yaml, starts.jsonl, metrics.jsonl untouched; no config.previous.yaml
+
+
+def test_every_earlier_recipe_of_a_run_is_kept(tmp_path, shards):
+    recipe, out = recipe_for(shards), tmp_path / "run"
+    run(recipe, out, ["max_steps=1"], log=_quiet)
+    run(recipe, out, ["max_steps=2", "optim.lr=2e-3"], log=_quiet)
+    run(recipe, out, ["max_steps=3", "optim.lr=1e-3"], log=_quiet)
+    lrs = [yaml.safe_load((out / n).read_text())["optim"]["lr"]
+           for n in ("config.previous.1.yaml", "config.previous.yaml", "config.yaml")]
+    assert lrs == [3e-3, 2e-3, 1e-3]
+
+
+# --- kills at chosen points (subprocess, SIGKILL from inside at an exact place) ----------------------
+DRIVER = textwrap.dedent("""
+    import os, signal, sys, yaml
+    from pathlib import Path
+    from twinlm.train import run
+    from twinlm.train import checkpoint as ck
+    from twinlm.train.callback import Callback
+    recipe, out, where, at = yaml.safe_load(open(sys.argv[1])), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+    class AfterCheckpoint(Callback):   # K02: checkpoint complete, the step's row maybe not written
+        def on_checkpoint(self, trainer, path):
+            if where == "after_checkpoint" and trainer.state.step == at:
+                die()
+
+    real_write, real_rmtree, real_save_file = ck.write_bytes, ck.shutil.rmtree, ck.save_file
+    def write_bytes(path, data):       # between the folder's rename and its COMPLETE marker
+        if where == "before_marker" and Path(path).name == ck.MARKER and Path(path).parent.name == f"step-{at:08d}":
+            die()
+        return real_write(path, data)
+    def save_file(tensors, filename, *a, **k):   # half-way through the tensor files of a save
+        if where == "in_tmp" and f".step-{at:08d}.tmp-" in filename and filename.endswith("optimizer.safetensors"):
+            open(filename, "wb").write(b"partial")
+            die()
+        return real_save_file(tensors, filename, *a, **k)
+    def rmtree(path, *a, **k):         # the keep policy half-way through removing an old checkpoint
+        if where == "in_prune" and Path(path).name.startswith("step-"):
+            (Path(path) / ck.MARKER).unlink(missing_ok=True)
+            die()
+        return real_rmtree(path, *a, **k)
+    ck.write_bytes, ck.shutil.rmtree, ck.save_file = write_bytes, rmtree, save_file
+    run(recipe, out, callbacks=[AfterCheckpoint()], log=lambda m: None)
+""")
+
+
+def _env() -> dict:
+    e = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+             PYTHONPATH=src + os.pathsep + e.get("PYTHONPATH", ""))
+    return e
+
+
+def _drive(tmp_path: Path, recipe: dict, out: Path, where: str = "none", at: int = 0) -> int:
+    rp = tmp_path / "recipe.yaml"
+    rp.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    drv = tmp_path / "driver.py"
+    drv.write_text(DRIVER)
+    p = subprocess.run([sys.executable, str(drv), str(rp), str(out), where, str(at)], env=_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode in (0, -signal.SIGKILL), p.stderr[-3000:]
+    return p.returncode
+
+
+@pytest.mark.slow
+def test_K01_K02_kills_at_chosen_points_resume_exact_with_every_metrics_row(tmp_path, shards):
+    recipe = recipe_for(shards)
+    ref = tmp_path / "ref"
+    assert _drive(tmp_path, recipe, ref) == 0  # the same process setup (threads) as the killed runs
+    out = tmp_path / "run"
+    plan = [("after_checkpoint", 3), ("before_marker", 5), ("in_tmp", 6), ("in_prune", 8), ("after_checkpoint", 10)]
+    for where, at in plan:
+        assert _drive(tmp_path, recipe, out, where, at) == -signal.SIGKILL, (where, at)
+        if where == "after_checkpoint":  # K02: the row of the checkpointed step is already on disk
+            assert steps_logged(out)[-1] == at
+    assert _drive(tmp_path, recipe, out) == 0
+    assert losses(out) == losses(ref)  # every step once, bit-identical
+    a = load_file(str(ref / "final" / "model.safetensors"))
+    b = load_file(str(out / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    left = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert left == [], left
+
+
+# --- the soak: N random SIGKILLs from outside, then an exact comparison ----------------------------------
+@pytest.mark.soak
+def test_soak_random_kills_resume_exact_with_complete_metrics(tmp_path, shards):
+    kills_wanted = int(os.environ.get("TWINLM_SOAK_KILLS", "20"))
+    rng = random.Random(int(os.environ.get("TWINLM_SOAK_SEED", "0")))
+    recipe = recipe_for(shards, tokens=20000, every_tokens=120)
+    recipe["checkpoint"]["keep_last"] = 3
+    ref = tmp_path / "ref"
+    assert _drive(tmp_path, recipe, ref) == 0
+    out, ck = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    rp, drv = tmp_path / "recipe.yaml", tmp_path / "driver.py"
+    landed: list[str] = []
+    starts = 0
+    while len(landed) < kills_wanted:
+        starts += 1
+        assert starts < 10 * kills_wanted, "the run never got far enough to be killed"
+        p = subprocess.Popen([sys.executable, str(drv), str(rp), str(out), "none", "0"], env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # where to kill: 0-1.5 s after this start's first metrics row (a step), 0-20 ms into a checkpoint
+        # write, or 0-3 s after the start (startup, restore); the clock starts at the event, not at launch
+        mode = rng.choice(["step", "step", "checkpoint", "checkpoint", "startup"])
+        t_start, t_row, where = time.time(), None, None
+        delay = rng.uniform(0, 3.0 if mode == "startup" else 1.5)
+        metrics = out / "metrics.jsonl"
+        rows0 = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        before = {x.name for x in ck.iterdir()} if ck.is_dir() else set()  # leftovers of an earlier kill
+        while p.poll() is None:
+            if mode == "startup" and time.time() - t_start >= delay:
+                where = "startup"
+            elif mode == "step":
+                if t_row is None and metrics.exists() and len(metrics.read_text().splitlines()) > rows0:
+                    t_row = time.time()
+                if t_row is not None and time.time() - t_row >= delay:
+                    where = "training"
+            elif mode == "checkpoint" and ck.is_dir() and any(x.name.startswith(".step-") and x.name not in before
+                                                            for x in ck.iterdir()):
+                time.sleep(rng.uniform(0, 0.02))
+                where = "checkpoint write"
+            if where:
+                p.kill()
+                break
+            time.sleep(0.001)
+        rc = p.wait()
+        if rc == 0:
+            break  # finished before the kill: nothing more to kill
+        assert rc == -signal.SIGKILL, p.stderr.read()[-3000:]
+        rows = len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
+        landed.append(f"{where} ({rows} rows)")
+    assert _drive(tmp_path, recipe, out) == 0
+    print(f"{len(landed)} kills: " + "; ".join(landed))
+    assert len(landed) >= kills_wanted
+    assert losses(out) == losses(ref)  # every step once, bit-identical
+    a = load_file(str(ref / "final" / "model.safetensors"))
+    b = load_file(str(out / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    assert [x.name for x in ck.iterdir() if x.name.startswith(".")] == []
