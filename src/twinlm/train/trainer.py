@@ -27,6 +27,7 @@ import twinlm
 from twinlm.config import ModelConfig
 from twinlm.convert import convert
 from twinlm.data import BatchStream, check_tokenizer
+from twinlm.data.order import ReplayStream
 from twinlm.data.tokenizer import load_tokenizer, model_config_for, tokenizer_fingerprint
 from twinlm.errors import MissingArtifactError, TokenizerMismatch, TrainingDiverged
 from twinlm.io import atomic_dir, remove_stale_temporaries, write_bytes
@@ -35,11 +36,10 @@ from twinlm.train import callbacks as cbs
 from twinlm.train import dist
 from twinlm.train.callback import Callback
 from twinlm.train.checkpoint import CheckpointManager, read_state, read_tensors, restore_training, save_training
-from twinlm.train.datasets import build_dataset, phase_sources
+from twinlm.train.datasets import batch_size_for, stream_for
 from twinlm.train.optim import build_optimizer
 from twinlm.train.recipe import Phase, Recipe
 from twinlm.train.rundir import prepare_run_dir
-from twinlm.train.schedule import batch_size as scheduled_batch_size
 from twinlm.train.state import TrainState
 from twinlm.train.step import TrainStep
 
@@ -178,12 +178,14 @@ class Trainer:
         restore_training(ckpt, state, self.model, self.optimizer, self.env, seed=self.recipe.seed, log=self.log)
 
     # --- data -----------------------------------------------------------------------------------------
-    def _stream_for(self, phase_index: int) -> BatchStream:
-        phase = self.phases[phase_index]
-        ds = build_dataset(phase_sources(self.recipe, phase), self.recipe.seed + 1000 * phase_index)
-        self._check_tokenizer(ds)
-        return BatchStream(ds, self.recipe.seed + 1000 * phase_index, rank=self.env.rank,
-                           world_size=self.env.world_size)
+    def _stream_for(self, phase_index: int) -> BatchStream | ReplayStream:
+        """Shards (checked against the run's tokenizer) or a replayed batch order (ids checked per step)."""
+        vocab = len(self.tokenizer) if self.tokenizer is not None else self.bare_model.config.vocab_size
+        stream = stream_for(self.recipe, phase_index, rank=self.env.rank, world_size=self.env.world_size,
+                            steps_before=self.state.step - self.state.phase_step, vocab_size=vocab)
+        if stream.dataset is not None:
+            self._check_tokenizer(stream.dataset)
+        return stream
 
     def _check_tokenizer(self, ds) -> None:
         """The shards must come from the run's tokenizer: the recipe's, else the checkpoint's, else that of
@@ -198,7 +200,7 @@ class Trainer:
 
     def _next_samples(self, bs: int) -> list:
         """This rank's share of the next global batch; a share may be empty (batch smaller than the ranks)."""
-        if bs >= self.env.world_size:
+        if bs >= self.env.world_size or isinstance(self.stream, ReplayStream):
             return self.stream.next_step(bs)
         ids = self.stream.peek_global(bs)[self.env.rank::self.env.world_size]
         self.stream.skip(bs)
@@ -294,8 +296,7 @@ class Trainer:
                 self.stream.load_state_dict(self.state.stream)
             self._emit("on_phase_start", phase)
             while self.state.phase_tokens < phase.tokens:
-                bs = scheduled_batch_size(self.state.phase_tokens, full=phase.batch_size, start=phase.warmup_start,
-                                          warmup_tokens=phase.batch_warmup_tokens, multiple=phase.warmup_start)
+                bs = batch_size_for(phase, self.state.phase_tokens, self.stream)
                 t_read = time.perf_counter()
                 samples = self._next_samples(bs)
                 t_read = time.perf_counter() - t_read
