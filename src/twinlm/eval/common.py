@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 import twinlm
 from twinlm.errors import ConfigError
+from twinlm.hub import resolve_model
 
 
 @dataclass
@@ -46,7 +47,7 @@ def load_for_eval(model, tokenizer=None, *, mntp: bool | None = None, variant: s
         torch.set_num_threads(threads)
     path = None
     if isinstance(model, (str, os.PathLike)):
-        path = str(model)
+        path = str(resolve_model(model))  # a hub id org/name@revision -> its snapshot folder
         net = twinlm.load(path)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(path)
