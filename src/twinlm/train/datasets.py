@@ -1,7 +1,9 @@
 """The data a recipe's phase names, and the stream of global batches drawn from it.
 
-- shard folders: one folder is read as it is, several become a weighted Mixture; a seeded `BatchStream`
-  draws the global batches, their size from the phase's batch-size schedule;
+- shard folders (twinlm's, or MDS folders of token ids, twinlm.data.mds): one folder is read as it is,
+  several become a weighted Mixture; a seeded `BatchStream` draws the global batches, their size from the
+  phase's batch-size schedule. MDS ids carry no tokenizer record: the recipe must name the tokenizer and
+  every id must lie below its vocabulary (checked before training, `TokenizerMismatch`);
 - a batch-order folder (twinlm's `data_order/` records or the released layout, twinlm.data.order): a
   `ReplayStream` serves exactly the recorded batches, their size being the recorded one. It must be the
   phase's only source.
@@ -15,8 +17,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from twinlm.data import BatchStream, Mixture, ShardDataset
+from twinlm.data.mds import MDSTokens, is_mds_folder
 from twinlm.data.order import OrderFolder, ReplayStream, is_order_folder
-from twinlm.errors import ConfigError
+from twinlm.errors import ConfigError, TokenizerMismatch
 from twinlm.train.schedule import batch_size as scheduled_batch_size
 
 if TYPE_CHECKING:
@@ -28,9 +31,10 @@ def phase_sources(recipe: Recipe, phase: Phase) -> list:
     return phase.data or recipe.data
 
 
-def build_dataset(sources: list, seed: int) -> ShardDataset | Mixture:
+def build_dataset(sources: list, seed: int) -> ShardDataset | MDSTokens | Mixture:
     """`sources`: the recipe's shard sources (each with a `path` and a `weight`)."""
-    sets = [ShardDataset(s.path) for s in sources]
+    sets = [MDSTokens(s.path, column=getattr(s, "column", None), dtype=getattr(s, "dtype", None))
+            if is_mds_folder(s.path) else ShardDataset(s.path) for s in sources]
     if len(sets) == 1:
         return sets[0]
     return Mixture([(d, s.weight) for d, s in zip(sets, sources)], seed)
@@ -59,7 +63,20 @@ def stream_for(recipe: Recipe, phase_index: int, *, rank: int = 0, world_size: i
         return ReplayStream(order, first, rank=rank, world_size=world_size, seq_len=phase.seq_len,
                             vocab_size=vocab_size)
     seed = phase_seed(recipe, phase_index)
-    return BatchStream(build_dataset(sources, seed), seed, rank=rank, world_size=world_size)
+    ds = build_dataset(sources, seed)
+    for d in getattr(ds, "datasets", [ds]):
+        if isinstance(d, MDSTokens):
+            _check_mds_ids(recipe, d, vocab_size)
+    return BatchStream(ds, seed, rank=rank, world_size=world_size)
+
+
+def _check_mds_ids(recipe: Recipe, ds: MDSTokens, vocab_size: int | None) -> None:
+    if not recipe.tokenizer:
+        raise ConfigError(f"{ds.path}: an MDS folder of token ids records no tokenizer: set the recipe's "
+                          "`tokenizer:` to the one the ids were made with")
+    if vocab_size is not None and ds.max_id >= vocab_size:
+        raise TokenizerMismatch(f"{ds.path}: token id {ds.max_id} is outside the vocabulary of {vocab_size} of the "
+                                f"recipe's tokenizer {recipe.tokenizer}: these ids come from another tokenizer")
 
 
 def batch_size_for(phase: Phase, phase_tokens: int, stream: BatchStream | ReplayStream) -> int:
