@@ -30,6 +30,7 @@ from twinlm.data import BatchStream, check_tokenizer
 from twinlm.data.order import ReplayStream
 from twinlm.data.tokenizer import load_tokenizer, model_config_for, tokenizer_fingerprint
 from twinlm.errors import MissingArtifactError, TokenizerMismatch, TrainingDiverged
+from twinlm.hub import resolve_model
 from twinlm.io import atomic_dir, remove_stale_temporaries, write_bytes
 from twinlm.model import Transformer
 from twinlm.train import callbacks as cbs
@@ -114,7 +115,7 @@ class Trainer:
 
     def _converted_model(self) -> Transformer:
         """Cross-objective start: weights of a trained model of the other kind, converted; fresh optimizer."""
-        src = Path(self.recipe.init_from)
+        src = resolve_model(self.recipe.init_from)  # a hub id org/name@revision -> its snapshot folder
         target = "decoder" if self.recipe.causal else "encoder"
         if not src.exists():
             raise MissingArtifactError(f"init_from: {src} does not exist (train the source model first, or "
