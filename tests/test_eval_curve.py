@@ -76,3 +76,20 @@ def test_curve_command_over_model_folders(runs, tmp_path, capsys):
                  "--set", "bpb.bogus=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("twinlm: error:") and "bogus" in err[0]
+
+
+def test_a_corrupt_checkpoint_is_reported_and_skipped(runs, tmp_path):
+    import shutil
+    root, r, held = runs
+    copy = tmp_path / "enc"
+    shutil.copytree(r["enc"], copy)
+    victim = sorted((copy / "checkpoints").glob("step-*"))[1] / "model.safetensors"
+    b = bytearray(victim.read_bytes())
+    b[-5] ^= 0xFF
+    victim.write_bytes(bytes(b))
+    logged = []
+    res = curve([str(copy)], ["bpb"], tmp_path / "c", overrides=[f"bpb.text_file={held}", "bpb.max_docs=5"],
+                log=logged.append)
+    n = len(list((copy / "checkpoints").glob("step-*")))
+    assert len(res["points"]) == n - 1 and victim.parent.name not in [p["label"] for p in res["points"]]
+    assert any("skipping" in m and "model.safetensors" in m for m in logged)

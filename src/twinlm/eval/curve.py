@@ -5,8 +5,8 @@ Sources (each argument):
 - a run folder (`RUN/checkpoints/step-*` marked COMPLETE): every intact checkpoint, or every k-th
   (`every=k`, the last always included); twinlm checkpoints are loaded as they are (no export needed), the
   tokenizer is the run's (`RUN/final`, else the recipe's `tokenizer`), tokens seen come from each
-  checkpoint's `state.json`, MNTP scoring from the recipe's objective; a checkpoint that fails its
-  manifest is reported and skipped;
+  checkpoint's `state.json`, MNTP scoring from the recipe's objective; a checkpoint is checked against its
+  manifest before it is evaluated (not on a cache hit), and one that fails is reported and skipped;
 - a model folder or a hub id `org/name@revision` (twinlm.hub): one point; hub revisions of one repository
   form one series ordered step{N} < ext{N} < decay{N}. Tokens seen are known only for twinlm checkpoints; a
   plot whose series lack them uses the checkpoints' order on its x axis.
@@ -56,6 +56,7 @@ class Point:
     tokenizer: str | None = None   # folder of the tokenizer (None: the model folder's own)
     objective: str | None = None   # mlm | clm | mntp when the run says
     identity: str = ""
+    checkpoint: bool = False       # a twinlm checkpoint: verified against its manifest before it is evaluated
     arch: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -73,20 +74,13 @@ def _run_points(run: Path, every: int, log: Callable) -> list[Point]:
     # the train package is imported only for run folders (its checkpoint format)
     import yaml
 
-    from twinlm.train.checkpoint import CheckpointManager, read_state, verify
+    from twinlm.train.checkpoint import CheckpointManager, read_state
     cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
     tok = str(run / "final") if (run / "final" / "tokenizer.json").is_file() else cfg.get("tokenizer")
     if not tok or not Path(tok).exists():
         raise MissingArtifactError(f"{run}: no tokenizer (neither RUN/final nor the recipe's tokenizer {tok!r} "
                                    "exists): restore the tokenizer folder the run was trained with")
-    ckpts = CheckpointManager(run / "checkpoints").complete()
-    good = []
-    for c in ckpts:
-        try:
-            verify(c)
-            good.append(c)
-        except CorruptCheckpointError as e:
-            log(f"warning: skipping {e}")
+    good = CheckpointManager(run / "checkpoints").complete()  # marked; the manifest is checked when evaluated
     if not good:
         raise MissingArtifactError(f"{run}: no complete checkpoint under checkpoints/ (train it, or pass model "
                                    "folders instead)")
@@ -98,7 +92,7 @@ def _run_points(run: Path, every: int, log: Callable) -> list[Point]:
         trainer = read_state(c).get("trainer", {})
         out.append(Point(series=run.name, label=c.name, path=c, step=trainer.get("step"),
                          tokens=trainer.get("tokens"), tokenizer=tok, objective=cfg.get("objective"),
-                         identity=_folder_identity(c)))
+                         identity=_folder_identity(c), checkpoint=True))
     return out
 
 
@@ -182,12 +176,15 @@ def curve(sources: Sequence[str], tracks: Sequence[str], out: str | Path, *, eve
     """Evaluate every point of `sources` on `tracks`; write the table and the plots to `out` (module
     docstring). Returns the curve.json object."""
     from twinlm.loading import read_config
+    from twinlm.train.checkpoint import verify
     out = Path(out)
     settings = track_settings(tracks, overrides)
     points = collect_points(sources, every, log)
     done = 0
+    corrupt = []
     for i, pt in enumerate(points):
         pt.arch = "decoder" if read_config(pt.path).causal else "encoder"
+        verified = False
         for track, cfg in settings.items():
             key = hashlib.sha256(dumps_json({"identity": pt.identity, "track": track, "settings": asdict(cfg),
                                              "tokenizer": pt.tokenizer, "objective": pt.objective,
@@ -198,12 +195,23 @@ def curve(sources: Sequence[str], tracks: Sequence[str], out: str | Path, *, eve
                 entry = json.loads(cached.read_text())
                 if entry.get("key") == key:
                     result = entry["result"]
+            if result is None and pt.checkpoint and not verified:
+                try:
+                    verify(pt.path)
+                    verified = True
+                except CorruptCheckpointError as e:
+                    log(f"warning: skipping {e}")
+                    corrupt.append(pt)
+                    break
             if result is None:
                 log(f"[{i + 1}/{len(points)}] {pt.series} {pt.label}: {track}")
                 result = _evaluate(pt, track, cfg, data_root)
                 write_json(cached, {"key": key, "path": str(pt.path), "track": track, "result": result})
                 done += 1
             pt.metrics.update(_metrics(track, result, f"{pt.series} {pt.label}"))
+    points = [p for p in points if p not in corrupt]
+    if not points:
+        raise MissingArtifactError("no checkpoint could be evaluated (every one failed its manifest)")
     table = [{"series": p.series, "arch": p.arch, "label": p.label, "step": p.step, "tokens": p.tokens,
               "path": str(p.path), "metrics": p.metrics} for p in points]
     metric_names = list(dict.fromkeys(m for p in points for m in p.metrics))
