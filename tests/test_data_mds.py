@@ -15,9 +15,11 @@ from twinlm.data.mds import MDSFolder, MDSTokens
 from twinlm.data.prepare import prepare
 from twinlm.data.shards import ShardWriter
 from twinlm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-from twinlm.errors import DataError, MissingShards, TokenizerMismatch
+from twinlm.errors import ConfigError, DataError, MissingShards, TokenizerMismatch
 from twinlm.eval.toy import toy_tokenizer
 from twinlm.train import run
+from twinlm.train.datasets import stream_for
+from twinlm.train.recipe import load_recipe
 from twinlm.train.testing import tiny_recipe
 
 FIX = Path(__file__).parent / "fixtures" / "mds"
@@ -74,6 +76,7 @@ def test_prepare_reads_an_mds_folder_like_the_same_jsonl(tok, tmp_path):
     assert (tmp_path / "from-jsonl" / "tokens.bin").read_bytes() == (tmp_path / "from-mds" / "tokens.bin").read_bytes()
 
 
+@pytest.mark.slow
 def test_training_on_mds_token_ids_equals_training_on_the_same_shards(tok, tmp_path):
     seqs = [np.asarray(t, dtype=np.int64) for t in EXPECTED["tokens"]]
     shards = tmp_path / "shards"
@@ -88,11 +91,19 @@ def test_training_on_mds_token_ids_equals_training_on_the_same_shards(tok, tmp_p
     def losses(d):
         return [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert len(losses(tmp_path / "mds-run")) > 3 and losses(tmp_path / "mds-run") == losses(tmp_path / "shards-run")
+
+
+def test_mds_ids_are_checked_against_the_recipes_tokenizer(tok, tmp_path):
+    base = tiny_recipe(FIX / "tokens", phases=1, tokens=600, batch_size=4, tokenizer=str(tok))
+    stream = stream_for(load_recipe(base), 0, vocab_size=384)
+    assert [a.tolist() for _, a in stream.next_step(4)] == \
+        [EXPECTED["tokens"][int(i)] for i in stream.global_ids(0, 4)]
     # ids beyond the recipe's tokenizer are refused before training; so is a folder without a tokenizer
     with pytest.raises(TokenizerMismatch, match="outside the vocabulary"):
         run({**base, "data": str(FIX / "tokens-wide")}, tmp_path / "wide")
-    with pytest.raises(Exception, match="records no tokenizer"):
-        run({**base, "data": str(FIX / "tokens"), "tokenizer": None}, tmp_path / "notok")
+    with pytest.raises(ConfigError, match="records no tokenizer"):
+        stream_for(load_recipe({**base, "tokenizer": None}), 0, vocab_size=384)
+    assert not (tmp_path / "wide" / "final").exists()
 
 
 def test_bad_mds_folders_are_one_line_errors(tok, tmp_path, capsys):

@@ -51,6 +51,7 @@ def test_replayed_run_has_the_original_losses_and_batches(shards, original, tmp_
         [r["input_ids"] for r in read_step(original, 3)]
 
 
+@pytest.mark.slow
 def test_replay_resumes_exactly(shards, original, tmp_path):
     replay = tmp_path / "replay"
     r = recipe(str(original))  # the run folder itself names its data_order/
@@ -118,6 +119,7 @@ def decoder_run(shards, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_released_layout_replays_with_the_same_losses(shards, decoder_run, tmp_path):
     # a decoder's loss does not depend on sample ids (no masking), so the released layout, which has none,
     # must reproduce the losses exactly
@@ -142,15 +144,15 @@ def test_released_layout_replays_with_the_same_losses(shards, decoder_run, tmp_p
         [int(v) for v in step_batch(tmp_path / "later", 1)[0]["input_ids"]]
 
 
-def test_bad_order_folders_are_one_line_errors(shards, decoder_run, tmp_path, capsys):
-    gap = released_layout(decoder_run, tmp_path / "gap", per_file=1, drop_step=3)
+def test_bad_order_folders_are_one_line_errors(shards, original, tmp_path, capsys):
+    gap = released_layout(original, tmp_path / "gap", per_file=1, drop_step=3)
     with pytest.raises(DataError, match="steps 3–3 are missing"):
         OrderFolder(gap)
-    long = released_layout(decoder_run, tmp_path / "long", mutate=lambda s: s + [5] * 100)
+    long = released_layout(original, tmp_path / "long", mutate=lambda s: s + [5] * 100)
     r = tiny_recipe(str(long), objective="clm", phases=1, tokens=500, batch_size=4)
     with pytest.raises(DataError, match="longer than the phase's seq_len 64"):
         run(r, tmp_path / "r1")
-    big = released_layout(decoder_run, tmp_path / "big", mutate=lambda s: s[:-1] + [999_999])
+    big = released_layout(original, tmp_path / "big", mutate=lambda s: s[:-1] + [999_999])
     assert main(["data", "order", str(big), "--step", "1"]) == 0  # reading is fine; training refuses
     with pytest.raises(DataError, match="outside the vocabulary"):
         run(tiny_recipe(str(big), objective="clm", phases=1, tokens=500, batch_size=4), tmp_path / "r3")
@@ -159,4 +161,4 @@ def test_bad_order_folders_are_one_line_errors(shards, decoder_run, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("twinlm: error:") and "missing" in err[0]
     assert not (tmp_path / "r1" / "final").exists() and not (tmp_path / "r3" / "final").exists()
-    assert np.isfinite(losses(decoder_run)).all()
+    assert np.isfinite(losses(original)).all()

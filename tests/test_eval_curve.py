@@ -12,7 +12,7 @@ from twinlm.errors import ConfigError
 from twinlm.eval import bpb
 from twinlm.eval.curve import curve
 from twinlm.eval.settings import BpbConfig
-from twinlm.eval.toy import toy_sentences, toy_tokenizer
+from twinlm.eval.toy import toy_model_dir, toy_sentences, toy_tokenizer
 from twinlm.train import run
 from twinlm.train.testing import tiny_recipe
 
@@ -36,6 +36,7 @@ def runs(tmp_path_factory):
     return root, out, held
 
 
+@pytest.mark.slow
 def test_curve_of_two_runs(runs, tmp_path):
     root, r, held = runs
     sets = [f"bpb.text_file={held}", "bpb.max_docs=30"]
@@ -61,23 +62,30 @@ def test_curve_of_two_runs(runs, tmp_path):
     assert sparse["evaluated"] == 0 and sparse["points"][-1] == enc[-1] and len(sparse["points"]) < len(enc)
 
 
-def test_curve_command_over_model_folders(runs, tmp_path, capsys):
-    root, r, held = runs
+def test_curve_command_over_model_folders(tmp_path, capsys):
+    tok = toy_tokenizer()
+    enc = toy_model_dir(tmp_path / "models" / "enc", causal=False, tokenizer=tok)
+    dec = toy_model_dir(tmp_path / "models" / "dec", causal=True, tokenizer=tok)
+    held = tmp_path / "held.txt"
+    held.write_text("\n\n".join(toy_sentences(10, seed=9)) + "\n")
     out = tmp_path / "c"
-    assert main(["eval", "curve", str(r["enc"] / "final"), str(r["dec"] / "final"), "--tracks", "bpb",
-                 "--out", str(out), "--set", f"bpb.text_file={held}", "bpb.max_docs=10"]) == 0
+    assert main(["eval", "curve", str(enc), str(dec), "--tracks", "bpb",
+                 "--out", str(out), "--set", f"bpb.text_file={held}", "bpb.max_docs=3"]) == 0
     got = json.loads((out / "curve.json").read_text())
     assert [p["arch"] for p in got["points"]] == ["encoder", "decoder"]
-    assert (out / "curve.md").read_text().count("\n") == 4
+    direct = bpb.run(str(dec), BpbConfig(text_file=str(held), max_docs=3), log=None)
+    assert got["points"][1]["metrics"]["bpb"] == pytest.approx(direct["average"]["mean"], rel=1e-6)
+    assert (out / "curve.md").read_text().count("\n") == 4 and (out / "bpb.png").is_file()
     with pytest.raises(ConfigError, match="choose from"):
-        curve([str(r["enc"])], ["nope"], tmp_path / "x")
+        curve([str(enc)], ["nope"], tmp_path / "x")
     capsys.readouterr()
-    assert main(["eval", "curve", str(r["enc"]), "--tracks", "bpb", "--out", str(tmp_path / "y"),
+    assert main(["eval", "curve", str(enc), "--tracks", "bpb", "--out", str(tmp_path / "y"),
                  "--set", "bpb.bogus=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("twinlm: error:") and "bogus" in err[0]
 
 
+@pytest.mark.slow
 def test_a_corrupt_checkpoint_is_reported_and_skipped(runs, tmp_path):
     import shutil
     root, r, held = runs
