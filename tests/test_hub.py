@@ -12,6 +12,7 @@ import twinlm
 from twinlm.cli import main
 from twinlm.errors import ModelLoadError
 from twinlm.eval import bpb
+from twinlm.eval.curve import curve
 from twinlm.eval.toy import toy_model_dir, toy_sentences, toy_tokenizer
 from twinlm.hub import parse_hub_id, resolve_model
 
@@ -85,6 +86,13 @@ def test_commands_take_hub_ids(offline_cache, tmp_path, capsys):
     assert '"kind": "decoder"' in capsys.readouterr().out
     assert main(["convert", "ettin-org/tiny-decoder@step3", "--to", "encoder", "--out", str(tmp_path / "enc")]) == 0
     assert twinlm.load(tmp_path / "enc").config.causal is False
+    # revisions of one repository are one series of a curve, in step order
+    held = tmp_path / "held.txt"
+    held.write_text("\n\n".join(texts[:3]) + "\n")
+    res = curve(["ettin-org/tiny-decoder@step3", "ettin-org/tiny-decoder"], ["bpb"], tmp_path / "curve",
+                overrides=[f"bpb.text_file={held}"], log=lambda m: None)
+    assert [(p["series"], p["label"]) for p in res["points"]] == [("ettin-org/tiny-decoder", "main"),
+                                                                  ("ettin-org/tiny-decoder", "step3")]
 
 
 @pytest.mark.parametrize("spec, words", [("ettin-org/tiny-decoder@step9", "step9"),
