@@ -74,9 +74,9 @@ def bare_times(args, trainer):
     """The same batches through model + optimizer only, on a fresh model (same init seed)."""
     from twinlm.data import BatchStream, pack
     from twinlm.model import Transformer
+    from twinlm.train.datasets import build_dataset
     from twinlm.train.objectives import build_objective
     from twinlm.train.optim import build_optimizer
-    from twinlm.train.trainer import build_dataset
     r = trainer.recipe
     phase = r.phase_list()[0]
     torch.manual_seed(r.seed)

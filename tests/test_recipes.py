@@ -70,6 +70,7 @@ def test_paper_recipe_numbers(size, kind):
     # checkpoints every 8.5B tokens, eval masking 15%
     assert r.checkpoint.every_tokens == 8.5e9 and r.eval.mask_ratio == 0.15
     assert r.init_from is None
+    assert r.record_order  # the batch order is recorded by default, as the paper released it
 
 
 @pytest.mark.parametrize("size", list(PAPER))

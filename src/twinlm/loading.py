@@ -29,12 +29,14 @@ from twinlm.config import ModelConfig
 from twinlm.errors import MissingArtifactError, ModelLoadError
 from twinlm.export import TWINLM_CONFIG, WEIGHTS, WEIGHTS_INDEX, verify_manifest
 from twinlm.hf import config_from_hf, from_hf_state_dict
+from twinlm.hub import resolve_model
 from twinlm.model import Transformer
 
 
-def load(path, *, device=None, dtype=None):
-    """Load a Transformer from an HF ModernBERT / ModernBERT-decoder folder or a twinlm checkpoint folder."""
-    folder = Path(path)
+def load(path, *, revision=None, device=None, dtype=None):
+    """Load a Transformer from an HF ModernBERT / ModernBERT-decoder folder or a twinlm checkpoint folder
+    (or a hub id `org/name[@revision]`, fetched by twinlm.hub)."""
+    folder = resolve_model(path, revision)
     cfg = read_config(folder)
     verify_manifest(folder)
     raw = _read_weights(folder)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from twinlm.config import ModelConfig
 from twinlm.errors import ConfigError
+from twinlm.hub import resolve_model
 
 
 def register(commands) -> None:
@@ -94,7 +95,7 @@ def _info(args) -> int:
         raise ConfigError("--seq-len must be positive")
     if args.predicted_fraction is not None and not 0.0 <= args.predicted_fraction <= 1.0:
         raise ConfigError("--predicted-fraction must be within [0, 1]")
-    cfg = _config_for(args.model, args.decoder)
+    cfg = _config_for(str(resolve_model(args.model)), args.decoder)  # a hub id org/name@rev -> its snapshot
     d = info(cfg, args.seq_len, args.predicted_fraction)
     if args.json:
         print(json.dumps(d, indent=2))
@@ -113,7 +114,7 @@ def _info(args) -> int:
 def _convert(args) -> int:
     from twinlm.convert import convert
 
-    out = convert(args.src, args.to, args.out, global_rope_theta=args.global_rope_theta,
+    out = convert(resolve_model(args.src), args.to, args.out, global_rope_theta=args.global_rope_theta,
                   local_rope_theta=args.local_rope_theta, overwrite=args.overwrite, tokenizer=args.tokenizer,
                   license=args.license)
     print(f"wrote {args.to} to {out}")

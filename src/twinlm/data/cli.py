@@ -61,9 +61,15 @@ def register(commands) -> None:
     p.add_argument("folders", nargs="+", metavar="DIR", help="shard folders (`twinlm data prepare --out DIR`)")
     p.set_defaults(handler=_verify)
 
-    p = sub.add_parser("order", help="show or replay the recorded batches of a training run")
-    p.add_argument("run", help="run folder (or its data_order/ folder)")
+    p = sub.add_parser("order", help="the batch of any step of a run: recorded, or recomputed from its recipe",
+                       description="Show (or write with --out) step N's global batch. For a run folder the batch is "
+                                   "recomputed from RUN/config.yaml and its data, and checked equal to the records "
+                                   "where the run recorded that step; a bare order folder (twinlm's data_order/ or "
+                                   "the released layout) is read as it is.")
+    p.add_argument("run", help="run folder, or a batch-order folder (data_order/, released checkpoint_*/ext_*/decay_*)")
     p.add_argument("--step", type=int, required=True)
+    p.add_argument("--group", choices=("checkpoint", "ext", "decay"),
+                   help="released layout: which phase's folders (their step numbers restart)")
     p.add_argument("--tokenizer", help="decode with this tokenizer (default: print token ids)")
     p.add_argument("--out", help="write the step's rows to this parquet file instead of printing")
     p.add_argument("--max-chars", type=int, default=300)
@@ -166,8 +172,16 @@ def _prepare_for(args) -> int:
 
 
 def _order(args) -> int:
-    from twinlm.data.order import show_step
-    show_step(args.run, args.step, tokenizer=args.tokenizer, out=args.out, max_chars=args.max_chars)
+    from pathlib import Path
+
+    from twinlm.data.order import read_step, show_step
+    if (Path(args.run) / "config.yaml").is_file():
+        from twinlm.train.plan import order_of_step
+        rows, how = order_of_step(args.run, args.step)
+    else:
+        rows, how = read_step(args.run, args.step, group=args.group), "recorded"
+    show_step(args.run, args.step, tokenizer=args.tokenizer, out=args.out, max_chars=args.max_chars, rows=rows,
+              how=how)
     return 0
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twinlm.data.fetch.store import pretrain_files
+from twinlm.data.mds import is_mds_folder
+from twinlm.data.order import is_order_folder
 from twinlm.data.prepare import prepare
 from twinlm.data.tokenizer import train_tokenizer
 from twinlm.errors import ConfigError
@@ -53,7 +55,9 @@ def needs(recipe) -> list[Need]:
         for src in phase.data or recipe.data:
             lengths[src.path] = max(lengths.get(src.path, 0), int(phase.seq_len))
     for path, seq in lengths.items():
-        out.append(Need("shards", Path(path), seq, (Path(path) / "meta.json").is_file()))
+        # MDS token folders and batch-order folders are training data as they are (checked when read)
+        ready = (Path(path) / "meta.json").is_file() or is_mds_folder(path) or is_order_folder(path)
+        out.append(Need("shards", Path(path), seq, ready))
     return out
 
 

@@ -2,7 +2,8 @@
 
 Inputs: plain text files (one document per file; a file over LARGE_TEXT_BYTES is cut at blank lines into
 several), JSONL (`{"text": …}` per line; `.jsonl.gz` too; a `.json` file may be one array of records),
-parquet (a text column), folders (searched recursively for those), fetched pre-training sources by name
+parquet (a text column), MosaicML Streaming folders (`index.json` + shards: a text column, data/mds.py),
+folders (searched recursively for those), fetched pre-training sources by name
 (`$TWINLM_HOME/pretrain/<name>.jsonl`), and Hugging Face datasets by name (`hf:NAME[:CONFIG][:SPLIT]`, read
 with `datasets.load_dataset(..., streaming=True)`; a local file path as NAME uses the builder its suffix names).
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from twinlm.data.fetch import SOURCES, pretrain_files
+from twinlm.data.mds import MDSFolder, is_mds_folder
 from twinlm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ LARGE_TEXT_BYTES = 64 << 20  # a plain text file larger than this is read in pie
 
 @dataclass(frozen=True)
 class InputSpec:
-    kind: str                 # "text" | "jsonl" | "parquet" | "hf"
+    kind: str                 # "text" | "jsonl" | "parquet" | "mds" | "hf"
     path: str                 # file path, or dataset name for "hf"
     config: str | None = None
     split: str | None = None
@@ -76,7 +78,9 @@ def resolve_inputs(items: Iterable[Any] | None, fetched: bool = False,
                                    (parts[2] or None) if len(parts) > 2 else None))
             continue
         path = Path(s)
-        if path.is_dir():
+        if is_mds_folder(path) or path.name == "index.json" and is_mds_folder(path.parent):
+            specs.append(InputSpec("mds", str(path if path.is_dir() else path.parent)))
+        elif path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and _kind_of(p))
             if not found:
                 raise DataError(f"{path}: no text, JSONL or parquet files in this folder")
@@ -135,6 +139,9 @@ def iter_documents(specs: Iterable[InputSpec], text_field: str = "text", on_bad_
     for spec in specs:
         if spec.kind == "hf":
             yield from _iter_hf(spec, text_field, bad)
+            continue
+        if spec.kind == "mds":
+            yield from _iter_mds(Path(spec.path), text_field, bad)
             continue
         path = Path(spec.path)
         if not path.exists():
@@ -276,6 +283,22 @@ def _iter_parquet(path: Path, text_field: str, bad) -> Iterator[tuple[str, str]]
                 bad(_Bad(reason, where, f"no text in {text_field!r}"))
                 continue
             yield where, text
+
+
+def _iter_mds(path: Path, text_field: str, bad) -> Iterator[tuple[str, str]]:
+    """The `text_field` column (a text encoding) of an MDS folder, sample by sample."""
+    folder = MDSFolder(path)
+    enc = folder.columns.get(text_field)
+    if enc is None or enc.split(":")[0] not in ("str", "json"):
+        raise DataError(f"{path}: no text column {text_field!r} (columns: "
+                        f"{', '.join(f'{k} ({v})' for k, v in folder.columns.items())}): pass --text-field NAME")
+    for i in range(len(folder)):
+        text = folder[i][text_field]
+        where = f"{path}:{i}"
+        if not isinstance(text, str) or not text.strip():
+            bad(_Bad("empty" if isinstance(text, str) else "missing_field", where, f"no text in {text_field!r}"))
+            continue
+        yield where, text
 
 
 def _iter_hf(spec: InputSpec, text_field: str, bad) -> Iterator[tuple[str, str]]:

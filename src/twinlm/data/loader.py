@@ -92,6 +92,9 @@ class BatchStream:
                 "dataset_len": len(self.dataset), "shuffle": self.shuffle}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") == "replay":
+            raise ConfigError(f"the checkpoint's phase replayed the order folder {state.get('order')}, the recipe now "
+                              "reads shards: restore the recipe's data, or train into a new run folder")
         if int(state["seed"]) != self.seed:
             raise ConfigError(f"data order seed {state['seed']} in the checkpoint differs from this stream's "
                               f"{self.seed}")

@@ -1,23 +1,41 @@
-"""Batch-order records, like the paper's released data order: for each checkpoint interval a parquet file
-of (step, rank, position, sample_id, input_ids).
+"""Batch-order records, like the paper's released data order, and their exact replay.
 
-    RUN/data_order/<interval>/rank-00000.parquet     one file per rank (each rank records its own share)
+Two layouts are read, recognised by what is on disk (`OrderFolder`):
 
-Columns: step int64, rank int32, position int32 (the sample's place in that rank's step), sample_id int64,
-input_ids list<int32>. Files are written under a temporary name and renamed when complete.
+- twinlm's own records (`record_order: true`), one folder per checkpoint interval, one file per rank:
+
+      RUN/data_order/step-XXXXXXXX/rank-RRRRR.parquet
+      columns: step int64 (the run's global optimizer step, 1-based), rank int32, position int32 (the sample's
+      place in that rank's share), sample_id int64, input_ids list<int32>
+
+  A step's global batch is its rows sorted by position·world_size + rank (rank r took every world_size-th).
+- the released Ettin layout: folders per checkpoint interval named `checkpoint_*` (pre-training), `ext_*`
+  (context extension) and `decay_*` (decay) holding parquet files (`steps_000001_to_000100.parquet`) with an
+  `input_ids` column and a `step` column; step numbers restart in each phase, so one group (`checkpoint`,
+  `ext` or `decay`) is read at a time. A step's batch is its rows in file order; the sample id of a row is
+  its ordinal in the group (what the masking hash is salted with).
+
+An order folder's steps must be contiguous (a gap or an overlap between intervals is a `DataError` naming
+both); each step read is checked (rows present, length at most the phase's `seq_len`, ids below the
+vocabulary size) before a single token of it is trained on. `ReplayStream` serves a phase its batches from an
+order folder with the same interface as `BatchStream`, so training consumes exactly the recorded batches
+(step k of the phase reads order step `first_step + k − 1`) and resumes exactly (its state is the number of
+steps consumed). Records are written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from twinlm.data.tokenizer import load_tokenizer
-from twinlm.errors import MissingArtifactError, StepNotRecorded
+from twinlm.errors import ConfigError, DataError, MissingArtifactError, StepNotRecorded
 from twinlm.io import atomic_path
 
 
@@ -86,35 +104,222 @@ class OrderRecorder:
         return final
 
 
+_RELEASED = re.compile(r"^(checkpoint|ext|decay)_")
+ORDER_GROUPS = ("checkpoint", "ext", "decay")  # the released layout's phases: pre-training, extension, decay
+
+
 def _order_root(run: str | Path) -> Path:
     run = Path(run)
     if (run / "data_order").is_dir():
         return run / "data_order"
-    if run.name == "data_order" and run.is_dir():
+    if run.is_dir():
         return run
     raise MissingArtifactError(f"{run}: no data_order/ folder: not a training run folder, or the run has not reached "
-                               "its first checkpoint (`twinlm train` records the batches of each checkpoint interval)")
+                               "its first checkpoint (`twinlm train` records the batches of each checkpoint interval "
+                               "when the recipe sets record_order: true)")
 
 
-def read_step(run: str | Path, step: int) -> list[dict[str, Any]]:
+def is_order_folder(path: str | Path) -> bool:
+    """Whether `path` is a batch-order folder (either layout) or a run folder holding one: the test a recipe's
+    `data:` entry goes through to be replayed instead of read as shards."""
+    p = Path(path)
+    if (p / "data_order").is_dir():
+        return True
+    if not p.is_dir() or (p / "meta.json").exists():
+        return False
+    subdirs = [d for d in p.iterdir() if d.is_dir()]
+    if any(d.name.startswith("step-") and any(d.glob("rank-*.parquet")) for d in subdirs):
+        return True
+    if any(_RELEASED.match(d.name) for d in subdirs):
+        return True
+    return p.name.startswith(tuple(g + "_" for g in ORDER_GROUPS)) and any(p.glob("*.parquet"))
+
+
+@dataclass
+class _Part:
+    """One row group of one parquet file: the steps it covers and the ordinal of its first row in the group."""
+    file: Path
+    row_group: int
+    first: int
+    last: int
+    rows: int
+    row_offset: int = 0
+
+
+@dataclass
+class _Interval:
+    folder: Path
+    parts: list[_Part]
+
+    @property
+    def first(self) -> int:
+        return min(p.first for p in self.parts)
+
+    @property
+    def last(self) -> int:
+        return max(p.last for p in self.parts)
+
+
+class OrderFolder:
+    """A batch-order folder of either layout (module docstring), indexed from the parquet metadata only.
+
+    order = OrderFolder("RUN")                          # or RUN/data_order, or a released folder (+ group=)
+    order.layout, order.first_step, order.last_step     # "twinlm" | "released"; contiguous steps
+    order.rows(k)                                       # step k's global batch: dicts with sample_id, input_ids, …
+    """
+
+    def __init__(self, path: str | Path, group: str | None = None) -> None:
+        # pyarrow is imported where parquet is read: `import twinlm.data` stays light
+        import pyarrow.parquet as pq
+        root = _order_root(path)
+        self.root = root
+        subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        own = [d for d in subdirs if d.name.startswith("step-") and any(d.glob("rank-*.parquet"))]
+        released = [d for d in subdirs if _RELEASED.match(d.name)]
+        if group is not None and group not in ORDER_GROUPS:
+            raise ConfigError(f"order group {group!r}: expected one of {', '.join(ORDER_GROUPS)}")
+        if own and not released:
+            self.layout, self.group, folders = "twinlm", None, own
+        elif released:
+            groups = sorted({_RELEASED.match(d.name).group(1) for d in released}, key=ORDER_GROUPS.index)
+            if group is None and len(groups) > 1:
+                raise ConfigError(f"{root} holds the batch order of several phases ({', '.join(groups)}), whose "
+                                  f"step numbers restart: name one with `order_group: {groups[0]}` in the data entry")
+            group = group or groups[0]
+            if group not in groups:
+                raise MissingArtifactError(f"{root} has no {group}_* folders (it has {', '.join(groups)})")
+            self.layout, self.group = "released", group
+            folders = [d for d in released if d.name.startswith(group + "_")]
+        elif _RELEASED.match(root.name) and any(root.glob("*.parquet")):
+            self.layout, self.group, folders = "released", group or _RELEASED.match(root.name).group(1), [root]
+        else:
+            raise MissingArtifactError(f"{root}: not a batch-order folder (expected twinlm's step-*/rank-*.parquet "
+                                       "records or the released checkpoint_*/ext_*/decay_* parquet folders)")
+        intervals = []
+        for folder in folders:
+            files = sorted(folder.glob("rank-*.parquet" if self.layout == "twinlm" else "*.parquet"))
+            parts = [part for f in files for part in self._parts(pq, f)]
+            if parts:
+                intervals.append(_Interval(folder, parts))
+        if not intervals:
+            raise DataError(f"{root}: the order folder holds no rows")
+        intervals.sort(key=lambda iv: iv.first)
+        if self.layout == "released":  # one file sequence: consecutive files continue the steps (a step may straddle)
+            parts = sorted((p for iv in intervals for p in iv.parts), key=lambda p: (p.first, p.last))
+            for a, b in zip(parts, parts[1:]):
+                if b.first > a.last + 1:
+                    raise DataError(f"{root}: steps {a.last + 1}–{b.first - 1} are missing between {a.file.name} and "
+                                    f"{b.file.name} (a gap in the batch order): restore those files before replaying")
+                if b.first < a.last:
+                    raise DataError(f"{root}: {a.file.name} and {b.file.name} hold the same steps: drop one")
+        for a, b in zip(intervals, intervals[1:]):
+            if b.first <= a.last:
+                raise DataError(f"{root}: {a.folder.name} (steps {a.first}–{a.last}) and {b.folder.name} (steps "
+                                f"{b.first}–{b.last}) overlap: remove the duplicate interval")
+            if b.first != a.last + 1:
+                raise DataError(f"{root}: steps {a.last + 1}–{b.first - 1} are missing between {a.folder.name} and "
+                                f"{b.folder.name} (a gap in the batch order): restore those files before replaying")
+        offset = 0
+        for iv in intervals:
+            for part in iv.parts:
+                part.row_offset = offset
+                offset += part.rows
+        self.intervals = intervals
+        self.num_rows = offset
+        self._cache: tuple[tuple[Path, int], Any] | None = None
+
+    @staticmethod
+    def _parts(pq: Any, file: Path) -> list[_Part]:
+        try:
+            meta = pq.ParquetFile(file).metadata
+        except Exception as e:  # pyarrow raises several kinds for a truncated or foreign file
+            raise DataError(f"{file}: not a readable parquet file ({e}): fetch it again") from None
+        names = [meta.schema.column(i).path.split(".")[0] for i in range(meta.num_columns)]
+        if "step" not in names or "input_ids" not in names:
+            raise DataError(f"{file}: a batch-order file needs `step` and `input_ids` columns, it has "
+                            f"{sorted(set(names))}")
+        col = names.index("step")
+        parts = []
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            if rg.num_rows == 0:
+                continue
+            st = rg.column(col).statistics
+            if st is not None and st.has_min_max:
+                lo, hi = int(st.min), int(st.max)
+            else:  # no statistics: read the step column of this row group
+                steps = pq.ParquetFile(file).read_row_group(g, columns=["step"]).column("step").to_numpy()
+                lo, hi = int(steps.min()), int(steps.max())
+            parts.append(_Part(file, g, lo, hi, rg.num_rows))
+        return parts
+
+    @property
+    def first_step(self) -> int:
+        return self.intervals[0].first
+
+    @property
+    def last_step(self) -> int:
+        return self.intervals[-1].last
+
+    def describe(self) -> str:
+        what = "twinlm records" if self.layout == "twinlm" else f"released order, {self.group}_*"
+        return f"{self.root} ({what}, steps {self.first_step}–{self.last_step})"
+
+    def _read(self, part: _Part) -> Any:
+        import pyarrow.parquet as pq
+        key = (part.file, part.row_group)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, pq.ParquetFile(part.file).read_row_group(part.row_group))
+        return self._cache[1]
+
+    def rows(self, step: int) -> list[dict[str, Any]]:
+        """Step `step`'s global batch in order: dicts with step, rank, position, sample_id, input_ids (int64
+        array). A step inside the folder's range with no rows is a `DataError` (a gap inside a file)."""
+        step = int(step)
+        if not self.first_step <= step <= self.last_step:
+            raise StepNotRecorded(f"step {step} is not in {self.describe()}")
+        out: list[dict[str, Any]] = []
+        for iv in self.intervals:
+            if not iv.first <= step <= iv.last:
+                continue
+            for part in iv.parts:
+                if not part.first <= step <= part.last:
+                    continue
+                table = self._read(part)
+                steps = table.column("step").to_numpy()
+                hits = np.flatnonzero(steps == step)
+                if not len(hits):
+                    continue
+                ids = table.column("input_ids").take(hits).to_pylist()
+                cols = {c: table.column(c).take(hits).to_numpy() for c in ("rank", "position", "sample_id")
+                        if c in table.column_names}
+                for j, h in enumerate(hits):
+                    out.append({"step": step,
+                                "rank": int(cols["rank"][j]) if "rank" in cols else 0,
+                                "position": int(cols["position"][j]) if "position" in cols else len(out),
+                                "sample_id": int(cols["sample_id"][j]) if "sample_id" in cols
+                                else part.row_offset + int(h),
+                                "input_ids": np.asarray(ids[j], dtype=np.int64)})
+        if not out:
+            raise DataError(f"{self.describe()}: step {step} has no rows (a gap in the batch order): restore the "
+                            "file that held it before replaying")
+        if self.layout == "twinlm":
+            world = max(r["rank"] for r in out) + 1
+            out.sort(key=lambda r: r["position"] * world + r["rank"])
+        return out
+
+
+def read_step(run: str | Path, step: int, group: str | None = None) -> list[dict[str, Any]]:
     """The recorded rows of one step, all ranks, in global batch order (rank r's i-th sample is global
-    position i·world_size + r)."""
-    import pyarrow.dataset as pads  # half a second to import: only reading records needs it
-    root = _order_root(run)
-    rows = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(folder.glob("rank-*.parquet"))
-        if not files:
-            continue
-        ds = pads.dataset([str(f) for f in files], format="parquet")
-        table = ds.to_table(filter=pads.field("step") == step)
-        if table.num_rows:
-            rows.extend(table.to_pylist())
-    if not rows:
-        raise StepNotRecorded(f"step {step} is not recorded under {root} (records exist only for the steps up to "
-                              "the run's last checkpoint)")
-    world = max(r["rank"] for r in rows) + 1
-    rows.sort(key=lambda r: (r["position"] * world + r["rank"]))
+    position i·world_size + r); `input_ids` as lists of ints."""
+    order = OrderFolder(run, group=group)
+    try:
+        rows = order.rows(step)
+    except StepNotRecorded:
+        raise StepNotRecorded(f"step {step} is not recorded under {order.root} (it holds steps {order.first_step}–"
+                              f"{order.last_step}; records exist only up to the run's last checkpoint)") from None
+    for r in rows:
+        r["input_ids"] = [int(v) for v in r["input_ids"]]
     return rows
 
 
@@ -123,17 +328,104 @@ def replay_step(run: str | Path, step: int) -> list[tuple[int, np.ndarray]]:
     return [(r["sample_id"], np.asarray(r["input_ids"], dtype=np.int64)) for r in read_step(run, step)]
 
 
+class ReplayStream:
+    """A phase's batches served from an order folder, with BatchStream's interface (trainer and planner alike).
+
+    stream = ReplayStream(OrderFolder(path), first_step=1, rank=r, world_size=w, seq_len=1024, vocab_size=50368)
+    bs = stream.next_batch_size()        # the recorded batch's size (the batch-size schedule is not consulted)
+    mine = stream.next_step(bs)          # this rank's share [(sample_id, tokens)], rows r, r + w, …
+    """
+
+    def __init__(self, order: OrderFolder, first_step: int, rank: int = 0, world_size: int = 1,
+                 seq_len: int | None = None, vocab_size: int | None = None) -> None:
+        if not order.first_step <= first_step <= order.last_step:
+            raise DataError(f"{order.describe()}: the phase would start at order step {first_step}, outside the "
+                            "folder (set `start_step:` in the recipe's data entry to a step it holds)")
+        self.order = order
+        self.first_step = int(first_step)
+        self.rank, self.world_size = rank, world_size
+        self.seq_len, self.vocab_size = seq_len, vocab_size
+        self.position = 0   # steps consumed
+        self.step = 0
+        self.dataset = None
+        self._batch: tuple[int, list[tuple[int, np.ndarray]]] | None = None
+
+    @property
+    def next_order_step(self) -> int:
+        return self.first_step + self.position
+
+    def _load(self) -> list[tuple[int, np.ndarray]]:
+        k = self.next_order_step
+        if self._batch is not None and self._batch[0] == k:
+            return self._batch[1]
+        if k > self.order.last_step:
+            raise DataError(f"{self.order.describe()} ends at step {self.order.last_step}, but the phase needs more "
+                            "batches: lower the phase's `tokens` or add the following intervals to the folder")
+        batch = []
+        for r in self.order.rows(k):
+            ids = r["input_ids"]
+            if self.seq_len is not None and len(ids) > self.seq_len:
+                raise DataError(f"{self.order.describe()}: step {k} has a row of {len(ids)} tokens, longer than the "
+                                f"phase's seq_len {self.seq_len}: this order belongs to another phase or recipe")
+            if len(ids) and (ids.min() < 0 or (self.vocab_size is not None and ids.max() >= self.vocab_size)):
+                raise DataError(f"{self.order.describe()}: step {k} has token id {int(ids.max())} outside the "
+                                f"vocabulary of {self.vocab_size}: the order was tokenized with another tokenizer "
+                                "(set the recipe's `tokenizer:` to the one it was made with)")
+            batch.append((int(r["sample_id"]), ids))
+        self._batch = (k, batch)
+        return batch
+
+    def next_batch_size(self) -> int:
+        return len(self._load())
+
+    def next_step(self, global_batch_size: int | None = None) -> list[tuple[int, np.ndarray]]:
+        batch = self._load()
+        if global_batch_size is not None and int(global_batch_size) != len(batch):
+            raise DataError(f"step {self.next_order_step} of {self.order.describe()} holds {len(batch)} rows, "
+                            f"not the {global_batch_size} asked for")
+        self.position += 1
+        self.step += 1
+        return batch[self.rank::self.world_size]
+
+    def peek_global(self, global_batch_size: int | None = None) -> list[int]:
+        return [sid for sid, _ in self._load()]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "replay", "position": int(self.position), "step": int(self.step),
+                "first_step": self.first_step, "order": str(self.order.root), "group": self.order.group}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "replay":
+            raise ConfigError("the checkpoint's phase read shards, this recipe replays the order folder "
+                              f"{self.order.root}: train into a new run folder, or restore the recipe's data")
+        if int(state["first_step"]) != self.first_step:
+            raise ConfigError(f"the checkpoint replayed from order step {state['first_step']}, the recipe now starts "
+                              f"at {self.first_step}: restore the recipe's start_step, or train into a new run folder")
+        self.position = int(state["position"])
+        self.step = int(state.get("step", self.position))
+
+
 def show_step(run: str | Path, step: int, tokenizer: str | Path | None = None, out: str | Path | None = None,
-              max_chars: int = 300, file: Any = None) -> list[dict[str, Any]]:
-    """Print (or write to parquet `out`) the batch of a recorded step; decode with `tokenizer` if given
-    (default: RUN/final or RUN/tokenizer when they hold a tokenizer)."""
+              max_chars: int = 300, file: Any = None, rows: list[dict[str, Any]] | None = None,
+              how: str = "recorded") -> list[dict[str, Any]]:
+    """Print (or write to parquet `out`, atomically) the batch of a step: `rows` if given (e.g. recomputed by
+    twinlm.train.plan), else the recorded ones; decode with `tokenizer` if given (default: RUN/final or
+    RUN/tokenizer when they hold a tokenizer)."""
     file = file or sys.stdout
-    rows = read_step(run, step)
+    rows = read_step(run, step) if rows is None else rows
     if out:
         import pyarrow as pa
         import pyarrow.parquet as pq
-        pq.write_table(pa.Table.from_pylist(rows), str(out))
-        print(f"{out}: {len(rows)} samples of step {step}", file=file)
+        table = pa.table({
+            "step": pa.array([r["step"] for r in rows], pa.int64()),
+            "rank": pa.array([r["rank"] for r in rows], pa.int32()),
+            "position": pa.array([r["position"] for r in rows], pa.int32()),
+            "sample_id": pa.array([r["sample_id"] for r in rows], pa.int64()),
+            "input_ids": pa.array([list(map(int, r["input_ids"])) for r in rows], pa.list_(pa.int32())),
+        })
+        with atomic_path(out) as tmp:
+            pq.write_table(table, tmp)
+        print(f"{out}: {len(rows)} samples of step {step} ({how})", file=file)
         return rows
     tok = None
     if tokenizer is None:
@@ -144,9 +436,9 @@ def show_step(run: str | Path, step: int, tokenizer: str | Path | None = None, o
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
     total = sum(len(r["input_ids"]) for r in rows)
-    print(f"step {step}: {len(rows)} samples, {total} tokens", file=file)
+    print(f"step {step}: {len(rows)} samples, {total} tokens ({how})", file=file)
     for r in rows:
-        ids = r["input_ids"]
+        ids = [int(v) for v in r["input_ids"]]
         if tok is not None:
             text = tok.decode(ids)
         else:

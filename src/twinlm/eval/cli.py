@@ -99,6 +99,19 @@ def register(commands) -> None:
     p.add_argument("--mntp", action="store_true", default=None)
     p.set_defaults(handler=_bpb)
 
+    p = tracks.add_parser("curve", help="every checkpoint of runs (or model folders / hub revisions) on tracks: "
+                                        "tables and a PNG per metric against tokens seen (eval/curve.py)")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="run folders, model folders or hub ids org/name@revision (TRACK.KEY=VALUE words among "
+                        "them are settings, as with --set)")
+    p.add_argument("--tracks", type=_names, required=True, help="comma list of bpb, generative, classify, retrieval")
+    p.add_argument("--out", required=True, help="output folder (results are cached in OUT/cache/)")
+    p.add_argument("--every", type=int, default=1, help="every k-th checkpoint of a run (the last always)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="TRACK.KEY=VALUE",
+                   help="the tracks' settings, e.g. --set bpb.max_docs=50 generative.limit=100")
+    p.add_argument("--data-root", default=None)
+    p.set_defaults(handler=_curve)
+
     c = commands.add_parser("compare", help="tables (Markdown, JSON) and plots (PNG) of eval results side by side")
     c.add_argument("runs", nargs="+", help="result JSON files or folders (searched for results and metrics.jsonl)")
     c.add_argument("--out", required=True, help="output folder")
@@ -177,6 +190,18 @@ def _bpb(args) -> int:
     res = bpb.run(args.model, cfg, mntp=args.mntp, variant=args.variant, data_root=args.data_root, out=args.out,
                   log=_log)
     return _finish(res, args)
+
+
+def _curve(args) -> int:
+    from twinlm.eval.curve import curve
+
+    sources = [s for s in args.sources if "=" not in s]  # KEY=VALUE words may follow the sources
+    overrides = [s for s in args.sources if "=" in s] + args.set
+    res = curve(sources, args.tracks, args.out, every=args.every, overrides=overrides, data_root=args.data_root,
+                log=_log)
+    print(json.dumps({"points": len(res["points"]), "metrics": res["metrics"], "evaluated": res["evaluated"],
+                      "cached": res["cached"], "plots": res["plots"]}, indent=2))
+    return 0
 
 
 def _compare(args) -> int:

@@ -22,6 +22,7 @@ import twinlm
 from twinlm.errors import ConfigError, ScoreError
 from twinlm.eval.hf_models import is_twinlm_folder, load_hf_model
 from twinlm.export import check_tokenizer_matches
+from twinlm.hub import resolve_model
 
 
 @dataclass
@@ -51,7 +52,7 @@ def load_for_eval(model, tokenizer=None, *, mntp: bool | None = None, variant: s
         torch.set_num_threads(threads)
     path = None
     if isinstance(model, (str, os.PathLike)):
-        path = str(model)
+        path = str(resolve_model(model))  # a hub id org/name@revision -> its snapshot folder
         if is_twinlm_folder(path):
             net = twinlm.load(path)
             if tokenizer is None:

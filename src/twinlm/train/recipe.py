@@ -57,9 +57,19 @@ def expand_path(value: str | None) -> str | None:
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class ShardSource:
-    """One prepared shard folder (`twinlm data prepare --out DIR`) and its share of the tokens."""
+    """One prepared shard folder (`twinlm data prepare --out DIR`) and its share of the tokens, or a batch-order
+    folder to replay (recognised by its layout, twinlm.data.order): then it is the phase's only source, and
+    `start_step` is the order step its first step reads (default: the same global step for twinlm's records,
+    step 1 for the released layout, whose steps restart per phase), `order_group` the released phase
+    (`checkpoint`, `ext` or `decay`) when the folder holds several. An MDS folder of token ids (`index.json`,
+    twinlm.data.mds) is read as it is: `column` names the ids column when it is ambiguous, `dtype` how a
+    `bytes` column packs them; the recipe must name the tokenizer, whose vocabulary bounds the ids."""
     path: str
     weight: float = 1.0
+    start_step: int | None = None
+    order_group: str | None = None
+    column: str | None = None
+    dtype: str | None = None
 
 
 @dataclass

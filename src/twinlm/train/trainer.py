@@ -36,6 +36,8 @@ from twinlm.card import run_summary
 from twinlm.config import ModelConfig
 from twinlm.convert import convert
 from twinlm.data import BatchStream, check_tokenizer
+from twinlm.data.mds import is_mds_folder
+from twinlm.data.order import ReplayStream, is_order_folder
 from twinlm.data.shards import is_verified, read_meta, shard_signature, verify_shards
 from twinlm.data.tokenizer import load_tokenizer, model_config_for, tokenizer_fingerprint
 from twinlm.errors import (
@@ -47,6 +49,7 @@ from twinlm.errors import (
     TokenizerMismatch,
     TrainingDiverged,
 )
+from twinlm.hub import resolve_model
 from twinlm.io import atomic_dir, is_disk_full, remove_stale_temporaries, write_bytes, write_json
 from twinlm.model import Transformer
 from twinlm.train import callbacks as cbs
@@ -60,11 +63,10 @@ from twinlm.train.checkpoint import (
     restore_training,
     save_training,
 )
-from twinlm.train.datasets import build_dataset, phase_sources
+from twinlm.train.datasets import batch_size_for, phase_sources, stream_for
 from twinlm.train.optim import build_optimizer
 from twinlm.train.recipe import Phase, Recipe
 from twinlm.train.rundir import prepare_run_dir
-from twinlm.train.schedule import batch_size as scheduled_batch_size
 from twinlm.train.state import TrainState
 from twinlm.train.step import TrainStep
 
@@ -150,7 +152,7 @@ class Trainer:
 
     def _converted_model(self) -> Transformer:
         """Cross-objective start: weights of a trained model of the other kind, converted; fresh optimizer."""
-        src = Path(self.recipe.init_from)
+        src = resolve_model(self.recipe.init_from)  # a hub id org/name@revision -> its snapshot folder
         target = "decoder" if self.recipe.causal else "encoder"
         if not src.exists():
             raise MissingArtifactError(f"init_from: {src} does not exist (train the source model first, or "
@@ -229,13 +231,18 @@ class Trainer:
         restore_training(ckpt, state, self.model, self.optimizer, self.env, seed=self.recipe.seed, log=self.log)
 
     # --- data -----------------------------------------------------------------------------------------
+    def _shard_sources(self, phase) -> list:
+        """The phase's twinlm shard folders (MDS folders and batch-order folders are checked when read)."""
+        return [s for s in phase_sources(self.recipe, phase)
+                if not is_order_folder(s.path) and not is_mds_folder(s.path)]
+
     def _check_seq_lens(self) -> None:
         """Each phase's `seq_len` against the chunk size its shards were prepared with (meta.json `chunking`;
         shards that record none are not checked). Longer: an error (the phase could never see sequences that
         long; a context extension on short chunks extends nothing). Shorter: a warning (each chunk is cut to
         seq_len, the rest of it is never trained on)."""
         for phase in self.phases:
-            for src in phase_sources(self.recipe, phase):
+            for src in self._shard_sources(phase):
                 try:
                     meta = read_meta(src.path)
                 except ShardError:
@@ -261,7 +268,7 @@ class Trainer:
             record = json.loads(record_path.read_text()) if record_path.exists() else {}
         except json.JSONDecodeError:
             record = {}
-        paths = {str(s.path) for phase in self.phases for s in phase_sources(self.recipe, phase)}
+        paths = {str(s.path) for phase in self.phases for s in self._shard_sources(phase)}
         changed = False
         for path in sorted(paths):
             try:
@@ -281,12 +288,14 @@ class Trainer:
             write_json(record_path, record)
         return None
 
-    def _stream_for(self, phase_index: int) -> BatchStream:
-        phase = self.phases[phase_index]
-        ds = build_dataset(phase_sources(self.recipe, phase), self.recipe.seed + 1000 * phase_index)
-        self._check_tokenizer(ds)
-        return BatchStream(ds, self.recipe.seed + 1000 * phase_index, rank=self.env.rank,
-                           world_size=self.env.world_size)
+    def _stream_for(self, phase_index: int) -> BatchStream | ReplayStream:
+        """Shards (checked against the run's tokenizer) or a replayed batch order (ids checked per step)."""
+        vocab = len(self.tokenizer) if self.tokenizer is not None else self.bare_model.config.vocab_size
+        stream = stream_for(self.recipe, phase_index, rank=self.env.rank, world_size=self.env.world_size,
+                            steps_before=self.state.step - self.state.phase_step, vocab_size=vocab)
+        if stream.dataset is not None:
+            self._check_tokenizer(stream.dataset)
+        return stream
 
     def _check_tokenizer(self, ds) -> None:
         """The shards must come from the run's tokenizer: the recipe's, else the checkpoint's, else that of
@@ -301,7 +310,7 @@ class Trainer:
 
     def _next_samples(self, bs: int) -> list:
         """This rank's share of the next global batch; a share may be empty (batch smaller than the ranks)."""
-        if bs >= self.env.world_size:
+        if bs >= self.env.world_size or isinstance(self.stream, ReplayStream):
             return self.stream.next_step(bs)
         ids = self.stream.peek_global(bs)[self.env.rank::self.env.world_size]
         self.stream.skip(bs)
@@ -406,8 +415,7 @@ class Trainer:
                 self.stream.load_state_dict(self.state.stream)
             self._emit("on_phase_start", phase)
             while self.state.phase_tokens < phase.tokens:
-                bs = scheduled_batch_size(self.state.phase_tokens, full=phase.batch_size, start=phase.warmup_start,
-                                          warmup_tokens=phase.batch_warmup_tokens, multiple=phase.warmup_start)
+                bs = batch_size_for(phase, self.state.phase_tokens, self.stream)
                 t_read = time.perf_counter()
                 samples = self._next_samples(bs)
                 t_read = time.perf_counter() - t_read
