@@ -397,6 +397,8 @@ def test_E08_a_model_producing_nan_gets_no_score(tmp_path, toy_models):
     name = next(k for k in w if "embed" in k and w[k].dim() == 2)
     w[name][:, 3] = float("nan")  # one feature of every token embedding: what a flipped exponent byte does
     save_file(w, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    # a model whose own weights produce NaN (as if trained into it): its manifest describes these weights
+    (bad / "MANIFEST.sha256").unlink(missing_ok=True)
     text = tmp_path / "t.txt"
     text.write_text("\n\n".join(f"the cat sat on mat number {i} and it was fine" for i in range(8)))
     with pytest.raises(ScoreError, match="non-finite"):
