@@ -103,3 +103,15 @@ def test_load_ngram_refuses_other_tokenizers_and_missing_folders(shards, tmp_pat
         load_ngram("bigram", tmp_path, other)
     with pytest.raises(ConfigError, match="unknown n-gram"):
         load_ngram("fourgram", root / "shards", other)
+
+
+def test_bpb_interval_resamples_documents(shards):
+    root, tok = shards
+    loaded = load_ngram("bigram", root / "shards", tok)
+    texts = toy_sentences(30, seed=4)
+    res = bpb.run(loaded, texts=texts, log=None)
+    r = res["tasks"]["texts"]
+    # per-document bits by hand: each document's bits / its bytes, resampled
+    per_doc = [bpb.bits_per_byte(loaded.model, tok, [t])["bpb"] * len(t.encode()) for t in texts]
+    assert sum(per_doc) / sum(len(t.encode()) for t in texts) == pytest.approx(r["bpb"], rel=1e-6)
+    assert r["bpb_ci95"][0] < r["bpb"] < r["bpb_ci95"][1] and res["average"]["std"] == r["bpb_se"] > 0

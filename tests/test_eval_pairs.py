@@ -54,6 +54,12 @@ def test_build_pairs_is_reproducible_and_each_family_corrupts_as_documented():
             diff = [i for i in range(len(g)) if g[i] != b[i]]
             table = AGREEMENT if p.family == "agreement" else {"a": "an", "an": "a"}
             assert len(diff) == 1 and table[g[diff[0]]] == b[diff[0]]
+    # substitution families go both ways equally: word frequency alone scores 50%
+    for family in ("agreement", "article"):
+        moves = [next((g, b) for g, b in zip(p.good.split(" "), p.bad.split(" ")) if g != b)
+                 for p in got if p.family == family]
+        for a, b in {tuple(sorted(m)) for m in moves}:
+            assert moves.count((a, b)) == moves.count((b, a)) > 0
     per_sentence = {(p.family, p.good) for p in got}
     assert len(per_sentence) == len(got)  # a sentence is corrupted once per family
     assert len(build_pairs(TEXTS, families=["swap"], per_family=2)) == 2

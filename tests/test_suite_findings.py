@@ -59,3 +59,31 @@ def test_training_table_measures_loss_against_the_unigram_entropy(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps({"tokens": 10 * i, "loss": 0.5}) + "\n" for i in range(12)))
     table = training_table(tmp_path, math.log(2))
     assert "| encoder | 110 | 0.50 | +0.19 nats |" in table
+
+
+def test_taught_compares_each_model_with_its_random_init_and_the_best_ngram():
+    from twinlm.suite.findings import proxies, taught, taught_markdown
+
+    scores = {
+        "encoder": {"bpb": Score(2.0, 0.02), "pairs": Score(70, 2.0)},
+        "decoder": {"bpb": Score(1.6, 0.02), "pairs": Score(80, 2.0), "generative": Score(30, 1.0)},
+        "random-encoder": {"bpb": Score(3.3, 0.01), "pairs": Score(51, 2.0)},
+        "random-decoder": {"bpb": Score(3.2, 0.01), "pairs": Score(50, 2.0)},
+        "unigram": {"bpb": Score(2.4, 0.03), "pairs": Score(60, 2.0)},
+        "bigram": {"bpb": Score(1.9, 0.03), "pairs": Score(75, 2.0)},
+    }
+    t = taught(scores)
+    assert t["best_ngram"] == {"bpb": "bigram", "pairs": "bigram"}  # bits per byte: lower is better
+    rows = {c["claim"]: c for c in t["comparisons"]}
+    # the encoder: far better than random init on both; worse than the bigram on bits per byte (margin < 0)
+    assert rows["encoder beats random init on bits per byte"]["verdict"] == "reproduced"
+    assert math.isclose(rows["encoder beats random init on bits per byte"]["margin"], 1.3)
+    assert rows["encoder beats bigram control on bits per byte"]["verdict"] == "contradicted"
+    assert rows["encoder beats bigram control on minimal pairs"]["verdict"] == "unresolved"  # 5 < 2·√8
+    assert rows["decoder beats bigram control on bits per byte"]["verdict"] == "reproduced"
+    assert {c["model"] for c in t["comparisons"]} == {"encoder", "decoder"}  # the others were not measured
+    judged = judge({m: {k: v for k, v in per.items() if k == "generative"} for m, per in scores.items()})
+    (proxy,) = proxies(scores, judged["findings"])
+    assert proxy["verdict"] == "reproduced" and proxy["paper_verdict"] == "not measured"
+    text = taught_markdown(t, [proxy])
+    assert "a proxy" in text and "decoder > encoder on minimal pairs" in text and "bits per byte: `bigram`" in text

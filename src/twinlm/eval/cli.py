@@ -226,7 +226,8 @@ def _pairs(args) -> int:
     from twinlm.eval.settings import PairsConfig
 
     cfg = PairsConfig(pairs_file=args.pairs_file, text_file=args.text_file, per_family=args.per_family,
-                      seed=args.seed, bootstrap=args.bootstrap, **({"families": args.families} if args.families else {}))
+                      seed=args.seed, bootstrap=args.bootstrap,
+                      **({"families": args.families} if args.families else {}))
     res = pairs.run(_model(args), cfg, mntp=args.mntp, variant=args.variant, data_root=args.data_root, out=args.out,
                     log=_log)
     return _finish(res, args)

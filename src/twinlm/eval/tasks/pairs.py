@@ -10,11 +10,14 @@ sentences with a `random.Random(seed)` stream of its own and corrupts one place 
   count over the held-out sentences), so the twin differs in what the word means, not in how rare or long
   it is.
 - `splice`: the second half of the sentence is replaced by the second half of a sentence from another
-  document.
+  document (of 30 drawn, the one that makes the twin closest in length to the original).
 - `agreement`: is↔are, was↔were, has↔have, does↔do (the verb's number no longer agrees).
 - `article`: a↔an (the article no longer fits the next word's sound).
 
-Each sentence is corrupted at most once per family; a family with no candidate sentence yields no pair.
+The two substitution families take as many pairs each way (is→are as are→is, a→an as an→a), so that
+knowing only which word is more frequent scores 50%; `replace` keeps the length and the frequency band,
+`swap` keeps every word. Each sentence is corrupted at most once per family; a family with no candidate
+sentence yields no pair.
 The same texts and seed give the same pairs on any machine (no hash of Python objects is used).
 
 `read_pair_file(path)`: JSONL with `{"good", "bad", "family"}` per line; BLiMP's own files
@@ -40,6 +43,7 @@ FAMILIES = tuple(PAIR_FAMILIES)
 AGREEMENT = {"is": "are", "are": "is", "was": "were", "were": "was", "has": "have", "have": "has",
              "does": "do", "do": "does"}
 ARTICLE = {"a": "an", "an": "a"}
+SUBSTITUTIONS = {"agreement": AGREEMENT, "article": ARTICLE}
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
 _WORD = re.compile(r"^[a-z]+$")
@@ -89,6 +93,9 @@ def build_pairs(texts: Sequence[str], families: Sequence[str] = FAMILIES, per_fa
         rng = random.Random(seed * 1000 + fam_index)
         order = list(range(len(docs)))
         rng.shuffle(order)
+        if family in SUBSTITUTIONS:
+            pairs += _balanced(family, docs, order, per_family, rng)
+            continue
         made = 0
         for i in order:
             if made >= per_family:
@@ -99,6 +106,32 @@ def build_pairs(texts: Sequence[str], families: Sequence[str] = FAMILIES, per_fa
                 pairs.append(Pair(good, corrupted, family))
                 made += 1
     return pairs
+
+
+def _balanced(family: str, docs, order: list[int], per_family: int, rng: random.Random) -> list[Pair]:
+    """A substitution family with as many pairs in each direction of every word pair (is→are as are→is):
+    a model that only knows which word is more frequent scores 50%, not the frequency ratio."""
+    table = SUBSTITUTIONS[family]
+    groups: dict[str, list[tuple[str, int]]] = {w: [] for w in table}
+    for i in order:
+        words = docs[i][1].split(" ")
+        spots = [j for j in range(1, len(words) - 1) if words[j] in table
+                 and (family != "article" or words[j + 1][:1].isalpha())]  # "a 1990s" is no clean case
+        if spots:
+            j = rng.choice(spots)
+            groups[words[j]].append((docs[i][1], j))
+    canon = sorted({tuple(sorted((a, b))) for a, b in table.items()})
+    taken = {pair: min(len(groups[pair[0]]), len(groups[pair[1]])) for pair in canon}
+    out: list[Pair] = []
+    for k in range(max(taken.values(), default=0)):  # round-robin over the word pairs, one each way per round
+        for pair in canon:
+            if k < taken[pair] and len(out) + 2 <= per_family:
+                for w in pair:
+                    good, j = groups[w][k]
+                    words = good.split(" ")
+                    words[j] = table[w]
+                    out.append(Pair(good, " ".join(words), family))
+    return out
 
 
 def _corrupt(family, sentence, doc, docs, counts, bands, rng) -> str | None:
@@ -125,21 +158,17 @@ def _corrupt(family, sentence, doc, docs, counts, bands, rng) -> str | None:
     elif family == "splice":
         if len(words) < 8:
             return None
-        for _ in range(20):  # a sentence of another document, long enough to give a second half
+        head = words[:len(words) // 2]
+        best = None
+        for _ in range(30):  # of sentences from other documents, the one whose splice is closest in length
             other_doc, other = docs[rng.randrange(len(docs))]
-            if other_doc != doc and len(other.split(" ")) >= 8:
-                tail = other.split(" ")
-                return " ".join(words[:len(words) // 2] + tail[len(tail) // 2:])
-        return None
-    else:
-        table = AGREEMENT if family == "agreement" else ARTICLE
-        spots = [i for i in range(1, len(words) - 1) if words[i] in table]
-        if family == "article":  # only before a plain word: "a 1990s" or "a 'quoted'" is no clean case
-            spots = [i for i in spots if words[i + 1][:1].isalpha()]
-        if not spots:
-            return None
-        i = rng.choice(spots)
-        words[i] = table[words[i]]
+            tail = other.split(" ")
+            if other_doc == doc or len(tail) < 8:
+                continue
+            cand = " ".join(head + tail[len(tail) // 2:])
+            if best is None or abs(len(cand) - len(sentence)) < abs(len(best) - len(sentence)):
+                best = cand
+        return best
     return " ".join(words)
 
 
