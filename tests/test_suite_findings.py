@@ -87,3 +87,41 @@ def test_taught_compares_each_model_with_its_random_init_and_the_best_ngram():
     assert proxy["verdict"] == "reproduced" and proxy["paper_verdict"] == "not measured"
     text = taught_markdown(t, [proxy])
     assert "a proxy" in text and "decoder > encoder on minimal pairs" in text and "bits per byte: `bigram`" in text
+
+
+def test_report_shows_what_pretraining_taught_from_the_result_files(tmp_path):
+    import json
+
+    from twinlm.suite.report import write_report
+    from twinlm.suite.scales import get_scale
+
+    def result(track, model, arch, mean, se, extra=None):
+        task = ({"bpb": mean, "bpb_se": se, "bpb_ci95": [mean - 2 * se, mean + 2 * se], "score": mean}
+                if track == "bpb" else
+                {"accuracy": mean, "ci95": [mean - 2 * se, mean + 2 * se], "se": se, "score": mean, "n": 100,
+                 "headline": "accuracy"})
+        tasks = {"heldout": task} if track == "bpb" else {"swap": task}
+        avg = {"mean": mean, "std": se, **({"ci95": [mean - 2 * se, mean + 2 * se]} if track == "pairs" else {})}
+        return {"track": track, "model": {"variant": model, "arch": arch, "size": "x", "params": 1, **(extra or {})},
+                "tasks": tasks, "average": avg, "config": {}}
+
+    rows = [("encoder", "encoder", 2.0, 70.0), ("random-encoder", "encoder", 3.5, 50.0),
+            ("decoder", "decoder", 1.8, 75.0), ("random-decoder", "decoder", 3.4, 50.0),
+            ("bigram", "n-gram", 2.5, 60.0)]
+    for model, arch, bits, acc in rows:
+        for track, mean, se in (("bpb", bits, 0.02), ("pairs", acc, 2.0)):
+            folder = tmp_path / f"eval-{model}-{track}"
+            folder.mkdir()
+            extra = {"trained_tokens": 123456} if arch == "n-gram" else None
+            (folder / "result.json").write_text(json.dumps(result(track, model, arch, mean, se, extra)))
+            (folder / "STEP.json").write_text(json.dumps({"identity": "x", "seconds": 1.0}))
+    out = write_report(tmp_path / "report", root=tmp_path, scale=get_scale("quick"), preset="cpu-tiny",
+                       shards=tmp_path / "none")
+    assert out["taught"]["encoder beats random init on bits per byte"] == "reproduced"
+    assert out["taught"]["encoder beats bigram control on minimal pairs"] == "reproduced"
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["taught"]["best_ngram"] == {"bpb": "bigram", "pairs": "bigram"}
+    assert saved["findings"]["proxies"][0]["verdict"] == "unresolved"  # 5 points < 2 x sqrt(8)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## What pre-training taught" in text and "counted 123,456 tokens" in text
+    assert "| encoder | 2.000 [1.960, 2.040] | 70.0 [66.0, 74.0] | 70.0 [66, 74] |" in text

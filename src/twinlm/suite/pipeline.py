@@ -52,6 +52,8 @@ TRAINED = {
     "dec-from-enc": ("dec-from-enc", "encoder"),
 }
 CONTROLS = {"random-encoder": False, "random-decoder": True}  # name -> causal
+ENCODERS = ("encoder", "enc-from-dec", "random-encoder")
+NGRAM_PACK_TOKENS = 2048
 
 
 def recipes_dir() -> Path:
@@ -268,8 +270,10 @@ class Suite:
             for track in TRACKS:
                 if model in CONTROLS and track not in s.control_tracks:
                     continue
+                # an encoder's pseudo-log-likelihood runs one masked copy per token: ~10x a decoder's pass
+                slow = 10.0 if track == "pairs" and model in ENCODERS else 1.0
                 steps.append(Step(f"eval-{model}-{track}", self._evaluate(model, track), eval_settings[track],
-                                  [source, "corpus"], estimate_s=est[track], title=f"{track}: {model}"))
+                                  [source, "corpus"], estimate_s=est[track] * slow, title=f"{track}: {model}"))
         for model in s.ngrams:  # fitted on the pre-training shards inside the step: seconds
             for track in NGRAM_TRACKS:
                 steps.append(Step(f"eval-{model}-{track}", self._evaluate(model, track), eval_settings[track],
@@ -315,6 +319,8 @@ def run_track(track: str, model: str, suite: Suite, out: Path) -> dict:
     named = {} if baseline else {"variant": model}
     if model in suite.scale.ngrams:
         target = load_ngram(model, suite.shards(suite.scale.short_seq), load_tokenizer(suite.tokenizer_dir))
+        # its "logits" are dense (positions, vocabulary) arrays built in float64: smaller packs bound the memory
+        cfg = dataclasses.replace(cfg, max_tokens=min(cfg.max_tokens, NGRAM_PACK_TOKENS))
     if track in ("bpb", "pairs") and cfg.text_file is None and getattr(cfg, "pairs_file", None) is None:
         cfg = dataclasses.replace(cfg, text_file=str(suite.path("corpus", "heldout.jsonl")))  # the held-out split
     runner = {"classification": classify.run, "retrieval": retrieval.run, "generative": generative.run,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from twinlm.configs import parse_count
 from twinlm.eval.compare import compare
 from twinlm.io import write_bytes, write_json
 from twinlm.suite.findings import (
@@ -142,6 +143,17 @@ def intrinsic_table(results: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def _ngram_note(results: dict[str, dict[str, dict]], scale: Scale) -> str:
+    """How much text the n-gram controls counted against how much each model trained on."""
+    seen = {m: per[t]["model"].get("trained_tokens") for m, per in results.items() for t in per
+            if per[t]["model"].get("arch") == "n-gram"}
+    if not seen or not any(seen.values()):
+        return ""
+    pretrain = sum(parse_count(t) for t in (scale.pretrain_tokens, scale.extension_tokens, scale.decay_tokens))
+    return (f"The n-gram controls counted {max(v or 0 for v in seen.values()):,} tokens (every token of the "
+            f"pre-training shards, once); each pre-trained model saw {pretrain:,} tokens in its three phases.")
+
+
 def write_report(folder: Path, *, root: Path, scale: Scale, preset: str, shards: Path) -> dict:
     """`report.md` and `report.json` (and the comparison tables and plots) in `folder` for the suite in `root`,
     run at `scale` with model `preset`; `shards` is the pre-training shard folder (for the unigram entropy)."""
@@ -174,11 +186,15 @@ def write_report(folder: Path, *, root: Path, scale: Scale, preset: str, shards:
         "Each pre-trained model against the random-initialisation control of its architecture and the best "
         f"n-gram control ({', '.join(scale.ngrams) or 'none'}, interpolated Witten-Bell, fitted on every token of "
         "the pre-training shards) on bits per byte of the held-out split and on minimal pairs built from it "
-        f"({', '.join(pairs_cfg.families)}; up to {pairs_cfg.per_family} pairs per family; decoders and n-grams "
+        + (f"(from `{pairs_cfg.pairs_file}`; " if pairs_cfg.pairs_file else
+           f"({', '.join(pairs_cfg.families)}; up to {pairs_cfg.per_family} pairs per family; ")
+        + "decoders and n-grams "
         "by log-likelihood, encoders by pseudo-log-likelihood, both per byte). A comparison is resolved beyond "
         "2× its combined bootstrap spread.",
         "",
         intrinsic_table(intrinsic),
+        "",
+        _ngram_note(intrinsic, scale),
         "",
         taught_markdown(learned, proxy_rows),
         "## The paper's findings at this scale",
