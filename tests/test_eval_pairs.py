@@ -130,7 +130,9 @@ def test_run_scores_families_with_intervals_and_writes_the_result(models, tmp_pa
         acc = np.mean(fam["correct"]) * 100
         assert fam["accuracy"] == pytest.approx(acc) and fam["ci95"][0] <= acc <= fam["ci95"][1]
         assert fam["n"] == len(fam["correct"]) and 0 <= fam["se"] < 50
-    assert res["average"]["mean"] == pytest.approx(np.mean([f["accuracy"] for f in res["tasks"].values()]))
+    every = [c for f in res["tasks"].values() for c in f["correct"]]
+    assert res["average"]["mean"] == pytest.approx(100 * np.mean(every)) and res["average"]["n_pairs"] == len(every)
+    assert res["average"]["macro"] == pytest.approx(np.mean([f["accuracy"] for f in res["tasks"].values()]))
     assert res["average"]["std"] > 0 and res["config"]["scoring"] == "log-likelihood per byte"
     # the same pairs are scored by a model of each kind; the outcome of each pair follows its scores
     pairs = pairs_track.load_pairs(cfg, TEXTS)[1]

@@ -12,9 +12,9 @@ The score compared is the (pseudo-)log-likelihood per UTF-8 byte of the sentence
 tokenizer-independent normalisation for both kinds; a pair is right when the real sentence scores higher,
 half right on a tie (an order-blind unigram ties on swapped words), wrong otherwise. `accuracy_sum` is the
 same with total log-likelihood (BLiMP's convention). Accuracy per family with a bootstrap standard error
-and 95% percentile interval (resampling pairs); the average is the mean over families, its interval from a
-bootstrap stratified by family. Each pair's outcome is kept in the result (`correct`), so two models can be
-compared pair by pair.
+and 95% percentile interval (resampling pairs); the average is the accuracy over all pairs (families of a
+few pairs do not swing it), with the mean over families (`macro`, a bootstrap stratified by family) beside
+it. Each pair's outcome is kept in the result (`correct`), so two models can be compared pair by pair.
 """
 
 from __future__ import annotations
@@ -137,17 +137,20 @@ def run(model, cfg: PairsConfig | None = None, *, tokenizer=None, texts: Sequenc
                          "accuracy_sum": 100 * float(np.mean(res["correct_sum"])), "n": len(c),
                          "score": 100 * b["value"], "score_std": 100 * b["se"], "headline": "accuracy",
                          "correct": c}
+    every = [c for fam in sorted(outcomes) for c in outcomes[fam]["correct"]]
+    pooled = bootstrap_ratio(every, [1.0] * len(every), cfg.bootstrap, seed=cfg.seed)
     macro = bootstrap_macro({f: r["correct"] for f, r in outcomes.items()}, cfg.bootstrap, seed=cfg.seed)
     seconds = t()
     if log:
         fams = ", ".join(f"{f} {r['accuracy']:.1f}" for f, r in tasks.items())
-        log(f"[pairs] {loaded.info['variant']} {name}: {100 * macro['value']:.1f}% ({fams}; {len(pairs)} pairs, "
+        log(f"[pairs] {loaded.info['variant']} {name}: {100 * pooled['value']:.1f}% ({fams}; {len(pairs)} pairs, "
             f"{seconds:.1f}s)")
     result = {"track": "pairs", "model": loaded.info, "tasks": tasks,
-              "average": {"metric": "minimal-pair accuracy (%), mean over families", "mean": 100 * macro["value"],
-                          "std": 100 * macro["se"], "std_kind": "bootstrap standard error (pairs resampled)",
-                          "ci95": [100 * macro["lo"], 100 * macro["hi"]], "n_tasks": len(tasks),
-                          "n_pairs": len(pairs)},
+              "average": {"metric": "minimal-pair accuracy (%), all pairs", "mean": 100 * pooled["value"],
+                          "std": 100 * pooled["se"], "std_kind": "bootstrap standard error (pairs resampled)",
+                          "ci95": [100 * pooled["lo"], 100 * pooled["hi"]], "n_tasks": len(tasks),
+                          "n_pairs": len(pairs), "macro": 100 * macro["value"], "macro_se": 100 * macro["se"],
+                          "macro_ci95": [100 * macro["lo"], 100 * macro["hi"]]},
               "config": {**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "source": name,
                          "scoring": "log-likelihood per byte" if loaded.causal else
                          "pseudo-log-likelihood per byte (one masked copy per token)",
