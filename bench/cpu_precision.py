@@ -83,20 +83,21 @@ def throughput(args) -> dict:
 
 def curve(args) -> dict:
     from twinlm.train import run as train
+    from twinlm.train.recipe import load_raw
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for objective in args.objectives:
-            recipe = ROOT / "recipes" / "cpu" / f"{objective}.yaml"
+            recipe = load_raw(ROOT / "recipes" / "cpu" / f"{objective}.yaml")
+            recipe["phases"] = {"pretrain": recipe["phases"]["pretrain"]}  # the pre-training phase only
             for label, precision, seed in (("fp32", "fp32", 21), ("bf16", "bf16", 21), ("fp32-seed2", "fp32", 22)):
                 out = Path(tmp) / f"{objective}-{label}"
                 overrides = [f"precision={precision}", f"seed={seed}", f"tokenizer={args.tokenizer}",
                              f"phases.pretrain.data={args.data}", f"phases.pretrain.seq_len={args.seq_len}",
-                             f"phases.pretrain.tokens={args.curve_tokens}", "phases.extension.tokens=0",
-                             "phases.decay.tokens=0", "checkpoint.every_tokens=0",
+                             f"phases.pretrain.tokens={args.curve_tokens}", "checkpoint.every_tokens=0",
                              f"phases.pretrain.batch_size={4096 // args.seq_len}"]
                 t0, c0 = time.perf_counter(), time.process_time()
-                train(str(recipe), out, overrides)
+                train(recipe, out, overrides, log=lambda m: None)
                 rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
                 runs[f"{objective}/{label}"] = {
                     "final_loss": statistics.mean(r["loss"] for r in rows[-10:]),

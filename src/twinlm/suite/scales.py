@@ -118,6 +118,9 @@ SCALES: dict[str, Scale] = {
         # within 30 minutes: encoder bits per byte costs 7 masked copies of the text, and MiniLM (2 min) is an
         # extra reference
         bpb=_with(SUITE_BPB, max_bytes=160_000),
+        # an encoder's pseudo-log-likelihood costs one masked copy per token: 60 pairs per family (300 in all)
+        # take about 30 s per encoder on 2 cores (measured 105 CPU-s for 500 pairs, cpu-small)
+        pairs=_with(SUITE_PAIRS, per_family=60),
         baselines=["tfidf", "bm25"],
     ),
     "quick": Scale(
