@@ -115,3 +115,27 @@ def test_bpb_interval_resamples_documents(shards):
     per_doc = [bpb.bits_per_byte(loaded.model, tok, [t])["bpb"] * len(t.encode()) for t in texts]
     assert sum(per_doc) / sum(len(t.encode()) for t in texts) == pytest.approx(r["bpb"], rel=1e-6)
     assert r["bpb_ci95"][0] < r["bpb"] < r["bpb_ci95"][1] and res["average"]["std"] == r["bpb_se"] > 0
+
+
+def test_interpolation_matches_nltk_witten_bell():
+    """NLTK's WittenBellInterpolated (installed with the test extra, through lm-eval -> rouge_score) on the
+    same n-gram counts. NLTK ends the recursion at the maximum-likelihood unigram where ours interpolates it
+    with the uniform distribution, so our unigram level is set to NLTK's for the comparison."""
+    nltk_lm = pytest.importorskip("nltk.lm")
+    rng = np.random.default_rng(3)
+    chunks = [[1, *rng.integers(5, V, rng.integers(3, 12)).tolist(), 2] for _ in range(40)]
+    lm = NGramLM(3, _cfg()).fit(chunks)
+    grams = []
+    for c in chunks:
+        seq = [S, S] + c
+        grams.append([g for t in range(3, len(seq)) for g in
+                      ((str(seq[t]),), tuple(map(str, seq[t - 1:t + 1])), tuple(map(str, seq[t - 2:t + 1])))])
+    ref = nltk_lm.WittenBellInterpolated(3)
+    ref.fit(grams, vocabulary_text=[str(w) for w in range(V + 1)])
+    uni = np.array([ref.counts.unigrams.freq(str(w)) for w in range(V)])
+    lm.p1 = uni
+    contexts = [(c[i - 1] if i else S, c[i]) for c in chunks[:10] for i in range(len(c) - 1)] + [(7, 9), (S, 11)]
+    for p2, p1 in contexts:
+        ours = lm.next_token_probs(np.array([p1]), np.array([p2]))[0]
+        theirs = [ref.score(str(w), [str(p2), str(p1)]) for w in range(V)]
+        assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)

@@ -142,7 +142,7 @@ class NGramLM(torch.nn.Module):
             raise ConfigError("an n-gram baseline is not trained by gradient: it has no labels= loss")
         ids = input_ids.detach().cpu().numpy().astype(np.int64)
         if ids.ndim == 2:  # padded batch: every row is one sequence
-            rows = [self._sequence_logp(row, None) for row in ids]
+            rows = [self._sequence_logp(row) for row in ids]
             return SimpleNamespace(logits=torch.from_numpy(np.stack(rows)).float(), hidden_states=None)
         bounds = [0, len(ids)] if cu_seqlens is None else cu_seqlens.detach().cpu().tolist()
         first = np.zeros(len(ids), dtype=bool)
@@ -155,7 +155,7 @@ class NGramLM(torch.nn.Module):
         logp = np.log(self.next_token_probs(prev1[pos], prev2[pos]))
         return SimpleNamespace(logits=torch.from_numpy(logp).float(), hidden_states=None)
 
-    def _sequence_logp(self, row: np.ndarray, _) -> np.ndarray:
+    def _sequence_logp(self, row: np.ndarray) -> np.ndarray:
         prev2 = np.roll(row, 1)
         prev2[0] = self.S
         return np.log(self.next_token_probs(row, prev2))
