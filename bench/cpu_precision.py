@@ -95,7 +95,8 @@ def curve(args) -> dict:
                 overrides = [f"precision={precision}", f"seed={seed}", f"tokenizer={args.tokenizer}",
                              f"phases.pretrain.data={args.data}", f"phases.pretrain.seq_len={args.seq_len}",
                              f"phases.pretrain.tokens={args.curve_tokens}", "checkpoint.every_tokens=0",
-                             f"phases.pretrain.batch_size={4096 // args.seq_len}"]
+                             f"phases.pretrain.batch_size={args.batch_size or 4096 // args.seq_len}",
+                             "phases.pretrain.batch_warmup_tokens=0"]
                 t0, c0 = time.perf_counter(), time.process_time()
                 train(recipe, out, overrides, log=lambda m: None)
                 rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -126,6 +127,7 @@ def main() -> int:
     ap.add_argument("--data", help="curve: pre-training shard folder")
     ap.add_argument("--tokenizer", help="curve: its tokenizer folder")
     ap.add_argument("--curve-tokens", default="200K")
+    ap.add_argument("--batch-size", type=int, help="curve: sequences per step (default: 4,096 tokens' worth)")
     ap.add_argument("--objectives", nargs="+", default=["encoder", "decoder"])
     ap.add_argument("--json", help="write the measurements here")
     args = ap.parse_args()
