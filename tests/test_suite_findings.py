@@ -59,3 +59,69 @@ def test_training_table_measures_loss_against_the_unigram_entropy(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps({"tokens": 10 * i, "loss": 0.5}) + "\n" for i in range(12)))
     table = training_table(tmp_path, math.log(2))
     assert "| encoder | 110 | 0.50 | +0.19 nats |" in table
+
+
+def test_taught_compares_each_model_with_its_random_init_and_the_best_ngram():
+    from twinlm.suite.findings import proxies, taught, taught_markdown
+
+    scores = {
+        "encoder": {"bpb": Score(2.0, 0.02), "pairs": Score(70, 2.0)},
+        "decoder": {"bpb": Score(1.6, 0.02), "pairs": Score(80, 2.0), "generative": Score(30, 1.0)},
+        "random-encoder": {"bpb": Score(3.3, 0.01), "pairs": Score(51, 2.0)},
+        "random-decoder": {"bpb": Score(3.2, 0.01), "pairs": Score(50, 2.0)},
+        "unigram": {"bpb": Score(2.4, 0.03), "pairs": Score(60, 2.0)},
+        "bigram": {"bpb": Score(1.9, 0.03), "pairs": Score(75, 2.0)},
+    }
+    t = taught(scores)
+    assert t["best_ngram"] == {"bpb": "bigram", "pairs": "bigram"}  # bits per byte: lower is better
+    rows = {c["claim"]: c for c in t["comparisons"]}
+    # the encoder: far better than random init on both; worse than the bigram on bits per byte (margin < 0)
+    assert rows["encoder beats random init on bits per byte"]["verdict"] == "reproduced"
+    assert math.isclose(rows["encoder beats random init on bits per byte"]["margin"], 1.3)
+    assert rows["encoder beats bigram control on bits per byte"]["verdict"] == "contradicted"
+    assert rows["encoder beats bigram control on minimal pairs"]["verdict"] == "unresolved"  # 5 < 2·√8
+    assert rows["decoder beats bigram control on bits per byte"]["verdict"] == "reproduced"
+    assert {c["model"] for c in t["comparisons"]} == {"encoder", "decoder"}  # the others were not measured
+    judged = judge({m: {k: v for k, v in per.items() if k == "generative"} for m, per in scores.items()})
+    (proxy,) = proxies(scores, judged["findings"])
+    assert proxy["verdict"] == "reproduced" and proxy["paper_verdict"] == "not measured"
+    text = taught_markdown(t, [proxy])
+    assert "a proxy" in text and "decoder > encoder on minimal pairs" in text and "bits per byte: `bigram`" in text
+
+
+def test_report_shows_what_pretraining_taught_from_the_result_files(tmp_path):
+    import json
+
+    from twinlm.suite.report import write_report
+    from twinlm.suite.scales import get_scale
+
+    def result(track, model, arch, mean, se, extra=None):
+        task = ({"bpb": mean, "bpb_se": se, "bpb_ci95": [mean - 2 * se, mean + 2 * se], "score": mean}
+                if track == "bpb" else
+                {"accuracy": mean, "ci95": [mean - 2 * se, mean + 2 * se], "se": se, "score": mean, "n": 100,
+                 "headline": "accuracy"})
+        tasks = {"heldout": task} if track == "bpb" else {"swap": task}
+        avg = {"mean": mean, "std": se, **({"ci95": [mean - 2 * se, mean + 2 * se]} if track == "pairs" else {})}
+        return {"track": track, "model": {"variant": model, "arch": arch, "size": "x", "params": 1, **(extra or {})},
+                "tasks": tasks, "average": avg, "config": {}}
+
+    rows = [("encoder", "encoder", 2.0, 70.0), ("random-encoder", "encoder", 3.5, 50.0),
+            ("decoder", "decoder", 1.8, 75.0), ("random-decoder", "decoder", 3.4, 50.0),
+            ("bigram", "n-gram", 2.5, 60.0)]
+    for model, arch, bits, acc in rows:
+        for track, mean, se in (("bpb", bits, 0.02), ("pairs", acc, 2.0)):
+            folder = tmp_path / f"eval-{model}-{track}"
+            folder.mkdir()
+            extra = {"trained_tokens": 123456} if arch == "n-gram" else None
+            (folder / "result.json").write_text(json.dumps(result(track, model, arch, mean, se, extra)))
+            (folder / "STEP.json").write_text(json.dumps({"identity": "x", "seconds": 1.0}))
+    out = write_report(tmp_path / "report", root=tmp_path, scale=get_scale("quick"), preset="cpu-tiny",
+                       shards=tmp_path / "none")
+    assert out["taught"]["encoder beats random init on bits per byte"] == "reproduced"
+    assert out["taught"]["encoder beats bigram control on minimal pairs"] == "reproduced"
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["taught"]["best_ngram"] == {"bpb": "bigram", "pairs": "bigram"}
+    assert saved["findings"]["proxies"][0]["verdict"] == "unresolved"  # 5 points < 2 x sqrt(8)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## What pre-training taught" in text and "counted 123,456 tokens" in text
+    assert "| encoder | 2.000 [1.960, 2.040] | 70.0 [66.0, 74.0] | 70.0 [66, 74] |" in text

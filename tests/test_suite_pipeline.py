@@ -119,3 +119,20 @@ def test_eval_settings_are_the_tracks_dataclasses_and_reach_only_their_steps(tmp
     b = Pipeline(tmp_path, Suite(tmp_path, scale).steps()).identities()
     changed = {n for n in a if a[n] != b[n]}
     assert changed == {n for n in a if n.endswith(("-classification", "-retrieval"))} | {"report"}
+
+
+def test_every_scale_measures_pairs_and_bits_per_byte_for_every_model_and_its_controls(tmp_path):
+    for name in SCALES:
+        scale = get_scale(name)
+        steps = {s.name: s for s in Suite(tmp_path / name, scale).steps()}
+        for model in ("encoder", "decoder", "enc-from-dec", "dec-from-enc", "random-encoder", "random-decoder",
+                      "unigram", "bigram", "trigram"):
+            for track in ("bpb", "pairs"):
+                assert f"eval-{model}-{track}" in steps, (name, model, track)
+        # n-gram controls are fitted on the pre-training shards, scored on the held-out split
+        assert set(steps["eval-bigram-pairs"].after) == {"tokenizer", f"shards-{scale.short_seq}", "corpus"}
+        assert "eval-bigram-pairs" in steps["report"].after
+    assert get_scale("quick", ["ngrams=[bigram]", "pairs.per_family=7"]).pairs.per_family == 7
+    for bad in ("ngrams=[fourgram]", "pairs.families=[scramble]"):
+        with pytest.raises(ValueError, match="is not one of"):
+            get_scale("quick", [bad])

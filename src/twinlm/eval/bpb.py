@@ -8,6 +8,9 @@ in round(1/0.15) = 7 masked copies whose masked positions partition the window (
 every token is predicted exactly once from a copy with ≈15% of its tokens masked (`[MASK]`, no random
 or kept tokens). MNTP-trained encoders read each masked token one position earlier.
 
+The spread (`bpb_se`, `bpb_ci95`; the result's `average.std`) is a bootstrap over documents: the text is a
+sample of the language, and a second sample would give another figure.
+
 Default text: the LAMBADA passages (novels held out of every pre-training source by `twinlm data
 fetch`'s decontamination); or a `.txt` file (blank-line separated documents) / JSONL of `{"text"}`.
 """
@@ -19,6 +22,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from twinlm.errors import ScoreError, TaskFileError
@@ -31,6 +35,7 @@ from twinlm.eval.common import (
     load_for_eval,
     versions,
 )
+from twinlm.eval.metrics import bootstrap_ratio
 from twinlm.eval.settings import BpbConfig
 from twinlm.eval.tasks import oe_eval_requests, read_jsonl
 from twinlm.io import write_json
@@ -65,17 +70,17 @@ def default_texts(data_root=None) -> list[str]:
 
 
 def _units(model_cfg, causal: bool, mntp: bool, token_lists, max_length: int, seed: int):
-    """(sequence, read positions, targets) per forward unit."""
+    """(sequence, read positions, targets, document index) per forward unit."""
     units = []
     rng = random.Random(seed)
     groups = max(1, round(1 / MASK_RATE))
-    for toks in token_lists:
+    for doc, toks in enumerate(token_lists):
         if causal:
             step = max_length - 1
             for s in range(0, len(toks), step):
                 chunk = toks[s:s + step]
                 seq = [model_cfg.cls_token_id] + chunk
-                units.append((seq[:-1] if len(seq) > 1 else seq, list(range(len(chunk))), chunk))
+                units.append((seq[:-1] if len(seq) > 1 else seq, list(range(len(chunk))), chunk, doc))
         else:
             step = max_length - 2
             for s in range(0, len(toks), step):
@@ -88,7 +93,7 @@ def _units(model_cfg, causal: bool, mntp: bool, token_lists, max_length: int, se
                     for i in masked:
                         seq[1 + i] = model_cfg.mask_token_id
                     pos = [i if mntp else 1 + i for i in masked]
-                    units.append((seq, pos, [chunk[i] for i in masked]))
+                    units.append((seq, pos, [chunk[i] for i in masked], doc))
     return units
 
 
@@ -100,6 +105,7 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], *, mntp: bool = False,
     units = _units(cfg, bool(cfg.causal), mntp, toks, max_length, seed)
     nll = 0.0
     n_pred = 0
+    doc_nll = np.zeros(len(toks), dtype=np.float64)
     with torch.inference_mode():
         for batch in length_batches([len(u[0]) for u in units], max_tokens):
             seqs = [units[i][0] for i in batch]
@@ -110,14 +116,20 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], *, mntp: bool = False,
             targets = torch.tensor([t for i in batch for t in units[i][2]], dtype=torch.long)
             out, _ = forward_packed(model, seqs, prediction_positions=flat)
             logp = torch.log_softmax(out.logits.float(), -1).cpu()
-            nll -= float(logp.gather(1, targets[:, None]).double().sum())
+            picked = logp.gather(1, targets[:, None])[:, 0].double().numpy()
+            nll -= float(picked.sum())
+            np.add.at(doc_nll, [units[i][3] for i in batch for _ in units[i][2]], -picked)
             n_pred += len(targets)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_tokens = sum(len(t) for t in toks)
     if n_bytes == 0 or n_pred == 0:  # 0 bits over 0 bytes would read as a perfect model
         raise ScoreError(f"no text to score ({len(texts)} non-empty documents, {n_tokens} tokens): give a text "
                          "file with some text in it")
-    return {"bpb": nll / math.log(2) / max(1, n_bytes), "bits_per_token": nll / math.log(2) / max(1, n_pred),
+    spread = {}
+    if len(texts) > 1:  # the interval resamples documents: the text is a sample of the language
+        b = bootstrap_ratio(doc_nll / math.log(2), [len(t.encode("utf-8")) for t in texts], seed=seed)
+        spread = {"bpb_se": b["se"], "bpb_ci95": [b["lo"], b["hi"]]}
+    return {"bpb": nll / math.log(2) / max(1, n_bytes), **spread, "bits_per_token": nll / math.log(2) / max(1, n_pred),
             "tokens": n_tokens, "predicted": n_pred, "bytes": n_bytes, "docs": len(texts),
             "bytes_per_token": n_bytes / max(1, n_tokens)}
 
@@ -160,7 +172,8 @@ def run(model, cfg: BpbConfig | None = None, *, tokenizer=None, texts: Sequence[
                         max_length=cfg.max_length, max_tokens=cfg.max_tokens, seed=seed)
     res.update(seconds=t(), score=res["bpb"], headline="bpb")
     result = {"track": "bpb", "model": loaded.info, "tasks": {name: res},
-              "average": {"metric": "bits per byte (lower is better)", "mean": res["bpb"], "std": 0.0,
+              "average": {"metric": "bits per byte (lower is better)", "mean": res["bpb"],
+                          "std": res.get("bpb_se", 0.0), "std_kind": "bootstrap standard error (documents resampled)",
                           "n_tasks": 1},
               "config": {"text": name, "max_docs": max_docs, "max_bytes": max_bytes, "max_length": cfg.max_length,
                          "seed": seed,

@@ -1,7 +1,8 @@
-"""`twinlm eval {classify,retrieval,generative,bpb} MODEL` and `twinlm compare RUN … --out DIR`.
+"""`twinlm eval {classify,retrieval,generative,bpb,pairs} MODEL` and `twinlm compare RUN … --out DIR`.
 
 MODEL is a model folder (HF ModernBERT / ModernBERT-decoder, or a twinlm checkpoint), or a baseline
-name: classify takes `tfidf` / `minilm`, retrieval `bm25` / `minilm`. The flags fill the track's settings
+name: classify takes `tfidf` / `minilm`, retrieval `bm25` / `minilm`, bpb and pairs `unigram` / `bigram` /
+`trigram` (n-gram models fitted on `--shards DIR` with `--tokenizer DIR`). The flags fill the track's settings
 dataclass (twinlm.eval.settings); user errors reach twinlm.cli, which prints them as one line."""
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _common(p, with_seeds: bool = True) -> None:
 
 
 def register(commands) -> None:
-    ev = commands.add_parser("eval", help="evaluate a model on one track (classify, retrieval, generative, bpb)",
+    ev = commands.add_parser("eval", help="evaluate a model on one track (classify, retrieval, generative, bpb, pairs)",
                              description=__doc__)
     tracks = ev.add_subparsers(dest="track", metavar="TRACK", required=True)
 
@@ -97,6 +98,7 @@ def register(commands) -> None:
     p.add_argument("--max-bytes", type=_opt_int, default=None, help="score only the first N bytes of the documents")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--mntp", action="store_true", default=None)
+    _ngram_args(p)
     p.set_defaults(handler=_bpb)
 
     p = tracks.add_parser("curve", help="every checkpoint of runs (or model folders / hub revisions) on tracks: "
@@ -111,11 +113,49 @@ def register(commands) -> None:
                    help="the tracks' settings, e.g. --set bpb.max_docs=50 generative.limit=100")
     p.add_argument("--data-root", default=None)
     p.set_defaults(handler=_curve)
+    p = tracks.add_parser("pairs", help="minimal pairs: real sentence vs corrupted twin, accuracy per family with "
+                                        "bootstrap intervals")
+    _common(p)
+    p.add_argument("--pairs-file", help="JSONL {good, bad, family} (BLiMP's files work unchanged); default: pairs "
+                                        "built from --text-file or the LAMBADA passages")
+    p.add_argument("--text-file", help="held-out text to build pairs from: .txt (blank-line separated) or JSONL {text}")
+    p.add_argument("--families", type=_names, default=None,
+                   help="built pairs: comma list of swap,replace,splice,agreement,article (default: all)")
+    p.add_argument("--per-family", type=_opt_int, default=200,
+                   help="pairs per family (a seeded draw from a file; 'all' for every one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--mntp", action="store_true", default=None)
+    _ngram_args(p)
+    p.set_defaults(handler=_pairs)
 
     c = commands.add_parser("compare", help="tables (Markdown, JSON) and plots (PNG) of eval results side by side")
     c.add_argument("runs", nargs="+", help="result JSON files or folders (searched for results and metrics.jsonl)")
     c.add_argument("--out", required=True, help="output folder")
     c.set_defaults(handler=_compare)
+
+
+def _ngram_args(p) -> None:
+    p.add_argument("--shards", help="n-gram baselines (MODEL unigram, bigram, trigram): the training shard folder "
+                                    "they are fitted on")
+    p.add_argument("--tokenizer", help="n-gram baselines: the tokenizer folder of those shards")
+
+
+def _model(args):
+    """The model argument, with an n-gram baseline name fitted on --shards."""
+    from twinlm.eval.ngram import NGRAMS
+
+    if args.model not in NGRAMS:
+        return args.model
+    from twinlm.errors import ConfigError
+    from twinlm.eval.ngram import load_ngram
+
+    if not args.shards or not args.tokenizer:
+        raise ConfigError(f"the {args.model} baseline is fitted on training shards: give --shards DIR and "
+                          "--tokenizer DIR (the shards' tokenizer folder)")
+    from transformers import AutoTokenizer
+
+    return load_ngram(args.model, args.shards, AutoTokenizer.from_pretrained(args.tokenizer))
 
 
 def _threads(args):
@@ -187,7 +227,7 @@ def _bpb(args) -> int:
 
     cfg = BpbConfig(text_file=args.text_file, max_docs=args.max_docs, max_bytes=args.max_bytes,
                     max_length=args.max_length)
-    res = bpb.run(args.model, cfg, mntp=args.mntp, variant=args.variant, data_root=args.data_root, out=args.out,
+    res = bpb.run(_model(args), cfg, mntp=args.mntp, variant=args.variant, data_root=args.data_root, out=args.out,
                   log=_log)
     return _finish(res, args)
 
@@ -202,6 +242,19 @@ def _curve(args) -> int:
     print(json.dumps({"points": len(res["points"]), "metrics": res["metrics"], "evaluated": res["evaluated"],
                       "cached": res["cached"], "plots": res["plots"]}, indent=2))
     return 0
+
+
+def _pairs(args) -> int:
+    _threads(args)
+    from twinlm.eval import pairs
+    from twinlm.eval.settings import PairsConfig
+
+    cfg = PairsConfig(pairs_file=args.pairs_file, text_file=args.text_file, per_family=args.per_family,
+                      seed=args.seed, bootstrap=args.bootstrap,
+                      **({"families": args.families} if args.families else {}))
+    res = pairs.run(_model(args), cfg, mntp=args.mntp, variant=args.variant, data_root=args.data_root, out=args.out,
+                    log=_log)
+    return _finish(res, args)
 
 
 def _compare(args) -> int:

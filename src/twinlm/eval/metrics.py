@@ -131,3 +131,36 @@ def summarise(per_seed: Sequence[Mapping[str, float]]) -> dict[str, float]:
         out[f"{key}_std"] = s
     out["n_seeds"] = len(per_seed)
     return out
+
+
+# --- bootstrap -------------------------------------------------------------------------------------
+BOOTSTRAP_SAMPLES = 1000
+
+
+def bootstrap_ratio(num: Sequence[float], den: Sequence[float], samples: int = BOOTSTRAP_SAMPLES,
+                    seed: int = 0) -> dict[str, float]:
+    """sum(num) / sum(den) and its spread over `samples` resamplings of the items with replacement: the
+    standard error (`se`, the bootstrap replicates' std) and the 95% percentile interval (`lo`, `hi`).
+    A mean is the ratio with `den` all ones. No items is an error: a score from no data is no score."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if num.size == 0 or num.shape != den.shape or den.sum() <= 0:
+        raise ValueError("bootstrap of no data: nothing was scored")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, num.size, size=(samples, num.size))
+    reps = num[idx].sum(1) / np.maximum(den[idx].sum(1), 1e-300)
+    lo, hi = np.percentile(reps, [2.5, 97.5])
+    return {"value": float(num.sum() / den.sum()), "se": float(reps.std(ddof=1)), "lo": float(lo), "hi": float(hi)}
+
+
+def bootstrap_macro(groups: Mapping[str, Sequence[float]], samples: int = BOOTSTRAP_SAMPLES,
+                    seed: int = 0) -> dict[str, float]:
+    """The mean over groups of each group's mean, with a stratified bootstrap (each group resampled
+    within itself) for its standard error and 95% percentile interval."""
+    arrays = [np.asarray(v, dtype=np.float64) for v in groups.values()]
+    if not arrays or any(a.size == 0 for a in arrays):
+        raise ValueError("bootstrap of no data: a group has nothing scored")
+    rng = np.random.default_rng(seed)
+    reps = np.mean([a[rng.integers(0, a.size, size=(samples, a.size))].mean(1) for a in arrays], axis=0)
+    lo, hi = np.percentile(reps, [2.5, 97.5])
+    return {"value": float(np.mean([a.mean() for a in arrays])), "se": float(reps.std(ddof=1)),
+            "lo": float(lo), "hi": float(hi)}

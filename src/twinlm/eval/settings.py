@@ -118,3 +118,30 @@ class BpbConfig:
     max_length: int = 512  # tokens per window
     max_tokens: int = 16384  # tokens per packed forward pass
     seed: int = 0
+
+
+PAIR_FAMILIES = ["swap", "replace", "splice", "agreement", "article"]
+
+
+@dataclass
+class PairsConfig:
+    """Minimal pairs: real sentence vs corrupted twin, accuracy per family (twinlm.eval.pairs)."""
+
+    pairs_file: str | None = None  # JSONL {good, bad, family} (BLiMP's files too); None: build from text
+    text_file: str | None = None  # held-out text to build pairs from; None: LAMBADA (the suite: its held-out split)
+    families: list[str] = field(default_factory=lambda: list(PAIR_FAMILIES))  # built pairs only
+    per_family: int | None = 200  # pairs per family (a pair file: a seeded draw); None: all of a file
+    min_words: int = 6  # sentence length accepted for building pairs
+    max_words: int = 30
+    seed: int = 0
+    bootstrap: int = 1000  # bootstrap resamples for the intervals
+    max_tokens: int = 16384  # tokens per packed forward pass
+
+    def __post_init__(self):
+        bad = [f for f in self.families if f not in PAIR_FAMILIES]
+        if bad:
+            raise ConfigError(f"families: {', '.join(bad)} is not one of {', '.join(PAIR_FAMILIES)}")
+        if self.per_family is not None and self.per_family < 1:
+            raise ConfigError(f"per_family: {self.per_family} must be at least 1 (or None for all)")
+        if self.bootstrap < 100:
+            raise ConfigError(f"bootstrap: {self.bootstrap} resamples are too few for an interval; use at least 100")

@@ -1,7 +1,12 @@
-"""The paper's three findings (REFERENCE §3), judged on measured scores with their spread over seeds.
+"""The paper's three findings (REFERENCE §3), judged on measured scores with their spread over seeds, and
+what pre-training taught (each pre-trained model against its random-initialisation control and the best
+n-gram control on bits per byte and minimal pairs).
 
 A finding is never reported as a bare "reproduced": each comparison states its margin, the spread it
-must clear, and how many spreads the margin is, so a reader sees how far it is from being resolved.
+must clear, and how many spreads the margin is, so a reader sees how far it is from being resolved. On
+bits per byte and minimal pairs the spread is the bootstrap standard error of each score (documents or
+pairs resampled), combined as for seeds; on bits per byte lower is better, so margins there are the
+control's bits minus the model's (positive: the model is better).
 """
 
 from __future__ import annotations
@@ -90,6 +95,54 @@ CONTROLS = [
 ]
 
 
+# What pre-training taught: each pre-trained model, the random-initialisation control of its architecture.
+TAUGHT = {"encoder": "random-encoder", "decoder": "random-decoder", "enc-from-dec": "random-encoder",
+          "dec-from-enc": "random-decoder"}
+NGRAM_CONTROLS = ("unigram", "bigram", "trigram")
+INTRINSIC = {"bpb": "bits per byte", "pairs": "minimal pairs"}
+LOWER_IS_BETTER = {"bpb"}
+# The small-scale reading of finding 2 where the paper's generative tasks cannot see a difference.
+PROXIES = [("2. decoders beat same-size encoders on generation",
+            "decoder > encoder on minimal pairs (proxy for generative ability)", "pairs", "decoder", "encoder",
+            "generative")]
+
+
+def _oriented(scores: dict[str, dict[str, Score]], track: str) -> dict[str, dict[str, Score]]:
+    """`scores` restricted to `track` with higher = better (bits per byte negated)."""
+    sign = -1.0 if track in LOWER_IS_BETTER else 1.0
+    return {m: {track: Score(sign * per[track].mean, per[track].std, per[track].n)}
+            for m, per in scores.items() if track in per}
+
+
+def taught(scores: dict[str, dict[str, Score]]) -> dict:
+    """Each pre-trained model against its random-init control and the best n-gram control, on bits per byte
+    and minimal pairs. `best_ngram[track]` is the n-gram control that scores best there."""
+    rows, best = [], {}
+    for track, label in INTRINSIC.items():
+        oriented = _oriented(scores, track)
+        ngrams = [n for n in NGRAM_CONTROLS if n in oriented]
+        if ngrams:
+            best[track] = max(ngrams, key=lambda n: oriented[n][track].mean)
+        for model, control in TAUGHT.items():
+            for other, what in ((control, "random init"), (best.get(track), f"{best.get(track)} control")):
+                row = compare(f"{model} beats {what} on {label}", track, model, other, oriented) if other else None
+                if row:
+                    rows.append({**row.as_dict(), "model": model, "control": other,
+                                 "kind": "random-init" if other == control else "n-gram"})
+    return {"comparisons": rows, "best_ngram": best, "lower_is_better": sorted(LOWER_IS_BETTER)}
+
+
+def proxies(scores: dict[str, dict[str, Score]], judged_findings: list[dict]) -> list[dict]:
+    """The proxy comparisons, each with the verdict of the finding it stands in for."""
+    out = []
+    for finding, claim, track, winner, loser, paper_track in PROXIES:
+        row = compare(claim, track, winner, loser, _oriented(scores, track))
+        if row:
+            paper = next((f["verdict"] for f in judged_findings if f["finding"] == finding), "not measured")
+            out.append({**row.as_dict(), "finding": finding, "paper_track": paper_track, "paper_verdict": paper})
+    return out
+
+
 def judge(scores: dict[str, dict[str, Score]]) -> dict:
     """All findings and controls. A finding is reproduced only when all its comparisons are."""
     findings = []
@@ -125,6 +178,26 @@ def findings_markdown(judged: dict) -> str:
     if judged["controls"]:
         lines += ["### Controls: does pre-training beat random initialisation and bag-of-words?", "", header]
         lines += [_row(c) for c in judged["controls"]] + [""]
+    return "\n".join(lines)
+
+
+def taught_markdown(t: dict, proxy_rows: list[dict]) -> str:
+    """The "what pre-training taught" section's comparison tables."""
+    header = "| comparison | margin | spread | spreads | verdict |\n|---|---|---|---|---|"
+    lines = ["Margins are the model's advantage (bits per byte: the control's bits minus the model's; minimal pairs: "
+             "accuracy points); spread is the combined bootstrap standard error.", ""]
+    if t["best_ngram"]:
+        lines += ["Best n-gram control: " + ", ".join(f"{INTRINSIC[k]}: `{v}`" for k, v in t["best_ngram"].items()),
+                  ""]
+    lines += [header] + [_row(c) for c in t["comparisons"]] + [""]
+    if proxy_rows:
+        lines += ["### Finding 2 at this scale, read on minimal pairs (a proxy, not the paper's measure)", "",
+                  "The paper's generative tasks are the measure of finding 2; where they are at chance they cannot "
+                  "tell the two apart, and the minimal pairs stand in as the small-scale reading of generative "
+                  "ability.", "", header]
+        lines += [_row(c) for c in proxy_rows]
+        lines += [""] + [f"On the paper's own {c['paper_track']} tasks this finding is **{c['paper_verdict']}**."
+                         for c in proxy_rows] + [""]
     return "\n".join(lines)
 
 

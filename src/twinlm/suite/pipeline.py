@@ -2,7 +2,8 @@
 
 fetch → corpus (train / held-out split) → tokenizer → shards → encoder and decoder (three phases, one
 recipe) → cross-objective both ways → random-initialisation controls → every model on classification,
-retrieval, generation and bits per byte, plus outside baselines → the report with the three findings.
+retrieval, generation, bits per byte and minimal pairs, plus outside baselines and n-gram controls → the
+report with the three findings and what pre-training taught.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from twinlm.data.tokenizer import (
     train_tokenizer,
 )
 from twinlm.errors import MissingArtifactError, RunInterrupted
-from twinlm.eval import bpb, classify, generative, retrieval
+from twinlm.eval import bpb, classify, generative, pairs, retrieval
+from twinlm.eval.ngram import load_ngram
 from twinlm.eval.settings import seed_list
 from twinlm.io import atomic_path, write_json
 from twinlm.model import Transformer
 from twinlm.suite.report import write_report
-from twinlm.suite.scales import TRACKS, Scale
+from twinlm.suite.scales import NGRAM_TRACKS, TRACKS, Scale
 from twinlm.suite.steps import Pipeline, Step
 from twinlm.train import run as train
 from twinlm.train.recipe import load_raw
@@ -50,6 +52,8 @@ TRAINED = {
     "dec-from-enc": ("dec-from-enc", "encoder"),
 }
 CONTROLS = {"random-encoder": False, "random-decoder": True}  # name -> causal
+ENCODERS = ("encoder", "enc-from-dec", "random-encoder")
+NGRAM_PACK_TOKENS = 2048
 
 
 def recipes_dir() -> Path:
@@ -266,8 +270,15 @@ class Suite:
             for track in TRACKS:
                 if model in CONTROLS and track not in s.control_tracks:
                     continue
+                # an encoder's pseudo-log-likelihood runs one masked copy per token: ~10x a decoder's pass
+                slow = 10.0 if track == "pairs" and model in ENCODERS else 1.0
                 steps.append(Step(f"eval-{model}-{track}", self._evaluate(model, track), eval_settings[track],
-                                  [source, "corpus"], estimate_s=est[track], title=f"{track}: {model}"))
+                                  [source, "corpus"], estimate_s=est[track] * slow, title=f"{track}: {model}"))
+        for model in s.ngrams:  # fitted on the pre-training shards inside the step: seconds
+            for track in NGRAM_TRACKS:
+                steps.append(Step(f"eval-{model}-{track}", self._evaluate(model, track), eval_settings[track],
+                                  ["tokenizer", f"shards-{s.short_seq}", "corpus"], estimate_s=est["ngram"],
+                                  title=f"{track}: {model} control"))
         for model, track in BASELINE_RUNS:
             if model in s.baselines:
                 steps.append(Step(f"eval-{model}-{track}", self._evaluate(model, track), eval_settings[track],
@@ -297,7 +308,7 @@ BASELINE_RUNS = [("tfidf", "classification"), ("minilm", "classification"), ("bm
 def track_settings(scale: Scale, track: str):
     """The settings dataclass a scale gives one evaluation track."""
     return {"classification": scale.classify, "retrieval": scale.retrieval, "generative": scale.generative,
-            "bpb": scale.bpb}[track]
+            "bpb": scale.bpb, "pairs": scale.pairs}[track]
 
 
 def run_track(track: str, model: str, suite: Suite, out: Path) -> dict:
@@ -306,10 +317,14 @@ def run_track(track: str, model: str, suite: Suite, out: Path) -> dict:
     baseline = model in ("tfidf", "minilm", "bm25")
     target = model if baseline else str(suite.model_dir(model))
     named = {} if baseline else {"variant": model}
-    if track == "bpb" and cfg.text_file is None:  # the suite's own held-out split
-        cfg = dataclasses.replace(cfg, text_file=str(suite.path("corpus", "heldout.jsonl")))
+    if model in suite.scale.ngrams:
+        target = load_ngram(model, suite.shards(suite.scale.short_seq), load_tokenizer(suite.tokenizer_dir))
+        # its "logits" are dense (positions, vocabulary) arrays built in float64: smaller packs bound the memory
+        cfg = dataclasses.replace(cfg, max_tokens=min(cfg.max_tokens, NGRAM_PACK_TOKENS))
+    if track in ("bpb", "pairs") and cfg.text_file is None and getattr(cfg, "pairs_file", None) is None:
+        cfg = dataclasses.replace(cfg, text_file=str(suite.path("corpus", "heldout.jsonl")))  # the held-out split
     runner = {"classification": classify.run, "retrieval": retrieval.run, "generative": generative.run,
-              "bpb": bpb.run}[track]
+              "bpb": bpb.run, "pairs": pairs.run}[track]
     return runner(target, cfg, out=out, log=None, **named)
 
 
@@ -327,4 +342,6 @@ def _estimates(s: Scale) -> dict[str, float]:
             "retrieval": 0.05 * (s.retrieval.max_train_pairs or 2000) * len(seed_list(s.retrieval.seeds)) + 10,
             "generative": 0.1 * (s.generative.limit or 1000) * len(s.generative.tasks),
             "bpb": 0.05 * (s.bpb.max_docs or 500),
+            "pairs": 0.02 * (s.pairs.per_family or 1000) * len(s.pairs.families),
+            "ngram": 10.0,
             "baseline": 20.0}

@@ -1,4 +1,5 @@
-"""The suite's report: the three findings judged on measured scores, the controls, every table and plot.
+"""The suite's report: what pre-training taught (against random-init and n-gram controls on bits per byte and
+minimal pairs), the three findings judged on measured scores, the controls, every table and plot.
 
 It reads only the suite folder (the eval steps' result files, the training runs' metrics, the step markers)
 and what the pipeline passes in (the scale, the model preset, the shards), never the pipeline itself.
@@ -12,16 +13,26 @@ from pathlib import Path
 
 import numpy as np
 
+from twinlm.configs import parse_count
 from twinlm.eval.compare import compare
 from twinlm.io import write_bytes, write_json
-from twinlm.suite.findings import Score, findings_markdown, judge
+from twinlm.suite.findings import (
+    INTRINSIC,
+    NGRAM_CONTROLS,
+    Score,
+    findings_markdown,
+    judge,
+    proxies,
+    taught,
+    taught_markdown,
+)
 from twinlm.suite.scales import Scale
 from twinlm.suite.steps import read_marker
 
 # Which outside baseline stands for "bag-of-words" on each track.
 BAG_OF_WORDS = {"classification": "tfidf", "retrieval": "bm25"}
 TRACK_UNITS = {"classification": "accuracy / F1 (%)", "retrieval": "nDCG@10 (%)", "generative": "accuracy (%)",
-               "bpb": "bits per byte (lower is better)"}
+               "bpb": "bits per byte (lower is better)", "pairs": "minimal-pair accuracy (%)"}
 
 
 def collect_scores(root: Path) -> dict[str, dict[str, Score]]:
@@ -53,13 +64,15 @@ def score_table(scores: dict[str, dict[str, Score]]) -> str:
         cells = []
         for t in tracks:
             s = scores[model].get(t)
-            cells.append("—" if s is None else (f"{s.mean:.3f}" if t == "bpb" else f"{s.mean:.2f} ± {s.std:.2f}"))
+            cells.append("—" if s is None else (f"{s.mean:.3f} ± {s.std:.3f}" if t == "bpb" else
+                                                f"{s.mean:.2f} ± {s.std:.2f}"))
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _model_order(name: str) -> tuple:
-    order = ["encoder", "decoder", "enc-from-dec", "dec-from-enc", "random-encoder", "random-decoder"]
+    order = ["encoder", "decoder", "enc-from-dec", "dec-from-enc", "random-encoder", "random-decoder",
+             *NGRAM_CONTROLS]
     return (order.index(name) if name in order else len(order), name)
 
 
@@ -93,11 +106,64 @@ def training_table(root: Path, entropy: float | None) -> str:
     return "\n".join(lines)
 
 
+def intrinsic_results(root: Path) -> dict[str, dict[str, dict]]:
+    """{model: {track: result}} of the bits-per-byte and minimal-pairs steps."""
+    out: dict[str, dict[str, dict]] = {}
+    for track in INTRINSIC:
+        for path in sorted(root.glob(f"eval-*-{track}/result.json")):
+            if read_marker(path.parent) is None:
+                continue
+            out.setdefault(path.parent.name[len("eval-"):-len(track) - 1], {})[track] = json.loads(path.read_text())
+    return out
+
+
+def intrinsic_table(results: dict[str, dict[str, dict]]) -> str:
+    """Bits per byte and minimal-pair accuracy (per family) of every model, with 95% intervals."""
+    families = sorted({f for per in results.values() for f in per.get("pairs", {}).get("tasks", {})})
+    lines = ["| model | bits per byte [95% CI] | minimal pairs (%) [95% CI] | " + " | ".join(families) + " |",
+             "|---|---|---|" + "---|" * len(families)]
+    for model in sorted(results, key=_model_order):
+        per = results[model]
+        cells = []
+        if "bpb" in per:
+            (b,) = per["bpb"]["tasks"].values()
+            ci = b.get("bpb_ci95")
+            cells.append(f"{b['bpb']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+        else:
+            cells.append("—")
+        if "pairs" in per:
+            avg = per["pairs"]["average"]
+            cells.append(f"{avg['mean']:.1f} [{avg['ci95'][0]:.1f}, {avg['ci95'][1]:.1f}]")
+            tasks = per["pairs"]["tasks"]
+            cells += [f"{tasks[f]['accuracy']:.1f} [{tasks[f]['ci95'][0]:.0f}, {tasks[f]['ci95'][1]:.0f}]"
+                      if f in tasks else "—" for f in families]
+        else:
+            cells += ["—"] * (1 + len(families))
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _ngram_note(results: dict[str, dict[str, dict]], scale: Scale) -> str:
+    """How much text the n-gram controls counted against how much each model trained on."""
+    seen = {m: per[t]["model"].get("trained_tokens") for m, per in results.items() for t in per
+            if per[t]["model"].get("arch") == "n-gram"}
+    if not seen or not any(seen.values()):
+        return ""
+    pretrain = sum(parse_count(t) for t in (scale.pretrain_tokens, scale.extension_tokens, scale.decay_tokens))
+    return (f"The n-gram controls counted {max(v or 0 for v in seen.values()):,} tokens (every token of the "
+            f"pre-training shards, once); each pre-trained model saw {pretrain:,} tokens in its three phases.")
+
+
 def write_report(folder: Path, *, root: Path, scale: Scale, preset: str, shards: Path) -> dict:
     """`report.md` and `report.json` (and the comparison tables and plots) in `folder` for the suite in `root`,
     run at `scale` with model `preset`; `shards` is the pre-training shard folder (for the unigram entropy)."""
     scores = collect_scores(root)
-    judged = judge({m: {t: s for t, s in per.items() if t != "bpb"} for m, per in scores.items()})
+    judged = judge({m: {t: s for t, s in per.items() if t not in INTRINSIC} for m, per in scores.items()
+                    if m not in NGRAM_CONTROLS})
+    learned = taught(scores)
+    proxy_rows = proxies(scores, judged["findings"])
+    intrinsic = intrinsic_results(root)
+    pairs_cfg = scale.pairs
     results = sorted(str(p) for p in root.glob("eval-*/result.json"))
     runs = sorted(str(p.parent) for p in root.glob("train-*/run/metrics.jsonl"))
     tables = compare(results + runs, folder)
@@ -114,6 +180,23 @@ def write_report(folder: Path, *, root: Path, scale: Scale, preset: str, shards:
         f"per model, cross-objective {s.cross_tokens} tokens. Steps took {total / 60:.1f} minutes in all "
         "(cached steps count with the time they took when they ran).",
         "",
+        "## What pre-training taught",
+        "",
+        "Downstream tasks at this budget may sit at chance; intrinsic measures show what the models learned. "
+        "Each pre-trained model against the random-initialisation control of its architecture and the best "
+        f"n-gram control ({', '.join(scale.ngrams) or 'none'}, interpolated Witten-Bell, fitted on every token of "
+        "the pre-training shards) on bits per byte of the held-out split and on minimal pairs built from it "
+        + (f"(from `{pairs_cfg.pairs_file}`; " if pairs_cfg.pairs_file else
+           f"({', '.join(pairs_cfg.families)}; up to {pairs_cfg.per_family} pairs per family; ")
+        + "decoders and n-grams "
+        "by log-likelihood, encoders by pseudo-log-likelihood, both per byte). A comparison is resolved beyond "
+        "2× its combined bootstrap spread.",
+        "",
+        intrinsic_table(intrinsic),
+        "",
+        _ngram_note(intrinsic, scale),
+        "",
+        taught_markdown(learned, proxy_rows),
         "## The paper's findings at this scale",
         "",
         findings_markdown(judged),
@@ -146,10 +229,12 @@ def write_report(folder: Path, *, root: Path, scale: Scale, preset: str, shards:
         "",
     ]
     write_bytes(folder / "report.md", "\n".join(lines))
-    payload = {"scale": s.as_dict(), "findings": judged, "unigram_entropy": entropy,
+    payload = {"scale": s.as_dict(), "findings": {**judged, "proxies": proxy_rows}, "taught": learned,
+               "unigram_entropy": entropy,
                "scores": {m: {t: vars(sc) for t, sc in per.items()} for m, per in scores.items()},
                "step_seconds": dict(times), "plots": plots}
     write_json(folder / "report.json", payload)
     return {"report": str(folder / "report.md"),
-            "verdicts": {f["finding"]: f["verdict"] for f in judged["findings"]}}
+            "verdicts": {f["finding"]: f["verdict"] for f in judged["findings"]},
+            "taught": {r["claim"]: r["verdict"] for r in learned["comparisons"]}}
 

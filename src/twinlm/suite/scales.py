@@ -16,14 +16,17 @@ from typing import Any
 
 from twinlm.configs import apply_overrides, build
 from twinlm.errors import ConfigError, UnknownName
-from twinlm.eval.settings import BpbConfig, ClassifyConfig, GenerativeConfig, RetrievalConfig
+from twinlm.eval.settings import BpbConfig, ClassifyConfig, GenerativeConfig, PairsConfig, RetrievalConfig
 
 # Natural-language pre-training text first: the evaluation tasks are English prose. Code and manuals are
 # available (python-stdlib, python-doc, linux-doc) but buy little for these tasks at CPU scale.
 PROSE_SOURCES = ["wiki-gensim", "nlp-corpus", "sotu", "gcide", "shakespeare", "moby-dick"]
 ALL_SOURCES = PROSE_SOURCES + ["python-doc", "linux-doc", "python-stdlib"]
-TRACKS = ("classification", "retrieval", "generative", "bpb")
+TRACKS = ("classification", "retrieval", "generative", "bpb", "pairs")
 BASELINES = ("tfidf", "bm25", "minilm")
+# n-gram controls fitted on the pre-training shards, scored on the intrinsic tracks (twinlm.eval.ngram)
+NGRAMS = ("unigram", "bigram", "trigram")
+NGRAM_TRACKS = ("bpb", "pairs")
 
 # The suite's evaluation budgets where they differ from the tracks' own defaults; a scale changes some of them.
 # probe_layer "best": depth and pooling picked on the dev split (the same choice for the random controls).
@@ -33,6 +36,8 @@ SUITE_RETRIEVAL = RetrievalConfig(sets=["squad", "sciq"], seeds=2, max_train_pai
 SUITE_GENERATIVE = GenerativeConfig(tasks=["arc_easy", "piqa", "sciq", "copa", "hellaswag"], limit=300)
 # text_file None: the suite's own held-out split of the pre-training corpus
 SUITE_BPB = BpbConfig(max_docs=200)
+# text_file None: pairs built from the suite's held-out split (no model trained on it)
+SUITE_PAIRS = PairsConfig(per_family=200)
 
 
 def _with(base, **changes):
@@ -67,14 +72,17 @@ class Scale:
     retrieval: RetrievalConfig = field(default_factory=lambda: _with(SUITE_RETRIEVAL))
     generative: GenerativeConfig = field(default_factory=lambda: _with(SUITE_GENERATIVE))
     bpb: BpbConfig = field(default_factory=lambda: _with(SUITE_BPB))
+    pairs: PairsConfig = field(default_factory=lambda: _with(SUITE_PAIRS))
     control_tracks: list[str] = field(default_factory=lambda: list(TRACKS))
+    # n-gram controls (bits per byte and minimal pairs), fitted on the pre-training shards
+    ngrams: list[str] = field(default_factory=lambda: list(NGRAMS))
     # outside baselines on the same splits: tfidf (classification), bm25 (retrieval), minilm (both)
     baselines: list[str] = field(default_factory=lambda: ["tfidf", "bm25", "minilm"])
 
     def __post_init__(self):
         # checked here, not when the evaluation steps reach them minutes into a run
         for key, value, allowed in (("control_tracks", self.control_tracks, TRACKS),
-                                    ("baselines", self.baselines, BASELINES)):
+                                    ("baselines", self.baselines, BASELINES), ("ngrams", self.ngrams, NGRAMS)):
             bad = [v for v in value if v not in allowed]
             if bad:
                 raise ConfigError(f"{key}: {', '.join(map(str, bad))} is not one of {', '.join(allowed)}")
@@ -107,10 +115,12 @@ SCALES: dict[str, Scale] = {
         # for encoders) are left to the larger scales
         classify=_with(SUITE_CLASSIFY, tasks=["sst2", "spam"]),
         generative=_with(SUITE_GENERATIVE, tasks=["arc_easy", "piqa", "sciq", "copa"], limit=100),
-        # within 30 minutes: encoder bits per byte costs 7 masked copies of the text, a random model's bits per
-        # byte says nothing the unigram entropy in the report does not, and MiniLM (2 min) is an extra reference
+        # within 30 minutes: encoder bits per byte costs 7 masked copies of the text, and MiniLM (2 min) is an
+        # extra reference
         bpb=_with(SUITE_BPB, max_bytes=160_000),
-        control_tracks=["classification", "retrieval", "generative"],
+        # an encoder's pseudo-log-likelihood costs one masked copy per token: 60 pairs per family (300 in all)
+        # take about 30 s per encoder on 2 cores (measured 105 CPU-s for 500 pairs, cpu-small)
+        pairs=_with(SUITE_PAIRS, per_family=60),
         baselines=["tfidf", "bm25"],
     ),
     "quick": Scale(
@@ -131,6 +141,7 @@ SCALES: dict[str, Scale] = {
         retrieval=_with(SUITE_RETRIEVAL, sets=["sciq"], seeds=1, max_train_pairs=100, max_eval_queries=100),
         generative=_with(SUITE_GENERATIVE, tasks=["arc_easy", "copa"], limit=100),
         bpb=_with(SUITE_BPB, max_docs=50),
+        pairs=_with(SUITE_PAIRS, per_family=100),
         baselines=["tfidf", "bm25"],
     ),
     "gpu": Scale(
@@ -161,6 +172,7 @@ SCALES: dict[str, Scale] = {
                                                   "winogrande", "openbookqa", "boolq", "copa", "lambada"],
                          limit=1000),
         bpb=_with(SUITE_BPB, max_docs=1000),
+        pairs=_with(SUITE_PAIRS, per_family=1000),
     ),
 }
 
