@@ -127,8 +127,9 @@ class PackedLayout:
         """Layout of boundaries `cu_seqlens`, on `device` (default: cu_seqlens' own). Host boundaries are read
         there and copied to an accelerator without blocking; device boundaries are read back once."""
         device = torch.device(device) if device is not None else cu_seqlens.device
-        host = cu_seqlens.detach().to("cpu", torch.int64)
-        seqlens = (host[1:] - host[:-1]).tolist()
+        # host boundaries are read through numpy (free); device ones come back in one copy
+        host = torch.from_numpy(cu_seqlens.detach().to("cpu", torch.int64).numpy().copy())
+        seqlens = np.diff(host.numpy()).tolist()
         true_max = max(seqlens) if seqlens else 0
         if max_seqlen is None or max_seqlen < true_max:
             max_seqlen = true_max

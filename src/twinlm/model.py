@@ -256,8 +256,8 @@ class Transformer(nn.Module):
                     or cu_seqlens.dtype.is_floating_point:
                 raise ValueError("cu_seqlens must be a 1-D integer tensor [0, end_1, ..., N] of document boundaries")
             layout = PackedLayout.from_cu_seqlens(cu_seqlens, max_seqlen, device=input_ids.device)
-            if int(layout.host_cu[0]) != 0 or layout.total != input_ids.shape[0] or min(layout.seqlens) < 0:
-                cu = layout.host_cu.tolist()
+            cu = layout.host_cu.numpy().tolist()
+            if cu[0] != 0 or layout.total != input_ids.shape[0] or min(layout.seqlens) < 0:
                 raise ValueError(f"cu_seqlens must start at 0, never decrease and end at the number of tokens "
                                  f"({input_ids.shape[0]}); got {cu[:8]}{'...' if len(cu) > 8 else ''}")
             if position_ids is None:
@@ -352,10 +352,10 @@ class Transformer(nn.Module):
                                  f"positions (labels align with prediction_positions, or with input_ids)")
             labels = labels.reshape(-1).long()
             if host_reads_are_free(labels) and labels.numel():  # checked on the host, before the copy
-                bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.config.vocab_size))
-                if bool(bad.any()):
-                    raise ValueError(f"label {int(labels[bad][0])} is out of range for a vocabulary of "
-                                     f"{self.config.vocab_size}")
+                lab = labels.numpy()
+                bad = lab[(lab != IGNORE_INDEX) & ((lab < 0) | (lab >= self.config.vocab_size))]
+                if bad.size:
+                    raise ValueError(f"label {int(bad[0])} is out of range for a vocabulary of {self.config.vocab_size}")
             loss = fused_linear_cross_entropy(self.head(target_rows), self.tok_embeddings.weight, self.decoder_bias,
                                               _to_device(labels, flat.device))
             return TransformerOutput(logits=None, hidden_states=hidden, loss=loss)

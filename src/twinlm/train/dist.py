@@ -129,17 +129,19 @@ def _checkpointed_forward(block: torch.nn.Module, *args):
 
 
 def parallelize(model: torch.nn.Module, env: DistEnv, *, mode: str = "auto", compile: bool = False,
-                activation_checkpointing: bool = False, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+                activation_checkpointing: bool = False, param_dtype: torch.dtype | None = None,
+                compile_backend: str = "inductor") -> torch.nn.Module:
     """Wrap `model` for training; returns the module to call (the bare model stays reachable via unwrap()).
 
-    `param_dtype`: FSDP's parameter dtype for compute (bf16 with fp32 gradient reduction); None keeps fp32."""
+    `param_dtype`: FSDP's parameter dtype for compute (bf16 with fp32 gradient reduction); None keeps fp32.
+    `compile_backend`: torch.compile's backend (tests use "aot_eager", which traces the same graphs)."""
     blocks = blocks_of(model)
     if activation_checkpointing:
         for block in blocks:
             block.forward = types.MethodType(_checkpointed_forward, block)
     if compile:
         for block in blocks:
-            block.compile(fullgraph=True, dynamic=True)
+            block.compile(fullgraph=True, dynamic=True, backend=compile_backend)
     if mode == "auto":
         mode = "ddp" if env.distributed else "none"
     if mode == "fsdp" and env.distributed:
