@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from twinlm import ops
 from test_train_step import make_samples, make_step, phase
+from twinlm import ops
 
 aten = torch.ops.aten
 

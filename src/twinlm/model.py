@@ -355,7 +355,8 @@ class Transformer(nn.Module):
                 lab = labels.numpy()
                 bad = lab[(lab != IGNORE_INDEX) & ((lab < 0) | (lab >= self.config.vocab_size))]
                 if bad.size:
-                    raise ValueError(f"label {int(bad[0])} is out of range for a vocabulary of {self.config.vocab_size}")
+                    raise ValueError(f"label {int(bad[0])} is out of range for a vocabulary of "
+                                     f"{self.config.vocab_size}")
             loss = fused_linear_cross_entropy(self.head(target_rows), self.tok_embeddings.weight, self.decoder_bias,
                                               _to_device(labels, flat.device))
             return TransformerOutput(logits=None, hidden_states=hidden, loss=loss)
