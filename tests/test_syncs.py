@@ -41,18 +41,30 @@ class _NoSyncOps(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def no_host_reads(monkeypatch):
+def no_host_reads_context():
+    """Every host read raises HostReadError inside (the ops' CPU shortcuts off, as on an accelerator)."""
     def refuse(name):
         def method(*a, **k):
             raise HostReadError(f"Tensor.{name} called on the hot path")
         return method
 
-    with monkeypatch.context() as m:
-        m.setattr(ops, "host_reads_are_free", lambda t: False)
-        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu"):
-            m.setattr(torch.Tensor, name, refuse(name))
+    names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    free = ops.host_reads_are_free
+    try:
+        ops.host_reads_are_free = lambda t: False
+        for name in names:
+            setattr(torch.Tensor, name, refuse(name))
         with _NoSyncOps():
             yield
+    finally:
+        ops.host_reads_are_free = free
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def no_host_reads(monkeypatch):
+    return no_host_reads_context()
 
 
 def test_the_detector_catches_reads(monkeypatch):
