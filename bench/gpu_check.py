@@ -247,7 +247,8 @@ class Check:
             m = Transformer(cfg).to(self.dev).train()
             per = {}
             for n in sizes:
-                batch = packed_batch(cfg, n, "mlm", min_doc=256, max_doc=256) if self.cpu else packed_batch(cfg, n, "mlm")
+                docs = dict(min_doc=256, max_doc=256) if self.cpu else {}
+                batch = packed_batch(cfg, n, "mlm", **docs)
                 n_real = int(batch["input_ids"].numel())
                 if self.cpu:  # bytes saved for backward (storages once, parameters excluded)
                     params = {p.untyped_storage().data_ptr() for p in m.parameters()}
