@@ -173,3 +173,16 @@ def test_layouts_from_host_boundaries_are_read_on_the_host():
     assert layout.position_ids().tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 0]
     assert layout.doc_ids().tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 2]
     assert attention_module.layout_of(layout.cu_seqlens, 7) is layout
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (64, 64), (63, 0), (2, 0)])
+def test_flex_block_mask_from_document_boundaries(window, monkeypatch):
+    """FlexAttention over several 128-token blocks and documents crossing them, with the block mask built from
+    cu_seqlens (create_block_mask, which evaluates the mask on N×N pairs, is never called)."""
+    import torch.nn.attention.flex_attention as fa
+
+    monkeypatch.setattr(fa, "create_block_mask", lambda *a, **k: pytest.fail("N×N block mask built"))
+    q, k, v, layout = _inputs([300, 5, 64, 190, 1, 129], heads=2, dim=8)
+    ref = attention(q, k, v, layout, window=window, backend="eager")
+    out = attention(q, k, v, layout, window=window, backend="flex")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

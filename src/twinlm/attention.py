@@ -15,7 +15,9 @@ Backends:
            (no padding at all when every document has the same length). Sliding windows narrower than
            the documents run blocked over the flat stream instead: blocks of 64 queries against the key
            blocks the window reaches, so a local layer costs O(N · window), not O(D · L²). CPU and GPU.
-  "flex"   FlexAttention with a document + window block mask over the flat stream (compiled on GPU).
+  "flex"   FlexAttention with a document + window block mask over the flat stream (compiled on GPU); the
+           BlockMask is built from the document boundaries at 128-token block granularity (no N×N mask).
+           Not in "auto"; FlexAttention has no backward on the CPU.
   "eager"  explicit masked softmax, one document at a time: the reference the others are tested against.
   "flash"  flash_attn.flash_attn_varlen_func with window_size (CUDA, fp16/bf16, `flash-attn` installed).
   "varlen" torch.nn.attention.varlen.varlen_attn (CUDA, fp16/bf16), only where its signature takes
@@ -494,7 +496,7 @@ def _flex(q, k, v, layout: PackedLayout, window, scale):
     N = q.shape[0]
     key = ("flex", window)
     if key not in layout._cache:
-        layout._cache[key] = create_block_mask(mask_mod, None, None, N, N, device=q.device)
+        layout._cache[key] = _flex_block_mask(layout, window, mask_mod, q.device)
     block_mask = layout._cache[key]
     fn = flex_attention
     if q.is_cuda:
@@ -504,6 +506,34 @@ def _flex(q, k, v, layout: PackedLayout, window, scale):
     out = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
              block_mask=block_mask, scale=scale)
     return out[0].transpose(0, 1)
+
+
+FLEX_BLOCK = 128
+
+
+def _flex_block_mask(layout: PackedLayout, window, mask_mod, device):
+    """FlexAttention's BlockMask built from the document boundaries at block granularity: O((N/128)²) booleans on
+    the host instead of create_block_mask's N×N evaluation of mask_mod. A key block is listed for a query block
+    when some pair in them can share a document and lie within the window (mask_mod then decides per token)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n, B = layout.total, FLEX_BLOCK
+    nb = -(-n // B)
+    doc = np.repeat(np.arange(len(layout.seqlens)), layout.seqlens)
+    first = np.arange(nb) * B
+    last = np.minimum(first + B, n) - 1
+    lo_doc, hi_doc = doc[first], doc[last]  # documents a block touches: [lo_doc, hi_doc]
+    reach = (lo_doc[:, None] <= hi_doc[None, :]) & (lo_doc[None, :] <= hi_doc[:, None])
+    left, right = window
+    if left >= 0:  # some key k >= q - left: the key block's last token reaches the query block's first
+        reach &= last[None, :] >= first[:, None] - left
+    if right >= 0:
+        reach &= first[None, :] <= last[:, None] + right
+    counts = reach.sum(1).astype(np.int32)
+    order = np.argsort(~reach, axis=1, kind="stable").astype(np.int32)  # reachable key blocks first
+    kv_num = torch.from_numpy(counts)[None, None].to(device)
+    kv_idx = torch.from_numpy(order)[None, None].to(device)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=B, mask_mod=mask_mod, seq_lengths=(n, n))
 
 
 # --- CUDA varlen kernels --------------------------------------------------------------------------
