@@ -480,7 +480,7 @@ def _flex(q, k, v, layout: PackedLayout, window, scale):
     global _flex_compiled
     # optional backends import on first use: FlexAttention needs torch >= 2.5, flash_attn a separate install,
     # varlen_attn torch >= 2.10
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     left, right = window
     doc = layout.doc_ids()
