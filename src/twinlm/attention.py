@@ -493,7 +493,6 @@ def _flex(q, k, v, layout: PackedLayout, window, scale):
             ok = ok & (ki - qi <= right)
         return ok
 
-    N = q.shape[0]
     key = ("flex", window)
     if key not in layout._cache:
         layout._cache[key] = _flex_block_mask(layout, window, mask_mod, q.device)
