@@ -109,3 +109,80 @@ def test_gpu_backends_agree(window):
     for backend in backends:
         out = attention(q, k, v, layout, window=window, backend=backend)
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2, msg=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("window", WINDOWS)
+def test_gpu_backend_gradients_agree(window):
+    """bf16 kernels' q/k/v gradients against the fp32 eager reference (relative error of each gradient)."""
+    from twinlm.attention import flash_attn_available, varlen_available
+
+    q, k, v, layout = _inputs([100, 300, 7, 150], heads=4, dim=64, device="cuda")
+    up = torch.randn_like(q)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    attention(qq, kk, vv, layout, window=window, backend="eager").backward(up)
+    ref = [t.grad for t in (qq, kk, vv)]
+    backends = ["sdpa"] + (["flash"] if flash_attn_available() else []) + (["varlen"] if varlen_available() else [])
+    for backend in backends:
+        qq, kk, vv = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+        attention(qq, kk, vv, layout, window=window, backend=backend).backward(up.to(torch.bfloat16))
+        for name, ours, theirs in zip("qkv", (qq.grad, kk.grad, vv.grad), ref):
+            rel = float((ours.float() - theirs).norm() / theirs.norm())
+            assert rel < 0.03, (backend, name, rel)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("window", WINDOWS)
+def test_the_compiled_path_operator_equals_the_python_path(window, backend):
+    """torch.ops.twinlm.packed_attention (what compiled blocks call): values and gradients of its recomputing
+    backward equal the eager path's, on a layout found through the registry and on one rebuilt from cu_seqlens."""
+    q, k, v, layout = _inputs([70, 5, 130, 1, 40], heads=2, dim=8)
+    up = torch.randn_like(q)
+    results = []
+    for call in ("python", "op", "op-unregistered"):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        if call == "python":
+            out = attention(qq, kk, vv, layout, window=window, backend=backend)
+        else:
+            cu = layout.cu_seqlens if call == "op" else layout.cu_seqlens.clone()
+            out = torch.ops.twinlm.packed_attention(qq, kk, vv, cu, layout.max_seqlen, *window, 8 ** -0.5, backend)
+        out.backward(up)
+        results.append([out.detach(), qq.grad, kk.grad, vv.grad])
+    assert attention_module.layout_of(layout.cu_seqlens, 0) is layout
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_varlen_is_used_only_with_window_and_scale():
+    def old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        pass
+
+    def new(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+            window_size=(-1, -1)):
+        pass
+
+    assert not attention_module.varlen_signature_ok(old)  # torch 2.9/2.10: would raise TypeError at the first call
+    assert attention_module.varlen_signature_ok(new)
+
+
+def test_layouts_from_host_boundaries_are_read_on_the_host():
+    layout = PackedLayout.from_cu_seqlens(torch.tensor([0, 3, 10, 11], dtype=torch.int32), device="cpu")
+    assert layout.seqlens == [3, 7, 1] and layout.max_seqlen == 7
+    assert layout.position_ids().tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 0]
+    assert layout.doc_ids().tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 2]
+    assert attention_module.layout_of(layout.cu_seqlens, 7) is layout
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (64, 64), (63, 0), (2, 0)])
+def test_flex_block_mask_from_document_boundaries(window, monkeypatch):
+    """FlexAttention over several 128-token blocks and documents crossing them, with the block mask built from
+    cu_seqlens (create_block_mask, which evaluates the mask on N×N pairs, is never called)."""
+    import torch.nn.attention.flex_attention as fa
+
+    monkeypatch.setattr(fa, "create_block_mask", lambda *a, **k: pytest.fail("N×N block mask built"))
+    q, k, v, layout = _inputs([300, 5, 64, 190, 1, 129], heads=2, dim=8)
+    ref = attention(q, k, v, layout, window=window, backend="eager")
+    out = attention(q, k, v, layout, window=window, backend="flex")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -115,3 +115,37 @@ def test_batch_size_warmup():
     assert batch_size(10, full=8, start=8, warmup_tokens=100) == 8
     sizes = [batch_size(t, **kw) for t in range(0, 1100, 10)]
     assert sizes == sorted(sizes) and all(s % 32 == 0 for s in sizes)
+
+
+def _per_tensor_stableadamw_step(params, states, lr, peak, b1, b2, eps, wd):
+    """The optimizer as one loop over tensors (its previous implementation): the foreach one must equal it."""
+    for p in params:
+        st = states.setdefault(p, {"step": 0, "m": torch.zeros_like(p), "v": torch.zeros_like(p)})
+        st["step"] += 1
+        t, g, m, v = st["step"], p.grad, st["m"], st["v"]
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        v_hat = v / (1 - b2 ** t)
+        eta = lr / torch.clamp((g * g / v_hat.clamp(min=eps * eps)).mean().sqrt(), min=1.0)
+        p.mul_(1 - eta * (wd / peak))
+        p.sub_((m / (1 - b1 ** t)).div_(v_hat.sqrt_().add_(eps)) * eta)
+
+
+def test_foreach_update_equals_the_per_tensor_loop_bitwise():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2), (11,)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    ref = [p.detach().clone() for p in ours]
+    opt = StableAdamW([{"params": ours[:2]}, {"params": ours[2:], "weight_decay": 0.0}], lr=1e-2,
+                      weight_decay=0.1, peak_lr=2e-2)
+    states = {}
+    for step in range(4):
+        grads = [torch.randn(s, generator=g) * (30.0 if step == 1 else 1.0) for s in shapes]  # step 2 clips
+        for p, r, gr in zip(ours, ref, grads):
+            p.grad, r.grad = gr.clone(), gr.clone()
+        opt.step()
+        with torch.no_grad():
+            _per_tensor_stableadamw_step(ref[:2], states, 1e-2, 2e-2, 0.9, 0.98, 1e-6, 0.1)
+            _per_tensor_stableadamw_step(ref[2:], states, 1e-2, 2e-2, 0.9, 0.98, 1e-6, 0.0)
+    for p, r in zip(ours, ref):
+        assert torch.equal(p.detach(), r)

@@ -15,22 +15,40 @@ Backends:
            (no padding at all when every document has the same length). Sliding windows narrower than
            the documents run blocked over the flat stream instead: blocks of 64 queries against the key
            blocks the window reaches, so a local layer costs O(N · window), not O(D · L²). CPU and GPU.
-  "flex"   FlexAttention with a document + window block mask over the flat stream (compiled on GPU).
+  "flex"   FlexAttention with a document + window block mask over the flat stream (compiled on GPU); the
+           BlockMask is built from the document boundaries at 128-token block granularity (no N×N mask).
+           Not in "auto"; FlexAttention has no backward on the CPU.
   "eager"  explicit masked softmax, one document at a time: the reference the others are tested against.
   "flash"  flash_attn.flash_attn_varlen_func with window_size (CUDA, fp16/bf16, `flash-attn` installed).
-  "varlen" torch.nn.attention.varlen.varlen_attn with window_size (CUDA, fp16/bf16, torch >= 2.10).
+  "varlen" torch.nn.attention.varlen.varlen_attn (CUDA, fp16/bf16), only where its signature takes
+           `window_size` and `scale` (torch >= 2.11); an older one is skipped by "auto" with one warning.
   "auto"   flash > varlen > sdpa on CUDA with half precision, sdpa otherwise.
 
-`PackedLayout` holds what every layer needs about the batch (computed once per forward).
+`PackedLayout` holds what every layer needs about the batch (computed once per forward): the device
+`cu_seqlens`, and a host copy of the document lengths from which positions, padding indices and masks are
+built without reading the device. `PackedLayout.from_cu_seqlens` given host boundaries copies them to the
+device without blocking; given device boundaries it reads them back once.
+
+Compiled code: the model's blocks call `packed_attention(q, k, v, cu_seqlens, max_seqlen, window=)`, which
+takes tensors and ints only. flash and varlen are called directly (both are traceable custom operators); the
+CPU backends (sdpa, flex, eager) depend on the layout's host-side structure, so under torch.compile they run
+as one opaque custom operator, `torch.ops.twinlm.packed_attention`, which finds the batch's `PackedLayout`
+(registered by `from_cu_seqlens`, keyed by the `cu_seqlens` tensor) at run time; its backward recomputes the
+attention forward. Nothing in a compiled block therefore depends on the number or lengths of documents, and
+one compiled block serves every packed layout.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from twinlm.errors import ConfigError
 
@@ -47,12 +65,52 @@ def set_default_backend(name: str) -> None:
     _default_backend = name
 
 
+_availability: dict[str, bool] = {}  # probed once per process: find_spec costs tens of µs per call
+
+
+@torch._dynamo.assume_constant_result
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    if "flash" not in _availability:
+        _availability["flash"] = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    return _availability["flash"]
 
 
+def varlen_signature_ok(fn) -> bool:
+    """Whether a varlen_attn function takes the sliding window and the scale (torch >= 2.11)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return {"window_size", "scale"} <= params.keys()
+
+
+@torch._dynamo.assume_constant_result
 def varlen_available() -> bool:
-    return importlib.util.find_spec("torch.nn.attention.varlen") is not None and torch.cuda.is_available()
+    """torch's varlen_attn exists, runs on this machine, and takes `window_size` and `scale` (warns once if it
+    exists without them: "auto" then uses the next backend)."""
+    if "varlen" not in _availability:
+        ok = importlib.util.find_spec("torch.nn.attention.varlen") is not None and torch.cuda.is_available()
+        if ok:
+            from torch.nn.attention.varlen import varlen_attn  # optional: torch >= 2.10
+            ok = varlen_signature_ok(varlen_attn)
+            if not ok:
+                warnings.warn(f"torch {torch.__version__}'s varlen_attn takes no window_size/scale (torch >= 2.11 "
+                              "does); attention backend 'auto' uses sdpa instead", stacklevel=2)
+        _availability["varlen"] = ok
+    return _availability["varlen"]
+
+
+# cu_seqlens tensor -> its PackedLayout: how code that gets only tensors (a compiled block) finds the batch's
+# host-side structure. Weak keys: an entry lives as long as the batch's cu_seqlens.
+_LAYOUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def layout_of(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedLayout:
+    """The PackedLayout registered for this cu_seqlens tensor, else one built from it (reads it on the host)."""
+    layout = _LAYOUTS.get(cu_seqlens)
+    if layout is None:
+        layout = PackedLayout.from_cu_seqlens(cu_seqlens, max_seqlen)
+    return layout
 
 
 @dataclass
@@ -60,23 +118,52 @@ class PackedLayout:
     """Document structure of a flat token stream: built once per forward, shared by all layers."""
 
     cu_seqlens: torch.Tensor  # int32 (D+1,), on the tokens' device
-    max_seqlen: int
-    seqlens: list[int]  # host copy of the document lengths
+    max_seqlen: int  # an upper bound on the document length (kernels' max_seqlen)
+    seqlens: list[int] | None  # host copy of the document lengths (None: a layout traced by torch.compile)
     _cache: dict = field(default_factory=dict, repr=False)
+    num_tokens: int | None = None  # only for traced layouts (seqlens None)
 
     @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> PackedLayout:
-        host = cu_seqlens.detach().to("cpu", torch.int64)
-        seqlens = (host[1:] - host[:-1]).tolist()
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None = None,
+                        device: torch.device | str | None = None) -> PackedLayout:
+        """Layout of boundaries `cu_seqlens`, on `device` (default: cu_seqlens' own). Host boundaries are read
+        there and copied to an accelerator without blocking; device boundaries are read back once."""
+        device = torch.device(device) if device is not None else cu_seqlens.device
+        # host boundaries are read through numpy (free); device ones come back in one copy
+        host = torch.from_numpy(cu_seqlens.detach().to("cpu", torch.int64).numpy().copy())
+        seqlens = np.diff(host.numpy()).tolist()
         true_max = max(seqlens) if seqlens else 0
         if max_seqlen is None or max_seqlen < true_max:
             max_seqlen = true_max
-        return cls(cu_seqlens.to(torch.int32), int(max_seqlen), seqlens)
+        if cu_seqlens.device == device:
+            cu = cu_seqlens.to(torch.int32)
+        elif device.type == "cpu":
+            cu = cu_seqlens.to(device, torch.int32)
+        else:
+            cu = cu_seqlens.to(torch.int32).pin_memory().to(device, non_blocking=True)
+        layout = cls(cu, int(max_seqlen), seqlens)
+        layout._cache["host_cu"] = host
+        _LAYOUTS[cu] = layout
+        return layout
 
     @classmethod
     def uniform(cls, n_docs: int, length: int, device) -> PackedLayout:
         cu = torch.arange(0, (n_docs + 1) * length, length, dtype=torch.int32, device=device)
-        return cls(cu, length, [length] * n_docs)
+        layout = cls(cu, length, [length] * n_docs)
+        _LAYOUTS[cu] = layout
+        return layout
+
+    @classmethod
+    def traced(cls, cu_seqlens: torch.Tensor, max_seqlen: int, num_tokens: int) -> PackedLayout:
+        """A layout for code traced by torch.compile: device boundaries only, no host lengths."""
+        return cls(cu_seqlens, max_seqlen, None, num_tokens=num_tokens)
+
+    @property
+    def host_cu(self) -> torch.Tensor:
+        """int64 host copy of cu_seqlens."""
+        if "host_cu" not in self._cache:
+            self._cache["host_cu"] = torch.tensor([0] + np.cumsum(self.seqlens).tolist(), dtype=torch.int64)
+        return self._cache["host_cu"]
 
     @property
     def n_docs(self) -> int:
@@ -84,31 +171,48 @@ class PackedLayout:
 
     @property
     def total(self) -> int:
+        if self.seqlens is None:
+            return self.num_tokens
         return int(sum(self.seqlens))
 
     @property
     def is_uniform(self) -> bool:
         return len(set(self.seqlens)) <= 1
 
+    def _from_host(self, t: torch.Tensor) -> torch.Tensor:
+        device = self.cu_seqlens.device
+        if device.type == "cpu":
+            return t
+        return t.pin_memory().to(device, non_blocking=True)
+
     def position_ids(self) -> torch.Tensor:
         """Position of each token inside its document (restarts at 0 at every boundary)."""
         if "pos" not in self._cache:
-            device = self.cu_seqlens.device
-            if self.is_uniform and self.seqlens:
-                pos = torch.arange(self.seqlens[0], device=device).repeat(self.n_docs)
-            else:
-                starts = torch.repeat_interleave(self.cu_seqlens[:-1].long(),
-                                                 torch.tensor(self.seqlens, device=device))
-                pos = torch.arange(self.total, device=device) - starts
+            if self.seqlens is None:  # traced: device arithmetic with a known output size, no host read
+                cu = self.cu_seqlens.long()
+                starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=self.num_tokens)
+                pos = torch.arange(self.num_tokens, device=cu.device) - starts
+            elif self.is_uniform and self.seqlens:
+                pos = torch.arange(self.seqlens[0], device=self.cu_seqlens.device).repeat(self.n_docs)
+            else:  # built on the host from the host lengths, then copied
+                lens = torch.tensor(self.seqlens, dtype=torch.int64)
+                starts = torch.repeat_interleave(self.host_cu[:-1], lens, output_size=self.total)
+                pos = self._from_host(torch.arange(self.total) - starts)
             self._cache["pos"] = pos
         return self._cache["pos"]
 
     def doc_ids(self) -> torch.Tensor:
         if "doc" not in self._cache:
-            device = self.cu_seqlens.device
-            self._cache["doc"] = torch.repeat_interleave(torch.arange(self.n_docs, device=device),
-                                                         torch.tensor(self.seqlens, device=device))
+            lens = torch.tensor(self.seqlens, dtype=torch.int64)
+            doc = torch.repeat_interleave(torch.arange(self.n_docs), lens, output_size=self.total)
+            self._cache["doc"] = self._from_host(doc)
         return self._cache["doc"]
+
+    def unpad_index(self) -> torch.Tensor:
+        """(N,) index of each flat token in the (D*L) padded documents of pad_index (the inverse gather)."""
+        if "unpad" not in self._cache:
+            self._cache["unpad"] = self.doc_ids() * self.max_seqlen + self.position_ids()
+        return self._cache["unpad"]
 
     def pad_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(index (D*L,) into the flat stream, valid (D, L) bool) to scatter tokens into padded documents."""
@@ -179,6 +283,75 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedL
     raise ConfigError(f"unknown attention backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
 
 
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     *, window: tuple[int, int] = (-1, -1), backend: str | None = None,
+                     scale: float | None = None) -> torch.Tensor:
+    """`attention` for code that holds tensors and ints only (the model's blocks, compiled or not).
+
+    cu_seqlens: (D+1,) int32 on q's device; max_seqlen: an upper bound on the document length. flash and
+    varlen take them as they are; the CPU backends look up the batch's PackedLayout (see the module docstring).
+    """
+    backend = backend or _default_backend
+    if backend == "auto":
+        backend = _auto_backend(q)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if backend in ("flash", "varlen"):
+        kernel = _flash if backend == "flash" else _varlen
+        return kernel(q, k, v, PackedLayout.traced(cu_seqlens, max_seqlen, q.shape[0]), window, scale)
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown attention backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if torch.compiler.is_compiling():
+        return torch.ops.twinlm.packed_attention(q, k, v, cu_seqlens, max_seqlen, window[0], window[1], scale,
+                                                 backend)
+    return attention(q, k, v, layout_of(cu_seqlens, max_seqlen), window=window, backend=backend, scale=scale)
+
+
+# The CPU backends as one opaque operator for compiled code: the layout's Python bookkeeping stays out of the
+# graph. The backward recomputes the forward under autograd (attention saves nothing for it).
+@torch.library.custom_op("twinlm::packed_attention", mutates_args=())
+def _packed_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                         max_seqlen: int, left: int, right: int, scale: float, backend: str) -> torch.Tensor:
+    out = attention(q, k, v, layout_of(cu_seqlens, max_seqlen), window=(left, right), backend=backend, scale=scale)
+    return out.clone() if out.data_ptr() in (q.data_ptr(), k.data_ptr(), v.data_ptr()) else out.contiguous()
+
+
+@_packed_attention_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, left, right, scale, backend):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("twinlm::packed_attention_backward", mutates_args=())
+def _packed_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  cu_seqlens: torch.Tensor, max_seqlen: int, left: int, right: int, scale: float,
+                                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layout = layout_of(cu_seqlens, max_seqlen)
+    # torch.func.vjp: autograd is switched off inside an operator's implementation; functorch brings its own
+    _, vjp = torch.func.vjp(lambda a, b, c: attention(a, b, c, layout, window=(left, right), backend=backend,
+                                                      scale=scale), q, k, v)
+    return tuple(g.contiguous() for g in vjp(grad))
+
+
+@_packed_attention_backward_op.register_fake
+def _(grad, q, k, v, cu_seqlens, max_seqlen, left, right, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _packed_attention_setup(ctx, inputs, output):
+    q, k, v, cu, *rest = inputs
+    ctx.save_for_backward(q, k, v, cu)
+    ctx.rest = rest
+
+
+def _packed_attention_backward(ctx, grad):
+    q, k, v, cu = ctx.saved_tensors
+    gq, gk, gv = _packed_attention_backward_op(grad.contiguous(), q, k, v, cu, *ctx.rest)
+    return gq, gk, gv, None, None, None, None, None, None
+
+
+_packed_attention_op.register_autograd(_packed_attention_backward, setup_context=_packed_attention_setup)
+
+
 def _auto_backend(q: torch.Tensor) -> str:
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         if flash_attn_available():
@@ -214,8 +387,8 @@ def _sdpa(q, k, v, layout: PackedLayout, window, scale):
     out = out.transpose(1, 2)  # (D, L, H, Dh)
     if uniform:
         return out.reshape(N, H, Dh)
-    _, valid = layout.pad_index()
-    return out[valid]
+    # a gather with a known size (a boolean mask index would read its count back from the device)
+    return out.reshape(D * L, H, Dh).index_select(0, layout.unpad_index())
 
 
 BAND_BLOCK = 64  # queries per block of the blocked sliding-window path
@@ -307,7 +480,7 @@ def _flex(q, k, v, layout: PackedLayout, window, scale):
     global _flex_compiled
     # optional backends import on first use: FlexAttention needs torch >= 2.5, flash_attn a separate install,
     # varlen_attn torch >= 2.10
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     left, right = window
     doc = layout.doc_ids()
@@ -320,10 +493,9 @@ def _flex(q, k, v, layout: PackedLayout, window, scale):
             ok = ok & (ki - qi <= right)
         return ok
 
-    N = q.shape[0]
     key = ("flex", window)
     if key not in layout._cache:
-        layout._cache[key] = create_block_mask(mask_mod, None, None, N, N, device=q.device)
+        layout._cache[key] = _flex_block_mask(layout, window, mask_mod, q.device)
     block_mask = layout._cache[key]
     fn = flex_attention
     if q.is_cuda:
@@ -333,6 +505,34 @@ def _flex(q, k, v, layout: PackedLayout, window, scale):
     out = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
              block_mask=block_mask, scale=scale)
     return out[0].transpose(0, 1)
+
+
+FLEX_BLOCK = 128
+
+
+def _flex_block_mask(layout: PackedLayout, window, mask_mod, device):
+    """FlexAttention's BlockMask built from the document boundaries at block granularity: O((N/128)²) booleans on
+    the host instead of create_block_mask's N×N evaluation of mask_mod. A key block is listed for a query block
+    when some pair in them can share a document and lie within the window (mask_mod then decides per token)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n, B = layout.total, FLEX_BLOCK
+    nb = -(-n // B)
+    doc = np.repeat(np.arange(len(layout.seqlens)), layout.seqlens)
+    first = np.arange(nb) * B
+    last = np.minimum(first + B, n) - 1
+    lo_doc, hi_doc = doc[first], doc[last]  # documents a block touches: [lo_doc, hi_doc]
+    reach = (lo_doc[:, None] <= hi_doc[None, :]) & (lo_doc[None, :] <= hi_doc[:, None])
+    left, right = window
+    if left >= 0:  # some key k >= q - left: the key block's last token reaches the query block's first
+        reach &= last[None, :] >= first[:, None] - left
+    if right >= 0:
+        reach &= first[None, :] <= last[:, None] + right
+    counts = reach.sum(1).astype(np.int32)
+    order = np.argsort(~reach, axis=1, kind="stable").astype(np.int32)  # reachable key blocks first
+    kv_num = torch.from_numpy(counts)[None, None].to(device)
+    kv_idx = torch.from_numpy(order)[None, None].to(device)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=B, mask_mod=mask_mod, seq_lengths=(n, n))
 
 
 # --- CUDA varlen kernels --------------------------------------------------------------------------
@@ -364,5 +564,5 @@ def mean_keys_per_query(seq_len: int, window: tuple[int, int]) -> float:
     return total / seq_len
 
 
-__all__ = ["attention", "PackedLayout", "BACKENDS", "set_default_backend", "mean_keys_per_query",
-           "flash_attn_available", "varlen_available"]
+__all__ = ["attention", "packed_attention", "PackedLayout", "layout_of", "BACKENDS", "set_default_backend",
+           "mean_keys_per_query", "flash_attn_available", "varlen_available"]

@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from twinlm import export
-from twinlm.attention import PackedLayout, attention, mean_keys_per_query
+from twinlm.attention import PackedLayout, mean_keys_per_query, packed_attention
 from twinlm.config import ModelConfig
-from twinlm.ops import fused_linear_cross_entropy, geglu, qkv_rope
+from twinlm.ops import IGNORE_INDEX, fused_linear_cross_entropy, geglu, host_reads_are_free, qkv_rope
 
 
 @dataclass
@@ -56,16 +56,36 @@ class TransformerOutput:
 #
 # Internally the query/key dims of each head are stored *interleaved* ([x0, x32, x1, x33, ...] for head_dim 64)
 # instead of transformers' half-split layout ([x0..x31 | x32..x63]). Attention scores are unchanged (q and k are
-# permuted alike) and RoPE becomes one complex multiplication on contiguous pairs (twinlm.ops.qkv_rope).
+# permuted alike) and RoPE rotates contiguous pairs with real cos/sin arithmetic (twinlm.ops.qkv_rope).
 # twinlm.hf permutes the q/k rows of Wqkv when it reads or writes Hugging Face weights (`qk_half_to_interleaved`).
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
 def rope_freqs(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Complex rotations e^{i·pos·f} of shape (N, 1, 1, head_dim // 2) for positions (N,)."""
+    """Rotations [cos, sin](pos·f), fp32, of shape (N, 1, 1, head_dim // 2, 2) for positions (N,).
+
+    Real-valued (no complex dtype), so torch.compile fuses the rotation with its neighbours."""
     angles = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
-    return torch.polar(torch.ones_like(angles), angles)[:, None, None, :]
+    return torch.stack((angles.cos(), angles.sin()), -1)[:, None, None]
+
+
+def _min_max(t: torch.Tensor) -> tuple[int, int]:
+    """Smallest and largest value; free on the host, one device->host read for a device tensor."""
+    if host_reads_are_free(t):
+        a = t.numpy()
+        return int(a.min()), int(a.max())
+    both = torch.stack((t.min(), t.max())).cpu()  # one read, not two
+    return int(both[0]), int(both[1])
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; a host tensor bound for an accelerator goes through pinned memory without blocking."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type != "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,10 +104,10 @@ class Attention(nn.Module):
         self.Wo = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.out_drop = nn.Dropout(cfg.attention_dropout)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         N = x.shape[0]
-        q, k, v = qkv_rope(self.Wqkv(x).view(N, 3, self.num_heads, self.head_dim), freqs[:, 0])
-        a = attention(q, k, v, layout, window=self.window)
+        q, k, v = qkv_rope(self.Wqkv(x).view(N, 3, self.num_heads, self.head_dim), rope[:, 0])
+        a = packed_attention(q, k, v, cu_seqlens, max_seqlen, window=self.window)
         return self.out_drop(self.Wo(a.reshape(N, -1)))
 
 
@@ -118,9 +138,13 @@ class Block(nn.Module):
     def is_global(self) -> bool:
         return self.attn.is_global
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-        """x (N, d) flat tokens; freqs: this layer type's RoPE rotations (rope_freqs); layout: document structure."""
-        x = x + self.attn(self.attn_norm(x), freqs, layout)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """x (N, d) flat tokens; rope: this layer type's rotations (rope_freqs); cu_seqlens (D+1,) int32 document
+        boundaries on x's device; max_seqlen: an upper bound on the document length.
+
+        Only tensors and an int come in (no Python lists, no per-batch objects), so one compiled block serves
+        every packed layout; the layout's host-side bookkeeping lives in twinlm.attention."""
+        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -198,16 +222,30 @@ class Transformer(nn.Module):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"input_ids must hold integer token ids (int64/int32), got dtype {input_ids.dtype}")
-        if input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            lo, hi = _min_max(input_ids)
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.config.vocab_size} "
                                  f"(valid ids: 0..{self.config.vocab_size - 1})")
 
     def _layout(self, input_ids, attention_mask, cu_seqlens, max_seqlen, position_ids):
-        """-> flat ids (N,), positions (N,), PackedLayout, unpad info (B, T, keep-mask or None) or None."""
+        """-> flat ids (N,), positions (N,), PackedLayout, unpad info (B, T, keep-mask or None) or None.
+
+        Packed input given on the host is checked there and then moved to the model's device without blocking
+        (no device->host read); under torch.compile the value checks are skipped and the layout is built from
+        device tensors alone (max_seqlen is then required)."""
+        device = self.tok_embeddings.weight.device
         self._check_ids(input_ids)
+        if cu_seqlens is not None:  # packed input may come from the host: checked there, copied without blocking
+            input_ids = _to_device(input_ids, device)
+        if cu_seqlens is not None and torch.compiler.is_compiling():
+            if max_seqlen is None:
+                raise ValueError("pass max_seqlen with cu_seqlens when the model is compiled (an upper bound on "
+                                 "the document length, e.g. the sequence length)")
+            layout = PackedLayout.traced(cu_seqlens.to(device, torch.int32), int(max_seqlen), input_ids.shape[0])
+            positions = layout.position_ids() if position_ids is None else position_ids.to(device)
+            return input_ids, positions, layout, None
         if cu_seqlens is not None:
             if attention_mask is not None:
                 raise ValueError("pass either attention_mask (padded input) or cu_seqlens (packed input), not both")
@@ -217,18 +255,18 @@ class Transformer(nn.Module):
             if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
                     or cu_seqlens.dtype.is_floating_point:
                 raise ValueError("cu_seqlens must be a 1-D integer tensor [0, end_1, ..., N] of document boundaries")
-            host = cu_seqlens.detach().cpu().long()
-            if int(host[0]) != 0 or int(host[-1]) != input_ids.shape[0] or bool((host[1:] < host[:-1]).any()):
+            layout = PackedLayout.from_cu_seqlens(cu_seqlens, max_seqlen, device=input_ids.device)
+            cu = layout.host_cu.numpy().tolist()
+            if cu[0] != 0 or layout.total != input_ids.shape[0] or min(layout.seqlens) < 0:
                 raise ValueError(f"cu_seqlens must start at 0, never decrease and end at the number of tokens "
-                                 f"({input_ids.shape[0]}); got {host.tolist()[:8]}{'...' if len(host) > 8 else ''}")
-            layout = PackedLayout.from_cu_seqlens(cu_seqlens.to(input_ids.device), max_seqlen)
+                                 f"({input_ids.shape[0]}); got {cu[:8]}{'...' if len(cu) > 8 else ''}")
             if position_ids is None:
                 positions = layout.position_ids()
             else:
                 if position_ids.shape != input_ids.shape:
                     raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match input_ids "
                                      f"{tuple(input_ids.shape)}")
-                positions = position_ids
+                positions = _to_device(position_ids, input_ids.device)
             return input_ids, positions, layout, None
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq) for padded input, or flat (N,) with cu_seqlens; "
@@ -269,13 +307,14 @@ class Transformer(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------
     def encode(self, ids: torch.Tensor, positions: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-        """Flat ids (N,) -> final-norm hidden states (N, d)."""
+        """Flat ids (N,) -> final-norm hidden states (N, d). Each block gets tensors and an int only."""
         x = self.embed_norm(self.tok_embeddings(ids))
         rope_g = rope_freqs(positions, self.global_inv_freq)
         rope_l = rope_g if self.config.local_rope_theta == self.config.global_rope_theta else \
             rope_freqs(positions, self.local_inv_freq)
+        cu, max_seqlen = layout.cu_seqlens, layout.max_seqlen
         for block in self.layers:
-            x = block(x, rope_g if block.is_global else rope_l, layout)
+            x = block(x, rope_g if block.is_global else rope_l, cu, max_seqlen)
         return self.final_norm(x)
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
@@ -301,17 +340,25 @@ class Transformer(nn.Module):
         if prediction_positions is not None:
             if prediction_positions.dim() != 1 or prediction_positions.dtype.is_floating_point:
                 raise ValueError("prediction_positions must be a 1-D integer tensor of flat token indices")
-            if prediction_positions.numel() and (int(prediction_positions.min()) < 0
-                                                 or int(prediction_positions.max()) >= flat.shape[0]):
-                raise ValueError(f"prediction_positions must index the {flat.shape[0]} flat tokens")
-            selected = flat.index_select(0, prediction_positions.to(flat.device).long())
+            if prediction_positions.numel() and not torch.compiler.is_compiling():
+                lo, hi = _min_max(prediction_positions)
+                if lo < 0 or hi >= flat.shape[0]:
+                    raise ValueError(f"prediction_positions must index the {flat.shape[0]} flat tokens")
+            selected = flat.index_select(0, _to_device(prediction_positions.long(), flat.device))
         if labels is not None:
             target_rows = selected if selected is not None else flat
             if labels.numel() != target_rows.shape[0]:
                 raise ValueError(f"labels has {labels.numel()} entries but the head runs on {target_rows.shape[0]} "
                                  f"positions (labels align with prediction_positions, or with input_ids)")
+            labels = labels.reshape(-1).long()
+            if host_reads_are_free(labels) and labels.numel():  # checked on the host, before the copy
+                lab = labels.numpy()
+                bad = lab[(lab != IGNORE_INDEX) & ((lab < 0) | (lab >= self.config.vocab_size))]
+                if bad.size:
+                    raise ValueError(f"label {int(bad[0])} is out of range for a vocabulary of "
+                                     f"{self.config.vocab_size}")
             loss = fused_linear_cross_entropy(self.head(target_rows), self.tok_embeddings.weight, self.decoder_bias,
-                                              labels.reshape(-1).to(flat.device).long())
+                                              _to_device(labels, flat.device))
             return TransformerOutput(logits=None, hidden_states=hidden, loss=loss)
         if not return_logits:
             return TransformerOutput(logits=None, hidden_states=hidden)

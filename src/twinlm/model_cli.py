@@ -26,6 +26,7 @@ def register(commands) -> None:
     p.add_argument("--predicted-fraction", type=float, default=None,
                    help="fraction of tokens the head runs on (default: 0.3 encoder MLM, 1.0 decoder)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _memory_arguments(p)
     p.set_defaults(handler=_info)
 
     c = commands.add_parser("convert", help="cross-objective weight conversion (encoder <-> decoder)",
@@ -96,6 +97,8 @@ def _info(args) -> int:
     if args.predicted_fraction is not None and not 0.0 <= args.predicted_fraction <= 1.0:
         raise ConfigError("--predicted-fraction must be within [0, 1]")
     cfg = _config_for(str(resolve_model(args.model)), args.decoder)  # a hub id org/name@rev -> its snapshot
+    if args.memory:
+        return _memory(cfg, args)
     d = info(cfg, args.seq_len, args.predicted_fraction)
     if args.json:
         print(json.dumps(d, indent=2))
@@ -108,6 +111,41 @@ def _info(args) -> int:
     print(f"training FLOPs/token at seq {d['seq_len']}: {d['flops_per_token']:.4g} "
           f"(head on {d['predicted_fraction']:.0%} of tokens); {d['flops_per_token_all_predicted']:.4g} with "
           f"every token predicted")
+    return 0
+
+
+def _memory_arguments(p) -> None:
+    g = p.add_argument_group("memory plan (--memory)")
+    g.add_argument("--memory", action="store_true",
+                   help="estimate per-rank training memory (twinlm.memory) instead of the shape summary")
+    g.add_argument("--card", default=None, help="a card to check the estimate against and plan for (H100, H200, "
+                                                "A100-80GB, A100-40GB, L40S, A10G, RTX4090)")
+    g.add_argument("--ranks", type=int, default=1, help="ranks training together (default 1)")
+    g.add_argument("--micro-batch-tokens", type=int, default=65536,
+                   help="tokens per forward pass and rank (default 65536, the Ettin recipes')")
+    g.add_argument("--fsdp", action="store_true", help="parameters, gradients and optimizer state sharded (FSDP2)")
+    g.add_argument("--checkpointing", action="store_true", help="activation checkpointing on")
+    g.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+
+
+def _memory(cfg: ModelConfig, args) -> int:
+    from twinlm import memory
+
+    kw = dict(ranks=args.ranks, sharded=args.fsdp, precision=args.precision,
+              predicted_fraction=args.predicted_fraction)
+    est = memory.estimate(cfg, micro_batch_tokens=args.micro_batch_tokens, checkpointing=args.checkpointing,
+                          card=args.card, **kw)
+    chosen = None
+    if args.card is not None and not est.fits:
+        chosen = memory.plan(cfg, card=args.card, micro_batch_tokens=args.micro_batch_tokens, ranks=args.ranks,
+                             sharded=args.fsdp, precision=args.precision)
+    if args.json:
+        print(json.dumps({"estimate": est.to_dict(), "plan": chosen.to_dict() if chosen else None}, indent=2))
+        return 0
+    print(f"{args.model}: " + memory.describe(est))
+    if chosen is not None:
+        print(f"fits with micro_batch_tokens={chosen.micro_batch_tokens} and activation_checkpointing="
+              f"{str(chosen.checkpointing).lower()} ({chosen.total / memory.GiB:.1f} GiB)")
     return 0
 
 

@@ -2,18 +2,26 @@
 prediction head + cross-entropy. Each computes exactly what its eager formula says; they exist to save memory
 and passes over memory, and each is tested against that formula (tests/test_ops.py).
 
-- `qkv_rope(qkv, freqs)`: qkv (N, 3, H, Dh), the fused Wqkv output, and freqs (N, 1, Dh/2) complex rotations
-  (`twinlm.model.rope_freqs`) -> (rotate(q), rotate(k), v), three contiguous (N, H, Dh) tensors in qkv's
-  dtype. q and k hold each head's dims as interleaved pairs (see twinlm.model), so rotating is one complex
-  multiplication per pair, computed in fp32. The backward writes the q, k and v gradients into one
-  (N, 3, H, Dh) tensor instead of adding up three zero-filled slice gradients.
-- `geglu(x)`: gelu(u) * g for [u | g] = x (N, 2I) -> (N, I); the backward writes both halves into one
+- `qkv_rope(qkv, rope)`: qkv (N, 3, H, Dh), the fused Wqkv output, and rope (N, 1, Dh/2, 2) real rotations
+  [cos, sin] (`twinlm.model.rope_freqs`) -> (rotate(q), rotate(k), v), three contiguous (N, H, Dh) tensors in
+  qkv's dtype. q and k hold each head's dims as interleaved pairs (x0, x1) (see twinlm.model), rotated as
+  (x0·cos − x1·sin, x0·sin + x1·cos) in fp32: real arithmetic only, so torch.compile fuses it. The backward
+  returns the q, k and v gradients as one (N, 3, H, Dh) tensor instead of adding up three zero-filled slice
+  gradients.
+- `geglu(x)`: gelu(u) * g for [u | g] = x (N, 2I) -> (N, I); the backward returns both halves as one
   (N, 2I) gradient.
 - `fused_linear_cross_entropy(h, weight, bias, targets)`: the mean over targets != IGNORE_INDEX of
   CE(h @ weight.T + bias, targets), i.e. F.cross_entropy(F.linear(h, weight, bias), targets) up to rounding,
   computed in chunks of rows with the gradients taken during the forward pass, so neither the (n, V) logits
   nor their gradient ever exist in full. Under autocast the matmuls run in the autocast dtype and the
-  softmax and sums in fp32.
+  softmax and sums in fp32. It is one opaque custom operator (`torch.ops.twinlm.fused_linear_ce`), so a
+  compiled training call sees one node whatever the number of targets (no recompile per micro-batch).
+
+No function here reads a device tensor's value on the host (no `.item()`, `bool()`, `int()`): the target
+count stays a device tensor. Host reads happen only on plain CPU tensors outside torch.compile
+(`host_reads_are_free`), where they cost nothing: the CPU loss path's underflow repair, the label range
+check and the backward's unit-gradient shortcut. tests/test_syncs.py runs the training call with those reads
+made to raise, as on an accelerator.
 """
 
 from __future__ import annotations
@@ -26,10 +34,20 @@ IGNORE_INDEX = -100
 
 # --------------------------------------------------------------------------------------------------
 # rotary embeddings on the fused attention input
-def _rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """x (..., head_dim) interleaved pairs, any float dtype -> rotated, fp32, contiguous."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * freqs).flatten(-2)
+def host_reads_are_free(t: torch.Tensor) -> bool:
+    """Whether reading `t`'s values on the host costs nothing: a plain CPU tensor, outside torch.compile."""
+    return t.device.type == "cpu" and type(t) is torch.Tensor and not torch.compiler.is_compiling()
+
+
+def _rotate(x: torch.Tensor, rope: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x (..., head_dim) interleaved pairs, any float dtype; rope (..., head_dim/2, 2) [cos, sin]
+    -> x rotated (by minus the angle when `inverse`), fp32, contiguous."""
+    x = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    c, s = rope[..., 0], rope[..., 1]
+    if inverse:
+        s = -s
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2)
 
 
 class _QKVRope(torch.autograd.Function):
@@ -40,30 +58,22 @@ class _QKVRope(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qkv, freqs):
-        ctx.save_for_backward(freqs)
-        return (_rotate(qkv[:, 0], freqs).to(qkv.dtype), _rotate(qkv[:, 1], freqs).to(qkv.dtype),
+    def forward(ctx, qkv, rope):
+        ctx.save_for_backward(rope)
+        return (_rotate(qkv[:, 0], rope).to(qkv.dtype), _rotate(qkv[:, 1], rope).to(qkv.dtype),
                 qkv[:, 2].contiguous())
 
     @staticmethod
     def backward(ctx, g_q, g_k, g_v):
-        (freqs,) = ctx.saved_tensors
-        n, h, dh = g_v.shape
-        grad = torch.empty(n, 3, h, dh, dtype=g_v.dtype, device=g_v.device)
-        conj = freqs.conj()
-        for i, g in ((0, g_q), (1, g_k)):
-            if grad.dtype == torch.float32:  # rotate straight into the gradient's slice
-                torch.mul(torch.view_as_complex(g.unflatten(-1, (-1, 2))), conj,
-                          out=torch.view_as_complex(grad[:, i].unflatten(-1, (-1, 2))))
-            else:
-                grad[:, i] = _rotate(g, conj)
-        grad[:, 2] = g_v
-        return grad, None
+        (rope,) = ctx.saved_tensors
+        # one stack, no strided out= writes: dynamo traces it without a graph break
+        return torch.stack((_rotate(g_q, rope, inverse=True).to(g_v.dtype),
+                            _rotate(g_k, rope, inverse=True).to(g_v.dtype), g_v), 1), None
 
 
-def qkv_rope(qkv: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, 3, H, Dh) fused q/k/v and (N, 1, Dh/2) complex rotations -> rotated q, rotated k, v (N, H, Dh)."""
-    return _QKVRope.apply(qkv, freqs)
+def qkv_rope(qkv: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, 3, H, Dh) fused q/k/v and (N, 1, Dh/2, 2) [cos, sin] rotations -> rotated q, rotated k, v (N, H, Dh)."""
+    return _QKVRope.apply(qkv, rope)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +92,9 @@ class _GeGLU(torch.autograd.Function):
     def backward(ctx, grad):
         x, a = ctx.saved_tensors
         u, g = x.chunk(2, dim=-1)
-        out = torch.empty_like(x)
+        if torch.compiler.is_compiling():  # strided out= writes break the graph; inductor fuses the cat
+            return torch.cat((torch.ops.aten.gelu_backward(grad * g, u), grad * a), -1)
+        out = torch.empty_like(x)  # eager: both halves written in place, no concatenation pass
         inter = u.shape[-1]
         torch.ops.aten.gelu_backward.grad_input(grad * g, u, grad_input=out[..., :inter])
         torch.mul(grad, a, out=out[..., inter:])
@@ -101,77 +113,96 @@ def _ce_chunk_rows(vocab: int, device_type: str = "cpu") -> int:
     return max(64, min(8192, budget // max(vocab, 1)))
 
 
-class _FusedLinearCE(torch.autograd.Function):
-    """Chunked head + cross-entropy whose gradients are computed in the forward pass.
+def _fused_ce(h, weight, bias, targets, ignore_index: int, chunk: int, cast: torch.dtype, needs_grad: bool):
+    """-> (loss, grad_h, grad_weight, grad_bias) for a unit loss gradient (empty (0,) grads without needs_grad).
 
     Per chunk of rows the only passes over the (rows, V) matrix are: the logits matmul, one (in-place) softmax,
     and the two gradient matmuls. The one-hot part of the gradient, the bias gradient and the 1/count scaling
     are applied on the small sides: with g = softmax - onehot (the one-hot subtracted in place, one element per
     row) and c = valid / count per row, grad_h = c * (g @ W), grad_W = g^T @ (c * h), grad_b = g^T @ c.
+    The count stays a device tensor (no host read).
     """
+    n, d = h.shape
+    valid = targets != ignore_index
+    inv = 1.0 / valid.sum().clamp(min=1).to(torch.float32)  # 0-d device tensor
+    host = host_reads_are_free(h)
+    w = weight.to(cast)
+    b = bias.to(cast)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    acc = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad else None
+    acc_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if needs_grad else None
+    grad_h = torch.empty(n, d, dtype=h.dtype, device=h.device) if needs_grad else None
+    buf = None
+    with torch.autocast(h.device.type, enabled=False):
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            hc = h[s:e].to(cast)
+            tc = targets[s:e]
+            vc = valid[s:e]
+            safe_t = torch.where(vc, tc, torch.zeros_like(tc))
+            if cast == torch.float32 and host:
+                if buf is None or buf.shape[0] < e - s:
+                    buf = torch.empty(e - s, weight.shape[0], dtype=torch.float32, device=h.device)
+                logits = torch.addmm(b, hc, w.t(), out=buf[: e - s])
+                p = torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # in place, one pass
+                pt = p.gather(1, safe_t[:, None])[:, 0]
+                nll = -torch.log(pt)
+                if bool(torch.isinf(nll).any()):  # p underflowed to 0: recompute those rows exactly
+                    rows = torch.isinf(nll).nonzero()[:, 0]
+                    lg = torch.addmm(b, hc[rows], w.t()).float()
+                    nll[rows] = torch.logsumexp(lg, -1) - lg.gather(1, safe_t[rows, None])[:, 0]
+            else:  # accelerators: memory passes are cheap, host syncs are not
+                logits = torch.addmm(b, hc, w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                nll = lse - logits.gather(1, safe_t[:, None])[:, 0]
+                p = logits.sub_(lse[:, None]).exp_()
+            total += (nll * vc).sum()
+            if needs_grad:
+                c = vc.to(torch.float32) * inv  # (rows,)
+                p = p.scatter_add_(1, safe_t[:, None], torch.full_like(safe_t[:, None], -1, dtype=p.dtype))
+                pc = p.to(cast)
+                grad_h[s:e] = ((pc @ w).float() * c[:, None]).to(h.dtype)
+                hs = (hc.float() * c[:, None]).to(cast)
+                if cast == torch.float32:
+                    acc.addmm_(pc.t(), hs)
+                    acc_b.addmv_(pc.t(), c)
+                else:
+                    acc += (pc.t() @ hs).float()
+                    acc_b += (pc.t() @ c.to(cast)).float()
+    loss = total * inv
+    if not needs_grad:
+        empty = h.new_empty(0)
+        return loss, empty, empty.clone(), empty.clone()
+    return loss, grad_h, acc.to(weight.dtype), acc_b.to(bias.dtype)
 
-    @staticmethod
-    def forward(ctx, h, weight, bias, targets, ignore_index, chunk):
-        n, d = h.shape
-        valid = targets != ignore_index
-        count = int(valid.sum())
-        needs_grad = any(ctx.needs_input_grad[:3])
-        device_type = h.device.type
-        cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
-        w = weight.to(cast)
-        b = bias.to(cast)
-        inv = 1.0 / max(count, 1)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        acc = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad else None
-        acc_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if needs_grad else None
-        grad_h = torch.empty(n, d, dtype=h.dtype, device=h.device) if needs_grad else None
-        buf = None
-        with torch.autocast(device_type, enabled=False):
-            for s in range(0, n, chunk):
-                e = min(n, s + chunk)
-                hc = h[s:e].to(cast)
-                tc = targets[s:e]
-                vc = valid[s:e]
-                safe_t = torch.where(vc, tc, torch.zeros_like(tc))
-                if cast == torch.float32 and not h.is_cuda:
-                    if buf is None or buf.shape[0] < e - s:
-                        buf = torch.empty(e - s, weight.shape[0], dtype=torch.float32, device=h.device)
-                    logits = torch.addmm(b, hc, w.t(), out=buf[: e - s])
-                    p = torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # in place, one pass
-                    pt = p.gather(1, safe_t[:, None])[:, 0]
-                    nll = -torch.log(pt)
-                    if bool(torch.isinf(nll).any()):  # p underflowed to 0: recompute those rows exactly
-                        rows = torch.isinf(nll).nonzero()[:, 0]
-                        lg = torch.addmm(b, hc[rows], w.t()).float()
-                        nll[rows] = torch.logsumexp(lg, -1) - lg.gather(1, safe_t[rows, None])[:, 0]
-                else:  # accelerators: memory passes are cheap, host syncs are not
-                    logits = torch.addmm(b, hc, w.t()).float()
-                    lse = torch.logsumexp(logits, dim=-1)
-                    nll = lse - logits.gather(1, safe_t[:, None])[:, 0]
-                    p = logits.sub_(lse[:, None]).exp_()
-                total += (nll * vc).sum()
-                if needs_grad:
-                    c = vc.to(torch.float32) * inv  # (rows,)
-                    p = p.scatter_add_(1, safe_t[:, None], torch.full_like(safe_t[:, None], -1, dtype=p.dtype))
-                    pc = p.to(cast)
-                    grad_h[s:e] = ((pc @ w).float() * c[:, None]).to(h.dtype)
-                    hs = (hc.float() * c[:, None]).to(cast)
-                    if cast == torch.float32:
-                        acc.addmm_(pc.t(), hs)
-                        acc_b.addmv_(pc.t(), c)
-                    else:
-                        acc += (pc.t() @ hs).float()
-                        acc_b += (pc.t() @ c.to(cast)).float()
-        if needs_grad:
-            ctx.save_for_backward(grad_h, acc.to(weight.dtype), acc_b.to(bias.dtype))
-        return total * inv
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        if not grad_out.is_cuda and float(grad_out) == 1.0:  # the usual loss.backward(): skip three copies
-            return grad_h, grad_w, grad_b, None, None, None
-        return grad_h * grad_out, grad_w * grad_out, grad_b * grad_out, None, None, None
+@torch.library.custom_op("twinlm::fused_linear_ce", mutates_args=())
+def _fused_ce_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,
+                 ignore_index: int, chunk: int, cast: torch.dtype,
+                 needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fused_ce(h, weight, bias, targets, ignore_index, chunk, cast, needs_grad)
+
+
+@_fused_ce_op.register_fake
+def _(h, weight, bias, targets, ignore_index, chunk, cast, needs_grad):
+    loss = h.new_empty((), dtype=torch.float32)
+    if not needs_grad:
+        return loss, h.new_empty(0), h.new_empty(0), h.new_empty(0)
+    return loss, torch.empty_like(h), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _fused_ce_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+
+
+def _fused_ce_backward(ctx, grad_loss, *_):
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    if host_reads_are_free(grad_loss) and float(grad_loss) == 1.0:  # the usual loss.backward(): no copies
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+    return grad_h * grad_loss, grad_w * grad_loss, grad_b * grad_loss, None, None, None, None, None
+
+
+_fused_ce_op.register_autograd(_fused_ce_backward, setup_context=_fused_ce_setup)
 
 
 def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,
@@ -180,15 +211,21 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torc
 
     The gradients are computed during the forward pass chunk by chunk, so neither the (n, V) logits nor their
     gradient ever exist in full. Equal to F.cross_entropy(F.linear(h, weight, bias), targets) up to rounding.
+    Targets are range-checked here when they are on the host (twinlm.model checks its labels there first);
+    device targets are not read back.
     """
     if h.dim() != 2 or targets.shape != h.shape[:1]:
         raise ValueError(f"fused_linear_cross_entropy expects h (n, d) and targets (n,); got {tuple(h.shape)}, "
                          f"{tuple(targets.shape)}")
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
-    if bool(bad.any()):
-        raise ValueError(f"label {int(targets[bad][0])} is out of range for a vocabulary of {weight.shape[0]}")
-    chunk = chunk_rows or _ce_chunk_rows(weight.shape[0], h.device.type)
-    return _FusedLinearCE.apply(h, weight, bias, targets, ignore_index, chunk)
+    if host_reads_are_free(targets):
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(f"label {int(targets[bad][0])} is out of range for a vocabulary of {weight.shape[0]}")
+    device_type = h.device.type
+    cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad or bias.requires_grad)
+    chunk = chunk_rows or _ce_chunk_rows(weight.shape[0], device_type)
+    return _fused_ce_op(h, weight, bias, targets, ignore_index, chunk, cast, needs_grad)[0]
 
 
 __all__ = ["qkv_rope", "geglu", "fused_linear_cross_entropy", "IGNORE_INDEX"]

@@ -4,10 +4,17 @@
 CUDA, gloo on CPU. `parallelize()` then wraps the bare model:
 
 - activation checkpointing: each transformer block's forward runs under `torch.utils.checkpoint`
-  (non-reentrant); parameter names do not change;
-- compile: each block is compiled in place (`module.compile()`), names unchanged;
-- `ddp`: DistributedDataParallel (gradient all-reduce);
-- `fsdp`: FSDP2 `fully_shard` on each block, then on the root (parameters become DTensors sharded on dim 0).
+  (non-reentrant), called from inside the block's own forward so that compile traces it; parameter names do
+  not change;
+- compile: each block is compiled in place (`module.compile(fullgraph=True, dynamic=True)`), names unchanged.
+  A block sees only tensors and ints (twinlm.model.Block), so one graph per kind of block (global or local
+  attention, layer 0's missing norm) serves every packed layout; `fullgraph=True` makes a graph break an
+  error instead of a silent fall back to eager; with checkpointing the checkpointed forward is compiled;
+- `ddp`: DistributedDataParallel (gradient all-reduce), with `gradient_as_bucket_view` (no second copy of
+  the gradients);
+- `fsdp`: FSDP2 `fully_shard` on each block, then on the root (parameters become DTensors sharded on dim 0);
+  with `param_dtype=torch.bfloat16` (bf16 training on an accelerator) a mixed-precision policy gathers bf16
+  parameters and reduces gradients in fp32 (the fp32 master weights stay sharded in the optimizer).
 
 Checkpoints always hold full tensors (`full_state_dict`, `load_full_state_dict`), so a run resumes on any
 number of ranks and with or without FSDP.
@@ -16,8 +23,8 @@ number of ranks and with or without FSDP.
 from __future__ import annotations
 
 import datetime
-import functools
 import os
+import types
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +60,8 @@ def init(device: str | None = None) -> DistEnv:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
+                                device_id=dev if dev.type == "cuda" else None)
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
@@ -107,27 +115,46 @@ def blocks_of(model: torch.nn.Module) -> torch.nn.ModuleList:
     return max(lists, key=len)
 
 
+def compute_dtype(precision: str, env: DistEnv) -> torch.dtype | None:
+    """FSDP's parameter dtype for a recipe's `precision`: bf16 where training runs under bf16 autocast on an
+    accelerator ("auto" on CUDA, or "bf16" there), else None (fp32 parameters)."""
+    if env.device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.bfloat16
+    return None
+
+
+def _checkpointed_forward(block: torch.nn.Module, *args):
+    """The block's own forward under non-reentrant checkpointing (bound to the block as its `forward`)."""
+    return checkpoint(type(block).forward, block, *args, use_reentrant=False)
+
+
 def parallelize(model: torch.nn.Module, env: DistEnv, *, mode: str = "auto", compile: bool = False,
-                activation_checkpointing: bool = False) -> torch.nn.Module:
-    """Wrap `model` for training; returns the module to call (the bare model stays reachable via unwrap())."""
+                activation_checkpointing: bool = False, param_dtype: torch.dtype | None = None,
+                compile_backend: str = "inductor") -> torch.nn.Module:
+    """Wrap `model` for training; returns the module to call (the bare model stays reachable via unwrap()).
+
+    `param_dtype`: FSDP's parameter dtype for compute (bf16 with fp32 gradient reduction); None keeps fp32.
+    `compile_backend`: torch.compile's backend (tests use "aot_eager", which traces the same graphs)."""
     blocks = blocks_of(model)
     if activation_checkpointing:
         for block in blocks:
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+            block.forward = types.MethodType(_checkpointed_forward, block)
     if compile:
         for block in blocks:
-            block.compile()
+            block.compile(fullgraph=True, dynamic=True, backend=compile_backend)
     if mode == "auto":
         mode = "ddp" if env.distributed else "none"
     if mode == "fsdp" and env.distributed:
-        from torch.distributed.fsdp import fully_shard  # FSDP only: ~1 s to import
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # FSDP only: ~1 s to import
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
+        kw = {"mp_policy": mp} if mp is not None else {}
         for block in blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
         return model
     if mode in ("ddp", "fsdp") and env.distributed:  # fsdp on one rank degenerates to plain training
         ids = [env.device.index] if env.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
     return model
 
 

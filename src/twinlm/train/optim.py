@@ -16,8 +16,9 @@ Weight decay is "fully decoupled" from the learning rate: a decay of 1e-5 remove
 step at the peak LR, less while the schedule is below peak. `param_groups()` puts norms and biases (every
 tensor with fewer than two dimensions) in a group without decay.
 
-Works on plain tensors and on FSDP2 DTensors (the per-tensor mean is then a global reduction), without
-host synchronisation: the clipping factor stays a device tensor.
+The update runs with foreach kernels over a group's tensors. On FSDP2 DTensors it runs on the local shards
+and the per-tensor means of g²/max(v̂, ε²) come from one all-reduce per group of the local sums (not one
+collective per tensor). No host synchronisation: the clipping factor stays a device tensor.
 """
 
 from __future__ import annotations
@@ -43,36 +44,70 @@ class StableAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            eps, lr, wd, peak = group["eps"], group["lr"], group["weight_decay"], group["peak_lr"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if g.is_sparse:
-                    raise RuntimeError("StableAdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                t = float(state["step"])
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                g32 = g.float() if g.dtype != m.dtype else g
-                m.lerp_(g32, 1 - beta1)
-                v.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
-                bc1 = 1 - beta1 ** t
-                bc2 = 1 - beta2 ** t
-                v_hat = v / bc2
-                rms = (g32 * g32 / v_hat.clamp(min=eps * eps)).mean().sqrt()
-                eta = lr / torch.clamp(rms, min=1.0)  # 0-d tensor: no host sync
-                if wd != 0 and peak > 0:
-                    p.mul_(1 - eta * (wd / peak))
-                denom = v_hat.sqrt_().add_(eps)
-                update = (m / bc1).div_(denom)
-                p.sub_(update * eta)
+            self._group_step(group)
         return loss
+
+    def _group_step(self, group: dict) -> None:
+        """One group's update with foreach kernels over its tensors (FSDP2 shards: their local parts), and one
+        collective for all of the group's clipping statistics."""
+        beta1, beta2 = group["betas"]
+        eps, lr, wd, peak = group["eps"], group["lr"], group["weight_decay"], group["peak_lr"]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("StableAdamW does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states = [self.state[p] for p in params]
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1)
+        ts = [float(t) for t in steps]  # host tensors: no device sync
+        ms = [_local(st["exp_avg"]) for st in states]
+        vs = [_local(st["exp_avg_sq"]) for st in states]
+        gs = [_local(p.grad) for p in params]
+        gs = [g.float() if g.dtype != m.dtype else g for g, m in zip(gs, ms)]
+        ps = [_local(p) for p in params]
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+        bc1 = [1 - beta1 ** t for t in ts]
+        bc2 = [1 - beta2 ** t for t in ts]
+        v_hat = torch._foreach_div(vs, bc2)
+        ratio = torch._foreach_div(torch._foreach_mul(gs, gs), torch._foreach_clamp_min(v_hat, eps * eps))
+        rms = self._rms(params, ratio)
+        etas = [lr / torch.clamp(r, min=1.0) for r in rms]  # 0-d tensors: no host sync
+        if wd != 0 and peak > 0:
+            torch._foreach_mul_(ps, [1 - eta * (wd / peak) for eta in etas])
+        torch._foreach_sqrt_(v_hat)
+        torch._foreach_add_(v_hat, eps)
+        update = torch._foreach_div(ms, bc1)
+        torch._foreach_div_(update, v_hat)
+        torch._foreach_mul_(update, etas)
+        torch._foreach_sub_(ps, update)
+
+    @staticmethod
+    def _rms(params: list[torch.Tensor], ratio: list[torch.Tensor]) -> list[torch.Tensor]:
+        """sqrt(mean(ratio)) per tensor over the whole (unsharded) tensor: plain tensors take their mean; FSDP2
+        shards add up their local sums in one all-reduce for the group (not one per tensor)."""
+        sharded = [i for i, p in enumerate(params) if hasattr(p, "device_mesh")]
+        out = [r.mean().sqrt() if not hasattr(p, "device_mesh") else None for p, r in zip(params, ratio)]
+        if sharded:
+            sums = torch.stack([ratio[i].sum() for i in sharded])
+            mesh = params[sharded[0]].device_mesh
+            torch.distributed.all_reduce(sums, group=mesh.get_group())
+            for j, i in enumerate(sharded):
+                out[i] = (sums[j] / params[i].numel()).sqrt()
+        return out
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local part of an FSDP2 DTensor shard (the math runs on plain tensors, no DTensor dispatch)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -156,12 +156,13 @@ class TrainStep:
         return contextlib.nullcontext()
 
     def forward_loss(self, mb: MicroBatch) -> torch.Tensor:
-        """Mean cross-entropy over this micro-batch's targets (the model's fused head + loss)."""
-        dev = self.env.device
+        """Mean cross-entropy over this micro-batch's targets (the model's fused head + loss).
+
+        The micro-batch's tensors stay on the host: the model checks them there and copies them to its device
+        through pinned memory without blocking, so the pass reads nothing back from the device."""
         with self._autocast():
-            out = self.model(mb.input_ids.to(dev, non_blocking=True), cu_seqlens=mb.cu_seqlens.to(dev),
-                             max_seqlen=int(mb.max_seqlen), prediction_positions=mb.positions.to(dev),
-                             labels=mb.targets.to(dev))
+            out = self.model(mb.input_ids, cu_seqlens=mb.cu_seqlens, max_seqlen=int(mb.max_seqlen),
+                             prediction_positions=mb.positions, labels=mb.targets)
         return out.loss
 
     # --- the public API -------------------------------------------------------------------------------
@@ -200,15 +201,17 @@ class TrainStep:
                 loss_local += mean.detach().double() * k
         t_compute = time.perf_counter() - t0 - t_data
 
-        red = torch.stack([loss_local.cpu(), torch.tensor(float(stop), dtype=torch.float64)])
+        # the step's one device->host read, after every backward is queued: the summed loss and the stop flag
+        red = torch.stack([loss_local, torch.tensor(float(stop), dtype=torch.float64, device=loss_local.device)])
         dist.all_reduce(red)
-        loss = float(red[0]) / max(global_targets, 1)
+        red = red.tolist()
+        loss = red[0] / max(global_targets, 1)
         skipped = not math.isfinite(loss)
         if not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss, lr=lr, targets=global_targets, tokens=global_tokens, skipped=skipped,
-                          stop=bool(red[1] > 0), data_s=t_data, compute_s=t_compute,
+                          stop=red[1] > 0, data_s=t_data, compute_s=t_compute,
                           step_s=time.perf_counter() - t0)
 
     @torch.no_grad()

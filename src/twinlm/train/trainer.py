@@ -369,7 +369,8 @@ class Trainer:
             if first.rope_theta or first.local_rope_theta:
                 dist.unwrap(model).set_rope_theta(first.rope_theta, first.local_rope_theta)
         self.model = dist.parallelize(model, self.env, mode=self.recipe.parallel, compile=self.recipe.compile,
-                                      activation_checkpointing=self.recipe.activation_checkpointing)
+                                      activation_checkpointing=self.recipe.activation_checkpointing,
+                                      param_dtype=dist.compute_dtype(self.recipe.precision, self.env))
         o = self.recipe.optim
         self.optimizer = build_optimizer(self.bare_model, lr=o.lr, betas=o.betas, eps=o.eps,
                                          weight_decay=o.weight_decay)

@@ -1,0 +1,370 @@
+"""The device check: everything a first GPU run could get wrong, measured in about 8 minutes on one H100/H200.
+
+    python bench/gpu_check.py                   # every section, each in its own time-boxed process
+    python bench/gpu_check.py attn syncs        # some sections
+    python bench/gpu_check.py --cpu             # a tiny version of every section on the CPU (tests/test_gpu_check.py)
+    python bench/gpu_check.py --out DIR         # JSON lines to DIR/gpu_check.jsonl (default: $OUT, else bench/)
+
+Sections (each prints one or more JSON lines; a failure is recorded as {"error": ...}, never raised, and a
+section that overruns its time box is recorded as {"timeout": seconds}):
+
+  env      versions, flash-attn / FA3 presence, varlen_attn's signature, what "auto" picks in bf16
+  pytest   the `gpu`-marked tests (tests/test_attention.py, tests/test_model.py)
+  attn     every backend against the fp32 eager reference: outputs and q/k/v gradients, bf16, six windows,
+           documents of mixed lengths
+  model    the tiny model on the device vs the CPU (fp32 and bf16), packed vs one document at a time
+  syncs    host syncs in one trainer micro-batch (forward + backward), counted by source line under
+           torch.cuda.set_sync_debug_mode (on the CPU: the host reads of tests/test_syncs.py's emulation)
+  step     the trainer's step at 150M (packed documents, the real objective, StableAdamW, bf16, dropout 0.1):
+           tokens/s, peak memory, MFU in the paper's convention and in executed FLOPs (flops_per_token)
+  memory   400M and 1B: measured peak per micro-batch token against twinlm.memory's estimate
+  bench    bench/model_throughput.py: twinlm vs transformers at 150M, encoder and decoder
+  compile  compiled blocks over six packed layouts: graphs per layout, step time eager vs compiled
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from peaks import peak_flops  # noqa: E402
+from workloads import executed_flops_per_token, packed_batch, train_step  # noqa: E402
+
+# seconds per section on a GPU (the whole check fits a 10-minute command with room to spare)
+BUDGET = {"env": 30, "pytest": 70, "attn": 70, "model": 30, "syncs": 45, "step": 100, "memory": 60, "bench": 100,
+          "compile": 120}
+CPU_BUDGET = 400  # per section with --cpu (a loaded 2-core machine)
+SECTIONS = list(BUDGET)
+
+
+class Check:
+    def __init__(self, section: str, cpu: bool, out: Path):
+        self.section, self.cpu, self.out = section, cpu, out
+        self.dev = torch.device("cpu" if cpu else "cuda")
+
+    def emit(self, row: dict) -> None:
+        line = json.dumps({"section": self.section, **row}, default=str)
+        print(line, flush=True)
+        with open(self.out, "a") as f:
+            f.write(line + "\n")
+
+    def sync(self) -> None:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(self, fn, steps: int, warmup: int) -> float:
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        ts = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    # --- sections ---------------------------------------------------------------------------------------------
+    def env(self):
+        from twinlm.attention import _auto_backend, varlen_available, varlen_signature_ok
+
+        row = {"torch": torch.__version__, "cuda": torch.version.cuda,
+               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+               "flash_attn": importlib.util.find_spec("flash_attn") is not None,
+               "flash_attn_interface (FA3)": importlib.util.find_spec("flash_attn_interface") is not None}
+        if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
+            from torch.nn.attention.varlen import varlen_attn
+
+            row["varlen_attn_params"] = list(inspect.signature(varlen_attn).parameters)
+            row["varlen_has_window_size_and_scale"] = varlen_signature_ok(varlen_attn)
+        row["varlen_available"] = varlen_available()
+        row["auto_backend_bf16"] = _auto_backend(torch.zeros(4, 2, 64, device=self.dev, dtype=torch.bfloat16))
+        row["peak_bf16_tflops"] = (peak_flops(row["gpu"]) or 0) / 1e12 or None
+        self.emit(row)
+
+    def pytest(self):
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "gpu", "-p", "no:cacheprovider",
+               "tests/test_attention.py", "tests/test_model.py"]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        self.emit({"returncode": r.returncode, "summary": (r.stdout.strip().splitlines() or [""])[-1]})
+
+    def attn(self):
+        from twinlm.attention import PackedLayout, attention, flash_attn_available, varlen_available
+
+        lens = [30, 70, 5] if self.cpu else [100, 300, 7, 150, 1024, 5]
+        windows = [(-1, -1), (-1, 0), (64, 64), (63, 0), (3, 3), (2, 0)]
+        backends = ["sdpa"] + (["varlen"] if varlen_available() else []) + (["flash"] if flash_attn_available() else [])
+        backends += [] if self.cpu else ["flex"]  # FlexAttention has no backward on the CPU
+        dt = torch.float32 if self.cpu else torch.bfloat16
+        g = torch.Generator().manual_seed(0)
+        n = sum(lens)
+        base = [torch.randn(n, 4, 64, generator=g) for _ in range(3)]
+        gout = torch.randn(n, 4, 64, generator=g).to(self.dev)
+        cu = torch.tensor([0, *np.cumsum(lens).tolist()], dtype=torch.int32, device=self.dev)
+        results = {}
+        for w in windows:
+            q, k, v = (t.to(self.dev).requires_grad_() for t in base)
+            ref = attention(q, k, v, PackedLayout.from_cu_seqlens(cu), window=w, backend="eager")
+            ref.backward(gout)
+            ref_grads = [t.grad for t in (q, k, v)]
+            for be in backends:
+                try:
+                    q, k, v = (t.to(self.dev, dt).requires_grad_() for t in base)
+                    out = attention(q, k, v, PackedLayout.from_cu_seqlens(cu), window=w, backend=be)
+                    out.backward(gout.to(dt))
+                    errs = [float((a.float() - b).norm() / b.norm()) for a, b in
+                            zip([out.detach(), q.grad, k.grad, v.grad], [ref.detach(), *ref_grads])]
+                    results[f"{be} {w}"] = {"rel_err_out_dq_dk_dv": [round(e, 5) for e in errs],
+                                            "ok": max(errs) < 0.03}
+                except Exception as e:  # noqa: BLE001 - recorded, the check goes on
+                    results[f"{be} {w}"] = {"error": repr(e)[:300]}
+        self.emit({"backends": backends, "dtype": str(dt), "results": results,
+                   "all_ok": all(r.get("ok", False) for r in results.values())})
+
+    def model(self):
+        from twinlm import ModelConfig, Transformer
+
+        out = {}
+        for causal in (False, True):
+            cfg = ModelConfig.preset("cpu-tiny", causal=causal, attention_dropout=0.0)
+            torch.manual_seed(0)
+            m = Transformer(cfg).eval()
+            lens = [5, 300, 1, 133]
+            g = torch.Generator().manual_seed(0)
+            docs = [torch.randint(5, 4000, (n,), generator=g) for n in lens]
+            flat, cu = torch.cat(docs), torch.tensor([0, *np.cumsum(lens).tolist()], dtype=torch.int32)
+            with torch.no_grad():
+                ref = m(flat, cu_seqlens=cu).logits
+                m = m.to(self.dev)
+                fp32 = m(flat, cu_seqlens=cu).logits.cpu()
+                with torch.autocast(self.dev.type, dtype=torch.bfloat16):
+                    bf = m(flat, cu_seqlens=cu).logits.float().cpu()
+                    alone = max(float((m(d[None].to(self.dev)).logits[0].float().cpu()
+                                       - bf[cu[i]:cu[i + 1]]).abs().max()) for i, d in enumerate(docs))
+            out["decoder" if causal else "encoder"] = {
+                "device_fp32_vs_cpu": float((fp32 - ref).abs().max()), "bf16_vs_cpu": float((bf - ref).abs().max()),
+                "bf16_packed_vs_alone": alone}
+        self.emit(out)
+
+    def syncs(self):
+        from twinlm import ModelConfig, Transformer
+
+        preset, tokens = ("cpu-tiny", 2048) if self.cpu else ("ettin-150m", 16384)
+        cfg = ModelConfig.preset(preset, attention_dropout=0.1)
+        m = Transformer(cfg).to(self.dev).train()
+        batch = packed_batch(cfg, tokens, "mlm")
+        amp = torch.autocast(self.dev.type, dtype=torch.bfloat16)
+        with amp:  # warm-up: kernels loaded, allocator filled
+            m(**batch).loss.backward()
+        self.sync()
+        if self.cpu:
+            sys.path.insert(0, str(ROOT / "tests"))
+            from test_syncs import HostReadError, no_host_reads_context
+
+            try:
+                with no_host_reads_context(), amp:
+                    m(**batch).loss.backward()
+                self.emit({"mode": "cpu emulation (tests/test_syncs.py)", "host_reads": 0})
+            except HostReadError as e:
+                self.emit({"mode": "cpu emulation (tests/test_syncs.py)", "host_reads": 1, "first": str(e)})
+            return
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with amp:
+                    loss = m(**batch).loss
+                loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        by_line: dict[str, int] = {}
+        for w in caught:  # a warning from C++ is attributed to the Python line that called the op
+            key = f"{w.filename.split('/site-packages/')[-1].split('/src/')[-1]}:{w.lineno}"
+            by_line[key] = by_line.get(key, 0) + 1
+        self.emit({"sync_warnings": len(caught), "by_line": by_line})
+
+    def step(self):
+        from twinlm import ModelConfig, Transformer
+        from twinlm.train.optim import build_optimizer
+
+        preset = "cpu-tiny" if self.cpu else os.environ.get("PRESET", "ettin-150m")
+        tokens = 2048 if self.cpu else int(os.environ.get("MB_TOKENS", "32768"))
+        peak = None if self.cpu else peak_flops(torch.cuda.get_device_name(0))
+        for objective in ("mlm", "clm"):
+            cfg = ModelConfig.preset(preset, causal=objective == "clm", attention_dropout=0.1)
+            torch.manual_seed(0)
+            m = Transformer(cfg).to(self.dev).train()
+            batches = [packed_batch(cfg, tokens, objective, seed=s) for s in range(2)]
+            ntok = sum(int(b["input_ids"].numel()) for b in batches)
+            row = {"preset": preset, "objective": objective, "tokens_per_step": ntok}
+            opt = build_optimizer(m, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5)
+            if self.dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            s = self.timed(train_step(m, batches, opt, self.dev), steps=2 if self.cpu else 6,
+                           warmup=1 if self.cpu else 2)
+            row.update(step_s=round(s, 4), tok_s=round(ntok / s))
+            if self.dev.type == "cuda":
+                row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            matmul = sum(p.numel() for p in m.parameters() if p.dim() == 2)
+            paper = 6 * matmul + 12 * cfg.num_layers * cfg.hidden_size * 1024
+            executed = executed_flops_per_token(m, batches)
+            row.update(flops_per_token_paper=paper, flops_per_token_executed=round(executed))
+            if peak:
+                row.update(mfu_paper=round(paper * ntok / s / peak, 4),
+                           mfu_executed=round(executed * ntok / s / peak, 4))
+            self.emit(row)
+            del m, opt
+
+    def memory(self):
+        from twinlm import ModelConfig, Transformer
+        from twinlm.memory import estimate
+
+        presets = ["cpu-tiny"] if self.cpu else os.environ.get("MEM_PRESETS", "ettin-400m,ettin-1b").split(",")
+        sizes = (1024, 2048) if self.cpu else (4096, 8192)
+        for preset in presets:
+            # on the CPU: global layers and equal documents, where sdpa saves what a flash kernel saves (the
+            # CPU's padded and banded paths keep extra copies the estimate does not describe)
+            extra = dict(global_attn_every_n_layers=1) if self.cpu else {}
+            cfg = ModelConfig.preset(preset, attention_dropout=0.1, **extra)
+            m = Transformer(cfg).to(self.dev).train()
+            per = {}
+            for n in sizes:
+                docs = dict(min_doc=256, max_doc=256) if self.cpu else {}
+                batch = packed_batch(cfg, n, "mlm", **docs)
+                n_real = int(batch["input_ids"].numel())
+                if self.cpu:  # bytes saved for backward (storages once, parameters excluded)
+                    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+                    seen = {}
+
+                    def pack(t, seen=seen, params=params):
+                        if t.untyped_storage().data_ptr() not in params:
+                            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                        return t
+
+                    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                        loss = m(**batch).loss
+                    per[n_real] = sum(seen.values())
+                    loss.backward()
+                else:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        loss = m(**batch).loss
+                    loss.backward()
+                    per[n_real] = torch.cuda.max_memory_allocated() - base
+                m.zero_grad(set_to_none=True)
+            (n0, b0), (n1, b1) = sorted(per.items())
+            measured = (b1 - b0) / (n1 - n0)
+            est = estimate(cfg, micro_batch_tokens=65536, precision="fp32" if self.cpu else "bf16")
+            self.emit({"preset": preset, "measured_bytes_per_token": round(measured),
+                       "estimated_bytes_per_token": round(est.activation_bytes_per_token),
+                       "ratio": round(measured / est.activation_bytes_per_token, 3),
+                       "gib_at_65536_tokens_measured": round(measured * 65536 / 2**30, 1)})
+            del m
+
+    def bench(self):
+        args = ["--no-write", "--steps", "2" if self.cpu else "8", "--warmup", "1" if self.cpu else "2"]
+        if self.cpu:
+            args += ["--preset", "cpu-tiny", "--batch", "2", "--seq", "128"]
+        else:
+            args += ["--device", "cuda"]
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "model_throughput.py"), *args], cwd=ROOT,
+                           capture_output=True, text=True)
+        rows = [line for line in r.stdout.splitlines() if "tok/s" in line]
+        self.emit({"returncode": r.returncode, "rows": rows, "stderr_tail": r.stderr[-300:] if r.returncode else ""})
+
+    def compile(self):
+        from torch._dynamo.testing import CompileCounterWithBackend
+
+        from twinlm import ModelConfig, Transformer
+        from twinlm.train import dist
+        from twinlm.train.optim import build_optimizer
+
+        preset, tokens = ("cpu-tiny", 512) if self.cpu else ("ettin-17m", 32768)
+        cfg = ModelConfig.preset(preset, attention_dropout=0.0)
+        counter = CompileCounterWithBackend("aot_eager" if self.cpu else "inductor")
+        rows = []
+        models = {}
+        for name in ("eager", "compiled"):
+            torch.manual_seed(0)
+            m = Transformer(cfg).to(self.dev).train()
+            if name == "compiled":
+                dist.parallelize(m, dist.DistEnv(device=self.dev), compile=True, compile_backend=counter)
+            models[name] = (m, build_optimizer(m, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5))
+        for s in range(3 if self.cpu else 6):
+            batch = [packed_batch(cfg, tokens, "mlm", seed=s, max_doc=512)]
+            row = {"docs": int(batch[0]["cu_seqlens"].numel() - 1)}
+            for name, (m, opt) in models.items():
+                t0 = time.perf_counter()
+                train_step(m, batch, opt, self.dev)()
+                self.sync()
+                row[f"{name}_s"] = round(time.perf_counter() - t0, 3)
+            row["graphs"] = sum(1 for g in counter.graphs if any(n.op == "call_function" for n in g.graph.nodes))
+            rows.append(row)
+        later = rows[1:]
+        self.emit({"per_layout": rows, "new_graphs_after_first_layout": rows[-1]["graphs"] - rows[0]["graphs"],
+                   "compiled_over_eager_after_first": round(statistics.median(r["eager_s"] / r["compiled_s"]
+                                                                              for r in later), 3)})
+
+
+def run_section(name: str, cpu: bool, out: Path) -> None:
+    check = Check(name, cpu, out)
+    try:
+        getattr(check, name)()
+    except Exception as e:  # noqa: BLE001 - the check records every failure and goes on
+        check.emit({"error": repr(e)[:500], "trace": traceback.format_exc()[-1500:]})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sections", nargs="*", choices=[*SECTIONS, []], default=[], metavar="SECTION",
+                   help=f"default: all ({', '.join(SECTIONS)})")
+    p.add_argument("--cpu", action="store_true", help="a tiny version of every section on the CPU")
+    p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench"), help="folder for gpu_check.jsonl")
+    p.add_argument("--inline", action="store_true", help=argparse.SUPPRESS)  # run one section in this process
+    args = p.parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        p.error("no CUDA device: pass --cpu for the CPU version")
+    out = Path(args.out) / "gpu_check.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sections = args.sections or SECTIONS
+    if args.inline:
+        for name in sections:
+            run_section(name, args.cpu, out)
+        return 0
+    failed = 0
+    for name in sections:  # each in its own process, time-boxed: an overrun loses only that section
+        limit = CPU_BUDGET if args.cpu else BUDGET[name]
+        cmd = [sys.executable, __file__, name, "--inline", "--out", str(out.parent)] + (["--cpu"] if args.cpu else [])
+        t0 = time.perf_counter()
+        try:
+            r = subprocess.run(cmd, timeout=limit)
+            failed += r.returncode != 0
+        except subprocess.TimeoutExpired:
+            failed += 1
+            Check(name, args.cpu, out).emit({"timeout": limit})
+        print(f"# {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

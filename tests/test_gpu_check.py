@@ -1,0 +1,39 @@
+"""bench/gpu_check.py --cpu: every section of the device check runs here in a tiny version and writes JSON,
+so the script that will meet a GPU has already run end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _check(tmp_path, *sections):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu", *sections,
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=1800)
+    rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    return r, rows
+
+
+def test_sections_run_and_find_no_problem_on_cpu(tmp_path):
+    r, rows = _check(tmp_path, "env", "syncs")
+    assert r.returncode == 0, r.stderr[-2000:]
+    by = {row["section"]: row for row in rows}
+    assert set(by) == {"env", "syncs"} and not any("error" in row or "timeout" in row for row in rows)
+    assert by["env"]["auto_backend_bf16"] == "sdpa"  # no CUDA here
+    assert by["syncs"]["host_reads"] == 0
+
+
+@pytest.mark.slow
+def test_every_section_runs_on_cpu(tmp_path):
+    r, rows = _check(tmp_path)
+    errors = [row for row in rows if "error" in row or "timeout" in row]
+    assert not errors and r.returncode == 0, (errors, r.stderr[-2000:])
+    by = {row["section"]: row for row in rows}
+    assert by["attn"]["all_ok"]
+    assert by["compile"]["new_graphs_after_first_layout"] == 0
+    assert {row["section"] for row in rows} >= {"env", "pytest", "attn", "model", "syncs", "step", "memory",
+                                               "bench", "compile"}
