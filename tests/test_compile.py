@@ -15,6 +15,15 @@ from twinlm.model import Transformer
 from twinlm.train import dist
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # each test counts its own graphs: compiled code from earlier tests in this process must not count
+    # against dynamo's per-code-object recompile limit
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def _layouts(n, seed=0, vocab=4096):
     """Trainer-like packed micro-batches: 2-5 documents of 3-120 tokens, ~20% of positions predicted."""
     g = torch.Generator().manual_seed(seed)
