@@ -69,6 +69,15 @@ def default_texts(data_root=None) -> list[str]:
             for r in oe_eval_requests("lambada/bpb_0shot", data_root)]
 
 
+def held_out_texts(texts: Sequence[str] | None, text_file: str | Path | None, data_root=None) -> tuple[str, list[str]]:
+    """(source name, documents): `texts` as given, else `text_file`'s documents, else the LAMBADA passages."""
+    if texts is not None:
+        return "texts", list(texts)
+    if text_file is not None:
+        return Path(text_file).stem, read_texts(text_file)
+    return "lambada", default_texts(data_root)
+
+
 def _units(model_cfg, causal: bool, mntp: bool, token_lists, max_length: int, seed: int):
     """(sequence, read positions, targets, document index) per forward unit."""
     units = []
@@ -154,12 +163,7 @@ def run(model, cfg: BpbConfig | None = None, *, tokenizer=None, texts: Sequence[
     cfg = cfg or BpbConfig()
     max_docs, max_bytes, seed = cfg.max_docs, cfg.max_bytes, cfg.seed
     loaded = load_for_eval(model, tokenizer, mntp=mntp, variant=variant)
-    if texts is not None:
-        name, docs = "texts", list(texts)
-    elif cfg.text_file is not None:
-        name, docs = Path(cfg.text_file).stem, read_texts(cfg.text_file)
-    else:
-        name, docs = "lambada", default_texts(data_root)
+    name, docs = held_out_texts(texts, cfg.text_file, data_root)
     if max_docs is not None and len(docs) > max_docs:
         docs = [docs[i] for i in sorted(random.Random(seed).sample(range(len(docs)), max_docs))]
     if max_bytes is not None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from twinlm.errors import DataError, ScoreError
-from twinlm.eval.bpb import default_texts, read_texts
+from twinlm.eval.bpb import held_out_texts
 from twinlm.eval.common import (
     Timer,
     check_result,
@@ -108,12 +108,7 @@ def load_pairs(cfg: PairsConfig, texts: Sequence[str] | None = None, data_root=N
         pairs = read_pair_file(cfg.pairs_file)
         name = Path(cfg.pairs_file).stem
     else:
-        if texts is not None:
-            name, docs = "texts", list(texts)
-        elif cfg.text_file is not None:
-            name, docs = Path(cfg.text_file).stem, read_texts(cfg.text_file)
-        else:
-            name, docs = "lambada", default_texts(data_root)
+        name, docs = held_out_texts(texts, cfg.text_file, data_root)
         pairs = build_pairs(docs, cfg.families, cfg.per_family, cfg.seed, cfg.min_words, cfg.max_words)
         if not pairs:
             raise DataError(f"no minimal pairs could be built from {name} ({len(docs)} documents): it needs "
