@@ -141,10 +141,11 @@ def _guess_variant(path: str | None, causal: bool) -> str:
 
 # --- tokenization ----------------------------------------------------------------------------------
 def encode_plain(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids without special tokens."""
+    """Token ids without special tokens, whole: callers cut long texts into windows themselves, so the
+    tokenizer's warning about texts longer than `model_max_length` would only mislead (verbose=False)."""
     if not texts:
         return []
-    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def encode_with_specials(tokenizer, cfg, texts: Sequence[str], pairs: Sequence[str] | None = None,
