@@ -584,3 +584,25 @@ def test_soak_random_kills_resume_exact_with_complete_metrics(tmp_path, shards):
     b = load_file(str(out / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
     assert [x.name for x in ck.iterdir() if x.name.startswith(".")] == []
+
+
+def test_P11_a_damaged_tokenizer_file_is_named(tmp_path):
+    from twinlm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+    bad = tmp_path / "badtok"
+    bad.mkdir()
+    (bad / "tokenizer.json").write_text("garbage")
+    for read in (load_tokenizer, tokenizer_fingerprint):
+        with pytest.raises(ConfigError, match=r"badtok/tokenizer.json: not a tokenizer file"):
+            read(bad)
+    (bad / "tokenizer.json").write_text("[1, 2]")  # valid JSON, but no tokenizer in it
+    with pytest.raises(ConfigError, match="no tokenizer model"):
+        load_tokenizer(bad)
+
+
+def test_V05_convert_to_a_file_is_refused_and_the_file_kept(tmp_path, toy_models):
+    from twinlm.convert import convert
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(ConfigError, match="exists and is not a folder"):
+        convert(toy_models["encoder"], "decoder", afile)
+    assert afile.read_text() == "mine"

@@ -130,6 +130,8 @@ def _check_fingerprint(src: Path, tok: Path) -> None:
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:
     if out.resolve() == src.resolve():
         raise ConfigError(f"the output folder must differ from the source ({src})")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a folder: give --out a folder to write the model into")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
 

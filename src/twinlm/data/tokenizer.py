@@ -125,6 +125,7 @@ def load_tokenizer(path: str | Path):
     if not (path / "tokenizer.json").exists():
         raise MissingArtifactError(f"{path}: no tokenizer.json "
                                    f"(build one with `twinlm tokenizer ettin|train --out {path}`)")
+    _read_tokenizer_json(path / "tokenizer.json")  # a damaged file is named, not a JSON traceback
     from transformers import AutoTokenizer, PreTrainedTokenizerFast  # (see _wrap)
     tok = AutoTokenizer.from_pretrained(str(path))
     if not isinstance(tok, PreTrainedTokenizerFast):
@@ -136,10 +137,22 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+def _read_tokenizer_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a tokenizer file (not valid JSON: {e}): rebuild the tokenizer with "
+                          "`twinlm tokenizer ettin|train`, or point at another one") from None
+    if not isinstance(data, dict) or "model" not in data:
+        raise ConfigError(f"{path}: not a tokenizer file (no tokenizer model in it): rebuild the tokenizer with "
+                          "`twinlm tokenizer ettin|train`, or point at another one")
+    return data
+
+
 def _backend_json(tok) -> dict:
     if isinstance(tok, (str, Path)):
         path = Path(tok) / "tokenizer.json" if Path(tok).is_dir() else Path(tok)
-        return json.loads(path.read_text())
+        return _read_tokenizer_json(path)
     if isinstance(tok, Tokenizer):
         return json.loads(tok.to_str())
     return json.loads(tok.backend_tokenizer.to_str())
