@@ -606,3 +606,14 @@ def test_V05_convert_to_a_file_is_refused_and_the_file_kept(tmp_path, toy_models
     with pytest.raises(ConfigError, match="exists and is not a folder"):
         convert(toy_models["encoder"], "decoder", afile)
     assert afile.read_text() == "mine"
+
+
+def test_E05_a_model_folder_without_a_tokenizer_is_named(tmp_path, toy_models):
+    from twinlm.errors import MissingArtifactError
+    from twinlm.eval.common import load_for_eval
+    notok = tmp_path / "notok"
+    notok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(toy_models["encoder"]) / name, notok / name)
+    with pytest.raises(MissingArtifactError, match="no tokenizer in the model folder"):
+        load_for_eval(notok)

@@ -19,7 +19,7 @@ import yaml
 from transformers import AutoTokenizer
 
 import twinlm
-from twinlm.errors import ConfigError, ScoreError
+from twinlm.errors import ConfigError, MissingArtifactError, ScoreError
 from twinlm.eval.hf_models import is_twinlm_folder, load_hf_model
 from twinlm.export import check_tokenizer_matches
 from twinlm.hub import resolve_model
@@ -56,11 +56,11 @@ def load_for_eval(model, tokenizer=None, *, mntp: bool | None = None, variant: s
         if is_twinlm_folder(path):
             net = twinlm.load(path)
             if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(path)
+                tokenizer = _folder_tokenizer(path)
             check_tokenizer_matches(tokenizer, net.config)  # scores use the config's special ids
         else:  # any other transformers model: BERT, RoBERTa, Llama, GPT-2 style … (eval/hf_models.py)
             if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(path)
+                tokenizer = _folder_tokenizer(path)
             net = load_hf_model(path, tokenizer)
         model = net
     if tokenizer is None:
@@ -68,6 +68,20 @@ def load_for_eval(model, tokenizer=None, *, mntp: bool | None = None, variant: s
     model.eval()
     info = describe(model, path, mntp=mntp, variant=variant)
     return Loaded(model, tokenizer, path, info)
+
+
+TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                        "spiece.model")
+
+
+def _folder_tokenizer(path: str):
+    """The tokenizer saved in a model folder; a folder without one (e.g. `twinlm convert` of a training
+    checkpoint) is named, instead of transformers' message about sentencepiece and tiktoken."""
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILE_NAMES):
+        raise MissingArtifactError(f"{path}: no tokenizer in the model folder (no tokenizer.json): write one with "
+                                   f"`twinlm convert … --tokenizer DIR` / `twinlm export … --tokenizer DIR`, or "
+                                   f"copy the tokenizer files of the run into {path}")
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _detect_mntp(path: str | None) -> bool:
