@@ -617,3 +617,15 @@ def test_E05_a_model_folder_without_a_tokenizer_is_named(tmp_path, toy_models):
         shutil.copy(Path(toy_models["encoder"]) / name, notok / name)
     with pytest.raises(MissingArtifactError, match="no tokenizer in the model folder"):
         load_for_eval(notok)
+
+
+def test_E13_a_task_file_with_one_class_is_refused(tmp_path):
+    from twinlm.errors import TaskFileError
+    from twinlm.eval.tasks import read_cls_files
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({"text": f"text {i}", "label": "pos"}) + "\n" for i in range(6)))
+    with pytest.raises(TaskFileError, match="at least two classes"):
+        read_cls_files(one)
+    two = tmp_path / "two.jsonl"
+    two.write_text(one.read_text() + json.dumps({"text": "other", "label": "neg"}) + "\n")
+    assert read_cls_files(two).num_labels == 2

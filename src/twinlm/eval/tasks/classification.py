@@ -195,8 +195,13 @@ def read_cls_files(eval_file, train_file=None, name: str | None = None) -> ClsTa
             out.append(ClsExample(row["text"], y, row.get("text_pair")))
         return out
 
-    return ClsTask(name or Path(eval_file).stem, names, convert(train_rows) if train_rows else None,
-                   convert(eval_rows), description=f"files: train={train_file} eval={eval_file}")
+    train, evaluation = (convert(train_rows) if train_rows else None), convert(eval_rows)
+    seen = {e.label for e in (train or []) + evaluation}
+    if len(seen) < 2:  # every prediction would be that class: 100% by construction, a number that means nothing
+        raise TaskFileError(train_file or eval_file, None, f"every example has the label {names[seen.pop()]!r}: a "
+                                                           "classification task needs at least two classes")
+    return ClsTask(name or Path(eval_file).stem, names, train, evaluation,
+                   description=f"files: train={train_file} eval={eval_file}")
 
 
 def _read_cls_rows(path: Path) -> list[tuple[Path, int, dict]]:
