@@ -629,3 +629,14 @@ def test_E13_a_task_file_with_one_class_is_refused(tmp_path):
     two = tmp_path / "two.jsonl"
     two.write_text(one.read_text() + json.dumps({"text": "other", "label": "neg"}) + "\n")
     assert read_cls_files(two).num_labels == 2
+
+
+def test_M04_an_empty_batch_is_named():
+    import torch
+
+    from twinlm.config import ModelConfig
+    from twinlm.model import Transformer
+    m = Transformer(ModelConfig.preset("cpu-tiny"))
+    for ids in (torch.zeros(0, 16, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long)):
+        with pytest.raises(ValueError, match="input_ids is empty"):
+            m(ids)

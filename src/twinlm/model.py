@@ -222,7 +222,9 @@ class Transformer(nn.Module):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"input_ids must hold integer token ids (int64/int32), got dtype {input_ids.dtype}")
-        if input_ids.numel() and not torch.compiler.is_compiling():
+        if input_ids.numel() == 0:  # shape metadata only: no device read
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token")
+        if not torch.compiler.is_compiling():
             lo, hi = _min_max(input_ids)
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
