@@ -640,3 +640,15 @@ def test_M04_an_empty_batch_is_named():
     for ids in (torch.zeros(0, 16, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long)):
         with pytest.raises(ValueError, match="input_ids is empty"):
             m(ids)
+
+
+def test_E04_a_folder_mixing_a_decoders_weights_with_an_encoders_config_is_refused(tmp_path, toy_models):
+    from twinlm.errors import ModelLoadError
+    from twinlm.loading import load
+    mixed = tmp_path / "mixed"
+    shutil.copytree(toy_models["encoder"], mixed)
+    shutil.copy(Path(toy_models["decoder"]) / "model.safetensors", mixed / "model.safetensors")
+    (mixed / "MANIFEST.sha256").unlink(missing_ok=True)  # as if put together by hand
+    with pytest.raises(ModelLoadError, match="saved from a decoder but the folder's config describes an encoder"):
+        load(mixed)
+    assert load(toy_models["encoder"]).config.causal is False  # an intact folder loads

@@ -64,7 +64,7 @@ def save_pretrained(model, path, tokenizer=None, *, max_length: int | None = Non
     sd = {k: v.to("cpu", torch.float32) if v.is_floating_point() else v.cpu()
           for k, v in to_hf_state_dict(model).items()}
     written = [WEIGHTS, "config.json"]
-    _save_weights(sd, path / WEIGHTS, {"format": "pt"})
+    _save_weights(sd, path / WEIGHTS, {"format": "pt", KIND_KEY: kind_of(model.config)})
     config = hf_config_dict(cfg)
     config.update({k: v for k, v in (extra_config or {}).items() if k not in ARCHITECTURE_FIELDS})
     write_json(path / "config.json", config)
@@ -176,7 +176,7 @@ def save_checkpoint(model, path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _save_weights(sd, path / WEIGHTS, {"format": "pt", "names": "twinlm"})
+    _save_weights(sd, path / WEIGHTS, {"format": "pt", "names": "twinlm", KIND_KEY: kind_of(model.config)})
     model.config.save(path / TWINLM_CONFIG)
     return path
 
@@ -190,6 +190,15 @@ def copy_tokenizer_files(src, dst) -> list[str]:
                 shutil.copy2(Path(src) / name, tmp)
             copied.append(name)
     return copied
+
+
+# The weights file says which kind of model it was saved from, so that a folder mixing one model's weights with
+# another kind's config (same names and shapes for encoders and decoders) is refused when loaded.
+KIND_KEY = "twinlm_kind"
+
+
+def kind_of(config) -> str:
+    return "decoder" if config.causal else "encoder"
 
 
 def _save_weights(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

@@ -23,11 +23,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from twinlm.config import ModelConfig
 from twinlm.errors import MissingArtifactError, ModelLoadError
-from twinlm.export import TWINLM_CONFIG, WEIGHTS, WEIGHTS_INDEX, verify_manifest
+from twinlm.export import KIND_KEY, TWINLM_CONFIG, WEIGHTS, WEIGHTS_INDEX, kind_of, verify_manifest
 from twinlm.hf import config_from_hf, from_hf_state_dict
 from twinlm.hub import resolve_model
 from twinlm.model import Transformer
@@ -39,6 +40,7 @@ def load(path, *, revision=None, device=None, dtype=None):
     folder = resolve_model(path, revision)
     cfg = read_config(folder)
     verify_manifest(folder)
+    _check_kind(folder, cfg)
     raw = _read_weights(folder)
     if (folder / TWINLM_CONFIG).is_file():
         sd = raw
@@ -125,6 +127,26 @@ def _read_bin(f: Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"{f}: expected a state dict (names -> tensors), got {type(sd).__name__}; "
                              f"re-save it with transformers' save_pretrained")
     return sd
+
+
+def _check_kind(folder: Path, cfg: ModelConfig) -> None:
+    """Refuse a folder whose config describes the other kind than its weights were saved from (twinlm writes the
+    kind into the weights file; encoders and decoders share every name and shape, so nothing else tells)."""
+    f = folder / WEIGHTS
+    if not f.is_file():
+        return
+    try:
+        with safe_open(str(f), "pt") as weights:
+            saved = (weights.metadata() or {}).get(KIND_KEY)
+    except Exception:  # an unreadable file is reported, with its name, when the weights are read
+        return
+    if saved is not None and saved != kind_of(cfg):
+        def a(kind: str) -> str:
+            return ("an " if kind == "encoder" else "a ") + kind
+
+        raise ModelLoadError(f"{folder}: {WEIGHTS} was saved from {a(saved)} but the folder's config describes "
+                             f"{a(kind_of(cfg))}: the folder mixes two models; export the model again, or use "
+                             f"`twinlm convert {folder} --to {kind_of(cfg)}` on the {saved}'s own folder")
 
 
 def _check_architecture(folder: Path, sd: dict[str, torch.Tensor]) -> None:
