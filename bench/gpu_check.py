@@ -20,6 +20,10 @@ section that overruns its time box is recorded as {"timeout": seconds}):
   memory   400M and 1B: measured peak per micro-batch token against twinlm.memory's estimate
   bench    bench/model_throughput.py: twinlm vs transformers at 150M, encoder and decoder
   compile  compiled blocks over six packed layouts: graphs per layout, step time eager vs compiled
+  train    the real trainer (`twinlm train`'s Trainer) on the device: ettin-17m on synthetic shards, two phases,
+           compiled blocks and bf16 (tokens/s, loss first -> last, final/ loads); then eager: a run stopped
+           at a checkpoint and resumed against an uninterrupted run (per-step loss differences), with a second
+           uninterrupted run as the noise floor of the device's non-deterministic kernels
 """
 
 from __future__ import annotations
@@ -47,8 +51,9 @@ from peaks import peak_flops  # noqa: E402
 from workloads import executed_flops_per_token, packed_batch, train_step  # noqa: E402
 
 # seconds per section on a GPU (the whole check fits a 10-minute command with room to spare)
-BUDGET = {"env": 30, "pytest": 70, "attn": 70, "model": 30, "syncs": 45, "step": 100, "memory": 60, "bench": 100,
-          "compile": 120}
+# (the sections that compile come last: an overrun of the whole command loses only them)
+BUDGET = {"env": 30, "pytest": 60, "attn": 50, "model": 25, "syncs": 40, "step": 80, "memory": 50, "bench": 90,
+          "train": 100, "compile": 90}
 CPU_BUDGET = 400  # per section with --cpu (a loaded 2-core machine)
 SECTIONS = list(BUDGET)
 
@@ -232,6 +237,61 @@ class Check:
                            mfu_executed=round(executed * ntok / s / peak, 4))
             self.emit(row)
             del m, opt
+
+    def train(self):
+        import tempfile
+
+        import twinlm
+        from twinlm.train.recipe import from_dict
+        from twinlm.train.testing import make_shards, tiny_recipe
+        from twinlm.train.trainer import Trainer
+
+        tmp = Path(tempfile.mkdtemp(prefix="twinlm-gpu-train-"))
+        if self.cpu:
+            preset, seq, docs, tokens, bs, mbt = "cpu-tiny", 64, 400, 3000, 8, 256
+        else:
+            preset, seq, docs, tokens, bs, mbt = "ettin-17m", 512, 6000, 400_000, 32, 8192
+        data = make_shards(tmp / "shards", n_docs=docs, min_len=seq // 4, max_len=seq, vocab=4096)
+
+        def run(name: str, *, compile: bool, max_steps: int | None = None):
+            raw = tiny_recipe(data, objective="mlm", phases=2, tokens=tokens, batch_size=bs, seq_len=seq,
+                              micro_batch_tokens=mbt, every_tokens=tokens // 2, precision="auto", compile=compile,
+                              max_steps=max_steps)
+            raw["model"] = {"preset": preset, "overrides": {"attention_dropout": 0.0}}
+            t0 = time.perf_counter()
+            trainer = Trainer(from_dict(raw), tmp / name, log=lambda m: None)
+            out = trainer.fit()
+            wall = time.perf_counter() - t0
+            rows = [json.loads(x) for x in (tmp / name / "metrics.jsonl").read_text().splitlines()]
+            rows = [r for r in rows if "loss" in r and "step" in r and not r.get("eval")]
+            return trainer, out, wall, {r["step"]: r["loss"] for r in rows}, rows
+
+        trainer, final, wall, losses, rows = run("compiled", compile=True)
+        steps = sorted(losses)
+        ntok = sum(r.get("step_tokens", 0) for r in rows)
+        late = [r["step_s"] for r in rows[len(rows) // 2:]]  # compile's warm-up excluded
+        late_tok = sum(r.get("step_tokens", 0) for r in rows[len(rows) // 2:])
+        loaded = twinlm.load(final)
+        self.emit({"run": "compiled, precision auto", "device": str(trainer.env.device), "preset": preset,
+                   "steps": len(steps), "tokens": ntok, "wall_s": round(wall, 1),
+                   "tok_s_second_half": round(late_tok / max(sum(late), 1e-9)),
+                   "loss_first": round(losses[steps[0]], 4), "loss_last": round(losses[steps[-1]], 4),
+                   "final_loads": type(loaded).__name__, "skipped": sum(bool(r.get("skipped")) for r in rows)})
+        _, _, _, ref, _ = run("eager-a", compile=False)
+        _, _, _, again, _ = run("eager-b", compile=False)
+        stop = max(2, len(ref) // 3)
+        run("resumed", compile=False, max_steps=stop)
+        _, _, _, resumed, _ = run("resumed", compile=False)
+
+        def diff(a, b, sel):
+            d = [abs(a[k] - b[k]) for k in sel if k in a and k in b]
+            return {"max_abs": max(d) if d else None, "exact": sum(x == 0 for x in d), "of": len(d)}
+
+        after = [k for k in ref if k > stop]
+        self.emit({"run": f"eager: stopped at step {stop} and resumed vs uninterrupted",
+                   "resumed_steps_vs_uninterrupted": diff(resumed, ref, after),
+                   "noise_two_uninterrupted_runs": diff(again, ref, list(ref)),
+                   "complete_metrics": sorted(resumed) == sorted(ref)})
 
     def memory(self):
         from twinlm import ModelConfig, Transformer

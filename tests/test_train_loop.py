@@ -208,3 +208,20 @@ def test_user_errors_print_one_line(shards, tmp_path, capsys):
     recipe["phases"]["extension"]["data"] = str(other)
     code, line = train(recipe)
     assert code == 2 and f"{other} was prepared with tokenizer" in line and "prepare the data again" in line
+
+
+def test_shards_of_a_larger_vocabulary_than_the_model_are_refused_before_training(tmp_path):
+    import numpy as np
+
+    from twinlm.data.shards import ShardWriter
+    from twinlm.errors import TokenizerMismatch
+    from twinlm.train.testing import SYNTHETIC_FINGERPRINT
+
+    ids = np.arange(5, 405, dtype=np.int64) % 8000 + 4090  # ids past cpu-tiny's 4,096
+    w = ShardWriter(tmp_path / "big", vocab_size=8192)
+    w.add(ids, np.full(10, 40, dtype=np.int64), np.arange(10, dtype=np.int64), np.full(10, 160, dtype=np.int64))
+    w.close({"tokenizer": {"fingerprint": SYNTHETIC_FINGERPRINT, "vocab_size": 8192}, "source": "synthetic"})
+    with pytest.raises(TokenizerMismatch, match="vocabulary of 8192 tokens, larger than the model's 4096"):
+        run(tiny_recipe(tmp_path / "big", phases=1, tokens=200), tmp_path / "run")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text().strip()  # refused before the first step

@@ -67,6 +67,8 @@ def stream_for(recipe: Recipe, phase_index: int, *, rank: int = 0, world_size: i
     for d in getattr(ds, "datasets", [ds]):
         if isinstance(d, MDSTokens):
             _check_mds_ids(recipe, d, vocab_size)
+        else:
+            _check_shard_vocab(d, vocab_size)
     return BatchStream(ds, seed, rank=rank, world_size=world_size)
 
 
@@ -77,6 +79,15 @@ def _check_mds_ids(recipe: Recipe, ds: MDSTokens, vocab_size: int | None) -> Non
     if vocab_size is not None and ds.max_id >= vocab_size:
         raise TokenizerMismatch(f"{ds.path}: token id {ds.max_id} is outside the vocabulary of {vocab_size} of the "
                                 f"recipe's tokenizer {recipe.tokenizer}: these ids come from another tokenizer")
+
+
+def _check_shard_vocab(ds, vocab_size: int | None) -> None:
+    """Shards made with a larger vocabulary than the model's would fail at the first out-of-range id."""
+    theirs = (getattr(ds, "meta", None) or {}).get("tokenizer", {}).get("vocab_size")
+    if vocab_size is not None and theirs and theirs > vocab_size:
+        raise TokenizerMismatch(f"{ds.path}: prepared with a vocabulary of {theirs} tokens, larger than the model's "
+                                f"{vocab_size}: set the recipe's `tokenizer:` to the one the shards were made with "
+                                "(the model's vocabulary is taken from it)")
 
 
 def batch_size_for(phase: Phase, phase_tokens: int, stream: BatchStream | ReplayStream) -> int:
