@@ -19,6 +19,8 @@ section that overruns its time box is recorded as {"timeout": seconds}):
            tokens/s, peak memory, MFU in the paper's convention and in executed FLOPs (flops_per_token)
   memory   400M and 1B: measured peak per micro-batch token against twinlm.memory's estimate
   bench    bench/model_throughput.py: twinlm vs transformers at 150M, encoder and decoder
+  profile  torch.profiler over two 150M training steps, eager and with compiled blocks: the ops taking the most
+           device time
   compile  compiled blocks over six packed layouts: graphs per layout, step time eager vs compiled
   train    the real trainer (`twinlm train`'s Trainer) on the device: ettin-17m on synthetic shards, two phases,
            compiled blocks and bf16 (tokens/s, loss first -> last, final/ loads); then eager: a run stopped
@@ -38,6 +40,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +56,7 @@ from workloads import executed_flops_per_token, packed_batch, train_step  # noqa
 # seconds per section on a GPU (the whole check fits a 10-minute command with room to spare)
 # (the sections that compile come last: an overrun of the whole command loses only them)
 BUDGET = {"env": 30, "pytest": 60, "attn": 50, "model": 25, "syncs": 40, "step": 80, "memory": 50, "bench": 90,
-          "train": 100, "compile": 90}
+          "profile": 90, "train": 150, "compile": 90}
 CPU_BUDGET = 400  # per section with --cpu (a loaded 2-core machine)
 SECTIONS = list(BUDGET)
 
@@ -204,7 +207,20 @@ class Check:
         for w in caught:  # a warning from C++ is attributed to the Python line that called the op
             key = f"{w.filename.split('/site-packages/')[-1].split('/src/')[-1]}:{w.lineno}"
             by_line[key] = by_line.get(key, 0) + 1
-        self.emit({"sync_warnings": len(caught), "by_line": by_line})
+        row = {"sync_warnings": len(caught), "by_line": by_line}
+        if caught:  # again with syncs made errors: the stack of the first one names the code that asked for it
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                with amp:
+                    loss = m(**batch).loss
+                loss.backward()
+            except RuntimeError:
+                frames = traceback.extract_tb(sys.exc_info()[2])
+                row["first_sync_stack"] = [f"{f.filename.split('/site-packages/')[-1].split('/src/')[-1]}:"
+                                           f"{f.lineno} {f.line}" for f in frames][-6:]
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        self.emit(row)
 
     def step(self):
         from twinlm import ModelConfig, Transformer
@@ -246,6 +262,8 @@ class Check:
         from twinlm.train.testing import make_shards, tiny_recipe
         from twinlm.train.trainer import Trainer
 
+        # before the first cuBLAS call: cuBLAS is deterministic only with a fixed workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         tmp = Path(tempfile.mkdtemp(prefix="twinlm-gpu-train-"))
         if self.cpu:
             preset, seq, docs, tokens, bs, mbt = "cpu-tiny", 64, 400, 3000, 8, 256
@@ -277,21 +295,69 @@ class Check:
                    "tok_s_second_half": round(late_tok / max(sum(late), 1e-9)),
                    "loss_first": round(losses[steps[0]], 4), "loss_last": round(losses[steps[-1]], 4),
                    "final_loads": type(loaded).__name__, "skipped": sum(bool(r.get("skipped")) for r in rows)})
-        _, _, _, ref, _ = run("eager-a", compile=False)
-        _, _, _, again, _ = run("eager-b", compile=False)
-        stop = max(2, len(ref) // 3)
-        run("resumed", compile=False, max_steps=stop)
-        _, _, _, resumed, _ = run("resumed", compile=False)
+        self.emit({"run": "compiled", "losses": [round(losses[k], 4) for k in steps]})
 
         def diff(a, b, sel):
             d = [abs(a[k] - b[k]) for k in sel if k in a and k in b]
             return {"max_abs": max(d) if d else None, "exact": sum(x == 0 for x in d), "of": len(d)}
 
-        after = [k for k in ref if k > stop]
-        self.emit({"run": f"eager: stopped at step {stop} and resumed vs uninterrupted",
-                   "resumed_steps_vs_uninterrupted": diff(resumed, ref, after),
-                   "noise_two_uninterrupted_runs": diff(again, ref, list(ref)),
-                   "complete_metrics": sorted(resumed) == sorted(ref)})
+        # eager, as the device runs by default, then with deterministic kernels (where a kernel has no
+        # deterministic version torch warns; the warnings are recorded): resume exactness needs the latter
+        for mode in ("default", "deterministic"):
+            if mode == "deterministic":
+                torch.use_deterministic_algorithms(True, warn_only=True)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _, _, _, ref, _ = run(f"eager-a-{mode}", compile=False)
+                _, _, _, again, _ = run(f"eager-b-{mode}", compile=False)
+                stop = max(2, len(ref) // 3)
+                run(f"resumed-{mode}", compile=False, max_steps=stop)
+                _, _, _, resumed, _ = run(f"resumed-{mode}", compile=False)
+            after = [k for k in ref if k > stop]
+            nondet = sorted({str(w.message)[:120] for w in caught if "deterministic" in str(w.message)})
+            self.emit({"run": f"eager ({mode} kernels): stopped at step {stop} and resumed vs uninterrupted",
+                       "resumed_steps_vs_uninterrupted": diff(resumed, ref, after),
+                       "noise_two_uninterrupted_runs": diff(again, ref, list(ref)),
+                       "complete_metrics": sorted(resumed) == sorted(ref),
+                       "losses_a_b_first_12": [[round(ref[k], 4), round(again.get(k, float("nan")), 4)]
+                                               for k in sorted(ref)[:12]],
+                       "nondeterministic_kernels": nondet})
+        torch.use_deterministic_algorithms(False)
+
+    def profile(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        from twinlm import ModelConfig, Transformer
+        from twinlm.train import dist
+        from twinlm.train.optim import build_optimizer
+
+        preset, tokens = ("cpu-tiny", 2048) if self.cpu else ("ettin-150m", 32768)
+        acts = [ProfilerActivity.CPU] + ([] if self.cpu else [ProfilerActivity.CUDA])
+        for compiled in (False, True):
+            cfg = ModelConfig.preset(preset, attention_dropout=0.1)
+            torch.manual_seed(0)
+            m = Transformer(cfg).to(self.dev).train()
+            if compiled:
+                dist.parallelize(m, dist.DistEnv(device=self.dev), compile=True,
+                                 compile_backend="aot_eager" if self.cpu else "inductor")
+            batches = [packed_batch(cfg, tokens, "mlm", seed=s) for s in range(2)]
+            opt = build_optimizer(m, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5)
+            step = train_step(m, batches, opt, self.dev)
+            for _ in range(2):
+                step()
+            self.sync()
+            with profile(activities=acts) as prof:
+                for _ in range(2):
+                    step()
+                self.sync()
+            key = "self_cpu_time_total" if self.cpu else "self_device_time_total"
+            events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+            total = sum(getattr(e, key) for e in events) or 1
+            top = [{"op": e.key[:90], "share": round(getattr(e, key) / total, 4), "calls": e.count}
+                   for e in events[:18]]
+            self.emit({"preset": preset, "compiled_blocks": compiled, "tokens_per_step": 2 * tokens,
+                       "device_ms_per_step": round(total / 2 / 1000, 2), "top_self_time": top})
+            del m, opt
 
     def memory(self):
         from twinlm import ModelConfig, Transformer

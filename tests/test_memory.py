@@ -73,3 +73,27 @@ def test_bad_requests_are_named():
         estimate(cfg, micro_batch_tokens=1024, card="H1000")
     with pytest.raises(ConfigError, match="does not fit"):  # 2B parameters' states alone exceed 22 GiB
         plan(ModelConfig.preset("ettin-1b", num_layers=56), card="A10G", micro_batch_tokens=65536)
+
+
+def test_trainer_refuses_a_micro_batch_that_does_not_fit_the_device(tmp_path, monkeypatch):
+    """The pre-flight check: on a device the estimate says is too small, one line naming the settings that fit,
+    before any step; with memory_check=false, or memory enough, the run trains."""
+    import twinlm.train.trainer as trainer_module
+    from twinlm.errors import ConfigError
+    from twinlm.train import run
+    from twinlm.train.testing import make_shards, tiny_recipe
+
+    shards = make_shards(tmp_path / "shards", n_docs=60)
+    cfg = ModelConfig.preset("cpu-tiny")
+    fits_small = estimate(cfg, micro_batch_tokens=128, precision="fp32").total
+    needs_big = estimate(cfg, micro_batch_tokens=1 << 20, precision="fp32").total
+    monkeypatch.setattr(trainer_module, "device_memory", lambda device: (fits_small + needs_big) / 2)
+    recipe = tiny_recipe(shards, phases=1, tokens=300, micro_batch_tokens=1 << 20)
+    with pytest.raises(ConfigError, match=r"more than cpu .*: set phases\.\*\.micro_batch_tokens=\d+") as e:
+        run(recipe, tmp_path / "big")
+    assert "\n" not in str(e.value)
+    suggested = int(str(e.value).split("micro_batch_tokens=")[1].split()[0])
+    assert estimate(cfg, micro_batch_tokens=suggested, precision="fp32").total <= (fits_small + needs_big) / 2
+    assert not (tmp_path / "big" / "checkpoints").exists()
+    run({**recipe, "memory_check": False}, tmp_path / "unchecked", log=lambda *a: None)
+    run(tiny_recipe(shards, phases=1, tokens=300, micro_batch_tokens=128), tmp_path / "fits", log=lambda *a: None)

@@ -153,6 +153,8 @@ class Recipe:
     parallel: str = "auto"  # auto (ddp when several ranks) | ddp | fsdp
     compile: bool = False
     activation_checkpointing: bool = False
+    memory_check: bool = True  # on CUDA: refuse, before the first step, a micro-batch the memory estimate
+    #                            (twinlm.memory) says does not fit the device, naming one that does
     max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops
     max_steps: int | None = None  # stop (checkpoint, exit 0, like SIGTERM) at this many optimizer steps; rerun
     #                               with a larger value or none to continue (time-limited jobs, tests)

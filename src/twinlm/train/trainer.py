@@ -51,6 +51,7 @@ from twinlm.errors import (
 )
 from twinlm.hub import resolve_model
 from twinlm.io import atomic_dir, is_disk_full, remove_stale_temporaries, write_bytes, write_json
+from twinlm.memory import check_fits
 from twinlm.model import Transformer
 from twinlm.train import callbacks as cbs
 from twinlm.train import dist
@@ -76,6 +77,13 @@ def _changes(key: str, old, new) -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         return [c for k in sorted(set(old) | set(new)) for c in _changes(f"{key}.{k}", old.get(k), new.get(k))]
     return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
+
+
+def device_memory(device: torch.device) -> float | None:
+    """Bytes of memory of an accelerator (None on the CPU, where the host's memory is not planned)."""
+    if device.type != "cuda":
+        return None
+    return float(torch.cuda.mem_get_info(device)[1])
 
 
 VERIFIED_SHARDS = "verified_shards.json"  # in the run folder: shard folders verified, with their signature
@@ -230,6 +238,18 @@ class Trainer:
         self.tokenizer_fingerprint = self.tokenizer_fingerprint or state.get("tokenizer_fingerprint")
         restore_training(ckpt, state, self.model, self.optimizer, self.env, seed=self.recipe.seed, log=self.log)
 
+    def _check_memory(self, cfg: ModelConfig) -> None:
+        """Refuse a micro-batch that the memory estimate says does not fit the device (twinlm.memory)."""
+        total = device_memory(self.env.device)
+        if total is None or not self.recipe.memory_check:
+            return
+        r = self.recipe
+        bf16 = r.precision == "bf16" or (r.precision == "auto" and self.env.device.type == "cuda")
+        check_fits(cfg, micro_batch_tokens=max(p.micro_batch_tokens for p in self.phases),
+                   checkpointing=r.activation_checkpointing, card_bytes=total, device=str(self.env.device),
+                   ranks=self.env.world_size, sharded=r.parallel == "fsdp" and self.env.distributed,
+                   precision="bf16" if bf16 else "fp32")
+
     # --- data -----------------------------------------------------------------------------------------
     def _shard_sources(self, phase) -> list:
         """The phase's twinlm shard folders (MDS folders and batch-order folders are checked when read)."""
@@ -363,6 +383,7 @@ class Trainer:
             raise ShardError(problem)
         dist.barrier()
         model = self._init_model(ckpt)
+        self._check_memory(model.config)
         model.to(self.env.device)
         if ckpt is None:
             first = self.phases[0]
