@@ -69,3 +69,58 @@ def test_fsdp_checkpoint_resumes_on_another_rank_count(tmp_path):
     assert json.loads((ck / "state.json").read_text())["world_size"] == 2
     mixed = train(path, tmp_path / "mixed", 1)
     close(one, mixed)
+
+
+WRITER_ONLY = '''
+import json, sys
+import torch
+from twinlm import ModelConfig, Transformer
+from twinlm.train import dist
+from twinlm.train.checkpoint import CheckpointManager, save_training
+from twinlm.train.optim import build_optimizer
+
+env = dist.init()
+torch.manual_seed(0)
+model = Transformer(ModelConfig.preset("cpu-tiny"))
+wrapped = dist.parallelize(model, env, mode="fsdp")
+opt = build_optimizer(model, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
+ids = torch.randint(5, 4000, (64,))
+wrapped(ids, cu_seqlens=torch.tensor([0, 64], dtype=torch.int32), prediction_positions=torch.arange(8),
+        labels=ids[:8]).loss.backward()
+opt.step()
+copies = []
+real_cpu = torch.Tensor.cpu
+def counting_cpu(self, *a, **k):
+    if self.is_floating_point():  # (all_gather_object moves its pickled bytes through .cpu() too)
+        copies.append(self.numel())
+    return real_cpu(self, *a, **k)
+torch.Tensor.cpu = counting_cpu
+path = save_training(CheckpointManager(sys.argv[1], keep_last=1), wrapped, opt, env, step=1, trainer_state={},
+                     info={})
+torch.Tensor.cpu = real_cpu
+json.dump({"rank": env.rank, "host_copy_elements": sum(copies), "wrote": path is not None},
+          open(f"{sys.argv[1]}-rank{env.rank}.json", "w"))
+dist.shutdown()
+'''
+
+
+def test_fsdp_checkpoint_copies_to_host_on_the_writer_only(tmp_path):
+    """Every rank gathers each sharded tensor (a collective), but only rank 0 keeps host copies and writes:
+    the other ranks hold no second copy of the model and optimizer in host memory."""
+    from safetensors import safe_open
+
+    from twinlm import ModelConfig, Transformer
+
+    script = tmp_path / "writer_only.py"
+    script.write_text(WRITER_ONLY)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script),
+           str(tmp_path / "ck")]
+    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"ck-rank{r}.json").read_text()) for r in (0, 1)]
+    params = sum(t.numel() for t in Transformer(ModelConfig.preset("cpu-tiny")).state_dict().values())
+    assert ranks[0]["wrote"] and ranks[0]["host_copy_elements"] >= 3 * params  # weights + two moments
+    assert not ranks[1]["wrote"] and ranks[1]["host_copy_elements"] == 0
+    folder = next((tmp_path / "ck").glob("step-*"))
+    with safe_open(folder / "optimizer.safetensors", "pt") as f:
+        assert any(k.endswith("::exp_avg_sq") for k in f.keys())

@@ -220,7 +220,8 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      keep: bool = True) -> dict[str, torch.Tensor]:
     """The optimizer state as full tensors named `<parameter>::<key>` (collective under FSDP)."""
     out = {}
     for name, p in model.named_parameters():
@@ -229,7 +230,9 @@ def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
             continue
         for key, value in st.items():
             if torch.is_tensor(value):
-                out[f"{name}::{key}"] = dist.full_tensor(value).contiguous()
+                full = dist.full_tensor(value, keep)  # collective for FSDP shards: every rank gathers
+                if keep:
+                    out[f"{name}::{key}"] = full.contiguous()
     return out
 
 
@@ -261,12 +264,13 @@ def _rng_state(env: dist.DistEnv) -> dict[str, list]:
 
 def save_training(manager: CheckpointManager, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   env: dist.DistEnv, *, step: int, trainer_state: dict, info: dict) -> Path | None:
-    """Checkpoint `step`. Collective: every rank calls it (weights and optimizer state are gathered, and every
-    rank's RNG state recorded); rank 0 writes. state.json holds `trainer_state` under "trainer", the RNG
-    states, the world size and `info`. Returns the folder on rank 0, None elsewhere."""
-    weights = dist.full_state_dict(model)
+    """Checkpoint `step`. Collective: every rank calls it (weights and optimizer state are gathered tensor by
+    tensor, and every rank's RNG state recorded); rank 0 alone keeps host copies and writes. state.json holds
+    `trainer_state` under "trainer", the RNG states, the world size and `info`. Returns the folder on rank 0,
+    None elsewhere."""
+    weights = dist.full_state_dict(model, keep=env.is_main)  # host copies on the writer only
     bare = dist.unwrap(model)
-    optim = optimizer_tensors(bare, optimizer)
+    optim = optimizer_tensors(bare, optimizer, keep=env.is_main)
     rngs = dist.all_gather_object(_rng_state(env))
     if not env.is_main:
         return None

@@ -17,7 +17,8 @@ CUDA, gloo on CPU. `parallelize()` then wraps the bare model:
   parameters and reduces gradients in fp32 (the fp32 master weights stay sharded in the optimizer).
 
 Checkpoints always hold full tensors (`full_state_dict`, `load_full_state_dict`), so a run resumes on any
-number of ranks and with or without FSDP.
+number of ranks and with or without FSDP. The tensors are gathered one at a time and copied to host memory
+on the writing rank only (rank 0); the other ranks drop each gathered tensor on the device.
 """
 
 from __future__ import annotations
@@ -162,11 +163,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of the whole tensor (gathered from the ranks when `t` is an FSDP shard: collective)."""
+def full_tensor(t: torch.Tensor, keep: bool = True) -> torch.Tensor | None:
+    """A CPU copy of the whole tensor (gathered from the ranks when `t` is an FSDP shard: collective), or None
+    where `keep` is false: the gathered copy is dropped on the device, so only the writer holds host memory."""
     if hasattr(t, "full_tensor"):
         t = t.full_tensor()
-    return t.detach().cpu()
+    return t.detach().cpu() if keep else None
 
 
 def place_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -177,9 +179,11 @@ def place_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return full.to(param.device).clone()
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full (unsharded) CPU tensors of the model's state dict; call on every rank (FSDP gathers)."""
-    return {k: full_tensor(v) for k, v in unwrap(model).state_dict().items()}
+def full_state_dict(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU tensors of the model's state dict; call on every rank (FSDP gathers). With
+    `keep=False` (the ranks that do not write) the tensors are gathered one at a time and dropped: {}."""
+    out = {k: full_tensor(v, keep) for k, v in unwrap(model).state_dict().items()}
+    return out if keep else {}
 
 
 def _assign(dst: torch.Tensor, full: torch.Tensor) -> None:

@@ -482,7 +482,7 @@ class Trainer:
 
     def _write_final(self) -> Path:
         final = self.out / "final"
-        weights = dist.full_state_dict(self.model)
+        weights = dist.full_state_dict(self.model, keep=self.env.is_main)
         if self.env.is_main:
             model = self.bare_model
             if any(hasattr(p, "device_mesh") for p in model.parameters()):
