@@ -1,5 +1,7 @@
-"""No host read on the training call's hot path: the model forward + backward of a trainer micro-batch runs
-with every way of reading a tensor's value on the host made to raise.
+"""No host read on the training call's hot path: the model forward + backward of a trainer micro-batch, and a
+whole training step (passes, loss reduction, the finite-loss decision, the optimizer's update or skip), run
+with every way of reading a tensor's value on the host made to raise; a step's loss is read afterwards, when
+asked for (the trainer: once the next step's passes are queued).
 
 This machine has no accelerator, so the test emulates one: the batch is built on the host (as the trainer
 builds it) and may be read there, while the ops' CPU-only shortcuts are switched off
@@ -10,12 +12,13 @@ indexing, `repeat_interleave` without `output_size`).
 """
 
 import contextlib
+import math
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from test_train_step import make_samples, make_step, phase
+from test_train_step import NaNLoss, make_samples, make_step, phase, weights
 from twinlm import ops
 
 aten = torch.ops.aten
@@ -88,3 +91,30 @@ def test_training_forward_and_backward_read_nothing_back(monkeypatch, objective,
         loss = step.forward_loss(mb)
         loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in step.model.parameters())
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_a_whole_training_step_reads_nothing_back(monkeypatch, objective):
+    """train_batch (several micro-batches, StableAdamW on the device's skip flag) reads nothing; each result is
+    read afterwards, once: the loss sum, the stop flag and the skip flag."""
+    step = make_step(objective)
+    ph = phase(micro_batch_tokens=128, seq_len=64)
+    w0 = weights(step)
+    with no_host_reads(monkeypatch):
+        first = step.train_batch(make_samples(8), ph, step=1)
+        second = step.train_batch(make_samples(8, seed=1), ph, step=2, stop=True)
+    assert not first.resolved and not second.resolved
+    assert first.resolve().resolved and math.isfinite(first.loss) and not first.skipped and not first.stop
+    assert math.isfinite(second.loss) and not second.skipped and second.stop
+    assert any(not torch.equal(v, w0[k]) for k, v in weights(step).items())
+    assert {float(st["step"]) for st in step.optimizer.state.values()} == {2.0}
+
+
+def test_a_non_finite_step_is_skipped_without_a_read(monkeypatch):
+    step = make_step(step_class=NaNLoss)
+    w0 = weights(step)
+    with no_host_reads(monkeypatch):
+        r = step.train_batch(make_samples(8), phase(), step=1)
+    assert r.skipped and not math.isfinite(r.loss)
+    for k, v in weights(step).items():
+        assert torch.equal(v, w0[k]), k

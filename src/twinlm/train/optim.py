@@ -96,7 +96,11 @@ class StableAdamW(torch.optim.Optimizer):
                 if st["step"].device != p.device:  # restored from a checkpoint on the host: moved once
                     st["step"] = st["step"].to(p.device, non_blocking=True)
             steps = [st["step"] for st in states]
-            torch._foreach_add_(steps, 1 if skip is None else (~skip).to(torch.float32))
+            if skip is None:
+                torch._foreach_add_(steps, 1)
+            else:  # a list of tensors: the one-tensor overload reads its value on the host
+                keep = (~skip).to(torch.float32)
+                torch._foreach_add_(steps, [keep] * len(steps))
             bc1, bc2 = _bias_corrections(steps, beta1), _bias_corrections(steps, beta2)
         if skip is None:
             torch._foreach_lerp_(ms, gs, 1 - beta1)
