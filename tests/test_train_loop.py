@@ -82,9 +82,9 @@ class NaNStep(TrainStep):
     bad_steps: set = set()
     current = 0
 
-    def train_batch(self, samples, phase, *, step, **kwargs):
-        self.current = step
-        return super().train_batch(samples, phase, step=step, **kwargs)
+    def backward(self, batch, phase, **kwargs):
+        self.current = batch.step
+        return super().backward(batch, phase, **kwargs)
 
     def forward_loss(self, mb):
         loss = super().forward_loss(mb)
