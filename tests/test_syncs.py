@@ -12,6 +12,7 @@ indexing, `repeat_interleave` without `output_size`).
 """
 
 import contextlib
+import json
 import math
 
 import pytest
@@ -20,6 +21,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from test_train_step import NaNLoss, make_samples, make_step, phase, weights
 from twinlm import ops
+from twinlm.train.callback import Callback
+from twinlm.train.recipe import load_recipe
+from twinlm.train.step import TrainStep
+from twinlm.train.testing import make_shards, tiny_recipe
+from twinlm.train.trainer import Trainer
 
 aten = torch.ops.aten
 
@@ -118,3 +124,47 @@ def test_a_non_finite_step_is_skipped_without_a_read(monkeypatch):
     assert r.skipped and not math.isfinite(r.loss)
     for k, v in weights(step).items():
         assert torch.equal(v, w0[k]), k
+
+
+class _NoReadStep(TrainStep):
+    """The trainer's calls on the hot path (count, backward, update) with every host read made to raise."""
+
+    def count(self, batch):
+        with no_host_reads_context():
+            return super().count(batch)
+
+    def backward(self, batch, phase, **kwargs):
+        with no_host_reads_context():
+            return super().backward(batch, phase, **kwargs)
+
+    def update(self, grads):
+        with no_host_reads_context():
+            return super().update(grads)
+
+
+def test_the_trainer_loop_reads_each_step_once_after_the_next_is_queued(tmp_path):
+    """One rank: a short run whose steps read nothing on the hot path; each step's result is read by the trainer
+    (outside those calls) once the next step's passes are queued; every row is logged."""
+    recipe = tiny_recipe(make_shards(tmp_path / "shards", n_docs=60), phases=1, tokens=500, every_tokens=200)
+    order = []
+
+    class Watch(_NoReadStep):
+        def backward(self, batch, phase, **kwargs):
+            order.append(("backward", batch.step))
+            return super().backward(batch, phase, **kwargs)
+
+    class Logged(Callback):
+        def on_log(self, trainer, row):
+            order.append(("row", row["step"]))
+
+    class T(Trainer):
+        step_class = Watch
+
+    T(load_recipe(recipe), tmp_path / "run", callbacks=[Logged()], log=lambda m: None).fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    n = len(rows)
+    assert n > 3 and [r["step"] for r in rows] == list(range(1, n + 1))
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in rows)
+    # step k's row comes after step k+1's passes were queued (the last one after the loop)
+    expected = [("backward", 1)] + [e for k in range(2, n + 1) for e in (("backward", k), ("row", k - 1))]
+    assert order == expected + [("row", n)]

@@ -12,6 +12,21 @@ checkpoint, return) and non-finite losses (the step skips the update; the run st
 a row), and exports `final/`. Optional behaviour is in callbacks (train/callbacks.py: metrics, progress bar,
 TensorBoard, periodic checkpoints, eval, order recording); the run folder's provenance is train/rundir.py.
 
+The host runs one step ahead of the results: step k's loss is read (train/step.py `StepResult.resolve`)
+once step k+1's passes are queued, and only then is step k finished: its state, metrics row, callbacks,
+periodic checkpoint and the `max_bad_steps` check, exactly as if nothing were queued (the weights and the
+optimizer state are still step k's: step k+1's update is queued after; a checkpoint of step k takes the RNG
+states from before step k+1's passes; `on_batch` for step k+1 follows step k's callbacks). Rows, checkpoints
+and resumes are therefore those of a loop that read every loss at once. Stopping: max_steps and phase ends
+are known on the host. In a one-rank run a SIGTERM stops the run after the next step finished; with several
+ranks it travels as the stop flag of the next step queued, which every rank reads when finishing that step,
+so all of them checkpoint it and stop after it. Either way the step queued behind it is dropped (its
+gradients, never applied). A step is never left queued behind a checkpoint or a return.
+
+The next batch is drawn from the stream and prepared (cut, packed, masked, pinned on CUDA) on a background
+thread while a step runs (`prefetch=False`: in line, the same batches); a checkpoint records the stream's
+position after the batch last finished, not after the one drawn ahead.
+
 Resuming is refused (ConfigError / TokenizerMismatch, one line naming the changed settings) when the recipe
 changes what the checkpoint's weights are: `model` (preset or overrides), `objective`, or the tokenizer (its
 fingerprint). The check runs before anything in the run folder is written (config.yaml included); only
@@ -550,6 +565,9 @@ class Trainer:
         self.state.tokens += r.tokens
         self.state.phase_tokens += r.tokens
         self.state.stream = q.stream
+        # data_s: waiting for the batch (what the prefetch did not hide) and the count reduction; compute_s:
+        # queuing the passes (on the CPU: running them); step_s: this step's start to the next one's (the
+        # loop's period, the throughput when the device runs ahead of the host)
         step_s = (next_started if next_started is not None else time.perf_counter()) - q.started
         row = {"step": self.state.step, "phase": q.phase.name, "tokens": self.state.tokens, "loss": r.loss,
                "lr": r.lr, "batch_size": q.batch_size, "targets": r.targets, "step_tokens": r.tokens,
