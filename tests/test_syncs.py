@@ -168,3 +168,34 @@ def test_the_trainer_loop_reads_each_step_once_after_the_next_is_queued(tmp_path
     # step k's row comes after step k+1's passes were queued (the last one after the loop)
     expected = [("backward", 1)] + [e for k in range(2, n + 1) for e in (("backward", k), ("row", k - 1))]
     assert order == expected + [("row", n)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_on_cuda_a_training_step_never_waits_for_the_device(objective):
+    """The real thing: train_batch on CUDA under torch's sync debug mode ("error"), skip included."""
+    from twinlm.config import ModelConfig
+    from twinlm.model import Transformer
+    from twinlm.train import dist
+    from twinlm.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("cpu-tiny").replace(causal=objective == "clm")).cuda()
+    opt = build_optimizer(model, lr=3e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=3e-4)
+    env = dist.DistEnv(device=torch.device("cuda"))
+    step = TrainStep(model, opt, env, objective=objective, seed=21, lr=3e-3, precision="bf16")
+    bad = NaNLoss(model, opt, env, objective=objective, seed=21, lr=3e-3, precision="bf16")
+    ph = phase(micro_batch_tokens=128, seq_len=64)
+    step.train_batch(make_samples(8), ph, step=1).resolve()  # warm-up: kernels, workspaces, the optimizer state
+    w = weights(step)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        skipped = bad.train_batch(make_samples(8, seed=2), ph, step=2)
+        second = step.train_batch(make_samples(8, seed=1), ph, step=3, stop=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert skipped.skipped and math.isfinite(second.loss) and second.stop and not second.skipped
+    assert {float(st["step"]) for st in opt.state.values()} == {2.0}
+    assert any(not torch.equal(v, w[k]) for k, v in weights(step).items())

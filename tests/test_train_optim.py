@@ -154,21 +154,21 @@ def test_foreach_update_equals_the_per_tensor_loop_bitwise(flag):
         assert torch.equal(p.detach(), r)
 
 
-def _run(steps_grads, flag=None, skip_at=(), dtype=torch.float32):
+def _run(steps_grads, flag=None, skip_at=(), dtype=torch.float32, device="cpu"):
     """StableAdamW over four tensors in two groups for the given gradients; `flag`: pass found_inf (1 at the
     steps in `skip_at`, else 0)."""
     g = torch.Generator().manual_seed(1)
     shapes = [(7, 5), (5,), (3, 4, 2), (11,)]
-    ps = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in shapes]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype).to(device)) for s in shapes]
     opt = StableAdamW([{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.0}], lr=1e-2, weight_decay=0.1,
                       peak_lr=2e-2)
     for i, grads in enumerate(steps_grads):
         for p, gr in zip(ps, grads):
-            p.grad = gr.to(dtype).clone()
+            p.grad = gr.to(device=device, dtype=dtype, copy=True)
         if flag is None:
             opt.step()
         else:
-            opt.step(found_inf=torch.tensor(float(i in skip_at)))
+            opt.step(found_inf=torch.tensor(float(i in skip_at), device=device))
     return ps, opt
 
 
@@ -242,3 +242,22 @@ def test_host_step_counts_of_old_checkpoints_continue_under_a_flag():
     for a, b in zip(ref, ps):
         assert torch.equal(a.detach(), b.detach())
     assert all(opt.state[p]["step"].dtype == torch.float32 and float(opt.state[p]["step"]) == 4 for p in ps)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_skip_is_exact_on_the_device_and_a_zero_flag_keeps_the_update():
+    grads = _grads(5, bad={2})
+    ref, _ = _run(grads[:2] + grads[3:], flag=True, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # the flagged update must not wait for the device
+    try:
+        out, opt = _run(grads, flag=True, skip_at={2}, device="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for a, b in zip(ref, out):
+        assert torch.equal(a.detach(), b.detach())
+    assert all(opt.state[p]["step"].is_cuda and float(opt.state[p]["step"]) == 4 for p in out)
+    plain, _ = _run(grads[:2] + grads[3:], device="cuda")  # host step counts, as before the flag
+    for a, b in zip(plain, ref):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
