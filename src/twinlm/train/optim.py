@@ -28,8 +28,11 @@ device with no host read. The flag is the caller's (train/step.py: the global lo
 The step count t is `state["step"]`, a 0-d float32 tensor (checkpoints save it as such). Without a flag and
 with the count on the host (a fresh state, or one restored from a checkpoint) the bias corrections are
 host floats, as they always were. With a flag the count moves to the parameters' device (once), is advanced
-there by 1 - skip, and the corrections 1 − β^t are computed there in float64: the same numbers, so the
-update is bitwise the one without a flag when the flag is 0 (tests/test_train_optim.py checks both).
+there by 1 − skip, and the corrections 1 − β^t are computed there in float64 (each one as a 0-d tensor;
+the moments and the update go into temporaries and replace the state where the step is kept, so memory
+peaks no higher than without a flag). On the CPU these are the host's numbers, so a zero flag gives bitwise
+the update without one (tests/test_train_optim.py); on CUDA the device's pow may differ from the host's in
+the last bit of a double.
 """
 
 from __future__ import annotations
