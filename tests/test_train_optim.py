@@ -1,4 +1,4 @@
-"""StableAdamW against a hand computation; schedules' numbers."""
+"""StableAdamW against a hand computation and a copy of its earlier math; its device-side skip; schedules' numbers."""
 
 import math
 
@@ -131,7 +131,10 @@ def _per_tensor_stableadamw_step(params, states, lr, peak, b1, b2, eps, wd):
         p.sub_((m / (1 - b1 ** t)).div_(v_hat.sqrt_().add_(eps)) * eta)
 
 
-def test_foreach_update_equals_the_per_tensor_loop_bitwise():
+@pytest.mark.parametrize("flag", [False, True])
+def test_foreach_update_equals_the_per_tensor_loop_bitwise(flag):
+    """The update as it was before the skip flag existed (a copy of its math), without the flag and with a zero
+    one: the same bits."""
     g = torch.Generator().manual_seed(0)
     shapes = [(7, 5), (5,), (3, 4, 2), (11,)]
     ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
@@ -143,9 +146,118 @@ def test_foreach_update_equals_the_per_tensor_loop_bitwise():
         grads = [torch.randn(s, generator=g) * (30.0 if step == 1 else 1.0) for s in shapes]  # step 2 clips
         for p, r, gr in zip(ours, ref, grads):
             p.grad, r.grad = gr.clone(), gr.clone()
-        opt.step()
+        opt.step(found_inf=torch.zeros(()) if flag else None)
         with torch.no_grad():
             _per_tensor_stableadamw_step(ref[:2], states, 1e-2, 2e-2, 0.9, 0.98, 1e-6, 0.1)
             _per_tensor_stableadamw_step(ref[2:], states, 1e-2, 2e-2, 0.9, 0.98, 1e-6, 0.0)
     for p, r in zip(ours, ref):
         assert torch.equal(p.detach(), r)
+
+
+def _run(steps_grads, flag=None, skip_at=(), dtype=torch.float32, device="cpu"):
+    """StableAdamW over four tensors in two groups for the given gradients; `flag`: pass found_inf (1 at the
+    steps in `skip_at`, else 0)."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(7, 5), (5,), (3, 4, 2), (11,)]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype).to(device)) for s in shapes]
+    opt = StableAdamW([{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.0}], lr=1e-2, weight_decay=0.1,
+                      peak_lr=2e-2)
+    for i, grads in enumerate(steps_grads):
+        for p, gr in zip(ps, grads):
+            p.grad = gr.to(device=device, dtype=dtype, copy=True)
+        if flag is None:
+            opt.step()
+        else:
+            opt.step(found_inf=torch.tensor(float(i in skip_at), device=device))
+    return ps, opt
+
+
+def _grads(n, bad=()):
+    g = torch.Generator().manual_seed(2)
+    shapes = [(7, 5), (5,), (3, 4, 2), (11,)]
+    out = []
+    for i in range(n):
+        grads = [torch.randn(s, generator=g) * (30.0 if i == 1 else 1.0) for s in shapes]  # step 2 clips
+        if i in bad:
+            grads[0][0, 0], grads[2][1, 1, 1] = float("nan"), float("inf")
+        out.append(grads)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_zero_skip_flag_gives_bitwise_the_update_without_one(dtype):
+    plain, o1 = _run(_grads(5), dtype=dtype)
+    flagged, o2 = _run(_grads(5), flag=True, dtype=dtype)
+    for a, b in zip(plain, flagged):
+        assert torch.equal(a.detach(), b.detach())
+    for a, b in zip(plain, flagged):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(o1.state[a][key], o2.state[b][key]), key
+
+
+def test_a_set_skip_flag_is_an_exact_no_op_even_with_nan_gradients():
+    grads = _grads(5, bad={2})
+    ps, opt = _run(grads[:2], flag=True)
+    before = [p.detach().clone() for p in ps]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in ps}
+    for p, gr in zip(ps, grads[2]):
+        p.grad = gr.clone()
+    opt.step(found_inf=torch.tensor(1.0))
+    for p, b in zip(ps, before):
+        assert torch.equal(p.detach(), b)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state[id(p)][k]), k
+    # the skipped step left no trace: the rest of the run equals one that never saw it
+    ref, _ = _run(grads[:2] + grads[3:], flag=True)
+    out, o = _run(grads, flag=True, skip_at={2})
+    for a, b in zip(ref, out):
+        assert torch.equal(a.detach(), b.detach())
+    assert {float(o.state[p]["step"]) for p in out} == {4.0}
+
+
+def test_a_skip_on_the_first_step_leaves_a_fresh_state():
+    grads = _grads(3, bad={0})
+    ps, opt = _run(grads[:1], flag=True, skip_at={0})
+    for p in ps:
+        st = opt.state[p]
+        assert float(st["step"]) == 0 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
+        assert torch.isfinite(p).all()
+    ref, _ = _run(grads[1:], flag=True)
+    out, _ = _run(grads, flag=True, skip_at={0})
+    for a, b in zip(ref, out):
+        assert torch.equal(a.detach(), b.detach())
+
+
+def test_host_step_counts_of_old_checkpoints_continue_under_a_flag():
+    """A state restored with host float32 step tensors (what checkpoints hold) continues bitwise, flag or not."""
+    grads = _grads(4)
+    ref, _ = _run(grads)
+    ps, opt = _run(grads[:2])
+    for p in ps:
+        opt.state[p]["step"] = torch.tensor(float(opt.state[p]["step"]), dtype=torch.float32)  # as loaded
+    for grs in grads[2:]:
+        for p, gr in zip(ps, grs):
+            p.grad = gr.clone()
+        opt.step(found_inf=torch.zeros(()))
+    for a, b in zip(ref, ps):
+        assert torch.equal(a.detach(), b.detach())
+    assert all(opt.state[p]["step"].dtype == torch.float32 and float(opt.state[p]["step"]) == 4 for p in ps)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_skip_is_exact_on_the_device_and_a_zero_flag_keeps_the_update():
+    grads = _grads(5, bad={2})
+    ref, _ = _run(grads[:2] + grads[3:], flag=True, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # the flagged update must not wait for the device
+    try:
+        out, opt = _run(grads, flag=True, skip_at={2}, device="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for a, b in zip(ref, out):
+        assert torch.equal(a.detach(), b.detach())
+    assert all(opt.state[p]["step"].is_cuda and float(opt.state[p]["step"]) == 4 for p in out)
+    plain, _ = _run(grads[:2] + grads[3:], device="cuda")  # host step counts, as before the flag
+    for a, b in zip(plain, ref):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)

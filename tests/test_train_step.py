@@ -167,7 +167,9 @@ def test_a_non_finite_loss_skips_the_update():
     for k, v in weights(step).items():
         assert torch.equal(v, before[k]), k
     assert all(q.grad is None for q in step.bare_model.parameters())
-    assert not step.optimizer.state  # no optimizer step was taken
+    # the update was skipped on the device: the optimizer's state is a fresh one (step 0, zero moments)
+    for st in step.optimizer.state.values():
+        assert float(st["step"]) == 0 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
     # the same model and optimizer without the fault: the next step updates
     healthy = TrainStep(step.model, step.optimizer, step.env, objective="mlm", seed=21, lr=LR, precision="fp32")
     r = healthy.train_batch(make_samples(8), phase(), step=2)
@@ -179,3 +181,24 @@ def test_a_stop_request_is_reported():
     step = make_step()
     assert not step.train_batch(make_samples(2), phase(), step=1).stop
     assert step.train_batch(make_samples(2), phase(), step=2, stop=True).stop
+
+
+def test_the_four_calls_are_train_batch_and_discard_drops_a_step():
+    p = phase(micro_batch_tokens=128)
+    whole, split = make_step(), make_step()
+    a = whole.train_batch(make_samples(8), p, step=1, phase_tokens=100)
+    batch = split.prepare(make_samples(8), p, step=1)
+    assert batch.targets is None and batch.local_tokens == sum(min(len(x), 64) for _, x in make_samples(8))
+    split.count(batch)
+    assert (batch.targets, batch.tokens, batch.passes) == (batch.local_targets, batch.local_tokens, len(batch.micro))
+    b = split.update(split.backward(batch, p, phase_tokens=100))
+    assert (a.loss, a.lr, a.targets, a.tokens, a.skipped) == (b.loss, b.lr, b.targets, b.tokens, b.skipped)
+    w, opt = weights(split), {id(q): {k: v.clone() for k, v in s.items()} for q, s in split.optimizer.state.items()}
+    assert all(torch.equal(v, weights(whole)[k]) for k, v in w.items())
+    grads = split.backward(split.prepare(make_samples(8, seed=3), p, step=2), p)
+    assert any(q.grad is not None for q in split.bare_model.parameters())
+    split.discard(grads)
+    assert all(q.grad is None for q in split.bare_model.parameters())
+    assert all(torch.equal(v, w[k]) for k, v in weights(split).items())
+    for q, s in split.optimizer.state.items():
+        assert all(torch.equal(v, opt[id(q)][k]) for k, v in s.items())

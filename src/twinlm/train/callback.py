@@ -3,6 +3,10 @@
 Callbacks see the trainer's public surface only: `recipe`, `env`, `state` (a TrainState they may update, e.g.
 the ordinals of periodic work), `phases`, `model`/`bare_model`, `step` (the TrainStep: `eval_loss`),
 `save_checkpoint()` and `log()`. `row` is the metrics dict of one optimizer step; callbacks may add keys.
+
+A step's hooks (`on_step_end`, `on_log`, and any checkpoint they make) run once the next step's passes are
+queued on the device, before its update: the weights, the optimizer state and `state` are those of the step
+the row describes; `on_batch` for the next step follows them.
 """
 
 from __future__ import annotations

@@ -255,23 +255,30 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ten
                               for key, full in entries.items()}
 
 
-def _rng_state(env: dist.DistEnv) -> dict[str, list]:
-    rng = {"torch": torch.get_rng_state().tolist()}
+def capture_rng(env: dist.DistEnv) -> dict[str, torch.Tensor]:
+    """This rank's RNG states now (copies), for a checkpoint written later of the state they go with."""
+    rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and env.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(env.device).tolist()
+        rng["cuda"] = torch.cuda.get_rng_state(env.device)
     return rng
 
 
+def _rng_state(env: dist.DistEnv, captured: dict[str, torch.Tensor] | None = None) -> dict[str, list]:
+    return {k: v.tolist() for k, v in (captured or capture_rng(env)).items()}
+
+
 def save_training(manager: CheckpointManager, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  env: dist.DistEnv, *, step: int, trainer_state: dict, info: dict) -> Path | None:
+                  env: dist.DistEnv, *, step: int, trainer_state: dict, info: dict,
+                  rng: dict[str, torch.Tensor] | None = None) -> Path | None:
     """Checkpoint `step`. Collective: every rank calls it (weights and optimizer state are gathered tensor by
-    tensor, and every rank's RNG state recorded); rank 0 alone keeps host copies and writes. state.json holds
-    `trainer_state` under "trainer", the RNG states, the world size and `info`. Returns the folder on rank 0,
-    None elsewhere."""
+    tensor, and every rank's RNG state recorded: `rng` from `capture_rng` when the state to save is not the
+    current one, e.g. the next step's passes already drew dropout masks); rank 0 alone keeps host copies and
+    writes. state.json holds `trainer_state` under "trainer", the RNG states, the world size and `info`.
+    Returns the folder on rank 0, None elsewhere."""
     weights = dist.full_state_dict(model, keep=env.is_main)  # host copies on the writer only
     bare = dist.unwrap(model)
     optim = optimizer_tensors(bare, optimizer, keep=env.is_main)
-    rngs = dist.all_gather_object(_rng_state(env))
+    rngs = dist.all_gather_object(_rng_state(env, rng))
     if not env.is_main:
         return None
     cfg = bare.config

@@ -9,6 +9,13 @@ rank's share of each global batch:
     result = step.train_batch(samples, phase, step=1)          # samples: [(sample_id, token array), ...]
     loss = step.eval_loss(held_out, phase, mask_ratio=0.15)
 
+`train_batch` is four calls, which the trainer makes one by one to keep the device busy:
+
+    batch = step.prepare(samples, phase, step=1)   # host only, thread-safe: cut, pack, mask (pinned on CUDA)
+    step.count(batch)                              # collective: the global target/token counts, the passes
+    grads = step.backward(batch, phase)            # the passes are queued; gradients accumulate
+    result = step.update(grads)                    # the update is queued (or step.discard(grads))
+
 Rules of a step (collective: every rank calls it with its share, which may be empty):
 - samples are cut to the phase's `seq_len` and packed, in order, into padding-free micro-batches of at most
   `micro_batch_tokens`; the objective turns each into a `MicroBatch` (inputs, head positions, targets), with
@@ -20,18 +27,29 @@ Rules of a step (collective: every rank calls it with its share, which may be em
   reduces gradients in the last backward, so a rank with fewer micro-batches runs a two-token dummy batch
   with weight 0; gradients are synchronised on the last pass only;
 - the learning rate is the phase schedule's at the phase's tokens after this batch;
-- a non-finite global loss drops the gradients and skips the update (`StepResult.skipped`); counting bad
+- a non-finite global loss skips the update (`StepResult.skipped`) and drops the gradients; counting bad
   steps and stopping is the caller's job.
+
+No host read on the hot path. The counts are host numbers (an all-reduce of host values with several
+ranks; none with one). The global loss sum and the stop flag are all-reduced on the device; whether the loss
+is finite is decided there too and handed to the optimizer (`StableAdamW.step(found_inf=)` skips exactly),
+so a step queues all of its work without waiting for any of it. The result's loss, skipped and stop flags
+are copied back without blocking and read when the caller asks for them (`StepResult.resolve`): the
+trainer does so for step k once step k+1's passes are queued, so the device never waits for the host. The
+stop flag is read that late too: stopping is exact all the same, because every rank reads the same reduced
+flag of the same step and stops after it (the trainer's docstring). With an optimizer that takes no
+`found_inf` (torch's SGD in tests), `update` reads the loss before stepping, as it once did always.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -65,18 +83,86 @@ class MicroBatch:
 
 
 @dataclass
-class StepResult:
-    """What one `train_batch` did; counts are global (all ranks), times this rank's."""
+class Batch:
+    """This rank's share of one global batch, ready for the passes (`TrainStep.prepare`), and once counted
+    (`TrainStep.count`) the global numbers. Host tensors only, pinned when the device is CUDA."""
 
-    loss: float  # mean cross-entropy over the global batch's targets (non-finite: the step was skipped)
+    samples: list  # [(sample_id, tokens)] as drawn, before cutting (what the batch-order record keeps)
+    micro: list[MicroBatch]
+    step: int  # the global step number (the masking salt)
+    prepare_s: float = 0.0  # cutting, packing, masking
+    targets: int | None = None  # global (all ranks), set by count
+    tokens: int | None = None
+    passes: int | None = None  # forward passes every rank runs (the busiest rank's micro-batches)
+    count_s: float = 0.0
+
+    @property
+    def local_targets(self) -> int:
+        return sum(b.num_targets for b in self.micro)
+
+    @property
+    def local_tokens(self) -> int:
+        return sum(b.num_tokens for b in self.micro)
+
+
+@dataclass
+class Gradients:
+    """A step whose passes are queued (`TrainStep.backward`): the gradients accumulate, no update yet."""
+
+    lr: float
+    targets: int  # global
+    tokens: int  # global
+    totals: torch.Tensor  # (2,) float64 on the device, all-reduced: summed loss, ranks asking to stop
+    data_s: float
+    compute_s: float
+    started: float  # perf_counter at the backward's start, minus the batch's preparation time
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did; counts are global (all ranks), times this rank's host times.
+
+    `loss`, `skipped` and `stop` are device values until first read: reading one (or `resolve()`) waits for
+    this step's update to be done and takes three numbers copied back to pinned memory without blocking.
+    Nothing else here touches the device."""
+
     lr: float
     targets: int
     tokens: int
-    skipped: bool
-    stop: bool  # some rank asked to stop
     data_s: float  # packing, masking and the count reduction
-    compute_s: float  # forward and backward passes
-    step_s: float  # the whole call
+    compute_s: float  # queuing (on the CPU: running) the forward and backward passes
+    step_s: float  # the whole step on the host, up to its update being queued
+    _host: Any = field(default=None, repr=False)  # (loss sum, stop, skipped) float64 on the host, maybe in flight
+    _ready: Any = field(default=None, repr=False)  # a CUDA event recorded after the copy; None when none is needed
+    _read: tuple | None = field(default=None, repr=False)  # (loss, skipped, stop) once read
+
+    def resolve(self) -> StepResult:
+        """Read the step's loss and flags (once; waits for the step on the device)."""
+        if self._read is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            loss_sum, stop, skipped = self._host.tolist()
+            self._read = (loss_sum / max(self.targets, 1), skipped > 0, stop > 0)
+            self._host = self._ready = None
+        return self
+
+    @property
+    def resolved(self) -> bool:
+        return self._read is not None
+
+    @property
+    def loss(self) -> float:
+        """Mean cross-entropy over the global batch's targets (non-finite: the step was skipped)."""
+        return self.resolve()._read[0]
+
+    @property
+    def skipped(self) -> bool:
+        return self.resolve()._read[1]
+
+    @property
+    def stop(self) -> bool:
+        """Some rank asked to stop."""
+        return self.resolve()._read[2]
 
 
 class TrainStep:
@@ -92,6 +178,8 @@ class TrainStep:
         self.lr = lr
         self.precision = precision
         self.vocab_in_use = vocab_in_use
+        # StableAdamW skips on the device; another optimizer (torch's SGD in tests) needs the loss read first
+        self._skips_on_device = "found_inf" in inspect.signature(optimizer.step).parameters
 
     @property
     def bare_model(self) -> torch.nn.Module:
@@ -125,13 +213,19 @@ class TrainStep:
         return MicroBatch(torch.from_numpy(ids), torch.tensor([0, 2], dtype=torch.int32), 2,
                           torch.tensor([0]), torch.tensor([cfg.sep_token_id]))
 
-    def _passes(self, batches: list[MicroBatch]) -> list[tuple[MicroBatch, bool]]:
-        """(micro-batch, real) for each forward pass: as many as the busiest rank has (collective), the
-        missing ones filled with dummy batches."""
-        n = torch.tensor([len(batches)], dtype=torch.int64)
-        if self.env.distributed:
-            dist.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
-        return [(batches[i], True) if i < len(batches) else (self._dummy(), False) for i in range(int(n[0]))]
+    def _passes(self, batches: list[MicroBatch], passes: int | None = None) -> list[tuple[MicroBatch, bool]]:
+        """(micro-batch, real) for each forward pass: as many as the busiest rank has (`passes`, else found
+        here: collective), the missing ones filled with dummy batches."""
+        if passes is None:
+            passes = self._max_passes(len(batches))
+        return [(batches[i], True) if i < len(batches) else (self._dummy(), False) for i in range(passes)]
+
+    def _max_passes(self, mine: int) -> int:
+        if not self.env.distributed:
+            return mine
+        n = torch.tensor([mine], dtype=torch.int64)
+        dist.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+        return int(n[0])
 
     # --- passes ---------------------------------------------------------------------------------------
     def _autocast(self):
@@ -166,32 +260,46 @@ class TrainStep:
         return out.loss
 
     # --- the public API -------------------------------------------------------------------------------
-    def train_batch(self, samples: Sequence, phase: Phase, *, step: int, phase_tokens: int = 0,
-                    stop: bool = False) -> StepResult:
-        """One optimizer step on this rank's share of a global batch (collective across ranks).
-
-        `step`: the global step number (1-based), the masking salt; `phase_tokens`: tokens of `phase` trained
-        before this batch (the schedule's position); `stop`: this rank asks to stop (the result's `stop` is
-        true when any rank did).
-        """
+    def prepare(self, samples: Sequence, phase: Phase, *, step: int) -> Batch:
+        """This rank's share of step `step`'s global batch as micro-batches (cut, packed, masked with salt
+        `step`), on the host; pinned when the device is CUDA, so the passes copy it without blocking. Touches
+        neither the model nor the device: safe on a background thread while a step runs."""
         t0 = time.perf_counter()
-        batches = self.micro_batches(samples, phase, self.objective_for(phase), salt=step)
-        counts = torch.tensor([sum(b.num_targets for b in batches), sum(b.num_tokens for b in batches)],
-                              dtype=torch.float64)
-        dist.all_reduce(counts)
-        global_targets, global_tokens = int(counts[0]), int(counts[1])
-        passes = self._passes(batches)
-        t_data = time.perf_counter() - t0
+        micro = self.micro_batches(samples, phase, self.objective_for(phase), salt=step)
+        if self.env.device.type == "cuda":
+            micro = [MicroBatch(b.input_ids.pin_memory(), b.cu_seqlens.pin_memory(), b.max_seqlen,
+                                b.positions.pin_memory(), b.targets.pin_memory()) for b in micro]
+        return Batch(list(samples), micro, step, prepare_s=time.perf_counter() - t0)
 
+    def count(self, batch: Batch) -> Batch:
+        """Fill in the batch's global target and token counts and the number of passes (collective: host
+        values reduced across ranks; with one rank nothing is reduced). Returns `batch`."""
+        t0 = time.perf_counter()
+        targets, tokens, passes = batch.local_targets, batch.local_tokens, len(batch.micro)
+        if self.env.distributed:
+            counts = torch.tensor([targets, tokens], dtype=torch.float64)
+            dist.all_reduce(counts)
+            targets, tokens = int(counts[0]), int(counts[1])
+            passes = self._max_passes(passes)
+        batch.targets, batch.tokens, batch.passes = targets, tokens, passes
+        batch.count_s = time.perf_counter() - t0
+        return batch
+
+    def backward(self, batch: Batch, phase: Phase, *, phase_tokens: int = 0, stop: bool = False) -> Gradients:
+        """Queue the batch's forward and backward passes (collective) and the all-reduce of the loss sum and
+        of the stop flag; reads nothing back. `phase_tokens`: tokens of `phase` trained before this batch
+        (the schedule's position); `stop`: this rank asks to stop."""
+        if batch.targets is None:
+            self.count(batch)
+        t0 = time.perf_counter()
         s = phase.schedule
-        lr = self.lr * lr_multiplier(phase_tokens + global_tokens, phase.tokens, warmup_tokens=s.warmup_tokens,
+        lr = self.lr * lr_multiplier(phase_tokens + batch.tokens, phase.tokens, warmup_tokens=s.warmup_tokens,
                                      start=s.start, end=s.end, decay=s.decay, decay_tokens=s.decay_tokens)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-
+        passes = self._passes(batch.micro, batch.passes)
         self.model.train()
-        loss_local = torch.zeros((), dtype=torch.float64, device=self.env.device)
-        scale = self.env.world_size / max(global_targets, 1)
+        device = self.env.device
+        loss_local = torch.zeros((), dtype=torch.float64, device=device)
+        scale = self.env.world_size / max(batch.targets, 1)
         for i, (mb, real) in enumerate(passes):
             k = mb.num_targets
             with self._sync_context(last=i == len(passes) - 1):
@@ -199,20 +307,59 @@ class TrainStep:
                 (mean * ((k * scale) if real else 0.0)).backward()
             if real:
                 loss_local += mean.detach().double() * k
-        t_compute = time.perf_counter() - t0 - t_data
+        # filled on the device (torch.tensor(x, device=) would copy from the host, and wait for it)
+        totals = torch.stack([loss_local, torch.full((), float(stop), dtype=torch.float64, device=device)])
+        dist.all_reduce(totals)
+        data_s = batch.prepare_s + batch.count_s
+        return Gradients(lr=lr, targets=batch.targets, tokens=batch.tokens, totals=totals, data_s=data_s,
+                         compute_s=time.perf_counter() - t0, started=t0 - data_s)
 
-        # the step's one device->host read, after every backward is queued: the summed loss and the stop flag
-        red = torch.stack([loss_local, torch.tensor(float(stop), dtype=torch.float64, device=loss_local.device)])
-        dist.all_reduce(red)
-        red = red.tolist()
-        loss = red[0] / max(global_targets, 1)
-        skipped = not math.isfinite(loss)
-        if not skipped:
-            self.optimizer.step()
+    def update(self, grads: Gradients) -> StepResult:
+        """Queue the optimizer step at the batch's learning rate, skipped on the device when the global loss
+        is not finite, and drop the gradients. The result's loss and flags are read when asked for."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = grads.lr
+        loss_sum, stop = grads.totals[0], grads.totals[1]
+        found_inf = ~torch.isfinite(loss_sum)
+        read = None
+        if self._skips_on_device:
+            self.optimizer.step(found_inf=found_inf)
+        else:
+            loss_sum_, stop_ = grads.totals.tolist()  # the one host read this optimizer costs
+            skipped = not math.isfinite(loss_sum_)
+            if not skipped:
+                self.optimizer.step()
+            read = (loss_sum_ / max(grads.targets, 1), skipped, stop_ > 0)
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss, lr=lr, targets=global_targets, tokens=global_tokens, skipped=skipped,
-                          stop=red[1] > 0, data_s=t_data, compute_s=t_compute,
-                          step_s=time.perf_counter() - t0)
+        host, ready = None, None
+        if read is None:
+            values = torch.stack([loss_sum, stop, found_inf.to(torch.float64)])
+            if values.device.type == "cuda":
+                host = torch.empty(3, dtype=torch.float64, pin_memory=True)
+                host.copy_(values, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            else:
+                host = values
+        return StepResult(lr=grads.lr, targets=grads.targets, tokens=grads.tokens, data_s=grads.data_s,
+                          compute_s=grads.compute_s, step_s=time.perf_counter() - grads.started,
+                          _host=host, _ready=ready, _read=read)
+
+    def discard(self, grads: Gradients) -> None:  # noqa: ARG002 - the gradients are those of `grads`
+        """Drop a step's gradients without an update (the caller stops before it)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train_batch(self, samples: Sequence, phase: Phase, *, step: int, phase_tokens: int = 0,
+                    stop: bool = False) -> StepResult:
+        """One optimizer step on this rank's share of a global batch (collective across ranks): `prepare`,
+        `count`, `backward`, `update`.
+
+        `step`: the global step number (1-based), the masking salt; `phase_tokens`: tokens of `phase` trained
+        before this batch (the schedule's position); `stop`: this rank asks to stop (the result's `stop` is
+        true when any rank did). Reads nothing from the device: the result is read when asked for.
+        """
+        batch = self.count(self.prepare(samples, phase, step=step))
+        return self.update(self.backward(batch, phase, phase_tokens=phase_tokens, stop=stop))
 
     @torch.no_grad()
     def eval_loss(self, samples: Sequence, phase: Phase, mask_ratio: float) -> float:

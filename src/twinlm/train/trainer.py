@@ -12,6 +12,21 @@ checkpoint, return) and non-finite losses (the step skips the update; the run st
 a row), and exports `final/`. Optional behaviour is in callbacks (train/callbacks.py: metrics, progress bar,
 TensorBoard, periodic checkpoints, eval, order recording); the run folder's provenance is train/rundir.py.
 
+The host runs one step ahead of the results: step k's loss is read (train/step.py `StepResult.resolve`)
+once step k+1's passes are queued, and only then is step k finished: its state, metrics row, callbacks,
+periodic checkpoint and the `max_bad_steps` check, exactly as if nothing were queued (the weights and the
+optimizer state are still step k's: step k+1's update is queued after; a checkpoint of step k takes the RNG
+states from before step k+1's passes; `on_batch` for step k+1 follows step k's callbacks). Rows, checkpoints
+and resumes are therefore those of a loop that read every loss at once. Stopping: max_steps and phase ends
+are known on the host. In a one-rank run a SIGTERM stops the run after the next step finished; with several
+ranks it travels as the stop flag of the next step queued, which every rank reads when finishing that step,
+so all of them checkpoint it and stop after it. Either way the step queued behind it is dropped (its
+gradients, never applied). A step is never left queued behind a checkpoint or a return.
+
+The next batch is drawn from the stream and prepared (cut, packed, masked, pinned on CUDA) on a background
+thread while a step runs (`prefetch=False`: in line, the same batches); a checkpoint records the stream's
+position after the batch last finished, not after the one drawn ahead.
+
 Resuming is refused (ConfigError / TokenizerMismatch, one line naming the changed settings) when the recipe
 changes what the checkpoint's weights are: `model` (preset or overrides), `objective`, or the tokenizer (its
 fingerprint). The check runs before anything in the run folder is written (config.yaml included); only
@@ -22,11 +37,13 @@ and whenever it changed since (RUN/verified_shards.json); a damaged folder stops
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import sys
 import time
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -59,6 +76,7 @@ from twinlm.train.callback import Callback
 from twinlm.train.checkpoint import (
     TRAINING_FILES,
     CheckpointManager,
+    capture_rng,
     read_state,
     read_tensors,
     restore_training,
@@ -69,7 +87,7 @@ from twinlm.train.optim import build_optimizer
 from twinlm.train.recipe import Phase, Recipe
 from twinlm.train.rundir import prepare_run_dir
 from twinlm.train.state import TrainState
-from twinlm.train.step import TrainStep
+from twinlm.train.step import StepResult, TrainStep
 
 
 def _changes(key: str, old, new) -> list[str]:
@@ -89,11 +107,52 @@ def device_memory(device: torch.device) -> float | None:
 VERIFIED_SHARDS = "verified_shards.json"  # in the run folder: shard folders verified, with their signature
 
 
+@dataclass
+class _Queued:
+    """A step whose update is queued and whose result is not read yet: the weights are one step ahead of the
+    trainer's state until it is finished (`Trainer._finish`)."""
+
+    result: StepResult
+    phase: Phase
+    batch_size: int
+    stream: dict  # the stream's state once this step's batch was drawn
+    started: float  # perf_counter when the step began waiting for its batch
+    data_s: float  # waiting for the batch, and the count reduction
+
+
+class _OneAhead:
+    """One job run ahead on a background thread; or, without the thread, run when taken (the same calls in the
+    same order, so both give the same batches)."""
+
+    def __init__(self, background: bool):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twinlm-prefetch") if background else None
+        self._job = None
+
+    @property
+    def busy(self) -> bool:
+        return self._job is not None
+
+    def start(self, fn, *args) -> None:
+        self._job = self._pool.submit(fn, *args) if self._pool else functools.partial(fn, *args)
+
+    def take(self):
+        job, self._job = self._job, None
+        return job.result() if self._pool else job()
+
+    def close(self) -> None:
+        """Wait for a job in flight (it may hold the stream) and drop its result."""
+        self._job = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class Trainer:
     step_class = TrainStep  # what runs each step (a subclass may be substituted, e.g. to inject failures)
 
     def __init__(self, recipe: Recipe, out_dir: str | Path, *, callbacks: list[Callback] | None = None,
-                 env: dist.DistEnv | None = None, log=None, default_callbacks: bool = True):
+                 env: dist.DistEnv | None = None, log=None, default_callbacks: bool = True, prefetch: bool = True):
+        """`prefetch`: draw and prepare the next batch on a background thread while a step runs (the same
+        batches either way)."""
         self.recipe = recipe.resolved_paths().validate()
         self.out = Path(out_dir)
         self.env = env
@@ -110,7 +169,11 @@ class Trainer:
         self.stream = None
         self.last_checkpoint: Path | None = None
         self.interrupted = False
+        self.prefetch = prefetch
         self._saved_step = -1
+        self._queued: _Queued | None = None  # a step queued on the device, its result not read yet
+        self._rng = None  # the RNG states that go with `state` while the next step's passes are queued
+        self._stop = False  # stop after the step just finished: agreed by every rank
 
     # --- small helpers ------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -199,8 +262,12 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------------
     def save_checkpoint(self, keep: bool = False) -> Path | None:
-        """Collective: every rank calls it; rank 0 writes. Returns the folder (rank 0) or None. Callbacks'
-        `on_before_checkpoint` runs first (the metrics file is made durable up to this step)."""
+        """Collective: every rank calls it; rank 0 writes. Returns the folder (rank 0) or None. A step whose
+        update is queued is finished first (its row logged), so the checkpoint holds the state its rows
+        describe; callbacks' `on_before_checkpoint` runs next (the metrics file is made durable up to this
+        step)."""
+        if self._queued is not None:
+            self._finish()
         self._emit("on_before_checkpoint")
         self._saved_step = self.state.step  # on every rank (the save is collective)
         info = {"tokenizer_fingerprint": self.tokenizer_fingerprint, "keep": bool(keep),
@@ -208,7 +275,7 @@ class Trainer:
                 "phase": self.phases[min(self.state.phase_index, len(self.phases) - 1)].name,
                 "recipe": self.recipe.to_dict()}
         path = save_training(self.ckpt, self.model, self.optimizer, self.env, step=self.state.step,
-                             trainer_state=asdict(self.state), info=info)
+                             trainer_state=asdict(self.state), info=info, rng=self._rng)
         if path is not None:
             self.last_checkpoint = path
         dist.barrier()
@@ -341,25 +408,6 @@ class Trainer:
     def _handle_sigterm(self, signum, frame) -> None:  # noqa: ARG002
         self.stop_requested = True
 
-    def _train_step(self, phase: Phase, samples: list) -> dict:
-        """One optimizer step (collective), counted in the state; returns the metrics row."""
-        r = self.step.train_batch(samples, phase, step=self.state.step + 1, phase_tokens=self.state.phase_tokens,
-                                  stop=self.stop_requested)
-        if r.stop:
-            self.stop_requested = True
-        if r.skipped:
-            self.state.bad_streak += 1
-            self.state.skipped_steps += 1
-        else:
-            self.state.bad_streak = 0
-        self.state.step += 1
-        self.state.phase_step += 1
-        self.state.tokens += r.tokens
-        self.state.phase_tokens += r.tokens
-        return {"step": self.state.step, "phase": phase.name, "tokens": self.state.tokens, "loss": r.loss,
-                "lr": r.lr, "batch_size": None, "targets": r.targets, "step_tokens": r.tokens,
-                "skipped": r.skipped, "data_s": r.data_s, "compute_s": r.compute_s, "step_s": r.step_s}
-
     def fit(self) -> Path:
         """Train every phase (resuming from the newest intact checkpoint); returns the final HF folder."""
         self.env = self.env or dist.init()
@@ -407,7 +455,7 @@ class Trainer:
             self.log(f"{self.out} is already finished")
             return self.out / "final"
 
-        self.stop_requested = False
+        self.stop_requested = self._stop = False
         old_handler = None
         try:
             old_handler = signal.signal(signal.SIGTERM, self._handle_sigterm)
@@ -436,37 +484,8 @@ class Trainer:
             if self.state.stream:
                 self.stream.load_state_dict(self.state.stream)
             self._emit("on_phase_start", phase)
-            while self.state.phase_tokens < phase.tokens:
-                bs = batch_size_for(phase, self.state.phase_tokens, self.stream)
-                t_read = time.perf_counter()
-                samples = self._next_samples(bs)
-                t_read = time.perf_counter() - t_read
-                self._emit("on_batch", samples)
-                row = self._train_step(phase, samples)
-                row["data_s"] += t_read
-                row["step_s"] += t_read
-                row["batch_size"] = bs
-                self.state.stream = self.stream.state_dict()
-                if row["skipped"]:
-                    self.log(f"warning: step {row['step']}: non-finite loss ({row['loss']}); step skipped "
-                             f"({self.state.bad_streak} in a row)")
-                self._emit("on_step_end", row)
-                self._emit("on_log", row)
-                if self.state.bad_streak >= self.recipe.max_bad_steps:
-                    raise TrainingDiverged(
-                        f"{self.state.bad_streak} non-finite losses in a row (max_bad_steps="
-                        f"{self.recipe.max_bad_steps}) at step {self.state.step}: the run is diverging. Lower "
-                        f"optim.lr, check the data, or resume from an earlier checkpoint in {self.ckpt.root}")
-                if self.recipe.max_steps and self.state.step >= self.recipe.max_steps:
-                    self.stop_requested = True
-                if self.stop_requested:
-                    if self.state.phase_tokens >= phase.tokens:
-                        break  # the phase-end checkpoint below covers it
-                    if self._saved_step != self.state.step:  # PeriodicCheckpoint may have just saved it
-                        self.save_checkpoint()
-                    self.log(f"stopped at step {self.state.step} (SIGTERM or max_steps); "
-                             f"checkpoint {self.last_checkpoint}")
-                    return "interrupted"
+            if self._run_phase(phase) == "interrupted":
+                return "interrupted"
             self.state.phase_index += 1
             self.state.phase_step = 0
             self.state.phase_tokens = 0
@@ -475,10 +494,120 @@ class Trainer:
             if self.state.phase_index == len(self.phases):
                 self.state.finished = True
             self.save_checkpoint(keep=True)
-            if self.stop_requested and not self.state.finished:
+            if self._stop and not self.state.finished:
                 self.log(f"stopped by SIGTERM at the end of phase {phase.name}")
                 return "interrupted"
         return "done"
+
+    def _may_queue(self, step: int) -> bool:
+        """Whether a step after `step` may be queued without knowing whether to stop: not past max_steps, and,
+        on one rank, not asked to stop (with several ranks the stop flag travels with a step: every rank
+        queues the next one until it reads the agreed flag)."""
+        if self.recipe.max_steps and step >= self.recipe.max_steps:
+            return False
+        return not (self.stop_requested and not self.env.distributed)
+
+    def _draw(self, phase: Phase, step: int, phase_tokens: int) -> tuple:
+        """Step `step`'s batch (its size, the prepared batch, the stream's state after it), `phase_tokens`
+        being the phase's tokens before it. Runs on the prefetch thread: it alone touches the stream then."""
+        bs = batch_size_for(phase, phase_tokens, self.stream)
+        samples = self._next_samples(bs)
+        stream_state = self.stream.state_dict()
+        return bs, self.step.prepare(samples, phase, step=step), stream_state
+
+    def _run_phase(self, phase: Phase) -> str | None:
+        """Train the phase to its token budget (None), or until a stop ("interrupted", checkpoint written).
+
+        Step k+1's passes are queued before step k's result is read, so the device never waits for the host:
+        finishing step k (its row, callbacks, periodic checkpoints, the bad-step and stop checks) happens
+        between step k+1's backward and its update, while the weights, the optimizer state and the stream's
+        recorded position are still step k's; the RNG states a checkpoint of step k needs are taken before
+        step k+1's passes draw dropout masks. A stop after step k drops step k+1's gradients. The next batch
+        is drawn and prepared on a background thread while a step runs (`prefetch`)."""
+        ahead = _OneAhead(self.prefetch)
+        step, tokens = self.state.step, self.state.phase_tokens  # as of the steps queued so far
+        more = True  # a run (or a resume) trains at least one step before max_steps is looked at
+        try:
+            while tokens < phase.tokens and more:
+                t0 = time.perf_counter()
+                if not ahead.busy:
+                    ahead.start(self._draw, phase, step + 1, tokens)
+                try:
+                    bs, batch, stream_state = ahead.take()
+                except Exception:
+                    self._finish()  # the step before a data error is logged (and checkpointed) as it was
+                    raise
+                self.step.count(batch)
+                data_s = time.perf_counter() - t0
+                step, tokens = step + 1, tokens + batch.tokens
+                more = self._may_queue(step)
+                if tokens < phase.tokens and more:
+                    ahead.start(self._draw, phase, step + 1, tokens)
+                rng = capture_rng(self.env) if self._queued is not None else None
+                grads = self.step.backward(batch, phase, phase_tokens=tokens - batch.tokens, stop=self.stop_requested)
+                if self._queued is not None:
+                    self._rng = rng
+                    self._finish(next_started=t0)
+                    if self._stop:
+                        self.step.discard(grads)
+                        return self._interrupt()
+                    self._rng = None
+                self._emit("on_batch", batch.samples)
+                self._queued = _Queued(self.step.update(grads), phase, bs, stream_state, t0, data_s)
+            self._finish()
+            if self._stop and self.state.phase_tokens < phase.tokens:
+                return self._interrupt()
+            return None  # the phase-end checkpoint follows (also when stopping at the phase's end)
+        finally:
+            ahead.close()
+            self._rng = None
+
+    def _interrupt(self) -> str:
+        if self._saved_step != self.state.step:  # PeriodicCheckpoint may have just saved it
+            self.save_checkpoint()
+        self.log(f"stopped at step {self.state.step} (SIGTERM or max_steps); checkpoint {self.last_checkpoint}")
+        return "interrupted"
+
+    def _finish(self, next_started: float | None = None) -> None:
+        """Read the queued step's result and make it the trainer's: the state, the metrics row (its callbacks,
+        which may checkpoint), the non-finite streak (TrainingDiverged) and whether to stop. `next_started`:
+        when the next step began (the row's step_s runs to it; else to now)."""
+        q, self._queued = self._queued, None
+        if q is None:
+            return
+        r = q.result.resolve()
+        if r.skipped:
+            self.state.bad_streak += 1
+            self.state.skipped_steps += 1
+        else:
+            self.state.bad_streak = 0
+        self.state.step += 1
+        self.state.phase_step += 1
+        self.state.tokens += r.tokens
+        self.state.phase_tokens += r.tokens
+        self.state.stream = q.stream
+        # data_s: waiting for the batch (what the prefetch did not hide) and the count reduction; compute_s:
+        # queuing the passes (on the CPU: running them); step_s: this step's start to the next one's (the
+        # loop's period, the throughput when the device runs ahead of the host)
+        step_s = (next_started if next_started is not None else time.perf_counter()) - q.started
+        row = {"step": self.state.step, "phase": q.phase.name, "tokens": self.state.tokens, "loss": r.loss,
+               "lr": r.lr, "batch_size": q.batch_size, "targets": r.targets, "step_tokens": r.tokens,
+               "skipped": r.skipped, "data_s": q.data_s, "compute_s": r.compute_s, "step_s": step_s}
+        if r.skipped:
+            self.log(f"warning: step {row['step']}: non-finite loss ({row['loss']}); step skipped "
+                     f"({self.state.bad_streak} in a row)")
+        self._emit("on_step_end", row)
+        self._emit("on_log", row)
+        if self.state.bad_streak >= self.recipe.max_bad_steps:
+            raise TrainingDiverged(
+                f"{self.state.bad_streak} non-finite losses in a row (max_bad_steps="
+                f"{self.recipe.max_bad_steps}) at step {self.state.step}: the run is diverging. Lower "
+                f"optim.lr, check the data, or resume from an earlier checkpoint in {self.ckpt.root}")
+        if r.stop:
+            self.stop_requested = True
+        # agreed by every rank: the reduced stop flag of this step, max_steps; one rank needs no agreement
+        self._stop = (r.stop or bool(self.recipe.max_steps and self.state.step >= self.recipe.max_steps)
+                      or (self.stop_requested and not self.env.distributed))
 
     def _write_final(self) -> Path:
         final = self.out / "final"
