@@ -117,10 +117,10 @@ SCALES: dict[str, Scale] = {
         generative=_with(SUITE_GENERATIVE, tasks=["arc_easy", "piqa", "sciq", "copa"], limit=100),
         # within 30 minutes: encoder bits per byte costs 7 masked copies of the text, and MiniLM (2 min) is an
         # extra reference
-        bpb=_with(SUITE_BPB, max_bytes=160_000),
-        # an encoder's pseudo-log-likelihood costs one masked copy per token: 60 pairs per family (300 in all)
-        # take about 30 s per encoder on 2 cores (measured 105 CPU-s for 500 pairs, cpu-small)
-        pairs=_with(SUITE_PAIRS, per_family=60),
+        bpb=_with(SUITE_BPB, max_bytes=128_000),
+        # an encoder's pseudo-log-likelihood costs one masked copy per token: 50 pairs per family (250 in all)
+        # take about 25 s per encoder on 2 cores (measured 105 CPU-s for 500 pairs, cpu-small)
+        pairs=_with(SUITE_PAIRS, per_family=50),
         baselines=["tfidf", "bm25"],
     ),
     "quick": Scale(
