@@ -349,6 +349,63 @@ def test_disk_full_during_a_checkpoint_is_one_error_and_the_run_resumes(tmp_path
     assert steps_logged(out) == [1, 2, 3] and checkpoint_steps(out)[-1] == 3
 
 
+@pytest.mark.parametrize("fills_on", ["download", "jsonl"])
+def test_disk_full_during_fetch_keeps_earlier_sources_and_the_next_fetch_completes(tmp_path, small_fs, monkeypatch,
+                                                                                   fills_on):
+    import zipfile
+
+    from twinlm.cli import one_line
+    from twinlm.data import fetch as F
+    from twinlm.errors import OutOfSpace
+    from twinlm.io import sha256_file
+    store = tmp_path / "store"
+    store.mkdir()
+
+    def archive(name: str, files: dict[str, bytes]) -> F.Archive:
+        with zipfile.ZipFile(store / f"{name}-1.0-py3-none-any.whl", "w", zipfile.ZIP_DEFLATED) as z:
+            for member, data in files.items():
+                z.writestr(member, data)
+        return F.Archive("pip", f"{name}==1.0", f"{name}-1.0-py3-none-any.whl",
+                         sha256_file(store / f"{name}-1.0-py3-none-any.whl"), version="1.0")
+
+    def downloader(a, dest):
+        shutil.copy(store / a.filename, dest / a.filename)
+        return dest / a.filename
+
+    def docs(path, source):
+        for member, data in F.iter_archive(path, ("text/",)):
+            if member.endswith(".txt"):
+                yield member, data.decode()
+
+    monkeypatch.setitem(F.PRETRAIN_EXTRACTORS, "test_docs", docs)
+    rng = random.Random(0)
+    big = ({"text/blob.bin": os.urandom(3 << 20), "text/a.txt": b"some text"} if fills_on == "download" else
+           {f"text/{i}.txt": " ".join(f"w{rng.randrange(50)}" for _ in range(30000)).encode() for i in range(20)})
+    sources = {"early": F.DataSource("early", "eval", archive("early", {"e/a.txt": b"eval text"}), "MIT", "e",
+                                     "unzip"),
+               "big": F.DataSource("big", "pretrain", archive("big", big), "MIT", "b", "test_docs")}
+    for name, source in sources.items():
+        monkeypatch.setitem(F.SOURCES, name, source)
+    mnt = small_fs(8)
+    root = mnt / "home"
+    F.fetch(["early"], root=root, downloader=downloader, sources=sources, decontaminate_with=None, log=_quiet)
+    before = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    filler = _fill(mnt, 1)
+    with pytest.raises(OutOfSpace) as e:
+        F.fetch(root=root, downloader=downloader, sources=sources, decontaminate_with=None, log=_quiet)
+    msg = one_line(e.value)
+    assert f"the disk holding {root} is full" in msg and "big was not fetched" in msg and "free space" in msg
+    after = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    kept = after.pop("downloads/big-1.0-py3-none-any.whl", None)  # the verified archive may stay, whole
+    assert (kept is None) == (fills_on == "download")
+    assert kept is None or kept == (store / "big-1.0-py3-none-any.whl").read_bytes()
+    assert after == before  # the earlier source and manifest intact; nothing else of `big`, no temporaries
+    filler.unlink()
+    manifest = F.fetch(root=root, downloader=downloader, sources=sources, decontaminate_with=None, log=_quiet)
+    assert set(manifest["sources"]) == {"early", "big"} and (root / "pretrain" / "big.jsonl").read_text().strip()
+    assert [p.name for p in root.rglob(".*") if p.name != F.LOCK] == []
+
+
 # --- evaluation: no score from no data, no NaN score, arguments that cannot mean anything -------------
 @pytest.fixture(scope="module")
 def toy_models(tmp_path_factory):
