@@ -505,6 +505,54 @@ def test_R10_R11_a_resume_that_changes_the_model_is_refused_before_writing(tmp_p
     assert after == before  # config.yaml, starts.jsonl, metrics.jsonl untouched; no config.previous.yaml
 
 
+def test_R05_R08_R16_R20_refused_before_the_run_folder_is_written(tmp_path, shards, bpe):
+    """Re-run of the review: shards of another tokenizer (R05) and a missing init_from (R16) were refused only
+    after the run folder was made; --out naming a file (R08) was a FileExistsError traceback; a negative
+    mixture weight with one source (R20) trained without a word, with two it failed after the model was built."""
+    from twinlm.errors import MissingArtifactError, TokenizerMismatch
+    recipe = tiny_recipe(shards, phases=1, tokens=400)
+    with pytest.raises(TokenizerMismatch, match=f"{shards} was prepared with tokenizer"):
+        run({**recipe, "tokenizer": bpe.name_or_path}, tmp_path / "r05", log=_quiet)
+    with pytest.raises(MissingArtifactError, match="init_from: .*nope does not exist"):
+        run({**recipe, "objective": "mntp", "init_from": str(tmp_path / "nope")}, tmp_path / "r16", log=_quiet)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(ConfigError, match="afile exists and is not a folder"):
+        run(recipe, afile, log=_quiet)
+    assert afile.read_text() == "mine"
+    for data in ([{"path": str(shards), "weight": -1}], [{"path": str(shards), "weight": -1}, str(shards)],
+                 [{"path": str(shards), "weight": 0}, {"path": str(shards), "weight": 0}]):
+        with pytest.raises(ConfigError, match=r"data: weights must be >= 0 with a positive sum"):
+            run({**recipe, "data": data}, tmp_path / "r20", log=_quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no run folder made
+
+
+def test_F01_a_damaged_final_folder_of_a_finished_run_is_written_again(tmp_path, shards):
+    """Re-run of the review: a finished run returned its corrupted final/ as it was ('already finished')."""
+    from twinlm.loading import load
+    recipe, out = tiny_recipe(shards, phases=1, tokens=400), tmp_path / "run"
+    final = run(recipe, out, log=_quiet)
+    good = {k: v.clone() for k, v in load_file(str(final / "model.safetensors")).items()}  # not the mapped file
+    flip(final / "model.safetensors", 0.6)
+    logs: list[str] = []
+    assert run(recipe, out, log=logs.append) == final
+    assert any("final/ fails its manifest, so it is written again" in line for line in logs), logs
+    load(final)  # verifies
+    again = load_file(str(final / "model.safetensors"))
+    assert again.keys() == good.keys() and all(bool((again[k] == good[k]).all()) for k in good)
+    logs.clear()
+    run(recipe, out, log=logs.append)
+    assert any("is already finished" in line for line in logs)
+
+
+def test_T04_fetch_of_an_unknown_source_writes_nothing(tmp_path):
+    from twinlm.data import fetch as F
+    from twinlm.errors import UnknownName
+    with pytest.raises(UnknownName, match="unknown source"):
+        F.fetch(["nosuchsource"], root=tmp_path / "home", log=_quiet)
+    assert not (tmp_path / "home").exists()
+
+
 def test_every_earlier_recipe_of_a_run_is_kept(tmp_path, shards):
     recipe, out = recipe_for(shards), tmp_path / "run"
     run(recipe, out, ["max_steps=1"], log=_quiet)

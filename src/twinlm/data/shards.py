@@ -316,9 +316,10 @@ class ShardDataset:
         return f"ShardDataset({str(self.path)!r}, chunks={len(self)}, tokens={self.num_tokens})"
 
 
-def check_tokenizer(dataset: Any, tokenizer: Any) -> None:
+def check_tokenizer(dataset: Any, tokenizer: Any, where: str | Path | None = None) -> None:
     """Raise TokenizerMismatch unless `dataset` (ShardDataset, Mixture, folder path, or meta dict) was made with
-    `tokenizer` (a tokenizer, a folder, or a fingerprint string). The trainer calls this before training."""
+    `tokenizer` (a tokenizer, a folder, or a fingerprint string). The trainer calls this before training.
+    `where`: the folder a meta dict was read from (named in the error)."""
     if isinstance(tokenizer, str) and len(tokenizer) == 64 and not Path(tokenizer).exists():
         want = tokenizer
     else:
@@ -326,7 +327,7 @@ def check_tokenizer(dataset: Any, tokenizer: Any) -> None:
     if isinstance(dataset, (str, Path)):
         metas = [(str(dataset), read_meta(dataset))]
     elif isinstance(dataset, dict):
-        metas = [("shards", dataset)]
+        metas = [(str(where or "shards"), dataset)]
     elif hasattr(dataset, "datasets"):
         metas = [(str(getattr(d, "path", d)), d.meta) for d in dataset.datasets]
     else:

@@ -94,8 +94,8 @@ def fetch(only: Iterable[str] | None = None, group: str | None = None, root: str
           log: Callable[[str], None] = print) -> dict:
     """Fetch sources into `root` (default `home()`); returns the manifest. See the module docstring."""
     root = Path(root or home())
+    chosen = select(only, group, sources)  # an unknown name is refused before anything is written
     root.mkdir(parents=True, exist_ok=True)
-    chosen = select(only, group, sources)
     current: DataSource | None = None  # the source being fetched, named if the disk fills up
     try:
         with _locked(root):
