@@ -545,6 +545,19 @@ def test_F01_a_damaged_final_folder_of_a_finished_run_is_written_again(tmp_path,
     assert any("is already finished" in line for line in logs)
 
 
+def test_C08_a_run_with_every_checkpoint_corrupt_says_it_starts_again(tmp_path, shards):
+    """Re-run of the review: with every checkpoint corrupt the run restarted from step 0 without a word."""
+    recipe, out = tiny_recipe(shards, phases=1, tokens=400), tmp_path / "run"
+    run(recipe, out, log=_quiet)
+    shutil.rmtree(out / "final")
+    for p in (out / "checkpoints").glob("step-*"):
+        flip(p / "model.safetensors")
+    logs: list[str] = []
+    run(recipe, out, log=logs.append)
+    assert any("no intact checkpoint in" in line and "starts again from step 0" in line for line in logs), logs
+    assert steps_logged(out) == [1, 2, 3]
+
+
 def test_T04_fetch_of_an_unknown_source_writes_nothing(tmp_path):
     from twinlm.data import fetch as F
     from twinlm.errors import UnknownName

@@ -379,6 +379,8 @@ class Trainer:
         self._check_inputs(ckpt)
         prepare_run_dir(self.out, self.recipe.to_yaml(), self.env, self.log)
         if self.env.is_main:
+            if ckpt is None and self.ckpt.corrupt:
+                self.log(f"warning: no intact checkpoint in {self.ckpt.root}: training starts again from step 0")
             self.ckpt.set_aside_corrupt()
         problem = self._verify_shards() if self.env.is_main else None
         problem = dist.broadcast_object(problem)
