@@ -442,6 +442,10 @@ def test_E17_E18_bpb_of_an_empty_or_undecodable_file_is_an_error(tmp_path, toy_m
             bpb.run(toy_models["encoder"], BpbConfig(text_file=str(f)), out=tmp_path / "r.json", log=None)
     with pytest.raises(TaskFileError, match="latin1.txt: not UTF-8"):
         bpb.run(toy_models["encoder"], BpbConfig(text_file=str(latin)), log=None)
+    utf16 = tmp_path / "utf16.txt"  # valid UTF-8 byte for byte (re-run of E18: it was scored as text)
+    utf16.write_bytes("plain words here".encode("utf-16-le"))
+    with pytest.raises(TaskFileError, match=r"utf16.txt: contains NUL bytes \(byte 1\)"):
+        bpb.run(toy_models["encoder"], BpbConfig(text_file=str(utf16)), log=None)
     assert not (tmp_path / "r.json").exists()
     _one_line_error(_twinlm("eval", "bpb", toy_models["encoder"], "--text-file", empty), "empty.txt", "no text")
 
