@@ -6,6 +6,8 @@ Layout under `$TWINLM_HOME` (default `~/.cache/twinlm`, see `home()`):
     sources/<name>/                   evaluation-side sources unpacked (read them via `source_dir(name)`)
     pretrain/<name>.jsonl             pre-training text, one `{"id", "text"}` object per document
     manifest.json                     one entry per fetched source: version, license, sha256, counts
+    eval-ngrams-<key>-<sha>.npy       the decontamination index (twinlm.data.fetch.decontam)
+    .fetch.lock                       held by the fetch writing here (its pid inside)
 
 Every file and folder is written under a temporary name (`.<name>.tmp-*`) and renamed when complete, so an
 interrupted fetch leaves nothing that looks finished; rerunning resumes (archives already downloaded and
@@ -95,9 +97,9 @@ def fetch(only: Iterable[str] | None = None, group: str | None = None, root: str
     """Fetch sources into `root` (default `home()`); returns the manifest. See the module docstring."""
     root = Path(root or home())
     chosen = select(only, group, sources)  # an unknown name is refused before anything is written
-    root.mkdir(parents=True, exist_ok=True)
     current: DataSource | None = None  # the source being fetched, named if the disk fills up
     try:
+        root.mkdir(parents=True, exist_ok=True)
         with _locked(root):
             removed = remove_temporaries(root)
             if removed:
