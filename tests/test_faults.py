@@ -3,8 +3,11 @@ checkpoint writes too), change the recipe under a run, fill a small filesystem; 
 user gets (an exact resume, complete metrics, a one-line error, no debris, nothing lost).
 
 The case ids (C09, K02, R10, …) are those of the reliability review. `pytest -m soak tests/test_faults.py`
-runs the long randomized version (TWINLM_SOAK_KILLS random SIGKILLs, default 20, each followed by a restart;
-the final losses and weights must equal an uninterrupted run's and metrics.jsonl must hold every step once).
+runs the long randomized versions: TWINLM_SOAK_KILLS random SIGKILLs (default 20), each followed by a
+restart (the final losses and weights must equal an uninterrupted run's and metrics.jsonl must hold every
+step once); TWINLM_SOAK_CORRUPTIONS random injuries (default 2000: a flipped bit or byte, a truncation, a
+deleted file, appended garbage) to a checkpoint, a shard folder or a model folder, each of which must be
+named by the right error class in one line. TWINLM_SOAK_SEED (default 0) seeds both.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +30,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from twinlm.data.shards import ShardDataset, shard_signature, verify_shards
+from twinlm.data.shards import ShardDataset, shard_signature, verify_shards, write_meta
 from twinlm.errors import ConfigError, CorruptCheckpointError, ShardError
 from twinlm.train import run
 from twinlm.train.checkpoint import CheckpointManager, verify
@@ -175,7 +179,7 @@ def test_S02_out_of_vocabulary_ids_and_bad_index_found_by_the_content_check(tmp_
     data = _shard_copy(shards, tmp_path)
     meta = json.loads((data / "meta.json").read_text())
     meta["tokenizer"]["vocab_size"] = 1000  # the synthetic ids go up to 4095
-    (data / "meta.json").write_text(json.dumps(meta))
+    write_meta(data, meta)  # as if prepared so
     with pytest.raises(ShardError, match=r"tokens.bin: token \d+ has id \d+, outside the tokenizer's vocabulary"):
         verify_shards(data)
 
@@ -349,6 +353,63 @@ def test_disk_full_during_a_checkpoint_is_one_error_and_the_run_resumes(tmp_path
     assert steps_logged(out) == [1, 2, 3] and checkpoint_steps(out)[-1] == 3
 
 
+@pytest.mark.parametrize("fills_on", ["download", "jsonl"])
+def test_disk_full_during_fetch_keeps_earlier_sources_and_the_next_fetch_completes(tmp_path, small_fs, monkeypatch,
+                                                                                   fills_on):
+    import zipfile
+
+    from twinlm.cli import one_line
+    from twinlm.data import fetch as F
+    from twinlm.errors import OutOfSpace
+    from twinlm.io import sha256_file
+    store = tmp_path / "store"
+    store.mkdir()
+
+    def archive(name: str, files: dict[str, bytes]) -> F.Archive:
+        with zipfile.ZipFile(store / f"{name}-1.0-py3-none-any.whl", "w", zipfile.ZIP_DEFLATED) as z:
+            for member, data in files.items():
+                z.writestr(member, data)
+        return F.Archive("pip", f"{name}==1.0", f"{name}-1.0-py3-none-any.whl",
+                         sha256_file(store / f"{name}-1.0-py3-none-any.whl"), version="1.0")
+
+    def downloader(a, dest):
+        shutil.copy(store / a.filename, dest / a.filename)
+        return dest / a.filename
+
+    def docs(path, source):
+        for member, data in F.iter_archive(path, ("text/",)):
+            if member.endswith(".txt"):
+                yield member, data.decode()
+
+    monkeypatch.setitem(F.PRETRAIN_EXTRACTORS, "test_docs", docs)
+    rng = random.Random(0)
+    big = ({"text/blob.bin": os.urandom(3 << 20), "text/a.txt": b"some text"} if fills_on == "download" else
+           {f"text/{i}.txt": " ".join(f"w{rng.randrange(50)}" for _ in range(30000)).encode() for i in range(20)})
+    sources = {"early": F.DataSource("early", "eval", archive("early", {"e/a.txt": b"eval text"}), "MIT", "e",
+                                     "unzip"),
+               "big": F.DataSource("big", "pretrain", archive("big", big), "MIT", "b", "test_docs")}
+    for name, source in sources.items():
+        monkeypatch.setitem(F.SOURCES, name, source)
+    mnt = small_fs(8)
+    root = mnt / "home"
+    F.fetch(["early"], root=root, downloader=downloader, sources=sources, decontaminate_with=None, log=_quiet)
+    before = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    filler = _fill(mnt, 1)
+    with pytest.raises(OutOfSpace) as e:
+        F.fetch(root=root, downloader=downloader, sources=sources, decontaminate_with=None, log=_quiet)
+    msg = one_line(e.value)
+    assert f"the disk holding {root} is full" in msg and "big was not fetched" in msg and "free space" in msg
+    after = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    kept = after.pop("downloads/big-1.0-py3-none-any.whl", None)  # the verified archive may stay, whole
+    assert (kept is None) == (fills_on == "download")
+    assert kept is None or kept == (store / "big-1.0-py3-none-any.whl").read_bytes()
+    assert after == before  # the earlier source and manifest intact; nothing else of `big`, no temporaries
+    filler.unlink()
+    manifest = F.fetch(root=root, downloader=downloader, sources=sources, decontaminate_with=None, log=_quiet)
+    assert set(manifest["sources"]) == {"early", "big"} and (root / "pretrain" / "big.jsonl").read_text().strip()
+    assert [p.name for p in root.rglob(".*") if p.name != F.LOCK] == []
+
+
 # --- evaluation: no score from no data, no NaN score, arguments that cannot mean anything -------------
 @pytest.fixture(scope="module")
 def toy_models(tmp_path_factory):
@@ -381,6 +442,10 @@ def test_E17_E18_bpb_of_an_empty_or_undecodable_file_is_an_error(tmp_path, toy_m
             bpb.run(toy_models["encoder"], BpbConfig(text_file=str(f)), out=tmp_path / "r.json", log=None)
     with pytest.raises(TaskFileError, match="latin1.txt: not UTF-8"):
         bpb.run(toy_models["encoder"], BpbConfig(text_file=str(latin)), log=None)
+    utf16 = tmp_path / "utf16.txt"  # valid UTF-8 byte for byte (re-run of E18: it was scored as text)
+    utf16.write_bytes("plain words here".encode("utf-16-le"))
+    with pytest.raises(TaskFileError, match=r"utf16.txt: contains NUL bytes \(byte 1\)"):
+        bpb.run(toy_models["encoder"], BpbConfig(text_file=str(utf16)), log=None)
     assert not (tmp_path / "r.json").exists()
     _one_line_error(_twinlm("eval", "bpb", toy_models["encoder"], "--text-file", empty), "empty.txt", "no text")
 
@@ -442,6 +507,67 @@ def test_R10_R11_a_resume_that_changes_the_model_is_refused_before_writing(tmp_p
         run(recipe, out, change, log=_quiet)
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert after == before  # config.yaml, starts.jsonl, metrics.jsonl untouched; no config.previous.yaml
+
+
+def test_R05_R08_R16_R20_refused_before_the_run_folder_is_written(tmp_path, shards, bpe):
+    """Re-run of the review: shards of another tokenizer (R05) and a missing init_from (R16) were refused only
+    after the run folder was made; --out naming a file (R08) was a FileExistsError traceback; a negative
+    mixture weight with one source (R20) trained without a word, with two it failed after the model was built."""
+    from twinlm.errors import MissingArtifactError, TokenizerMismatch
+    recipe = tiny_recipe(shards, phases=1, tokens=400)
+    with pytest.raises(TokenizerMismatch, match=f"{shards} was prepared with tokenizer"):
+        run({**recipe, "tokenizer": bpe.name_or_path}, tmp_path / "r05", log=_quiet)
+    with pytest.raises(MissingArtifactError, match="init_from: .*nope does not exist"):
+        run({**recipe, "objective": "mntp", "init_from": str(tmp_path / "nope")}, tmp_path / "r16", log=_quiet)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(ConfigError, match="afile exists and is not a folder"):
+        run(recipe, afile, log=_quiet)
+    assert afile.read_text() == "mine"
+    for data in ([{"path": str(shards), "weight": -1}], [{"path": str(shards), "weight": -1}, str(shards)],
+                 [{"path": str(shards), "weight": 0}, {"path": str(shards), "weight": 0}]):
+        with pytest.raises(ConfigError, match=r"data: weights must be >= 0 with a positive sum"):
+            run({**recipe, "data": data}, tmp_path / "r20", log=_quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no run folder made
+
+
+def test_F01_a_damaged_final_folder_of_a_finished_run_is_written_again(tmp_path, shards):
+    """Re-run of the review: a finished run returned its corrupted final/ as it was ('already finished')."""
+    from twinlm.loading import load
+    recipe, out = tiny_recipe(shards, phases=1, tokens=400), tmp_path / "run"
+    final = run(recipe, out, log=_quiet)
+    good = {k: v.clone() for k, v in load_file(str(final / "model.safetensors")).items()}  # not the mapped file
+    flip(final / "model.safetensors", 0.6)
+    logs: list[str] = []
+    assert run(recipe, out, log=logs.append) == final
+    assert any("final/ fails its manifest, so it is written again" in line for line in logs), logs
+    load(final)  # verifies
+    again = load_file(str(final / "model.safetensors"))
+    assert again.keys() == good.keys() and all(bool((again[k] == good[k]).all()) for k in good)
+    logs.clear()
+    run(recipe, out, log=logs.append)
+    assert any("is already finished" in line for line in logs)
+
+
+def test_C08_a_run_with_every_checkpoint_corrupt_says_it_starts_again(tmp_path, shards):
+    """Re-run of the review: with every checkpoint corrupt the run restarted from step 0 without a word."""
+    recipe, out = tiny_recipe(shards, phases=1, tokens=400), tmp_path / "run"
+    run(recipe, out, log=_quiet)
+    shutil.rmtree(out / "final")
+    for p in (out / "checkpoints").glob("step-*"):
+        flip(p / "model.safetensors")
+    logs: list[str] = []
+    run(recipe, out, log=logs.append)
+    assert any("no intact checkpoint in" in line and "starts again from step 0" in line for line in logs), logs
+    assert steps_logged(out) == [1, 2, 3]
+
+
+def test_T04_fetch_of_an_unknown_source_writes_nothing(tmp_path):
+    from twinlm.data import fetch as F
+    from twinlm.errors import UnknownName
+    with pytest.raises(UnknownName, match="unknown source"):
+        F.fetch(["nosuchsource"], root=tmp_path / "home", log=_quiet)
+    assert not (tmp_path / "home").exists()
 
 
 def test_every_earlier_recipe_of_a_run_is_kept(tmp_path, shards):
@@ -584,6 +710,178 @@ def test_soak_random_kills_resume_exact_with_complete_metrics(tmp_path, shards):
     b = load_file(str(out / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
     assert [x.name for x in ck.iterdir() if x.name.startswith(".")] == []
+
+
+# --- randomized corruption: every injury to a checkpoint, a shard folder or a model folder is named ----------
+INJURIES = ("flip", "truncate", "delete", "append")
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory, shards, toy_models) -> dict[str, Path]:
+    """One intact artifact of each kind: a training checkpoint, a shard folder, an exported model folder."""
+    root = tmp_path_factory.mktemp("pristine")
+    run(recipe_for(shards), root / "run", ["max_steps=1"], log=_quiet)
+    return {"checkpoint": root / "run" / "checkpoints" / "step-00000001", "shards": shards,
+            "model": Path(toy_models["decoder"])}
+
+
+def _check_artifact(kind: str, folder: Path) -> None:
+    """What a user's next command does with the folder: resume from it, train on it, load it."""
+    from twinlm.loading import load
+    from twinlm.train.checkpoint import TRAINING_FILES
+    if kind == "checkpoint":
+        verify(folder, TRAINING_FILES)
+    elif kind == "shards":
+        verify_shards(folder)
+    else:
+        load(folder)
+
+
+def _error_class(kind: str) -> type:
+    from twinlm.errors import ModelLoadError
+    return {"checkpoint": CorruptCheckpointError, "shards": ShardError, "model": ModelLoadError}[kind]
+
+
+def _targets(kind: str, folder: Path) -> list[tuple[str, str]]:
+    """(file, injury) pairs that must be detected. Not targets, by design: a checkpoint's COMPLETE marker's
+    content (a timestamp nobody reads; deleting it is a target), a model folder's README.md (the card users
+    edit, outside the manifest) and deleting its MANIFEST.sha256 (the documented way to accept edited files),
+    a shard folder's .verified.json (a cache: damaged, the folder is verified again)."""
+    pairs = []
+    for f in sorted(p.name for p in folder.iterdir() if p.is_file()):
+        if f in ("README.md", ".verified.json"):
+            continue
+        for injury in INJURIES:
+            if (f == "COMPLETE" and injury != "delete") or (kind == "model" and f == "MANIFEST.sha256"
+                                                            and injury == "delete"):
+                continue
+            pairs.append((f, injury))
+    return pairs
+
+
+def _injure(rng: random.Random, path: Path, injury: str) -> str:
+    data = path.read_bytes()
+    if injury == "delete":
+        path.unlink()
+        return "deleted"
+    if injury == "flip":  # one bit (bit rot; text stays ASCII) or a random byte
+        at, mask = rng.randrange(len(data)), rng.choice([1 << rng.randrange(8), rng.randrange(1, 256)])
+        path.write_bytes(data[:at] + bytes([data[at] ^ mask]) + data[at + 1:])
+        return f"byte {at} ^= {mask:#04x}"
+    if injury == "truncate":
+        at = rng.randrange(len(data))
+        path.write_bytes(data[:at])
+        return f"truncated to {at} of {len(data)} bytes"
+    junk = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+    if not junk.strip():  # whitespace after JSON changes nothing it says
+        junk += b"x"
+    path.write_bytes(data + junk)
+    return f"{len(junk)} bytes appended"
+
+
+def _corrupt_and_check(rng: random.Random, pristine: dict[str, Path], work: Path, kind: str, target: str,
+                       injury: str) -> str:
+    """Injure `target` in a copy of `kind`'s artifact; the check must raise that kind's error class with one
+    line naming the file. Returns what was done (for the soak's report)."""
+    folder = work / kind
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(pristine[kind], folder)
+    (folder / ".verified.json").unlink(missing_ok=True)
+    what = f"{kind}/{target}: {_injure(rng, folder / target, injury)}"
+    try:
+        _check_artifact(kind, folder)
+    except _error_class(kind) as e:
+        msg = str(e)
+        assert "\n" not in msg.strip() and target in msg, f"{what}: the message does not name the file: {msg}"
+        return what
+    except Exception as e:  # noqa: BLE001 - any other class is the failure this test looks for
+        raise AssertionError(f"{what}: {type(e).__name__} instead of {_error_class(kind).__name__}: {e}") from e
+    raise AssertionError(f"{what}: not detected (the check passed)")
+
+
+def test_every_injury_to_every_file_is_named(tmp_path, pristine):
+    """Each (file, injury) of each kind once, at offsets drawn from fixed seeds (the default-suite version of
+    the corruption soak below)."""
+    for seed in range(5):
+        rng = random.Random(seed)
+        for kind in ("checkpoint", "shards", "model"):
+            for target, injury in _targets(kind, pristine[kind]):
+                _corrupt_and_check(rng, pristine, tmp_path, kind, target, injury)
+
+
+def test_meta_json_checks_itself(tmp_path, shards):
+    """Found by the corruption soak: a bit flipped in meta.json (num_bytes: bits per byte; the tokenizer's
+    fingerprint) went unseen, a non-UTF-8 byte was a UnicodeDecodeError. Folders of format_version 1 (no
+    checksum) are still read."""
+    data = _shard_copy(shards, tmp_path)
+    raw = (data / "meta.json").read_bytes()
+    assert json.loads(raw)["format_version"] == 2
+    meta = json.loads(raw)
+    for old, new in ((f'"num_bytes": {meta["num_bytes"]}', f'"num_bytes": {meta["num_bytes"] ^ 1}'),
+                     (f'"fingerprint": "{meta["tokenizer"]["fingerprint"][:4]}', '"fingerprint": "0000'),
+                     ("{", "\udcfb")):  # the first byte not UTF-8
+        damaged = raw.replace(old.encode("utf-8", "surrogateescape"), new.encode("utf-8", "surrogateescape"), 1)
+        assert damaged != raw
+        (data / "meta.json").write_bytes(damaged)
+        with pytest.raises(ShardError, match=r"meta.json: (does not match its own checksum|unreadable)"):
+            verify_shards(data)
+    legacy = dict(meta)
+    del legacy["meta_sha256"]
+    legacy["format_version"] = 1
+    (data / "meta.json").write_text(json.dumps(legacy))
+    assert verify_shards(data)["num_chunks"] == 200  # an older folder, read as it is
+    legacy["format_version"] = 2  # ... but a folder of this version without its checksum is refused
+    (data / "meta.json").write_text(json.dumps(legacy))
+    with pytest.raises(ShardError, match="no valid meta_sha256"):
+        verify_shards(data)
+
+
+def test_manifests_cut_short_or_with_a_changed_line_break_are_named(tmp_path, pristine):
+    """Found by the corruption soak: a model folder's MANIFEST.sha256 cut at a line boundary (its last lines
+    gone) or a line break flipped to \\v (which splitlines() also splits on) verified; a non-UTF-8 byte was a
+    UnicodeDecodeError; a flipped byte in config.json was reported by what it now said, not as a damaged file."""
+    from twinlm.errors import ModelLoadError
+    from twinlm.loading import load
+    from twinlm.train.checkpoint import TRAINING_FILES
+    model, ckpt = tmp_path / "model", tmp_path / "ckpt"
+    shutil.copytree(pristine["model"], model)
+    shutil.copytree(pristine["checkpoint"], ckpt)
+    for folder, check, error in ((model, load, ModelLoadError), (ckpt, lambda f: verify(f, TRAINING_FILES),
+                                                                  CorruptCheckpointError)):
+        man = folder / "MANIFEST.sha256"
+        text = man.read_bytes()
+        lines = text.splitlines(keepends=True)
+        for damaged in (b"".join(lines[:-1]), b"".join(lines[:-2]), text[:-1], text.replace(b"\n", b"\v", 1),
+                        text[:10] + b"\xe9" + text[11:]):
+            man.write_bytes(damaged)
+            with pytest.raises(error, match="MANIFEST.sha256"):
+                check(folder)
+        man.write_bytes(text)
+        check(folder)
+    cfg = model / "config.json"
+    cfg.write_text(cfg.read_text().replace('"default"', '"defa]lt"', 1))
+    with pytest.raises(ModelLoadError, match=r"config.json: does not match its sha256"):
+        load(model)
+    # a tokenizer copied into a folder exported without one is not required to be listed
+    bare = tmp_path / "bare"
+    load(pristine["model"]).save_pretrained(bare)
+    shutil.copy(pristine["model"] / "tokenizer.json", bare / "tokenizer.json")
+    assert load(bare).config.causal
+
+
+@pytest.mark.soak
+def test_soak_random_corruption_is_always_named(tmp_path, pristine):
+    """TWINLM_SOAK_CORRUPTIONS (default 2000, about a minute) random injuries, seeded by TWINLM_SOAK_SEED."""
+    n = int(os.environ.get("TWINLM_SOAK_CORRUPTIONS", "2000"))
+    rng = random.Random(int(os.environ.get("TWINLM_SOAK_SEED", "0")))
+    targets = {kind: _targets(kind, pristine[kind]) for kind in ("checkpoint", "shards", "model")}
+    done = Counter()
+    for _ in range(n):
+        kind = rng.choice(sorted(targets))
+        target, injury = rng.choice(targets[kind])
+        _corrupt_and_check(rng, pristine, tmp_path, kind, target, injury)
+        done[kind, injury] += 1
+    print(f"{n} injuries, all named: " + ", ".join(f"{k}/{i} {c}" for (k, i), c in sorted(done.items())))
 
 
 def test_P11_a_damaged_tokenizer_file_is_named(tmp_path):

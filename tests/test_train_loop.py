@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from twinlm.data.shards import write_meta
 from twinlm.errors import TrainingDiverged
 from twinlm.train import run
 from twinlm.train.recipe import load_recipe
@@ -203,7 +204,7 @@ def test_user_errors_print_one_line(shards, tmp_path, capsys):
     other = make_shards(tmp_path / "other", n_docs=50, seed=3)
     meta = json.loads((other / "meta.json").read_text())
     meta["tokenizer"]["fingerprint"] = "0" * 64
-    (other / "meta.json").write_text(json.dumps(meta))
+    write_meta(other, meta)  # as if prepared with another tokenizer
     recipe = tiny_recipe(shards, phases=2, tokens=200)
     recipe["phases"]["extension"]["data"] = str(other)
     code, line = train(recipe)

@@ -7,8 +7,10 @@
   (twinlm.card), for decoders `generation_config.json` (bos = `[CLS]`, eos = `[SEP]`, pad; kept for an
   encoder converted from a decoder, so a round trip loses nothing), and last
   `MANIFEST.sha256` ("<sha256>  <file>" for every file written except the card, which users edit), which
-  `twinlm.load` checks. `AutoModelForMaskedLM` (encoders) and `AutoModelForCausalLM` (decoders) load it with
-  no custom code.
+  `twinlm.load` checks: it must list the weights, config.json and every file the weights file records as
+  written with it (`twinlm_files` in its metadata), and every file it lists must match. Files added to the
+  folder later (a tokenizer copied in) are not required. `AutoModelForMaskedLM` (encoders) and
+  `AutoModelForCausalLM` (decoders) load it with no custom code.
 - The tokenizer files are made to follow hub conventions (`apply_tokenizer_conventions`): `model_input_names`
   = input_ids, attention_mask; `model_max_length` = the context the model was trained at (else its
   `max_position_embeddings`); decoders get the single-sequence template `[CLS] $A` (pair `[CLS] $A $B`) and
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from twinlm.card import CARD, model_card
@@ -64,7 +67,6 @@ def save_pretrained(model, path, tokenizer=None, *, max_length: int | None = Non
     sd = {k: v.to("cpu", torch.float32) if v.is_floating_point() else v.cpu()
           for k, v in to_hf_state_dict(model).items()}
     written = [WEIGHTS, "config.json"]
-    _save_weights(sd, path / WEIGHTS, {"format": "pt", KIND_KEY: kind_of(model.config)})
     config = hf_config_dict(cfg)
     config.update({k: v for k, v in (extra_config or {}).items() if k not in ARCHITECTURE_FIELDS})
     write_json(path / "config.json", config)
@@ -77,6 +79,9 @@ def save_pretrained(model, path, tokenizer=None, *, max_length: int | None = Non
         gen.pop("transformers_version", None)
         write_json(path / GENERATION_CONFIG, gen)
         written.append(GENERATION_CONFIG)
+    # the weights record every file the manifest lists, so that a manifest cut short is seen as such
+    _save_weights(sd, path / WEIGHTS, {"format": "pt", KIND_KEY: kind_of(model.config),
+                                       FILES_KEY: ",".join(sorted(set(written)))})
     info = dict(card or {})
     info.setdefault("params", sum(p.numel() for p in model.parameters()))
     write_bytes(path / CARD, model_card(cfg, info))
@@ -149,26 +154,42 @@ def write_manifest(folder, names) -> None:
 
 
 def verify_manifest(folder) -> None:
-    """Check every file `folder/MANIFEST.sha256` lists (no manifest: nothing to check); a missing or changed
-    file raises ModelLoadError naming it and what to do."""
+    """Check `folder/MANIFEST.sha256` (no manifest: nothing to check). It must be whole (each line "<sha256>
+    <file>", a final newline) and list the weights, config.json and the files the weights record as written
+    with them; each file it lists must be there and match. Anything else raises ModelLoadError naming the
+    file and what to do."""
     folder = Path(folder)
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return
-    for line in manifest.read_text().splitlines():
-        if not line.strip():
+    again = f"download or export the folder again, or delete {MANIFEST} to accept the files as they are"
+    try:
+        text = manifest.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{manifest}: not a manifest (not text): the file is damaged; {again}") from None
+    if not text.endswith("\n"):
+        raise ModelLoadError(f"{manifest}: cut short (no final newline): the file is damaged; {again}")
+    listed = {}
+    for line in text.split("\n"):  # not splitlines: \v, \f, \x1c… would pass as line breaks
+        if not line:
             continue
         digest, _, name = line.partition("  ")
-        if not name or "/" in name or name.startswith("."):
-            raise ModelLoadError(f"{manifest}: malformed line {line!r}: download or export the folder again")
+        if len(digest) != 64 or not name or "/" in name or name.startswith("."):
+            raise ModelLoadError(f"{manifest}: malformed line {line!r}: {again}")
+        listed[name] = digest
+    required = [WEIGHTS, "config.json", *(weights_metadata(folder).get(FILES_KEY) or "").split(",")]
+    unlisted = sorted({n for n in required if n and n not in listed and (folder / n).is_file()})
+    if unlisted:
+        raise ModelLoadError(f"{manifest}: does not list {', '.join(unlisted)} (the manifest is cut short or "
+                             f"damaged): {again}")
+    for name, digest in listed.items():
         f = folder / name
         if not f.is_file():
             raise ModelLoadError(f"{f}: listed in {MANIFEST} but missing: the folder is incomplete; download or "
                                  f"export it again")
         if sha256_file(f) != digest:
             raise ModelLoadError(f"{f}: does not match its sha256 in {MANIFEST} (corrupt, truncated or edited "
-                                 f"after export): download or export the folder again, or delete {MANIFEST} "
-                                 f"to accept the files as they are")
+                                 f"after export): {again}")
 
 
 def save_checkpoint(model, path) -> Path:
@@ -193,8 +214,23 @@ def copy_tokenizer_files(src, dst) -> list[str]:
 
 
 # The weights file says which kind of model it was saved from, so that a folder mixing one model's weights with
-# another kind's config (same names and shapes for encoders and decoders) is refused when loaded.
+# another kind's config (same names and shapes for encoders and decoders) is refused when loaded; and which
+# files were written with it (a Hugging Face folder's manifest must list them).
 KIND_KEY = "twinlm_kind"
+FILES_KEY = "twinlm_files"
+
+
+def weights_metadata(folder) -> dict[str, str]:
+    """The metadata of `folder/model.safetensors` ({} when there is none or it cannot be read: reading the
+    weights then names the problem)."""
+    f = Path(folder) / WEIGHTS
+    if not f.is_file():
+        return {}
+    try:
+        with safe_open(str(f), "pt") as weights:
+            return dict(weights.metadata() or {})
+    except Exception:  # safetensors raises its own error types for damaged files
+        return {}
 
 
 def kind_of(config) -> str:
@@ -224,4 +260,5 @@ def _save_tokenizer(tokenizer, path: Path, cfg) -> list[str]:
 
 __all__ = ["save_pretrained", "save_checkpoint", "copy_tokenizer_files", "apply_tokenizer_conventions",
            "check_tokenizer_matches", "write_manifest", "verify_manifest", "WEIGHTS", "WEIGHTS_INDEX",
-           "TWINLM_CONFIG", "GENERATION_CONFIG", "MANIFEST", "TOKENIZER_FILES"]
+           "TWINLM_CONFIG", "GENERATION_CONFIG", "MANIFEST", "TOKENIZER_FILES", "FILES_KEY",
+           "weights_metadata"]

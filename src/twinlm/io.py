@@ -3,8 +3,10 @@
 A reader never sees a half-written artifact: files are written to a temporary name in the same folder,
 flushed to disk, then renamed over the final name (`os.replace` is atomic on one filesystem); folders are
 filled under a temporary name and renamed when complete. A failure removes the temporary file or folder
-and leaves whatever was at the final name before untouched. `sha256_file` is the one checksum that fetch
-archives, shards and checkpoints are verified with.
+and leaves whatever was at the final name before untouched. Temporary files and folders are both named
+`.<name>.tmp-*` beside their final name, so that a later run can find and remove what a killed writer left
+(`remove_stale_temporaries`). `sha256_file` is the one checksum that fetch archives, shards and checkpoints
+are verified with.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -118,21 +120,26 @@ def atomic_dir(path: str | Path, *, replace: bool = False) -> Iterator[Path]:
 
 
 def is_disk_full(e: BaseException) -> bool:
-    """Whether `e` (or an exception it was raised from) is a full disk: ENOSPC, or a library's wrapper of it
-    (safetensors reports "No space left on device (os error 28)" in a plain Exception)."""
+    """Whether `e` (or an exception it was raised from) is a full disk: ENOSPC, or a library's or a client's
+    report of it (safetensors: "No space left on device (os error 28)" in a plain Exception; pip, npm and
+    apt-get print "No space left on device" / "ENOSPC", which a FetchError quotes)."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if "No space left on device" in str(e) or "os error 28" in str(e):
+        text = str(e)
+        if "no space left on device" in text.lower() or "os error 28" in text or "ENOSPC" in text:
             return True
         e = e.__cause__ or e.__context__
     return False
 
 
 def remove_stale_temporaries(folder: str | Path, name: str) -> list[Path]:
-    """Remove the `.<name>.tmp-*` folders and files a killed writer left in `folder`; return what was removed."""
+    """Remove the `.<name>.tmp-*` folders and files a killed writer left in `folder`; return what was removed.
+
+    `name` may be a glob pattern (`*`: every temporary in the folder). Only call it where no other writer can
+    be at work on those names (the caller holds the output, or a lock on it)."""
     folder = Path(folder)
     removed = []
     if folder.is_dir():

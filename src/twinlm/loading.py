@@ -23,12 +23,19 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from twinlm.config import ModelConfig
 from twinlm.errors import MissingArtifactError, ModelLoadError
-from twinlm.export import KIND_KEY, TWINLM_CONFIG, WEIGHTS, WEIGHTS_INDEX, kind_of, verify_manifest
+from twinlm.export import (
+    KIND_KEY,
+    TWINLM_CONFIG,
+    WEIGHTS,
+    WEIGHTS_INDEX,
+    kind_of,
+    verify_manifest,
+    weights_metadata,
+)
 from twinlm.hf import config_from_hf, from_hf_state_dict
 from twinlm.hub import resolve_model
 from twinlm.model import Transformer
@@ -38,8 +45,9 @@ def load(path, *, revision=None, device=None, dtype=None):
     """Load a Transformer from an HF ModernBERT / ModernBERT-decoder folder or a twinlm checkpoint folder
     (or a hub id `org/name[@revision]`, fetched by twinlm.hub)."""
     folder = resolve_model(path, revision)
+    if folder.is_dir():
+        verify_manifest(folder)  # first: a damaged file is named as such, not by what it now says
     cfg = read_config(folder)
-    verify_manifest(folder)
     _check_kind(folder, cfg)
     raw = _read_weights(folder)
     if (folder / TWINLM_CONFIG).is_file():
@@ -132,14 +140,7 @@ def _read_bin(f: Path) -> dict[str, torch.Tensor]:
 def _check_kind(folder: Path, cfg: ModelConfig) -> None:
     """Refuse a folder whose config describes the other kind than its weights were saved from (twinlm writes the
     kind into the weights file; encoders and decoders share every name and shape, so nothing else tells)."""
-    f = folder / WEIGHTS
-    if not f.is_file():
-        return
-    try:
-        with safe_open(str(f), "pt") as weights:
-            saved = (weights.metadata() or {}).get(KIND_KEY)
-    except Exception:  # an unreadable file is reported, with its name, when the weights are read
-        return
+    saved = weights_metadata(folder).get(KIND_KEY)  # an unreadable file is named when the weights are read
     if saved is not None and saved != kind_of(cfg):
         def a(kind: str) -> str:
             return ("an " if kind == "encoder" else "a ") + kind

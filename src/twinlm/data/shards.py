@@ -4,12 +4,15 @@
     DIR/index.npy    int64 offsets into tokens.bin, one more than chunks (chunk i = tokens[index[i]:index[i+1]])
     DIR/docs.npy     int64 per chunk: the ordinal of the document it came from
     DIR/bytes.npy    int64 per chunk: UTF-8 bytes of text the chunk's tokens stand for (specials count 0)
-    DIR/meta.json    written last: tokenizer fingerprint, counts, dtype, chunking, sha256 of each file
+    DIR/meta.json    written last: tokenizer fingerprint, counts, dtype, chunking, sha256 of each file, and
+                     (format_version 2) `meta_sha256`, the sha256 of meta.json itself with that value zeroed
 
 A folder without meta.json is not a shard folder (an interrupted write never gets that far: the
 writer fills `.DIR.tmp-*` and renames it when done, through `twinlm.io.atomic_dir`).
 
-Integrity, three levels. Opening (`ShardDataset`) checks every file's size against meta.json and that the
+Integrity, three levels. Reading meta.json (`read_meta`, on every open) checks its own checksum, so no byte of
+it can change unseen (a folder of format_version 1, which has none, is read as it is). Opening (`ShardDataset`)
+checks every file's size against meta.json and that the
 index covers tokens.bin exactly; reading chunk i checks that its offsets increase and its length is at most
 meta.json's `max_chunk_len` (a flipped offset is a ShardError naming the folder and chunk, never a
 negative-length chunk). `verify_shards(path)` (and `twinlm data verify DIR…`) also checks every file's
@@ -27,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,9 +39,10 @@ import numpy as np
 
 from twinlm.data.tokenizer import tokenizer_fingerprint
 from twinlm.errors import MissingShards, ShardError, TokenizerMismatch
-from twinlm.io import atomic_dir, sha256_file, write_json
+from twinlm.io import atomic_dir, dumps_json, sha256_file, write_bytes, write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json carries its own checksum (`meta_sha256`); 1 is read without one
+_META_SUM = re.compile(rb'"meta_sha256": "([0-9a-f]{64})"')
 FILES = ("tokens.bin", "index.npy", "docs.npy", "bytes.npy")
 VERIFIED = ".verified.json"  # the signature of the folder's last full verification
 
@@ -127,13 +132,26 @@ class ShardWriter:
             "num_bytes": self.num_bytes, "max_chunk_len": self.max_len,
             "sizes": {name: (self.tmp / name).stat().st_size for name in FILES}, "sha256": sha,
         }
-        write_json(self.tmp / "meta.json", meta)
+        write_meta(self.tmp, meta)
         self._done = True
         self._folder.__exit__(None, None, None)
         return meta
 
 
+def write_meta(path: str | Path, meta: dict[str, Any]) -> None:
+    """Write `path/meta.json` (atomically) with its own checksum `meta_sha256` as the last field: the sha256 of
+    the file's bytes with that value written as 64 zeros."""
+    meta = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    meta["format_version"] = max(int(meta.get("format_version", FORMAT_VERSION)), FORMAT_VERSION)
+    text = dumps_json({**meta, "meta_sha256": "0" * 64}).encode()
+    head, sep, tail = text.rpartition(b'"meta_sha256": "' + b"0" * 64)
+    digest = hashlib.sha256(text).hexdigest().encode()
+    write_bytes(Path(path) / "meta.json", head + b'"meta_sha256": "' + digest + tail)
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
+    """meta.json of the shard folder `path`, checked: ShardError if it is missing, not JSON, not a shard
+    description, or (format_version 2) not what was written (its `meta_sha256`)."""
     path = Path(path)
     if not path.is_dir():
         raise MissingShards(f"{path}: no such shard folder (make one with `twinlm data prepare … --out {path}`)")
@@ -141,12 +159,23 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if not meta_path.exists():
         raise ShardError(f"{path}: no meta.json, so not a complete shard folder (an interrupted "
                          "`twinlm data prepare`?); prepare it again")
+    raw = meta_path.read_bytes()
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{meta_path}: unreadable ({e})") from e
-    if meta.get("format") != "twinlm-shards":
-        raise ShardError(f"{path}: meta.json is not a twinlm shard description")
+        meta = json.loads(raw.decode("utf-8"))
+    except ValueError as e:  # not UTF-8 or not JSON
+        raise ShardError(f"{meta_path}: unreadable ({e}): the file is damaged; prepare the shards again") from None
+    if not isinstance(meta, dict) or meta.get("format") != "twinlm-shards":
+        raise ShardError(f"{meta_path}: not a twinlm shard description; prepare the shards again")
+    found = list(_META_SUM.finditer(raw))
+    if found:
+        m = found[-1]
+        zeroed = raw[:m.start(1)] + b"0" * 64 + raw[m.end(1):]
+        if hashlib.sha256(zeroed).hexdigest() != m.group(1).decode() or meta.get("meta_sha256") != m.group(1).decode():
+            raise ShardError(f"{meta_path}: does not match its own checksum (meta_sha256): the file was altered; "
+                             "prepare the shards again")
+    elif meta.get("format_version") != 1 or "meta_sha256" in meta:
+        raise ShardError(f"{meta_path}: no valid meta_sha256 (format_version {meta.get('format_version')!r} has one): "
+                         "the file was altered; prepare the shards again")
     return meta
 
 
@@ -287,9 +316,10 @@ class ShardDataset:
         return f"ShardDataset({str(self.path)!r}, chunks={len(self)}, tokens={self.num_tokens})"
 
 
-def check_tokenizer(dataset: Any, tokenizer: Any) -> None:
+def check_tokenizer(dataset: Any, tokenizer: Any, where: str | Path | None = None) -> None:
     """Raise TokenizerMismatch unless `dataset` (ShardDataset, Mixture, folder path, or meta dict) was made with
-    `tokenizer` (a tokenizer, a folder, or a fingerprint string). The trainer calls this before training."""
+    `tokenizer` (a tokenizer, a folder, or a fingerprint string). The trainer calls this before training.
+    `where`: the folder a meta dict was read from (named in the error)."""
     if isinstance(tokenizer, str) and len(tokenizer) == 64 and not Path(tokenizer).exists():
         want = tokenizer
     else:
@@ -297,7 +327,7 @@ def check_tokenizer(dataset: Any, tokenizer: Any) -> None:
     if isinstance(dataset, (str, Path)):
         metas = [(str(dataset), read_meta(dataset))]
     elif isinstance(dataset, dict):
-        metas = [("shards", dataset)]
+        metas = [(str(where or "shards"), dataset)]
     elif hasattr(dataset, "datasets"):
         metas = [(str(getattr(d, "path", d)), d.meta) for d in dataset.datasets]
     else:

@@ -60,6 +60,9 @@ def read_texts(path: str | Path) -> list[str]:
     except UnicodeDecodeError as e:
         raise TaskFileError(p, None, f"not UTF-8 text (byte {e.start}: {e.reason}); give a .txt or .jsonl file of "
                                      "text") from e
+    if "\x00" in text:  # valid UTF-8, but no text file holds NUL: a binary file, or UTF-16 text
+        raise TaskFileError(p, None, f"contains NUL bytes (byte {text.encode().index(0)}): a binary file, or text "
+                                     "in UTF-16? give a .txt or .jsonl file of UTF-8 text")
     return [t.strip() for t in text.split("\n\n") if t.strip()]
 
 

@@ -57,9 +57,12 @@ def verify(folder: str | Path, required: tuple[str, ...] = ("state.json",)) -> N
     manifest = folder / MANIFEST
     if not manifest.is_file():
         raise CorruptCheckpointError(f"{folder}: no {MANIFEST}")
+    text = manifest.read_text(errors="replace")
+    if not text.endswith("\n"):
+        raise CorruptCheckpointError(f"{folder}: {MANIFEST} is cut short (no final newline): the manifest is damaged")
     listed: dict[str, str] = {}
-    for n, line in enumerate(manifest.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: \v, \f, \x1c… would pass as line breaks
+        if not line:
             continue
         m = _LINE.match(line)
         if m is None or "/" in m.group(2):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -205,6 +206,8 @@ class Recipe:
                 problems.append(f"{where}.schedule.warmup_tokens exceeds the phase")
             if not (p.data or self.data):
                 problems.append(f"{where}: no data (set `data:` or `{where}.data`)")
+            problems += _weight_problems(p.data, f"{where}.data")
+        problems += _weight_problems(self.data, "data")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.parallel not in ("auto", "ddp", "fsdp"):
@@ -221,6 +224,14 @@ class Recipe:
         r.tokenizer = expand_path(r.tokenizer)
         r.init_from = expand_path(r.init_from)
         return r
+
+
+def _weight_problems(sources: list[ShardSource] | None, where: str) -> list[str]:
+    """A data mixture's weights are shares of the tokens: finite, not negative, not all zero."""
+    weights = [s.weight for s in sources or []]
+    if weights and (not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0):
+        return [f"{where}: weights must be >= 0 with a positive sum (shares of the tokens), got {weights}"]
+    return []
 
 
 # --- building the dataclasses (twinlm.configs), with the recipe's two shorthands ---------------------------

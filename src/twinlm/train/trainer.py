@@ -61,11 +61,13 @@ from twinlm.errors import (
     ConfigError,
     MissingArtifactError,
     MissingShards,
+    ModelLoadError,
     OutOfSpace,
     ShardError,
     TokenizerMismatch,
     TrainingDiverged,
 )
+from twinlm.export import verify_manifest
 from twinlm.hub import resolve_model
 from twinlm.io import atomic_dir, is_disk_full, remove_stale_temporaries, write_bytes, write_json
 from twinlm.memory import check_fits
@@ -346,6 +348,23 @@ class Trainer:
                          f"chunks of {src.path}: each chunk is cut to {phase.seq_len} tokens and the rest is never "
                          f"trained on (prepare shards with --chunk-size {phase.seq_len} to use all of the text)")
 
+    def _check_inputs(self, ckpt: Path | None) -> None:
+        """Refuse, before the run folder is written, what would stop the run once it has started: shards of
+        another tokenizer than the recipe's (read from meta.json; the checkpoint's is checked on resume) and,
+        for a fresh run, an `init_from` that is not there."""
+        if self.tokenizer_fingerprint is not None:
+            for phase in self.phases:
+                for src in self._shard_sources(phase):
+                    try:
+                        meta = read_meta(src.path)
+                    except ShardError:
+                        continue  # reported when the phase opens its data
+                    if (meta.get("tokenizer") or {}).get("fingerprint"):
+                        check_tokenizer(meta, self.tokenizer_fingerprint, where=src.path)
+        if ckpt is None and self.recipe.init_from and not resolve_model(self.recipe.init_from).exists():
+            raise MissingArtifactError(f"init_from: {self.recipe.init_from} does not exist (train the source model "
+                                       "first, or override init_from=PATH)")
+
     def _verify_shards(self) -> str | None:
         """Verify (sha256, index, token ids) every shard folder the recipe trains on that was not verified in
         its current state, by this run (RUN/verified_shards.json: path -> shard_signature) or by anyone
@@ -410,6 +429,9 @@ class Trainer:
 
     def fit(self) -> Path:
         """Train every phase (resuming from the newest intact checkpoint); returns the final HF folder."""
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"{self.out} exists and is not a folder: give --out a folder name (the run folder is "
+                              "created there)")
         self.env = self.env or dist.init()
         self.callbacks = self._build_callbacks()
         self.ckpt = CheckpointManager(self.out / "checkpoints", self.recipe.checkpoint.keep_last,
@@ -422,8 +444,11 @@ class Trainer:
         if ckpt is not None:
             self._check_resume(ckpt)
         self._check_seq_lens()  # every rank: an error must stop all of them (it only reads meta.json)
+        self._check_inputs(ckpt)
         prepare_run_dir(self.out, self.recipe.to_yaml(), self.env, self.log)
         if self.env.is_main:
+            if ckpt is None and self.ckpt.corrupt:
+                self.log(f"warning: no intact checkpoint in {self.ckpt.root}: training starts again from step 0")
             self.ckpt.set_aside_corrupt()
         problem = self._verify_shards() if self.env.is_main else None
         problem = dist.broadcast_object(problem)
@@ -452,8 +477,12 @@ class Trainer:
         elif self.recipe.init_from:
             self.log(f"starting from converted weights of {self.recipe.init_from} with a fresh optimizer")
         if self.state.finished and (self.out / "final").exists():
-            self.log(f"{self.out} is already finished")
-            return self.out / "final"
+            problem = self._final_problem() if self.env.is_main else None
+            problem = dist.broadcast_object(problem)
+            if problem is None:
+                self.log(f"{self.out} is already finished")
+                return self.out / "final"
+            self.log(f"warning: final/ fails its manifest, so it is written again from {ckpt} ({problem})")
 
         self.stop_requested = self._stop = False
         old_handler = None
@@ -608,6 +637,14 @@ class Trainer:
         # agreed by every rank: the reduced stop flag of this step, max_steps; one rank needs no agreement
         self._stop = (r.stop or bool(self.recipe.max_steps and self.state.step >= self.recipe.max_steps)
                       or (self.stop_requested and not self.env.distributed))
+
+    def _final_problem(self) -> str | None:
+        """What is wrong with the finished run's final/ (its files against its MANIFEST.sha256), or None."""
+        try:
+            verify_manifest(self.out / "final")
+        except ModelLoadError as e:
+            return str(e)
+        return None
 
     def _write_final(self) -> Path:
         final = self.out / "final"

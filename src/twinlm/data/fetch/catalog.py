@@ -64,8 +64,9 @@ ARCHIVES: dict[str, Archive] = {a.key: a for a in [
             "099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a", version="4.4.0"),
     Archive("apt", "linux-doc-6.1=6.1.176-1", "linux-doc-6.1_6.1.176-1_all.deb",
             "0d843674607703b9ef8c1db5e715c38ed52ff23574feabfe0d961d552126859f", version="6.1.176-1"),
-    Archive("apt", "python3.11-doc=3.11.2-6+deb12u9", "python3.11-doc_3.11.2-6+deb12u9_all.deb",
-            "5b3594189d6ef9a6963ce0347fd307a1cc67620ad697e144db366070e2e146be", version="3.11.2-6+deb12u9"),
+    # deb12u9 left the mirror (bookworm carries deb12u8 again); this hash is the one Debian's index lists for it
+    Archive("apt", "python3.11-doc=3.11.2-6+deb12u8", "python3.11-doc_3.11.2-6+deb12u8_all.deb",
+            "50eb63e7f636c4281e9ce1b8f10386f1def42159eddce34fc1f41c46261df71b", version="3.11.2-6+deb12u8"),
     Archive("apt", "dict-gcide=0.48.5+nmu2", "dict-gcide_0.48.5+nmu2_all.deb",
             "7b0af5cfde3cbdef5e9d6e78f92ec335ced7c2790f37a40f49bebc6f7347ac0f", version="0.48.5+nmu2"),
 ]}
@@ -100,7 +101,7 @@ SOURCES: dict[str, DataSource] = {s.name: s for s in [
            "100k English sentences of mixed genres", "nlp_corpus"),
     DataSource("linux-doc", "pretrain", _A["linux-doc-6.1_6.1.176-1_all.deb"], "GPL-2.0",
            "Linux kernel documentation (reStructuredText sources)", "deb_rst", optional=True),
-    DataSource("python-doc", "pretrain", _A["python3.11-doc_3.11.2-6+deb12u9_all.deb"], "PSF-2.0",
+    DataSource("python-doc", "pretrain", _A["python3.11-doc_3.11.2-6+deb12u8_all.deb"], "PSF-2.0",
            "Python 3.11 documentation (reStructuredText sources)", "deb_rst", optional=True),
     DataSource("gcide", "pretrain", _A["dict-gcide_0.48.5+nmu2_all.deb"], "GPL-3.0+",
            "GNU Collaborative International Dictionary of English", "gcide", optional=True),

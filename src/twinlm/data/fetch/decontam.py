@@ -13,8 +13,9 @@ contaminated, it drops sentences instead; if the overlap still spans what is lef
 goes (an empty text, which the writer skips and counts).
 
 Hashes are 64-bit (blake2b per word, combined per run), so a false match is possible but vanishingly rare.
-The index of the fetched evaluation sources is cached as `$TWINLM_HOME/eval-ngrams-<key>.npy`, the key
-hashing the sources' sha256 and the rule's constants.
+The index of the fetched evaluation sources is cached as `$TWINLM_HOME/eval-ngrams-<key>-<sha>.npy`, the key
+hashing the sources' sha256 and the rule's constants, `<sha>` the first 16 hex digits of the file's own
+sha256: a cache that does not match its name (altered, or of an older version) is built again, never used.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 
 from twinlm.data.fetch.catalog import EVAL_TEXT_SOURCES, SOURCE_FILES
 from twinlm.data.fetch.store import home, read_manifest
-from twinlm.io import write_bytes
+from twinlm.io import sha256_file, write_bytes
 
 NGRAM = 13
 MIN_PASSAGE_WORDS = 8
@@ -212,23 +213,25 @@ def eval_passages(root: str | Path | None = None, names: Iterable[str] = EVAL_TE
 
 
 def build_eval_index(root: str | Path | None = None, log: Callable[[str], None] = print) -> EvalIndex:
-    """The index of the fetched evaluation text, cached as `$TWINLM_HOME/eval-ngrams.npy`."""
+    """The index of the fetched evaluation text, cached under `$TWINLM_HOME` (see the module docstring)."""
     root = Path(root or home())
     manifest = read_manifest(root)
     key = hashlib.sha256(json.dumps([[n, manifest["sources"].get(n, {}).get("sha256")] for n in EVAL_TEXT_SOURCES]
                                     + [NGRAM, MIN_PASSAGE_WORDS, 2]).encode()).hexdigest()[:16]
-    cache = root / f"eval-ngrams-{key}.npy"
-    if cache.exists():
-        index = EvalIndex(np.load(cache))
-        log(f"  decontamination index: {len(index.hashes)} n-grams (cached)")
-        return index
+    for cache in sorted(root.glob(f"eval-ngrams-{key}-*.npy")):
+        if sha256_file(cache)[:16] == cache.stem.rsplit("-", 1)[1]:
+            index = EvalIndex(np.load(cache))
+            log(f"  decontamination index: {len(index.hashes)} n-grams (cached)")
+            return index
+        log(f"  {cache.name}: does not match its checksum; building the index again")
     t0 = time.time()
     index = EvalIndex.build(eval_passages(root))
     buf = io.BytesIO()
     np.save(buf, index.hashes)
-    for old in root.glob("eval-ngrams-*.npy"):
+    data = buf.getvalue()
+    for old in root.glob("eval-ngrams-*.npy"):  # other keys' (and older versions') caches: never read again
         old.unlink()
-    write_bytes(cache, buf.getvalue())
+    write_bytes(root / f"eval-ngrams-{key}-{hashlib.sha256(data).hexdigest()[:16]}.npy", data)
     log(f"  decontamination index: {index.passages} evaluation passages, {len(index.hashes)} n-grams "
         f"({time.time() - t0:.1f} s)")
     return index

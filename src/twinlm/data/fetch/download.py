@@ -1,8 +1,11 @@
 """Downloading the pinned archives with their ordinary clients, checking their hashes, and reading them.
 
 `ensure_archive` returns the verified archive under `downloads/` (reused when its sha256 still matches,
-downloaded again when not); a download is staged in a temporary folder and kept only once its hash
-matches. Superseded Debian versions fall back to the mirror's current one, recorded as unpinned.
+downloaded again when not); a download is staged in a temporary folder (`downloads/.<file>.tmp-*`) and
+moved into `downloads/` only once its hash matches, so an interrupted download never leaves a file there
+that looks complete. Superseded Debian versions fall back to the mirror's current one, recorded as unpinned:
+its sha256 is written beside it (`<file>.sha256`, before the file is moved in) and checked whenever it is
+reused; a fallback file without a matching record is removed and downloaded again.
 `iter_archive` reads members of wheels, zips, tarballs and .deb packages (without dpkg); `unpack` writes
 them under a folder, refusing members that would escape it.
 """
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from twinlm.data.fetch.catalog import Archive
 from twinlm.errors import FetchError
-from twinlm.io import sha256_file
+from twinlm.io import sha256_file, write_bytes
 
 
 def client_available(client: str) -> bool:
@@ -72,14 +75,22 @@ def ensure_archive(archive: Archive, root: Path, downloader: Callable = default_
             return final, digest, archive.sha256 is not None
         log(f"  {final.name}: sha256 {digest[:12]}… differs from the pinned {archive.sha256[:12]}…; downloading again")
         final.unlink()
-    # Another version of an apt package may already be there (unpinned fallback).
+    # Another version of an apt package may already be there (an unpinned fallback): reused if it still
+    # matches the sha256 recorded when it was downloaded.
     if archive.client == "apt":
-        for other in downloads.glob(archive.filename.split("_")[0] + "_*.deb"):
-            return other, sha256_file(other), False
+        for other in sorted(downloads.glob(archive.filename.split("_")[0] + "_*.deb")):
+            record = other.with_name(other.name + ".sha256")
+            digest = sha256_file(other)
+            if record.is_file() and record.read_text().strip() == digest:
+                return other, digest, False
+            log(f"  {other.name}: no matching sha256 record (an interrupted or altered download); downloading again")
+            other.unlink()
+            record.unlink(missing_ok=True)
     if not client_available(archive.client):
         raise FetchError(f"the `{archive.client}` client is not installed on this machine; cannot fetch {archive.spec}")
     # The client writes into a staging folder: only a file whose hash checks out is moved into downloads/.
-    with tempfile.TemporaryDirectory(dir=downloads, prefix=".tmp-", ignore_cleanup_errors=True) as staging:
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=f".{archive.filename}.tmp-",
+                                     ignore_cleanup_errors=True) as staging:
         t0 = time.time()
         got = downloader(archive, Path(staging))
         digest = sha256_file(got)
@@ -92,9 +103,19 @@ def ensure_archive(archive: Archive, root: Path, downloader: Callable = default_
                 raise FetchError(f"sha256 mismatch for {got.name}: got {digest}, pinned {archive.sha256}. "
                                  "The download is corrupt or the package was replaced; nothing was kept.")
         target = downloads / got.name
+        if not pinned:  # the record is there before the file: a file without one is never trusted
+            write_bytes(target.with_name(target.name + ".sha256"), digest + "\n")
         os.replace(got, target)
         log(f"  downloaded {got.name} ({target.stat().st_size / 1e6:.1f} MB, {time.time() - t0:.1f} s)")
         return target, digest, pinned and archive.sha256 is not None
+
+
+def archive_version(archive: Archive, path: Path) -> str:
+    """The version of the file actually used: the pinned one, or a Debian fallback's (`name_VERSION_arch.deb`)."""
+    if path.name == archive.filename or archive.client != "apt":
+        return archive.version
+    parts = path.name.split("_")
+    return parts[1].replace("%3a", ":") if len(parts) == 3 else path.name
 
 
 def iter_archive(path: Path, prefixes: tuple[str, ...] = ()) -> Iterator[tuple[str, bytes]]:
