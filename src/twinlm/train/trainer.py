@@ -325,42 +325,42 @@ class Trainer:
         return [s for s in phase_sources(self.recipe, phase)
                 if not is_order_folder(s.path) and not is_mds_folder(s.path)]
 
+    def _shard_metas(self):
+        """(phase, source, meta.json) of every phase's shard folders; unreadable ones are reported when the
+        phase opens its data."""
+        for phase in self.phases:
+            for src in self._shard_sources(phase):
+                try:
+                    yield phase, src, read_meta(src.path)
+                except ShardError:
+                    continue
+
     def _check_seq_lens(self) -> None:
         """Each phase's `seq_len` against the chunk size its shards were prepared with (meta.json `chunking`;
         shards that record none are not checked). Longer: an error (the phase could never see sequences that
         long; a context extension on short chunks extends nothing). Shorter: a warning (each chunk is cut to
         seq_len, the rest of it is never trained on)."""
-        for phase in self.phases:
-            for src in self._shard_sources(phase):
-                try:
-                    meta = read_meta(src.path)
-                except ShardError:
-                    continue  # reported when the phase opens its data
-                size = (meta.get("chunking") or {}).get("chunk_size")
-                if not size or size == phase.seq_len:
-                    continue
-                if phase.seq_len > size:
-                    raise ConfigError(f"phase {phase.name}: seq_len {phase.seq_len} but {src.path} holds chunks of "
-                                      f"at most {size} tokens, so no sequence is longer than {size}: prepare shards "
-                                      f"with --chunk-size {phase.seq_len}, or set "
-                                      f"phases.{phase.name}.seq_len={size}")
-                self.log(f"warning: phase {phase.name}: seq_len {phase.seq_len} is shorter than the {size}-token "
-                         f"chunks of {src.path}: each chunk is cut to {phase.seq_len} tokens and the rest is never "
-                         f"trained on (prepare shards with --chunk-size {phase.seq_len} to use all of the text)")
+        for phase, src, meta in self._shard_metas():
+            size = (meta.get("chunking") or {}).get("chunk_size")
+            if not size or size == phase.seq_len:
+                continue
+            if phase.seq_len > size:
+                raise ConfigError(f"phase {phase.name}: seq_len {phase.seq_len} but {src.path} holds chunks of "
+                                  f"at most {size} tokens, so no sequence is longer than {size}: prepare shards "
+                                  f"with --chunk-size {phase.seq_len}, or set "
+                                  f"phases.{phase.name}.seq_len={size}")
+            self.log(f"warning: phase {phase.name}: seq_len {phase.seq_len} is shorter than the {size}-token "
+                     f"chunks of {src.path}: each chunk is cut to {phase.seq_len} tokens and the rest is never "
+                     f"trained on (prepare shards with --chunk-size {phase.seq_len} to use all of the text)")
 
     def _check_inputs(self, ckpt: Path | None) -> None:
         """Refuse, before the run folder is written, what would stop the run once it has started: shards of
         another tokenizer than the recipe's (read from meta.json; the checkpoint's is checked on resume) and,
         for a fresh run, an `init_from` that is not there."""
         if self.tokenizer_fingerprint is not None:
-            for phase in self.phases:
-                for src in self._shard_sources(phase):
-                    try:
-                        meta = read_meta(src.path)
-                    except ShardError:
-                        continue  # reported when the phase opens its data
-                    if (meta.get("tokenizer") or {}).get("fingerprint"):
-                        check_tokenizer(meta, self.tokenizer_fingerprint, where=src.path)
+            for _, src, meta in self._shard_metas():
+                if (meta.get("tokenizer") or {}).get("fingerprint"):
+                    check_tokenizer(meta, self.tokenizer_fingerprint, where=src.path)
         if ckpt is None and self.recipe.init_from and not resolve_model(self.recipe.init_from).exists():
             raise MissingArtifactError(f"init_from: {self.recipe.init_from} does not exist (train the source model "
                                        "first, or override init_from=PATH)")
