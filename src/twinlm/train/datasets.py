@@ -83,7 +83,7 @@ def _check_mds_ids(recipe: Recipe, ds: MDSTokens, vocab_size: int | None) -> Non
 
 def _check_shard_vocab(ds, vocab_size: int | None) -> None:
     """Shards made with a larger vocabulary than the model's would fail at the first out-of-range id."""
-    theirs = (getattr(ds, "meta", None) or {}).get("tokenizer", {}).get("vocab_size")
+    theirs = ((getattr(ds, "meta", None) or {}).get("tokenizer") or {}).get("vocab_size")
     if vocab_size is not None and theirs and theirs > vocab_size:
         raise TokenizerMismatch(f"{ds.path}: prepared with a vocabulary of {theirs} tokens, larger than the model's "
                                 f"{vocab_size}: set the recipe's `tokenizer:` to the one the shards were made with "
