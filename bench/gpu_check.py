@@ -1,6 +1,10 @@
-"""The device check: everything a first GPU run could get wrong, measured in about 8 minutes on one H100/H200.
+"""The device check: everything a first GPU run could get wrong, and the speed targets, on one H100/H200.
 
-    python bench/gpu_check.py                   # every section, each in its own time-boxed process
+Each section runs in its own process, time-boxed (BUDGET: at most 17 minutes in all; 268 s for the first nine
+sections on an H200). Where a command may run 10 minutes at most, split it, e.g.
+`syncs profile train targets` then `bench`.
+
+    python bench/gpu_check.py                   # every section
     python bench/gpu_check.py attn syncs        # some sections
     python bench/gpu_check.py --cpu             # a tiny version of every section on the CPU (tests/test_gpu_check.py)
     python bench/gpu_check.py --out DIR         # JSON lines to DIR/gpu_check.jsonl (default: $OUT, else bench/)
@@ -18,10 +22,13 @@ section that overruns its time box is recorded as {"timeout": seconds}):
   step     the trainer's step at 150M (packed documents, the real objective, StableAdamW, bf16, dropout 0.1):
            tokens/s, peak memory, MFU in the paper's convention and in executed FLOPs (flops_per_token)
   memory   400M and 1B: measured peak per micro-batch token against twinlm.memory's estimate
-  bench    bench/model_throughput.py: twinlm vs transformers at 150M, encoder and decoder
+  bench    bench/model_throughput.py at 150M: twinlm with compiled blocks against transformers eager and
+           under torch.compile, encoder and decoder
   profile  torch.profiler over two 150M training steps, eager and with compiled blocks: the ops taking the most
            device time
   compile  compiled blocks over six packed layouts: graphs per layout, step time eager vs compiled
+  targets  17M tok/s in the trainer's step (compiled blocks, 65,536-token micro-batches) and 1B MFU in
+           executed FLOPs (compiled blocks, the largest micro-batch the memory plan fits)
   train    the real trainer (`twinlm train`'s Trainer) on the device: ettin-17m on synthetic shards, two phases,
            compiled blocks and bf16 (tokens/s, loss first -> last, final/ loads); then eager: a run stopped
            at a checkpoint and resumed against an uninterrupted run (per-step loss differences), with a second
@@ -55,8 +62,8 @@ from workloads import executed_flops_per_token, packed_batch, train_step  # noqa
 
 # seconds per section on a GPU (the whole check fits a 10-minute command with room to spare)
 # (the sections that compile come last: an overrun of the whole command loses only them)
-BUDGET = {"env": 30, "pytest": 60, "attn": 50, "model": 25, "syncs": 40, "step": 80, "memory": 50, "bench": 90,
-          "profile": 90, "train": 150, "compile": 90}
+BUDGET = {"env": 30, "pytest": 60, "attn": 50, "model": 25, "syncs": 40, "step": 80, "memory": 50, "bench": 240,
+          "profile": 90, "train": 150, "compile": 90, "targets": 150}
 CPU_BUDGET = 400  # per section with --cpu (a loaded 2-core machine)
 SECTIONS = list(BUDGET)
 
@@ -223,36 +230,74 @@ class Check:
         self.emit(row)
 
     def step(self):
-        from twinlm import ModelConfig, Transformer
-        from twinlm.train.optim import build_optimizer
-
         preset = "cpu-tiny" if self.cpu else os.environ.get("PRESET", "ettin-150m")
         tokens = 2048 if self.cpu else int(os.environ.get("MB_TOKENS", "32768"))
-        peak = None if self.cpu else peak_flops(torch.cuda.get_device_name(0))
         for objective in ("mlm", "clm"):
-            cfg = ModelConfig.preset(preset, causal=objective == "clm", attention_dropout=0.1)
-            torch.manual_seed(0)
-            m = Transformer(cfg).to(self.dev).train()
-            batches = [packed_batch(cfg, tokens, objective, seed=s) for s in range(2)]
-            ntok = sum(int(b["input_ids"].numel()) for b in batches)
-            row = {"preset": preset, "objective": objective, "tokens_per_step": ntok}
-            opt = build_optimizer(m, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5)
-            if self.dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            s = self.timed(train_step(m, batches, opt, self.dev), steps=2 if self.cpu else 6,
-                           warmup=1 if self.cpu else 2)
-            row.update(step_s=round(s, 4), tok_s=round(ntok / s))
-            if self.dev.type == "cuda":
-                row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            matmul = sum(p.numel() for p in m.parameters() if p.dim() == 2)
-            paper = 6 * matmul + 12 * cfg.num_layers * cfg.hidden_size * 1024
-            executed = executed_flops_per_token(m, batches)
-            row.update(flops_per_token_paper=paper, flops_per_token_executed=round(executed))
-            if peak:
-                row.update(mfu_paper=round(paper * ntok / s / peak, 4),
-                           mfu_executed=round(executed * ntok / s / peak, 4))
-            self.emit(row)
-            del m, opt
+            self.emit(self._step_row(preset, tokens, objective))
+
+    def _step_row(self, preset: str, tokens: int, objective: str, *, compiled: bool = False,
+                  checkpointing: bool = False) -> dict:
+        """The trainer's step (2 packed micro-batches of <= `tokens`, StableAdamW, bf16 on the device, dropout
+        0.1), eager or with compiled blocks: tokens/s, peak memory, FLOPs per token and both MFUs."""
+        from twinlm import ModelConfig, Transformer
+        from twinlm.train import dist
+        from twinlm.train.optim import build_optimizer
+
+        peak = None if self.cpu else peak_flops(torch.cuda.get_device_name(0))
+        cfg = ModelConfig.preset(preset, causal=objective == "clm", attention_dropout=0.1)
+        torch.manual_seed(0)
+        m = Transformer(cfg).to(self.dev).train()
+        if compiled or checkpointing:
+            dist.parallelize(m, dist.DistEnv(device=self.dev), compile=compiled,
+                             activation_checkpointing=checkpointing,
+                             compile_backend="aot_eager" if self.cpu else "inductor")
+        batches = [packed_batch(cfg, tokens, objective, seed=s) for s in range(2)]
+        ntok = sum(int(b["input_ids"].numel()) for b in batches)
+        row = {"preset": preset, "objective": objective, "compiled_blocks": compiled,
+               "activation_checkpointing": checkpointing, "micro_batch_tokens": tokens, "tokens_per_step": ntok}
+        opt = build_optimizer(m, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5)
+        if self.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        s = self.timed(train_step(m, batches, opt, self.dev), steps=2 if self.cpu else 6,
+                       warmup=(1 if self.cpu else 2) + compiled)  # + the compiling step
+        row.update(step_s=round(s, 4), tok_s=round(ntok / s))
+        if self.dev.type == "cuda":
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        matmul = sum(p.numel() for p in m.parameters() if p.dim() == 2)
+        paper = 6 * matmul + 12 * cfg.num_layers * cfg.hidden_size * 1024
+        executed = executed_flops_per_token(m, batches)
+        row.update(flops_per_token_paper=paper, flops_per_token_executed=round(executed))
+        if peak:
+            row.update(mfu_paper=round(paper * ntok / s / peak, 4), mfu_executed=round(executed * ntok / s / peak, 4))
+        del m, opt
+        if self.dev.type == "cuda":
+            torch.cuda.empty_cache()
+        return row
+
+    def targets(self):
+        """Two of the speed targets, each measured as it is stated: 17M tokens/s in the trainer's step with
+        compiled blocks at the recipe's 65,536-token micro-batches (target >= 2M per H100), and 1B MFU in
+        executed FLOPs with compiled blocks at the largest micro-batch the memory plan fits on this card (target
+        >= 50%). The 150M targets are the `bench` section's."""
+        from twinlm import ModelConfig
+        from twinlm.memory import plan
+
+        if self.cpu:
+            self.emit({"target": "17M tok/s", **self._step_row("cpu-tiny", 2048, "mlm", compiled=True)})
+            return
+        self.emit({"target": "17M >= 2M tok/s", **self._step_row("ettin-17m", 65536, "mlm", compiled=True)})
+        chosen = plan(ModelConfig.preset("ettin-1b"), micro_batch_tokens=32768,
+                      card_bytes=torch.cuda.get_device_properties(0).total_memory)
+        self.emit({"target": "1B >= 50% executed MFU",
+                   **self._step_row("ettin-1b", chosen.micro_batch_tokens, "mlm", compiled=True,
+                                    checkpointing=chosen.checkpointing)})
+
+    def _throughput(self, args: list[str]) -> None:
+        """bench/model_throughput.py with `args`, its printed rows in one JSON line."""
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "model_throughput.py"), *args], cwd=ROOT,
+                           capture_output=True, text=True)
+        rows = [line for line in r.stdout.splitlines() if "tok/s" in line]
+        self.emit({"returncode": r.returncode, "rows": rows, "stderr_tail": r.stderr[-300:] if r.returncode else ""})
 
     def train(self):
         import tempfile
@@ -408,15 +453,12 @@ class Check:
             del m
 
     def bench(self):
-        args = ["--no-write", "--steps", "2" if self.cpu else "8", "--warmup", "1" if self.cpu else "2"]
-        if self.cpu:
-            args += ["--preset", "cpu-tiny", "--batch", "2", "--seq", "128"]
-        else:
-            args += ["--device", "cuda"]
-        r = subprocess.run([sys.executable, str(ROOT / "bench" / "model_throughput.py"), *args], cwd=ROOT,
-                           capture_output=True, text=True)
-        rows = [line for line in r.stdout.splitlines() if "tok/s" in line]
-        self.emit({"returncode": r.returncode, "rows": rows, "stderr_tail": r.stderr[-300:] if r.returncode else ""})
+        """twinlm with compiled blocks (the trainer's `compile: true`) against transformers eager (target >= 2.5x
+        at 150M) and transformers under torch.compile (>= 1.3x), encoder and decoder."""
+        args = ["--no-write", "--compile", "--hf-compile", "--steps", "2" if self.cpu else "8",
+                "--warmup", "1" if self.cpu else "2"]
+        args += ["--preset", "cpu-tiny", "--batch", "2", "--seq", "128"] if self.cpu else ["--device", "cuda"]
+        self._throughput(args)
 
     def compile(self):
         from torch._dynamo.testing import CompileCounterWithBackend

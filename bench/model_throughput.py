@@ -33,10 +33,12 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from peaks import peak_flops  # noqa: E402
 from twinlm import ModelConfig, Transformer  # noqa: E402
+from twinlm.train import dist  # noqa: E402
 from twinlm.train.optim import build_optimizer  # noqa: E402
 from workloads import executed_flops_per_token, packed_batch, train_step  # noqa: E402
 
 START, END = "<!-- model_throughput:start -->", "<!-- model_throughput:end -->"
+HF_COMPILED = "transformers (torch.compile)"
 
 
 def machine() -> dict:
@@ -105,6 +107,11 @@ def run(kind: str, args) -> dict:
     models = {"twinlm": twin, "transformers": hf_model(twin, causal, False, device)}
     if args.hf_sparse and not causal:
         models["transformers (sparse_prediction=True)"] = hf_model(twin, causal, True, device)
+    if args.hf_compile:  # transformers' own model under torch.compile (its default settings)
+        models[HF_COMPILED] = torch.compile(hf_model(twin, causal, False, device))
+    if args.compile:  # as the trainer's `compile: true` compiles it: each block, in place (train/dist.py)
+        dist.parallelize(twin, dist.DistEnv(device=device), compile=True)
+    compiled = {name for name in models if name == HF_COMPILED or (name == "twinlm" and args.compile)}
     ids, twin_kw, hf_kw = make_batch(cfg, args.batch, args.seq, args.mask, device)
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5,
                                     fused=True)
@@ -114,8 +121,6 @@ def run(kind: str, args) -> dict:
     steps = {}
     for name, m in models.items():
         kw = twin_kw if name == "twinlm" else hf_kw
-        if name == "twinlm" and args.compile:
-            m = torch.compile(m)
 
         def step(m=m, kw=kw, opt=opts[name]):
             with amp:
@@ -127,8 +132,8 @@ def run(kind: str, args) -> dict:
 
         steps[name] = step
     times: dict[str, list[float]] = {name: [] for name in models}
-    for name in models:  # warm-up
-        for _ in range(args.warmup):
+    for name in models:  # warm-up (+ the compiling step for a compiled model)
+        for _ in range(args.warmup + (name in compiled)):
             steps[name]()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -162,14 +167,15 @@ def run(kind: str, args) -> dict:
         # steps alternate, so step r of each model saw similar load: the median of per-round ratios is the
         # figure least moved by other processes
         row["ratio_paired"] = statistics.median(h / t for h, t in zip(times["transformers"], times[name]))
+        if HF_COMPILED in times:
+            row["ratio_vs_hf_compiled_paired"] = statistics.median(h / t for h, t in zip(times[HF_COMPILED],
+                                                                                       times[name]))
     del models, opts, steps
     return res
 
 
 def run_packed(kind: str, args) -> dict:
     """Eager vs compiled twinlm on the trainer's packed path with StableAdamW, alternating steps."""
-    from twinlm.train import dist
-
     device = torch.device(args.device)
     causal = kind == "decoder"
     cfg = ModelConfig.preset(args.preset, causal=causal, attention_dropout=args.dropout)
@@ -262,7 +268,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps per model (default 5 CPU, 20 CUDA)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--kinds", default="encoder,decoder")
-    p.add_argument("--compile", action="store_true", help="torch.compile the twinlm model")
+    p.add_argument("--compile", action="store_true",
+                   help="twinlm with compiled blocks, as the trainer's `compile: true` (train/dist.py)")
+    p.add_argument("--hf-compile", action="store_true",
+                   help="also time transformers under torch.compile; ratios against it are reported too")
     p.add_argument("--dropout", type=float, default=0.0,
                    help="twinlm's attention-output dropout (default 0: the same computation as transformers)")
     p.add_argument("--hf-sparse", action="store_true", help="also time transformers with sparse_prediction=True")
@@ -296,6 +305,8 @@ def main(argv=None) -> int:
         results.append(r)
         for name, row in r["rows"].items():
             extra = f", MFU {row['mfu']:.1%}" if "mfu" in row else ""
+            if "ratio_vs_hf_compiled_paired" in row:
+                extra += f", {row['ratio_vs_hf_compiled_paired']:.2f}x transformers compiled (paired)"
             print(f"{kind:8s} {name:40s} {row['tok_s']:10,.0f} tok/s median ({row['ratio']:.2f}x; paired "
                   f"{row['ratio_paired']:.2f}x), {row['best_tok_s']:,.0f} best  steps {row['all_s']}{extra}",
                   flush=True)

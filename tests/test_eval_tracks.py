@@ -181,6 +181,20 @@ def test_compare_writes_tables_and_plots(tmp_path):
         compare.compare([run / "metrics.jsonl"], tmp_path / "bad")
 
 
+def test_controls_without_parameters_are_reference_lines_not_sizes():
+    """The n-gram controls (0 trained parameters) and the baselines are drawn as lines across every size, so
+    no "0.0M" size appears on the x axis; every variant keeps its own colour."""
+    rows = [{"variant": v, "params": p, "size": s, "task": "average", "mean": 50.0, "std": 1.0}
+            for v, p, s in (("encoder", 6e6, "7L-256d"), ("decoder", 6e6, "7L-256d"), ("bigram", 0.0, "2-gram"),
+                            ("trigram", 0.0, "3-gram"), ("bag-of-words", 0.0, "bow"))]
+    models, refs = compare._models_and_references(rows)
+    assert {r["variant"] for r in models} == {"encoder", "decoder"}
+    assert refs == ["bag-of-words", "bigram", "trigram"]
+    assert len({compare.COLORS[v] for v in ("encoder", "decoder", "enc-from-dec", "dec-from-enc", "random-encoder",
+                                            "random-decoder", "bag-of-words", "minilm", "unigram", "bigram",
+                                            "trigram")}) == 11
+
+
 def test_cli_eval_and_compare(env, tmp_path, capsys):
     from twinlm.cli import main
     from twinlm.eval.toy import write_toy_mc_jsonl

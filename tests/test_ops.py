@@ -72,6 +72,38 @@ def test_fused_cross_entropy_chunks():
 
 
 
+@pytest.mark.parametrize("path", ["host", "accelerator"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cross_entropy_matches_cross_entropy_on_both_paths(monkeypatch, path, dtype):
+    """The accelerator's code (no host read; log-probabilities in fp32 from half-precision logits) and the
+    CPU's (in-place softmax, underflow repair) give F.cross_entropy's loss and gradients, in fp32 and under bf16
+    autocast (the matmuls in bf16, the softmax and sums in fp32), with the unit-gradient shortcut off too."""
+    from twinlm import ops
+
+    if path == "accelerator":
+        monkeypatch.setattr(ops, "host_reads_are_free", lambda t: False)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(41, 16, generator=g).requires_grad_()
+    w = (torch.randn(300, 16, generator=g) * 2).requires_grad_()  # wide logits: confident and very wrong rows
+    b = torch.randn(300, generator=g).requires_grad_()
+    t = torch.randint(0, 300, (41,), generator=g)
+    t[[4, 9]] = IGNORE_INDEX
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    with amp:
+        loss = fused_linear_cross_entropy(h, w, b, t, chunk_rows=16)
+    (3 * loss).backward()
+    grads = [x.grad.clone() for x in (h, w, b)]
+    for x in (h, w, b):
+        x.grad = None
+    logits = F.linear(h.to(dtype), w.to(dtype), b.to(dtype)).float()
+    ref = F.cross_entropy(logits, t)
+    (3 * ref).backward()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(loss.float(), ref, **(tol if dtype == torch.float32 else dict(atol=1e-3, rtol=1e-3)))
+    for ours, theirs in zip(grads, (h, w, b)):
+        torch.testing.assert_close(ours, theirs.grad, **tol)
+
+
 def test_fused_cross_entropy_names_bad_labels():
     h, w, b = torch.randn(4, 8), torch.randn(50, 8), torch.randn(50)
     with pytest.raises(ValueError, match="label 50 is out of range for a vocabulary of 50"):

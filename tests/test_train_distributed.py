@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from twinlm.train.testing import make_shards, tiny_recipe
@@ -124,3 +125,58 @@ def test_fsdp_checkpoint_copies_to_host_on_the_writer_only(tmp_path):
     folder = next((tmp_path / "ck").glob("step-*"))
     with safe_open(folder / "optimizer.safetensors", "pt") as f:
         assert any(k.endswith("::exp_avg_sq") for k in f.keys())
+
+
+HOST_VALUES = '''
+import json, sys
+import torch
+import torch.distributed as tdist
+sys.path.insert(0, sys.argv[2])
+from test_train_step import make_samples, make_step, phase
+from twinlm.train import dist
+
+# a default group without a CPU backend, as one started with NCCL alone (gloo registered for cuda only)
+tdist.init_process_group(backend="cuda:gloo")
+rank = tdist.get_rank()
+refused = False
+try:
+    tdist.all_reduce(torch.ones(1))
+except RuntimeError:
+    refused = True
+env = dist.DistEnv(rank=rank, world_size=2)
+step = make_step("mlm", env=env)
+ph = phase(micro_batch_tokens=128)
+batch = step.count(step.prepare(make_samples(4 + 4 * rank, seed=rank), ph, step=1))
+locals_ = dist.all_gather_object([batch.local_targets, batch.local_tokens, len(batch.micro)])
+dist.barrier()
+json.dump({"refused": refused, "counted": [batch.targets, batch.tokens, batch.passes], "locals": locals_,
+           "sum": float(dist.all_reduce(torch.tensor([rank + 1.0]))[0]),
+           "from_0": dist.broadcast_object({"rank": rank})["rank"]}, open(f"{sys.argv[1]}-rank{rank}.json", "w"))
+dist.shutdown()
+'''
+
+
+def test_host_values_never_go_through_the_device_group(tmp_path):
+    """With a default group that cannot carry host tensors (NCCL alone; here gloo registered for cuda only),
+    the step's counts, objects and barriers go through a gloo group for host values: the counts are the sums
+    (and the pass count the maximum) of both ranks' own, and nothing is copied to a device."""
+    script = tmp_path / "host_values.py"
+    script.write_text(HOST_VALUES)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script),
+           str(tmp_path / "out"), str(os.path.dirname(__file__))]
+    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out-rank{r}.json").read_text()) for r in (0, 1)]
+    (t0, n0, p0), (t1, n1, p1) = ranks[0]["locals"]
+    assert t0 != t1 and p0 != p1  # the ranks' shares differ, so a sum and a maximum are seen
+    for r in ranks:
+        assert r["refused"]  # the stand-in indeed has no CPU backend
+        assert r["counted"] == [t0 + t1, n0 + n1, max(p0, p1)]
+        assert r["sum"] == 3.0 and r["from_0"] == 0
+
+
+def test_cuda_training_starts_one_group_with_a_host_backend():
+    from twinlm.train import dist
+
+    assert dist.backend_for(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
+    assert dist.backend_for(torch.device("cpu")) == "gloo"

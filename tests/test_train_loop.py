@@ -2,6 +2,7 @@
 
 import json
 import math
+import threading
 
 import pytest
 import torch
@@ -246,8 +247,18 @@ def test_prefetch_gives_the_same_run_and_checkpoints_the_consumed_position(shard
 
     recipe = tiny_recipe(shards, phases=2, tokens=900, dropout=0.1, every_tokens=200, record_order=True)
     quiet = lambda m: None  # noqa: E731
-    Trainer(load_recipe(recipe), tmp_path / "off", prefetch=False, log=quiet).fit()
-    Trainer(load_recipe(recipe), tmp_path / "on", log=quiet).fit()
+
+    class Threads(Callback):  # the threads alive at each step's end: the prefetch thread's name, or not
+        def __init__(self):
+            self.seen = set()
+
+        def on_step_end(self, trainer, row):
+            self.seen.update(t.name.split("_")[0] for t in threading.enumerate())
+
+    off, on = Threads(), Threads()
+    Trainer(load_recipe({**recipe, "prefetch": False}), tmp_path / "off", log=quiet, callbacks=[off]).fit()
+    Trainer(load_recipe(recipe), tmp_path / "on", log=quiet, callbacks=[on]).fit()
+    assert "twinlm-prefetch" in on.seen and "twinlm-prefetch" not in off.seen  # the recipe's switch works
     keys = ("step", "phase", "tokens", "loss", "lr", "batch_size", "targets", "step_tokens", "skipped")
     off, on = [[tuple(x[k] for k in keys) for x in rows(tmp_path / d)] for d in ("off", "on")]
     assert off == on and len(on) > 6

@@ -18,9 +18,10 @@ from twinlm.errors import DataError, MissingArtifactError
 from twinlm.io import write_bytes, write_json
 
 VARIANT_ORDER = ["encoder", "decoder", "enc-from-dec", "dec-from-enc", "random-encoder", "random-decoder",
-                 "bag-of-words", "minilm"]
+                 "bag-of-words", "minilm", "unigram", "bigram", "trigram"]
 COLORS = {"encoder": "#1f77b4", "decoder": "#d62728", "enc-from-dec": "#7fb2e5", "dec-from-enc": "#f08a8a",
-          "random-encoder": "#9e9e9e", "random-decoder": "#5e5e5e", "bag-of-words": "#2ca02c", "minilm": "#9467bd"}
+          "random-encoder": "#9e9e9e", "random-decoder": "#5e5e5e", "bag-of-words": "#2ca02c", "minilm": "#9467bd",
+          "unigram": "#17becf", "bigram": "#bcbd22", "trigram": "#ff7f0e"}
 BASELINES = {"bag-of-words", "minilm"}
 TRACK_ORDER = ["classification", "retrieval", "generative", "bpb"]
 
@@ -143,11 +144,18 @@ def _pyplot():
     return plt
 
 
+def _models_and_references(trows: list[dict]) -> tuple[list[dict], list[str]]:
+    """-> (rows drawn as bars per model size, variants drawn as reference lines): the baselines and the
+    controls without trained parameters (the n-gram models), which have no size to stand at."""
+    refs = sorted({r["variant"] for r in trows if r["variant"] in BASELINES or not r["params"]}, key=_vkey)
+    return [r for r in trows if r["variant"] not in refs], refs
+
+
 def _plot_track(track: str, trows: list[dict], out: Path) -> Path:
     plt = _pyplot()
 
     tasks = sorted({r["task"] for r in trows}, key=lambda t: (t != "average", t))
-    models = [r for r in trows if r["variant"] not in BASELINES]
+    models, refs = _models_and_references(trows)
     sizes = sorted({(r["params"], r["size"]) for r in models})
     variants = sorted({r["variant"] for r in models}, key=_vkey)
     ncols = min(4, len(tasks))
@@ -166,7 +174,7 @@ def _plot_track(track: str, trows: list[dict], out: Path) -> Path:
                     es.append(hit[0]["std"])
             if xs:
                 ax.bar(xs, ys, width=width * 0.95, yerr=es, capsize=2, color=COLORS.get(v), label=v)
-        for b in sorted({r["variant"] for r in trows if r["variant"] in BASELINES}):
+        for b in refs:
             hit = [r for r in trows if r["task"] == task and r["variant"] == b]
             if hit:
                 ax.axhline(hit[0]["mean"], ls="--", lw=1.2, color=COLORS.get(b), label=b)

@@ -1,7 +1,10 @@
 """Distribution, compilation and activation checkpointing, applied from outside the model.
 
-`init()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts the process group: NCCL on
-CUDA, gloo on CPU. `parallelize()` then wraps the bare model:
+`init()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts the process group: on CUDA one
+group with two backends, NCCL for device tensors and gloo for host values (the step's target and token counts,
+pass counts, objects), so a host value is never copied through the GPU, where its read-back would wait for
+every kernel queued before it; gloo alone on CPU. A process group started elsewhere with NCCL only gets a gloo
+group for host values on first use (`host_group`). `parallelize()` then wraps the bare model:
 
 - activation checkpointing: each transformer block's forward runs under `torch.utils.checkpoint`
   (non-reentrant), called from inside the block's own forward so that compile traces it; parameter names do
@@ -60,47 +63,67 @@ def init(device: str | None = None) -> DistEnv:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
+        dist.init_process_group(backend=backend_for(dev), timeout=datetime.timedelta(minutes=30),
                                 device_id=dev if dev.type == "cuda" else None)
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def backend_for(device: torch.device) -> str:
+    """The process group's backends for training on `device`: NCCL for CUDA tensors beside gloo for host ones."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+_HOST_GROUP: list = []  # the gloo group made by host_group() when the default group has no CPU backend
+
+
+def host_group():
+    """The group that carries host (CPU) tensors and objects: None (the default group) when the default group
+    has a CPU backend, as `init()` makes it; else (a group started with NCCL alone) a gloo group over the same
+    ranks, made on first use. Making it is a collective: every rank reaches it at the same host collective."""
+    if "cpu:" in dist.get_backend_config():
+        return None
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(dist.new_group(backend="gloo"))
+    return _HOST_GROUP[0]
 
 
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    _HOST_GROUP.clear()
+
+
+def _several() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    """In-place all-reduce of a small tensor; CPU tensors go through the GPU when the backend is NCCL."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        op = op or dist.ReduceOp.SUM
-        if not t.is_cuda and dist.get_backend() == "nccl":
-            d = t.to(torch.device("cuda", torch.cuda.current_device()))
-            dist.all_reduce(d, op=op)
-            t.copy_(d.cpu())
-        else:
-            dist.all_reduce(t, op=op)
+    """In-place all-reduce of a small tensor: a device tensor over the device's backend, queued (nothing waits);
+    a host tensor over the host group (gloo), never through the device."""
+    if _several():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=None if t.is_cuda else host_group())
     return t
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    """Every rank has reached this point on the host: an all-reduce of a host value (a device barrier would
+    also wait for the kernels queued before it)."""
+    if _several():
+        all_reduce(torch.zeros(1))
 
 
 def broadcast_object(obj, src: int = 0):
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _several():
         box = [obj]
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=src, group=host_group())
         return box[0]
     return obj
 
 
 def all_gather_object(obj) -> list:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _several():
         out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=host_group())
         return out
     return [obj]
 

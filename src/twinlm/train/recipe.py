@@ -156,6 +156,8 @@ class Recipe:
     activation_checkpointing: bool = False
     memory_check: bool = True  # on CUDA: refuse, before the first step, a micro-batch the memory estimate
     #                            (twinlm.memory) says does not fit the device, naming one that does
+    prefetch: bool = True  # draw and prepare the next batch on a background thread while a step runs (false:
+    #                        in line; the batches are the same either way)
     max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops
     max_steps: int | None = None  # stop (checkpoint, exit 0, like SIGTERM) at this many optimizer steps; rerun
     #                               with a larger value or none to continue (time-limited jobs, tests)

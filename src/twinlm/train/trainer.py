@@ -24,7 +24,8 @@ so all of them checkpoint it and stop after it. Either way the step queued behin
 gradients, never applied). A step is never left queued behind a checkpoint or a return.
 
 The next batch is drawn from the stream and prepared (cut, packed, masked, pinned on CUDA) on a background
-thread while a step runs (`prefetch=False`: in line, the same batches); a checkpoint records the stream's
+thread while a step runs (the recipe's `prefetch: false`, or `Trainer(prefetch=False)`: in line, the same
+batches); a checkpoint records the stream's
 position after the batch last finished, not after the one drawn ahead.
 
 Resuming is refused (ConfigError / TokenizerMismatch, one line naming the changed settings) when the recipe
@@ -152,9 +153,10 @@ class Trainer:
     step_class = TrainStep  # what runs each step (a subclass may be substituted, e.g. to inject failures)
 
     def __init__(self, recipe: Recipe, out_dir: str | Path, *, callbacks: list[Callback] | None = None,
-                 env: dist.DistEnv | None = None, log=None, default_callbacks: bool = True, prefetch: bool = True):
+                 env: dist.DistEnv | None = None, log=None, default_callbacks: bool = True,
+                 prefetch: bool | None = None):
         """`prefetch`: draw and prepare the next batch on a background thread while a step runs (the same
-        batches either way)."""
+        batches either way); None: the recipe's `prefetch`."""
         self.recipe = recipe.resolved_paths().validate()
         self.out = Path(out_dir)
         self.env = env
@@ -171,7 +173,7 @@ class Trainer:
         self.stream = None
         self.last_checkpoint: Path | None = None
         self.interrupted = False
-        self.prefetch = prefetch
+        self.prefetch = self.recipe.prefetch if prefetch is None else prefetch
         self._saved_step = -1
         self._queued: _Queued | None = None  # a step queued on the device, its result not read yet
         self._rng = None  # the RNG states that go with `state` while the next step's passes are queued
