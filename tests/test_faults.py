@@ -263,6 +263,34 @@ def test_P16_holding_out_fewer_documents_than_asked_is_recorded_and_warned(tmp_p
     assert any(f"held out {h['num_documents']} of the 100 documents" in r.getMessage() for r in caplog.records)
 
 
+def test_the_held_out_split_depends_on_the_texts_not_on_where_the_files_lie(tmp_path, bpe):
+    """The same documents under another name in another folder give the same held-out split; a second copy of
+    every document falls on its original's side; a split of 0 documents is a shard folder that opens (empty)."""
+    from twinlm.data.prepare import prepare
+
+    docs = _jsonl(tmp_path / "d.jsonl", 60)
+    (tmp_path / "elsewhere").mkdir()
+    moved = tmp_path / "elsewhere" / "renamed.jsonl"
+    moved.write_text(docs.read_text())
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text(docs.read_text() * 2)
+
+    def held(src, out):
+        ds = ShardDataset(prepare([src], bpe, tmp_path / out, chunk_size=32, workers=0, holdout_docs=0.3)
+                          ["holdout"]["path"])
+        return sorted(tuple(ds[i].tolist()) for i in range(len(ds)))
+
+    original = held(docs, "a")
+    assert 0 < len(original)
+    assert held(moved, "b") == original
+    assert held(twice, "c") == sorted(original * 2)
+    one = _jsonl(tmp_path / "one.jsonl", 1, seed=5)
+    meta = prepare([one], bpe, tmp_path / "s1", chunk_size=32, workers=0, holdout_docs=1e-9)
+    assert meta["holdout"]["num_documents"] == 0
+    empty = ShardDataset(meta["holdout"]["path"], verify=True)
+    assert len(empty) == 0 and empty.meta["num_documents"] == 0
+
+
 def test_P20_stale_temporary_folders_of_a_killed_prepare_are_removed(tmp_path, bpe):
     from twinlm.data.prepare import prepare
     docs = _jsonl(tmp_path / "d.jsonl", 10)

@@ -36,4 +36,4 @@ def test_every_section_runs_on_cpu(tmp_path):
     assert by["attn"]["all_ok"]
     assert by["compile"]["new_graphs_after_first_layout"] == 0
     assert {row["section"] for row in rows} >= {"env", "pytest", "attn", "model", "syncs", "step", "memory",
-                                               "bench", "compile", "train"}
+                                               "bench", "profile", "compile", "train", "targets"}

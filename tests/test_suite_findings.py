@@ -1,5 +1,7 @@
 import math
 
+import pytest
+
 from twinlm.suite.findings import Score, compare, findings_markdown, judge
 
 
@@ -48,12 +50,16 @@ def test_training_table_measures_loss_against_the_unigram_entropy(tmp_path):
 
     import numpy as np
 
+    from twinlm.errors import DataError
     from twinlm.suite.report import training_table, unigram_entropy
     shards = tmp_path / "shards"
     shards.mkdir()
     np.array([1, 1, 2, 2], dtype=np.uint16).tofile(shards / "tokens.bin")
     (shards / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
     assert math.isclose(unigram_entropy(shards), math.log(2))
+    (shards / "tokens.bin").write_bytes(b"")  # no tokens: an error, not NaN
+    with pytest.raises(DataError, match="no tokens"):
+        unigram_entropy(shards)
     run = tmp_path / "train-encoder" / "run"
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text("".join(json.dumps({"tokens": 10 * i, "loss": 0.5}) + "\n" for i in range(12)))

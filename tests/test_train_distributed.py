@@ -151,7 +151,9 @@ locals_ = dist.all_gather_object([batch.local_targets, batch.local_tokens, len(b
 dist.barrier()
 json.dump({"refused": refused, "counted": [batch.targets, batch.tokens, batch.passes], "locals": locals_,
            "sum": float(dist.all_reduce(torch.tensor([rank + 1.0]))[0]),
-           "from_0": dist.broadcast_object({"rank": rank})["rank"]}, open(f"{sys.argv[1]}-rank{rank}.json", "w"))
+           "from_0": dist.broadcast_object({"rank": rank})["rank"],
+           "host_groups_made": len(dist._HOST_GROUP), "same_group": dist.host_group() is dist.host_group()},
+          open(f"{sys.argv[1]}-rank{rank}.json", "w"))
 dist.shutdown()
 '''
 
@@ -173,10 +175,25 @@ def test_host_values_never_go_through_the_device_group(tmp_path):
         assert r["refused"]  # the stand-in indeed has no CPU backend
         assert r["counted"] == [t0 + t1, n0 + n1, max(p0, p1)]
         assert r["sum"] == 3.0 and r["from_0"] == 0
+        assert r["host_groups_made"] == 1 and r["same_group"]  # made once, on first use
 
 
-def test_cuda_training_starts_one_group_with_a_host_backend():
+@pytest.mark.parametrize("device, backend", [("cuda:1", "cpu:gloo,cuda:nccl"), ("cpu", "gloo")])
+def test_init_starts_one_group_with_a_host_backend(monkeypatch, device, backend):
+    """Under torchrun on CUDA, init() starts NCCL for device tensors and gloo for host values in one default
+    group (bound to the rank's device); on CPU gloo alone."""
+    import torch.distributed as tdist
+
     from twinlm.train import dist
 
-    assert dist.backend_for(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
-    assert dist.backend_for(torch.device("cpu")) == "gloo"
+    started = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(tdist, "init_process_group", lambda **kw: started.update(kw))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    env = dist.init(device)
+    assert env.rank == 1 and env.world_size == 2 and env.device == torch.device(device)
+    assert started["backend"] == backend
+    assert started["device_id"] == (torch.device(device) if device != "cpu" else None)

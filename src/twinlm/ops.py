@@ -151,17 +151,12 @@ def _fused_ce(h, weight, bias, targets, ignore_index: int, chunk: int, cast: tor
                     rows = torch.isinf(nll).nonzero()[:, 0]
                     lg = torch.addmm(b, hc[rows], w.t()).float()
                     nll[rows] = torch.logsumexp(lg, -1) - lg.gather(1, safe_t[rows, None])[:, 0]
-            else:  # accelerators: no host read, and few passes over the (rows, V) matrix
-                logits = torch.addmm(b, hc, w.t())
-                if logits.dtype == torch.float32:  # in place: p = exp(logits - lse)
-                    lse = torch.logsumexp(logits, dim=-1)
-                    nll = lse - logits.gather(1, safe_t[:, None])[:, 0]
-                    p = logits.sub_(lse[:, None]).exp_()
-                else:  # half-precision logits: one kernel reads them and writes fp32 log-probabilities
-                    lsm = torch.log_softmax(logits, -1, dtype=torch.float32)
-                    del logits
-                    nll = -lsm.gather(1, safe_t[:, None])[:, 0]
-                    p = lsm.exp_()
+            else:  # accelerators: no host read, few passes over the (rows, V) matrix, two fp32 copies at most
+                lf = torch.addmm(b, hc, w.t()).float()  # (the half-precision logits are freed here)
+                lsm = torch.log_softmax(lf, -1)
+                del lf
+                nll = -lsm.gather(1, safe_t[:, None])[:, 0]
+                p = lsm.exp_()
             total += (nll * vc).sum()
             if needs_grad:
                 c = vc.to(torch.float32) * inv  # (rows,)

@@ -15,7 +15,9 @@ file or a folder of other things is never replaced); temporary `.OUT.tmp-*` fold
 run left are removed first; a full disk (ENOSPC) stops with `OutOfSpace`, removes this run's temporary
 folders and leaves an earlier shard folder at `out` intact. A count of held-out documents the corpus cannot
 give (the count rule holds out about 1 document in 10) is logged and recorded as `holdout.num_documents`
-beside the `holdout.docs` asked for; `twinlm data prepare` prints it as a warning.
+beside the `holdout.docs` asked for; `twinlm data prepare` prints it as a warning. Which documents are held
+out is decided by a hash of the seed and each document's text, so the split is the same wherever the input
+files lie, and copies of a document never straddle the two sides.
 """
 
 from __future__ import annotations
@@ -154,20 +156,22 @@ def _process(batch: list[tuple[int, bool, str]]) -> dict[str, Any]:
 
 
 def _holdout_rule(holdout_docs: float, seed: int):
-    """A function (doc ordinal, key) -> held out?  fraction < 1: each document with that probability;
-    count >= 1: documents drawn with probability 1/10 until that many are held out."""
+    """A function (doc ordinal, text) -> held out?  fraction < 1: each document with that probability;
+    count >= 1: documents drawn with probability 1/10 until that many are held out. The draw is a hash of the
+    seed and the document's text: the split does not depend on where the input files lie, and identical
+    documents fall on the same side."""
     if not holdout_docs:
-        return lambda ordinal, key: False
+        return lambda ordinal, text: False
     if holdout_docs < 0:
         raise ConfigError(f"holdout_docs must be >= 0, got {holdout_docs}")
     fraction = holdout_docs if holdout_docs < 1 else 0.1
     limit = None if holdout_docs < 1 else int(holdout_docs)
     taken = [0]
 
-    def rule(ordinal: int, key: str) -> bool:
+    def rule(ordinal: int, text: str) -> bool:
         if limit is not None and taken[0] >= limit:
             return False
-        h = int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little") / 2 ** 64
+        h = int.from_bytes(hashlib.blake2b(f"{seed}:{text}".encode(), digest_size=8).digest(), "little") / 2 ** 64
         if h < fraction:
             taken[0] += 1
             return True
@@ -226,10 +230,10 @@ def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, *, chunk_siz
     def batches() -> Iterator[list[tuple[int, bool, str]]]:
         nonlocal docs, nbytes, held_docs
         batch, size = [], 0
-        for key, text in iter_documents(specs, text_field, on_bad_input, skipped):
+        for _key, text in iter_documents(specs, text_field, on_bad_input, skipped):
             if max_docs is not None and docs >= max_docs:
                 break
-            held = rule(docs, key)
+            held = rule(docs, text)
             held_docs += held
             batch.append((docs, held, text))
             docs += 1

@@ -198,6 +198,13 @@ def is_verified(path: str | Path) -> bool:
         return False
 
 
+def read_tokens(path: Path, dtype: str) -> np.ndarray:
+    """A shard folder's tokens.bin, memory-mapped read-only (an empty file, as a held-out split of 0 documents
+    writes, cannot be mapped: an empty array)."""
+    tokens = path / "tokens.bin"
+    return np.memmap(tokens, dtype=np.dtype(dtype), mode="r") if tokens.stat().st_size else np.zeros(0, dtype)
+
+
 def _check_contents(path: Path, meta: dict[str, Any]) -> None:
     """The full structural check of `verify_shards`: index, per-chunk arrays and token id range."""
     index = np.load(path / "index.npy", mmap_mode="r")
@@ -219,7 +226,7 @@ def _check_contents(path: Path, meta: dict[str, Any]) -> None:
             raise ShardError(f"{path / name}: not one entry per chunk ({n}): the file is damaged; prepare again")
     vocab = (meta.get("tokenizer") or {}).get("vocab_size")
     if vocab:
-        tokens = np.memmap(path / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+        tokens = read_tokens(path, meta["dtype"])
         for start in range(0, len(tokens), block):
             part = tokens[start:start + block]
             top = int(part.max()) if len(part) else 0
@@ -262,7 +269,7 @@ class ShardDataset:
     def __init__(self, path: str | Path, verify: bool = False) -> None:
         self.path = Path(path)
         self.meta = verify_shards(self.path, checksums=verify)
-        self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
+        self.tokens = read_tokens(self.path, self.meta["dtype"])
         self.index = np.load(self.path / "index.npy", mmap_mode="r")
         n = len(self.index)
         if n != self.meta["num_chunks"] + 1 or (n and int(self.index[-1]) != len(self.tokens)):

@@ -23,6 +23,7 @@ COLORS = {"encoder": "#1f77b4", "decoder": "#d62728", "enc-from-dec": "#7fb2e5",
           "random-encoder": "#9e9e9e", "random-decoder": "#5e5e5e", "bag-of-words": "#2ca02c", "minilm": "#9467bd",
           "unigram": "#17becf", "bigram": "#bcbd22", "trigram": "#ff7f0e"}
 BASELINES = {"bag-of-words", "minilm"}
+NGRAMS = {"unigram", "bigram", "trigram"}  # controls fitted by counting: no trained parameters, no size
 TRACK_ORDER = ["classification", "retrieval", "generative", "bpb"]
 
 
@@ -146,8 +147,8 @@ def _pyplot():
 
 def _models_and_references(trows: list[dict]) -> tuple[list[dict], list[str]]:
     """-> (rows drawn as bars per model size, variants drawn as reference lines): the baselines and the
-    controls without trained parameters (the n-gram models), which have no size to stand at."""
-    refs = sorted({r["variant"] for r in trows if r["variant"] in BASELINES or not r["params"]}, key=_vkey)
+    n-gram controls, which have no model size to stand at."""
+    refs = sorted({r["variant"] for r in trows if r["variant"] in BASELINES | NGRAMS}, key=_vkey)
     return [r for r in trows if r["variant"] not in refs], refs
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from twinlm.configs import parse_count
+from twinlm.data.shards import read_tokens
+from twinlm.errors import DataError
 from twinlm.eval.compare import compare
 from twinlm.io import write_bytes, write_json
 from twinlm.suite.findings import (
@@ -85,8 +87,9 @@ def step_times(root: Path) -> list[tuple[str, float]]:
 
 def unigram_entropy(shards: Path, max_tokens: int = 5_000_000) -> float:
     """Entropy (nats) of the token distribution of a shard folder: the loss of a model that ignores context."""
-    meta = json.loads((shards / "meta.json").read_text())
-    tokens = np.memmap(shards / "tokens.bin", dtype=np.dtype(meta.get("dtype", "uint16")), mode="r")
+    tokens = read_tokens(shards, json.loads((shards / "meta.json").read_text()).get("dtype", "uint16"))
+    if not len(tokens):
+        raise DataError(f"{shards}: no tokens, so no unigram entropy; prepare the shards again")
     counts = np.bincount(np.asarray(tokens[:max_tokens]))
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())

@@ -73,18 +73,21 @@ def backend_for(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
-_HOST_GROUP: list = []  # the gloo group made by host_group() when the default group has no CPU backend
+_HOST_GROUP: dict = {}  # default group -> the gloo group host_group() made beside it
 
 
 def host_group():
     """The group that carries host (CPU) tensors and objects: None (the default group) when the default group
     has a CPU backend, as `init()` makes it; else (a group started with NCCL alone) a gloo group over the same
-    ranks, made on first use. Making it is a collective: every rank reaches it at the same host collective."""
+    ranks, made once per default group, on first use. Making it is a collective: every rank reaches it at the
+    same host collective."""
     if "cpu:" in dist.get_backend_config():
         return None
-    if not _HOST_GROUP:
-        _HOST_GROUP.append(dist.new_group(backend="gloo"))
-    return _HOST_GROUP[0]
+    world = dist.group.WORLD
+    if world not in _HOST_GROUP:
+        _HOST_GROUP.clear()  # one made beside an earlier, destroyed default group
+        _HOST_GROUP[world] = dist.new_group(backend="gloo")
+    return _HOST_GROUP[world]
 
 
 def shutdown() -> None:
@@ -101,7 +104,7 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     """In-place all-reduce of a small tensor: a device tensor over the device's backend, queued (nothing waits);
     a host tensor over the host group (gloo), never through the device."""
     if _several():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=None if t.is_cuda else host_group())
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=host_group() if t.device.type == "cpu" else None)
     return t
 
 

@@ -26,7 +26,7 @@ import twinlm
 from twinlm.io import dumps_json, write_bytes, write_json
 from twinlm.train.dist import DistEnv
 
-RUN_KNOBS = ("max_steps", "progress", "tensorboard")
+RUN_KNOBS = ("max_steps", "progress", "tensorboard", "prefetch")
 
 
 def git_revision(path: Path) -> dict[str, Any]:
