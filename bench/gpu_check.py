@@ -235,15 +235,14 @@ class Check:
         for objective in ("mlm", "clm"):
             self.emit(self._step_row(preset, tokens, objective))
 
-    def _step_row(self, preset: str, tokens: int, objective: str, *, compiled: bool = False,
-                  checkpointing: bool = False) -> dict:
-        """The trainer's step (2 packed micro-batches of <= `tokens`, StableAdamW, bf16 on the device, dropout
-        0.1), eager or with compiled blocks: tokens/s, peak memory, FLOPs per token and both MFUs."""
+    def _training(self, preset: str, tokens: int, objective: str, *, compiled: bool = False,
+                  checkpointing: bool = False):
+        """-> (config, model, batches, step): the trainer's step on the device (2 packed micro-batches of <=
+        `tokens`, StableAdamW, bf16 on the device, dropout 0.1), eager or with compiled blocks."""
         from twinlm import ModelConfig, Transformer
         from twinlm.train import dist
         from twinlm.train.optim import build_optimizer
 
-        peak = None if self.cpu else peak_flops(torch.cuda.get_device_name(0))
         cfg = ModelConfig.preset(preset, causal=objective == "clm", attention_dropout=0.1)
         torch.manual_seed(0)
         m = Transformer(cfg).to(self.dev).train()
@@ -252,13 +251,21 @@ class Check:
                              activation_checkpointing=checkpointing,
                              compile_backend="aot_eager" if self.cpu else "inductor")
         batches = [packed_batch(cfg, tokens, objective, seed=s) for s in range(2)]
+        opt = build_optimizer(m, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5)
+        return cfg, m, batches, train_step(m, batches, opt, self.dev)
+
+    def _step_row(self, preset: str, tokens: int, objective: str, *, compiled: bool = False,
+                  checkpointing: bool = False) -> dict:
+        """The trainer's step (`_training`) timed: tokens/s, peak memory, FLOPs per token and both MFUs."""
+        peak = None if self.cpu else peak_flops(torch.cuda.get_device_name(0))
+        cfg, m, batches, step = self._training(preset, tokens, objective, compiled=compiled,
+                                               checkpointing=checkpointing)
         ntok = sum(int(b["input_ids"].numel()) for b in batches)
         row = {"preset": preset, "objective": objective, "compiled_blocks": compiled,
                "activation_checkpointing": checkpointing, "micro_batch_tokens": tokens, "tokens_per_step": ntok}
-        opt = build_optimizer(m, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5)
         if self.dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        s = self.timed(train_step(m, batches, opt, self.dev), steps=2 if self.cpu else 6,
+        s = self.timed(step, steps=2 if self.cpu else 6,
                        warmup=(1 if self.cpu else 2) + compiled)  # + the compiling step
         row.update(step_s=round(s, 4), tok_s=round(ntok / s))
         if self.dev.type == "cuda":
@@ -269,7 +276,7 @@ class Check:
         row.update(flops_per_token_paper=paper, flops_per_token_executed=round(executed))
         if peak:
             row.update(mfu_paper=round(paper * ntok / s / peak, 4), mfu_executed=round(executed * ntok / s / peak, 4))
-        del m, opt
+        del m, step
         if self.dev.type == "cuda":
             torch.cuda.empty_cache()
         return row
@@ -291,17 +298,6 @@ class Check:
         self.emit({"target": "1B >= 50% executed MFU",
                    **self._step_row("ettin-1b", chosen.micro_batch_tokens, "mlm", compiled=True,
                                     checkpointing=chosen.checkpointing)})
-
-    def _throughput(self, args: list[str]) -> None:
-        """bench/model_throughput.py with `args`, its printed rows in one JSON line; a failure is the section's
-        error. Killed a little before the section's time box (the box kills this process only)."""
-        limit = (CPU_BUDGET if self.cpu else BUDGET[self.section]) - 15
-        r = subprocess.run([sys.executable, str(ROOT / "bench" / "model_throughput.py"), *args], cwd=ROOT,
-                           capture_output=True, text=True, timeout=limit)
-        rows = [line for line in r.stdout.splitlines() if "tok/s" in line]
-        if r.returncode:
-            raise RuntimeError(f"model_throughput.py exited {r.returncode}: {r.stderr[-300:]} (rows: {rows})")
-        self.emit({"returncode": r.returncode, "rows": rows})
 
     def train(self):
         import tempfile
@@ -376,22 +372,10 @@ class Check:
     def profile(self):
         from torch.profiler import ProfilerActivity, profile
 
-        from twinlm import ModelConfig, Transformer
-        from twinlm.train import dist
-        from twinlm.train.optim import build_optimizer
-
         preset, tokens = ("cpu-tiny", 2048) if self.cpu else ("ettin-150m", 32768)
         acts = [ProfilerActivity.CPU] + ([] if self.cpu else [ProfilerActivity.CUDA])
         for compiled in (False, True):
-            cfg = ModelConfig.preset(preset, attention_dropout=0.1)
-            torch.manual_seed(0)
-            m = Transformer(cfg).to(self.dev).train()
-            if compiled:
-                dist.parallelize(m, dist.DistEnv(device=self.dev), compile=True,
-                                 compile_backend="aot_eager" if self.cpu else "inductor")
-            batches = [packed_batch(cfg, tokens, "mlm", seed=s) for s in range(2)]
-            opt = build_optimizer(m, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5)
-            step = train_step(m, batches, opt, self.dev)
+            _, m, _, step = self._training(preset, tokens, "mlm", compiled=compiled)
             for _ in range(2):
                 step()
             self.sync()
@@ -406,7 +390,7 @@ class Check:
                    for e in events[:18]]
             self.emit({"preset": preset, "compiled_blocks": compiled, "tokens_per_step": 2 * tokens,
                        "device_ms_per_step": round(total / 2 / 1000, 2), "top_self_time": top})
-            del m, opt
+            del m, step
 
     def memory(self):
         from twinlm import ModelConfig, Transformer
@@ -462,7 +446,14 @@ class Check:
         args = ["--no-write", "--compile", "--hf-compile", "--steps", "2" if self.cpu else "8",
                 "--warmup", "1" if self.cpu else "2"]
         args += ["--preset", "cpu-tiny", "--batch", "2", "--seq", "128"] if self.cpu else ["--device", "cuda"]
-        self._throughput(args)
+        # killed a little before the section's time box, which kills this process only
+        limit = (CPU_BUDGET if self.cpu else BUDGET[self.section]) - 15
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "model_throughput.py"), *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=limit)
+        rows = [line for line in r.stdout.splitlines() if "tok/s" in line]
+        if r.returncode:  # the section's error
+            raise RuntimeError(f"model_throughput.py exited {r.returncode}: {r.stderr[-300:]} (rows: {rows})")
+        self.emit({"returncode": r.returncode, "rows": rows})
 
     def compile(self):
         from torch._dynamo.testing import CompileCounterWithBackend

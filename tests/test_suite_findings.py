@@ -50,12 +50,13 @@ def test_training_table_measures_loss_against_the_unigram_entropy(tmp_path):
 
     import numpy as np
 
+    from twinlm.data.shards import write_meta
     from twinlm.errors import DataError
     from twinlm.suite.report import training_table, unigram_entropy
     shards = tmp_path / "shards"
     shards.mkdir()
     np.array([1, 1, 2, 2], dtype=np.uint16).tofile(shards / "tokens.bin")
-    (shards / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
+    write_meta(shards, {"format": "twinlm-shards", "dtype": "uint16"})
     assert math.isclose(unigram_entropy(shards), math.log(2))
     (shards / "tokens.bin").write_bytes(b"")  # no tokens: an error, not NaN
     with pytest.raises(DataError, match="no tokens"):

@@ -10,19 +10,18 @@
 A folder without meta.json is not a shard folder (an interrupted write never gets that far: the
 writer fills `.DIR.tmp-*` and renames it when done, through `twinlm.io.atomic_dir`).
 
-Integrity, three levels. Reading meta.json (`read_meta`, on every open) checks its own checksum, so no byte of
-it can change unseen (a folder of format_version 1, which has none, is read as it is). Opening (`ShardDataset`)
-checks every file's size against meta.json and that the
-index covers tokens.bin exactly; reading chunk i checks that its offsets increase and its length is at most
-meta.json's `max_chunk_len` (a flipped offset is a ShardError naming the folder and chunk, never a
-negative-length chunk). `verify_shards(path)` (and `twinlm data verify DIR…`) also checks every file's
-sha256, that the whole index is monotonic, starts at 0 and ends at the token count, that docs.npy and
-bytes.npy have one entry per chunk, and that every token id is below the tokenizer's vocabulary size
-(meta.json `tokenizer.vocab_size`, when recorded). A full pass records the folder's `shard_signature`
-(meta.json's hash and every file's size and modification time) in `DIR/.verified.json` when the folder is
-writable; the trainer verifies a folder whose current signature matches no record (its own run's, or the
-folder's), so a folder is hashed once, and again whenever it changed. For very large corpora run
-`twinlm data verify DIR` once before a distributed launch: the ranks wait while rank 0 verifies.
+Integrity, three levels. Reading meta.json (`read_meta`, on every open) checks its own checksum, so no byte of it
+can change unseen (a folder of format_version 1, which has none, is read as it is). Opening (`ShardDataset`)
+checks every file's size against meta.json and that the index covers tokens.bin exactly; reading chunk i checks
+that its offsets increase and its length is at most meta.json's `max_chunk_len` (a flipped offset is a ShardError
+naming the folder and chunk, never a negative-length chunk). `verify_shards(path)` (and `twinlm data verify DIR…`)
+also checks every file's sha256, that the whole index is monotonic, starts at 0 and ends at the token count, that
+docs.npy and bytes.npy have one entry per chunk, and that every token id is below the tokenizer's vocabulary size
+(meta.json `tokenizer.vocab_size`, when recorded). A full pass records the folder's `shard_signature` (meta.json's
+hash and every file's size and modification time) in `DIR/.verified.json` when the folder is writable; the trainer
+verifies a folder whose current signature matches no record (its own run's, or the folder's), so a folder is
+hashed once, and again whenever it changed. For very large corpora run `twinlm data verify DIR` once before a
+distributed launch: the ranks wait while rank 0 verifies.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from twinlm.configs import parse_count
-from twinlm.data.shards import read_tokens
+from twinlm.data.shards import read_meta, read_tokens
 from twinlm.errors import DataError
 from twinlm.eval.compare import compare
 from twinlm.io import write_bytes, write_json
@@ -87,7 +87,7 @@ def step_times(root: Path) -> list[tuple[str, float]]:
 
 def unigram_entropy(shards: Path, max_tokens: int = 5_000_000) -> float:
     """Entropy (nats) of the token distribution of a shard folder: the loss of a model that ignores context."""
-    tokens = read_tokens(shards, json.loads((shards / "meta.json").read_text()).get("dtype", "uint16"))
+    tokens = read_tokens(shards, read_meta(shards)["dtype"])
     if not len(tokens):
         raise DataError(f"{shards}: no tokens, so no unigram entropy; prepare the shards again")
     counts = np.bincount(np.asarray(tokens[:max_tokens]))

@@ -25,8 +25,8 @@ gradients, never applied). A step is never left queued behind a checkpoint or a 
 
 The next batch is drawn from the stream and prepared (cut, packed, masked, pinned on CUDA) on a background
 thread while a step runs (the recipe's `prefetch: false`, or `Trainer(prefetch=False)`: in line, the same
-batches); a checkpoint records the stream's
-position after the batch last finished, not after the one drawn ahead.
+batches); a checkpoint records the stream's position after the batch last finished, not after the one drawn
+ahead.
 
 Resuming is refused (ConfigError / TokenizerMismatch, one line naming the changed settings) when the recipe
 changes what the checkpoint's weights are: `model` (preset or overrides), `objective`, or the tokenizer (its
@@ -315,7 +315,7 @@ class Trainer:
         if total is None or not self.recipe.memory_check:
             return
         r = self.recipe
-        bf16 = r.precision == "bf16" or (r.precision == "auto" and self.env.device.type == "cuda")
+        bf16 = dist.compute_dtype(r.precision, self.env) is torch.bfloat16  # the same rule as the training's
         check_fits(cfg, micro_batch_tokens=max(p.micro_batch_tokens for p in self.phases),
                    checkpointing=r.activation_checkpointing, card_bytes=total, device=str(self.env.device),
                    ranks=self.env.world_size, sharded=r.parallel == "fsdp" and self.env.distributed,
@@ -534,9 +534,12 @@ class Trainer:
         """Whether a step after `step` may be queued without knowing whether to stop: not past max_steps, and,
         on one rank, not asked to stop (with several ranks the stop flag travels with a step: every rank
         queues the next one until it reads the agreed flag)."""
-        if self.recipe.max_steps and step >= self.recipe.max_steps:
+        if self._at_max_steps(step):
             return False
         return not (self.stop_requested and not self.env.distributed)
+
+    def _at_max_steps(self, step: int) -> bool:
+        return bool(self.recipe.max_steps and step >= self.recipe.max_steps)
 
     def _draw(self, phase: Phase, step: int, phase_tokens: int) -> tuple:
         """Step `step`'s batch (its size, the prepared batch, the stream's state after it), `phase_tokens`
@@ -637,7 +640,7 @@ class Trainer:
         if r.stop:
             self.stop_requested = True
         # agreed by every rank: the reduced stop flag of this step, max_steps; one rank needs no agreement
-        self._stop = (r.stop or bool(self.recipe.max_steps and self.state.step >= self.recipe.max_steps)
+        self._stop = (r.stop or self._at_max_steps(self.state.step)
                       or (self.stop_requested and not self.env.distributed))
 
     def _final_problem(self) -> str | None:
