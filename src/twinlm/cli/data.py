@@ -2,7 +2,7 @@
 `twinlm tokenizer {ettin,train}`.
 
 Handlers import their modules when they run (`twinlm --help` stays fast) and let a TwinlmError reach
-`twinlm.cli`, which prints it as one line.
+`twinlm.cli.main`, which prints it as one line.
 """
 
 from __future__ import annotations

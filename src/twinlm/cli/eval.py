@@ -3,7 +3,7 @@
 MODEL is a model folder (HF ModernBERT / ModernBERT-decoder, or a twinlm checkpoint), or a baseline
 name: classify takes `tfidf` / `minilm`, retrieval `bm25` / `minilm`, bpb and pairs `unigram` / `bigram` /
 `trigram` (n-gram models fitted on `--shards DIR` with `--tokenizer DIR`). The flags fill the track's settings
-dataclass (twinlm.eval.settings); user errors reach twinlm.cli, which prints them as one line."""
+dataclass (twinlm.eval.settings); user errors reach `twinlm.cli.main`, which prints them as one line."""
 
 from __future__ import annotations
 

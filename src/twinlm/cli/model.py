@@ -2,7 +2,7 @@
 
 Handlers import torch and the model modules when they run, so that `twinlm --help` stays fast. User errors
 (an unknown preset, a bad setting, a folder that cannot be loaded or written) raise TwinlmError subclasses,
-which twinlm.cli prints as one line with exit status 2.
+which `twinlm.cli.main` prints as one line with exit status 2.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def register(commands) -> None:
 
 
 def _train(args) -> int:
-    # user errors (a bad recipe, missing data, diverging: exit 3) reach twinlm.cli, which prints them as one line
+    # user errors (a bad recipe, missing data, diverging: exit 3) reach `twinlm.cli.main`, which prints them
     from twinlm.train.recipe import load_recipe
     args.out, extra = args.out[0], args.out[1:]
     args.overrides = list(args.overrides) + list(extra)

@@ -1,4 +1,7 @@
-"""`twinlm` command line. Each area registers its own subcommands; handlers import their heavy modules lazily.
+"""`twinlm` command line: the root parser and `main`. One module per command group registers its subcommands
+(data.py, train.py, model.py, eval.py, suite.py); handlers import their heavy modules lazily, so
+`twinlm --help` imports no torch. This package sits above every area: it may import any of them, and none
+imports it.
 
 Exit status: 0 done; 2 a user error (bad arguments, or any `TwinlmError`: one line, `twinlm: error: …`, that
 says what to do; `--debug` shows the traceback too); 3 training diverged; 130 interrupted by Ctrl-C; anything
@@ -15,11 +18,11 @@ from twinlm.errors import TrainingDiverged, TwinlmError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from twinlm.data.cli import register as register_data
-    from twinlm.eval.cli import register as register_eval
-    from twinlm.model_cli import register as register_model
-    from twinlm.suite.cli import register as register_suite
-    from twinlm.train.cli import register as register_train
+    from twinlm.cli.data import register as register_data
+    from twinlm.cli.eval import register as register_eval
+    from twinlm.cli.model import register as register_model
+    from twinlm.cli.suite import register as register_suite
+    from twinlm.cli.train import register as register_train
 
     parser = argparse.ArgumentParser(
         prog="twinlm",
