@@ -43,6 +43,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -159,25 +160,34 @@ class PackedLayout:
         return cls(cu_seqlens, max_seqlen, None, num_tokens=num_tokens)
 
     @property
+    def lengths(self) -> list[int]:
+        """The host lengths of the documents; only a layout built on the host has them (not a traced one)."""
+        if self.seqlens is None:
+            raise RuntimeError("a layout traced by torch.compile has no host lengths (a host-side backend was "
+                               "reached inside compiled code)")
+        return self.seqlens
+
+    @property
     def host_cu(self) -> torch.Tensor:
         """int64 host copy of cu_seqlens."""
         if "host_cu" not in self._cache:
-            self._cache["host_cu"] = torch.tensor([0] + np.cumsum(self.seqlens).tolist(), dtype=torch.int64)
+            self._cache["host_cu"] = torch.tensor([0] + np.cumsum(self.lengths).tolist(), dtype=torch.int64)
         return self._cache["host_cu"]
 
     @property
     def n_docs(self) -> int:
-        return len(self.seqlens)
+        return len(self.lengths)
 
     @property
     def total(self) -> int:
         if self.seqlens is None:
+            assert self.num_tokens is not None  # a traced layout is built with its token count
             return self.num_tokens
         return int(sum(self.seqlens))
 
     @property
     def is_uniform(self) -> bool:
-        return len(set(self.seqlens)) <= 1
+        return len(set(self.lengths)) <= 1
 
     def _from_host(self, t: torch.Tensor) -> torch.Tensor:
         device = self.cu_seqlens.device
@@ -191,7 +201,7 @@ class PackedLayout:
             if self.seqlens is None:  # traced: device arithmetic with a known output size, no host read
                 cu = self.cu_seqlens.long()
                 starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=self.num_tokens)
-                pos = torch.arange(self.num_tokens, device=cu.device) - starts
+                pos = torch.arange(self.total, device=cu.device) - starts
             elif self.is_uniform and self.seqlens:
                 pos = torch.arange(self.seqlens[0], device=self.cu_seqlens.device).repeat(self.n_docs)
             else:  # built on the host from the host lengths, then copied
@@ -327,8 +337,8 @@ def _packed_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.
                                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout = layout_of(cu_seqlens, max_seqlen)
     # torch.func.vjp: autograd is switched off inside an operator's implementation; functorch brings its own
-    _, vjp = torch.func.vjp(lambda a, b, c: attention(a, b, c, layout, window=(left, right), backend=backend,
-                                                      scale=scale), q, k, v)
+    vjp = torch.func.vjp(lambda a, b, c: attention(a, b, c, layout, window=(left, right), backend=backend,
+                                                   scale=scale), q, k, v)[1]
     return tuple(g.contiguous() for g in vjp(grad))
 
 
@@ -362,7 +372,7 @@ def _auto_backend(q: torch.Tensor) -> str:
 
 
 # --- sdpa -----------------------------------------------------------------------------------------
-def _sdpa(q, k, v, layout: PackedLayout, window, scale):
+def _sdpa(q, k, v, layout: PackedLayout, window: tuple[int, int], scale):
     if _band_pays(layout, *window):
         return _sdpa_blocked_band(q, k, v, layout, *window, scale)
     N, H, Dh = q.shape
@@ -454,7 +464,7 @@ def _eager(q, k, v, layout: PackedLayout, window, scale):
     outs = []
     left, right = window
     starts = [0]
-    for n in layout.seqlens:
+    for n in layout.lengths:
         starts.append(starts[-1] + n)
     for s, e in zip(starts[:-1], starts[1:]):
         qd, kd, vd = (t[s:e].transpose(0, 1).float() for t in (q, k, v))  # (H, n, Dh)
@@ -473,7 +483,7 @@ def _eager(q, k, v, layout: PackedLayout, window, scale):
 
 
 # --- flex -----------------------------------------------------------------------------------------
-_flex_compiled = None
+_flex_compiled: Callable[..., torch.Tensor] | None = None
 
 
 def _flex(q, k, v, layout: PackedLayout, window, scale):
@@ -497,7 +507,7 @@ def _flex(q, k, v, layout: PackedLayout, window, scale):
     if key not in layout._cache:
         layout._cache[key] = _flex_block_mask(layout, window, mask_mod, q.device)
     block_mask = layout._cache[key]
-    fn = flex_attention
+    fn: Callable[..., torch.Tensor] = flex_attention
     if q.is_cuda:
         if _flex_compiled is None:
             _flex_compiled = torch.compile(flex_attention, dynamic=True)
@@ -518,7 +528,7 @@ def _flex_block_mask(layout: PackedLayout, window, mask_mod, device):
 
     n, B = layout.total, FLEX_BLOCK
     nb = -(-n // B)
-    doc = np.repeat(np.arange(len(layout.seqlens)), layout.seqlens)
+    doc = np.repeat(np.arange(layout.n_docs), layout.lengths)
     first = np.arange(nb) * B
     last = np.minimum(first + B, n) - 1
     lo_doc, hi_doc = doc[first], doc[last]  # documents a block touches: [lo_doc, hi_doc]

@@ -162,7 +162,7 @@ def coerce(tp: Any, value: Any, where: str, *, noun: str = "key", hooks: Hooks |
             except ConfigError:
                 continue
         return coerce(members[-1], value, where, noun=noun, hooks=hooks)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, where, noun=noun, hooks=hooks)
     if origin is list:
         if not isinstance(value, (list, tuple)):

@@ -193,8 +193,7 @@ def config_from_hf(d: dict[str, Any], folder: Path | None = None) -> ModelConfig
                          ("attention_dropout", TWINLM_ATTENTION_DROPOUT if TWINLM_ATTENTION_DROPOUT in d
                           else "attention_dropout")):
         if d.get(theirs) is not None:
-            cfg_kw[ours] = type(getattr(ModelConfig, ours, 0.0))(d[theirs]) if ours != "max_position_embeddings" \
-                else int(d[theirs])
+            cfg_kw[ours] = int(d[theirs]) if ours == "max_position_embeddings" else float(d[theirs])
     # special tokens: config, else the folder's tokenizer, else Ettin's ids, else the pad id
     names = {"pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "unk": "[UNK]"}
     fallback_keys = {"cls": ("cls_token_id", "bos_token_id"), "sep": ("sep_token_id", "eos_token_id"),

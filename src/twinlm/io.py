@@ -119,7 +119,7 @@ def atomic_dir(path: str | Path, *, replace: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def is_disk_full(e: BaseException) -> bool:
+def is_disk_full(e: BaseException | None) -> bool:
     """Whether `e` (or an exception it was raised from) is a full disk: ENOSPC, or a library's or a client's
     report of it (safetensors: "No space left on device (os error 28)" in a plain Exception; pip, npm and
     apt-get print "No space left on device" / "ENOSPC", which a FetchError quotes)."""

@@ -29,6 +29,7 @@ whether to checkpoint, so that the estimate fits a card; `CARDS` holds cards' me
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from twinlm.config import ModelConfig
 from twinlm.errors import ConfigError
@@ -130,7 +131,9 @@ def plan(cfg: ModelConfig, *, card: str | None = None, micro_batch_tokens: int, 
     """The largest micro-batch (the recipe's, halved as needed, never below `min_tokens`) that fits the card
     (`card` by name, or `card_bytes`), without activation checkpointing when one fits, else with it;
     ConfigError when nothing fits."""
-    kw = dict(ranks=ranks, sharded=sharded, precision=precision, card=card, card_bytes=card_bytes)
+    if card is None and card_bytes is None:
+        raise ConfigError("a memory plan needs the device: name a card (--card H100) or give its memory")
+    kw: dict[str, Any] = dict(ranks=ranks, sharded=sharded, precision=precision, card=card, card_bytes=card_bytes)
     for checkpointing in (False, True):
         tokens = micro_batch_tokens
         while tokens >= min(min_tokens, micro_batch_tokens):
@@ -140,8 +143,9 @@ def plan(cfg: ModelConfig, *, card: str | None = None, micro_batch_tokens: int, 
             tokens //= 2
     est = estimate(cfg, micro_batch_tokens=min_tokens, checkpointing=True, **kw)
     raise ConfigError(f"{cfg.num_layers}-layer d={cfg.hidden_size} model does not fit a {card or 'device'} "
-                      f"({est.card_bytes / GiB:.0f} GiB) even at {min_tokens} tokens per micro-batch with activation "
-                      f"checkpointing (estimate {est.total / GiB:.1f} GiB); use more ranks with parallel=fsdp")
+                      f"({(est.card_bytes or 0) / GiB:.0f} GiB) even at {min_tokens} tokens per micro-batch with "
+                      f"activation checkpointing (estimate {est.total / GiB:.1f} GiB); use more ranks with "
+                      "parallel=fsdp")
 
 
 def check_fits(cfg: ModelConfig, *, micro_batch_tokens: int, checkpointing: bool, card_bytes: float,
@@ -179,7 +183,7 @@ def describe(est: MemoryEstimate) -> str:
              f"  loss accumulator + logits chunk   {est.head_fixed / g:8.2f} GiB",
              f"  reserve (context, fragmentation)  {est.reserve / g:8.2f} GiB",
              f"  total                             {est.total / g:8.2f} GiB"]
-    if est.card is not None:
+    if est.card is not None and est.card_bytes is not None:
         lines.append(f"  {est.card} ({est.card_bytes / g:.1f} GiB): {'fits' if est.fits else 'DOES NOT FIT'}")
     return "\n".join(lines)
 

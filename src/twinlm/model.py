@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +163,9 @@ class PredictionHead(nn.Module):
 class Transformer(nn.Module):
     """Ettin/ModernBERT encoder (config.causal=False) or decoder (config.causal=True). See the module docstring."""
 
+    global_inv_freq: torch.Tensor  # buffers, declared for the type checker
+    local_inv_freq: torch.Tensor
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         if not isinstance(config, ModelConfig):
@@ -178,6 +182,11 @@ class Transformer(nn.Module):
         self.register_buffer("local_inv_freq", rope_inv_freq(cfg.head_dim, cfg.local_rope_theta), persistent=False)
         self.reset_parameters()
 
+    @property
+    def blocks(self) -> list[Block]:
+        """The layers, typed (`self.layers` is the ModuleList that parallelisation wraps)."""
+        return cast("list[Block]", list(self.layers))
+
     # --- init ------------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -189,7 +198,7 @@ class Transformer(nn.Module):
             nn.init.trunc_normal_(w, mean=0.0, std=s, a=-cut * s, b=cut * s)
 
         tn(self.tok_embeddings.weight, std)
-        for block in self.layers:
+        for block in self.blocks:
             tn(block.attn.Wqkv.weight, std)
             tn(block.attn.Wo.weight, out_std)
             tn(block.mlp.Wi.weight, std)
@@ -387,7 +396,7 @@ class Transformer(nn.Module):
         per_layer = 4 * d * d + 3 * d * inter
         flops = 6.0 * cfg.num_layers * per_layer
         flops += 6.0 * predicted_fraction * (d * d + cfg.vocab_size * d)
-        for block in self.layers:
+        for block in self.blocks:
             flops += 12.0 * d * mean_keys_per_query(seq_len, block.attn.window)
         return flops
 

@@ -84,7 +84,7 @@ def resolve_inputs(items: Iterable[Any] | None, fetched: bool = False,
             found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and _kind_of(p))
             if not found:
                 raise DataError(f"{path}: no text, JSONL or parquet files in this folder")
-            specs.extend(InputSpec(_kind_of(p), str(p)) for p in found)
+            specs.extend(InputSpec(kind, str(p)) for p in found if (kind := _kind_of(p)))
         elif path.is_file():
             kind = _kind_of(path) or "text"
             specs.append(InputSpec(kind, str(path)))

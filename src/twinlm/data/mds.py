@@ -259,7 +259,10 @@ class MDSTokens:
         arr = np.frombuffer(b, np.dtype(self.dtype)) if _base(self.encoding) == "bytes" else decode(self.encoding, b)
         return np.asarray(arr).reshape(-1)
 
-    def _scan(self) -> None:
+    def _scan(self) -> tuple[np.ndarray, int]:
+        """Every sample's length and the largest id (read once)."""
+        if self._lengths is not None and self._max_id is not None:
+            return self._lengths, self._max_id
         lengths = np.empty(len(self), dtype=np.int64)
         top = -1
         for i in range(len(self)):
@@ -270,12 +273,11 @@ class MDSTokens:
                     raise DataError(f"{self.path}: sample {i} has a negative token id")
                 top = max(top, int(a.max()))
         self._lengths, self._max_id = lengths, top
+        return lengths, top
 
     @property
     def lengths(self) -> np.ndarray:
-        if self._lengths is None:
-            self._scan()
-        return self._lengths
+        return self._scan()[0]
 
     @property
     def num_tokens(self) -> int:
@@ -283,9 +285,7 @@ class MDSTokens:
 
     @property
     def max_id(self) -> int:
-        if self._max_id is None:
-            self._scan()
-        return self._max_id
+        return self._scan()[1]
 
     def __repr__(self) -> str:
         return f"MDSTokens({self.path}, column={self.column!r}, {len(self)} samples)"

@@ -273,8 +273,8 @@ class ShardDataset:
         n = len(self.index)
         if n != self.meta["num_chunks"] + 1 or (n and int(self.index[-1]) != len(self.tokens)):
             raise ShardError(f"{self.path}: index.npy does not match tokens.bin")
-        self._docs = None
-        self._bytes = None
+        self._docs: np.ndarray | None = None
+        self._bytes: np.ndarray | None = None
         self._limit = int(self.meta.get("max_chunk_len") or len(self.tokens))
 
     def __len__(self) -> int:

@@ -68,7 +68,9 @@ def build_ettin_tokenizer(out: str | Path, home: str | Path | None = None, base_
         got = backend.token_to_id(t)
         if got != ETTIN_FIRST_SPECIAL + i:
             raise ValueError(f"{t} landed at id {got}, expected {ETTIN_FIRST_SPECIAL + i}")
-    backend.post_processor = _post_processor(backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]"))
+    # the ids were just checked to be ETTIN_FIRST_SPECIAL + their place in SPECIAL_TOKENS
+    cls_id, sep_id = (ETTIN_FIRST_SPECIAL + SPECIAL_TOKENS.index(t) for t in ("[CLS]", "[SEP]"))
+    backend.post_processor = _post_processor(cls_id, sep_id)
     tok = _wrap(backend, out)
     if len(tok) != ETTIN_VOCAB_SIZE:
         raise ValueError(f"Ettin tokenizer has {len(tok)} tokens, expected {ETTIN_VOCAB_SIZE}")

@@ -19,15 +19,15 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 # --- classification --------------------------------------------------------------------------------
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_labels: int) -> dict[str, float]:
     """accuracy, macro-F1, and (binary tasks) F1 of class 1 and Matthews correlation, all in percent."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    truth, pred = np.asarray(y_true), np.asarray(y_pred)
     labels = list(range(num_labels))
-    out = {"accuracy": 100.0 * accuracy_score(y_true, y_pred),
-           "f1_macro": 100.0 * f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)}
+    out = {"accuracy": 100.0 * accuracy_score(truth, pred),
+           "f1_macro": 100.0 * f1_score(truth, pred, labels=labels, average="macro", zero_division=0)}
     if num_labels == 2:
-        out["f1"] = 100.0 * f1_score(y_true, y_pred, pos_label=1, average="binary", zero_division=0)
+        out["f1"] = 100.0 * f1_score(truth, pred, pos_label=1, average="binary", zero_division=0)
         with warnings.catch_warnings():  # a one-class dev split: MCC is 0, say nothing
             warnings.simplefilter("ignore")
-            out["mcc"] = 100.0 * matthews_corrcoef(y_true, y_pred)
+            out["mcc"] = 100.0 * matthews_corrcoef(truth, pred)
     return out
 
 
@@ -102,8 +102,8 @@ def multiple_choice_metrics(loglikelihoods: Sequence[Sequence[float]], labels: S
     lm-evaluation-harness's `acc_norm`) and acc_bytes (divided by its UTF-8 byte length, lm-eval's
     `acc_bytes`), in percent. First maximum wins ties (numpy argmax), as in lm-eval."""
     acc = acc_norm = acc_bytes = 0
-    for lls, gold, texts in zip(loglikelihoods, labels, choice_texts):
-        lls = np.asarray(lls, dtype=np.float64)
+    for choice_lls, gold, texts in zip(loglikelihoods, labels, choice_texts):
+        lls = np.asarray(choice_lls, dtype=np.float64)
         chars = np.array([float(len(t)) for t in texts])
         nbytes = np.array([float(len(t.encode("utf-8"))) for t in texts])
         acc += int(np.argmax(lls) == gold)
@@ -142,14 +142,14 @@ def bootstrap_ratio(num: Sequence[float], den: Sequence[float], samples: int = B
     """sum(num) / sum(den) and its spread over `samples` resamplings of the items with replacement: the
     standard error (`se`, the bootstrap replicates' std) and the 95% percentile interval (`lo`, `hi`).
     A mean is the ratio with `den` all ones. No items is an error: a score from no data is no score."""
-    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
-    if num.size == 0 or num.shape != den.shape or den.sum() <= 0:
+    nums, dens = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if nums.size == 0 or nums.shape != dens.shape or dens.sum() <= 0:
         raise ValueError("bootstrap of no data: nothing was scored")
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, num.size, size=(samples, num.size))
-    reps = num[idx].sum(1) / np.maximum(den[idx].sum(1), 1e-300)
+    idx = rng.integers(0, nums.size, size=(samples, nums.size))
+    reps = nums[idx].sum(1) / np.maximum(dens[idx].sum(1), 1e-300)
     lo, hi = np.percentile(reps, [2.5, 97.5])
-    return {"value": float(num.sum() / den.sum()), "se": float(reps.std(ddof=1)), "lo": float(lo), "hi": float(hi)}
+    return {"value": float(nums.sum() / dens.sum()), "se": float(reps.std(ddof=1)), "lo": float(lo), "hi": float(hi)}
 
 
 def bootstrap_macro(groups: Mapping[str, Sequence[float]], samples: int = BOOTSTRAP_SAMPLES,

@@ -148,6 +148,8 @@ def _fetch_one(source: DataSource, root: Path, manifest: dict, index: EvalIndex 
         else:
             archive, digest, pinned = None, None, False
         if source.group == "eval":
+            if archive is None:  # a catalog entry's mistake, not the user's
+                raise RuntimeError(f"evaluation source {source.name} names no archive in the catalog")
             out = root / "sources" / source.name
             with atomic_dir(out, replace=True) as tmp:
                 counts = extract_eval(source, archive, tmp)
@@ -160,7 +162,7 @@ def _fetch_one(source: DataSource, root: Path, manifest: dict, index: EvalIndex 
         if source.optional and not is_disk_full(e):
             return index, f"{source.name}: skipped ({e})"
         raise
-    version = (archive_version(source.archive, archive) if archive else "") or _local_version(source)
+    version = (archive_version(source.archive, archive) if source.archive and archive else "") or _local_version(source)
     manifest["sources"][source.name] = {
         "group": source.group, "client": source.archive.client if source.archive else "local",
         "archive_spec": source.archive.spec if source.archive else None,

@@ -73,12 +73,13 @@ def _ngram_hashes(texts: list[str], hasher: _WordHasher, passages: bool) -> tupl
     passages=True (building the index): 13-grams, or the whole text if it has 8–12 words.
     passages=False (checking text): every n-gram for n = 8…13, so that short passages are found too.
     """
-    lengths, flat = [], []
+    counts: list[int] = []
+    flat: list[int] = []
     for t in texts:
         words = normalize_words(t)
-        lengths.append(len(words))
+        counts.append(len(words))
         flat.extend(hasher(words))
-    lengths = np.asarray(lengths, dtype=np.int64)
+    lengths = np.asarray(counts, dtype=np.int64)
     if not flat:
         return np.empty(0, np.uint64), np.empty(0, np.int64)
     h = np.asarray(flat, dtype=np.uint64)

@@ -130,8 +130,9 @@ def iter_archive(path: Path, prefixes: tuple[str, ...] = ()) -> Iterator[tuple[s
         with tarfile.open(path) as t:
             for m in t:
                 n = m.name[2:] if m.name.startswith("./") else m.name
-                if m.isfile() and want(n):
-                    yield n, t.extractfile(m).read()
+                f = t.extractfile(m) if m.isfile() else None
+                if f is not None and want(n):
+                    yield n, f.read()
     elif name.endswith(".deb"):
         yield from _iter_deb(path, want)
     else:
@@ -158,7 +159,8 @@ def _iter_deb(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str, by
                     import zstandard  # type: ignore[import-not-found]  # only for zstd-compressed packages
                     data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
                     mode = "r:"
-                with tarfile.open(fileobj=io.BytesIO(data), mode=mode) as t:
+                # `mode` is one of the read modes above (the stubs want a literal)
+                with tarfile.open(fileobj=io.BytesIO(data), mode=mode) as t:  # type: ignore[call-overload]
                     for m in t:
                         n = m.name[2:] if m.name.startswith("./") else m.name
                         if m.isfile() and want(n):

@@ -54,10 +54,11 @@ def extract_eval(source: DataSource, archive: Path, dest: Path) -> dict:
         n = 0
         with tarfile.open(fileobj=io.BytesIO(inner)) as t:
             for m in t:
-                if m.isfile():
+                f = t.extractfile(m) if m.isfile() else None
+                if f is not None:
                     target = safe_join(dest, m.name)
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(t.extractfile(m).read())
+                    target.write_bytes(f.read())
                     n += 1
     else:
         n = unpack(archive, dest, source.members)
@@ -214,7 +215,8 @@ def _docs_python_stdlib(archive: Path | None, source: DataSource) -> Iterator[tu
             yield str(rel), text
 
 
-PRETRAIN_EXTRACTORS: dict[str, Callable[[Path | None, DataSource], Iterator[tuple[str, str]]]] = {
+# the archive is None for a source read from this machine (python_stdlib)
+PRETRAIN_EXTRACTORS: dict[str, Callable[..., Iterator[tuple[str, str]]]] = {
     "shakespeare": _docs_shakespeare, "wiki": _docs_wiki, "stdlib_texts": _docs_stdlib_texts,
     "nlp_corpus": _docs_nlp_corpus, "deb_rst": _docs_deb_rst, "gcide": _docs_gcide,
     "python_stdlib": _docs_python_stdlib,
