@@ -97,3 +97,8 @@ def test_trainer_refuses_a_micro_batch_that_does_not_fit_the_device(tmp_path, mo
     assert not (tmp_path / "big" / "checkpoints").exists()
     run({**recipe, "memory_check": False}, tmp_path / "unchecked", log=lambda *a: None)
     run(tiny_recipe(shards, phases=1, tokens=300, micro_batch_tokens=128), tmp_path / "fits", log=lambda *a: None)
+
+
+def test_a_plan_without_a_device_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="needs the device"):
+        plan(ModelConfig.preset("ettin-17m"), micro_batch_tokens=8192)

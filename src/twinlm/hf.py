@@ -23,9 +23,7 @@ Folders are written by twinlm.export and read by twinlm.loading.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,27 +117,17 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     return d
 
 
-def _special_from_tokenizer(folder: Path, token: str) -> int | None:
-    tj = folder / "tokenizer.json"
-    if not tj.is_file():
-        return None
-    try:
-        data = json.loads(tj.read_text())
-    except (OSError, ValueError):
-        return None
-    for t in data.get("added_tokens", []):
-        if t.get("content") == token:
-            return int(t["id"])
-    vocab = (data.get("model") or {}).get("vocab")
-    if isinstance(vocab, dict) and token in vocab:
-        return int(vocab[token])
-    return None
+SPECIAL_TOKEN_NAMES = {"pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "unk": "[UNK]"}
 
 
-def config_from_hf(d: dict[str, Any], folder: Path | None = None) -> ModelConfig:
+def config_from_hf(d: dict[str, Any], tokenizer_ids: dict[str, int] | None = None,
+                   where: str = "config") -> ModelConfig:
+    """The ModelConfig of a Hugging Face config.json's dict `d`. Special token ids come from the config, else
+    `tokenizer_ids` (token text -> id, e.g. read from the folder's tokenizer.json by loading.py), else Ettin's
+    ids, else the pad id. `where` names the folder in errors."""
     mt = d.get("model_type")
     if mt not in (ENCODER_TYPE, DECODER_TYPE):
-        raise ModelLoadError(f"{folder or 'config'}: model_type {mt!r} is not supported; twinlm loads "
+        raise ModelLoadError(f"{where}: model_type {mt!r} is not supported; twinlm loads "
                              f"{ENCODER_TYPE!r} ({ENCODER_ARCH}) and {DECODER_TYPE!r} ({DECODER_ARCH}) folders")
     causal = mt == DECODER_TYPE
     try:
@@ -150,35 +138,35 @@ def config_from_hf(d: dict[str, Any], folder: Path | None = None) -> ModelConfig
             vocab_size=vocab, hidden_size=hidden, intermediate_size=int(d["intermediate_size"]),
             num_layers=n_layers, num_heads=int(d["num_attention_heads"]), causal=causal)
     except KeyError as e:
-        raise ModelLoadError(f"{folder or 'config'}: config.json lacks the field {e.args[0]!r}") from None
+        raise ModelLoadError(f"{where}: config.json lacks the field {e.args[0]!r}") from None
     for hf_name, ours in (("hidden_activation", "gelu"), ("norm_bias", False), ("attention_bias", False),
                           ("mlp_bias", False), ("decoder_bias", True), ("tie_word_embeddings", True)):
         if hf_name in d and d[hf_name] != ours and not (hf_name == "hidden_activation" and d[hf_name] == "gelu"):
-            raise ModelLoadError(f"{folder or 'config'}: {hf_name}={d[hf_name]!r} is not supported "
+            raise ModelLoadError(f"{where}: {hf_name}={d[hf_name]!r} is not supported "
                                  f"(twinlm models have {hf_name}={ours!r})")
     if d.get("head_dim") not in (None, hidden // max(cfg_kw["num_heads"], 1)):
-        raise ModelLoadError(f"{folder or 'config'}: head_dim {d['head_dim']} != hidden_size / num_attention_heads")
+        raise ModelLoadError(f"{where}: head_dim {d['head_dim']} != hidden_size / num_attention_heads")
     # global attention pattern: from layer_types (explicit) or the old integer field
     every = int(d.get("global_attn_every_n_layers", 3) or 3)
     layer_types = d.get("layer_types")
     if layer_types is not None:
         if len(layer_types) != n_layers:
-            raise ModelLoadError(f"{folder or 'config'}: layer_types has {len(layer_types)} entries for "
+            raise ModelLoadError(f"{where}: layer_types has {len(layer_types)} entries for "
                                  f"{n_layers} layers")
         globals_ = [i for i, t in enumerate(layer_types) if t == "full_attention"]
         unknown = set(layer_types) - {"full_attention", "sliding_attention"}
         if unknown:
-            raise ModelLoadError(f"{folder or 'config'}: unknown layer types {sorted(unknown)}")
+            raise ModelLoadError(f"{where}: unknown layer types {sorted(unknown)}")
         candidates = [e for e in [every, *range(1, n_layers + 1)]
                       if [i for i in range(n_layers) if i % e == 0] == globals_]
         if not candidates:
-            raise ModelLoadError(f"{folder or 'config'}: layer_types puts global attention on layers {globals_}; "
+            raise ModelLoadError(f"{where}: layer_types puts global attention on layers {globals_}; "
                                  f"twinlm supports every n-th layer starting at layer 0")
         every = candidates[0]
     cfg_kw["global_attn_every_n_layers"] = every
     local = d.get("local_attention", 128)
     if local is None or (isinstance(local, (int, float)) and local <= 0):
-        raise ModelLoadError(f"{folder or 'config'}: local_attention={local!r} is not supported")
+        raise ModelLoadError(f"{where}: local_attention={local!r} is not supported")
     cfg_kw["local_window"] = int(local)
     rope = d.get("rope_parameters") or {}
     g = (rope.get("full_attention") or {}).get("rope_theta", d.get("global_rope_theta", 160_000.0))
@@ -186,7 +174,7 @@ def config_from_hf(d: dict[str, Any], folder: Path | None = None) -> ModelConfig
     for kind in ("full_attention", "sliding_attention"):
         rt = (rope.get(kind) or {}).get("rope_type", "default")
         if rt != "default":
-            raise ModelLoadError(f"{folder or 'config'}: rope_type {rt!r} ({kind}) is not supported")
+            raise ModelLoadError(f"{where}: rope_type {rt!r} ({kind}) is not supported")
     cfg_kw.update(global_rope_theta=float(g), local_rope_theta=float(loc))
     for ours, theirs in (("max_position_embeddings", "max_position_embeddings"), ("norm_eps", "norm_eps"),
                          ("init_std", "initializer_range"), ("init_cutoff_factor", "initializer_cutoff_factor"),
@@ -195,13 +183,12 @@ def config_from_hf(d: dict[str, Any], folder: Path | None = None) -> ModelConfig
         if d.get(theirs) is not None:
             cfg_kw[ours] = int(d[theirs]) if ours == "max_position_embeddings" else float(d[theirs])
     # special tokens: config, else the folder's tokenizer, else Ettin's ids, else the pad id
-    names = {"pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "unk": "[UNK]"}
     fallback_keys = {"cls": ("cls_token_id", "bos_token_id"), "sep": ("sep_token_id", "eos_token_id"),
                      "pad": ("pad_token_id",), "mask": ("mask_token_id",), "unk": ("unk_token_id",)}
     for short, keys in fallback_keys.items():
         value = next((d[k] for k in keys if isinstance(d.get(k), int)), None)
-        if value is None and folder is not None:
-            value = _special_from_tokenizer(folder, names[short])
+        if value is None and tokenizer_ids:
+            value = tokenizer_ids.get(SPECIAL_TOKEN_NAMES[short])
         if value is None or not 0 <= value < vocab:
             value = ETTIN_SPECIAL_TOKENS[short]
         if not 0 <= value < vocab:
@@ -210,7 +197,7 @@ def config_from_hf(d: dict[str, Any], folder: Path | None = None) -> ModelConfig
     try:
         return ModelConfig(**cfg_kw)
     except ValueError as e:
-        raise ModelLoadError(f"{folder or 'config'}: {e}") from None
+        raise ModelLoadError(f"{where}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from twinlm.export import (
     verify_manifest,
     weights_metadata,
 )
-from twinlm.hf import config_from_hf, from_hf_state_dict
+from twinlm.hf import SPECIAL_TOKEN_NAMES, config_from_hf, from_hf_state_dict
 from twinlm.hub import resolve_model
 from twinlm.model import Transformer
 
@@ -85,8 +85,28 @@ def read_config(path) -> ModelConfig:
             raise ModelLoadError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise ModelLoadError(f"{folder / 'config.json'}: expected a JSON object")
-        return config_from_hf(d, folder)
+        return config_from_hf(d, _tokenizer_special_ids(folder), where=str(folder))
     raise ModelLoadError(f"{folder}: neither config.json (Hugging Face) nor {TWINLM_CONFIG} (twinlm checkpoint) found")
+
+
+def _tokenizer_special_ids(folder: Path) -> dict[str, int]:
+    """Ids of the special tokens (SPECIAL_TOKEN_NAMES) that the folder's tokenizer.json defines ({} without one or
+    when it cannot be read: the config's ids or Ettin's then apply)."""
+    try:
+        data = json.loads((folder / "tokenizer.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    found = {t.get("content"): int(t["id"]) for t in data.get("added_tokens") or [] if isinstance(t, dict)}
+    vocab = (data.get("model") or {}).get("vocab")
+    out = {}
+    for token in SPECIAL_TOKEN_NAMES.values():
+        if token in found:
+            out[token] = found[token]
+        elif isinstance(vocab, dict) and token in vocab:
+            out[token] = int(vocab[token])
+    return out
 
 
 BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"  # transformers' older format
