@@ -11,9 +11,10 @@ are verified with.
 The checksum manifest `MANIFEST.sha256` of a training checkpoint and of an exported model folder has one
 format, written by `write_manifest` and read by `read_manifest`: one line `<sha256>  <file>` per file (64
 lowercase hex digits, two spaces, a plain file name of the same folder: no `/`, no white space but the
-space, not starting with `.` or a space), sorted by name, each ending in `\n`, so a manifest cut short at any byte is seen (a manifest
-of no files is a single `\n`). The text must be UTF-8 and lines are split on `\n` only (`\v`, `\f`, `\x1c`…
-are not line breaks). Each reader keeps its own error class, its required files and its messages.
+space, not starting with `.` or a space), sorted by name, each ending in a line feed, so a manifest cut
+short at any byte is seen (a manifest of no files is a single line feed). The text must be UTF-8 and lines
+are split on the line feed only (a vertical tab or a form feed is not a line break). Each reader keeps its
+own error class, its required files and its messages.
 """
 
 from __future__ import annotations

@@ -16,13 +16,13 @@ run left are removed first; a full disk (ENOSPC) stops with `OutOfSpace`, remove
 folders and leaves an earlier shard folder at `out` intact. A count of held-out documents the corpus cannot
 give (the count rule holds out about 1 document in 10) is logged and recorded as `holdout.num_documents`
 beside the `holdout.docs` asked for; `twinlm data prepare` prints it as a warning. Which documents are held
-out is decided by a hash of the seed and each document's text, so the split is the same wherever the input
-files lie, and copies of a document never straddle the two sides.
+out is decided by the one held-out rule (twinlm.data.split: a hash of the seed and each document's text, the
+suite's corpus rule too), so the split is the same wherever the input files lie, and copies of a document never
+straddle the two sides.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -38,6 +38,7 @@ from tokenizers import Tokenizer
 
 from twinlm.data.inputs import InputSpec, iter_documents, resolve_inputs
 from twinlm.data.shards import ShardWriter
+from twinlm.data.split import heldout
 from twinlm.data.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
 from twinlm.errors import ConfigError, DataError, OutOfSpace
 from twinlm.io import is_disk_full, remove_stale_temporaries
@@ -157,9 +158,9 @@ def _process(batch: list[tuple[int, bool, str]]) -> dict[str, Any]:
 
 def _holdout_rule(holdout_docs: float, seed: int):
     """A function (doc ordinal, text) -> held out?  fraction < 1: each document with that probability;
-    count >= 1: documents drawn with probability 1/10 until that many are held out. The draw is a hash of the
-    seed and the document's text: the split does not depend on where the input files lie, and identical
-    documents fall on the same side."""
+    count >= 1: documents drawn with probability 1/10 until that many are held out. The draw is the held-out
+    rule (twinlm.data.split.heldout: a hash of the seed and the document's text), so the split does not depend
+    on where the input files lie, and identical documents fall on the same side."""
     if not holdout_docs:
         return lambda ordinal, text: False
     if holdout_docs < 0:
@@ -171,8 +172,7 @@ def _holdout_rule(holdout_docs: float, seed: int):
     def rule(ordinal: int, text: str) -> bool:
         if limit is not None and taken[0] >= limit:
             return False
-        h = int.from_bytes(hashlib.blake2b(f"{seed}:{text}".encode(), digest_size=8).digest(), "little") / 2 ** 64
-        if h < fraction:
+        if heldout(text, seed, fraction):
             taken[0] += 1
             return True
         return False
