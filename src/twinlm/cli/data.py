@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 
 def register(commands) -> None:
@@ -172,17 +174,41 @@ def _prepare_for(args) -> int:
 
 
 def _order(args) -> int:
-    from pathlib import Path
-
-    from twinlm.data.order import read_step, show_step
+    from twinlm.data.order import read_step
     if (Path(args.run) / "config.yaml").is_file():
         from twinlm.train.plan import order_of_step
         rows, how = order_of_step(args.run, args.step)
     else:
         rows, how = read_step(args.run, args.step, group=args.group), "recorded"
-    show_step(args.run, args.step, tokenizer=args.tokenizer, out=args.out, max_chars=args.max_chars, rows=rows,
-              how=how)
+    _show_step(args.run, args.step, rows, how, tokenizer=args.tokenizer, out=args.out, max_chars=args.max_chars)
     return 0
+
+
+def _show_step(run: str, step: int, rows: list[dict[str, Any]], how: str, *, tokenizer: str | None = None,
+               out: str | None = None, max_chars: int = 300) -> None:
+    """Print step `step`'s rows (`how`: recorded or recomputed), decoded with `tokenizer` (default: RUN/final or
+    RUN/tokenizer when they hold one; else token ids), each cut at `max_chars`; with `out`, write them instead
+    to that parquet file (twinlm's batch-order layout, atomically)."""
+    from twinlm.data.order import ORDER_COLUMNS, write_order_file
+    from twinlm.data.tokenizer import load_tokenizer
+    if out:
+        columns = {name: [r[name] for r in rows] for name in ORDER_COLUMNS}
+        columns["input_ids"] = [[int(v) for v in ids] for ids in columns["input_ids"]]
+        write_order_file(out, columns)
+        print(f"{out}: {len(rows)} samples of step {step} ({how})")
+        return
+    if tokenizer is None:
+        tokenizer = next((str(c) for c in (Path(run) / "final", Path(run) / "tokenizer")
+                          if (c / "tokenizer.json").exists()), None)
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    total = sum(len(r["input_ids"]) for r in rows)
+    print(f"step {step}: {len(rows)} samples, {total} tokens ({how})")
+    for r in rows:
+        ids = [int(v) for v in r["input_ids"]]
+        text = tok.decode(ids) if tok is not None else " ".join(map(str, ids))
+        if len(text) > max_chars:
+            text = text[:max_chars] + "…"
+        print(f"[rank {r['rank']} #{r['position']}] sample {r['sample_id']} ({len(ids)} tokens): {text!r}")
 
 
 def _tok_ettin(args) -> int:
