@@ -118,7 +118,7 @@ def _list(args) -> int:
 
 def _prepare(args) -> int:
     from twinlm.data.inputs import resolve_inputs
-    from twinlm.data.prepare import prepare
+    from twinlm.data.prepare import PrepareConfig, prepare
     from twinlm.data.tokenizer import load_tokenizer
     from twinlm.errors import ConfigError
     if args.for_recipe:
@@ -126,12 +126,12 @@ def _prepare(args) -> int:
     if not args.tokenizer or not args.out:
         raise ConfigError("twinlm data prepare needs --tokenizer DIR and --out DIR (or --for RECIPE)")
     inputs = resolve_inputs(args.inputs, fetched=args.fetched)
+    settings = PrepareConfig(chunk_size=args.chunk_size, min_chunk=args.min_chunk, backfill=args.backfill,
+                             text_field=args.text_field, holdout_docs=args.holdout_docs,
+                             holdout_out=args.holdout_out, workers=args.workers, threads=args.threads,
+                             seed=args.seed, on_bad_input=args.on_bad_input, max_docs=args.max_docs)
     tok = load_tokenizer(args.tokenizer)
-    holdout = args.holdout_docs
-    meta = prepare(inputs, tok, args.out, chunk_size=args.chunk_size, min_chunk=args.min_chunk,
-                   backfill=args.backfill, text_field=args.text_field, holdout_docs=holdout,
-                   holdout_out=args.holdout_out, workers=args.workers, threads=args.threads, seed=args.seed,
-                   on_bad_input=args.on_bad_input, max_docs=args.max_docs)
+    meta = prepare(inputs, tok, args.out, settings)
     s = meta["stats"]
     print(f"{args.out}: {meta['num_chunks']} chunks, {meta['num_tokens']} tokens from {s['documents']} documents "
           f"({s['bytes'] / 1e6:.1f} MB in {s['seconds']:.1f} s, {s['bytes'] / 1e6 / max(s['seconds'], 1e-9):.2f} MB/s)")

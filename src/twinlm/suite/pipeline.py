@@ -23,7 +23,7 @@ import torch
 from twinlm.configs import parse_count
 from twinlm.data.corpus import build_corpus
 from twinlm.data.fetch import fetch
-from twinlm.data.prepare import prepare
+from twinlm.data.prepare import PrepareConfig, prepare
 from twinlm.data.tokenizer import (
     build_ettin_tokenizer,
     load_tokenizer,
@@ -122,8 +122,9 @@ class Suite:
     def _prepare(self, seq: int) -> Callable[[Path], dict]:
         def run(folder: Path) -> dict:
             # The paper's 128-token minimum and 512-token back-fill are for 1,024-token chunks: scale them.
+            settings = PrepareConfig(chunk_size=seq, min_chunk=max(8, seq // 8), backfill=seq // 2)
             meta = prepare([str(self.path("corpus", "train.jsonl"))], str(self.tokenizer_dir), folder / "shards",
-                           chunk_size=seq, min_chunk=max(8, seq // 8), backfill=seq // 2)
+                           settings)
             return {k: meta[k] for k in ("num_chunks", "num_tokens") if k in meta}
         return run
 
