@@ -182,6 +182,9 @@ def _holdout_rule(holdout_docs: float, seed: int) -> Callable[[int, str], bool]:
     return rule
 
 
+# --------------------------------------------------------------------------------------------------
+# prepare: its settings, the job they make, the run
+# --------------------------------------------------------------------------------------------------
 @dataclass
 class PrepareConfig:
     """The settings of `prepare` (those of `twinlm data prepare`): chunking, the held-out split, the workers.
