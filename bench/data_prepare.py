@@ -76,7 +76,7 @@ def main() -> int:
     ap.add_argument("--chunk-size", type=int, default=1024)
     ap.add_argument("--write", action="store_true", help="write the figures into bench/RESULTS.md")
     args = ap.parse_args()
-    from twinlm.data.prepare import prepare
+    from twinlm.data.prepare import PrepareConfig, prepare
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -86,7 +86,8 @@ def main() -> int:
             w, th = (int(x) for x in config.split("x"))
             c0 = os.times()
             t0 = time.time()
-            meta = prepare([text], tok, work / f"shards-{w}", chunk_size=args.chunk_size, workers=w, threads=th)
+            settings = PrepareConfig(chunk_size=args.chunk_size, workers=w, threads=th)
+            meta = prepare([text], tok, work / f"shards-{w}", settings)
             wall = time.time() - t0
             c1 = os.times()
             cpu = (c1.user - c0.user) + (c1.system - c0.system) + (c1.children_user - c0.children_user) + \

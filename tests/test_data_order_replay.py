@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from twinlm.cli import main
-from twinlm.data.order import OrderFolder, read_step
+from twinlm.data.order import ORDER_COLUMNS, OrderFolder, read_step
 from twinlm.errors import ConfigError, DataError
 from twinlm.train import run
 from twinlm.train.plan import order_of_step, step_batch
@@ -75,6 +75,10 @@ def test_order_of_an_unrecorded_run_is_recomputed_equal_to_the_records(shards, o
     assert main(["data", "order", str(original), "--step", str(n), "--out", str(out)]) == 0
     assert "recorded and recomputed (equal)" in capsys.readouterr().out
     assert pq.read_table(out).column("input_ids").to_pylist() == [r["input_ids"] for r in read_step(original, n)]
+    # the one batch-order schema: a step written by the command line is a file of the run's own records
+    recorded = next((original / "data_order").glob("step-*/rank-*.parquet"))
+    assert pq.read_schema(out) == pq.read_schema(recorded)
+    assert [f.name for f in pq.read_schema(out)] == list(ORDER_COLUMNS)
 
 
 def test_records_that_disagree_with_the_recipe_are_an_error(shards, original, tmp_path):

@@ -5,11 +5,12 @@ import pytest
 
 import twinlm.data.inputs as inputs_mod
 import twinlm.data.prepare as prepare_mod
+from twinlm.configs import build
 from twinlm.data.inputs import iter_documents, resolve_inputs
-from twinlm.data.prepare import chunk_document, prepare
+from twinlm.data.prepare import PrepareConfig, chunk_document, prepare
 from twinlm.data.shards import ShardDataset, ShardError, TokenizerMismatch, check_tokenizer, verify_shards
 from twinlm.data.tokenizer import tokenizer_fingerprint, train_tokenizer
-from twinlm.errors import DataError, MissingArtifactError
+from twinlm.errors import ConfigError, DataError, MissingArtifactError
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega").split()
@@ -91,6 +92,24 @@ def test_prepare_multiprocess_matches_single(tok, corpus, tmp_path):
                 batch_bytes=500)
     assert a["sha256"] == b["sha256"] == c["sha256"]
     assert (b["stats"]["workers"], b["stats"]["threads"]) == (2, 1)
+
+
+def test_prepare_takes_its_settings_as_one_object(tok, corpus, tmp_path):
+    d, _ = corpus
+    settings = build(PrepareConfig, {"chunk_size": "64", "min_chunk": 8, "backfill": 32, "workers": 0})
+    a = prepare([d], tok, tmp_path / "a", settings)
+    b = prepare([d], tok, tmp_path / "b", chunk_size=64, min_chunk=8, backfill=32, workers=0)
+    assert a["sha256"] == b["sha256"] and a["chunking"] == b["chunking"]
+    # fields given beside the settings replace theirs
+    c = prepare([d], tok, tmp_path / "c", settings, backfill=16)
+    assert c["chunking"] == {"chunk_size": 64, "min_chunk": 8, "backfill": 16}
+    with pytest.raises(ConfigError, match="unknown prepare setting chunksize; known: chunk_size"):
+        prepare([d], tok, tmp_path / "d", chunksize=64)
+    with pytest.raises(ConfigError, match="chunk_size must be at least 3"):
+        build(PrepareConfig, {"chunk_size": 2})
+    with pytest.raises(ConfigError, match="holdout_docs must be >= 0"):
+        PrepareConfig(holdout_docs=-1)
+    assert not (tmp_path / "d").exists()
 
 
 def test_holdout_split(tok, tmp_path):

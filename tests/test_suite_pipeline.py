@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from twinlm.suite.pipeline import Suite, build_corpus
+from twinlm.data.corpus import build_corpus
+from twinlm.suite.pipeline import Suite
 from twinlm.suite.scales import SCALES, get_scale
 
 

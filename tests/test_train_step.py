@@ -202,3 +202,18 @@ def test_the_four_calls_are_train_batch_and_discard_drops_a_step():
     assert all(torch.equal(v, w[k]) for k, v in weights(split).items())
     for q, s in split.optimizer.state.items():
         assert all(torch.equal(v, opt[id(q)][k]) for k, v in s.items())
+
+
+def test_one_precision_rule_for_the_autocast_and_the_parameter_dtype():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [dist.resolve_precision(p, cpu) for p in ("auto", "bf16", "fp32")] == ["fp32", "bf16", "fp32"]
+    assert [dist.resolve_precision(p, cuda) for p in ("auto", "bf16", "fp32")] == ["bf16", "bf16", "fp32"]
+    # FSDP keeps fp32 parameters off CUDA, even where the CPU autocasts to bf16
+    assert [dist.compute_dtype(p, dist.DistEnv(device=cuda)) for p in ("auto", "bf16", "fp32")] == \
+        [torch.bfloat16, torch.bfloat16, None]
+    assert [dist.compute_dtype(p, dist.DistEnv()) for p in ("auto", "bf16", "fp32")] == [None, None, None]
+    step = make_step()
+    for precision, enabled in (("auto", False), ("fp32", False), ("bf16", True)):
+        step.precision = precision
+        with step._autocast():
+            assert torch.is_autocast_enabled("cpu") == enabled

@@ -6,7 +6,8 @@
   when one is given (a transformers tokenizer or a folder to copy them from), a model card `README.md`
   (twinlm.card), for decoders `generation_config.json` (bos = `[CLS]`, eos = `[SEP]`, pad; kept for an
   encoder converted from a decoder, so a round trip loses nothing), and last
-  `MANIFEST.sha256` ("<sha256>  <file>" for every file written except the card, which users edit), which
+  `MANIFEST.sha256` (twinlm.io.write_manifest: "<sha256>  <file>" for every file written except the card,
+  which users edit; the format of a training checkpoint's manifest), which
   `twinlm.load` checks: it must list the weights, config.json and every file the weights file records as
   written with it (`twinlm_files` in its metadata), and every file it lists must match. Files added to the
   folder later (a tokenizer copied in) are not required. `AutoModelForMaskedLM` (encoders) and
@@ -38,13 +39,12 @@ from safetensors.torch import save_file
 from twinlm.card import CARD, model_card
 from twinlm.errors import MissingArtifactError, ModelLoadError, TokenizerMismatch
 from twinlm.hf import ARCHITECTURE_FIELDS, hf_config_dict, to_hf_state_dict
-from twinlm.io import atomic_path, sha256_file, write_bytes, write_json
+from twinlm.io import MANIFEST, atomic_path, manifest_mismatch, read_manifest, write_bytes, write_json, write_manifest
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded weights (written by transformers, read by twinlm)
 TWINLM_CONFIG = "model_config.json"
 GENERATION_CONFIG = "generation_config.json"
-MANIFEST = "MANIFEST.sha256"  # the same format as a training checkpoint's (train/checkpoint.py)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "chat_template.jinja")
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
@@ -146,50 +146,29 @@ def check_tokenizer_matches(tokenizer, cfg) -> None:
                                     f"{getattr(cfg, field)}: pass the tokenizer the model was trained with")
 
 
-def write_manifest(folder, names) -> None:
-    """Write `folder/MANIFEST.sha256` for the files `names` that exist (weights, configs, tokenizer)."""
-    folder = Path(folder)
-    lines = [f"{sha256_file(folder / n)}  {n}" for n in sorted(set(names)) if (folder / n).is_file()]
-    write_bytes(folder / MANIFEST, "\n".join(lines) + "\n")
-
-
 def verify_manifest(folder) -> None:
-    """Check `folder/MANIFEST.sha256` (no manifest: nothing to check). It must be whole (each line "<sha256>
-    <file>", a final newline) and list the weights, config.json and the files the weights record as written
-    with them; each file it lists must be there and match. Anything else raises ModelLoadError naming the
-    file and what to do."""
+    """Check `folder/MANIFEST.sha256` (no manifest: nothing to check). It must be whole (twinlm.io.read_manifest)
+    and list the weights, config.json and the files the weights record as written with them; each file it
+    lists must be there and match. Anything else raises ModelLoadError naming the file and what to do."""
     folder = Path(folder)
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return
     again = f"download or export the folder again, or delete {MANIFEST} to accept the files as they are"
-    try:
-        text = manifest.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise ModelLoadError(f"{manifest}: not a manifest (not text): the file is damaged; {again}") from None
-    if not text.endswith("\n"):
-        raise ModelLoadError(f"{manifest}: cut short (no final newline): the file is damaged; {again}")
-    listed = {}
-    for line in text.split("\n"):  # not splitlines: \v, \f, \x1c… would pass as line breaks
-        if not line:
-            continue
-        digest, _, name = line.partition("  ")
-        if len(digest) != 64 or not name or "/" in name or name.startswith("."):
-            raise ModelLoadError(f"{manifest}: malformed line {line!r}: {again}")
-        listed[name] = digest
+    listed = read_manifest(manifest, lambda what: ModelLoadError(
+        f"{manifest}: {what}: the file is damaged; {again}"))
     required = [WEIGHTS, "config.json", *(weights_metadata(folder).get(FILES_KEY) or "").split(",")]
     unlisted = sorted({n for n in required if n and n not in listed and (folder / n).is_file()})
     if unlisted:
         raise ModelLoadError(f"{manifest}: does not list {', '.join(unlisted)} (the manifest is cut short or "
                              f"damaged): {again}")
-    for name, digest in listed.items():
-        f = folder / name
-        if not f.is_file():
-            raise ModelLoadError(f"{f}: listed in {MANIFEST} but missing: the folder is incomplete; download or "
-                                 f"export it again")
-        if sha256_file(f) != digest:
-            raise ModelLoadError(f"{f}: does not match its sha256 in {MANIFEST} (corrupt, truncated or edited "
-                                 f"after export): {again}")
+    bad = manifest_mismatch(folder, listed)
+    if bad is not None and bad[1] == "missing":
+        raise ModelLoadError(f"{folder / bad[0]}: listed in {MANIFEST} but missing: the folder is incomplete; "
+                             "download or export it again")
+    if bad is not None:
+        raise ModelLoadError(f"{folder / bad[0]}: does not match its sha256 in {MANIFEST} (corrupt, truncated or "
+                             f"edited after export): {again}")
 
 
 def save_checkpoint(model, path) -> Path:

@@ -7,6 +7,14 @@ and leaves whatever was at the final name before untouched. Temporary files and 
 `.<name>.tmp-*` beside their final name, so that a later run can find and remove what a killed writer left
 (`remove_stale_temporaries`). `sha256_file` is the one checksum that fetch archives, shards and checkpoints
 are verified with.
+
+The checksum manifest `MANIFEST.sha256` of a training checkpoint and of an exported model folder has one
+format, written by `write_manifest` and read by `read_manifest`: one line `<sha256>  <file>` per file (64
+lowercase hex digits, two spaces, a plain file name of the same folder: no `/`, no white space but the
+space, not starting with `.` or a space), sorted by name, each ending in a line feed, so a manifest cut
+short at any byte is seen (a manifest of no files is a single line feed). The text must be UTF-8 and lines
+are split on the line feed only (a vertical tab or a form feed is not a line break). Each reader keeps its
+own error class, its required files and its messages.
 """
 
 from __future__ import annotations
@@ -16,9 +24,10 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +98,53 @@ def dumps_json(obj: Any, indent: int | None = 2) -> str:
 def write_json(path: str | Path, obj: Any) -> None:
     """Atomically write `obj` as indented JSON. NaN or infinity raise ValueError: they are not JSON."""
     write_bytes(path, dumps_json(obj))
+
+
+MANIFEST = "MANIFEST.sha256"
+# a file name of the folder: no "/", no white space but the space (a \v or \x1c read as a line break by
+# another reader would hide an entry), not starting with "." (temporaries) or a space
+_MANIFEST_LINE = re.compile(r"([0-9a-f]{64})  ([^\s./](?:[^\s/]| )*)")
+
+
+def write_manifest(folder: str | Path, names: Iterable[str]) -> None:
+    """Atomically write `folder/MANIFEST.sha256` listing the files `names` that exist in `folder`, by name."""
+    folder = Path(folder)
+    lines = [f"{sha256_file(folder / n)}  {n}" for n in sorted(set(names)) if (folder / n).is_file()]
+    write_bytes(folder / MANIFEST, "\n".join(lines) + "\n")
+
+
+def read_manifest(path: str | Path, damaged: Callable[[str], Exception]) -> dict[str, str]:
+    """The entries of the manifest file `path`, {file name: sha256}. A manifest that is not whole (not UTF-8,
+    no final newline, a line not `<sha256>  <file>`) raises `damaged(what)`: the caller's own error, built
+    from a phrase saying what is wrong (e.g. "line 3 is not '<sha256>  <file>'")."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise damaged("is not text (not UTF-8)") from None
+    if not text.endswith("\n"):
+        raise damaged("is cut short (no final newline)")
+    listed: dict[str, str] = {}
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: \v, \f, \x1c… would pass as line breaks
+        if not line:
+            continue
+        m = _MANIFEST_LINE.fullmatch(line)
+        if m is None:
+            raise damaged(f"line {n} is not '<sha256>  <file>' ({line[:80]!r})")
+        listed[m.group(2)] = m.group(1)
+    return listed
+
+
+def manifest_mismatch(folder: str | Path, listed: dict[str, str]) -> tuple[str, str] | None:
+    """The first file of `listed` (a manifest's entries) that is not in `folder` as listed: (name, "missing")
+    or (name, "altered") when its sha256 differs; None when every listed file matches."""
+    folder = Path(folder)
+    for name, digest in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return name, "missing"
+        if sha256_file(path) != digest:
+            return name, "altered"
+    return None
 
 
 @contextlib.contextmanager

@@ -33,12 +33,14 @@ IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------------------------------
-# rotary embeddings on the fused attention input
+# host reads (see above: only where they cost nothing)
 def host_reads_are_free(t: torch.Tensor) -> bool:
     """Whether reading `t`'s values on the host costs nothing: a plain CPU tensor, outside torch.compile."""
     return t.device.type == "cpu" and type(t) is torch.Tensor and not torch.compiler.is_compiling()
 
 
+# --------------------------------------------------------------------------------------------------
+# rotary embeddings on the fused attention input
 def _rotate(x: torch.Tensor, rope: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """x (..., head_dim) interleaved pairs, any float dtype; rope (..., head_dim/2, 2) [cos, sin]
     -> x rotated (by minus the angle when `inverse`), fp32, contiguous."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 
 def register(commands) -> None:
@@ -116,7 +118,7 @@ def _list(args) -> int:
 
 def _prepare(args) -> int:
     from twinlm.data.inputs import resolve_inputs
-    from twinlm.data.prepare import prepare
+    from twinlm.data.prepare import PrepareConfig, prepare
     from twinlm.data.tokenizer import load_tokenizer
     from twinlm.errors import ConfigError
     if args.for_recipe:
@@ -124,12 +126,12 @@ def _prepare(args) -> int:
     if not args.tokenizer or not args.out:
         raise ConfigError("twinlm data prepare needs --tokenizer DIR and --out DIR (or --for RECIPE)")
     inputs = resolve_inputs(args.inputs, fetched=args.fetched)
+    settings = PrepareConfig(chunk_size=args.chunk_size, min_chunk=args.min_chunk, backfill=args.backfill,
+                             text_field=args.text_field, holdout_docs=args.holdout_docs,
+                             holdout_out=args.holdout_out, workers=args.workers, threads=args.threads,
+                             seed=args.seed, on_bad_input=args.on_bad_input, max_docs=args.max_docs)
     tok = load_tokenizer(args.tokenizer)
-    holdout = args.holdout_docs
-    meta = prepare(inputs, tok, args.out, chunk_size=args.chunk_size, min_chunk=args.min_chunk,
-                   backfill=args.backfill, text_field=args.text_field, holdout_docs=holdout,
-                   holdout_out=args.holdout_out, workers=args.workers, threads=args.threads, seed=args.seed,
-                   on_bad_input=args.on_bad_input, max_docs=args.max_docs)
+    meta = prepare(inputs, tok, args.out, settings)
     s = meta["stats"]
     print(f"{args.out}: {meta['num_chunks']} chunks, {meta['num_tokens']} tokens from {s['documents']} documents "
           f"({s['bytes'] / 1e6:.1f} MB in {s['seconds']:.1f} s, {s['bytes'] / 1e6 / max(s['seconds'], 1e-9):.2f} MB/s)")
@@ -172,17 +174,41 @@ def _prepare_for(args) -> int:
 
 
 def _order(args) -> int:
-    from pathlib import Path
-
-    from twinlm.data.order import read_step, show_step
+    from twinlm.data.order import read_step
     if (Path(args.run) / "config.yaml").is_file():
         from twinlm.train.plan import order_of_step
         rows, how = order_of_step(args.run, args.step)
     else:
         rows, how = read_step(args.run, args.step, group=args.group), "recorded"
-    show_step(args.run, args.step, tokenizer=args.tokenizer, out=args.out, max_chars=args.max_chars, rows=rows,
-              how=how)
+    _show_step(args.run, args.step, rows, how, tokenizer=args.tokenizer, out=args.out, max_chars=args.max_chars)
     return 0
+
+
+def _show_step(run: str, step: int, rows: list[dict[str, Any]], how: str, *, tokenizer: str | None = None,
+               out: str | None = None, max_chars: int = 300) -> None:
+    """Print step `step`'s rows (`how`: recorded or recomputed), decoded with `tokenizer` (default: RUN/final or
+    RUN/tokenizer when they hold one; else token ids), each cut at `max_chars`; with `out`, write them instead
+    to that parquet file (twinlm's batch-order layout, atomically)."""
+    from twinlm.data.order import ORDER_COLUMNS, write_order_file
+    from twinlm.data.tokenizer import load_tokenizer
+    if out:
+        columns = {name: [r[name] for r in rows] for name in ORDER_COLUMNS}
+        columns["input_ids"] = [[int(v) for v in ids] for ids in columns["input_ids"]]
+        write_order_file(out, columns)
+        print(f"{out}: {len(rows)} samples of step {step} ({how})")
+        return
+    if tokenizer is None:
+        tokenizer = next((str(c) for c in (Path(run) / "final", Path(run) / "tokenizer")
+                          if (c / "tokenizer.json").exists()), None)
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    total = sum(len(r["input_ids"]) for r in rows)
+    print(f"step {step}: {len(rows)} samples, {total} tokens ({how})")
+    for r in rows:
+        ids = [int(v) for v in r["input_ids"]]
+        text = tok.decode(ids) if tok is not None else " ".join(map(str, ids))
+        if len(text) > max_chars:
+            text = text[:max_chars] + "…"
+        print(f"[rank {r['rank']} #{r['position']}] sample {r['sample_id']} ({len(ids)} tokens): {text!r}")
 
 
 def _tok_ettin(args) -> int:

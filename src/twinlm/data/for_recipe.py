@@ -24,7 +24,7 @@ from pathlib import Path
 from twinlm.data.fetch.store import pretrain_files
 from twinlm.data.mds import is_mds_folder
 from twinlm.data.order import is_order_folder
-from twinlm.data.prepare import prepare
+from twinlm.data.prepare import PrepareConfig, prepare
 from twinlm.data.tokenizer import train_tokenizer
 from twinlm.errors import ConfigError
 
@@ -104,7 +104,7 @@ def build(recipe, *, name: str = "recipe", home=None, vocab_size: int = DEFAULT_
             if tok_dir is None:
                 raise ConfigError(f"{name} names no tokenizer: set tokenizer=DIR to prepare {n.path}")
             log(f"preparing {n.path} ({n.seq_len} tokens per chunk)")
-            prepare(files, str(tok_dir), n.path, chunk_size=int(n.seq_len), workers=workers)
+            prepare(files, str(tok_dir), n.path, PrepareConfig(chunk_size=int(n.seq_len), workers=workers))
         built.append(n)
     return built
 

@@ -124,10 +124,6 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
-    @property
-    def num_sequences(self) -> int:
-        return len(self.sample_ids)
-
     def sequences(self) -> list[Any]:
         cu = self.cu_seqlens.tolist()
         return [self.input_ids[cu[i]:cu[i + 1]] for i in range(len(cu) - 1)]

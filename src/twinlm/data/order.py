@@ -26,15 +26,13 @@ steps consumed). Records are written under a temporary name and renamed when com
 from __future__ import annotations
 
 import re
-import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from twinlm.data.tokenizer import load_tokenizer
 from twinlm.errors import ConfigError, DataError, MissingArtifactError, StepNotRecorded
 from twinlm.io import atomic_path
 
@@ -43,6 +41,23 @@ def _to_list(x: Any) -> list[int]:
     if hasattr(x, "tolist"):
         return [int(v) for v in x.tolist()]
     return [int(v) for v in x]
+
+
+ORDER_COLUMNS = ("step", "rank", "position", "sample_id", "input_ids")  # twinlm's records, in file order
+
+
+def write_order_file(path: str | Path, columns: Mapping[str, Sequence[Any]]) -> None:
+    """Atomically write rows given column by column (`ORDER_COLUMNS`; input_ids: one list of ints per row) as
+    a parquet file of twinlm's layout: step int64, rank int32, position int32, sample_id int64, input_ids
+    list<int32>."""
+    # pyarrow is imported where it is used: `import twinlm.data` (every training rank) stays light.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    types = {"step": pa.int64(), "rank": pa.int32(), "position": pa.int32(), "sample_id": pa.int64(),
+             "input_ids": pa.list_(pa.int32())}
+    table = pa.table({name: pa.array(columns[name], types[name]) for name in ORDER_COLUMNS})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 class OrderRecorder:
@@ -57,7 +72,7 @@ class OrderRecorder:
     def __init__(self, run_dir: str | Path, rank: int = 0) -> None:
         self.root = Path(run_dir) / "data_order"
         self.rank = int(rank)
-        self._rows: dict[str, list] = {"step": [], "rank": [], "position": [], "sample_id": [], "input_ids": []}
+        self._rows: dict[str, list] = {name: [] for name in ORDER_COLUMNS}
         self._positions: dict[int, int] = {}
 
     def record(self, step: int, sample_ids: Sequence[int], input_ids: Sequence[Any]) -> None:
@@ -83,21 +98,10 @@ class OrderRecorder:
 
     def flush(self, interval_name: str) -> Path | None:
         """Write the rows recorded since the last flush to RUN/data_order/<interval_name>/rank-XXXXX.parquet."""
-        # pyarrow is imported where it is used: `import twinlm.data` (every training rank) stays light.
-        import pyarrow as pa
-        import pyarrow.parquet as pq
         if not len(self):
             return None
-        table = pa.table({
-            "step": pa.array(self._rows["step"], pa.int64()),
-            "rank": pa.array(self._rows["rank"], pa.int32()),
-            "position": pa.array(self._rows["position"], pa.int32()),
-            "sample_id": pa.array(self._rows["sample_id"], pa.int64()),
-            "input_ids": pa.array(self._rows["input_ids"], pa.list_(pa.int32())),
-        })
         final = self.root / interval_name / f"rank-{self.rank:05d}.parquet"
-        with atomic_path(final) as tmp:
-            pq.write_table(table, tmp)
+        write_order_file(final, self._rows)
         for v in self._rows.values():
             v.clear()
         self._positions.clear()
@@ -403,47 +407,3 @@ class ReplayStream:
                               f"at {self.first_step}: restore the recipe's start_step, or train into a new run folder")
         self.position = int(state["position"])
         self.step = int(state.get("step", self.position))
-
-
-def show_step(run: str | Path, step: int, tokenizer: str | Path | None = None, out: str | Path | None = None,
-              max_chars: int = 300, file: Any = None, rows: list[dict[str, Any]] | None = None,
-              how: str = "recorded") -> list[dict[str, Any]]:
-    """Print (or write to parquet `out`, atomically) the batch of a step: `rows` if given (e.g. recomputed by
-    twinlm.train.plan), else the recorded ones; decode with `tokenizer` if given (default: RUN/final or
-    RUN/tokenizer when they hold a tokenizer)."""
-    file = file or sys.stdout
-    rows = read_step(run, step) if rows is None else rows
-    if out:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        table = pa.table({
-            "step": pa.array([r["step"] for r in rows], pa.int64()),
-            "rank": pa.array([r["rank"] for r in rows], pa.int32()),
-            "position": pa.array([r["position"] for r in rows], pa.int32()),
-            "sample_id": pa.array([r["sample_id"] for r in rows], pa.int64()),
-            "input_ids": pa.array([list(map(int, r["input_ids"])) for r in rows], pa.list_(pa.int32())),
-        })
-        with atomic_path(out) as tmp:
-            pq.write_table(table, tmp)
-        print(f"{out}: {len(rows)} samples of step {step} ({how})", file=file)
-        return rows
-    tok = None
-    if tokenizer is None:
-        for cand in (Path(run) / "final", Path(run) / "tokenizer"):
-            if (cand / "tokenizer.json").exists():
-                tokenizer = cand
-                break
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-    total = sum(len(r["input_ids"]) for r in rows)
-    print(f"step {step}: {len(rows)} samples, {total} tokens ({how})", file=file)
-    for r in rows:
-        ids = [int(v) for v in r["input_ids"]]
-        if tok is not None:
-            text = tok.decode(ids)
-        else:
-            text = " ".join(map(str, ids))
-        if len(text) > max_chars:
-            text = text[:max_chars] + "…"
-        print(f"[rank {r['rank']} #{r['position']}] sample {r['sample_id']} ({len(ids)} tokens): {text!r}", file=file)
-    return rows

@@ -1,7 +1,9 @@
 """Raw text -> tokenized, chunked shards (REFERENCE §2).
 
 Inputs are read by `twinlm.data.inputs` (files, folders, JSONL, parquet, fetched sources, `hf:` datasets);
-shards are written by `twinlm.data.shards.ShardWriter`. This module holds the chunking rule and runs the two.
+shards are written by `twinlm.data.shards.ShardWriter`. This module holds the chunking rule and runs the two;
+`prepare(inputs, tokenizer, out, PrepareConfig(...))` takes its settings as one object (the flags of `twinlm
+data prepare`).
 
 Each document is tokenized without specials and cut into pieces of (chunk_size − 2) tokens, each wrapped
 as `[CLS] … [SEP]`. A piece shorter than `min_chunk` tokens is dropped unless it is the document's first;
@@ -16,20 +18,22 @@ run left are removed first; a full disk (ENOSPC) stops with `OutOfSpace`, remove
 folders and leaves an earlier shard folder at `out` intact. A count of held-out documents the corpus cannot
 give (the count rule holds out about 1 document in 10) is logged and recorded as `holdout.num_documents`
 beside the `holdout.docs` asked for; `twinlm data prepare` prints it as a warning. Which documents are held
-out is decided by a hash of the seed and each document's text, so the split is the same wherever the input
-files lie, and copies of a document never straddle the two sides.
+out is decided by the one held-out rule (twinlm.data.split: a hash of the seed and each document's text, the
+suite's corpus rule too), so the split is the same wherever the input files lie, and copies of a document never
+straddle the two sides.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import logging
 import multiprocessing as mp
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,7 @@ from tokenizers import Tokenizer
 
 from twinlm.data.inputs import InputSpec, iter_documents, resolve_inputs
 from twinlm.data.shards import ShardWriter
+from twinlm.data.split import heldout
 from twinlm.data.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
 from twinlm.errors import ConfigError, DataError, OutOfSpace
 from twinlm.io import is_disk_full, remove_stale_temporaries
@@ -155,15 +160,13 @@ def _process(batch: list[tuple[int, bool, str]]) -> dict[str, Any]:
     return result
 
 
-def _holdout_rule(holdout_docs: float, seed: int):
+def _holdout_rule(holdout_docs: float, seed: int) -> Callable[[int, str], bool]:
     """A function (doc ordinal, text) -> held out?  fraction < 1: each document with that probability;
-    count >= 1: documents drawn with probability 1/10 until that many are held out. The draw is a hash of the
-    seed and the document's text: the split does not depend on where the input files lie, and identical
-    documents fall on the same side."""
+    count >= 1: documents drawn with probability 1/10 until that many are held out. The draw is the held-out
+    rule (twinlm.data.split.heldout: a hash of the seed and the document's text), so the split does not depend
+    on where the input files lie, and identical documents fall on the same side."""
     if not holdout_docs:
         return lambda ordinal, text: False
-    if holdout_docs < 0:
-        raise ConfigError(f"holdout_docs must be >= 0, got {holdout_docs}")
     fraction = holdout_docs if holdout_docs < 1 else 0.1
     limit = None if holdout_docs < 1 else int(holdout_docs)
     taken = [0]
@@ -171,8 +174,7 @@ def _holdout_rule(holdout_docs: float, seed: int):
     def rule(ordinal: int, text: str) -> bool:
         if limit is not None and taken[0] >= limit:
             return False
-        h = int.from_bytes(hashlib.blake2b(f"{seed}:{text}".encode(), digest_size=8).digest(), "little") / 2 ** 64
-        if h < fraction:
+        if heldout(text, seed, fraction):
             taken[0] += 1
             return True
         return False
@@ -180,136 +182,210 @@ def _holdout_rule(holdout_docs: float, seed: int):
     return rule
 
 
-def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, *, chunk_size: int = 1024,
-            min_chunk: int | None = None, backfill: int | None = None, text_field: str = "text",
-            holdout_docs: float = 0.0, holdout_out: str | Path | None = None, workers: int | None = None,
-            threads: int | None = None, seed: int = 0, on_bad_input: str = "error", max_docs: int | None = None,
-            batch_bytes: int = 1 << 20, overwrite: bool = True) -> dict[str, Any]:
-    """Tokenize, chunk and shard `inputs` into `out` (and held-out documents into `holdout_out`, default
-    `<out>-heldout`); returns the meta.json written. `tokenizer`: a PreTrainedTokenizerFast or a folder.
-    min_chunk / backfill default to chunk_size/8 and chunk_size/2 (128 and 512 at the paper's 1,024).
-    workers: tokenizer processes (default 1; 0 = tokenize in this process); threads: encoder threads per
-    worker process (default: CPU count / workers). The main process reads while the workers encode."""
+# --------------------------------------------------------------------------------------------------
+# prepare: its settings, the job they make, the run
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class PrepareConfig:
+    """The settings of `prepare` (those of `twinlm data prepare`): chunking, the held-out split, the workers.
+
+    Checked however it is made (directly, or by twinlm.configs.build from plain data)."""
+
+    chunk_size: int = 1024  # tokens per chunk, [CLS] and [SEP] included
+    min_chunk: int | None = None  # a later piece shorter than this is dropped; None: chunk_size / 8
+    backfill: int | None = None  # a later piece shorter than this is back-filled; None: chunk_size / 2
+    text_field: str = "text"  # the field of JSONL and parquet records that holds the text
+    holdout_docs: float = 0.0  # held-out documents: a fraction < 1, or a count (0: none)
+    holdout_out: str | Path | None = None  # their shard folder; None: <out>-heldout
+    workers: int | None = None  # tokenizer processes; None: 1; 0: tokenize in this process
+    threads: int | None = None  # encoder threads per worker process; None: CPU count / workers
+    seed: int = 0  # seed of the held-out draw
+    on_bad_input: str = "error"  # error | skip (and count) undecodable or empty inputs
+    max_docs: int | None = None  # stop after this many documents
+    batch_bytes: int = 1 << 20  # text sent to a worker at a time
+    overwrite: bool = True  # an earlier shard folder at the output is replaced
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 3:
+            raise ConfigError(f"chunk_size must be at least 3 ([CLS] + 1 token + [SEP]), got {self.chunk_size}")
+        if self.holdout_docs < 0:
+            raise ConfigError(f"holdout_docs must be >= 0, got {self.holdout_docs}")
+
+
+@dataclass
+class _Job:
+    """One prepare's settings made concrete: the tokenizer read, the inputs resolved, the defaults applied."""
+
+    tok: Any
+    specs: list[InputSpec]
+    cfg: PrepareConfig  # min_chunk, backfill, workers and threads filled in
+    out: Path
+    holdout_out: Path
+    ids: dict[str, int]
+    fingerprint: str
+
+
+@dataclass
+class _Tally:
+    """What the reading and the workers counted."""
+
+    docs: int = 0
+    bytes: int = 0
+    held_docs: int = 0
+    counts: Counter = field(default_factory=Counter)  # chunking: dropped, backfilled, empty documents
+    skipped: Counter = field(default_factory=Counter)  # bad inputs skipped, by reason
+
+
+def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, settings: PrepareConfig | None = None,
+            **fields: Any) -> dict[str, Any]:
+    """Tokenize, chunk and shard `inputs` into `out` (and held-out documents into `settings.holdout_out`,
+    default `<out>-heldout`); returns the meta.json written. `tokenizer`: a PreTrainedTokenizerFast or a
+    folder. `fields` (e.g. `chunk_size=64, workers=0`) replace those of `settings` (default PrepareConfig()).
+    min_chunk / backfill default to chunk_size/8 and chunk_size/2 (128 and 512 at the paper's 1,024). The
+    main process reads while the workers encode."""
     t0 = time.time()
+    job = _job(inputs, tokenizer, out, _settings(settings, fields))
+    rule = _holdout_rule(job.cfg.holdout_docs, job.cfg.seed)
+    targets = [job.out, job.holdout_out] if job.cfg.holdout_docs else [job.out]
+    for target in targets:
+        _check_target(target)
+        for p in remove_stale_temporaries(target.parent, target.name):
+            log.warning("removed %s, left by an earlier run that was killed", p)
+    vocab = len(job.tok)
+    writers = {held: ShardWriter(target, vocab, overwrite=job.cfg.overwrite)
+               for held, target in zip((False, True), targets)}
+    tally = _Tally()
+    try:
+        _run_workers(job, rule, writers, tally)
+    except BaseException as e:
+        for w in writers.values():
+            w.abort()
+        _raise_if_disk_full(e, job.out)
+        raise
+    if tally.docs == 0:
+        for w in writers.values():
+            w.abort()
+        raise DataError(f"no documents in the inputs ({', '.join(map(str, job.specs[:5]))}"
+                        f"{', …' if len(job.specs) > 5 else ''}); skipped: {dict(tally.skipped)}")
+    return _write_meta(job, writers, tally, time.time() - t0)
+
+
+def _settings(settings: PrepareConfig | None, fields: dict[str, Any]) -> PrepareConfig:
+    cfg = settings or PrepareConfig()
+    try:
+        return dataclasses.replace(cfg, **fields) if fields else cfg
+    except TypeError:
+        known = [f.name for f in dataclasses.fields(PrepareConfig)]
+        unknown = sorted(set(fields) - set(known))
+        raise ConfigError(f"unknown prepare setting {', '.join(unknown)}; known: {', '.join(known)}") from None
+
+
+def _job(inputs: Iterable[Any], tokenizer: Any, out: str | Path, cfg: PrepareConfig) -> _Job:
+    """Read the tokenizer, resolve the inputs and fill in the defaults of `cfg`."""
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     inputs = list(inputs)
     specs = resolve_inputs(inputs) if not all(isinstance(x, InputSpec) for x in inputs) else inputs
-    if chunk_size < 3:
-        raise ConfigError(f"chunk_size must be at least 3 ([CLS] + 1 token + [SEP]), got {chunk_size}")
+    chunk_size = cfg.chunk_size
     # default: the paper's 128 / 512 at 1,024 tokens, scaled with the chunk size for short CPU sequences
-    min_chunk = chunk_size // 8 if min_chunk is None else min_chunk
-    backfill = chunk_size // 2 if backfill is None else backfill
+    min_chunk = chunk_size // 8 if cfg.min_chunk is None else cfg.min_chunk
+    backfill = chunk_size // 2 if cfg.backfill is None else cfg.backfill
     if min_chunk > chunk_size - 2 or backfill > chunk_size - 2:
         # short CPU sequences with the paper's 128/512: clamp to the chunk body, recorded in meta.json
         log.info("min_chunk %d / backfill %d exceed the chunk body (%d tokens): clamped", min_chunk, backfill,
                  chunk_size - 2)
         min_chunk, backfill = min(min_chunk, chunk_size - 2), min(backfill, chunk_size - 2)
-    ids = special_ids(tok)
-    fingerprint = tokenizer_fingerprint(tok)
-    backend_json = tok.backend_tokenizer.to_str()
-    vocab = len(tok)
+    workers = 1 if cfg.workers is None else max(0, int(cfg.workers))
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1)) if cfg.threads is None else max(1, int(cfg.threads))
     out = Path(out)
-    holdout_out = Path(holdout_out) if holdout_out else out.with_name(out.name + "-heldout")
-    _rule = _holdout_rule(holdout_docs, seed)  # argument errors before anything is written
-    for target in ([out, holdout_out] if holdout_docs else [out]):
-        _check_target(target)
-        for p in remove_stale_temporaries(target.parent, target.name):
-            log.warning("removed %s, left by an earlier run that was killed", p)
-    writers = {False: ShardWriter(out, vocab, overwrite=overwrite)}
-    if holdout_docs:
-        writers[True] = ShardWriter(holdout_out, vocab, overwrite=overwrite)
-    workers = 1 if workers is None else max(0, int(workers))
-    threads = max(1, (os.cpu_count() or 1) // max(workers, 1)) if threads is None else max(1, int(threads))
-    init_args = (backend_json, ids["cls"], ids["sep"], chunk_size, min_chunk, backfill)
-    skipped: Counter = Counter()
-    counts: Counter = Counter()
-    docs = nbytes = 0
-    held_docs = 0
-    rule = _rule
+    holdout_out = Path(cfg.holdout_out) if cfg.holdout_out else out.with_name(out.name + "-heldout")
+    cfg = dataclasses.replace(cfg, min_chunk=min_chunk, backfill=backfill, workers=workers, threads=threads)
+    return _Job(tok, specs, cfg, out, holdout_out, special_ids(tok), tokenizer_fingerprint(tok))
+
+
+def _run_workers(job: _Job, rule: Callable[[int, str], bool], writers: dict[bool, ShardWriter],
+                 tally: _Tally) -> None:
+    """Read the documents in this process, tokenize and chunk them in the workers (at most 2×workers batches
+    in flight), and hand each batch's chunks to the writer of its side, in document order."""
+    cfg = job.cfg
+    init_args = (job.tok.backend_tokenizer.to_str(), job.ids["cls"], job.ids["sep"], cfg.chunk_size,
+                 cfg.min_chunk, cfg.backfill)
 
     def batches() -> Iterator[list[tuple[int, bool, str]]]:
-        nonlocal docs, nbytes, held_docs
         batch, size = [], 0
-        for _key, text in iter_documents(specs, text_field, on_bad_input, skipped):
-            if max_docs is not None and docs >= max_docs:
+        for _key, text in iter_documents(job.specs, cfg.text_field, cfg.on_bad_input, tally.skipped):
+            if cfg.max_docs is not None and tally.docs >= cfg.max_docs:
                 break
-            held = rule(docs, text)
-            held_docs += held
-            batch.append((docs, held, text))
-            docs += 1
+            held = rule(tally.docs, text)
+            tally.held_docs += held
+            batch.append((tally.docs, held, text))
+            tally.docs += 1
             size += len(text)
-            nbytes += len(text.encode("utf-8")) if not text.isascii() else len(text)
-            if size >= batch_bytes:
+            tally.bytes += len(text.encode("utf-8")) if not text.isascii() else len(text)
+            if size >= cfg.batch_bytes:
                 yield batch
                 batch, size = [], 0
         if batch:
             yield batch
 
     def consume(result: dict[str, Any]) -> None:
-        counts.update(result["counts"])
+        tally.counts.update(result["counts"])
         for held, writer in writers.items():
             writer.add(*result[held])
 
-    pool = None
+    if cfg.workers == 0:
+        _init_worker(*init_args)
+        for b in batches():
+            consume(_process(b))
+        return
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(*init_args, cfg.threads))
     try:
-        if workers == 0:
-            _init_worker(*init_args)
-            for b in batches():
-                consume(_process(b))
-        else:
-            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(*init_args, threads))
-            pending: deque = deque()
-            for b in batches():
-                pending.append(pool.apply_async(_process, (b,)))
-                while len(pending) >= 2 * workers + 1:
-                    consume(pending.popleft().get())
-            while pending:
+        pending: deque = deque()
+        for b in batches():
+            pending.append(pool.apply_async(_process, (b,)))
+            while len(pending) >= 2 * cfg.workers + 1:
                 consume(pending.popleft().get())
-            pool.close()
-            pool.join()
-            pool = None
-    except BaseException as e:
-        if pool is not None:
-            pool.terminate()
-        for w in writers.values():
-            w.abort()
-        _raise_if_disk_full(e, out)
+        while pending:
+            consume(pending.popleft().get())
+        pool.close()
+        pool.join()
+    except BaseException:
+        pool.terminate()
         raise
-    if docs == 0:
-        for w in writers.values():
-            w.abort()
-        raise DataError(f"no documents in the inputs ({', '.join(map(str, specs[:5]))}"
-                        f"{', …' if len(specs) > 5 else ''}); skipped: {dict(skipped)}")
-    seconds = time.time() - t0
+
+
+def _write_meta(job: _Job, writers: dict[bool, ShardWriter], tally: _Tally, seconds: float) -> dict[str, Any]:
+    """Close the writers (the held-out folder first) with their meta.json; returns the training side's."""
+    cfg = job.cfg
     common = {
-        "tokenizer": {"fingerprint": fingerprint, "name": getattr(tok, "name_or_path", ""), "vocab_size": vocab,
-                      "special_ids": ids},
-        "chunking": {"chunk_size": chunk_size, "min_chunk": min_chunk, "backfill": backfill},
-        "inputs": [str(s) for s in specs][:1000], "text_field": text_field,
+        "tokenizer": {"fingerprint": job.fingerprint, "name": getattr(job.tok, "name_or_path", ""),
+                      "vocab_size": len(job.tok), "special_ids": job.ids},
+        "chunking": {"chunk_size": cfg.chunk_size, "min_chunk": cfg.min_chunk, "backfill": cfg.backfill},
+        "inputs": [str(s) for s in job.specs][:1000], "text_field": cfg.text_field,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    stats = {"documents": docs, "bytes": nbytes, "seconds": round(seconds, 3), "workers": workers, "threads": threads,
-             "skipped": dict(skipped), **{k: int(v) for k, v in counts.items()}}
+    stats = {"documents": tally.docs, "bytes": tally.bytes, "seconds": round(seconds, 3), "workers": cfg.workers,
+             "threads": cfg.threads, "skipped": dict(tally.skipped), **{k: int(v) for k, v in tally.counts.items()}}
+    holdout_docs, held_docs = cfg.holdout_docs, tally.held_docs
     if holdout_docs >= 1 and held_docs < holdout_docs:
         log.warning("held out %d of the %d documents asked for: the count rule holds out about 1 document in 10 "
-                    "(%d read); pass a fraction (--holdout-docs 0.2) to hold out more", held_docs, holdout_docs, docs)
+                    "(%d read); pass a fraction (--holdout-docs 0.2) to hold out more", held_docs, holdout_docs,
+                    tally.docs)
     holdout_meta = None
     try:
         if True in writers:
             holdout_meta = writers[True].close({**common, "split": "heldout", "num_documents": held_docs,
-                                                "holdout": {"docs": holdout_docs, "seed": seed}, "stats": stats})
-        meta = writers[False].close({
-            **common, "split": "train", "num_documents": docs - held_docs, "stats": stats,
-            "holdout": ({"path": str(holdout_out), "num_documents": held_docs,
-                         "num_chunks": holdout_meta["num_chunks"], "docs": holdout_docs, "seed": seed}
+                                                "holdout": {"docs": holdout_docs, "seed": cfg.seed}, "stats": stats})
+        return writers[False].close({
+            **common, "split": "train", "num_documents": tally.docs - held_docs, "stats": stats,
+            "holdout": ({"path": str(job.holdout_out), "num_documents": held_docs,
+                         "num_chunks": holdout_meta["num_chunks"], "docs": holdout_docs, "seed": cfg.seed}
                         if holdout_meta else None)})
     except BaseException as e:
         for w in writers.values():
             w.abort()  # a writer already closed has nothing left to remove
-        _raise_if_disk_full(e, out)
+        _raise_if_disk_full(e, job.out)
         raise
-    return meta
 
 
 def _check_target(path: Path) -> None:

@@ -248,6 +248,69 @@ def _finetune_with_sweep(task, tr, ev, seed, lrs, finetune_fn):
     return finetune_fn(tr, ev, best, seed), {"lr": best, "dev": sweep}
 
 
+class TaskFeaturizer:
+    """One task seen through one loaded model: its inputs, the probe's features and fine-tuning.
+
+    Each example is embedded once per model (cached by identity across seeds and folds). `featurize` reads
+    the final norm with `pooling`; `featurize_depths` reads the depth and pooling that `select_features`
+    picks on the development splits of the first split of every seed (decided on the first call, kept in
+    `chosen`); `finetune` fine-tunes a fresh copy and predicts (evaluate_task's `finetune_fn`)."""
+
+    def __init__(self, loaded: Loaded, task: ClsTask, cfg: ClassifyConfig, seeds: Sequence[int], pooling: str,
+                 poolings: Sequence[str], log: Callable[[str], None] | None = None):
+        self.loaded, self.task, self.cfg, self.seeds = loaded, task, cfg, list(seeds)
+        self.pooling, self.poolings, self.log = pooling, list(poolings), log
+        self.chosen: dict = {}  # the depth search's choice: layer, pooling, of_layers, dev scores
+        self._features: dict[int, np.ndarray] = {}  # id(example) -> final-norm features
+        self._depths: dict[int, dict] = {}  # id(example) -> {(layer, pooling): features}
+
+    def sequences(self, exs: Sequence[ClsExample]) -> list:
+        """The examples as `[CLS] a [SEP] (b [SEP])` token ids, cut at the settings' max_length."""
+        return encode_with_specials(self.loaded.tokenizer, self.loaded.cfg, [e.text for e in exs],
+                                    [e.text_pair for e in exs] if self.task.is_pair else None, self.cfg.max_length)
+
+    def featurize(self, tr: Sequence[ClsExample], ev: Sequence[ClsExample]) -> tuple[np.ndarray, np.ndarray]:
+        """(train, eval) features: the final norm's output with the pooling."""
+        need = [e for e in [*tr, *ev] if id(e) not in self._features]
+        if need:
+            feats = embed(self.loaded.model, self.sequences(need), self.pooling).float().numpy()
+            for e, f in zip(need, feats):
+                self._features[id(e)] = f
+        return np.stack([self._features[id(e)] for e in tr]), np.stack([self._features[id(e)] for e in ev])
+
+    def depth_features(self, exs: Sequence[ClsExample], only: Sequence[tuple] | None = None) -> dict:
+        """{(layer, pooling): features of `exs`} for the keys `only` (default: every depth and pooling)."""
+        need = [e for e in exs if id(e) not in self._depths]
+        if need:
+            feats = {k: v.float().numpy()
+                     for k, v in embed_layers(self.loaded.model, self.sequences(need), self.poolings).items()}
+            for n, e in enumerate(need):
+                self._depths[id(e)] = {k: v[n] for k, v in feats.items()}
+        return {k: np.stack([self._depths[id(e)][k] for e in exs]) for k in (only or sorted(self._depths[id(exs[0])]))}
+
+    def featurize_depths(self, tr: Sequence[ClsExample], ev: Sequence[ClsExample]) -> tuple[np.ndarray, np.ndarray]:
+        """(train, eval) features at the chosen depth and pooling (chosen on the first call)."""
+        if not self.chosen:  # decided once, on the first split of every seed
+            cfg, task = self.cfg, self.task
+            firsts = [make_splits(task, seed, cfg.max_train, cfg.max_eval, cfg.kfold)[0][0] for seed in self.seeds]
+            key, scores = select_features([(self.depth_features(t), [e.label for e in t], seed)
+                                           for t, seed in zip(firsts, self.seeds)], _metric_fn(task))
+            self.chosen.update(layer=key[0], pooling=key[1], of_layers=max(k[0] for k in scores),
+                               dev={f"{k[0]}/{k[1]}": v for k, v in scores.items()})
+            if self.log:
+                self.log(f"  probe reads layer {key[0]} of 0..{self.chosen['of_layers']} with {key[1]} pooling "
+                         f"(dev {scores[key]:.2f})")
+        key = (self.chosen["layer"], self.chosen["pooling"])
+        return self.depth_features(tr, [key])[key], self.depth_features(ev, [key])[key]
+
+    def finetune(self, tr: Sequence[ClsExample], ev: Sequence[ClsExample], lr: float, seed: int) -> np.ndarray:
+        """Fine-tune on `tr` at `lr` with `seed`; the predictions on `ev`."""
+        cfg = self.cfg
+        return finetune_predict(self.loaded, self.sequences(tr), [e.label for e in tr], self.sequences(ev),
+                                self.task.num_labels, lr=lr, seed=seed, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                pooling=self.pooling)
+
+
 def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: str | None = None, data_root=None,
         out: str | Path | None = None, log=print) -> dict:
     """Classification of `model` — a model folder, a `Loaded`, an in-memory Transformer with
@@ -282,59 +345,18 @@ def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: st
         if log:
             log(f"[classify] {info['variant']} {task.name} ({mode}, {task.num_labels} labels)")
         if baseline:
-            featurize = baselines.featurizer(baseline, data_root)
-            finetune_fn = None
+            featurize, finetune_fn = baselines.featurizer(baseline, data_root), None
         else:
-            cache: dict[int, np.ndarray] = {}
-
-            def seqs_of(exs, task=task):
-                return encode_with_specials(loaded.tokenizer, loaded.cfg, [e.text for e in exs],
-                                            [e.text_pair for e in exs] if task.is_pair else None, cfg.max_length)
-
-            def featurize(tr, ev, cache=cache):
-                need = [e for e in tr + ev if id(e) not in cache]
-                if need:
-                    feats = embed(loaded.model, seqs_of(need), pooling).float().numpy()
-                    for e, f in zip(need, feats):
-                        cache[id(e)] = f
-                return np.stack([cache[id(e)] for e in tr]), np.stack([cache[id(e)] for e in ev])
-
-            chosen_depth: dict = {}
-            depth_cache: dict[int, dict] = {}  # example -> {(layer, pooling): features}
-
-            def depth_features(exs, only=None, cache=depth_cache):
-                need = [e for e in exs if id(e) not in cache]
-                if need:
-                    feats = {k: v.float().numpy()
-                             for k, v in embed_layers(loaded.model, seqs_of(need), poolings).items()}
-                    for n, e in enumerate(need):
-                        cache[id(e)] = {k: v[n] for k, v in feats.items()}
-                return {k: np.stack([cache[id(e)][k] for e in exs]) for k in (only or sorted(cache[id(exs[0])]))}
-
-            def featurize_depths(tr, ev, chosen=chosen_depth, task=task):
-                if not chosen:  # decided once, on the first split of every seed
-                    firsts = [make_splits(task, seed, cfg.max_train, cfg.max_eval, cfg.kfold)[0][0] for seed in seeds]
-                    key, scores = select_features([(depth_features(t), [e.label for e in t], seed)
-                                                   for t, seed in zip(firsts, seeds)], _metric_fn(task))
-                    chosen.update(layer=key[0], pooling=key[1], of_layers=max(k[0] for k in scores),
-                                  dev={f"{k[0]}/{k[1]}": v for k, v in scores.items()})
-                    if log:
-                        log(f"  probe reads layer {key[0]} of 0..{chosen['of_layers']} with {key[1]} pooling "
-                            f"(dev {scores[key]:.2f})")
-                key = (chosen["layer"], chosen["pooling"])
-                return depth_features(tr, [key])[key], depth_features(ev, [key])[key]
-
-            def finetune_fn(tr, ev, lr, seed, task=task):
-                return finetune_predict(loaded, seqs_of(tr), [e.label for e in tr], seqs_of(ev), task.num_labels,
-                                        lr=lr, seed=seed, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                        pooling=pooling)
-        res = evaluate_task(task, featurize_depths if search_depth else featurize, mode=mode, seeds=seeds,
+            features = TaskFeaturizer(loaded, task, cfg, seeds, pooling, poolings, log)
+            featurize = features.featurize_depths if search_depth else features.featurize
+            finetune_fn = features.finetune
+        res = evaluate_task(task, featurize, mode=mode, seeds=seeds,
                             max_train=cfg.max_train, max_eval=cfg.max_eval,
                             kfold=cfg.kfold, Cs=cfg.Cs, lrs=cfg.lrs, finetune_fn=finetune_fn, log=log)
         res.update(seconds=t(), split="train/validation" if task.train is not None else f"{cfg.kfold}-fold",
                    labels=task.labels)
         if search_depth:
-            res["features"] = dict(chosen_depth)
+            res["features"] = dict(features.chosen)
         results[task.name] = res
         if log:
             log(f"[classify] {info['variant']} {task.name}: {res['headline']}={res['score']:.2f} "

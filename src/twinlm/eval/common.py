@@ -42,7 +42,7 @@ class Loaded:
 
 
 def load_for_eval(model, tokenizer=None, *, mntp: bool | None = None, variant: str | None = None,
-         threads: int | None = None) -> Loaded:
+                  threads: int | None = None) -> Loaded:
     """A model folder (HF ModernBERT / ModernBERT-decoder or twinlm checkpoint, via `twinlm.load`; any other
     transformers masked-LM, causal-LM or encoder folder through eval/hf_models.py) with the tokenizer saved in
     it, or an in-memory `(Transformer, tokenizer)` pair. Already-`Loaded` passes."""
@@ -241,7 +241,7 @@ def pool_packed(hidden: torch.Tensor, seq_lens: Sequence[int], pooling: str) -> 
         doc = torch.repeat_interleave(torch.arange(len(seq_lens), device=hidden.device), lens)
         sums = hidden.new_zeros(len(seq_lens), hidden.shape[-1]).index_add_(0, doc, hidden)
         return sums / lens.unsqueeze(1).to(hidden.dtype)
-    raise ValueError(f"unknown pooling {pooling!r}: cls, last or mean")
+    raise ConfigError(f"unknown pooling {pooling!r}: use cls, last or mean")
 
 
 def default_pooling(causal: bool, track: str = "classify") -> str:

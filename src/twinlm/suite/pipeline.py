@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from twinlm.configs import parse_count
-from twinlm.data.fetch import fetch, pretrain_files
-from twinlm.data.prepare import prepare
+from twinlm.data.corpus import build_corpus
+from twinlm.data.fetch import fetch
+from twinlm.data.prepare import PrepareConfig, prepare
 from twinlm.data.tokenizer import (
     build_ettin_tokenizer,
     load_tokenizer,
@@ -34,7 +35,7 @@ from twinlm.errors import MissingArtifactError, RunInterrupted
 from twinlm.eval import bpb, classify, generative, pairs, retrieval
 from twinlm.eval.ngram import load_ngram
 from twinlm.eval.settings import seed_list
-from twinlm.io import atomic_path, write_json
+from twinlm.io import write_json
 from twinlm.model import Transformer
 from twinlm.suite.report import write_report
 from twinlm.suite.scales import NGRAM_TRACKS, TRACKS, Scale
@@ -63,58 +64,6 @@ def recipes_dir() -> Path:
         raise MissingArtifactError(f"recipe folder {path} not found: run from a twinlm checkout or set "
                                    "TWINLM_RECIPES")
     return path
-
-
-def _doc_is_heldout(text: str, fraction: float, seed: int) -> bool:
-    digest = hashlib.sha256(f"{seed}:{text[:2000]}".encode("utf-8", "replace")).digest()
-    return int.from_bytes(digest[:8], "big") / 2 ** 64 < fraction
-
-
-def _grouped(lines, min_bytes: int):
-    """Documents from a JSONL file, consecutive short ones joined: a corpus of single sentences would otherwise
-    make every training sequence a few dozen tokens long."""
-    buffer: list[str] = []
-    size = 0
-    for line in lines:
-        text = json.loads(line)["text"]
-        buffer.append(text)
-        size += len(text.encode("utf-8"))
-        if size >= min_bytes:
-            yield "\n".join(buffer), size
-            buffer, size = [], 0
-    if buffer:
-        yield "\n".join(buffer), size
-
-
-def build_corpus(folder: Path, sources: list[str], max_mb: float, heldout_fraction: float, seed: int = 0,
-                 min_doc_bytes: int = 4000) -> dict:
-    """Take up to `max_mb` of text, an equal share from each source (unused share passes on to the others),
-    and split whole documents into train.jsonl / heldout.jsonl by a hash of their text."""
-    files = pretrain_files(names=sources)
-    budget = int(max_mb * 1e6)
-    sizes = {f: f.stat().st_size for f in files}
-    shares: dict[Path, int] = {}
-    remaining, left = budget, sorted(files, key=lambda f: sizes[f])
-    while left:  # smallest first: a source smaller than its share gives the rest to the others
-        f = left.pop(0)
-        shares[f] = min(sizes[f], remaining // (len(left) + 1))
-        remaining -= shares[f]
-    counts = {"train_docs": 0, "heldout_docs": 0, "train_bytes": 0, "heldout_bytes": 0, "sources": {}}
-    with atomic_path(folder / "train.jsonl") as train_path, atomic_path(folder / "heldout.jsonl") as held_path, \
-            open(train_path, "w") as train, open(held_path, "w") as held:
-        for f in files:
-            taken = 0
-            with open(f, encoding="utf-8") as src:
-                for text, size in _grouped(src, min_doc_bytes):
-                    if taken >= shares[f]:
-                        break
-                    taken += size
-                    split = "heldout" if _doc_is_heldout(text, heldout_fraction, seed) else "train"
-                    (held if split == "heldout" else train).write(json.dumps({"text": text}) + "\n")
-                    counts[f"{split}_docs"] += 1
-                    counts[f"{split}_bytes"] += size
-            counts["sources"][f.stem] = taken
-    return counts
 
 
 class Suite:
@@ -173,8 +122,9 @@ class Suite:
     def _prepare(self, seq: int) -> Callable[[Path], dict]:
         def run(folder: Path) -> dict:
             # The paper's 128-token minimum and 512-token back-fill are for 1,024-token chunks: scale them.
+            settings = PrepareConfig(chunk_size=seq, min_chunk=max(8, seq // 8), backfill=seq // 2)
             meta = prepare([str(self.path("corpus", "train.jsonl"))], str(self.tokenizer_dir), folder / "shards",
-                           chunk_size=seq, min_chunk=max(8, seq // 8), backfill=seq // 2)
+                           settings)
             return {k: meta[k] for k in ("num_chunks", "num_tokens") if k in meta}
         return run
 

@@ -7,7 +7,7 @@ Layout of one checkpoint `RUN/checkpoints/step-XXXXXXXX/`:
   optimizer.safetensors   optimizer state per parameter name (`<param>::exp_avg`, `::exp_avg_sq`, `::step`)
   state.json              trainer state: phase, steps, tokens, data position, RNG, tokenizer fingerprint,
                           the resolved recipe
-  MANIFEST.sha256         "<sha256>  <file>" for every file above
+  MANIFEST.sha256         "<sha256>  <file>" for every file above (twinlm.io.write_manifest's format)
   COMPLETE                written last; a folder without it is ignored (and removed by the next save)
 
 Saving fills a temporary folder beside it (`.step-XXXXXXXX.tmp-*`, see twinlm.io.atomic_dir), renames it,
@@ -36,16 +36,24 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from twinlm.errors import CorruptCheckpointError, OutOfSpace
-from twinlm.io import atomic_dir, fsync_file, is_disk_full, sha256_file, write_bytes, write_json
+from twinlm.io import (
+    MANIFEST,
+    atomic_dir,
+    fsync_file,
+    is_disk_full,
+    manifest_mismatch,
+    read_manifest,
+    write_bytes,
+    write_json,
+    write_manifest,
+)
 from twinlm.train import dist
 
 MARKER = "COMPLETE"
-MANIFEST = "MANIFEST.sha256"
 # the files of a training checkpoint (save_training); a bare CheckpointManager requires only state.json
 TRAINING_FILES = ("model.safetensors", "model_config.json", "optimizer.safetensors", "state.json")
 CORRUPT_DIR = "corrupt"
 _NAME = re.compile(r"^step-(\d{8,})$")
-_LINE = re.compile(r"^([0-9a-f]{64})  (\S.*)$")
 
 
 def verify(folder: str | Path, required: tuple[str, ...] = ("state.json",)) -> None:
@@ -57,31 +65,20 @@ def verify(folder: str | Path, required: tuple[str, ...] = ("state.json",)) -> N
     manifest = folder / MANIFEST
     if not manifest.is_file():
         raise CorruptCheckpointError(f"{folder}: no {MANIFEST}")
-    text = manifest.read_text(errors="replace")
-    if not text.endswith("\n"):
-        raise CorruptCheckpointError(f"{folder}: {MANIFEST} is cut short (no final newline): the manifest is damaged")
-    listed: dict[str, str] = {}
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: \v, \f, \x1c… would pass as line breaks
-        if not line:
-            continue
-        m = _LINE.match(line)
-        if m is None or "/" in m.group(2):
-            raise CorruptCheckpointError(f"{folder}: {MANIFEST} line {n} is not '<sha256>  <file>' (the manifest "
-                                         "is damaged)")
-        listed[m.group(2)] = m.group(1)
+    listed = read_manifest(manifest, lambda what: CorruptCheckpointError(
+        f"{folder}: {MANIFEST} {what} (the manifest is damaged)"))
     present = {p.name for p in folder.iterdir() if p.is_file()} - {MANIFEST, MARKER}
     missing = [name for name in required if name not in listed]
     unlisted = sorted(present - set(listed) - set(missing))
     if missing or unlisted:
         raise CorruptCheckpointError(f"{folder}: {MANIFEST} does not list {', '.join(missing + unlisted)} (the "
                                      "manifest is incomplete or damaged)")
-    for name, digest in listed.items():
-        path = folder / name
-        if not path.is_file():
-            raise CorruptCheckpointError(f"{folder}: {name} is listed in the manifest but missing")
-        if sha256_file(path) != digest:
-            raise CorruptCheckpointError(f"{folder}: {name} does not match its sha256 in {MANIFEST} "
-                                         "(the file was altered or truncated)")
+    bad = manifest_mismatch(folder, listed)
+    if bad is not None and bad[1] == "missing":
+        raise CorruptCheckpointError(f"{folder}: {bad[0]} is listed in the manifest but missing")
+    if bad is not None:
+        raise CorruptCheckpointError(f"{folder}: {bad[0]} does not match its sha256 in {MANIFEST} "
+                                     "(the file was altered or truncated)")
 
 
 def _is_leftover(p: Path) -> bool:
@@ -156,11 +153,10 @@ class CheckpointManager:
             with atomic_dir(final, replace=True) as tmp:
                 write_files(tmp)
                 write_json(tmp / "state.json", state)
-                lines = []
-                for name in sorted(p.name for p in tmp.iterdir() if p.is_file()):
+                names = [p.name for p in tmp.iterdir() if p.is_file()]
+                for name in names:
                     fsync_file(tmp / name)
-                    lines.append(f"{sha256_file(tmp / name)}  {name}")
-                write_bytes(tmp / MANIFEST, "\n".join(lines) + "\n")
+                write_manifest(tmp, names)
             fsync_file(self.root)
             write_bytes(final / MARKER, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
             fsync_file(final)

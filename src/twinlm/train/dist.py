@@ -142,10 +142,18 @@ def blocks_of(model: torch.nn.Module) -> torch.nn.ModuleList:
     return max(lists, key=len)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """A recipe's `precision` on `device`: "auto" is "bf16" on CUDA and "fp32" elsewhere; "bf16" and "fp32"
+    stay as they are. The one rule of the step's autocast and of FSDP's parameter dtype."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
 def compute_dtype(precision: str, env: DistEnv) -> torch.dtype | None:
     """FSDP's parameter dtype for a recipe's `precision`: bf16 where training runs under bf16 autocast on an
-    accelerator ("auto" on CUDA, or "bf16" there), else None (fp32 parameters)."""
-    if env.device.type == "cuda" and precision in ("auto", "bf16"):
+    accelerator (resolve_precision gives "bf16" on CUDA), else None (fp32 parameters)."""
+    if env.device.type == "cuda" and resolve_precision(precision, env.device) == "bf16":
         return torch.bfloat16
     return None
 

@@ -229,10 +229,7 @@ class TrainStep:
 
     # --- passes ---------------------------------------------------------------------------------------
     def _autocast(self):
-        prec = self.precision
-        if prec == "auto":
-            prec = "bf16" if self.env.device.type == "cuda" else "fp32"
-        if prec == "bf16":
+        if dist.resolve_precision(self.precision, self.env.device) == "bf16":
             return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
         return torch.autocast(self.env.device.type, enabled=False)
 

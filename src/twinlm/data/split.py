@@ -1,0 +1,21 @@
+"""The held-out rule: which documents a corpus holds out, the one rule of `twinlm data prepare --holdout-docs`
+and of the suite's corpus (twinlm.data.corpus).
+
+A document is held out when a hash of the seed and its text falls below the fraction: sha256 of
+`"<seed>:<the text's first 2,000 characters>"` (UTF-8, a lone surrogate replaced), its first 8 bytes read as
+a big-endian integer over 2^64. The split is a property of the text, not of where the files lie or in what
+order they are read; copies of a document, and documents that share their first 2,000 characters (a
+boilerplate header, a near duplicate), fall on the same side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+PREFIX_CHARS = 2000  # enough text to tell documents apart; hashing it costs the same for any document size
+
+
+def heldout(text: str, seed: int, fraction: float) -> bool:
+    """Whether the document `text` is held out at `fraction` (0 to 1) for `seed` (see the module docstring)."""
+    digest = hashlib.sha256(f"{seed}:{text[:PREFIX_CHARS]}".encode("utf-8", "replace")).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 < fraction
