@@ -309,7 +309,7 @@ def run_track(track: str, model: str, suite: Suite, out: Path) -> dict:
     """One evaluation track of one model (a suite model name or a baseline name) with the scale's settings."""
     cfg = suite.scale.track_settings(track)
     baseline = model in {b for b, _ in BASELINE_RUNS}
-    target = model if baseline else str(suite.model_dir(model))
+    target: Any = model if baseline else str(suite.model_dir(model))
     named = {} if baseline else {"variant": model}
     if model in suite.scale.ngrams:
         target = load_ngram(model, suite.shards(suite.scale.short_seq), load_tokenizer(suite.tokenizer_dir))
