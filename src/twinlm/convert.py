@@ -14,7 +14,15 @@ What travels with the weights:
   passed separately) and `export_model` refuses unless `allow_no_tokenizer`.
 - the source's config.json fields that are not architecture (`classifier_pooling`, `id2label`, …: every key
   outside twinlm.hf.ARCHITECTURE_FIELDS) and its `generation_config.json` settings (for a decoder result);
-- a model card naming the source as `base_model` (convert) or the run, phase and step (export_model).
+- a model card naming the source as `base_model` (convert) or the run, phase and step (export_model);
+- the objective that trained the weights, as config.json's `twinlm_objective` (twinlm.export; evaluation reads
+  it to score an MNTP encoder one position earlier): the source's own key, else for a training checkpoint its
+  state's recipe, else the `config.yaml` of the run around the source; none is written when none of these
+  says. `convert` trains nothing, so the converted model keeps the source's objective: a decoder converted to
+  an encoder says `clm` (its head still predicts the next token, so evaluation reads it one position earlier,
+  as an MNTP encoder), an encoder converted to a decoder says `mlm` (a decoder is scored left to right
+  whatever its objective). Training the converted model (a cross-objective run) records its own objective in
+  its `final/`.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from typing import Any
 from twinlm.card import run_summary
 from twinlm.data.tokenizer import tokenizer_fingerprint
 from twinlm.errors import ConfigError, MissingArtifactError, TokenizerMismatch
-from twinlm.export import GENERATION_CONFIG, TOKENIZER_FILES, TWINLM_CONFIG
+from twinlm.export import GENERATION_CONFIG, OBJECTIVES, TOKENIZER_FILES, TWINLM_CONFIG, recorded_objective
 from twinlm.loading import load
 from twinlm.model import Transformer
 
@@ -64,7 +72,7 @@ def convert(src, to: str, out, *, global_rope_theta: float | None = None,
         card["license"] = license
     converted.save_pretrained(out, tokenizer=tok, card=card, extra_config=_source_config(src),
                               generation_config=_source_json(src, GENERATION_CONFIG),
-                              max_length=_tokenizer_max_length(tok))
+                              max_length=_tokenizer_max_length(tok), objective=source_objective(src))
     return out
 
 
@@ -93,8 +101,20 @@ def export_model(src, out, *, tokenizer=None, overwrite: bool = False, license: 
         card["license"] = license
     model.save_pretrained(out, tokenizer=tok, card=card, extra_config=_source_config(src),
                           generation_config=_source_json(src, GENERATION_CONFIG),
-                          max_length=_trained_length(state) or _tokenizer_max_length(tok))
+                          max_length=_trained_length(state) or _tokenizer_max_length(tok),
+                          objective=source_objective(src))
     return out
+
+
+def source_objective(src: Path) -> str | None:
+    """The objective that trained the weights in `src` (see the module docstring), or None."""
+    recorded = recorded_objective(src)
+    if recorded is not None:
+        return recorded
+    objective = ((_json(src / "state.json") or {}).get("recipe") or {}).get("objective")
+    if objective is None:
+        objective = _summary(src).get("objective")  # the run's config.yaml, around a final/ of before the key
+    return objective if objective in OBJECTIVES else None
 
 
 def find_tokenizer(src: Path, explicit=None):
@@ -180,4 +200,4 @@ def _tokenizer_max_length(tok) -> int | None:
     return int(value) if isinstance(value, int) and value < 10**9 else None
 
 
-__all__ = ["convert", "export_model", "find_tokenizer", "TARGETS", "TOKENIZER_FILES"]
+__all__ = ["convert", "export_model", "find_tokenizer", "source_objective", "TARGETS", "TOKENIZER_FILES"]

@@ -1,7 +1,9 @@
 """Writing model folders. Two kinds, both read back by `twinlm.load` (twinlm.loading):
 
 - Hugging Face folder (`save_pretrained`, also `Transformer.save_pretrained`): `config.json`
-  (twinlm.hf.hf_config_dict, plus any non-architectural fields passed on, e.g. by `convert`) and
+  (twinlm.hf.hf_config_dict, plus any non-architectural fields passed on, e.g. by `convert`, plus
+  `twinlm_objective` when the objective that trained the weights is known: `mlm`, `clm` or `mntp`; evaluation
+  reads it, since an MNTP encoder is scored one position earlier; `recorded_objective` reads it back) and
   `model.safetensors` in transformers' names (twinlm.hf.to_hf_state_dict), fp32, plus the tokenizer's files
   when one is given (a transformers tokenizer or a folder to copy them from), a model card `README.md`
   (twinlm.card), for decoders `generation_config.json` (bos = `[CLS]`, eos = `[SEP]`, pad; kept for an
@@ -37,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from twinlm.card import CARD, model_card
-from twinlm.errors import MissingArtifactError, ModelLoadError, TokenizerMismatch
+from twinlm.errors import ConfigError, MissingArtifactError, ModelLoadError, TokenizerMismatch
 from twinlm.hf import ARCHITECTURE_FIELDS, hf_config_dict, to_hf_state_dict
 from twinlm.io import MANIFEST, atomic_path, manifest_mismatch, read_manifest, write_bytes, write_json, write_manifest
 
@@ -48,17 +50,24 @@ GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "chat_template.jinja")
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
+OBJECTIVE_KEY = "twinlm_objective"  # config.json: the objective that trained the weights
+OBJECTIVES = ("mlm", "clm", "mntp")
 
 
 def save_pretrained(model, path, tokenizer=None, *, max_length: int | None = None,
                     card: dict[str, Any] | None = None, extra_config: dict[str, Any] | None = None,
-                    generation_config: dict[str, Any] | None = None) -> Path:
+                    generation_config: dict[str, Any] | None = None, objective: str | None = None) -> Path:
     """Write `model` as a Hugging Face folder (see the module docstring); returns the folder.
 
     `max_length`: the context the model was trained at (the tokenizer's `model_max_length`); `card`: what
     the model card states (twinlm.card.model_card's `info`); `extra_config`: config.json fields to keep (those
     not in twinlm.hf.ARCHITECTURE_FIELDS: classifier settings, labels); `generation_config`: a decoder's
-    generation settings to keep (its token ids are always the model's)."""
+    generation settings to keep (its token ids are always the model's); `objective`: the objective that trained
+    the weights (mlm, clm, mntp), written to config.json as `twinlm_objective` (only from here: one in
+    `extra_config` is dropped; None writes none)."""
+    if objective is not None and objective not in OBJECTIVES:
+        raise ConfigError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}: pass the objective the "
+                          "weights were trained with, or None")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -68,7 +77,10 @@ def save_pretrained(model, path, tokenizer=None, *, max_length: int | None = Non
           for k, v in to_hf_state_dict(model).items()}
     written = [WEIGHTS, "config.json"]
     config = hf_config_dict(cfg)
-    config.update({k: v for k, v in (extra_config or {}).items() if k not in ARCHITECTURE_FIELDS})
+    config.update({k: v for k, v in (extra_config or {}).items()
+                   if k not in ARCHITECTURE_FIELDS and k != OBJECTIVE_KEY})
+    if objective is not None:
+        config[OBJECTIVE_KEY] = objective
     write_json(path / "config.json", config)
     written += _save_tokenizer(tokenizer, path, cfg)
     if any((path / n).is_file() for n in TOKENIZER_FILES):
@@ -212,6 +224,23 @@ def weights_metadata(folder) -> dict[str, str]:
         return {}
 
 
+def recorded_objective(folder) -> str | None:
+    """The objective `folder/config.json` records as `twinlm_objective` (mlm, clm, mntp), or None when there is
+    no config.json or no such key (folders written before twinlm recorded it, or by other tools). A value
+    outside those three is a ModelLoadError."""
+    f = Path(folder) / "config.json"
+    try:
+        value = json.loads(f.read_text()).get(OBJECTIVE_KEY)
+    except (OSError, ValueError, AttributeError):  # no file, not JSON, not an object: loading names the problem
+        return None
+    if value is None:
+        return None
+    if value not in OBJECTIVES:
+        raise ModelLoadError(f"{f}: {OBJECTIVE_KEY} {value!r} is not one of {', '.join(OBJECTIVES)}: set it to the "
+                             "objective the model was trained with, or remove the key")
+    return str(value)
+
+
 def kind_of(config) -> str:
     return "decoder" if config.causal else "encoder"
 
@@ -240,4 +269,4 @@ def _save_tokenizer(tokenizer, path: Path, cfg) -> list[str]:
 __all__ = ["save_pretrained", "save_checkpoint", "copy_tokenizer_files", "apply_tokenizer_conventions",
            "check_tokenizer_matches", "write_manifest", "verify_manifest", "WEIGHTS", "WEIGHTS_INDEX",
            "TWINLM_CONFIG", "GENERATION_CONFIG", "MANIFEST", "TOKENIZER_FILES", "FILES_KEY",
-           "weights_metadata"]
+           "weights_metadata", "OBJECTIVE_KEY", "OBJECTIVES", "recorded_objective"]

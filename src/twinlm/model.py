@@ -402,7 +402,7 @@ class Transformer(nn.Module):
 
     def save_pretrained(self, path, tokenizer=None, **options) -> None:
         """Hugging Face folder (config.json, model.safetensors, tokenizer files, card); see twinlm.export
-        (`options`: max_length, card, extra_config, generation_config)."""
+        (`options`: max_length, card, extra_config, generation_config, objective)."""
         export.save_pretrained(self, path, tokenizer=tokenizer, **options)
 
     def save_checkpoint(self, path) -> None:

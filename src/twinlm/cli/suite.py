@@ -25,7 +25,7 @@ def register(commands) -> None:
                     "skips finished steps, and a changed setting reruns only what depends on it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"scales: {scales}\n\nsettings (KEY=VALUE) override any field of the scale, the evaluation settings "
-               f"by a dotted key, e.g. pretrain_tokens=4M classify.seeds=5 sources='[wiki-gensim,gcide]'; "
+               f"by a dotted key, e.g. pretrain_tokens=4M classification.seeds=5 sources='[wiki-gensim,gcide]'; "
                f"the fields:\n{fields}",
     )
     p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="override a scale setting")

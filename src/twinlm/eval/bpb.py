@@ -33,7 +33,7 @@ from twinlm.eval.common import (
     forward_packed,
     length_batches,
     load_for_eval,
-    versions,
+    result_config,
 )
 from twinlm.eval.metrics import bootstrap_ratio
 from twinlm.eval.settings import BpbConfig
@@ -164,6 +164,7 @@ def run(model, cfg: BpbConfig | None = None, *, tokenizer=None, texts: Sequence[
     """Bits per byte of `model` (a folder, a `Loaded`, or a Transformer with `tokenizer`) on `texts`, on
     `cfg.text_file`, or on the LAMBADA passages."""
     cfg = cfg or BpbConfig()
+    t_all = Timer()
     max_docs, max_bytes, seed = cfg.max_docs, cfg.max_bytes, cfg.seed
     loaded = load_for_eval(model, tokenizer, mntp=mntp, variant=variant)
     name, docs = held_out_texts(texts, cfg.text_file, data_root)
@@ -182,11 +183,10 @@ def run(model, cfg: BpbConfig | None = None, *, tokenizer=None, texts: Sequence[
               "average": {"metric": "bits per byte (lower is better)", "mean": res["bpb"],
                           "std": res.get("bpb_se", 0.0), "std_kind": "bootstrap standard error (documents resampled)",
                           "n_tasks": 1},
-              "config": {"text": name, "max_docs": max_docs, "max_bytes": max_bytes, "max_length": cfg.max_length,
-                         "seed": seed,
-                         "objective": "next token" if loaded.causal else
-                         f"masked pseudo-likelihood, {round(1 / MASK_RATE)} copies of ~{MASK_RATE:.0%} masks",
-                         "versions": versions()}}
+              "config": result_config(cfg, t_all(), text=name,
+                                      objective="next token" if loaded.causal else
+                                      f"masked pseudo-likelihood, {round(1 / MASK_RATE)} copies of ~{MASK_RATE:.0%} "
+                                      "masks")}
     check_result(result)
     if log:
         log(f"[bpb] {loaded.info['variant']} {name}: {res['bpb']:.4f} bits/byte "

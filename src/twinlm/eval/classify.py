@@ -51,7 +51,7 @@ from twinlm.eval.common import (
     forward_packed,
     load_for_eval,
     pool_packed,
-    versions,
+    result_config,
 )
 from twinlm.eval.metrics import classification_metrics, summarise
 from twinlm.eval.settings import DEFAULT_CS, DEFAULT_LRS, ClassifyConfig, seed_list
@@ -363,13 +363,10 @@ def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: st
                 f"± {res['score_std']:.2f} ({res['seconds']:.1f}s)")
     result = {"track": "classification", "model": info, "tasks": results,
               "average": _average(results),
-              "config": {"tasks": [t.name for t in task_objs], "mode": mode, "seeds": list(seeds),
-                         "max_train": cfg.max_train, "max_eval": cfg.max_eval, "kfold": cfg.kfold,
-                         "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lrs": list(cfg.lrs),
-                         "Cs": list(cfg.Cs), "max_length": cfg.max_length, "pooling": pooling,
-                         "probe_layer": cfg.probe_layer if mode == "probe" and not baseline else None,
-                         "dev_fraction": DEV_FRACTION, "seconds": t_all(),
-                         "versions": versions()}}
+              "config": result_config(cfg, t_all(), tasks=[t.name for t in task_objs], mode=mode,
+                                      seeds=list(seeds), pooling=pooling,
+                                      probe_layer=cfg.probe_layer if mode == "probe" and not baseline else None,
+                                      dev_fraction=DEV_FRACTION)}
     check_result(result)
     if out:
         write_json(out, result)

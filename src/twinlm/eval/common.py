@@ -4,7 +4,7 @@ pooling, and describing the model in result files."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
 import time
@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 import twinlm
 from twinlm.errors import ConfigError, MissingArtifactError, ScoreError
 from twinlm.eval.hf_models import is_twinlm_folder, load_hf_model
-from twinlm.export import check_tokenizer_matches
+from twinlm.export import check_tokenizer_matches, recorded_objective
 from twinlm.hub import resolve_model
 
 
@@ -84,21 +84,27 @@ def _folder_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _detect_mntp(path: str | None) -> bool:
-    """MNTP-trained encoders (enc-from-dec) read masked-token logits one position earlier. Detected from
-    an `"objective": "mntp"` field in the folder's `twinlm.json` / `config.json`, or in the run's
-    `config.yaml` next to it."""
+# objectives whose head predicts the next token: an encoder trained (or converted from a decoder trained) with one
+# reads a masked token's logits one position earlier
+NEXT_TOKEN_OBJECTIVES = ("mntp", "clm")
+
+
+def model_objective(path: str | None) -> str | None:
+    """The objective that trained the model in folder `path`: what its config.json records
+    (`twinlm_objective`, twinlm.export.recorded_objective; export, a run's final/ and convert write it), else,
+    for an older folder without the key, `mntp` when the run's `config.yaml` around it (in the folder, its
+    parent or grandparent) says so; else None."""
     if not path:
-        return False
-    p = Path(path)
-    for cand in (p / "twinlm.json", p / "config.json", p / "model_config.json"):
-        try:
-            d = json.loads(cand.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        for key in ("objective", "twinlm_objective", "training_objective"):
-            if str(d.get(key, "")).lower() == "mntp":
-                return True
+        return None
+    recorded = recorded_objective(path)
+    if recorded is not None:
+        return recorded
+    return "mntp" if _run_says_mntp(Path(path)) else None
+
+
+def _run_says_mntp(p: Path) -> bool:
+    """The fallback for folders written before the objective was recorded: an `objective` (or `loss`) of `mntp`
+    anywhere in a `config.yaml` of the folder, its parent or grandparent."""
     for cand in (p / "config.yaml", p.parent / "config.yaml", p.parent.parent / "config.yaml"):
         try:
             text = cand.read_text()
@@ -123,16 +129,20 @@ def _detect_mntp(path: str | None) -> bool:
 
 
 def describe(model, path: str | None, *, mntp: bool | None = None, variant: str | None = None) -> dict:
+    """The result's `model` entry. `mntp` (read masked-token logits one position earlier) is the caller's when
+    given, else whether the folder's objective (`model_objective`) is one whose head predicts the next token;
+    never for a decoder. `objective` is the recorded one when known, else what the scoring implies."""
     cfg = model.config
     causal = bool(cfg.causal)
-    mntp = _detect_mntp(path) if mntp is None else bool(mntp)
+    objective = model_objective(path)
+    mntp = objective in NEXT_TOKEN_OBJECTIVES if mntp is None else bool(mntp)
     if causal:
         mntp = False
     params = sum(p.numel() for p in model.parameters())
     if variant is None:  # another transformers model is named by its type (bert, llama …) in tables
         variant = getattr(cfg, "model_type", None) or _guess_variant(path, causal)
     return {"path": path, "arch": "decoder" if causal else "encoder", "causal": causal,
-            "objective": "clm" if causal else ("mntp" if mntp else "mlm"), "mntp": mntp,
+            "objective": objective or ("clm" if causal else ("mntp" if mntp else "mlm")), "mntp": mntp,
             "variant": variant, "params": params,
             "non_embedding_params": params - cfg.vocab_size * cfg.hidden_size,
             "size": f"{cfg.num_layers}L-{cfg.hidden_size}d", "num_layers": cfg.num_layers,
@@ -330,3 +340,10 @@ class Timer:
 
 def versions() -> dict:
     return {"twinlm": twinlm.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def result_config(settings: Any, seconds: float, **resolved: Any) -> dict[str, Any]:
+    """A result's `config`: every setting (`dataclasses.asdict`), then what the run resolved over them (the
+    task names read, the pooling chosen, the seeds as a list …) and facts of its own, then the seconds the run
+    took and the versions."""
+    return {**dataclasses.asdict(settings), **resolved, "seconds": seconds, "versions": versions()}

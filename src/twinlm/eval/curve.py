@@ -11,8 +11,9 @@ Sources (each argument):
   form one series ordered step{N} < ext{N} < decay{N}. Tokens seen are known only for twinlm checkpoints; a
   plot whose series lack them uses the checkpoints' order on its x axis.
 
-Tracks are the eval tracks (`bpb`, `generative`, `classify`, `retrieval`) run with their settings dataclass
-(eval/settings.py), changed by dotted overrides (`bpb.max_docs=50`, `generative.limit=100`). Each result is
+Tracks are the eval tracks of twinlm.eval.tracks (`classification`, `retrieval`, `generative`, `bpb`, `pairs`;
+`classify` is still accepted) run with their settings dataclass (eval/settings.py), changed by dotted overrides
+(`bpb.max_docs=50`, `generative.limit=100`). Each result is
 cached under OUT/cache/ keyed by the checkpoint's identity (its manifest, or the folder's file sizes and
 times), the track and its settings: a rerun, or one that adds runs or tracks, evaluates only what is new.
 
@@ -36,12 +37,10 @@ from typing import Any
 
 from twinlm.configs import apply_overrides, build
 from twinlm.errors import ConfigError, CorruptCheckpointError, DataError, MissingArtifactError
-from twinlm.eval.settings import BpbConfig, ClassifyConfig, GenerativeConfig, RetrievalConfig
+from twinlm.eval.tracks import TRACKS, canonical_name, canonical_overrides
 from twinlm.hub import parse_hub_id, resolve_model
 from twinlm.io import atomic_path, dumps_json, write_bytes, write_json
 
-SETTINGS = {"bpb": BpbConfig, "generative": GenerativeConfig, "classify": ClassifyConfig,
-            "retrieval": RetrievalConfig}
 _PHASE_ORDER = {"step": 0, "ext": 1, "decay": 2}
 _REVISION = re.compile(r"^(step|ext|decay)[-_]?(\d+)$")
 
@@ -134,15 +133,17 @@ def collect_points(sources: Sequence[str], every: int = 1, log: Callable = print
 
 
 def track_settings(tracks: Sequence[str], overrides: Sequence[str] | None = None) -> dict[str, Any]:
-    """{track: its settings dataclass}, with `track.field=value` overrides applied."""
-    unknown = [t for t in tracks if t not in SETTINGS]
+    """{track name: its settings dataclass}, with `track.field=value` overrides applied (aliases such as
+    `classify` read as the track's name, in `tracks` and in the overrides)."""
+    tracks = [canonical_name(t) for t in tracks]
+    unknown = [t for t in tracks if t not in TRACKS]
     if unknown or not tracks:
-        raise ConfigError(f"unknown track(s) {unknown or tracks}: choose from {', '.join(SETTINGS)}")
-    raw = apply_overrides({t: {} for t in tracks}, list(overrides or []))
+        raise ConfigError(f"unknown track(s) {unknown or tracks}: choose from {', '.join(TRACKS)}")
+    raw = apply_overrides({t: {} for t in tracks}, canonical_overrides(list(overrides or [])))
     extra = [k for k in raw if k not in tracks]
     if extra:
         raise ConfigError(f"override for {', '.join(extra)}, which is not among --tracks {','.join(tracks)}")
-    return {t: build(SETTINGS[t], raw[t], t) for t in tracks}
+    return {t: build(TRACKS[t].settings, raw[t], t) for t in tracks}
 
 
 def _metrics(track: str, result: dict[str, Any], where: str) -> dict[str, float]:
@@ -157,18 +158,17 @@ def _metrics(track: str, result: dict[str, Any], where: str) -> dict[str, float]
     return {k: float(v) for k, v in out.items()}
 
 
-def _evaluate(point: Point, track: str, settings: Any, data_root: str | None) -> dict[str, Any]:
+def _evaluate(point: Point, name: str, settings: Any, data_root: str | None) -> dict[str, Any]:
     # the tracks (torch, transformers) are imported when a checkpoint is actually evaluated, not for a cache hit
     from transformers import AutoTokenizer
 
-    from twinlm.eval import bpb, classify, generative, retrieval
     from twinlm.eval.common import load_for_eval
     tok = AutoTokenizer.from_pretrained(point.tokenizer) if point.tokenizer else None
     mntp = (point.objective == "mntp") if point.objective else None
     loaded = load_for_eval(str(point.path), tok, mntp=mntp)
-    run = {"bpb": bpb.run, "generative": generative.run, "classify": classify.run, "retrieval": retrieval.run}[track]
-    kwargs = {"mntp": mntp} if track in ("bpb", "generative") else {}
-    return run(loaded, settings, data_root=data_root, log=None, **kwargs)
+    t = TRACKS[name]
+    options = {"mntp": mntp} if t.mntp else {}
+    return t.run(loaded, settings, data_root=data_root, log=None, **options)
 
 
 def curve(sources: Sequence[str], tracks: Sequence[str], out: str | Path, *, every: int = 1,

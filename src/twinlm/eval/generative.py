@@ -35,7 +35,7 @@ from twinlm.eval.common import (
     forward_packed,
     length_batches,
     load_for_eval,
-    versions,
+    result_config,
 )
 from twinlm.eval.metrics import multiple_choice_metrics
 from twinlm.eval.settings import GenerativeConfig
@@ -222,6 +222,7 @@ def run(model, cfg: GenerativeConfig | None = None, *, tokenizer=None, mntp: boo
     score, stderr, seconds, examples_per_s}}, "average": {"metric", "mean", "std", "n_tasks"}, "config"}.
     """
     cfg = cfg or GenerativeConfig()
+    t_all = Timer()
     # tasks first: a bad task file fails before any model is loaded
     task_objs = [load_generative_task(name, root=data_root, limit=cfg.limit, seed=cfg.seed, delimiter=cfg.delimiter)
                  for name in cfg.tasks]
@@ -248,12 +249,10 @@ def run(model, cfg: GenerativeConfig | None = None, *, tokenizer=None, mntp: boo
                           "mean": float(np.mean(scores)) if scores else float("nan"), "std": se,
                           "std_kind": "standard error over examples (zero-shot scoring is deterministic)",
                           "n_tasks": len(scores)},
-              "config": {"tasks": list(cfg.tasks), "limit": cfg.limit, "seed": cfg.seed, "add_bos": cfg.add_bos,
-                         "delimiter": cfg.delimiter, "max_tokens": cfg.max_tokens, "n_future_masks": N_FUTURE_MASKS,
-                         "scoring": "log-likelihood" if loaded.causal else
-                         ("masked (MNTP: read position before the first mask)" if loaded.info["mntp"]
-                          else "masked (read first mask)"),
-                         "versions": versions()}}
+              "config": result_config(cfg, t_all(), n_future_masks=N_FUTURE_MASKS,
+                                      scoring="log-likelihood" if loaded.causal else
+                                      ("masked (MNTP: read position before the first mask)" if loaded.info["mntp"]
+                                       else "masked (read first mask)"))}
     check_result(result)
     if out:
         write_json(out, result)

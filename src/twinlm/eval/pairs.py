@@ -35,7 +35,7 @@ from twinlm.eval.common import (
     forward_packed,
     length_batches,
     load_for_eval,
-    versions,
+    result_config,
 )
 from twinlm.eval.metrics import bootstrap_macro, bootstrap_ratio
 from twinlm.eval.settings import PairsConfig
@@ -155,10 +155,9 @@ def run(model, cfg: PairsConfig | None = None, *, tokenizer=None, texts: Sequenc
                           "ci95": [100 * pooled["lo"], 100 * pooled["hi"]], "n_tasks": len(tasks),
                           "n_pairs": len(pairs), "macro": 100 * macro["value"], "macro_se": 100 * macro["se"],
                           "macro_ci95": [100 * macro["lo"], 100 * macro["hi"]]},
-              "config": {**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "source": name,
-                         "scoring": "log-likelihood per byte" if loaded.causal else
-                         "pseudo-log-likelihood per byte (one masked copy per token)",
-                         "seconds": seconds, "versions": versions()}}
+              "config": result_config(cfg, seconds, source=name,
+                                      scoring="log-likelihood per byte" if loaded.causal else
+                                      "pseudo-log-likelihood per byte (one masked copy per token)")}
     check_result(result)
     if out:
         write_json(out, result)

@@ -37,7 +37,7 @@ from twinlm.eval.common import (
     forward_packed,
     load_for_eval,
     pool_packed,
-    versions,
+    result_config,
 )
 from twinlm.eval.metrics import retrieval_metrics, run_from_scores, summarise
 from twinlm.eval.settings import RetrievalConfig, seed_list
@@ -233,13 +233,10 @@ def run(model, cfg: RetrievalConfig | None = None, *, tokenizer=None, variant: s
               "average": {"metric": "mean nDCG@10 over sets", "mean": float(np.mean(avg_per_seed)),
                           "std": float(np.std(avg_per_seed, ddof=1)) if len(avg_per_seed) > 1 else 0.0,
                           "std_kind": "over seeds", "per_seed": avg_per_seed, "n_tasks": len(results)},
-              "config": {"sets": [s.name for s in all_sets], "finetune": cfg.finetune and not baseline,
-                         "seeds": list(seeds), "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                         "scale": SCALE, "train_pairs": len(pairs), "max_eval_queries": cfg.max_eval_queries,
-                         "max_corpus": cfg.max_corpus, "max_length": cfg.max_length,
-                         "query_max_length": cfg.query_max_length, "pooling": pooling,
-                         "training": train_info, "export_dir": str(export_dir) if export_dir else None,
-                         "seconds": t_all(), "versions": versions()}}
+              "config": result_config(cfg, t_all(), sets=[s.name for s in all_sets],
+                                      finetune=cfg.finetune and not baseline, seeds=list(seeds), scale=SCALE,
+                                      train_pairs=len(pairs), pooling=pooling, training=train_info,
+                                      export_dir=str(export_dir) if export_dir else None)}
     check_result(result)
     if out:
         write_json(out, result)

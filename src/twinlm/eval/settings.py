@@ -2,16 +2,23 @@
 
 `classify.run(model, ClassifyConfig(...))` and its siblings take one of these; what a run evaluates *on*
 (the model, its tokenizer, the data root, the output file, the log) is passed beside it. Suite scales hold
-one of each (`twinlm suite classify.seeds=5`), and a suite step's identity is the `dataclasses.asdict` of
+one of each (`twinlm suite classification.seeds=5`), and a suite step's identity is the `dataclasses.asdict` of
 its settings. `twinlm.configs.build` makes them from plain data with coercion, and the checks below run
 however they are made. This module imports nothing heavy: `twinlm --help` lists these fields.
 
-`seeds` is a count `n` (seeds 0..n-1) or the list of seeds itself.
+Each field is declared with `setting`, whose `help` (and `choices`, `flags`) the `twinlm eval` command line is
+generated from (twinlm.cli.flags): one flag per field, its default the field's. `choices` are checked here
+too, however the settings are made.
+
+`seeds` is a count `n` (seeds 0..n-1) or the list of seeds itself (on the command line: a comma list).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from twinlm.errors import ConfigError
 
@@ -21,6 +28,34 @@ DEFAULT_CLASSIFY_TASKS = ["sst2", "rte", "mrpc", "cb", "boolq", "spam", "brown"]
 DEFAULT_RETRIEVAL_SETS = ["squad", "boolq", "sciq"]
 DEFAULT_GENERATIVE_TASKS = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "sciq", "siqa", "winogrande",
                             "openbookqa", "boolq", "copa", "lambada"]
+POOLINGS = (None, "cls", "mean", "last")
+SEEDS_HELP = "the seeds: a list, or a count n for 0..n-1 (on the command line always a comma list)"
+PAIR_FAMILIES = ["swap", "replace", "splice", "agreement", "article"]
+
+
+def setting(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None, help: str,
+            choices: Sequence[Any] | None = None, flags: Sequence[str] = ()) -> Any:
+    """A settings field: its default (or a `factory` for a list), what it means (`help`), the values it may take
+    (`choices`, checked by `check_choices`) and command-line spellings besides `--<name>` (`flags`)."""
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "flags": tuple(flags)}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_choices(settings: Any) -> None:
+    """Raise ConfigError for a field outside its `choices` (a list field: for any item outside them)."""
+    for f in dataclasses.fields(settings):
+        allowed = f.metadata.get("choices")
+        if allowed is None:
+            continue
+        value = getattr(settings, f.name)
+        if isinstance(value, list):
+            shown = ", ".join(str(v) for v in value if v not in allowed)
+        else:
+            shown = "" if value in allowed else repr(value)
+        if shown:
+            raise ConfigError(f"{f.name}: {shown} is not one of {', '.join(str(a) for a in allowed)}")
 
 
 def seed_list(seeds: int | list[int]) -> list[int]:
@@ -28,15 +63,7 @@ def seed_list(seeds: int | list[int]) -> list[int]:
     return list(range(seeds)) if isinstance(seeds, int) else list(seeds)
 
 
-POOLINGS = (None, "cls", "mean", "last")
-
-
-def _one_of(name: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
-
-
-def _some_seeds(seeds) -> None:
+def _some_seeds(seeds: int | list[int]) -> None:
     if not seed_list(seeds):
         raise ConfigError(f"seeds: {seeds!r} names no seed (give a count, or a list like --seeds 0,1,2)")
 
@@ -45,28 +72,31 @@ def _some_seeds(seeds) -> None:
 class ClassifyConfig:
     """Linear probe or fine-tuning on labelled tasks (twinlm.eval.classify)."""
 
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_CLASSIFY_TASKS))  # built-in names (or a file task's)
-    mode: str = "probe"  # probe (frozen backbone, logistic regression) | finetune
-    seeds: int | list[int] = field(default_factory=lambda: [0, 1, 2])
-    max_train: int | None = 2000  # training examples drawn per seed; None: all
-    max_eval: int | None = 1000  # evaluation examples (a fixed draw); None: all
-    kfold: int = 5  # folds for tasks without a training split
-    epochs: int = 3  # fine-tuning only
-    batch_size: int = 16  # fine-tuning only
-    lrs: list[float] = field(default_factory=lambda: list(DEFAULT_LRS))  # fine-tuning sweep
-    Cs: list[float] = field(default_factory=lambda: list(DEFAULT_CS))  # probe sweep
-    max_length: int = 256  # tokens per input
-    pooling: str | None = None  # cls | mean | last; None: the architecture's (encoder cls, decoder last)
-    # probe: "final" reads the last layer with the architecture's pooling; "best" picks depth and pooling on
-    # the development split
-    probe_layer: str = "final"
-    train_file: str | None = None  # JSONL {text, text_pair?, label} of a task of your own
-    eval_file: str | None = None  # its evaluation file (k-fold cross-validation without train_file)
+    tasks: list[str] = setting(factory=lambda: list(DEFAULT_CLASSIFY_TASKS),
+                               help="built-in task names (or a file task's name)")
+    mode: str = setting("probe", choices=("probe", "finetune"),
+                        help="probe (frozen backbone, logistic regression) or finetune")
+    seeds: int | list[int] = setting(factory=lambda: [0, 1, 2], help=SEEDS_HELP)
+    max_train: int | None = setting(2000, help="training examples drawn per seed (none: all)")
+    max_eval: int | None = setting(1000, help="evaluation examples, a fixed draw (none: all)")
+    kfold: int = setting(5, help="folds for tasks without a training split")
+    epochs: int = setting(3, help="fine-tuning epochs")
+    batch_size: int = setting(16, help="fine-tuning batch size")
+    lrs: list[float] = setting(factory=lambda: list(DEFAULT_LRS), help="fine-tuning learning rates swept")
+    Cs: list[float] = setting(factory=lambda: list(DEFAULT_CS), flags=("--cs",),
+                              help="probe: logistic-regression C values swept")
+    max_length: int = setting(256, help="tokens per input")
+    pooling: str | None = setting(None, choices=POOLINGS,
+                                  help="cls, mean or last (none: the architecture's, encoder cls, decoder last)")
+    probe_layer: str = setting("final", choices=("final", "best"),
+                               help="probe the last layer with the architecture's pooling (final), or the depth "
+                                    "and pooling that score best on the development split (best)")
+    train_file: str | None = setting(None, help="JSONL {text, text_pair?, label}: the training file of a task of "
+                                                "your own")
+    eval_file: str | None = setting(None, help="its evaluation file (k-fold cross-validation without train_file)")
 
-    def __post_init__(self):
-        _one_of("mode", self.mode, ("probe", "finetune"))
-        _one_of("probe_layer", self.probe_layer, ("final", "best"))
-        _one_of("pooling", self.pooling, POOLINGS)
+    def __post_init__(self) -> None:
+        check_choices(self)
         _some_seeds(self.seeds)
         if not isinstance(self.kfold, int) or self.kfold < 2:
             raise ConfigError(f"kfold: {self.kfold!r}: cross-validation needs at least 2 folds (--kfold 2 or more)")
@@ -76,21 +106,23 @@ class ClassifyConfig:
 class RetrievalConfig:
     """Contrastive fine-tuning, then nDCG@10 / MRR@10 / Recall@100 (twinlm.eval.retrieval)."""
 
-    sets: list[str] = field(default_factory=lambda: list(DEFAULT_RETRIEVAL_SETS))
-    finetune: bool = True  # False: score the pooled embeddings as they are
-    seeds: int | list[int] = field(default_factory=lambda: [0])
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 2e-4
-    max_train_pairs: int | None = 2000  # (query, passage) pairs over all sets; None: all
-    max_eval_queries: int = 300  # held-out queries per set
-    max_corpus: int | None = None  # passages per set (the relevant ones always kept); None: all
-    max_length: int = 256  # passage tokens
-    query_max_length: int = 64
-    pooling: str | None = None  # None: the architecture's (encoder mean, decoder last)
+    sets: list[str] = setting(factory=lambda: list(DEFAULT_RETRIEVAL_SETS), help="retrieval sets")
+    finetune: bool = setting(True, help="fine-tune contrastively (--no-finetune: score the pooled embeddings as "
+                                        "they are)")
+    seeds: int | list[int] = setting(factory=lambda: [0], help=SEEDS_HELP)
+    epochs: int = setting(1, help="fine-tuning epochs")
+    batch_size: int = setting(32, help="fine-tuning batch size")
+    lr: float = setting(2e-4, help="fine-tuning learning rate")
+    max_train_pairs: int | None = setting(2000, help="(query, passage) training pairs over all sets (none: all)")
+    max_eval_queries: int = setting(300, help="held-out queries per set")
+    max_corpus: int | None = setting(None, help="passages per set, the relevant ones always kept (none: all)")
+    max_length: int = setting(256, help="passage tokens")
+    query_max_length: int = setting(64, help="query tokens")
+    pooling: str | None = setting(None, choices=POOLINGS,
+                                  help="cls, mean or last (none: the architecture's, encoder mean, decoder last)")
 
-    def __post_init__(self):
-        _one_of("pooling", self.pooling, POOLINGS)
+    def __post_init__(self) -> None:
+        check_choices(self)
         _some_seeds(self.seeds)
 
 
@@ -98,49 +130,48 @@ class RetrievalConfig:
 class GenerativeConfig:
     """Zero-shot multiple choice and completion by log-likelihood (twinlm.eval.generative)."""
 
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_GENERATIVE_TASKS))  # built-in names or JSONL files
-    limit: int | None = 500  # examples per task (a seeded draw); None: all
-    seed: int = 0
-    max_tokens: int = 16384  # tokens per packed forward pass
-    max_length: int | None = None  # None: the model's context length
-    add_bos: bool = True  # put [CLS] before the context
-    delimiter: str = " "  # between context and choice in JSONL tasks
+    tasks: list[str] = setting(factory=lambda: list(DEFAULT_GENERATIVE_TASKS),
+                               help="built-in task names and/or JSONL files {context, choices, label}")
+    limit: int | None = setting(500, help="examples per task, a seeded draw (none or all: every one)")
+    seed: int = setting(0, help="seed of the draw")
+    max_tokens: int = setting(16384, help="tokens per packed forward pass")
+    max_length: int | None = setting(None, help="tokens per scored sequence (none: the model's context length)")
+    add_bos: bool = setting(True, flags=("--bos",), help="put [CLS] before the context")
+    delimiter: str = setting(" ", help="between context and choice in JSONL tasks")
 
 
 @dataclass
 class BpbConfig:
     """Bits per byte on held-out text (twinlm.eval.bpb)."""
 
-    text_file: str | None = None  # .txt (blank-line separated) or JSONL {text}; None: LAMBADA (the suite: its
-    #                               held-out split)
-    max_docs: int | None = 500  # a seeded draw of documents; None: all
-    max_bytes: int | None = None  # score only the first N UTF-8 bytes of the documents
-    max_length: int = 512  # tokens per window
-    max_tokens: int = 16384  # tokens per packed forward pass
-    seed: int = 0
-
-
-PAIR_FAMILIES = ["swap", "replace", "splice", "agreement", "article"]
+    text_file: str | None = setting(None, help=".txt (blank-line separated documents) or JSONL {text} (none: "
+                                               "LAMBADA; the suite: its held-out split)")
+    max_docs: int | None = setting(500, help="a seeded draw of documents (none: all)")
+    max_bytes: int | None = setting(None, help="score only the first N UTF-8 bytes of the documents (none: all)")
+    max_length: int = setting(512, help="tokens per window")
+    max_tokens: int = setting(16384, help="tokens per packed forward pass")
+    seed: int = setting(0, help="seed of the document draw and the masks")
 
 
 @dataclass
 class PairsConfig:
     """Minimal pairs: real sentence vs corrupted twin, accuracy per family (twinlm.eval.pairs)."""
 
-    pairs_file: str | None = None  # JSONL {good, bad, family} (BLiMP's files too); None: build from text
-    text_file: str | None = None  # held-out text to build pairs from; None: LAMBADA (the suite: its held-out split)
-    families: list[str] = field(default_factory=lambda: list(PAIR_FAMILIES))  # built pairs only
-    per_family: int | None = 200  # pairs per family (a pair file: a seeded draw); None: all of a file
-    min_words: int = 6  # sentence length accepted for building pairs
-    max_words: int = 30
-    seed: int = 0
-    bootstrap: int = 1000  # bootstrap resamples for the intervals
-    max_tokens: int = 16384  # tokens per packed forward pass
+    pairs_file: str | None = setting(None, help="JSONL {good, bad, family} (BLiMP's files too; none: pairs built "
+                                                "from text)")
+    text_file: str | None = setting(None, help="held-out text to build pairs from, .txt (blank-line separated) or "
+                                               "JSONL {text} (none: LAMBADA; the suite: its held-out split)")
+    families: list[str] = setting(factory=lambda: list(PAIR_FAMILIES), choices=PAIR_FAMILIES,
+                                  help="families of built pairs")
+    per_family: int | None = setting(200, help="pairs per family (a pair file: a seeded draw; none: all of a file)")
+    min_words: int = setting(6, help="shortest sentence (words) accepted for building pairs")
+    max_words: int = setting(30, help="longest sentence (words) accepted for building pairs")
+    seed: int = setting(0, help="seed of the draws and the bootstrap")
+    bootstrap: int = setting(1000, help="bootstrap resamples for the intervals")
+    max_tokens: int = setting(16384, help="tokens per packed forward pass")
 
-    def __post_init__(self):
-        bad = [f for f in self.families if f not in PAIR_FAMILIES]
-        if bad:
-            raise ConfigError(f"families: {', '.join(bad)} is not one of {', '.join(PAIR_FAMILIES)}")
+    def __post_init__(self) -> None:
+        check_choices(self)
         if self.per_family is not None and self.per_family < 1:
             raise ConfigError(f"per_family: {self.per_family} must be at least 1 (or None for all)")
         if self.bootstrap < 100:

@@ -32,9 +32,9 @@ from twinlm.data.tokenizer import (
     train_tokenizer,
 )
 from twinlm.errors import MissingArtifactError, RunInterrupted
-from twinlm.eval import bpb, classify, generative, pairs, retrieval
 from twinlm.eval.ngram import load_ngram
 from twinlm.eval.settings import seed_list
+from twinlm.eval.tracks import TRACKS as EVAL_TRACKS
 from twinlm.io import write_json
 from twinlm.model import Transformer
 from twinlm.suite.report import write_report
@@ -213,7 +213,7 @@ class Suite:
         for name in CONTROLS:
             steps.append(Step(name, self._random_control(name), {"preset": self.preset}, ["tokenizer"],
                               estimate_s=5, title=f"{name} control"))
-        eval_settings = {track: dataclasses.asdict(track_settings(s, track)) for track in TRACKS}
+        eval_settings = {track: dataclasses.asdict(s.track_settings(track)) for track in TRACKS}
         models = list(TRAINED) + list(CONTROLS)
         for model in models:
             source = model if model in CONTROLS else f"train-{model}"
@@ -251,21 +251,15 @@ class Suite:
         return Pipeline(self.root, self.steps(), log=self.log).status()
 
 
-BASELINE_RUNS = [("tfidf", "classification"), ("minilm", "classification"), ("bm25", "retrieval"),
-                 ("minilm", "retrieval")]
-
-
-def track_settings(scale: Scale, track: str):
-    """The settings dataclass a scale gives one evaluation track."""
-    return {"classification": scale.classify, "retrieval": scale.retrieval, "generative": scale.generative,
-            "bpb": scale.bpb, "pairs": scale.pairs}[track]
+# (baseline, track): each outside baseline on each track that takes it
+BASELINE_RUNS = [(b, t.name) for t in EVAL_TRACKS.values() for b in t.baselines]
 
 
 def run_track(track: str, model: str, suite: Suite, out: Path) -> dict:
     """One evaluation track of one model (a suite model name or a baseline name) with the scale's settings."""
-    cfg = track_settings(suite.scale, track)
-    baseline = model in ("tfidf", "minilm", "bm25")
-    target = model if baseline else str(suite.model_dir(model))
+    cfg = suite.scale.track_settings(track)
+    baseline = model in {b for b, _ in BASELINE_RUNS}
+    target: Any = model if baseline else str(suite.model_dir(model))
     named = {} if baseline else {"variant": model}
     if model in suite.scale.ngrams:
         target = load_ngram(model, suite.shards(suite.scale.short_seq), load_tokenizer(suite.tokenizer_dir))
@@ -273,9 +267,7 @@ def run_track(track: str, model: str, suite: Suite, out: Path) -> dict:
         cfg = dataclasses.replace(cfg, max_tokens=min(cfg.max_tokens, NGRAM_PACK_TOKENS))
     if track in ("bpb", "pairs") and cfg.text_file is None and getattr(cfg, "pairs_file", None) is None:
         cfg = dataclasses.replace(cfg, text_file=str(suite.path("corpus", "heldout.jsonl")))  # the held-out split
-    runner = {"classification": classify.run, "retrieval": retrieval.run, "generative": generative.run,
-              "bpb": bpb.run, "pairs": pairs.run}[track]
-    return runner(target, cfg, out=out, log=None, **named)
+    return EVAL_TRACKS[track].run(target, cfg, out=out, log=None, **named)
 
 
 def _recipe_digest(path: Path) -> str:
@@ -288,7 +280,7 @@ def _estimates(s: Scale) -> dict[str, float]:
     tok_per_s = {"cpu-tiny": 6000.0, "cpu-small": 2500.0}.get(s.preset, 200000.0)
     train = sum(parse_count(t) for t in (s.pretrain_tokens, s.extension_tokens, s.decay_tokens)) / tok_per_s
     return {"prepare": s.corpus_mb * 0.6, "train": train, "cross": parse_count(s.cross_tokens) / tok_per_s,
-            "classification": 8.0 * len(s.classify.tasks) * len(seed_list(s.classify.seeds)),
+            "classification": 8.0 * len(s.classification.tasks) * len(seed_list(s.classification.seeds)),
             "retrieval": 0.05 * (s.retrieval.max_train_pairs or 2000) * len(seed_list(s.retrieval.seeds)) + 10,
             "generative": 0.1 * (s.generative.limit or 1000) * len(s.generative.tasks),
             "bpb": 0.05 * (s.bpb.max_docs or 500),

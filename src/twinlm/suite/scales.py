@@ -3,8 +3,9 @@
 `cpu` is the default (under 30 minutes on 2 cores), `quick` is a first look (about 2 minutes), and `gpu` is
 the paper's 17M pair on one GPU (launch with `--nproc N` for torchrun). The evaluation budgets are the
 tracks' own settings dataclasses (twinlm.eval.settings). Any field can be overridden from the command line,
-evaluation settings by a dotted key: `twinlm suite pretrain_tokens=2M classify.seeds=5` (twinlm.configs reads
-the values). This module imports nothing heavy: `twinlm --help` lists the fields.
+evaluation settings by a dotted key named for the track (twinlm.eval.tracks): `twinlm suite pretrain_tokens=2M
+classification.seeds=5` (a track's alias is read as its name: `classify.seeds=5`; twinlm.configs reads the
+values). This module imports nothing heavy: `twinlm --help` lists the fields.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ from typing import Any
 from twinlm.configs import apply_overrides, build
 from twinlm.errors import ConfigError, UnknownName
 from twinlm.eval.settings import BpbConfig, ClassifyConfig, GenerativeConfig, PairsConfig, RetrievalConfig
+from twinlm.eval.tracks import TRACKS as EVAL_TRACKS
+from twinlm.eval.tracks import canonical_name, canonical_overrides
 
 # Natural-language pre-training text first: the evaluation tasks are English prose. Code and manuals are
 # available (python-stdlib, python-doc, linux-doc) but buy little for these tasks at CPU scale.
 PROSE_SOURCES = ["wiki-gensim", "nlp-corpus", "sotu", "gcide", "shakespeare", "moby-dick"]
 ALL_SOURCES = PROSE_SOURCES + ["python-doc", "linux-doc", "python-stdlib"]
-TRACKS = ("classification", "retrieval", "generative", "bpb", "pairs")
+# every evaluation track, in the registry's order (the suite's step order); Scale has a field of each name
+TRACKS = tuple(EVAL_TRACKS)
 BASELINES = ("tfidf", "bm25", "minilm")
 # n-gram controls fitted on the pre-training shards, scored on the intrinsic tracks (twinlm.eval.ngram)
 NGRAMS = ("unigram", "bigram", "trigram")
-NGRAM_TRACKS = ("bpb", "pairs")
+NGRAM_TRACKS = tuple(name for name, t in EVAL_TRACKS.items() if t.ngrams)
 
 # The suite's evaluation budgets where they differ from the tracks' own defaults; a scale changes some of them.
 # probe_layer "best": depth and pooling picked on the dev split (the same choice for the random controls).
@@ -67,8 +71,8 @@ class Scale:
     train_overrides: list[str] = field(default_factory=list)  # extra recipe overrides for every run
     peak_lr: float | None = None  # None: the recipes' own; else pre-training peak, cross-objective at half of it
     nproc: int = 1  # >1: training steps run under torchrun
-    # evaluation settings of each track (classify.seeds=5, retrieval.max_corpus=400, ...)
-    classify: ClassifyConfig = field(default_factory=lambda: _with(SUITE_CLASSIFY))
+    # evaluation settings of each track, named as the track (classification.seeds=5, retrieval.max_corpus=400, ...)
+    classification: ClassifyConfig = field(default_factory=lambda: _with(SUITE_CLASSIFY))
     retrieval: RetrievalConfig = field(default_factory=lambda: _with(SUITE_RETRIEVAL))
     generative: GenerativeConfig = field(default_factory=lambda: _with(SUITE_GENERATIVE))
     bpb: BpbConfig = field(default_factory=lambda: _with(SUITE_BPB))
@@ -80,6 +84,7 @@ class Scale:
     baselines: list[str] = field(default_factory=lambda: ["tfidf", "bm25", "minilm"])
 
     def __post_init__(self):
+        self.control_tracks = [canonical_name(t) for t in self.control_tracks]  # `classify` too
         # checked here, not when the evaluation steps reach them minutes into a run
         for key, value, allowed in (("control_tracks", self.control_tracks, TRACKS),
                                     ("baselines", self.baselines, BASELINES), ("ngrams", self.ngrams, NGRAMS)):
@@ -88,8 +93,14 @@ class Scale:
                 raise ConfigError(f"{key}: {', '.join(map(str, bad))} is not one of {', '.join(allowed)}")
 
     def with_overrides(self, overrides: list[str]) -> Scale:
-        """A copy with `KEY=VALUE` settings applied (dotted keys reach the evaluation settings)."""
-        return build(Scale, apply_overrides(self.as_dict(), overrides), noun="suite setting")
+        """A copy with `KEY=VALUE` settings applied (dotted keys reach the evaluation settings; a track's alias
+        reads as its name)."""
+        raw = apply_overrides(self.as_dict(), canonical_overrides(overrides, "suite setting"))
+        return build(Scale, raw, noun="suite setting")
+
+    def track_settings(self, track: str) -> Any:
+        """The settings dataclass this scale gives the evaluation track `track`."""
+        return getattr(self, canonical_name(track))
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,7 +127,7 @@ SCALES: dict[str, Scale] = {
         retrieval=_with(SUITE_RETRIEVAL, max_train_pairs=200, max_eval_queries=100, max_corpus=300),
         # Brown's long documents (3 min per model) and HellaSwag's long endings (one masked copy per token
         # for encoders) are left to the larger scales
-        classify=_with(SUITE_CLASSIFY, tasks=["sst2", "spam"], seeds=2, max_train=1500, max_eval=600),
+        classification=_with(SUITE_CLASSIFY, tasks=["sst2", "spam"], seeds=2, max_train=1500, max_eval=600),
         generative=_with(SUITE_GENERATIVE, tasks=["arc_easy", "sciq", "copa"], limit=40),
         # within 30 minutes: encoder bits per byte costs 7 masked copies of the text, and MiniLM (2 min) is an
         # extra reference
@@ -140,7 +151,7 @@ SCALES: dict[str, Scale] = {
         decay_tokens="20K",
         cross_tokens="30K",
         train_overrides=["model.preset=cpu-tiny"],
-        classify=_with(SUITE_CLASSIFY, tasks=["sst2"], seeds=2, max_train=500, max_eval=300),
+        classification=_with(SUITE_CLASSIFY, tasks=["sst2"], seeds=2, max_train=500, max_eval=300),
         retrieval=_with(SUITE_RETRIEVAL, sets=["sciq"], seeds=1, max_train_pairs=100, max_eval_queries=100),
         generative=_with(SUITE_GENERATIVE, tasks=["arc_easy", "copa"], limit=100),
         bpb=_with(SUITE_BPB, max_docs=50),
@@ -167,7 +178,7 @@ SCALES: dict[str, Scale] = {
                          "phases.pretrain.batch_size=64", "phases.extension.batch_size=64",
                          "phases.decay.batch_size=64", "phases.pretrain.micro_batch_tokens=65536",
                          "phases.extension.micro_batch_tokens=65536", "phases.decay.micro_batch_tokens=65536"],
-        classify=_with(SUITE_CLASSIFY, tasks=["sst2", "rte", "mrpc", "cb", "boolq", "spam", "brown"],
+        classification=_with(SUITE_CLASSIFY, tasks=["sst2", "rte", "mrpc", "cb", "boolq", "spam", "brown"],
                        mode="finetune", max_train=20000, max_eval=5000),
         retrieval=_with(SUITE_RETRIEVAL, sets=["squad", "boolq", "sciq"], seeds=3, max_train_pairs=5000,
                         max_eval_queries=500),

@@ -668,7 +668,8 @@ class Trainer:
                 with atomic_dir(final, replace=True) as tmp:
                     # the tokenizer's model_max_length is the longest context trained at
                     model.save_pretrained(tmp, tokenizer=self.tokenizer, card=card,
-                                          max_length=max(p.seq_len for p in self.phases))
+                                          max_length=max(p.seq_len for p in self.phases),
+                                          objective=self.recipe.objective)
             except Exception as e:
                 if is_disk_full(e):
                     raise OutOfSpace(f"the disk holding {self.out} is full: final/ was not written (the temporary "
