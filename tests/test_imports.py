@@ -130,7 +130,6 @@ def test_no_import_loops():
     assert _cycles(graph) == []
 
 
-@pytest.mark.xfail(strict=True, reason="train/callback.py <-> train/trainer.py for the hooks' type hints")
 def test_no_import_loops_type_only_imports_included():
     assert _cycles(import_graph(type_only=True)) == []
 
