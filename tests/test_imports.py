@@ -15,8 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import twinlm
 
 ROOT = Path(twinlm.__file__).parent
