@@ -227,7 +227,7 @@ def check_shard_tokenizers(metas: list[ShardMeta], fingerprint: str | None) -> N
 
 def check_init_from(recipe: Recipe) -> Path:
     """The folder of a cross-objective start's source model (a hub id is resolved to its snapshot)."""
-    src = resolve_model(recipe.init_from)
+    src = resolve_model(recipe.init_from or "")
     if not src.exists():
         raise MissingArtifactError(f"init_from: {recipe.init_from} does not exist (train the source model "
                                    "first, or override init_from=PATH)")
