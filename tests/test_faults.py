@@ -559,6 +559,41 @@ def test_R05_R08_R16_R20_refused_before_the_run_folder_is_written(tmp_path, shar
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no run folder made
 
 
+def test_R21_R24_optimizer_settings_and_model_overrides_are_refused_before_writing(tmp_path, shards, capsys,
+                                                                                  monkeypatch):
+    """Re-run of the second review: `optim.lr=-1` (R21), `optim.betas=[0.9,1.5]` (R22), a mistyped override
+    key (R23) and `model.overrides.num_layers=4K` (R24) ended in a traceback with config.yaml, env.json and
+    starts.jsonl already written. Now: exit 2, one line naming the fix, the run folder as it was; `4K` is
+    read as 4000 and meets the resume check or, in a new folder, the memory pre-flight check."""
+    import twinlm.train.setup as setup_module
+    from twinlm.cli import main
+
+    rp = tmp_path / "recipe.yaml"
+    rp.write_text(yaml.safe_dump(tiny_recipe(shards, phases=1, tokens=400), sort_keys=False))
+    out = tmp_path / "run"
+
+    def train(folder: Path, *overrides: str) -> tuple[int, str]:
+        code = main(["train", str(rp), "--out", str(folder), *overrides])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return code, err.strip().splitlines()[-1]
+
+    assert train(out, "max_steps=1")[0] == 0
+    before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    cases = [(["optim.lr=-1"], "optim.lr must be a number >= 0"),
+             (["optim.betas=[0.9,1.5]"], "optim.betas must both lie in [0, 1)"),
+             (["model.overrides.hiden_size=64"], "unknown key model.overrides.hiden_size (did you mean hidden_size?)"),
+             (["model.overrides.num_layers=4K"], "model.overrides.num_layers: None -> 4000")]
+    for overrides, needle in cases:
+        code, line = train(out, *overrides)
+        assert code == 2 and line.startswith("twinlm: error: ") and needle in line, line
+        assert {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    monkeypatch.setattr(setup_module, "device_memory", lambda device: 4 * 2**30)
+    code, line = train(tmp_path / "big", "model.overrides.num_layers=4K")
+    assert code == 2 and "GiB per rank" in line and "more than cpu (4.0 GiB)" in line, line
+    assert not (tmp_path / "big").exists()
+
+
 def test_F01_a_damaged_final_folder_of_a_finished_run_is_written_again(tmp_path, shards):
     """Re-run of the review: a finished run returned its corrupted final/ as it was ('already finished')."""
     from twinlm.loading import load

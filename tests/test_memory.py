@@ -78,7 +78,7 @@ def test_bad_requests_are_named():
 def test_trainer_refuses_a_micro_batch_that_does_not_fit_the_device(tmp_path, monkeypatch):
     """The pre-flight check: on a device the estimate says is too small, one line naming the settings that fit,
     before any step; with memory_check=false, or memory enough, the run trains."""
-    import twinlm.train.trainer as trainer_module
+    import twinlm.train.setup as trainer_module
     from twinlm.errors import ConfigError
     from twinlm.train import run
     from twinlm.train.testing import make_shards, tiny_recipe

@@ -54,13 +54,12 @@ def convert(src, to: str, out, *, global_rope_theta: float | None = None,
     if model.config.causal == causal:
         raise ConfigError(f"{src} already holds an {to}; nothing to convert (to write it as a Hugging Face "
                           f"folder of its own kind: `twinlm export {src} --out DIR`)")
-    changes: dict[str, Any] = {"causal": causal}
+    changes: dict[str, Any] = {}
     if global_rope_theta is not None:
         changes["global_rope_theta"] = float(global_rope_theta)
     if local_rope_theta is not None:
         changes["local_rope_theta"] = float(local_rope_theta)
-    converted = Transformer(model.config.replace(**changes))
-    converted.load_state_dict(model.state_dict())
+    converted = as_kind(model, causal, **changes)
     tok = find_tokenizer(src, tokenizer)
     if tok is None:
         log(f"warning: {src} has no tokenizer files and none was given (--tokenizer DIR): {out} holds no "
@@ -74,6 +73,18 @@ def convert(src, to: str, out, *, global_rope_theta: float | None = None,
                               generation_config=_source_json(src, GENERATION_CONFIG),
                               max_length=_tokenizer_max_length(tok), objective=source_objective(src))
     return out
+
+
+def as_kind(model: Transformer, causal: bool, **changes: Any) -> Transformer:
+    """A new model of the `causal` kind holding `model`'s weights (in memory; `model` is left as it is).
+
+    Both kinds share every twinlm weight name, so this is a config change and a copy. `changes` are other
+    ModelConfig fields to set (RoPE θ, dropout, …); one that changes a weight's shape fails in
+    `load_state_dict`. The new model's weights are initialised before the copy (the RNG advances as for a
+    fresh model of that shape)."""
+    converted = Transformer(model.config.replace(**changes, causal=causal))
+    converted.load_state_dict(model.state_dict())
+    return converted
 
 
 def export_model(src, out, *, tokenizer=None, overwrite: bool = False, license: str | None = None,
@@ -200,4 +211,5 @@ def _tokenizer_max_length(tok) -> int | None:
     return int(value) if isinstance(value, int) and value < 10**9 else None
 
 
-__all__ = ["convert", "export_model", "find_tokenizer", "source_objective", "TARGETS", "TOKENIZER_FILES"]
+__all__ = ["as_kind", "convert", "export_model", "find_tokenizer", "source_objective", "TARGETS",
+           "TOKENIZER_FILES"]

@@ -23,6 +23,11 @@ class BatchStream:
 
     sample_id is the dataset index of the sample (`dataset[sample_id]` gives its tokens back).
     `global_batch_size` may change every step (batch-size warmup); the trainer passes it each time.
+
+    The stream interface, shared with data/order.py's ReplayStream (the trainer and train/plan.py use only
+    this): `next_batch_size(scheduled)` (the size of the next global batch: here the schedule's), `next_step(bs,
+    empty_shares=…)`, `next_global(bs)` / `next_global_lengths(bs)` (the whole global batch, or its ids and
+    lengths without reading tokens, for planning), `state_dict` / `load_state_dict`.
     """
 
     def __init__(self, dataset: Any, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
@@ -38,6 +43,7 @@ class BatchStream:
         self.position = 0      # global samples consumed
         self.step = 0          # next_step calls made
         self._perms: dict[int, np.ndarray] = {}
+        self._lengths: np.ndarray | None = None  # the dataset's sample lengths, read on first use
 
     # --- order ---------------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -72,8 +78,14 @@ class BatchStream:
         return self.position // len(self.dataset)
 
     # --- stepping ------------------------------------------------------------------------------------
-    def next_step(self, global_batch_size: int) -> list[tuple[int, np.ndarray]]:
-        if global_batch_size < self.world_size:
+    def next_batch_size(self, scheduled: int) -> int:
+        """The size of the next global batch: the schedule's (`scheduled`)."""
+        return int(scheduled)
+
+    def next_step(self, global_batch_size: int, *, empty_shares: bool = False) -> list[tuple[int, np.ndarray]]:
+        """This rank's share of the next global batch. A batch smaller than the ranks leaves some shares empty:
+        allowed with `empty_shares` (the trainer: the step still counts on every rank), else a ConfigError."""
+        if global_batch_size < self.world_size and not empty_shares:
             raise ConfigError(f"global batch size {global_batch_size} is smaller than world_size {self.world_size}: "
                               "every rank needs at least one sample")
         ids = self.global_ids(self.position, int(global_batch_size))
@@ -81,6 +93,22 @@ class BatchStream:
         self.position += int(global_batch_size)
         self.step += 1
         return [(int(i), self.dataset[int(i)]) for i in mine]
+
+    def next_global(self, global_batch_size: int) -> list[tuple[int, np.ndarray]]:
+        """The whole next global batch (every rank's share, in global order), consumed."""
+        ids = self.global_ids(self.position, int(global_batch_size))
+        self.position += int(global_batch_size)
+        self.step += 1
+        return [(int(i), self.dataset[int(i)]) for i in ids]
+
+    def next_global_lengths(self, global_batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next global batch's sample ids and lengths in tokens, consumed, without reading its tokens."""
+        if self._lengths is None:
+            self._lengths = np.asarray(self.dataset.lengths)
+        ids = self.global_ids(self.position, int(global_batch_size))
+        self.position += int(global_batch_size)
+        self.step += 1
+        return ids, self._lengths[ids]
 
     def peek_global(self, global_batch_size: int) -> np.ndarray:
         """The sample ids of the next global batch (all ranks), without consuming it."""

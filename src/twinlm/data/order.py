@@ -333,11 +333,12 @@ def replay_step(run: str | Path, step: int) -> list[tuple[int, np.ndarray]]:
 
 
 class ReplayStream:
-    """A phase's batches served from an order folder, with BatchStream's interface (trainer and planner alike).
+    """A phase's batches served from an order folder, with BatchStream's interface (data/loader.py; trainer
+    and planner alike).
 
     stream = ReplayStream(OrderFolder(path), first_step=1, rank=r, world_size=w, seq_len=1024, vocab_size=50368)
-    bs = stream.next_batch_size()        # the recorded batch's size (the batch-size schedule is not consulted)
-    mine = stream.next_step(bs)          # this rank's share [(sample_id, tokens)], rows r, r + w, …
+    bs = stream.next_batch_size(scheduled)   # the recorded batch's size (the schedule's `scheduled` is ignored)
+    mine = stream.next_step(bs)          # this rank's share [(sample_id, tokens)], rows r, r + w, … (may be empty)
     """
 
     def __init__(self, order: OrderFolder, first_step: int, rank: int = 0, world_size: int = 1,
@@ -351,7 +352,6 @@ class ReplayStream:
         self.seq_len, self.vocab_size = seq_len, vocab_size
         self.position = 0   # steps consumed
         self.step = 0
-        self.dataset = None
         self._batch: tuple[int, list[tuple[int, np.ndarray]]] | None = None
 
     @property
@@ -379,20 +379,29 @@ class ReplayStream:
         self._batch = (k, batch)
         return batch
 
-    def next_batch_size(self) -> int:
+    def next_batch_size(self, scheduled: int | None = None) -> int:  # noqa: ARG002 - the recorded size rules
         return len(self._load())
 
-    def next_step(self, global_batch_size: int | None = None) -> list[tuple[int, np.ndarray]]:
+    def next_global(self, global_batch_size: int | None = None) -> list[tuple[int, np.ndarray]]:
+        """The whole recorded batch of the next step (every rank's rows, in global order), consumed."""
         batch = self._load()
         if global_batch_size is not None and int(global_batch_size) != len(batch):
             raise DataError(f"step {self.next_order_step} of {self.order.describe()} holds {len(batch)} rows, "
                             f"not the {global_batch_size} asked for")
         self.position += 1
         self.step += 1
-        return batch[self.rank::self.world_size]
+        return batch
 
-    def peek_global(self, global_batch_size: int | None = None) -> list[int]:
-        return [sid for sid, _ in self._load()]
+    def next_step(self, global_batch_size: int | None = None, *,
+                  empty_shares: bool = True) -> list[tuple[int, np.ndarray]]:  # noqa: ARG002 - rows decide
+        """This rank's share of the recorded batch (empty when the batch has fewer rows than the ranks)."""
+        return self.next_global(global_batch_size)[self.rank::self.world_size]
+
+    def next_global_lengths(self, global_batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The next recorded batch's sample ids and lengths, consumed."""
+        batch = self.next_global(global_batch_size)
+        return (np.asarray([sid for sid, _ in batch], dtype=np.int64),
+                np.asarray([len(t) for _, t in batch], dtype=np.int64))
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "replay", "position": int(self.position), "step": int(self.step),

@@ -1,6 +1,7 @@
 """Optional trainer behaviour: metrics file, progress bar, TensorBoard, periodic checkpoints, eval, batch order.
 
-Each is a `Callback` (train/callback.py) that uses the trainer's public surface only.
+Each is a `Callback` (train/callback.py) that uses the trainer's public surface only. `defaults(recipe, out)`
+is the list a run gets unless it asks for none (`Trainer(default_callbacks=False)`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -18,7 +20,28 @@ from tqdm.auto import tqdm
 from twinlm.data import OrderRecorder
 from twinlm.io import write_bytes
 from twinlm.train.callback import Callback
+from twinlm.train.checkpoint import EVALUATE_KEY, PERIODIC_KEY
 from twinlm.train.datasets import build_dataset
+
+if TYPE_CHECKING:
+    from twinlm.train.recipe import Recipe
+
+
+def defaults(recipe: Recipe, out: Path) -> list[Callback]:
+    """The built-in callbacks a run in `out` gets from its recipe: throughput, metrics.jsonl, and those the
+    recipe switches on (progress bar, TensorBoard, periodic checkpoints, eval, order recording)."""
+    cbs: list[Callback] = [Throughput(), MetricsLogger(out / "metrics.jsonl")]
+    if recipe.progress:
+        cbs.append(ProgressBar())
+    if recipe.tensorboard:
+        cbs.append(TensorBoard(out / "tensorboard"))
+    if recipe.checkpoint.every_tokens:
+        cbs.append(PeriodicCheckpoint(recipe.checkpoint.every_tokens))
+    if recipe.eval.data and recipe.eval.every_tokens:
+        cbs.append(Evaluate(recipe.eval))
+    if recipe.record_order:
+        cbs.append(RecordOrder(out))
+    return cbs
 
 
 class MetricsLogger(Callback):
@@ -130,15 +153,25 @@ class TensorBoard(Callback):
 
 class PeriodicCheckpoint(Callback):
     """A checkpoint each time the run's token count passes a multiple of `every_tokens`. It saves in `on_log`,
-    after the metrics row of the step is written (a kill between the two would otherwise lose the row)."""
+    after the metrics row of the step is written (a kill between the two would otherwise lose the row). Its
+    state is the number of intervals passed (`ordinal`; the keep policy's `keep_every` counts them)."""
+
+    state_key = PERIODIC_KEY
 
     def __init__(self, every_tokens: int):
         self.every = int(every_tokens)
+        self.ordinal = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ordinal": self.ordinal}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ordinal = int(state.get("ordinal", 0))
 
     def on_log(self, trainer, row: dict) -> None:
         ordinal = trainer.state.tokens // self.every
-        if ordinal > trainer.state.checkpoint_ordinal:
-            trainer.state.checkpoint_ordinal = ordinal
+        if ordinal > self.ordinal:
+            self.ordinal = ordinal
             phase = trainer.phases[trainer.state.phase_index]
             if trainer.state.phase_tokens >= phase.tokens:
                 return  # the phase-end checkpoint follows right away
@@ -154,11 +187,21 @@ class Throughput(Callback):
 
 class Evaluate(Callback):
     """Held-out loss every `every_tokens`: the first `samples` chunks of `eval.data`, masked at `eval.mask_ratio`
-    for mlm/mntp (15%, as the paper evaluates), next token for clm. Adds `eval_loss` to the row."""
+    for mlm/mntp (15%, as the paper evaluates), next token for clm. Adds `eval_loss` to the row. Its state is
+    the number of intervals passed (`ordinal`)."""
+
+    state_key = EVALUATE_KEY
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.samples = None
+        self.ordinal = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ordinal": self.ordinal}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ordinal = int(state.get("ordinal", 0))
 
     def on_train_start(self, trainer) -> None:
         ds = build_dataset(self.cfg.data, trainer.recipe.seed)
@@ -172,8 +215,8 @@ class Evaluate(Callback):
 
     def on_step_end(self, trainer, row: dict) -> None:
         ordinal = trainer.state.tokens // self.cfg.every_tokens
-        if ordinal > trainer.state.eval_ordinal:
-            trainer.state.eval_ordinal = ordinal
+        if ordinal > self.ordinal:
+            self.ordinal = ordinal
             row["eval_loss"] = self.evaluate(trainer)
 
 

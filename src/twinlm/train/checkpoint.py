@@ -5,8 +5,10 @@ Layout of one checkpoint `RUN/checkpoints/step-XXXXXXXX/`:
   model.safetensors       the weights (full, unsharded; tied tensors stored once)
   model_config.json       the ModelConfig (so `twinlm.load` can rebuild the network)
   optimizer.safetensors   optimizer state per parameter name (`<param>::exp_avg`, `::exp_avg_sq`, `::step`)
-  state.json              trainer state: phase, steps, tokens, data position, RNG, tokenizer fingerprint,
-                          the resolved recipe
+  state.json              "trainer" (train/state.py TrainState: phase, steps, tokens, data position),
+                          "callbacks" (each stateful callback's state_dict by its state_key, e.g.
+                          {"periodic_checkpoint": {"ordinal": 4}, "evaluate": {"ordinal": 2}}), "rng" (every
+                          rank's), "world_size", "tokenizer_fingerprint", "keep", "phase", the resolved "recipe"
   MANIFEST.sha256         "<sha256>  <file>" for every file above (twinlm.io.write_manifest's format)
   COMPLETE                written last; a folder without it is ignored (and removed by the next save)
 
@@ -17,6 +19,9 @@ detected, reported, and resuming falls back to the newest intact checkpoint. Che
 verification are moved aside to `RUN/checkpoints/corrupt/step-XXXXXXXX[.N]` (`set_aside_corrupt`, called by
 the trainer once a resume is accepted): they are never counted by the keep policy, so a fresh checkpoint is
 never pruned in favour of a broken one, and they stay on disk for a person to inspect or delete.
+Checkpoints of older versions have no "callbacks": their "trainer" holds the two built-in callbacks'
+counters (`checkpoint_ordinal`, `eval_ordinal`; a top-level `checkpoint_ordinal` for the keep policy), which
+`callback_states` and `prune` read instead.
 Tensors are always full (gathered from FSDP shards), so a checkpoint resumes on any number of ranks.
 `save_training` is collective (every rank gathers; rank 0 writes); `restore_training` runs on every rank.
 """
@@ -189,7 +194,7 @@ class CheckpointManager:
                 st = json.loads((p / "state.json").read_text())
             except (OSError, json.JSONDecodeError):
                 st = {}
-            ordinal = st.get("checkpoint_ordinal")
+            ordinal = periodic_ordinal(st)
             if st.get("keep") or (self.keep_every and ordinal and ordinal % self.keep_every == 0):
                 continue
             shutil.rmtree(p, ignore_errors=True)
@@ -294,6 +299,28 @@ def save_training(manager: CheckpointManager, model: torch.nn.Module, optimizer:
 def read_state(folder: str | Path) -> dict[str, Any]:
     """A checkpoint's state.json."""
     return json.loads((Path(folder) / "state.json").read_text())
+
+
+PERIODIC_KEY = "periodic_checkpoint"  # the state_key of train/callbacks.py's PeriodicCheckpoint
+EVALUATE_KEY = "evaluate"  # and of its Evaluate
+
+
+def callback_states(state: dict[str, Any]) -> dict[str, dict]:
+    """The callbacks' states in a checkpoint's state.json; for a checkpoint of an older version, the two
+    built-in counters it kept in "trainer"."""
+    if "callbacks" in state:
+        return dict(state["callbacks"] or {})
+    old = state.get("trainer") or {}
+    return {PERIODIC_KEY: {"ordinal": int(old.get("checkpoint_ordinal", 0))},
+            EVALUATE_KEY: {"ordinal": int(old.get("eval_ordinal", 0))}}
+
+
+def periodic_ordinal(state: dict[str, Any]) -> int | None:
+    """How many periodic-checkpoint intervals had passed when the checkpoint was written (the keep policy's
+    `keep_every` counts them), or None."""
+    if "checkpoint_ordinal" in state:  # older versions
+        return state["checkpoint_ordinal"]
+    return ((state.get("callbacks") or {}).get(PERIODIC_KEY) or {}).get("ordinal")
 
 
 def restore_training(folder: str | Path, state: dict[str, Any], model: torch.nn.Module,

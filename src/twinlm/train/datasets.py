@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from twinlm.data import BatchStream, Mixture, ShardDataset
+from twinlm.data import BatchStream, Mixture, ShardDataset, check_tokenizer
 from twinlm.data.mds import MDSTokens, is_mds_folder
 from twinlm.data.order import OrderFolder, ReplayStream, is_order_folder
 from twinlm.errors import ConfigError, TokenizerMismatch
@@ -45,10 +45,11 @@ def phase_seed(recipe: Recipe, phase_index: int) -> int:
 
 
 def stream_for(recipe: Recipe, phase_index: int, *, rank: int = 0, world_size: int = 1, steps_before: int = 0,
-               vocab_size: int | None = None) -> BatchStream | ReplayStream:
+               vocab_size: int | None = None, fingerprint: str | None = None) -> BatchStream | ReplayStream:
     """The stream of phase `phase_index`'s global batches (this rank's share). `steps_before`: optimizer steps
     of the earlier phases (a twinlm order folder is keyed by the run's global step); `vocab_size`: the
-    token-id bound a replayed order is checked against."""
+    token-id bound a replayed order and the shards' vocabulary are checked against; `fingerprint`: the run's
+    tokenizer, which shards that record one must have been made with (TokenizerMismatch)."""
     phase = recipe.phase_list()[phase_index]
     sources = phase_sources(recipe, phase)
     orders = [s for s in sources if is_order_folder(s.path)]
@@ -69,6 +70,8 @@ def stream_for(recipe: Recipe, phase_index: int, *, rank: int = 0, world_size: i
             _check_mds_ids(recipe, d, vocab_size)
         else:
             _check_shard_vocab(d, vocab_size)
+            if fingerprint is not None and (d.meta.get("tokenizer") or {}).get("fingerprint"):
+                check_tokenizer(d, fingerprint)
     return BatchStream(ds, seed, rank=rank, world_size=world_size)
 
 
@@ -92,7 +95,6 @@ def _check_shard_vocab(ds, vocab_size: int | None) -> None:
 
 def batch_size_for(phase: Phase, phase_tokens: int, stream: BatchStream | ReplayStream) -> int:
     """The global batch size of the phase's next step: the recorded one when replaying, else the schedule's."""
-    if isinstance(stream, ReplayStream):
-        return stream.next_batch_size()
-    return scheduled_batch_size(phase_tokens, full=phase.batch_size, start=phase.warmup_start,
-                                warmup_tokens=phase.batch_warmup_tokens, multiple=phase.warmup_start)
+    return stream.next_batch_size(scheduled_batch_size(phase_tokens, full=phase.batch_size, start=phase.warmup_start,
+                                                       warmup_tokens=phase.batch_warmup_tokens,
+                                                       multiple=phase.warmup_start))

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from twinlm.data.order import OrderFolder, ReplayStream
+from twinlm.data.order import OrderFolder
 from twinlm.errors import DataError, MissingArtifactError, StepNotRecorded
 from twinlm.train.datasets import batch_size_for, stream_for
 from twinlm.train.recipe import Recipe, load_recipe
@@ -47,25 +47,21 @@ def plan(recipe: Recipe, until: int | None = None, want: int | None = None) -> I
     step = 0
     for idx, phase in enumerate(recipe.phase_list()):
         stream = stream_for(recipe, idx, steps_before=step)
-        lengths = None if isinstance(stream, ReplayStream) else np.asarray(stream.dataset.lengths)
         phase_tokens, phase_step = 0, 0
         while phase_tokens < phase.tokens:
             if until is not None and step >= until:
                 return
             bs = batch_size_for(phase, phase_tokens, stream)
-            if isinstance(stream, ReplayStream):
-                batch = stream.next_step(bs)
-                ids = [sid for sid, _ in batch]
-                tokens = sum(min(len(t), phase.seq_len) for _, t in batch)
-                samples = [t[:phase.seq_len] for _, t in batch]
+            samples: list[np.ndarray] | None = None
+            if want == step + 1:
+                batch = stream.next_global(bs)
+                ids = [int(sid) for sid, _ in batch]
+                samples = [np.asarray(t, dtype=np.int64)[:phase.seq_len] for _, t in batch]
+                tokens = sum(len(t) for t in samples)
             else:
-                id_arr = stream.global_ids(stream.position, bs)
-                stream.skip(bs)
+                id_arr, lengths = stream.next_global_lengths(bs)
                 ids = [int(i) for i in id_arr]
-                tokens = int(np.minimum(lengths[id_arr], phase.seq_len).sum())
-                samples = None
-                if want == step + 1:
-                    samples = [np.asarray(stream.dataset[i], dtype=np.int64)[:phase.seq_len] for i in ids]
+                tokens = int(np.minimum(lengths, phase.seq_len).sum())
             step += 1
             phase_step += 1
             phase_tokens += tokens

@@ -25,16 +25,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import os
 import re
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from twinlm.configs import apply_overrides, build, deep_merge
+from twinlm.config import ModelConfig
+from twinlm.configs import apply_overrides, build, coerce, deep_merge
 from twinlm.errors import ConfigError, MissingArtifactError
 
 OBJECTIVES = ("mlm", "clm", "mntp")
@@ -114,11 +118,62 @@ class Optim:
     eps: float = 1e-6
     weight_decay: float = 1e-5
 
+    def __post_init__(self) -> None:
+        problem = optim_problem(self)
+        if problem:
+            raise ConfigError(problem)
+
+
+def optim_problem(o: Optim) -> str | None:
+    """What makes the optimizer settings unusable (StableAdamW would refuse them mid-setup), or None. The
+    message starts with the field's name (twinlm.configs puts `optim.` in front)."""
+    if not (math.isfinite(o.lr) and o.lr >= 0):
+        return f"lr must be a number >= 0 (the peak learning rate), got {o.lr}: set optim.lr to e.g. 8e-4"
+    if not all(math.isfinite(b) and 0 <= b < 1 for b in o.betas):
+        return (f"betas must both lie in [0, 1) (Adam's moment decays), got {list(o.betas)}: set e.g. "
+                "optim.betas=[0.9,0.98]")
+    if not (math.isfinite(o.eps) and o.eps > 0):
+        return f"eps must be a number > 0, got {o.eps}: set optim.eps to e.g. 1e-6"
+    if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
+        return f"weight_decay must be a number >= 0, got {o.weight_decay}: set optim.weight_decay to e.g. 1e-5"
+    return None
+
 
 @dataclass
 class ModelSpec:
+    """A preset (twinlm.config PRESETS) and ModelConfig fields set on top of it (`overrides`: read by
+    `model_overrides`, so unknown keys are listed and counts like `4K` read)."""
     preset: str = "ettin-150m"
     overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def model_overrides(value: Any, where: str = "model.overrides") -> dict[str, Any]:
+    """`model.overrides` read against ModelConfig's fields by twinlm.configs' rules: each value coerced to its
+    field's type; an unknown key (or `causal`, which the objective decides) is a ConfigError naming the known
+    ones."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of ModelConfig fields, got {value!r}")
+    hints = typing.get_type_hints(ModelConfig)
+    known = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "causal"]
+    if "causal" in value:
+        raise ConfigError(f"{where}.causal: the objective decides the attention (clm: causal; mlm, mntp: "
+                          f"bidirectional): remove {where}.causal and set `objective`")
+    unknown = sorted(str(k) for k in value if k not in known)
+    if unknown:
+        close = [m for k in unknown for m in difflib.get_close_matches(k, known, n=1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(f'{where}.{k}' for k in unknown)}{hint}; known under {where}: "
+                          f"{', '.join(known)}")
+    return {k: coerce(hints[k], v, f"{where}.{k}") for k, v in value.items()}
+
+
+def _model_spec(value: Any, where: str) -> ModelSpec:
+    spec = build(ModelSpec, value, where)
+    spec.overrides = model_overrides(spec.overrides, f"{where}.overrides")
+    return spec
 
 
 @dataclass
@@ -214,6 +269,13 @@ class Recipe:
             problems.append(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.parallel not in ("auto", "ddp", "fsdp"):
             problems.append(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
+        try:  # a Recipe built in Python has not been through the hooks
+            self.model.overrides = model_overrides(self.model.overrides)
+        except ConfigError as e:
+            problems.append(str(e))
+        problem = optim_problem(self.optim)
+        if problem:
+            problems.append(f"optim.{problem}")
         if problems:
             raise ConfigError(f"invalid recipe {self.name!r}:\n  " + "\n  ".join(problems))
         return self
@@ -256,7 +318,7 @@ def _phases(value: Any, where: str) -> dict[str, Phase]:
     return {k: build(Phase, {**(v or {}), "name": k}, f"phases.{k}", hooks=_HOOKS) for k, v in value.items()}
 
 
-_HOOKS = {list[ShardSource]: _sources, dict[str, Phase]: _phases}
+_HOOKS = {list[ShardSource]: _sources, dict[str, Phase]: _phases, ModelSpec: _model_spec}
 
 
 # --- YAML loading ------------------------------------------------------------------------------------------

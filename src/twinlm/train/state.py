@@ -1,4 +1,7 @@
-"""The trainer's progress record: what a checkpoint's state.json holds under "trainer" and a resume restores."""
+"""The trainer's progress record: what a checkpoint's state.json holds under "trainer" and a resume restores.
+
+Callbacks keep their own state (train/callback.py `Callback.state_dict`), saved beside it under "callbacks".
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,5 @@ class TrainState:
     tokens: int = 0  # tokens consumed over the whole run
     bad_streak: int = 0
     skipped_steps: int = 0
-    checkpoint_ordinal: int = 0  # number of periodic checkpoint intervals passed
-    eval_ordinal: int = 0
     stream: dict = field(default_factory=dict)  # the data stream's position in the current phase
     finished: bool = False

@@ -1,0 +1,395 @@
+"""Everything a training run does once, before its first step: read-only checks, then the writes and builds.
+
+    checked = check_run(recipe, out, env, log)     # reads only: a refusal leaves RUN exactly as it was
+    run = open_run(checked)                        # writes the run folder, builds the model and optimizer
+    Trainer(recipe, out).fit(run)                  # the loop (train/trainer.py); fit() alone does all three
+
+`check_run`, in this order (every rank runs each check, so an error stops all of them; rank 0 alone looks
+for the latest checkpoint and broadcasts it):
+  1. `--out` is a folder or nothing (`check_out`).
+  2. The recipe's tokenizer loads (`load_run_tokenizer`: MissingArtifactError), and its fingerprint.
+  3. The newest intact checkpoint (train/checkpoint.py `CheckpointManager.latest`: corrupt ones are reported
+     and remembered, not moved).
+  4. Resuming is refused when the recipe changes what the checkpoint's weights are (`check_resume`:
+     ConfigError naming the changed `model`/`objective` settings, TokenizerMismatch for the tokenizer).
+  5. Each phase's `seq_len` against the chunk size its shards were prepared with (`check_seq_lens`: longer is
+     a ConfigError, shorter a warning).
+  6. The run's tokenizer fingerprint (`run_fingerprint`: the recipe's, else the checkpoint's, else that of the
+     first shards trained on) and every shard folder against it (`check_shard_tokenizers`: TokenizerMismatch).
+  7. A fresh run's `init_from` exists (`check_init_from`: MissingArtifactError).
+  8. The ModelConfig the run trains (`model_config`): the checkpoint's; or `init_from`'s config with the
+     recipe's overrides (which may not change a weight's shape); or the preset, sized to the tokenizer, with
+     the overrides. An impossible shape is a ConfigError. (The recipe itself was validated when it was built:
+     unknown override keys, counts like `4K`, the optimizer's settings: train/recipe.py.)
+  9. The memory pre-flight check on an accelerator (`check_memory`, twinlm.memory `check_fits`; the recipe's
+     `memory_check`).
+
+`open_run`, in this order:
+  1. The run folder's provenance (train/rundir.py `prepare_run_dir`: config.yaml, env.json, starts.jsonl).
+  2. Checkpoints that failed verification are moved aside (`set_aside_corrupt`), with a warning when none
+     was intact.
+  3. Every shard folder not verified in its current state is verified in full (`verify_shards_once`, rank 0;
+     the record is RUN/verified_shards.json); a damaged one is a ShardError on every rank.
+  4. The model: the checkpoint's weights; or `init_from` loaded once and converted in memory
+     (twinlm.convert `as_kind`; nothing is written for it); or fresh, initialised from the recipe's seed.
+     On the device; a fresh or converted model takes the first phase's RoPE θ.
+  5. Parallelisation (train/dist.py), the optimizer (StableAdamW), the TrainStep.
+  6. On resume: the trainer's state, the callbacks' states, the optimizer state and this rank's RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from twinlm.config import ModelConfig
+from twinlm.convert import as_kind
+from twinlm.data import check_tokenizer
+from twinlm.data.mds import is_mds_folder
+from twinlm.data.order import is_order_folder
+from twinlm.data.shards import is_verified, read_meta, shard_signature, verify_shards
+from twinlm.data.tokenizer import load_tokenizer, model_config_for, tokenizer_fingerprint
+from twinlm.errors import ConfigError, MissingArtifactError, MissingShards, ShardError, TokenizerMismatch
+from twinlm.hub import resolve_model
+from twinlm.io import write_json
+from twinlm.loading import load, read_config
+from twinlm.memory import check_fits
+from twinlm.model import Transformer
+from twinlm.train import dist
+from twinlm.train.checkpoint import (
+    TRAINING_FILES,
+    CheckpointManager,
+    callback_states,
+    read_state,
+    read_tensors,
+    restore_training,
+)
+from twinlm.train.datasets import phase_sources
+from twinlm.train.optim import build_optimizer
+from twinlm.train.recipe import Phase, Recipe, ShardSource
+from twinlm.train.rundir import prepare_run_dir
+from twinlm.train.state import TrainState
+from twinlm.train.step import TrainStep
+
+Log = Callable[[str], None]
+VERIFIED_SHARDS = "verified_shards.json"  # in the run folder: shard folders verified, with their signature
+# ModelConfig fields that set a weight's shape: a converted start cannot change them
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
+ShardMeta = tuple[Phase, ShardSource, dict]
+
+
+@dataclass
+class Checked:
+    """What the read-only checks found: everything `open_run` needs, nothing written yet."""
+
+    recipe: Recipe
+    out: Path
+    env: dist.DistEnv
+    log: Log
+    tokenizer: Any | None
+    fingerprint: str | None
+    ckpt: CheckpointManager
+    resume: Path | None  # the checkpoint to resume from
+    resume_state: dict | None  # its state.json
+    config: ModelConfig  # the model to build (a resume's: the checkpoint's)
+
+
+@dataclass
+class Run:
+    """A run ready for its first (or next) step: the trainer's loop takes it from here."""
+
+    recipe: Recipe
+    out: Path
+    env: dist.DistEnv
+    tokenizer: Any | None
+    fingerprint: str | None
+    ckpt: CheckpointManager
+    resume: Path | None
+    model: torch.nn.Module  # to call (maybe DDP/FSDP wrapped)
+    optimizer: torch.optim.Optimizer
+    step: TrainStep
+    state: TrainState = field(default_factory=TrainState)
+    callback_states: dict[str, dict] = field(default_factory=dict)  # key -> a callback's state_dict
+
+
+# --- the checks (read only) ---------------------------------------------------------------------------
+def check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a folder: give --out a folder name (the run folder is "
+                          "created there)")
+
+
+def load_run_tokenizer(recipe: Recipe) -> tuple[Any | None, str | None]:
+    """The recipe's tokenizer and its fingerprint; (None, None) when the recipe names none."""
+    if not recipe.tokenizer:
+        return None, None
+    try:
+        tok = load_tokenizer(recipe.tokenizer)
+    except FileNotFoundError as e:
+        raise MissingArtifactError(f"the recipe's tokenizer: {e}") from e
+    return tok, tokenizer_fingerprint(tok)
+
+
+def latest_checkpoint(ckpt: CheckpointManager, env: dist.DistEnv) -> Path | None:
+    """The newest intact checkpoint, found by rank 0 and agreed by every rank."""
+    latest = ckpt.latest() if env.is_main else None
+    latest = dist.broadcast_object(str(latest) if latest else None)
+    return Path(latest) if latest else None
+
+
+def changes(key: str, old: Any, new: Any) -> list[str]:
+    """`key.sub: old -> new` for every leaf that differs between two recipe values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(set(old) | set(new)) for c in changes(f"{key}.{k}", old.get(k), new.get(k))]
+    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
+
+
+def check_resume(recipe: Recipe, out: Path, ckpt: Path, state: dict, fingerprint: str | None) -> None:
+    """Refuse to resume from `ckpt` (its state.json: `state`) with a recipe that changes the model, the
+    objective or the tokenizer."""
+    saved, now = state.get("recipe") or {}, recipe.to_dict()
+    changed = [c for key in ("objective", "model") if key in saved for c in changes(key, saved[key], now.get(key))]
+    if changed:
+        what = " and ".join(k for k in ("objective", "model") if any(c.startswith(k) for c in changed))
+        raise ConfigError(f"{out} holds a run trained with another {what}"
+                          f" ({'; '.join(changed)}); resuming would keep the checkpoint's weights under the new "
+                          f"settings: restore them, or train into a new folder (--out)")
+    fp = state.get("tokenizer_fingerprint")
+    if fp and fingerprint and fp != fingerprint:
+        raise TokenizerMismatch(f"{ckpt} was trained with another tokenizer (fingerprint {fp[:12]}… vs "
+                                f"{fingerprint[:12]}…): point the recipe's `tokenizer` at the "
+                                f"one this run started with, or train into a new run folder")
+
+
+def shard_sources(recipe: Recipe, phase: Phase) -> list[ShardSource]:
+    """The phase's twinlm shard folders (MDS folders and batch-order folders are checked when read)."""
+    return [s for s in phase_sources(recipe, phase) if not is_order_folder(s.path) and not is_mds_folder(s.path)]
+
+
+def shard_metas(recipe: Recipe) -> Iterator[ShardMeta]:
+    """(phase, source, meta.json) of every phase's shard folders, in training order; unreadable ones are
+    reported when the phase opens its data."""
+    for phase in recipe.phase_list():
+        for src in shard_sources(recipe, phase):
+            try:
+                yield phase, src, read_meta(src.path)
+            except ShardError:
+                continue
+
+
+def check_seq_lens(metas: list[ShardMeta], log: Log) -> None:
+    """Each phase's `seq_len` against the chunk size its shards were prepared with (meta.json `chunking`;
+    shards that record none are not checked). Longer: an error (the phase could never see sequences that
+    long; a context extension on short chunks extends nothing). Shorter: a warning (each chunk is cut to
+    seq_len, the rest of it is never trained on)."""
+    for phase, src, meta in metas:
+        size = (meta.get("chunking") or {}).get("chunk_size")
+        if not size or size == phase.seq_len:
+            continue
+        if phase.seq_len > size:
+            raise ConfigError(f"phase {phase.name}: seq_len {phase.seq_len} but {src.path} holds chunks of "
+                              f"at most {size} tokens, so no sequence is longer than {size}: prepare shards "
+                              f"with --chunk-size {phase.seq_len}, or set "
+                              f"phases.{phase.name}.seq_len={size}")
+        log(f"warning: phase {phase.name}: seq_len {phase.seq_len} is shorter than the {size}-token "
+            f"chunks of {src.path}: each chunk is cut to {phase.seq_len} tokens and the rest is never "
+            f"trained on (prepare shards with --chunk-size {phase.seq_len} to use all of the text)")
+
+
+def run_fingerprint(tokenizer_fp: str | None, resume_state: dict | None, metas: list[ShardMeta]) -> str | None:
+    """The run's tokenizer: the recipe's, else the checkpoint's, else that of the first shards trained on
+    (None when nothing records one)."""
+    if tokenizer_fp:
+        return tokenizer_fp
+    if resume_state and resume_state.get("tokenizer_fingerprint"):
+        return str(resume_state["tokenizer_fingerprint"])
+    for _, _, meta in metas:
+        found = (meta.get("tokenizer") or {}).get("fingerprint")
+        if found:
+            return str(found)
+    return None
+
+
+def check_shard_tokenizers(metas: list[ShardMeta], fingerprint: str | None) -> None:
+    """Refuse shards of another tokenizer than the run's (shards that record none are not checked)."""
+    if fingerprint is None:
+        return
+    for _, src, meta in metas:
+        if (meta.get("tokenizer") or {}).get("fingerprint"):
+            check_tokenizer(meta, fingerprint, where=src.path)
+
+
+def check_init_from(recipe: Recipe) -> Path:
+    """The folder of a cross-objective start's source model (a hub id is resolved to its snapshot)."""
+    src = resolve_model(recipe.init_from or "")
+    if not src.exists():
+        raise MissingArtifactError(f"init_from: {recipe.init_from} does not exist (train the source model "
+                                   "first, or override init_from=PATH)")
+    return src
+
+
+def model_config(recipe: Recipe, tokenizer: Any | None, resume: Path | None,
+                 source: Path | None = None) -> ModelConfig:
+    """The ModelConfig of the model the run trains: a resume's is the checkpoint's; a cross-objective start's
+    is the source's with the recipe's overrides (e.g. dropout; not a weight's shape); a fresh run's is the
+    preset, sized to the tokenizer, with the overrides. Either way `causal` follows the objective."""
+    if resume is not None:
+        return ModelConfig.load(resume / "model_config.json")
+    over = dict(recipe.model.overrides)
+    if source is not None:
+        cfg = read_config(source)
+        reshaped = [f"{k}={over[k]} (the source has {getattr(cfg, k)})" for k in SHAPE_FIELDS
+                    if k in over and over[k] != getattr(cfg, k)]
+        if reshaped:
+            raise ConfigError(f"init_from: model.overrides {', '.join(reshaped)} would change the shape of the "
+                              f"weights of {recipe.init_from}: a converted start keeps its source's shape; remove "
+                              "those overrides")
+        return cfg.replace(**over, causal=recipe.causal)
+    base = model_config_for(tokenizer, recipe.model.preset) if tokenizer is not None else \
+        ModelConfig.preset(recipe.model.preset)
+    return base.replace(**over, causal=recipe.causal)
+
+
+def device_memory(device: torch.device) -> float | None:
+    """Bytes of memory of an accelerator (None on the CPU, where the host's memory is not planned)."""
+    if device.type != "cuda":
+        return None
+    return float(torch.cuda.mem_get_info(device)[1])
+
+
+def check_memory(recipe: Recipe, env: dist.DistEnv, cfg: ModelConfig) -> None:
+    """Refuse a micro-batch that the memory estimate says does not fit the device (twinlm.memory)."""
+    total = device_memory(env.device)
+    if total is None or not recipe.memory_check:
+        return
+    bf16 = dist.compute_dtype(recipe.precision, env) is torch.bfloat16  # the same rule as the training's
+    check_fits(cfg, micro_batch_tokens=max(p.micro_batch_tokens for p in recipe.phase_list()),
+               checkpointing=recipe.activation_checkpointing, card_bytes=total, device=str(env.device),
+               ranks=env.world_size, sharded=recipe.parallel == "fsdp" and env.distributed,
+               precision="bf16" if bf16 else "fp32")
+
+
+def check_run(recipe: Recipe, out: str | Path, env: dist.DistEnv, log: Log) -> Checked:
+    """Every check of a run before anything is written (the module docstring lists them in order)."""
+    out = Path(out)
+    check_out(out)
+    tokenizer, tokenizer_fp = load_run_tokenizer(recipe)
+    ckpt = CheckpointManager(out / "checkpoints", recipe.checkpoint.keep_last, recipe.checkpoint.keep_every,
+                             log=log, required=TRAINING_FILES)
+    resume = latest_checkpoint(ckpt, env)
+    resume_state = read_state(resume) if resume is not None else None
+    if resume is not None and resume_state is not None:
+        check_resume(recipe, out, resume, resume_state, tokenizer_fp)
+    metas = list(shard_metas(recipe))
+    check_seq_lens(metas, log)
+    fingerprint = run_fingerprint(tokenizer_fp, resume_state, metas)
+    check_shard_tokenizers(metas, fingerprint)
+    source = check_init_from(recipe) if resume is None and recipe.init_from else None
+    cfg = model_config(recipe, tokenizer, resume, source)
+    check_memory(recipe, env, cfg)
+    return Checked(recipe=recipe, out=out, env=env, log=log, tokenizer=tokenizer, fingerprint=fingerprint,
+                   ckpt=ckpt, resume=resume, resume_state=resume_state, config=cfg)
+
+
+# --- the writes and builds ----------------------------------------------------------------------------
+def verify_shards_once(recipe: Recipe, out: Path, log: Log) -> str | None:
+    """Verify (sha256, index, token ids) every shard folder the recipe trains on that was not verified in
+    its current state, by this run (RUN/verified_shards.json: path -> shard_signature) or by anyone
+    (the folder's .verified.json); return the problem or None. Rank 0 only; the caller broadcasts it."""
+    record_path = out / VERIFIED_SHARDS
+    try:
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    except json.JSONDecodeError:
+        record = {}
+    paths = {str(s.path) for phase in recipe.phase_list() for s in shard_sources(recipe, phase)}
+    changed = False
+    for path in sorted(paths):
+        try:
+            sig = shard_signature(path) if Path(path, "meta.json").exists() else None
+            if sig is not None and (record.get(path) == sig or is_verified(path)):
+                continue
+            t0 = time.perf_counter()
+            verify_shards(path)
+        except (ShardError, OSError) as e:  # a missing folder is reported when the phase opens it
+            if isinstance(e, ShardError) and not isinstance(e, MissingShards):
+                return str(e)
+            continue
+        log(f"verified {path} (sha256 of every file, index, token ids) in {time.perf_counter() - t0:.1f} s")
+        record[path] = sig
+        changed = True
+    if changed:
+        write_json(record_path, record)
+    return None
+
+
+def build_model(checked: Checked) -> Transformer:
+    """The model on the CPU: the checkpoint's weights, `init_from` converted in memory, or fresh."""
+    cfg = checked.config
+    if checked.resume is not None:
+        model = Transformer(cfg)
+        dist.load_full_state_dict(model, read_tensors(checked.resume / "model.safetensors"))
+        return model
+    recipe = checked.recipe
+    if recipe.init_from:
+        source = load(resolve_model(recipe.init_from))  # loaded once, on every rank
+        torch.manual_seed(recipe.seed)
+        return as_kind(source, recipe.causal, **recipe.model.overrides)
+    torch.manual_seed(recipe.seed)
+    return Transformer(cfg)
+
+
+def restored_state(state: dict) -> TrainState:
+    """The TrainState of a checkpoint's state.json (keys of older versions it no longer has are ignored)."""
+    known = {f.name for f in fields(TrainState)}
+    return TrainState(**{k: v for k, v in (state.get("trainer") or {}).items() if k in known})
+
+
+def open_run(checked: Checked, *, step_class: type[TrainStep] = TrainStep) -> Run:
+    """The writes and builds of a checked run (the module docstring lists them in order). Every rank calls it."""
+    recipe, env, out, log = checked.recipe, checked.env, checked.out, checked.log
+    prepare_run_dir(out, recipe.to_yaml(), env, log)
+    if env.is_main:
+        if checked.resume is None and checked.ckpt.corrupt:
+            log(f"warning: no intact checkpoint in {checked.ckpt.root}: training starts again from step 0")
+        checked.ckpt.set_aside_corrupt()
+    problem = verify_shards_once(recipe, out, log) if env.is_main else None
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise ShardError(problem)
+    dist.barrier()
+    model = build_model(checked)
+    model.to(env.device)
+    first = recipe.phase_list()[0]
+    if checked.resume is None and (first.rope_theta or first.local_rope_theta):
+        model.set_rope_theta(first.rope_theta, first.local_rope_theta)
+    wrapped = dist.parallelize(model, env, mode=recipe.parallel, compile=recipe.compile,
+                               activation_checkpointing=recipe.activation_checkpointing,
+                               param_dtype=dist.compute_dtype(recipe.precision, env))
+    o = recipe.optim
+    optimizer = build_optimizer(dist.unwrap(wrapped), lr=o.lr, betas=o.betas, eps=o.eps,
+                                weight_decay=o.weight_decay)
+    step = step_class(wrapped, optimizer, env, objective=recipe.objective, seed=recipe.seed, lr=o.lr,
+                      precision=recipe.precision,
+                      vocab_in_use=len(checked.tokenizer) if checked.tokenizer is not None else None)
+    run = Run(recipe=recipe, out=out, env=env, tokenizer=checked.tokenizer, fingerprint=checked.fingerprint,
+              ckpt=checked.ckpt, resume=checked.resume, model=wrapped, optimizer=optimizer, step=step)
+    if checked.resume is not None and checked.resume_state is not None:
+        run.state = restored_state(checked.resume_state)
+        run.callback_states = callback_states(checked.resume_state)
+        restore_training(checked.resume, checked.resume_state, wrapped, optimizer, env, seed=recipe.seed, log=log)
+        log(f"resuming from {checked.resume} (step {run.state.step}, {run.state.tokens:,} tokens)")
+    elif recipe.init_from:
+        log(f"starting from converted weights of {recipe.init_from} with a fresh optimizer")
+    return run
+
+
+def setup(recipe: Recipe, out: str | Path, env: dist.DistEnv, log: Log, *,
+          step_class: type[TrainStep] = TrainStep) -> Run:
+    """`open_run(check_run(...))`."""
+    return open_run(check_run(recipe, out, env, log), step_class=step_class)
