@@ -109,6 +109,14 @@ class OrderRecorder:
 
 
 _RELEASED = re.compile(r"^(checkpoint|ext|decay)_")
+
+
+def _released_group(name: str) -> str:
+    """The phase group of a released order folder's name (`checkpoint_*`, `ext_*`, `decay_*`)."""
+    m = _RELEASED.match(name)
+    if m is None:
+        raise ValueError(f"{name} is not a released batch-order folder name")
+    return m.group(1)
 ORDER_GROUPS = ("checkpoint", "ext", "decay")  # the released layout's phases: pre-training, extension, decay
 
 
@@ -185,7 +193,7 @@ class OrderFolder:
         if own and not released:
             self.layout, self.group, folders = "twinlm", None, own
         elif released:
-            groups = sorted({_RELEASED.match(d.name).group(1) for d in released}, key=ORDER_GROUPS.index)
+            groups = sorted({_released_group(d.name) for d in released}, key=ORDER_GROUPS.index)
             if group is None and len(groups) > 1:
                 raise ConfigError(f"{root} holds the batch order of several phases ({', '.join(groups)}), whose "
                                   f"step numbers restart: name one with `order_group: {groups[0]}` in the data entry")
@@ -195,7 +203,7 @@ class OrderFolder:
             self.layout, self.group = "released", group
             folders = [d for d in released if d.name.startswith(group + "_")]
         elif _RELEASED.match(root.name) and any(root.glob("*.parquet")):
-            self.layout, self.group, folders = "released", group or _RELEASED.match(root.name).group(1), [root]
+            self.layout, self.group, folders = "released", group or _released_group(root.name), [root]
         else:
             raise MissingArtifactError(f"{root}: not a batch-order folder (expected twinlm's step-*/rank-*.parquet "
                                        "records or the released checkpoint_*/ext_*/decay_* parquet folders)")
@@ -216,13 +224,14 @@ class OrderFolder:
                                     f"{b.file.name} (a gap in the batch order): restore those files before replaying")
                 if b.first < a.last:
                     raise DataError(f"{root}: {a.file.name} and {b.file.name} hold the same steps: drop one")
-        for a, b in zip(intervals, intervals[1:]):
-            if b.first <= a.last:
-                raise DataError(f"{root}: {a.folder.name} (steps {a.first}–{a.last}) and {b.folder.name} (steps "
-                                f"{b.first}–{b.last}) overlap: remove the duplicate interval")
-            if b.first != a.last + 1:
-                raise DataError(f"{root}: steps {a.last + 1}–{b.first - 1} are missing between {a.folder.name} and "
-                                f"{b.folder.name} (a gap in the batch order): restore those files before replaying")
+        for prev, nxt in zip(intervals, intervals[1:]):
+            if nxt.first <= prev.last:
+                raise DataError(f"{root}: {prev.folder.name} (steps {prev.first}–{prev.last}) and {nxt.folder.name} "
+                                f"(steps {nxt.first}–{nxt.last}) overlap: remove the duplicate interval")
+            if nxt.first != prev.last + 1:
+                raise DataError(f"{root}: steps {prev.last + 1}–{nxt.first - 1} are missing between "
+                                f"{prev.folder.name} and {nxt.folder.name} (a gap in the batch order): restore those "
+                                "files before replaying")
         offset = 0
         for iv in intervals:
             for part in iv.parts:

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -54,7 +54,7 @@ class MetricsLogger(Callback):
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._f = None
+        self._f: TextIO | None = None
         self._t_log = 0.0
 
     def on_train_start(self, trainer) -> None:
@@ -127,7 +127,7 @@ class TensorBoard(Callback):
 
     def __init__(self, logdir: str | Path):
         self.logdir = Path(logdir)
-        self.writer = None
+        self.writer: Any = None  # a SummaryWriter once started (tensorboard is optional)
 
     def on_train_start(self, trainer) -> None:
         if not trainer.env.is_main:
@@ -228,7 +228,7 @@ class RecordOrder(Callback):
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
-        self.recorder = None
+        self.recorder: OrderRecorder | None = None
 
     def on_train_start(self, trainer) -> None:
         self.recorder = OrderRecorder(self.run_dir, rank=trainer.env.rank)

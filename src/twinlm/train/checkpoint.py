@@ -35,7 +35,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -52,6 +52,7 @@ from twinlm.io import (
     write_json,
     write_manifest,
 )
+from twinlm.model import Transformer
 from twinlm.train import dist
 
 MARKER = "COMPLETE"
@@ -59,6 +60,14 @@ MARKER = "COMPLETE"
 TRAINING_FILES = ("model.safetensors", "model_config.json", "optimizer.safetensors", "state.json")
 CORRUPT_DIR = "corrupt"
 _NAME = re.compile(r"^step-(\d{8,})$")
+
+
+def _step_of(folder: Path) -> int:
+    """The step of a checkpoint folder's name (`step-XXXXXXXX`)."""
+    m = _NAME.match(folder.name)
+    if m is None:
+        raise ValueError(f"{folder} is not named as a checkpoint (step-XXXXXXXX)")
+    return int(m.group(1))
 
 
 def verify(folder: str | Path, required: tuple[str, ...] = ("state.json",)) -> None:
@@ -184,7 +193,7 @@ class CheckpointManager:
         removed here, so a fresh checkpoint is never deleted because of them."""
         done = self.complete()
         if upto is not None:
-            done = [p for p in done if int(_NAME.match(p.name).group(1)) <= upto]
+            done = [p for p in done if _step_of(p) <= upto]
         recent = set(done[-self.keep_last:])
         removed = []
         for p in done:
@@ -235,7 +244,7 @@ def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         for key, value in st.items():
             if torch.is_tensor(value):
                 full = dist.full_tensor(value, keep)  # collective for FSDP shards: every rank gathers
-                if keep:
+                if full is not None:  # on the keeping rank
                     out[f"{name}::{key}"] = full.contiguous()
     return out
 
@@ -280,7 +289,7 @@ def save_training(manager: CheckpointManager, model: torch.nn.Module, optimizer:
     writes. state.json holds `trainer_state` under "trainer", the RNG states, the world size and `info`.
     Returns the folder on rank 0, None elsewhere."""
     weights = dist.full_state_dict(model, keep=env.is_main)  # host copies on the writer only
-    bare = dist.unwrap(model)
+    bare = cast(Transformer, dist.unwrap(model))
     optim = optimizer_tensors(bare, optimizer, keep=env.is_main)
     rngs = dist.all_gather_object(_rng_state(env, rng))
     if not env.is_main:

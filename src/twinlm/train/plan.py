@@ -90,6 +90,7 @@ def step_batch(run: str | Path, step: int) -> list[dict[str, Any]]:
         raise DataError(f"steps are numbered from 1, got {step}")
     for p in plan(run_recipe(run), until=step, want=step):
         if p.step == step:
+            assert p.samples is not None  # the plan keeps the tokens of the step it was asked for
             world = _world_size(run)
             return [{"step": step, "rank": i % world, "position": i // world, "sample_id": sid,
                      "input_ids": [int(v) for v in toks]}

@@ -33,7 +33,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import yaml
 
@@ -44,6 +44,12 @@ from twinlm.errors import ConfigError, MissingArtifactError
 OBJECTIVES = ("mlm", "clm", "mntp")
 
 
+@overload
+def expand_path(value: str) -> str: ...
+@overload
+def expand_path(value: None) -> None: ...
+@overload
+def expand_path(value: str | None) -> str | None: ...
 def expand_path(value: str | None) -> str | None:
     if value is None:
         return None

@@ -39,10 +39,10 @@ import functools
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -83,7 +83,7 @@ class _OneAhead:
 
     def __init__(self, background: bool):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twinlm-prefetch") if background else None
-        self._job = None
+        self._job: Future | functools.partial | None = None
 
     @property
     def busy(self) -> bool:
@@ -94,7 +94,9 @@ class _OneAhead:
 
     def take(self):
         job, self._job = self._job, None
-        return job.result() if self._pool else job()
+        if job is None:
+            raise RuntimeError("nothing was started")
+        return job.result() if isinstance(job, Future) else job()
 
     def close(self) -> None:
         """Wait for a job in flight (it may hold the stream) and drop its result."""
@@ -112,6 +114,7 @@ class Trainer:
     tokenizer: Any
     tokenizer_fingerprint: str | None
     ckpt: CheckpointManager
+    env: dist.DistEnv  # the constructor's, else started by fit()
 
     def __init__(self, recipe: Recipe, out_dir: str | Path, *, callbacks: list[Callback] | None = None,
                  env: dist.DistEnv | None = None, log=None, default_callbacks: bool = True,
@@ -121,7 +124,8 @@ class Trainer:
         `defaults(recipe, out)` before `callbacks`."""
         self.recipe = recipe.resolved_paths().validate()
         self.out = Path(out_dir)
-        self.env = env
+        if env is not None:
+            self.env = env
         self.callbacks: list[Callback] = ((cbs.defaults(self.recipe, self.out) if default_callbacks else [])
                                           + list(callbacks or []))
         self._log = log
@@ -134,17 +138,19 @@ class Trainer:
         self._callback_states: dict[str, dict] = {}  # as restored, updated at each checkpoint
         self._saved_step = -1
         self._queued: _Queued | None = None  # a step queued on the device, its result not read yet
-        self._rng = None  # the RNG states that go with `state` while the next step's passes are queued
+        self._rng: dict | None = None  # the RNG states that go with `state` while the next step's passes are queued
         self._stop = False  # stop after the step just finished: agreed by every rank
 
     # --- small helpers ------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
-        if self.env is None or self.env.is_main:
+        env = getattr(self, "env", None)  # before fit() there may be none yet
+        if env is None or env.is_main:
             (self._log or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
 
     @property
-    def bare_model(self) -> torch.nn.Module:
-        return dist.unwrap(self.model)
+    def bare_model(self) -> Transformer:
+        """The Transformer inside the DDP/FSDP wrapping (FSDP shards it in place: its parameters are DTensors)."""
+        return cast(Transformer, dist.unwrap(self.model))
 
     @property
     def phases(self) -> list[Phase]:
@@ -209,7 +215,7 @@ class Trainer:
         run set up by train/setup.py (`setup`, or `open_run(check_run(…))`); None: set up here."""
         if run is None:
             check_out(self.out)  # before any process group is started
-            self.env = self.env or dist.init()
+            self.env = getattr(self, "env", None) or dist.init()
             run = setup(self.recipe, self.out, self.env, self.log, step_class=self.step_class)
         self._take(run)
         if self.state.finished and (self.out / "final").exists():
@@ -244,7 +250,7 @@ class Trainer:
             idx = self.state.phase_index
             phase = self.phases[idx]
             if self.state.phase_step == 0 and (phase.rope_theta or phase.local_rope_theta):
-                dist.unwrap(self.model).set_rope_theta(phase.rope_theta, phase.local_rope_theta)
+                self.bare_model.set_rope_theta(phase.rope_theta, phase.local_rope_theta)
             self.stream = self._stream_for(idx)
             if self.state.stream:
                 self.stream.load_state_dict(self.state.stream)
@@ -278,9 +284,11 @@ class Trainer:
     def _draw(self, phase: Phase, step: int, phase_tokens: int) -> tuple:
         """Step `step`'s batch (its size, the prepared batch, the stream's state after it), `phase_tokens`
         being the phase's tokens before it. Runs on the prefetch thread: it alone touches the stream then."""
-        bs = batch_size_for(phase, phase_tokens, self.stream)
-        samples = self.stream.next_step(bs, empty_shares=True)
-        stream_state = self.stream.state_dict()
+        stream = self.stream
+        assert stream is not None  # opened by _run_phases before the phase runs
+        bs = batch_size_for(phase, phase_tokens, stream)
+        samples = stream.next_step(bs, empty_shares=True)
+        stream_state = stream.state_dict()
         return bs, self.step.prepare(samples, phase, step=step), stream_state
 
     def _run_phase(self, phase: Phase) -> str | None:
