@@ -103,6 +103,7 @@ def build(recipe, *, name: str = "recipe", home=None, vocab_size: int = DEFAULT_
         else:
             if tok_dir is None:
                 raise ConfigError(f"{name} names no tokenizer: set tokenizer=DIR to prepare {n.path}")
+            assert n.seq_len is not None  # shards always carry their chunk size
             log(f"preparing {n.path} ({n.seq_len} tokens per chunk)")
             prepare(files, str(tok_dir), n.path, PrepareConfig(chunk_size=int(n.seq_len), workers=workers))
         built.append(n)
