@@ -161,6 +161,7 @@ def _fused_ce(h, weight, bias, targets, ignore_index: int, chunk: int, cast: tor
                 p = lsm.exp_()
             total += (nll * vc).sum()
             if needs_grad:
+                assert grad_h is not None and acc is not None and acc_b is not None  # allocated with needs_grad
                 c = vc.to(torch.float32) * inv  # (rows,)
                 p = p.scatter_add_(1, safe_t[:, None], torch.full_like(safe_t[:, None], -1, dtype=p.dtype))
                 pc = p.to(cast)
@@ -176,6 +177,7 @@ def _fused_ce(h, weight, bias, targets, ignore_index: int, chunk: int, cast: tor
     if not needs_grad:
         empty = h.new_empty(0)
         return loss, empty, empty.clone(), empty.clone()
+    assert grad_h is not None and acc is not None and acc_b is not None  # allocated with needs_grad
     return loss, grad_h, acc.to(weight.dtype), acc_b.to(bias.dtype)
 
 

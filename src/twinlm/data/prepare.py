@@ -64,7 +64,7 @@ def chunk_document(ids: np.ndarray, cls_id: int, sep_id: int, chunk_size: int = 
     if len(ids) == 0:
         return [], counts
     chunks = []
-    prev = None
+    prev: np.ndarray | None = None
     for start in range(0, len(ids), body):
         piece = ids[start:start + body]
         if start > 0:
@@ -73,6 +73,7 @@ def chunk_document(ids: np.ndarray, cls_id: int, sep_id: int, chunk_size: int = 
                 continue
             if len(piece) < backfill:
                 need = min(backfill, body) - len(piece)
+                assert prev is not None  # set by the first piece (start 0), which is never dropped
                 piece = np.concatenate([prev[len(prev) - need:], piece]) if need > 0 else piece
                 counts["backfilled"] += 1
         prev = ids[start:start + body]
@@ -129,15 +130,15 @@ def _init_worker(tokenizer_json: str, cls_id: int, sep_id: int, chunk_size: int,
               backfill=backfill, nbytes=_byte_lengths(backend))
 
 
-def _process(batch: list[tuple[int, bool, str]]) -> dict[str, Any]:
+def _process(batch: list[tuple[int, bool, str]]) -> dict[str | bool, Any]:
     backend = _W["backend"]
     texts = [t for _, _, t in batch]
     try:
         encs = backend.encode_batch_fast(texts, add_special_tokens=False)
     except AttributeError:  # older tokenizers
         encs = backend.encode_batch(texts, add_special_tokens=False)
-    out = {False: ([], [], []), True: ([], [], [])}
-    counts = Counter()
+    out: dict[bool, tuple[list[np.ndarray], list[int], list[int]]] = {False: ([], [], []), True: ([], [], [])}
+    counts: Counter[str] = Counter()
     nbytes = _W["nbytes"]
     for (doc, held, _), enc in zip(batch, encs):
         ids = np.asarray(enc.ids, dtype=np.int64)
@@ -150,7 +151,7 @@ def _process(batch: list[tuple[int, bool, str]]) -> dict[str, Any]:
         toks.extend(chunks)
         lens.extend(len(ch) for ch in chunks)
         docs.extend([doc] * len(chunks))
-    result = {"counts": counts}
+    result: dict[str | bool, Any] = {"counts": counts}  # and per side (held out?): flat, lengths, docs, bytes
     for held, (toks, lens, docs) in out.items():
         flat = np.concatenate(toks) if toks else np.empty(0, np.int64)
         lens_a = np.asarray(lens, dtype=np.int64)
@@ -307,6 +308,7 @@ def _run_workers(job: _Job, rule: Callable[[int, str], bool], writers: dict[bool
     """Read the documents in this process, tokenize and chunk them in the workers (at most 2×workers batches
     in flight), and hand each batch's chunks to the writer of its side, in document order."""
     cfg = job.cfg
+    assert cfg.min_chunk is not None and cfg.backfill is not None and cfg.workers is not None  # filled in by _job
     init_args = (job.tok.backend_tokenizer.to_str(), job.ids["cls"], job.ids["sep"], cfg.chunk_size,
                  cfg.min_chunk, cfg.backfill)
 
@@ -327,7 +329,7 @@ def _run_workers(job: _Job, rule: Callable[[int, str], bool], writers: dict[bool
         if batch:
             yield batch
 
-    def consume(result: dict[str, Any]) -> None:
+    def consume(result: dict[str | bool, Any]) -> None:
         tally.counts.update(result["counts"])
         for held, writer in writers.items():
             writer.add(*result[held])

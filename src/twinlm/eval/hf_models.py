@@ -119,6 +119,7 @@ def load_hf_model(path, tokenizer) -> HFModel:
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{p}: transformers cannot read its config.json ({str(e).splitlines()[0]})") from None
     arch = (getattr(conf, "architectures", None) or [type(conf).__name__])[0]
+    cls: type[transformers.AutoModelForCausalLM | transformers.AutoModelForMaskedLM | transformers.AutoModel]
     if arch.endswith(("ForCausalLM", "LMHeadModel")):
         cls, causal = transformers.AutoModelForCausalLM, True
     elif arch.endswith("ForMaskedLM"):

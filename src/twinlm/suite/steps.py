@@ -107,7 +107,9 @@ class Pipeline:
             folder = self.root / step.name
             label = f"[{index}/{len(self.steps)}] {step.title or step.name}"
             if status[step.name] == "done":
-                summaries[step.name] = read_marker(folder)["summary"]
+                marker = read_marker(folder)
+                assert marker is not None  # "done": the marker was read just above (status)
+                summaries[step.name] = marker["summary"]
                 self.log(f"{label}: cached")
                 continue
             if status[step.name] == "stale":

@@ -30,11 +30,15 @@ import datetime
 import os
 import types
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 @dataclass
@@ -182,7 +186,7 @@ def parallelize(model: torch.nn.Module, env: DistEnv, *, mode: str = "auto", com
     if mode == "fsdp" and env.distributed:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # FSDP only: ~1 s to import
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
-        kw = {"mp_policy": mp} if mp is not None else {}
+        kw: dict[str, Any] = {"mp_policy": mp} if mp is not None else {}
         for block in blocks:
             fully_shard(block, **kw)
         fully_shard(model, **kw)
@@ -209,7 +213,8 @@ def place_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """`full` on `param`'s device, sharded like `param` when that is an FSDP shard (the inverse of full_tensor)."""
     if hasattr(param, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor  # DTensor: FSDP only, ~1 s to import
-        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements)
+        shard = cast("DTensor", param)
+        return distribute_tensor(full.to(param.device), shard.device_mesh, shard.placements)
     return full.to(param.device).clone()
 
 
@@ -217,14 +222,15 @@ def full_state_dict(model: torch.nn.Module, keep: bool = True) -> dict[str, torc
     """Full (unsharded) CPU tensors of the model's state dict; call on every rank (FSDP gathers). With
     `keep=False` (the ranks that do not write) the tensors are gathered one at a time and dropped: {}."""
     out = {k: full_tensor(v, keep) for k, v in unwrap(model).state_dict().items()}
-    return out if keep else {}
+    return cast("dict[str, torch.Tensor]", out) if keep else {}  # kept: every value is a tensor
 
 
 def _assign(dst: torch.Tensor, full: torch.Tensor) -> None:
     if hasattr(dst, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor  # DTensor: FSDP only, ~1 s to import
-        shard = distribute_tensor(full.to(dst.device, dst.dtype), dst.device_mesh, dst.placements)
-        dst.to_local().copy_(shard.to_local())
+        d = cast("DTensor", dst)
+        shard = distribute_tensor(full.to(dst.device, dst.dtype), d.device_mesh, d.placements)
+        d.to_local().copy_(shard.to_local())
     else:
         dst.copy_(full.to(dst.device, dst.dtype))
 
@@ -237,7 +243,7 @@ def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor])
     missing = [k for k in own if k not in state]
     if missing:
         # tied weights are stored once; accept a missing key whose storage is shared with a present one
-        ptr = {}
+        ptr: dict[int, list[str]] = {}
         for k, v in own.items():
             ptr.setdefault(_ptr(v), []).append(k)
         missing = [k for k in missing if not any(o in state for o in ptr[_ptr(own[k])])]

@@ -70,7 +70,7 @@ class Prepared:
 
 
 def _doc_layout(cu_seqlens: np.ndarray, sample_ids) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.diff(cu_seqlens.astype(np.int64))
+    lengths: np.ndarray = np.diff(cu_seqlens.astype(np.int64))
     pos = np.arange(int(cu_seqlens[-1]), dtype=np.int64) - np.repeat(cu_seqlens[:-1].astype(np.int64), lengths)
     sid = np.repeat(np.asarray(sample_ids, dtype=np.int64), lengths)
     return sid, pos

@@ -37,9 +37,13 @@ the last bit of a double.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 class StableAdamW(torch.optim.Optimizer):
@@ -92,8 +96,8 @@ class StableAdamW(torch.optim.Optimizer):
             steps = [st["step"] for st in states]
             torch._foreach_add_(steps, 1)
             ts = [float(t) for t in steps]  # host tensors: no device sync
-            bc1 = [1 - beta1 ** t for t in ts]
-            bc2 = [1 - beta2 ** t for t in ts]
+            bc1: list[float] | tuple[torch.Tensor, ...] = [1 - beta1 ** t for t in ts]
+            bc2: list[float] | tuple[torch.Tensor, ...] = [1 - beta2 ** t for t in ts]
         else:
             for st, p in zip(states, ps):
                 if st["step"].device != p.device:  # restored from a checkpoint on the host: moved once
@@ -109,7 +113,7 @@ class StableAdamW(torch.optim.Optimizer):
             torch._foreach_lerp_(ms, gs, 1 - beta1)
             torch._foreach_mul_(vs, beta2)
             torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
-            v_new = vs
+            v_new: list[torch.Tensor] | tuple[torch.Tensor, ...] = vs
         else:  # new moments into temporaries, kept only where the step is not skipped
             v_new = torch._foreach_mul(vs, beta2)
             torch._foreach_addcmul_(v_new, gs, gs, value=1 - beta2)
@@ -143,21 +147,22 @@ class StableAdamW(torch.optim.Optimizer):
         torch._foreach_sub_(ps, update)
 
     @staticmethod
-    def _rms(params: list[torch.Tensor], ratio: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _rms(params: list[torch.Tensor], ratio: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """sqrt(mean(ratio)) per tensor over the whole (unsharded) tensor: plain tensors take their mean; FSDP2
         shards add up their local sums in one all-reduce for the group (not one per tensor)."""
         sharded = [i for i, p in enumerate(params) if hasattr(p, "device_mesh")]
-        out = [r.mean().sqrt() if not hasattr(p, "device_mesh") else None for p, r in zip(params, ratio)]
+        out: list[torch.Tensor | None] = [r.mean().sqrt() if not hasattr(p, "device_mesh") else None
+                                          for p, r in zip(params, ratio)]
         if sharded:
             sums = torch.stack([ratio[i].sum() for i in sharded])
-            mesh = params[sharded[0]].device_mesh
+            mesh = cast("DTensor", params[sharded[0]]).device_mesh
             torch.distributed.all_reduce(sums, group=mesh.get_group())
             for j, i in enumerate(sharded):
                 out[i] = (sums[j] / params[i].numel()).sqrt()
-        return out
+        return cast("list[torch.Tensor]", out)  # each None (a shard) was filled in above
 
 
-def _bias_corrections(steps: list[torch.Tensor], beta: float) -> list[torch.Tensor]:
+def _bias_corrections(steps: list[torch.Tensor], beta: float) -> tuple[torch.Tensor, ...]:
     """1 − β^t for each 0-d step count, in float64 on its device: the value `1 - beta ** t` has on the host."""
     out = torch._foreach_pow(beta, list(torch.stack(steps).double().unbind()))
     torch._foreach_neg_(out)
@@ -165,7 +170,7 @@ def _bias_corrections(steps: list[torch.Tensor], beta: float) -> list[torch.Tens
     return out
 
 
-def _keep_unless(skip: torch.Tensor, state: list[torch.Tensor], new: list[torch.Tensor]) -> None:
+def _keep_unless(skip: torch.Tensor, state: list[torch.Tensor], new: Sequence[torch.Tensor]) -> None:
     """state ← new, except where `skip` (a 0-d bool tensor) is set: then state keeps its bits."""
     for s, n in zip(state, new):
         torch.where(skip, s, n, out=s)
@@ -178,7 +183,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: matrices (and embeddings) with weight decay; norms and biases (ndim < 2) without."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if not p.requires_grad:
             continue
@@ -190,5 +196,5 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: torch.nn.Module, lr: float, betas: Iterable[float], eps: float,
                     weight_decay: float) -> StableAdamW:
-    return StableAdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
-                       weight_decay=weight_decay, peak_lr=lr)
+    return StableAdamW(param_groups(model, weight_decay), lr=lr, betas=cast("tuple[float, float]", tuple(betas)),
+                       eps=eps, weight_decay=weight_decay, peak_lr=lr)

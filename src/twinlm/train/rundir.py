@@ -42,8 +42,8 @@ def git_revision(path: Path) -> dict[str, Any]:
 
 
 def environment(env: DistEnv) -> dict[str, Any]:
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
-                "twinlm": twinlm.__version__}
+    versions: dict[str, str | None] = {"python": sys.version.split()[0], "torch": torch.__version__,
+                                       "numpy": np.__version__, "twinlm": twinlm.__version__}
     for name in ("transformers", "tokenizers", "safetensors"):
         try:
             versions[name] = __import__(name).__version__

@@ -49,7 +49,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -60,6 +60,8 @@ from twinlm.train.objectives import Objective, build_objective
 from twinlm.train.schedule import lr_multiplier
 
 if TYPE_CHECKING:
+    from twinlm.config import ModelConfig
+    from twinlm.train.optim import StableAdamW
     from twinlm.train.recipe import Phase
 
 
@@ -134,7 +136,7 @@ class StepResult:
     step_s: float  # the whole step on the host, up to its update being queued
     _host: Any = field(default=None, repr=False)  # (loss sum, stop, skipped) float64 on the host, maybe in flight
     _ready: Any = field(default=None, repr=False)  # a CUDA event recorded after the copy; None when none is needed
-    _read: tuple | None = field(default=None, repr=False)  # (loss, skipped, stop) once read
+    _read: tuple[float, bool, bool] | None = field(default=None, repr=False)  # (loss, skipped, stop) once read
 
     def resolve(self) -> StepResult:
         """Read the step's loss and flags (once; waits for the step on the device)."""
@@ -150,19 +152,25 @@ class StepResult:
     def resolved(self) -> bool:
         return self._read is not None
 
+    def _values(self) -> tuple[float, bool, bool]:
+        """(loss, skipped, stop), read once."""
+        read = self.resolve()._read
+        assert read is not None  # resolve() sets it
+        return read
+
     @property
     def loss(self) -> float:
         """Mean cross-entropy over the global batch's targets (non-finite: the step was skipped)."""
-        return self.resolve()._read[0]
+        return self._values()[0]
 
     @property
     def skipped(self) -> bool:
-        return self.resolve()._read[1]
+        return self._values()[1]
 
     @property
     def stop(self) -> bool:
         """Some rank asked to stop."""
-        return self.resolve()._read[2]
+        return self._values()[2]
 
 
 class TrainStep:
@@ -188,7 +196,7 @@ class TrainStep:
     # --- batches --------------------------------------------------------------------------------------
     def objective_for(self, phase: Phase, mask_ratio: float | None = None) -> Objective:
         """The objective of `phase` (at `mask_ratio` instead of the phase's, when given)."""
-        cfg = self.bare_model.config
+        cfg = cast("ModelConfig", self.bare_model.config)
         specials = (cfg.cls_token_id, cfg.sep_token_id, cfg.pad_token_id, cfg.mask_token_id, cfg.unk_token_id)
         high = self.vocab_in_use if self.vocab_in_use is not None else cfg.vocab_size
         return build_objective(self.objective, seed=self.seed,
@@ -208,7 +216,7 @@ class TrainStep:
         return out
 
     def _dummy(self) -> MicroBatch:
-        cfg = self.bare_model.config
+        cfg = cast("ModelConfig", self.bare_model.config)
         ids = np.array([cfg.cls_token_id, cfg.sep_token_id], dtype=np.int64)
         return MicroBatch(torch.from_numpy(ids), torch.tensor([0, 2], dtype=torch.int32), 2,
                           torch.tensor([0]), torch.tensor([cfg.sep_token_id]))
@@ -235,7 +243,7 @@ class TrainStep:
 
     def _sync_context(self, last: bool):
         """Gradients are reduced across ranks in the last backward of a step only."""
-        m = self.model
+        m: Any = self.model  # the wrappers' own methods (DDP's no_sync, FSDP's set_requires_gradient_sync)
         if last:
             if hasattr(m, "set_requires_gradient_sync"):
                 m.set_requires_gradient_sync(True)
@@ -288,6 +296,7 @@ class TrainStep:
         (the schedule's position); `stop`: this rank asks to stop."""
         if batch.targets is None:
             self.count(batch)
+        assert batch.targets is not None and batch.tokens is not None  # set by count
         t0 = time.perf_counter()
         s = phase.schedule
         lr = self.lr * lr_multiplier(phase_tokens + batch.tokens, phase.tokens, warmup_tokens=s.warmup_tokens,
@@ -320,7 +329,7 @@ class TrainStep:
         found_inf = ~torch.isfinite(loss_sum)
         read = None
         if self._skips_on_device:
-            self.optimizer.step(found_inf=found_inf)
+            cast("StableAdamW", self.optimizer).step(found_inf=found_inf)  # its step takes found_inf
         else:
             loss_sum_, stop_ = grads.totals.tolist()  # the one host read this optimizer costs
             skipped = not math.isfinite(loss_sum_)
@@ -375,4 +384,4 @@ class TrainStep:
                 total += torch.tensor([float(loss) * k, k], dtype=torch.float64)
         self.model.train()
         dist.all_reduce(total)
-        return float(total[0] / max(total[1], 1))
+        return float(total[0] / max(float(total[1]), 1))

@@ -144,16 +144,16 @@ def _corrupt(family, sentence, doc, docs, counts, bands, rng) -> str | None:
         i = rng.choice(spots)
         words[i], words[i + 1] = words[i + 1], words[i]
     elif family == "replace":
-        spots = []
+        choices = []  # (word index, words of its band to put there)
         for i in range(1, len(words) - 1):
             w = words[i]
             if _WORD.match(w) and len(w) >= 3:
                 others = [o for o in bands.get((int(math.log2(counts[w])), len(w)), []) if o != w]
                 if others:
-                    spots.append((i, others))
-        if not spots:
+                    choices.append((i, others))
+        if not choices:
             return None
-        i, others = rng.choice(spots)
+        i, others = rng.choice(choices)
         words[i] = rng.choice(others)
     elif family == "splice":
         if len(words) < 8:
@@ -186,6 +186,7 @@ def read_pair_file(path: str | Path) -> list[Pair]:
                                                f"sentence_{name} also works)")
         if not isinstance(family, str) or not family:
             raise TaskFileError(p, lineno, "field family must be a non-empty string")
+        assert isinstance(good, str) and isinstance(bad, str)  # checked above
         out.append(Pair(good.strip(), bad.strip(), family))
     if not out:
         raise TaskFileError(p, None, "no pairs in the file: give JSONL lines {\"good\", \"bad\", \"family\"}")

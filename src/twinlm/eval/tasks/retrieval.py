@@ -37,7 +37,8 @@ class RetrievalSet:
 
 
 def _passage_ids(passages: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
-    corpus, by_text = {}, {}
+    corpus: dict[str, str] = {}
+    by_text: dict[str, str] = {}
     for p in passages:
         if p not in by_text:
             did = f"d{len(corpus)}"
