@@ -90,6 +90,18 @@ def test_pair_files_ours_and_blimps(tmp_path):
         read_pair_file(bad)
 
 
+
+def test_per_family_none_needs_a_pair_file(tmp_path):
+    # "none" (--per-family none|all) means every pair of a file: pairs built from text need a count, and
+    # say so rather than failing inside the builder
+    with pytest.raises(ConfigError, match="per_family none"):
+        pairs_track.load_pairs(PairsConfig(per_family=None), TEXTS)
+    ours = tmp_path / "mine.jsonl"
+    ours.write_text("".join(json.dumps({"good": f"The cat sleeps {i}.", "bad": f"The cat sleep {i}."}) + "\n"
+                            for i in range(3)))
+    name, got = pairs_track.load_pairs(PairsConfig(pairs_file=str(ours), per_family=None))
+    assert name == "mine" and len(got) == 3
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("pairs")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import twinlm
+from twinlm.errors import DataError
 from twinlm.eval import bpb, classify, compare, retrieval
 from twinlm.eval.common import embed, embed_layers, load_for_eval
 from twinlm.eval.settings import BpbConfig, ClassifyConfig, RetrievalConfig
@@ -50,6 +51,26 @@ def test_classify_probe_baseline_and_finetune(env):
                       log=None)
     assert kf["tasks"]["pairs"]["split"] == "3-fold" and kf["tasks"]["pairs"]["n_seeds"] == 1
 
+
+
+def test_classify_refuses_a_task_mixing_single_texts_and_pairs(env, tmp_path):
+    # text_pair on some lines only: the model would get examples without their second text (the tokenizer
+    # failed on them); the task is refused with the reason before any model is loaded
+    rows = toy_classification(30, 2, pair=True)
+    for r in rows[::3]:
+        del r["text_pair"]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for model in (str(env["dec"]), "tfidf"):
+        with pytest.raises(DataError, match=r"20 of 30 examples have a 'text_pair'"):
+            classify.run(model, ClassifyConfig(["mixed"], seeds=[0], kfold=3, eval_file=mixed), log=None)
+    # pairs in the training file only: the same mismatch across the files
+    single = tmp_path / "single.jsonl"
+    single.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "text_pair"}) + "\n"
+                              for r in toy_classification(30, 1, pair=True)))
+    with pytest.raises(DataError, match="'text_pair'"):
+        classify.run(str(env["dec"]), ClassifyConfig(["x"], seeds=[0], train_file=env["root"] / "pair.jsonl",
+                                                      eval_file=single), log=None)
 
 def test_probe_depth_search_picks_the_informative_features(env):
     # select_features: one candidate carries the label, the others are noise

@@ -32,12 +32,14 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from twinlm.errors import DataError
 from twinlm.eval import baselines
 from twinlm.eval.common import (
     Loaded,
@@ -122,8 +124,8 @@ def select_features(splits: Sequence[tuple[dict, Sequence, int]], metric_fn: Cal
     — (candidates {key: (n, d) array}, training labels, seed), scored on the development split of that seed.
     Ties go to the later key. Returns (key, {key: mean dev score})."""
     totals: dict = {}
-    for candidates, ytr, seed in splits:
-        ytr = np.asarray(ytr)
+    for candidates, labels, seed in splits:
+        ytr = np.asarray(labels)
         tr, dev = _dev_split(len(ytr), seed)
         for key, X in candidates.items():
             if not dev:
@@ -139,6 +141,26 @@ def select_features(splits: Sequence[tuple[dict, Sequence, int]], metric_fn: Cal
 
 def candidate_poolings(causal: bool) -> list[str]:
     return [default_pooling(causal, "classify"), "mean"]
+
+
+def check_pairing(task: ClsTask) -> None:
+    """Refuse a task whose examples mix single texts and pairs (`text_pair` on some lines only): the model
+    would read some examples without their second text, or fail on them."""
+    exs = [*(task.train or []), *task.eval]
+    n = sum(e.text_pair is not None for e in exs)
+    if 0 < n < len(exs):
+        where = f" ({task.description})" if task.description else ""
+        raise DataError(f"classification task {task.name!r}{where}: {n} of {len(exs)} examples have a 'text_pair' "
+                        "and the others none: give 'text_pair' on every line of the task files or on none")
+
+
+def _second_texts(task: ClsTask, exs: Sequence[ClsExample]) -> list[str] | None:
+    """The `text_pair`s of `exs` for a pair task; None for a single-text task."""
+    if not task.is_pair:
+        return None
+    pairs = [e.text_pair for e in exs if e.text_pair is not None]
+    assert len(pairs) == len(exs), "run() checks that a pair task gives every example a text_pair"
+    return pairs
 
 
 def _is_sparse(X) -> bool:
@@ -223,7 +245,7 @@ def evaluate_task(task: ClsTask, featurize, *, mode: str, seeds: Sequence[int], 
         per_seed.append(classification_metrics(y_true, y_pred, task.num_labels))
         if log:
             log(f"  seed {seed}: {_headline(task)}={per_seed[-1][_headline(task)]:.2f}")
-    out = summarise(per_seed)
+    out: dict[str, Any] = summarise(per_seed)
     out["score"] = out[_headline(task)]
     out["score_std"] = out[f"{_headline(task)}_std"]
     out["headline"] = _headline(task)
@@ -267,7 +289,7 @@ class TaskFeaturizer:
     def sequences(self, exs: Sequence[ClsExample]) -> list:
         """The examples as `[CLS] a [SEP] (b [SEP])` token ids, cut at the settings' max_length."""
         return encode_with_specials(self.loaded.tokenizer, self.loaded.cfg, [e.text for e in exs],
-                                    [e.text_pair for e in exs] if self.task.is_pair else None, self.cfg.max_length)
+                                    _second_texts(self.task, exs), self.cfg.max_length)
 
     def featurize(self, tr: Sequence[ClsExample], ev: Sequence[ClsExample]) -> tuple[np.ndarray, np.ndarray]:
         """(train, eval) features: the final norm's output with the pooling."""
@@ -327,6 +349,8 @@ def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: st
                                               train_file=cfg.train_file, eval_file=eval_file)]
     else:
         task_objs = [load_classification_task(t, root=data_root) for t in tasks]
+    for task in task_objs:
+        check_pairing(task)
     if baseline:
         loaded, info = None, baselines.describe(baseline, data_root)
         if baseline == "tfidf":
@@ -347,6 +371,7 @@ def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: st
         if baseline:
             featurize, finetune_fn = baselines.featurizer(baseline, data_root), None
         else:
+            assert loaded is not None and pooling is not None  # both set above when there is no baseline
             features = TaskFeaturizer(loaded, task, cfg, seeds, pooling, poolings, log)
             featurize = features.featurize_depths if search_depth else features.featurize
             finetune_fn = features.finetune

@@ -201,7 +201,8 @@ def length_batches(lengths: Sequence[int], max_tokens: int, max_docs: int | None
     """Groups of indices whose total length stays under `max_tokens` (a longer sequence goes alone);
     longest first so that similar lengths share a pack (the SDPA backend pads inside a pack)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else list(range(len(lengths)))
-    batch, total = [], 0
+    batch: list[int] = []
+    total = 0
     for i in order:
         n = lengths[i]
         if batch and (total + n > max_tokens or (max_docs and len(batch) >= max_docs)):
@@ -290,7 +291,9 @@ def embed(model, seqs: Sequence[Sequence[int]], pooling: str, max_tokens: int = 
     with ctx:
         for batch, out, lens in _packed_forwards(model, seqs, max_tokens):
             _place(outs, batch, pool_packed(out.hidden_states, lens, pooling))
-    return torch.stack(outs) if outs else torch.empty(0)
+    placed = [o for o in outs if o is not None]
+    assert len(placed) == len(outs), "length_batches places every sequence"
+    return torch.stack(placed) if placed else torch.empty(0)
 
 
 def _packed_forwards(model, seqs: Sequence[Sequence[int]], max_tokens: int):

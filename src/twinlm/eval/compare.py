@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from twinlm.errors import DataError, MissingArtifactError
 from twinlm.io import write_bytes, write_json
@@ -188,7 +189,7 @@ def _plot_track(track: str, trows: list[dict], out: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
-    handles = {}
+    handles: dict[str, Any] = {}  # legend label -> artist
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)

@@ -148,7 +148,7 @@ def track_settings(tracks: Sequence[str], overrides: Sequence[str] | None = None
 
 def _metrics(track: str, result: dict[str, Any], where: str) -> dict[str, float]:
     avg = (result.get("average") or {}).get("mean")
-    out = {track: avg}
+    out: dict[str, Any] = {track: avg}  # values as the result JSON holds them: checked below
     for name, task in (result.get("tasks") or {}).items():
         if len(result["tasks"]) > 1:
             out[f"{track}-{name}"] = task.get("score")
@@ -226,9 +226,10 @@ def curve(sources: Sequence[str], tracks: Sequence[str], out: str | Path, *, eve
 
 def _write_tables(out: Path, points: list[Point], metrics: list[str]) -> None:
     head = ["series", "arch", "label", "step", "tokens"] + metrics
-    rows = [[p.series, p.arch, p.label, p.step, p.tokens] + [p.metrics.get(m) for m in metrics] for p in points]
+    rows: list[list[Any]] = [[p.series, p.arch, p.label, p.step, p.tokens] + [p.metrics.get(m) for m in metrics]
+                             for p in points]
     buf = _io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows([head] + rows)
+    csv.writer(buf, lineterminator="\n").writerows([head, *rows])
     write_bytes(out / "curve.csv", buf.getvalue())
 
     def fmt(v: Any) -> str:

@@ -169,16 +169,18 @@ def score_requests_naive(model, requests: Sequence[Request], *, mntp: bool = Fal
     for decoders, per continuation token for encoders."""
     cfg = model.config
     units = _work_units(requests, cfg, bool(cfg.causal), mntp)
-    res = [[0.0, True, 0] for _ in requests]
+    ll = [0.0] * len(requests)
+    greedy = [True] * len(requests)
+    ntok = [0] * len(requests)
     with torch.inference_mode():
         for ri, seq, pos, tgt in units:
             logits = model(torch.tensor([seq]), attention_mask=torch.ones(1, len(seq), dtype=torch.long)).logits[0]
             logp = torch.log_softmax(logits.float(), -1)
             for p, t in zip(pos, tgt):
-                res[ri][0] += float(logp[p, t])
-                res[ri][1] &= bool(int(logp[p].argmax()) == t)
-                res[ri][2] += 1
-    return [Scored(*r) for r in res]
+                ll[ri] += float(logp[p, t])
+                greedy[ri] &= bool(int(logp[p].argmax()) == t)
+                ntok[ri] += 1
+    return [Scored(a, b, c) for a, b, c in zip(ll, greedy, ntok)]
 
 
 # --- tasks -----------------------------------------------------------------------------------------

@@ -137,8 +137,8 @@ def summarise(per_seed: Sequence[Mapping[str, float]]) -> dict[str, float]:
 BOOTSTRAP_SAMPLES = 1000
 
 
-def bootstrap_ratio(num: Sequence[float], den: Sequence[float], samples: int = BOOTSTRAP_SAMPLES,
-                    seed: int = 0) -> dict[str, float]:
+def bootstrap_ratio(num: Sequence[float] | np.ndarray, den: Sequence[float] | np.ndarray,
+                    samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict[str, float]:
     """sum(num) / sum(den) and its spread over `samples` resamplings of the items with replacement: the
     standard error (`se`, the bootstrap replicates' std) and the 95% percentile interval (`lo`, `hi`).
     A mean is the ratio with `den` all ones. No items is an error: a score from no data is no score."""

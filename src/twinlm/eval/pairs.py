@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from twinlm.errors import DataError, ScoreError
+from twinlm.errors import ConfigError, DataError, ScoreError
 from twinlm.eval.bpb import held_out_texts
 from twinlm.eval.common import (
     Timer,
@@ -108,6 +108,9 @@ def load_pairs(cfg: PairsConfig, texts: Sequence[str] | None = None, data_root=N
         pairs = read_pair_file(cfg.pairs_file)
         name = Path(cfg.pairs_file).stem
     else:
+        if cfg.per_family is None:
+            raise ConfigError("per_family none (all pairs) applies to a pair file; pairs built from text need a "
+                              "count per family (--per-family N, default 200)")
         name, docs = held_out_texts(texts, cfg.text_file, data_root)
         pairs = build_pairs(docs, cfg.families, cfg.per_family, cfg.seed, cfg.min_words, cfg.max_words)
         if not pairs:

@@ -20,6 +20,7 @@ import copy
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -193,7 +194,7 @@ def run(model, cfg: RetrievalConfig | None = None, *, tokenizer=None, variant: s
             enc = lambda texts: baselines.minilm_encode(texts, data_root)  # noqa: E731
             per_set = evaluate_sets(enc, enc, tests)
         per_seed_sets.append(per_set)
-        seeds = (0,)
+        seeds = [0]
         pooling = info.get("pooling")
     else:
         loaded = load_for_eval(model, tokenizer, variant=variant)
@@ -224,7 +225,7 @@ def run(model, cfg: RetrievalConfig | None = None, *, tokenizer=None, variant: s
                     f"{k} nDCG@10={v['ndcg@10']:.2f}" for k, v in per_set.items()))
     results = {}
     for s in tests:
-        res = summarise([ps[s.name] for ps in per_seed_sets])
+        res: dict[str, Any] = summarise([ps[s.name] for ps in per_seed_sets])
         res.update(score=res["ndcg@10"], score_std=res["ndcg@10_std"], headline="ndcg@10",
                    queries=len(s.queries), corpus=len(s.corpus), per_seed=[ps[s.name] for ps in per_seed_sets])
         results[s.name] = res
