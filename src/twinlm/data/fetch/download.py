@@ -156,7 +156,7 @@ def _iter_deb(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str, by
             if member.startswith("data.tar"):
                 mode = {"gz": "r:gz", "xz": "r:xz", "bz2": "r:bz2", "zst": None}.get(member.rsplit(".", 1)[-1], "r:")
                 if mode is None:
-                    import zstandard  # type: ignore[import-not-found]  # only for zstd-compressed packages
+                    import zstandard  # only for zstd-compressed packages
                     data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
                     mode = "r:"
                 # `mode` is one of the read modes above (the stubs want a literal)
