@@ -28,7 +28,7 @@ def run(recipe: Any, out_dir: str | Path, overrides: list[str] | None = None, *,
     Returns the final model folder (`out_dir/final`, a Hugging Face folder that `twinlm.load` and transformers
     read). If SIGTERM stopped the run, returns the checkpoint it wrote (or raises RunInterrupted when asked).
     """
-    from twinlm.train.trainer import Trainer  # torch: not at import time (`twinlm --help` imports this package)
+    from twinlm.train.trainer import Trainer  # torch: not when only train.recipe is read (it runs this file too)
     r = load_recipe(recipe, overrides)
     trainer = Trainer(r, out_dir, callbacks=callbacks, log=log)
     out = trainer.fit()
