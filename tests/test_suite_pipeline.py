@@ -47,7 +47,7 @@ def test_corpus_groups_short_documents_splits_heldout_and_respects_the_budget(fa
 
 def test_scale_overrides_are_typed_and_checked():
     scale = get_scale("quick", ["pretrain_tokens=1M", "classify.seeds=5", "sources=[sotu]"])
-    assert scale.pretrain_tokens == "1M" and scale.classification.seeds == 5 and scale.sources == ["sotu"]
+    assert scale.pretrain_tokens == "1M" and scale.classify.seeds == 5 and scale.sources == ["sotu"]
     with pytest.raises(ValueError, match="unknown suite setting"):
         get_scale("quick", ["pretrain_tokenz=1M"])
     assert get_scale("quick", ["peak_lr=3e-3"]).peak_lr == 0.003
@@ -114,7 +114,7 @@ def test_eval_settings_are_the_tracks_dataclasses_and_reach_only_their_steps(tmp
     assert quick.generative == GenerativeConfig(tasks=["arc_easy", "copa"], limit=100)
     assert quick.bpb == BpbConfig(max_docs=50)
     scale = get_scale("quick", ["classify.seeds=[0, 4]", "retrieval.max_corpus=50"])
-    assert scale.classification.seeds == [0, 4] and scale.retrieval.max_corpus == 50
+    assert scale.classify.seeds == [0, 4] and scale.retrieval.max_corpus == 50
     with pytest.raises(ValueError, match="unknown suite setting classify.sedes"):
         get_scale("quick", ["classify.sedes=5"])
     a = Pipeline(tmp_path, Suite(tmp_path, quick).steps()).identities()

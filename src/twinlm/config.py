@@ -15,6 +15,9 @@ from typing import Any
 from twinlm.errors import ConfigError, UnknownName
 from twinlm.io import write_json
 
+# The training objectives (train/objectives.py): what a recipe trains and what a model folder records.
+OBJECTIVES = ("mlm", "clm", "mntp")
+
 # Ettin / ModernBERT special tokens in the 50,368-token vocabulary (REFERENCE §1).
 ETTIN_VOCAB_SIZE = 50368
 ETTIN_SPECIAL_TOKENS = {"unk": 50280, "cls": 50281, "sep": 50282, "pad": 50283, "mask": 50284}

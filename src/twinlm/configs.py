@@ -16,7 +16,7 @@ that list the known ones. A dataclass's own `__post_init__` checks may raise `Co
 that starts with the field name; `build` puts the dotted path of the object in front.
 
 `apply_overrides(raw, ["key.sub=value", ...])` sets dotted keys in a plain mapping before it is built, the
-value parsed as YAML (`optim.lr=1e-3`, `sources=[a,b]`, `classify.seeds=5`); `deep_merge` merges mappings key
+value parsed as YAML (`optim.lr=1e-3`, `sources=[a,b]`, `classification.seeds=5`); `deep_merge` merges mappings key
 by key (lists and scalars replace).
 """
 
@@ -225,7 +225,7 @@ _SCALARS: dict[type, tuple[Callable[[Any], Any], str]] = {
 
 
 def field_names(cls: type, prefix: str = "") -> list[str]:
-    """Every settable key of a dataclass, nested dataclass fields dotted (`classify.seeds`)."""
+    """Every settable key of a dataclass, nested dataclass fields dotted (`classification.seeds`)."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):

@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from twinlm.card import CARD, model_card
+from twinlm.config import OBJECTIVES
 from twinlm.errors import ConfigError, MissingArtifactError, ModelLoadError, TokenizerMismatch
 from twinlm.hf import ARCHITECTURE_FIELDS, hf_config_dict, to_hf_state_dict
 from twinlm.io import MANIFEST, atomic_path, manifest_mismatch, read_manifest, write_bytes, write_json, write_manifest
@@ -50,8 +51,7 @@ GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "chat_template.jinja")
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
-OBJECTIVE_KEY = "twinlm_objective"  # config.json: the objective that trained the weights
-OBJECTIVES = ("mlm", "clm", "mntp")
+OBJECTIVE_KEY = "twinlm_objective"  # config.json: the objective that trained the weights (one of OBJECTIVES)
 
 
 def save_pretrained(model, path, tokenizer=None, *, max_length: int | None = None,

@@ -120,7 +120,7 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
 SPECIAL_TOKEN_NAMES = {"pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "unk": "[UNK]"}
 
 
-def config_from_hf(d: dict[str, Any], tokenizer_ids: dict[str, int] | None = None,
+def config_from_hf(d: dict[str, Any], *, tokenizer_ids: dict[str, int] | None = None,
                    where: str = "config") -> ModelConfig:
     """The ModelConfig of a Hugging Face config.json's dict `d`. Special token ids come from the config, else
     `tokenizer_ids` (token text -> id, e.g. read from the folder's tokenizer.json by loading.py), else Ettin's

@@ -85,7 +85,7 @@ def read_config(path) -> ModelConfig:
             raise ModelLoadError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise ModelLoadError(f"{folder / 'config.json'}: expected a JSON object")
-        return config_from_hf(d, _tokenizer_special_ids(folder), where=str(folder))
+        return config_from_hf(d, tokenizer_ids=_tokenizer_special_ids(folder), where=str(folder))
     raise ModelLoadError(f"{folder}: neither config.json (Hugging Face) nor {TWINLM_CONFIG} (twinlm checkpoint) found")
 
 

@@ -150,9 +150,10 @@ def plan(cfg: ModelConfig, *, card: str | None = None, micro_batch_tokens: int, 
 
 def check_fits(cfg: ModelConfig, *, micro_batch_tokens: int, checkpointing: bool, card_bytes: float,
                device: str, ranks: int = 1, sharded: bool = False, precision: str = "bf16") -> MemoryEstimate:
-    """The trainer's pre-flight check: the estimate of the recipe's own settings, or ConfigError naming the
-    settings that fit (`plan`) when they do not: an out-of-memory error minutes into a run becomes one line
-    before the first step. The estimate was within 4% of the peak measured on an H200 (bench/RESULTS.md)."""
+    """The training setup's pre-flight check (train/setup.py `check_memory`): the estimate of the recipe's own
+    settings, or ConfigError naming the settings that fit (`plan`) when they do not: an out-of-memory error
+    minutes into a run becomes one line before the first step. The estimate was within 4% of the peak measured
+    on an H200 (bench/RESULTS.md)."""
     est = estimate(cfg, micro_batch_tokens=micro_batch_tokens, ranks=ranks, sharded=sharded,
                    checkpointing=checkpointing, precision=precision, card_bytes=card_bytes)
     if est.fits:

@@ -88,27 +88,26 @@ class BatchStream:
         if global_batch_size < self.world_size and not empty_shares:
             raise ConfigError(f"global batch size {global_batch_size} is smaller than world_size {self.world_size}: "
                               "every rank needs at least one sample")
-        ids = self.global_ids(self.position, int(global_batch_size))
-        mine = ids[self.rank::self.world_size]
-        self.position += int(global_batch_size)
-        self.step += 1
+        mine = self._advance(global_batch_size)[self.rank::self.world_size]
         return [(int(i), self.dataset[int(i)]) for i in mine]
 
     def next_global(self, global_batch_size: int) -> list[tuple[int, np.ndarray]]:
         """The whole next global batch (every rank's share, in global order), consumed."""
-        ids = self.global_ids(self.position, int(global_batch_size))
-        self.position += int(global_batch_size)
-        self.step += 1
-        return [(int(i), self.dataset[int(i)]) for i in ids]
+        return [(int(i), self.dataset[int(i)]) for i in self._advance(global_batch_size)]
 
     def next_global_lengths(self, global_batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """The next global batch's sample ids and lengths in tokens, consumed, without reading its tokens."""
         if self._lengths is None:
             self._lengths = np.asarray(self.dataset.lengths)
+        ids = self._advance(global_batch_size)
+        return ids, self._lengths[ids]
+
+    def _advance(self, global_batch_size: int) -> np.ndarray:
+        """The next global batch's sample ids; the stream moves past them (one step)."""
         ids = self.global_ids(self.position, int(global_batch_size))
         self.position += int(global_batch_size)
         self.step += 1
-        return ids, self._lengths[ids]
+        return ids
 
     def peek_global(self, global_batch_size: int) -> np.ndarray:
         """The sample ids of the next global batch (all ranks), without consuming it."""
@@ -131,9 +130,6 @@ class BatchStream:
                               f"{len(self.dataset)}: resuming would not replay the same order")
         self.position = int(state["position"])
         self.step = int(state.get("step", 0))
-
-    def skip(self, global_samples: int) -> None:
-        self.position += int(global_samples)
 
 
 @dataclass

@@ -42,6 +42,7 @@ from tokenizers import Tokenizer
 
 from twinlm.data.inputs import InputSpec, iter_documents, resolve_inputs
 from twinlm.data.shards import ShardWriter
+from twinlm.data.split import RULE as HELDOUT_RULE
 from twinlm.data.split import heldout
 from twinlm.data.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
 from twinlm.errors import ConfigError, DataError, OutOfSpace
@@ -376,12 +377,14 @@ def _write_meta(job: _Job, writers: dict[bool, ShardWriter], tally: _Tally, seco
     holdout_meta = None
     try:
         if True in writers:
+            drawn = {"docs": holdout_docs, "seed": cfg.seed, "rule": HELDOUT_RULE}
             holdout_meta = writers[True].close({**common, "split": "heldout", "num_documents": held_docs,
-                                                "holdout": {"docs": holdout_docs, "seed": cfg.seed}, "stats": stats})
+                                                "holdout": drawn, "stats": stats})
         return writers[False].close({
             **common, "split": "train", "num_documents": tally.docs - held_docs, "stats": stats,
             "holdout": ({"path": str(job.holdout_out), "num_documents": held_docs,
-                         "num_chunks": holdout_meta["num_chunks"], "docs": holdout_docs, "seed": cfg.seed}
+                         "num_chunks": holdout_meta["num_chunks"], "docs": holdout_docs, "seed": cfg.seed,
+                         "rule": HELDOUT_RULE}
                         if holdout_meta else None)})
     except BaseException as e:
         for w in writers.values():

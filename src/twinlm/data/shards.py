@@ -18,10 +18,10 @@ naming the folder and chunk, never a negative-length chunk). `verify_shards(path
 also checks every file's sha256, that the whole index is monotonic, starts at 0 and ends at the token count, that
 docs.npy and bytes.npy have one entry per chunk, and that every token id is below the tokenizer's vocabulary size
 (meta.json `tokenizer.vocab_size`, when recorded). A full pass records the folder's `shard_signature` (meta.json's
-hash and every file's size and modification time) in `DIR/.verified.json` when the folder is writable; the trainer
-verifies a folder whose current signature matches no record (its own run's, or the folder's), so a folder is
-hashed once, and again whenever it changed. For very large corpora run `twinlm data verify DIR` once before a
-distributed launch: the ranks wait while rank 0 verifies.
+hash and every file's size and modification time) in `DIR/.verified.json` when the folder is writable; a training
+run's setup (train/setup.py) verifies a folder whose current signature matches no record (its own run's, or the
+folder's), so a folder is hashed once, and again whenever it changed. For very large corpora run `twinlm data verify
+DIR` once before a distributed launch: the ranks wait while rank 0 verifies.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ from __future__ import annotations
 import hashlib
 
 PREFIX_CHARS = 2000  # enough text to tell documents apart; hashing it costs the same for any document size
+# recorded in a prepared folder's meta.json `holdout`: folders of older twinlm drew by another hash (blake2b of
+# the seed and the whole text), so their held-out documents differ for the same seed
+RULE = f"sha256(seed:text[:{PREFIX_CHARS}])"
 
 
 def heldout(text: str, seed: int, fraction: float) -> bool:

@@ -140,7 +140,7 @@ def select_features(splits: Sequence[tuple[dict, Sequence, int]], metric_fn: Cal
 
 
 def candidate_poolings(causal: bool) -> list[str]:
-    return [default_pooling(causal, "classify"), "mean"]
+    return [default_pooling(causal, "classification"), "mean"]
 
 
 def check_pairing(task: ClsTask) -> None:
@@ -360,7 +360,7 @@ def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: st
         info = loaded.info
         check_pooling(pooling, loaded.causal)
         poolings = [pooling] if pooling else candidate_poolings(loaded.causal)
-        pooling = pooling or default_pooling(loaded.causal, "classify")
+        pooling = pooling or default_pooling(loaded.causal, "classification")
     search_depth = mode == "probe" and cfg.probe_layer == "best" and not baseline
 
     results = {}

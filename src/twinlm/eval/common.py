@@ -255,11 +255,11 @@ def pool_packed(hidden: torch.Tensor, seq_lens: Sequence[int], pooling: str) -> 
     raise ConfigError(f"unknown pooling {pooling!r}: use cls, last or mean")
 
 
-def default_pooling(causal: bool, track: str = "classify") -> str:
+def default_pooling(causal: bool, track: str = "classification") -> str:
     """The paper's choices: encoders [CLS] for classification and mean for retrieval; decoders last token."""
     if causal:
         return "last"
-    return "cls" if track == "classify" else "mean"
+    return "cls" if track in ("classification", "classify") else "mean"
 
 
 def check_pooling(pooling: str | None, causal: bool) -> None:

@@ -92,6 +92,11 @@ class Scale:
             if bad:
                 raise ConfigError(f"{key}: {', '.join(map(str, bad))} is not one of {', '.join(allowed)}")
 
+    @property
+    def classify(self) -> ClassifyConfig:
+        """The classification settings under the track's former name (read only)."""
+        return self.classification
+
     def with_overrides(self, overrides: list[str]) -> Scale:
         """A copy with `KEY=VALUE` settings applied (dotted keys reach the evaluation settings; a track's alias
         reads as its name)."""

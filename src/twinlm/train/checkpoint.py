@@ -15,10 +15,10 @@ Layout of one checkpoint `RUN/checkpoints/step-XXXXXXXX/`:
 Saving fills a temporary folder beside it (`.step-XXXXXXXX.tmp-*`, see twinlm.io.atomic_dir), renames it,
 then writes COMPLETE. Loading verifies the manifest, which must list every file of the folder and at least
 the four above: a flipped byte, a truncated, missing or unlisted file, or an empty or shortened manifest is
-detected, reported, and resuming falls back to the newest intact checkpoint. Checkpoints that fail
-verification are moved aside to `RUN/checkpoints/corrupt/step-XXXXXXXX[.N]` (`set_aside_corrupt`, called by
-the trainer once a resume is accepted): they are never counted by the keep policy, so a fresh checkpoint is
-never pruned in favour of a broken one, and they stay on disk for a person to inspect or delete.
+detected, reported, and resuming falls back to the newest intact checkpoint. Checkpoints that fail verification are
+moved aside to `RUN/checkpoints/corrupt/step-XXXXXXXX[.N]` (`set_aside_corrupt`, called by the run's setup once
+every check has passed, train/setup.py `open_run`): they are never counted by the keep policy, so a fresh checkpoint
+is never pruned in favour of a broken one, and they stay on disk for a person to inspect or delete.
 Checkpoints of older versions have no "callbacks": their "trainer" holds the two built-in callbacks'
 counters (`checkpoint_ordinal`, `eval_ordinal`; a top-level `checkpoint_ordinal` for the keep policy), which
 `callback_states` and `prune` read instead.

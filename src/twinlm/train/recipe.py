@@ -37,11 +37,9 @@ from typing import Any, overload
 
 import yaml
 
-from twinlm.config import ModelConfig
+from twinlm.config import OBJECTIVES, ModelConfig
 from twinlm.configs import apply_overrides, build, coerce, deep_merge
 from twinlm.errors import ConfigError, MissingArtifactError
-
-OBJECTIVES = ("mlm", "clm", "mntp")
 
 
 @overload

@@ -21,7 +21,8 @@ for the latest checkpoint and broadcasts it):
      recipe's overrides (which may not change a weight's shape); or the preset, sized to the tokenizer, with
      the overrides. An impossible shape is a ConfigError. (The recipe itself was validated when it was built:
      unknown override keys, counts like `4K`, the optimizer's settings: train/recipe.py.)
-  9. The memory pre-flight check on an accelerator (`check_memory`, twinlm.memory `check_fits`; the recipe's
+  9. A fresh run's `init_from` model is read whole (twinlm.load: its manifest, config and weights checked), once.
+  10. The memory pre-flight check on an accelerator (`check_memory`, twinlm.memory `check_fits`; the recipe's
      `memory_check`).
 
 `open_run`, in this order:
@@ -30,7 +31,7 @@ for the latest checkpoint and broadcasts it):
      was intact.
   3. Every shard folder not verified in its current state is verified in full (`verify_shards_once`, rank 0;
      the record is RUN/verified_shards.json); a damaged one is a ShardError on every rank.
-  4. The model: the checkpoint's weights; or `init_from` loaded once and converted in memory
+  4. The model: the checkpoint's weights; or the `init_from` model read by the checks, converted in memory
      (twinlm.convert `as_kind`; nothing is written for it); or fresh, initialised from the recipe's seed.
      On the device; a fresh or converted model takes the first phase's RoPE θ.
   5. Parallelisation (train/dist.py), the optimizer (StableAdamW), the TrainStep.
@@ -55,7 +56,14 @@ from twinlm.data.mds import is_mds_folder
 from twinlm.data.order import is_order_folder
 from twinlm.data.shards import is_verified, read_meta, shard_signature, verify_shards
 from twinlm.data.tokenizer import load_tokenizer, model_config_for, tokenizer_fingerprint
-from twinlm.errors import ConfigError, MissingArtifactError, MissingShards, ShardError, TokenizerMismatch
+from twinlm.errors import (
+    ConfigError,
+    CorruptCheckpointError,
+    MissingArtifactError,
+    MissingShards,
+    ShardError,
+    TokenizerMismatch,
+)
 from twinlm.hub import resolve_model
 from twinlm.io import write_json
 from twinlm.loading import load, read_config
@@ -98,6 +106,7 @@ class Checked:
     resume: Path | None  # the checkpoint to resume from
     resume_state: dict | None  # its state.json
     config: ModelConfig  # the model to build (a resume's: the checkpoint's)
+    source: Transformer | None = None  # a fresh cross-objective run's init_from model, as loaded
 
 
 @dataclass
@@ -292,9 +301,10 @@ def check_run(recipe: Recipe, out: str | Path, env: dist.DistEnv, log: Log) -> C
     check_shard_tokenizers(metas, fingerprint)
     source = check_init_from(recipe) if resume is None and recipe.init_from else None
     cfg = model_config(recipe, tokenizer, resume, source)
+    source_model = load(source) if source is not None else None  # on every rank; damage named before any write
     check_memory(recipe, env, cfg)
     return Checked(recipe=recipe, out=out, env=env, log=log, tokenizer=tokenizer, fingerprint=fingerprint,
-                   ckpt=ckpt, resume=resume, resume_state=resume_state, config=cfg)
+                   ckpt=ckpt, resume=resume, resume_state=resume_state, config=cfg, source=source_model)
 
 
 # --- the writes and builds ----------------------------------------------------------------------------
@@ -336,18 +346,22 @@ def build_model(checked: Checked) -> Transformer:
         dist.load_full_state_dict(model, read_tensors(checked.resume / "model.safetensors"))
         return model
     recipe = checked.recipe
-    if recipe.init_from:
-        source = load(resolve_model(recipe.init_from))  # loaded once, on every rank
+    if checked.source is not None:
         torch.manual_seed(recipe.seed)
-        return as_kind(source, recipe.causal, **recipe.model.overrides)
+        return as_kind(checked.source, recipe.causal, **recipe.model.overrides)
     torch.manual_seed(recipe.seed)
     return Transformer(cfg)
 
 
-def restored_state(state: dict) -> TrainState:
-    """The TrainState of a checkpoint's state.json (keys of older versions it no longer has are ignored)."""
+def restored_state(state: dict, where: Path | str = "state.json") -> TrainState:
+    """The TrainState of a checkpoint's state.json (keys of older versions it no longer has are ignored); a
+    state.json without one is a CorruptCheckpointError (resuming it would restart at step 0 on trained weights)."""
+    trainer = state.get("trainer")
+    if not isinstance(trainer, dict):
+        raise CorruptCheckpointError(f"{where}: no trainer state (a damaged or foreign state.json): move the "
+                                     "checkpoint aside to resume from an earlier one")
     known = {f.name for f in fields(TrainState)}
-    return TrainState(**{k: v for k, v in (state.get("trainer") or {}).items() if k in known})
+    return TrainState(**{k: v for k, v in trainer.items() if k in known})
 
 
 def open_run(checked: Checked, *, step_class: type[TrainStep] = TrainStep) -> Run:
@@ -380,7 +394,7 @@ def open_run(checked: Checked, *, step_class: type[TrainStep] = TrainStep) -> Ru
     run = Run(recipe=recipe, out=out, env=env, tokenizer=checked.tokenizer, fingerprint=checked.fingerprint,
               ckpt=checked.ckpt, resume=checked.resume, model=wrapped, optimizer=optimizer, step=step)
     if checked.resume is not None and checked.resume_state is not None:
-        run.state = restored_state(checked.resume_state)
+        run.state = restored_state(checked.resume_state, checked.resume / "state.json")
         run.callback_states = callback_states(checked.resume_state)
         restore_training(checked.resume, checked.resume_state, wrapped, optimizer, env, seed=recipe.seed, log=log)
         log(f"resuming from {checked.resume} (step {run.state.step}, {run.state.tokens:,} tokens)")

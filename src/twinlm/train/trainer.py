@@ -49,7 +49,7 @@ import torch
 from twinlm.card import run_summary
 from twinlm.data import BatchStream
 from twinlm.data.order import ReplayStream
-from twinlm.errors import ModelLoadError, OutOfSpace, TrainingDiverged
+from twinlm.errors import ConfigError, ModelLoadError, OutOfSpace, TrainingDiverged
 from twinlm.export import verify_manifest
 from twinlm.io import atomic_dir, is_disk_full, remove_stale_temporaries
 from twinlm.model import Transformer
@@ -162,6 +162,9 @@ class Trainer:
 
     def _take(self, run: Run) -> None:
         """Make a set-up run the trainer's: its model, optimizer, step, checkpoints and restored state."""
+        if run.out.resolve() != self.out.resolve():
+            raise ConfigError(f"the run was set up for {run.out} but this Trainer writes {self.out}: set both up "
+                              "for one folder")
         self.recipe, self.env = run.recipe, run.env
         self.model, self.optimizer, self.step = run.model, run.optimizer, run.step
         self.tokenizer, self.tokenizer_fingerprint, self.ckpt = run.tokenizer, run.fingerprint, run.ckpt
