@@ -123,6 +123,8 @@ def test_holdout_split(tok, tmp_path):
     assert meta["chunking"] == {"chunk_size": 64, "min_chunk": 8, "backfill": 32}  # 128/512 scaled from 1024
     assert meta["num_documents"] + held.meta["num_documents"] == 200
     assert held.meta["split"] == "heldout" and held.fingerprint == meta["tokenizer"]["fingerprint"]
+    # both folders name the rule that drew the split (older folders drew by another hash)
+    assert meta["holdout"]["rule"] == held.meta["holdout"]["rule"] == "sha256(seed:text[:2000])"
     # a count, deterministic for a seed
     m2 = prepare([f], tok, tmp_path / "tr2", chunk_size=64, workers=0, holdout_docs=7, seed=3)
     m3 = prepare([f], tok, tmp_path / "tr3", chunk_size=64, workers=0, holdout_docs=7, seed=3)

@@ -15,7 +15,7 @@ import torch
 from twinlm.config import ModelConfig
 from twinlm.convert import as_kind
 from twinlm.data import BatchStream, ShardDataset
-from twinlm.errors import ConfigError, MissingArtifactError, TokenizerMismatch
+from twinlm.errors import ConfigError, CorruptCheckpointError, MissingArtifactError, ModelLoadError, TokenizerMismatch
 from twinlm.model import Transformer
 from twinlm.train import callbacks as cbs
 from twinlm.train import dist, run, setup
@@ -24,6 +24,7 @@ from twinlm.train.checkpoint import callback_states, periodic_ordinal, read_stat
 from twinlm.train.dist import DistEnv
 from twinlm.train.recipe import Optim, ShardSource, load_recipe, model_overrides, optim_problem
 from twinlm.train.testing import SYNTHETIC_FINGERPRINT, make_shards, tiny_recipe
+from twinlm.train.trainer import Trainer
 
 
 def _quiet(_msg: str) -> None:
@@ -217,9 +218,25 @@ def test_as_kind_converts_in_memory_and_leaves_the_source(tmp_path, shards):
     src = tmp_path / "dec"
     dec.save_pretrained(src)
     out = tmp_path / "run"
-    run(tiny_recipe(shards, phases=1, tokens=200, objective="mntp", init_from=str(src)), out, log=_quiet,
-        overrides=["model.preset=cpu-tiny", "max_steps=1"])
+    cross = tiny_recipe(shards, phases=1, tokens=200, objective="mntp", init_from=str(src))
+    run(cross, out, log=_quiet, overrides=["model.preset=cpu-tiny", "max_steps=1"])
     assert not (out / "init").exists()
+    # a damaged source is named by the checks, before a new run folder is made
+    weights = src / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        run(cross, tmp_path / "run2", log=_quiet, overrides=["model.preset=cpu-tiny", "max_steps=1"])
+    assert not (tmp_path / "run2").exists()
+
+
+def test_a_run_set_up_for_one_folder_is_not_trained_into_another(tmp_path, shards):
+    recipe = load_recipe(tiny_recipe(shards, phases=1, tokens=200)).resolved_paths()
+    opened = setup.open_run(setup.check_run(recipe, tmp_path / "a", DistEnv(), _quiet))
+    with pytest.raises(ConfigError, match="set up for"):
+        Trainer(recipe, tmp_path / "b", log=_quiet).fit(opened)
+    assert not (tmp_path / "b").exists()
 
 
 # --- callbacks own their state -------------------------------------------------------------------------
@@ -259,6 +276,8 @@ def test_checkpoints_of_older_versions_keep_their_counters():
     assert callback_states(old) == {"periodic_checkpoint": {"ordinal": 3}, "evaluate": {"ordinal": 2}}
     assert periodic_ordinal(old) == 3
     assert setup.restored_state(old).step == 4  # the counters it no longer has are ignored
+    with pytest.raises(CorruptCheckpointError, match="no trainer state"):
+        setup.restored_state({"checkpoint_ordinal": 3})  # would restart at step 0 on trained weights
     periodic = cbs.PeriodicCheckpoint(100)
     periodic.load_state_dict(callback_states(old)["periodic_checkpoint"])
     assert periodic.ordinal == 3
