@@ -7,12 +7,11 @@ import json
 import pytest
 
 from twinlm.cli import main
-from twinlm.data.prepare import prepare
 from twinlm.errors import ConfigError
 from twinlm.eval import bpb
 from twinlm.eval.curve import curve
 from twinlm.eval.settings import BpbConfig
-from twinlm.eval.toy import toy_model_dir, toy_sentences, toy_tokenizer
+from twinlm.eval.toy import toy_corpus, toy_model_dir, toy_sentences, toy_tokenizer
 from twinlm.train import run
 from twinlm.train.testing import tiny_recipe
 
@@ -20,13 +19,7 @@ from twinlm.train.testing import tiny_recipe
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("curve")
-    tok = root / "tok"
-    toy_tokenizer(out_dir=tok)
-    docs = root / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in toy_sentences(400, seed=1)))
-    prepare([docs], str(tok), root / "shards", chunk_size=64, min_chunk=8, backfill=32, workers=0)
-    held = root / "held.txt"
-    held.write_text("\n\n".join(toy_sentences(30, seed=9)) + "\n")
+    tok, _, held = toy_corpus(root, docs=400, held=30)
     out = {}
     for name, objective in (("enc", "mlm"), ("dec", "clm")):
         r = tiny_recipe(root / "shards", objective=objective, phases=1, tokens=900, tokenizer=str(tok))

@@ -11,12 +11,11 @@ import pytest
 import twinlm
 from twinlm.cli import main
 from twinlm.convert import convert, export_model
-from twinlm.data.prepare import prepare
 from twinlm.errors import ConfigError, ModelLoadError
 from twinlm.eval import bpb
 from twinlm.eval.common import load_for_eval
 from twinlm.eval.settings import BpbConfig
-from twinlm.eval.toy import toy_model_dir, toy_sentences, toy_tokenizer
+from twinlm.eval.toy import toy_corpus, toy_model_dir, toy_tokenizer
 from twinlm.export import OBJECTIVE_KEY, recorded_objective, verify_manifest
 from twinlm.train import run
 from twinlm.train.testing import tiny_recipe
@@ -25,13 +24,7 @@ from twinlm.train.testing import tiny_recipe
 @pytest.fixture(scope="module")
 def mntp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("objective")
-    tok = root / "tok"
-    toy_tokenizer(out_dir=tok)
-    docs = root / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in toy_sentences(200, seed=1)))
-    prepare([docs], str(tok), root / "shards", chunk_size=64, min_chunk=8, backfill=32, workers=0)
-    held = root / "held.txt"
-    held.write_text("\n\n".join(toy_sentences(12, seed=9)) + "\n")
+    tok, _, held = toy_corpus(root, docs=200, held=12)
     recipe = tiny_recipe(root / "shards", objective="mntp", phases=1, tokens=600, tokenizer=str(tok))
     recipe["checkpoint"] = {"every_tokens": 300, "keep_last": 10}
     run(recipe, root / "enc-mntp-run")

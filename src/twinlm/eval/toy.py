@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from twinlm.config import ModelConfig
+from twinlm.data.prepare import prepare
 from twinlm.model import Transformer
 
 SPECIALS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]  # ids 0..4, as in the cpu-* presets
@@ -58,6 +59,20 @@ def toy_tokenizer(vocab_size: int = 384, out_dir: str | Path | None = None, text
     if out_dir is not None:
         fast.save_pretrained(str(out_dir))
     return fast
+
+
+def toy_corpus(root: str | Path, docs: int, held: int) -> tuple[Path, Path, Path]:
+    """A toy tokenizer, shards of `docs` toy documents (64-token chunks) and a held-out text file of `held`
+    others under `root`: (tokenizer folder, shard folder, held-out file), for tests that train a tiny run."""
+    root = Path(root)
+    tok = root / "tok"
+    toy_tokenizer(out_dir=tok)
+    corpus = root / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in toy_sentences(docs, seed=1)))
+    prepare([corpus], str(tok), root / "shards", chunk_size=64, min_chunk=8, backfill=32, workers=0)
+    heldout = root / "held.txt"
+    heldout.write_text("\n\n".join(toy_sentences(held, seed=9)) + "\n")
+    return tok, root / "shards", heldout
 
 
 def toy_model_dir(out_dir: str | Path, causal: bool, preset: str = "cpu-tiny", seed: int = 0,
