@@ -30,6 +30,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                                      "random-encoder, random-decoder (default: guessed from the path)")
     p.add_argument("--data-root", help="$TWINLM_HOME holding the fetched data (default: the usual one)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", default=None,
+                   help="auto (the default: this rank's GPU when there is one, else the CPU), cpu, cuda, cuda:N; "
+                        "bf16 autocast on a GPU, fp32 on the CPU")
 
 
 def _track_parser(tracks: Any, t: Track) -> None:
@@ -127,7 +130,8 @@ def _run_track(args: argparse.Namespace) -> int:
     if t.name == "classification" and flags.get("eval_file") and "tasks" not in flags:
         given["tasks"] = ["custom"]
     settings = settings_from_flags(t.settings, args, given)
-    options: dict[str, Any] = {"variant": args.variant, "data_root": args.data_root, "out": args.out, "log": _log}
+    options: dict[str, Any] = {"variant": args.variant, "data_root": args.data_root, "out": args.out, "log": _log,
+                               "device": args.device}
     if t.mntp:
         options["mntp"] = args.mntp
     if t.export:

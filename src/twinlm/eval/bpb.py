@@ -160,13 +160,13 @@ def _first_bytes(docs: Sequence[str], max_bytes: int) -> list[str]:
 
 def run(model, cfg: BpbConfig | None = None, *, tokenizer=None, texts: Sequence[str] | None = None,
         mntp: bool | None = None, variant: str | None = None, data_root=None, out: str | Path | None = None,
-        log=print) -> dict:
+        log=print, device=None) -> dict:
     """Bits per byte of `model` (a folder, a `Loaded`, or a Transformer with `tokenizer`) on `texts`, on
     `cfg.text_file`, or on the LAMBADA passages."""
     cfg = cfg or BpbConfig()
     t_all = Timer()
     max_docs, max_bytes, seed = cfg.max_docs, cfg.max_bytes, cfg.seed
-    loaded = load_for_eval(model, tokenizer, mntp=mntp, variant=variant)
+    loaded = load_for_eval(model, tokenizer, mntp=mntp, variant=variant, device=device)
     name, docs = held_out_texts(texts, cfg.text_file, data_root)
     if max_docs is not None and len(docs) > max_docs:
         docs = [docs[i] for i in sorted(random.Random(seed).sample(range(len(docs)), max_docs))]

@@ -334,7 +334,7 @@ class TaskFeaturizer:
 
 
 def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: str | None = None, data_root=None,
-        out: str | Path | None = None, log=print) -> dict:
+        out: str | Path | None = None, log=print, device=None) -> dict:
     """Classification of `model` — a model folder, a `Loaded`, an in-memory Transformer with
     `tokenizer`, or the baselines "tfidf" / "minilm" — on built-in tasks (names) or on a task given by
     `cfg.eval_file` (and optional `cfg.train_file`) JSONL. Returns the result dict (also written to `out`)."""
@@ -356,7 +356,7 @@ def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: st
         if baseline == "tfidf":
             mode = "probe"
     else:
-        loaded = load_for_eval(model, tokenizer, variant=variant)
+        loaded = load_for_eval(model, tokenizer, variant=variant, device=device)
         info = loaded.info
         check_pooling(pooling, loaded.causal)
         poolings = [pooling] if pooling else candidate_poolings(loaded.causal)

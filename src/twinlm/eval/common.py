@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 
 import twinlm
 from twinlm.errors import ConfigError, MissingArtifactError, ScoreError
+from twinlm.eval.device import is_accelerator, model_device, resolve_device
 from twinlm.eval.hf_models import is_twinlm_folder, load_hf_model
 from twinlm.export import check_tokenizer_matches, recorded_objective
 from twinlm.hub import resolve_model
@@ -40,13 +41,26 @@ class Loaded:
     def cfg(self):
         return self.model.config
 
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+
+def placement(device: torch.device) -> dict[str, str]:
+    """A result's record of where it was computed: the device and the precision scoring used there."""
+    return {"device": str(device), "precision": "bf16 autocast" if is_accelerator(device) else "fp32"}
+
 
 def load_for_eval(model, tokenizer=None, *, mntp: bool | None = None, variant: str | None = None,
-                  threads: int | None = None) -> Loaded:
+                  threads: int | None = None, device: str | torch.device | None = None) -> Loaded:
     """A model folder (HF ModernBERT / ModernBERT-decoder or twinlm checkpoint, via `twinlm.load`; any other
     transformers masked-LM, causal-LM or encoder folder through eval/hf_models.py) with the tokenizer saved in
-    it, or an in-memory `(Transformer, tokenizer)` pair. Already-`Loaded` passes."""
+    it, or an in-memory `(Transformer, tokenizer)` pair, on `device` (twinlm.eval.device.resolve_device: None is
+    the accelerator when there is one, else the CPU; an in-memory model is moved there). Already-`Loaded` is
+    moved to `device` when one is named, else passes."""
     if isinstance(model, Loaded):
+        if device is not None:
+            model.model.to(resolve_device(device))
         return model
     if threads:
         torch.set_num_threads(threads)
@@ -65,6 +79,7 @@ def load_for_eval(model, tokenizer=None, *, mntp: bool | None = None, variant: s
         model = net
     if tokenizer is None:
         raise ConfigError("an in-memory model needs its tokenizer: pass tokenizer=")
+    model.to(resolve_device(device))
     model.eval()
     info = describe(model, path, mntp=mntp, variant=variant)
     return Loaded(model, tokenizer, path, info)

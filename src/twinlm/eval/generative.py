@@ -215,7 +215,8 @@ def evaluate_examples(loaded: Loaded, examples: Sequence[MCExample], *, kind: st
 
 
 def run(model, cfg: GenerativeConfig | None = None, *, tokenizer=None, mntp: bool | None = None,
-        variant: str | None = None, data_root=None, out: str | Path | None = None, log=print) -> dict:
+        variant: str | None = None, data_root=None, out: str | Path | None = None, log=print,
+        device=None) -> dict:
     """Zero-shot scoring of `model` (a folder, a `Loaded`, or a Transformer with `tokenizer`) on built-in
     task names or JSONL files (`cfg.tasks`); `cfg.limit` draws a seeded random subset of each task (None = all).
     `mntp` overrides the detection of MNTP-trained encoders.
@@ -228,7 +229,7 @@ def run(model, cfg: GenerativeConfig | None = None, *, tokenizer=None, mntp: boo
     # tasks first: a bad task file fails before any model is loaded
     task_objs = [load_generative_task(name, root=data_root, limit=cfg.limit, seed=cfg.seed, delimiter=cfg.delimiter)
                  for name in cfg.tasks]
-    loaded = load_for_eval(model, tokenizer, mntp=mntp, variant=variant)
+    loaded = load_for_eval(model, tokenizer, mntp=mntp, variant=variant, device=device)
     results = {}
     for task in task_objs:
         t = Timer()

@@ -128,11 +128,11 @@ def load_pairs(cfg: PairsConfig, texts: Sequence[str] | None = None, data_root=N
 
 def run(model, cfg: PairsConfig | None = None, *, tokenizer=None, texts: Sequence[str] | None = None,
         mntp: bool | None = None, variant: str | None = None, data_root=None, out: str | Path | None = None,
-        log=print) -> dict:
+        log=print, device=None) -> dict:
     """Minimal-pairs accuracy of `model` (a folder, a `Loaded` — an n-gram baseline too — or a Transformer
     with `tokenizer`) per family, with bootstrap intervals."""
     cfg = cfg or PairsConfig()
-    loaded = load_for_eval(model, tokenizer, mntp=mntp, variant=variant)
+    loaded = load_for_eval(model, tokenizer, mntp=mntp, variant=variant, device=device)
     name, pairs = load_pairs(cfg, texts, data_root)
     t = Timer()
     outcomes = score_pairs(loaded, pairs, cfg.max_tokens)

@@ -168,7 +168,7 @@ def export_sentence_transformers(model, tokenizer, out_dir: str | Path, pooling:
 # --- the track -------------------------------------------------------------------------------------
 def run(model, cfg: RetrievalConfig | None = None, *, tokenizer=None, variant: str | None = None, data_root=None,
         retrieval_sets: Sequence[RetrievalSet] | None = None, export_dir: str | Path | None = None,
-        out: str | Path | None = None, log=print) -> dict:
+        out: str | Path | None = None, log=print, device=None) -> dict:
     """Retrieval of `model` (folder / `Loaded` / Transformer + tokenizer, or "bm25" / "minilm").
     `retrieval_sets` replaces the built-in sets (`cfg.sets`) by in-memory ones. `export_dir`: the first
     seed's fine-tuned model as a sentence-transformers folder."""
@@ -197,7 +197,7 @@ def run(model, cfg: RetrievalConfig | None = None, *, tokenizer=None, variant: s
         seeds = [0]
         pooling = info.get("pooling")
     else:
-        loaded = load_for_eval(model, tokenizer, variant=variant)
+        loaded = load_for_eval(model, tokenizer, variant=variant, device=device)
         info = loaded.info
         check_pooling(pooling, loaded.causal)
         pooling = pooling or default_pooling(loaded.causal, "retrieval")
