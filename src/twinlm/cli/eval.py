@@ -48,6 +48,8 @@ def _track_parser(tracks: Any, t: Track) -> None:
         p.add_argument("--shards", help="n-gram baselines (MODEL unigram, bigram, trigram): the training shard "
                                         "folder they are fitted on")
         p.add_argument("--tokenizer", help="n-gram baselines: the tokenizer folder of those shards")
+    if t.device:
+        p.add_argument("--device", help="auto (default: the GPU when there is one, else the CPU), cpu, cuda, cuda:N")
     if t.export:
         p.add_argument("--export", help="save the fine-tuned model here as a sentence-transformers folder")
     p.set_defaults(handler=_run_track, track_name=t.name)
@@ -132,6 +134,8 @@ def _run_track(args: argparse.Namespace) -> int:
         options["mntp"] = args.mntp
     if t.export:
         options["export_dir"] = args.export
+    if t.device:
+        options["device"] = args.device
     res = t.run(_model(args) if t.ngrams else args.model, settings, **options)
     return _finish(res, args)
 

@@ -38,6 +38,7 @@ class Track:
     ngrams: bool = False  # n-gram controls (`unigram` …, fitted on training shards) are scored on it
     export: bool = False  # `run` takes `export_dir=` (the fine-tuned model, written as a folder)
     baselines: tuple[str, ...] = ()  # model names `run` takes as outside baselines instead of a folder
+    device: bool = False  # `run` takes `device=` (None: the accelerator when there is one, else the CPU)
 
     def run(self, model: Any, settings: Any, **options: Any) -> dict[str, Any]:
         """Run the track (importing its module) on `model` with `settings`; returns the result dict."""
@@ -51,7 +52,8 @@ TRACKS: dict[str, Track] = {t.name: t for t in (
     Track("retrieval", RetrievalConfig, "twinlm.eval.retrieval",
           "contrastive fine-tuning, then nDCG@10 / MRR@10 / Recall@100", export=True, baselines=("bm25", "minilm")),
     Track("generative", GenerativeConfig, "twinlm.eval.generative",
-          "zero-shot multiple choice / completion by log-likelihood", mntp=True),
+          "zero-shot tasks of lm-evaluation-harness (multiple choice, completion, generation) scored by twinlm",
+          mntp=True, device=True),
     Track("bpb", BpbConfig, "twinlm.eval.bpb", "bits per byte on held-out text", mntp=True, ngrams=True),
     Track("pairs", PairsConfig, "twinlm.eval.pairs",
           "minimal pairs: real sentence vs corrupted twin, accuracy per family with bootstrap intervals",
