@@ -5,7 +5,8 @@
 
 Every argument is lm-eval's (`lm_eval --help`); `--model twinlm` is eval/harness.py's class (its model_args are in
 that module's docstring), and lm-eval's own models (`hf` …) stay available. Without `--device` the twinlm model
-picks the GPU when there is one, else the CPU.
+picks the GPU when there is one, else the CPU (`--device auto` is added; lm-eval's
+own default would be CUDA).
 
 (The module is named for what it runs; inside it `lm_eval` is the installed package: imports are absolute.)
 """
@@ -24,8 +25,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import twinlm.eval.harness  # noqa: F401  -- registers --model twinlm (after lm-eval's own models)
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--device" or a.startswith("--device=") for a in args):
+        args += ["--device", "auto"]  # lm-eval's own default is CUDA; twinlm's model takes auto = GPU if any, else CPU
+    sys.argv = [sys.argv[0], *args]
     lm_eval_main.cli_evaluate()
     return 0
 

@@ -165,8 +165,12 @@ class TwinlmLM(TemplateLM):
         """Each task's requests scored together, in their order (so packs, and scores, are those of twinlm's own
         scoring of that task)."""
         by_task: dict[str, list[int]] = defaultdict(list)
+        seen: set[int] = set()
+        first = []  # lm-eval pads a rank's share with repeats of its last request: those are not counted
         for i, r in enumerate(requests):
             by_task[getattr(r, "task_name", None) or ""].append(i)
+            first.append(id(r) not in seen)
+            seen.add(id(r))
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         for task, idx in by_task.items():
             reqs = tokenize_requests(self.tokenizer, self.loaded.cfg, [requests[i].args for i in idx],
@@ -176,7 +180,7 @@ class TwinlmLM(TemplateLM):
                     r.cont = [*r.cont, self.eot_token_id]
             for i, s in zip(idx, self._score(reqs)):
                 out[i] = (s.loglikelihood, s.is_greedy)
-                self.scored_tokens[task] += s.n_tokens
+                self.scored_tokens[task] += s.n_tokens if first[i] else 0
         return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
