@@ -102,8 +102,8 @@ def test_run_on_jsonl_task_with_random_init_folders(tmp_path, tok):
                             for _ in range(3)))
     for causal in (True, False):
         folder = toy_model_dir(tmp_path / f"m{causal}", causal, tokenizer=tok)
-        res = generative.run(str(folder), GenerativeConfig([str(task), str(comp)], limit=None), out=tmp_path / f"r{causal}.json",
-                    log=None)
+        res = generative.run(str(folder), GenerativeConfig([str(task), str(comp)], limit=None),
+                             out=tmp_path / f"r{causal}.json", log=None)
         assert res["track"] == "generative" and res["model"]["causal"] == causal
         t = res["tasks"]["toy"]
         assert t["n"] == 12 and 0 <= t["acc"] <= 100 and {"acc_norm", "acc_bytes"} <= set(t)
