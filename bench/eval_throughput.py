@@ -4,7 +4,11 @@
    lm-evaluation-harness's `hf` model on the same exported folder and the same items (a local task
    through TaskManager), back to back in one process. Also checks that both give the same accuracies.
 2. Encoder: the masked scoring needs one masked copy per continuation token; batched copies (many per
-   packed forward pass, cu_seqlens) against one forward pass per copy (`score_requests_naive`).
+   packed forward pass, cu_seqlens) against one forward pass per copy (`score_requests_naive`), and the same
+   requests through twinlm's lm-eval model class (eval/harness.py `TwinlmLM.loglikelihood`, lm-eval's Instances)
+   against twinlm's own batched scoring, in the same run (the class should cost nothing on top).
+
+Items: lm-eval's own `hellaswag` task on the fetched local copy (validation), its first requests.
 
 Models: freshly initialised `cpu-small` shapes (7 layers, 256 wide, 8,192-token BPE trained here on the
 fetched pre-training text; ≈6M parameters): throughput does not depend on the weights.
@@ -33,9 +37,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from twinlm.eval import generative as G  # noqa: E402
+from twinlm.eval import scoring as G  # noqa: E402
 from twinlm.eval.common import load_for_eval as load  # noqa: E402
-from twinlm.eval.tasks import lm_eval_task_yaml, load_generative_task  # noqa: E402
+from twinlm.eval.tasks import MCExample, lm_eval_task_yaml  # noqa: E402
 from twinlm.eval.toy import toy_model_dir, toy_tokenizer  # noqa: E402
 
 
@@ -57,6 +61,27 @@ def pretrain_texts(max_bytes: int) -> list[str]:
     if not out:
         raise SystemExit("no pre-training text: run `twinlm data fetch` first")
     return out
+
+
+def hellaswag_items(limit: int):
+    """(MCExamples, lm-eval Instances) of the first `limit` HellaSwag documents, built by lm-eval's task."""
+    from twinlm.eval.generative import plan_tasks, task_manager
+    from twinlm.eval.settings import GenerativeConfig
+
+    tm = task_manager()
+    (item,) = plan_tasks(GenerativeConfig(["hellaswag"], data="local"), tm)
+    (task,) = tm.load([item["spec"]])["tasks"].values()
+    task.build_all_requests(limit=limit, rank=0, world_size=1)
+    by_doc: dict[int, list] = {}
+    for inst in task.instances:
+        by_doc.setdefault(inst.doc_id, []).append(inst)
+    exs = []
+    for insts in by_doc.values():
+        insts.sort(key=lambda i: i.idx)
+        ctxs = [i.args[0] for i in insts]
+        conts = [i.args[1] for i in insts]
+        exs.append(MCExample(ctxs, conts, int(task.doc_to_target(insts[0].doc)), [c[1:] for c in conts]))
+    return exs, list(task.instances)
 
 
 def timed(fn):
@@ -95,8 +120,7 @@ def main() -> int:
         args.preset = args.preset or "cpu-small"
     dec_dir = toy_model_dir(work / "decoder", True, preset=args.preset, tokenizer=tok)
     enc_dir = toy_model_dir(work / "encoder", False, preset=args.preset, tokenizer=tok)
-    task = load_generative_task("hellaswag", limit=args.items, seed=0)
-    exs = task.examples
+    exs, instances = hellaswag_items(args.items)
     n_req = sum(len(e.continuations) for e in exs)
     machine = f"{platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     figures = {"tokenizer": args.tokenizer, "vocab": len(tok), "machine": machine,
@@ -170,6 +194,19 @@ def main() -> int:
     enc_exs = exs[:args.encoder_items]
     (b_all, _), t_b_all = timed(lambda: G.evaluate_examples(enc, enc_exs, max_tokens=args.max_tokens))
     t_dec_same = t_ours * len(enc_exs) / len(exs)
+    from twinlm.eval.harness import TwinlmLM
+
+    cls = TwinlmLM(pretrained=str(enc_dir), device="cpu", max_tokens=args.max_tokens)
+    n_req = sum(len(e.continuations) for e in enc_exs)
+    enc_inst = instances[:n_req]
+    cls_lls, t_cls = timed(lambda: cls.loglikelihood(enc_inst))
+    (_, own_rows), t_own = timed(lambda: G.evaluate_examples(enc, enc_exs, max_tokens=args.max_tokens))
+    own_lls = [s.loglikelihood for row in own_rows for s in row]
+    figures.update(encoder_class_s=round(t_cls, 2), encoder_own_s=round(t_own, 2),
+                   encoder_class_over_own=round(t_cls / t_own, 2),
+                   encoder_class_max_abs_diff=max(abs(a[0] - b) for a, b in zip(cls_lls, own_lls)))
+    print(f"encoder, {len(enc_exs)} items through the lm-eval class: {t_cls:.1f}s; twinlm's own: {t_own:.1f}s",
+          file=sys.stderr)
     figures.update(encoder_items_naive=len(sub), encoder_naive_s=round(t_n_sub, 2),
                    encoder_batched_same_items_s=round(t_b_sub, 2), encoder_speedup=round(t_n_sub / t_b_sub, 2),
                    encoder_same_acc=b_sub["acc"] == n_sub["acc"] and b_sub["acc_norm"] == n_sub["acc_norm"],

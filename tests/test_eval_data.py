@@ -11,22 +11,31 @@ GEN_COUNTS = {"arc_easy": 570, "arc_challenge": 299, "hellaswag": 10042, "piqa":
               "winogrande": 1267, "openbookqa": 500, "boolq": 3270, "copa": 100, "lambada": 5153}
 
 
-@pytest.mark.parametrize("name", sorted(GEN_COUNTS))
-def test_generative_loaders(name):
-    task = T.load_generative_task(name, limit=None)
-    assert len(task.examples) == GEN_COUNTS[name]
-    for ex in task.examples[:50]:
-        assert len(ex.contexts) == len(ex.continuations) == len(ex.choice_texts) >= 1
-        assert 0 <= ex.label < len(ex.continuations) and all(c.strip() for c in ex.continuations)
-    assert task.kind == ("completion" if name == "lambada" else "multiple_choice")
+@pytest.fixture(scope="module")
+def task_manager():
+    pytest.importorskip("lm_eval")
+    from twinlm.eval.generative import task_manager as tm
+
+    return tm()
 
 
-def test_generative_prompts_follow_lm_eval():
-    ex = T.load_generative_task("arc_easy", limit=None).examples[0]
-    assert ex.contexts[0].startswith("Question: ") and ex.contexts[0].endswith("\nAnswer:")
-    assert all(c.startswith(" ") for c in ex.continuations)
-    wg = T.load_generative_task("winogrande", limit=None).examples[0]
-    assert wg.contexts[0] != wg.contexts[1] and wg.continuations[0] == wg.continuations[1]
+def test_local_copies_through_lm_eval_task_definitions(task_manager):
+    """Every default task's local copy (parquet written by `datasets` from the bundle) loads through lm-eval's own
+    registered definition with all its documents; prompts are lm-eval's."""
+    from twinlm.eval.generative import plan_tasks
+    from twinlm.eval.settings import GenerativeConfig
+
+    plan = plan_tasks(GenerativeConfig(sorted(GEN_COUNTS), data="local"), task_manager)
+    for item in plan:
+        (task,) = task_manager.load([item["spec"]])["tasks"].values()
+        assert len(task.eval_docs) == GEN_COUNTS[item["key"]], item["key"]
+        assert item["data"]["source"] == "local"
+        assert item["data"]["split"] == ("test" if item["key"] == "lambada" else "validation")
+        doc = task.eval_docs[0]
+        if item["key"] == "arc_easy":
+            assert task.doc_to_text(doc).startswith("Question: ") and task.doc_to_text(doc).endswith("\nAnswer:")
+        if item["key"] == "lambada":  # rebuilt as context + continuation: the target is the last word
+            assert task.doc_to_target(doc).startswith(" ") and " " not in task.doc_to_target(doc).strip()
 
 
 @pytest.mark.parametrize("name, n_eval, n_labels, has_train", [

@@ -1,6 +1,7 @@
-"""Generative scoring: batched padding-free scoring equals the one-forward-per-sequence reference, the
-encoder's masked copies are built as the paper describes, and the track runs end to end on a JSONL task
-with a freshly initialised model folder (the random-initialisation control)."""
+"""Generative scoring (eval/scoring.py): batched padding-free scoring equals the one-forward-per-sequence
+reference, the encoder's masked copies are built as the paper describes (and with another end token), and the
+track runs end to end through lm-eval on JSONL tasks with freshly initialised model folders (the
+random-initialisation control)."""
 
 import json
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 import twinlm
-from twinlm.eval import generative as G
+from twinlm.eval import generative
+from twinlm.eval import scoring as G
 from twinlm.eval.settings import GenerativeConfig
 from twinlm.eval.toy import toy_model_dir, toy_tokenizer, write_toy_mc_jsonl
 
@@ -72,6 +74,25 @@ def test_encoder_masked_copy_layout(tok):
     assert items[0] == ([1, 10, 11, M, M, M, S], 3, 20)
     assert items[1] == ([1, 10, 11, 20, M, M, M, S], 4, 21)
     assert [i[1] for i in G._encoder_items(req, cfg, mntp=True)] == [2, 3]
+    assert G._encoder_items(req, cfg, mntp=False, end_id=15)[0] == ([1, 10, 11, M, M, M, 15], 3, 20)
+
+
+def test_greedy_generation_equals_one_argmax_per_step(tok):
+    """Batched greedy decoding (all prompts one token per round, packed) = a loop of full forwards per prompt."""
+    for causal in (True, False):
+        model = _model(tok, causal, seed=2)
+        cfg = model.config
+        prompts = [r.ctx for r in G.tokenize_requests(tok, cfg, PAIRS[:3])]
+        got = G.greedy_generate(model, prompts, [4, 2, 3], max_tokens=32)
+        for p, g, k in zip(prompts, got, [4, 2, 3]):
+            ref: list[int] = []
+            for _ in range(k):
+                seq, pos = (p + ref, len(p + ref) - 1) if causal else G.masked_query(p + ref, cfg, False)
+                with torch.no_grad():
+                    ref.append(int(model(torch.tensor([seq])).logits[0, pos].argmax()))
+            assert g == ref
+        stopped = G.greedy_generate(model, prompts, [5, 5, 5], stop=lambda i, gen: i == 0)
+        assert len(stopped[0]) == 1 and len(stopped[1]) == 5
 
 
 def test_run_on_jsonl_task_with_random_init_folders(tmp_path, tok):
@@ -81,8 +102,8 @@ def test_run_on_jsonl_task_with_random_init_folders(tmp_path, tok):
                             for _ in range(3)))
     for causal in (True, False):
         folder = toy_model_dir(tmp_path / f"m{causal}", causal, tokenizer=tok)
-        res = G.run(str(folder), GenerativeConfig([str(task), str(comp)], limit=None), out=tmp_path / f"r{causal}.json",
-                    log=None)
+        res = generative.run(str(folder), GenerativeConfig([str(task), str(comp)], limit=None),
+                             out=tmp_path / f"r{causal}.json", log=None)
         assert res["track"] == "generative" and res["model"]["causal"] == causal
         t = res["tasks"]["toy"]
         assert t["n"] == 12 and 0 <= t["acc"] <= 100 and {"acc_norm", "acc_bytes"} <= set(t)

