@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from twinlm.errors import ConfigError
 from twinlm.data.corpus import build_corpus
+from twinlm.errors import ConfigError
 from twinlm.suite.pipeline import Suite
 from twinlm.suite.scales import SCALES, get_scale
 from twinlm.suite.steps import Pipeline
