@@ -11,6 +11,11 @@ or kept tokens). MNTP-trained encoders read each masked token one position earli
 The spread (`bpb_se`, `bpb_ci95`; the result's `average.std`) is a bootstrap over documents: the text is a
 sample of the language, and a second sample would give another figure.
 
+Devices and ranks: the model runs on `run`'s device (bf16 autocast on accelerators, fp32 on the CPU: the same
+bits as without a device); every window and its masks are made on every rank, from one seeded stream over the
+documents in order, before the packed passes are shared among torchrun's ranks (`target_logprobs`), so a
+split changes no mask and the sums, taken in pass order after the gather, equal one process's to the bit.
+
 Default text: the LAMBADA passages (novels held out of every pre-training source by `twinlm data
 fetch`'s decontamination); or a `.txt` file (blank-line separated documents) / JSONL of `{"text"}`.
 """
