@@ -1,6 +1,6 @@
 """The device check: everything a first GPU run could get wrong, and the speed targets, on one H100/H200.
 
-Each section runs in its own process, time-boxed (BUDGET: at most 18 minutes in all; 268 s for the first nine
+Each section runs in its own process, time-boxed (BUDGET: at most 19 minutes in all; 268 s for the first nine
 sections on an H200). Where a command may run 10 minutes at most, split it, e.g.
 `syncs profile train targets` then `bench`.
 
@@ -17,6 +17,8 @@ section that overruns its time box is recorded as {"timeout": seconds}):
   attn     every backend against the fp32 eager reference: outputs and q/k/v gradients, bf16, six windows,
            documents of mixed lengths
   model    the tiny model on the device vs the CPU (fp32 and bf16), packed vs one document at a time
+  evaltracks  the bpb and pairs tracks on the device (bf16 autocast) vs the CPU (fp32) on tiny toy models:
+           agreement (bpb, per-sentence log-likelihoods) and seconds on each
   syncs    host syncs in one trainer micro-batch (forward + backward), counted by source line under
            torch.cuda.set_sync_debug_mode (on the CPU: the host reads of tests/test_syncs.py's emulation)
   step     the trainer's step at 150M (packed documents, the real objective, StableAdamW, bf16, dropout 0.1):
@@ -60,10 +62,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from peaks import peak_flops  # noqa: E402
 from workloads import executed_flops_per_token, packed_batch, train_step  # noqa: E402
 
-# seconds per section on a GPU, at most 1,055 s in all: the sections that compile come last (bench onwards), so
+# seconds per section on a GPU, at most 1,100 s in all: the sections that compile come last (bench onwards), so
 # an overrun of a time-limited command loses only them
-BUDGET = {"env": 30, "pytest": 60, "attn": 50, "model": 25, "syncs": 40, "step": 80, "memory": 50, "bench": 240,
-          "profile": 90, "train": 150, "compile": 90, "targets": 150}
+BUDGET = {"env": 30, "pytest": 60, "attn": 50, "model": 25, "evaltracks": 45, "syncs": 40, "step": 80, "memory": 50,
+          "bench": 240, "profile": 90, "train": 150, "compile": 90, "targets": 150}
 CPU_BUDGET = 400  # per section with --cpu (a loaded 2-core machine)
 SECTIONS = list(BUDGET)
 
@@ -176,6 +178,47 @@ class Check:
                 "device_fp32_vs_cpu": float((fp32 - ref).abs().max()), "bf16_vs_cpu": float((bf - ref).abs().max()),
                 "bf16_packed_vs_alone": alone}
         self.emit(out)
+
+    def evaltracks(self):
+        import tempfile
+
+        from twinlm.eval import bpb, pairs
+        from twinlm.eval.common import load_for_eval
+        from twinlm.eval.settings import BpbConfig, PairsConfig
+        from twinlm.eval.toy import toy_model_dir, toy_sentences, toy_tokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            sents = toy_sentences(100 if self.cpu else 2000, seed=9)
+            held = root / "held.txt"
+            held.write_text("\n\n".join(" ".join(sents[i:i + 5]) for i in range(0, len(sents), 5)) + "\n")
+            tok = toy_tokenizer()
+            for kind in ("encoder", "decoder"):
+                folder = toy_model_dir(root / kind, causal=kind == "decoder", tokenizer=tok)
+                row: dict = {"model": kind}
+                bpb_cfg = BpbConfig(text_file=str(held), max_tokens=4096)
+                pairs_cfg = PairsConfig(text_file=str(held), per_family=10 if self.cpu else 100)
+                texts = [p.good for p in pairs.load_pairs(pairs_cfg)[1]]
+                lls = []  # per-sentence log-likelihoods: the CPU's, then the device's
+                for where in ("cpu", self.dev.type):  # (with --cpu: the CPU twice)
+                    dev = torch.device(where)
+                    t0 = time.perf_counter()
+                    res = bpb.run(str(folder), bpb_cfg, log=None, device=dev)
+                    self.sync()
+                    row[f"bpb_{where}"] = res["average"]["mean"]
+                    row[f"bpb_s_{where}"] = round(time.perf_counter() - t0, 2)
+                    row[f"precision_{where}"] = res["config"]["precision"]
+                    t0 = time.perf_counter()
+                    res = pairs.run(str(folder), pairs_cfg, log=None, device=dev)
+                    row[f"pairs_{where}"] = res["average"]["mean"]
+                    row[f"pairs_s_{where}"] = round(time.perf_counter() - t0, 2)
+                    loaded = load_for_eval(str(folder), device=dev)
+                    lls.append(np.array(pairs.sentence_logliks(loaded.model, loaded.tokenizer, texts)))
+                ll_cpu, ll_dev = lls
+                row["bpb_rel_diff"] = abs(row[f"bpb_{self.dev.type}"] / row["bpb_cpu"] - 1)
+                row["loglik_max_rel_diff"] = float(np.max(np.abs(ll_dev - ll_cpu) / np.maximum(1.0, np.abs(ll_cpu))))
+                row["ok"] = row["bpb_rel_diff"] < 2e-2 and row["loglik_max_rel_diff"] < 3e-2
+                self.emit(row)
 
     def syncs(self):
         from twinlm import ModelConfig, Transformer

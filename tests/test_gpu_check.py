@@ -19,12 +19,15 @@ def _check(tmp_path, *sections):
 
 
 def test_sections_run_and_find_no_problem_on_cpu(tmp_path):
-    r, rows = _check(tmp_path, "env", "syncs")
+    r, rows = _check(tmp_path, "env", "syncs", "evaltracks")
     assert r.returncode == 0, r.stderr[-2000:]
     by = {row["section"]: row for row in rows}
-    assert set(by) == {"env", "syncs"} and not any("error" in row or "timeout" in row for row in rows)
+    assert set(by) == {"env", "syncs", "evaltracks"} and not any("error" in row or "timeout" in row for row in rows)
     assert by["env"]["auto_backend_bf16"] == "sdpa"  # no CUDA here
     assert by["syncs"]["host_reads"] == 0
+    tracks = [row for row in rows if row["section"] == "evaltracks"]  # the CPU against itself: exactly equal
+    assert [t["model"] for t in tracks] == ["encoder", "decoder"]
+    assert all(t["ok"] and t["bpb_rel_diff"] == 0 and t["loglik_max_rel_diff"] == 0 for t in tracks)
 
 
 @pytest.mark.slow
@@ -35,5 +38,5 @@ def test_every_section_runs_on_cpu(tmp_path):
     by = {row["section"]: row for row in rows}
     assert by["attn"]["all_ok"]
     assert by["compile"]["new_graphs_after_first_layout"] == 0
-    assert {row["section"] for row in rows} >= {"env", "pytest", "attn", "model", "syncs", "step", "memory",
-                                               "bench", "profile", "compile", "train", "targets"}
+    assert {row["section"] for row in rows} >= {"env", "pytest", "attn", "model", "evaltracks", "syncs", "step",
+                                               "memory", "bench", "profile", "compile", "train", "targets"}

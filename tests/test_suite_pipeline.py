@@ -3,8 +3,10 @@ import json
 import pytest
 
 from twinlm.data.corpus import build_corpus
+from twinlm.errors import ConfigError
 from twinlm.suite.pipeline import Suite
 from twinlm.suite.scales import SCALES, get_scale
+from twinlm.suite.steps import Pipeline
 
 
 def write_jsonl(path, texts):
@@ -138,3 +140,23 @@ def test_every_scale_measures_pairs_and_bits_per_byte_for_every_model_and_its_co
     for bad in ("ngrams=[fourgram]", "pairs.families=[scramble]"):
         with pytest.raises(ValueError, match="is not one of"):
             get_scale("quick", [bad])
+
+
+def test_a_device_other_than_the_cpu_is_part_of_the_eval_steps_identity_the_cpu_is_not(tmp_path):
+    cpu = {s.name: s for s in Suite(tmp_path, get_scale("quick", ["eval_device=cpu"])).steps()}
+    gpu = {s.name: s for s in Suite(tmp_path, get_scale("quick", ["eval_device=cuda"])).steps()}
+    assert get_scale("gpu").eval_device == "cuda" and get_scale("quick").eval_device == "auto"
+    for name, step in cpu.items():
+        if not name.startswith("eval-"):
+            assert gpu[name].settings == step.settings
+        elif name.split("-")[1] in ("unigram", "bigram", "trigram"):  # the n-gram controls run on the CPU anyway
+            assert gpu[name].settings == step.settings and "device" not in step.settings
+        else:
+            assert "device" not in step.settings and gpu[name].settings == {**step.settings, "device": "cuda"}
+            assert step.compute is not None  # any rank may compute an evaluation (suite/steps.py)
+    ids_cpu = Pipeline(tmp_path, list(cpu.values())).identities()
+    ids_gpu = Pipeline(tmp_path, list(gpu.values())).identities()
+    assert ids_cpu["train-encoder"] == ids_gpu["train-encoder"]
+    assert ids_cpu["eval-encoder-bpb"] != ids_gpu["eval-encoder-bpb"]
+    with pytest.raises(ConfigError, match="not a device"):
+        Suite(tmp_path, get_scale("quick", ["eval_device=gpu0"])).steps()

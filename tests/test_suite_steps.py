@@ -68,3 +68,73 @@ def test_partial_step_of_other_settings_starts_from_an_empty_folder(tmp_path):
     assert pipe.status()["c"] == "stale"
     pipe.run()
     assert not (tmp_path / "c" / "checkpoint").exists()
+
+
+PIPELINE_SCRIPT = '''
+import json, os, sys
+from pathlib import Path
+from twinlm.eval.ranks import ranks
+from twinlm.suite.steps import Pipeline, Step
+
+root, calls = Path(sys.argv[1]), Path(sys.argv[2])
+
+def note(name):
+    with open(calls, "a") as f:
+        f.write(f"{name} {os.environ.get('RANK', '0')}\\n")
+
+def serial(name):
+    def run(folder):
+        note(name)
+        (folder / "out.txt").write_text(name)
+        return {"name": name}
+    return run
+
+def compute(name):
+    def work():
+        note(name)
+        return {"value": name * 2}
+    return work
+
+def write(folder, value):
+    (folder / "value.json").write_text(json.dumps(value))
+    return value
+
+steps = [Step("a", serial("a"), {"x": 1})]
+steps += [Step.shared(f"e{i}", compute(f"e{i}"), write, settings={"i": i}, after=["a"], estimate_s=i + 1)
+          for i in range(4)]
+steps.append(Step("report", serial("report"), {}, [f"e{i}" for i in range(4)]))
+summaries = Pipeline(root, steps, log=lambda _: None, ranks=ranks()).run()
+print(json.dumps(summaries, sort_keys=True))
+'''
+
+
+@pytest.mark.distributed
+def test_shared_steps_are_dealt_out_among_ranks_and_rank_0_writes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "pipe.py"
+    script.write_text(PIPELINE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(nproc, root, calls):
+        cmd = [sys.executable, str(script), str(root), str(calls)] if nproc == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+             str(script), str(root), str(calls)]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+
+    one = launch(1, tmp_path / "one", tmp_path / "one.txt")
+    two = launch(2, tmp_path / "two", tmp_path / "two.txt")
+    assert len(two) == 2 and two[0] == two[1] == one[0]  # every rank returns rank 0's summaries
+    done = [line.split() for line in (tmp_path / "two.txt").read_text().splitlines()]
+    assert sorted(n for n, _ in done) == ["a", "e0", "e1", "e2", "e3", "report"]  # each step once
+    assert {r for n, r in done if n in ("a", "report")} == {"0"}
+    assert {r for n, r in done if n.startswith("e")} == {"0", "1"}  # by estimate: e3+e0 on 0, e2+e1 on 1
+    for name in ("a", "e0", "e1", "e2", "e3", "report"):
+        assert (tmp_path / "one" / name / "STEP.json").read_text().split('"seconds"')[0] == \
+            (tmp_path / "two" / name / "STEP.json").read_text().split('"seconds"')[0]
+    assert launch(2, tmp_path / "two", tmp_path / "again.txt") == two  # all cached
+    assert not (tmp_path / "again.txt").exists()

@@ -5,13 +5,16 @@ MODEL is a model folder (HF ModernBERT / ModernBERT-decoder, or a twinlm checkpo
 name: classification takes `tfidf` / `minilm`, retrieval `bm25` / `minilm`, bpb and pairs `unigram` / `bigram` /
 `trigram` (n-gram models fitted on `--shards DIR` with `--tokenizer DIR`). One subcommand per track of
 twinlm.eval.tracks (`classify` is still accepted for classification); its settings flags are generated from the
-track's settings dataclass (twinlm.cli.flags), the others (the model, `--out`, `--mntp`, `--shards` …) are
-written here. User errors reach `twinlm.cli.main`, which prints them as one line."""
+track's settings dataclass (twinlm.cli.flags), the others (the model, `--out`, `--device`, `--mntp`, `--shards` …)
+are written here. Under torchrun (`torchrun --nproc_per_node N -m twinlm eval bpb …`) the tracks that share their
+work (bpb, pairs, curve) split it among the ranks; rank 0 alone writes and prints. User errors reach
+`twinlm.cli.main`, which prints them as one line."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -74,6 +77,9 @@ def register(commands: Any) -> None:
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="TRACK.KEY=VALUE",
                    help="the tracks' settings, e.g. --set bpb.max_docs=50 generative.limit=100")
     p.add_argument("--data-root", default=None)
+    p.add_argument("--device", default=None,
+                   help="every track on this device: auto (the default: this rank's GPU when there is one, else "
+                        "the CPU), cpu, cuda, cuda:N; part of the cache key")
     p.set_defaults(handler=_curve)
 
     c = commands.add_parser("compare", help="tables (Markdown, JSON) and plots (PNG) of eval results side by side")
@@ -106,7 +112,14 @@ def _threads(args):
         torch.set_num_threads(args.threads)
 
 
+def _rank0() -> bool:
+    """Whether this process prints the summary: alone, or rank 0 of torchrun's job (every rank has the result)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _finish(result: dict, args) -> int:
+    if not _rank0():
+        return 0
     summary = {"track": result["track"], "model": result["model"].get("variant"),
                "average": result.get("average", {}).get("mean"),
                "tasks": {k: round(v.get("score", float("nan")), 4) for k, v in result["tasks"].items()}}
@@ -146,7 +159,9 @@ def _curve(args) -> int:
     sources = [s for s in args.sources if "=" not in s]  # KEY=VALUE words may follow the sources
     overrides = [s for s in args.sources if "=" in s] + args.set
     res = curve(sources, args.tracks, args.out, every=args.every, overrides=overrides, data_root=args.data_root,
-                log=_log)
+                log=_log, device=args.device)
+    if not _rank0():
+        return 0
     print(json.dumps({"points": len(res["points"]), "metrics": res["metrics"], "evaluated": res["evaluated"],
                       "cached": res["cached"], "plots": res["plots"]}, indent=2))
     return 0

@@ -33,22 +33,35 @@ def register(commands) -> None:
     p.add_argument("--quick", action="store_true", help="same as --scale quick: every step, smallest size, ~2 min")
     p.add_argument("--out", default=None, help="suite folder (default: runs/suite-<scale>)")
     p.add_argument("--nproc", type=int, default=None, help="train under torchrun with this many processes")
+    p.add_argument("--device", default=None,
+                   help="where the evaluation steps run: auto (the GPU when there is one, else the CPU), cpu, cuda; "
+                        "default: the scale's eval_device (auto; cuda for --scale gpu). A device other than the CPU "
+                        "is part of the evaluation steps' identity. Under torchrun (torchrun --nproc_per_node N -m "
+                        "twinlm suite …) the evaluation steps are shared among the ranks, one GPU each; rank 0 runs "
+                        "every other step and writes")
     p.add_argument("--status", action="store_true", help="show which steps are done, stale or to do, and exit")
     p.set_defaults(handler=_suite)
 
 
 def _suite(args) -> int:
+    from twinlm.eval.ranks import ranks
     from twinlm.suite.pipeline import Suite
     from twinlm.suite.scales import get_scale
 
     name = "quick" if args.quick else args.scale
-    settings = list(args.settings) + ([f"nproc={args.nproc}"] if args.nproc else [])
+    settings = list(args.settings) + ([f"nproc={args.nproc}"] if args.nproc else []) + \
+        ([f"eval_device={args.device}"] if args.device else [])
     scale = get_scale(name, settings)
     out = Path(args.out or f"runs/suite-{name}")
-    suite = Suite(out, scale)
     if args.status:
+        suite = Suite(out, scale)
         for step, state in suite.status().items():
             print(f"{state:8s} {step}")
+        return 0
+    job = ranks()  # under torchrun: this rank's place in the job (the evaluation steps are shared)
+    suite = Suite(out, scale, ranks=job)
+    if not job.writes:
+        suite.run()
         return 0
     print(f"twinlm suite: scale {name} ({scale.description}) -> {out}", file=sys.stderr)
     t0 = time.monotonic()

@@ -11,12 +11,18 @@ or kept tokens). MNTP-trained encoders read each masked token one position earli
 The spread (`bpb_se`, `bpb_ci95`; the result's `average.std`) is a bootstrap over documents: the text is a
 sample of the language, and a second sample would give another figure.
 
+Devices and ranks: the model runs on `run`'s device (bf16 autocast on accelerators, fp32 on the CPU: the same
+bits as without a device); every window and its masks are made on every rank, from one seeded stream over the
+documents in order, before the packed passes are shared among torchrun's ranks (`target_logprobs`), so a
+split changes no mask and the sums, taken in pass order after the gather, equal one process's to the bit.
+
 Default text: the LAMBADA passages (novels held out of every pre-training source by `twinlm data
 fetch`'s decontamination); or a `.txt` file (blank-line separated documents) / JSONL of `{"text"}`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Sequence
@@ -30,12 +36,15 @@ from twinlm.eval.common import (
     Timer,
     check_result,
     encode_plain,
-    forward_packed,
     length_batches,
     load_for_eval,
+    placement,
     result_config,
 )
+from twinlm.eval.device import autocast, model_device
 from twinlm.eval.metrics import bootstrap_ratio
+from twinlm.eval.ranks import Ranks
+from twinlm.eval.ranks import ranks as job_ranks
 from twinlm.eval.settings import BpbConfig
 from twinlm.eval.tasks import oe_eval_requests, read_jsonl
 from twinlm.io import write_json
@@ -109,8 +118,60 @@ def _units(model_cfg, causal: bool, mntp: bool, token_lists, max_length: int, se
     return units
 
 
+def _host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, copied without blocking through pinned memory when that is an accelerator."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _batch_logprobs(model, device: torch.device, seqs: Sequence[Sequence[int]],
+                    positions: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> np.ndarray:
+    """One padding-free forward over `seqs`: log p of each target (float64, on the host), read at its sequence's
+    positions. The ids go to the model's device without blocking; the layout and the positions stay on the
+    host (the model checks them there and copies them without a read back), so the batch's one read from the
+    device is its result."""
+    lens = [len(s) for s in seqs]
+    flat, acc = [], 0
+    for s, pos in zip(seqs, positions):
+        flat += [acc + p for p in pos]
+        acc += len(s)
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+    out = model(_host_to(ids, device), cu_seqlens=cu, max_seqlen=max(lens),
+                prediction_positions=torch.tensor(flat, dtype=torch.long))
+    logp = torch.log_softmax(out.logits.float(), -1)
+    tgt = _host_to(torch.tensor([t for ts in targets for t in ts], dtype=torch.long), logp.device)
+    return logp.gather(1, tgt[:, None])[:, 0].double().cpu().numpy()
+
+
+def target_logprobs(model, seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
+                    targets: Sequence[Sequence[int]], max_tokens: int, ranks: Ranks | None = None
+                    ) -> list[tuple[list[int], np.ndarray]]:
+    """Log-probabilities of `targets[i]` read at `positions[i]` of sequence `seqs[i]`, packed `max_tokens` at a
+    time (common.length_batches): `[(unit indices, their targets' log p, float64)]` per forward pass, in the
+    passes' order, on the model's device under its scoring precision (twinlm.eval.device.autocast).
+
+    The passes are the same on every rank; under `ranks` each rank runs its share of them (`Ranks.assign`,
+    by tokens) and every rank gets every pass back (`Ranks.collect`), so what the caller sums, in pass order,
+    equals one process's to the bit (a pass computes the same numbers wherever it runs)."""
+    r = ranks or Ranks()
+    batches = list(length_batches([len(s) for s in seqs], max_tokens))
+    device = model_device(model)
+    done: dict[int, np.ndarray] = {}
+    with torch.inference_mode(), autocast(device):
+        for j in r.assign([sum(len(seqs[i]) for i in b) for b in batches]):
+            b = batches[j]
+            done[j] = _batch_logprobs(model, device, [seqs[i] for i in b], [positions[i] for i in b],
+                                      [targets[i] for i in b])
+    return list(zip(batches, r.collect(len(batches), done)))
+
+
 def bits_per_byte(model, tokenizer, texts: Sequence[str], *, mntp: bool = False, max_length: int = 512,
-                  max_tokens: int = 16384, seed: int = 0) -> dict:
+                  max_tokens: int = 16384, seed: int = 0, ranks: Ranks | None = None) -> dict:
+    """Bits per byte of `texts` (module docstring). Every window's masks are drawn here, from one seeded stream
+    over the documents in order, before the work is shared: a window scores the same under any number of ranks.
+    """
     texts = [t for t in texts if t.strip()]
     toks = encode_plain(tokenizer, texts)
     cfg = model.config
@@ -118,20 +179,11 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], *, mntp: bool = False,
     nll = 0.0
     n_pred = 0
     doc_nll = np.zeros(len(toks), dtype=np.float64)
-    with torch.inference_mode():
-        for batch in length_batches([len(u[0]) for u in units], max_tokens):
-            seqs = [units[i][0] for i in batch]
-            flat, acc = [], 0
-            for s, i in zip(seqs, batch):
-                flat += [acc + p for p in units[i][1]]
-                acc += len(s)
-            targets = torch.tensor([t for i in batch for t in units[i][2]], dtype=torch.long)
-            out, _ = forward_packed(model, seqs, prediction_positions=flat)
-            logp = torch.log_softmax(out.logits.float(), -1).cpu()
-            picked = logp.gather(1, targets[:, None])[:, 0].double().numpy()
-            nll -= float(picked.sum())
-            np.add.at(doc_nll, [units[i][3] for i in batch for _ in units[i][2]], -picked)
-            n_pred += len(targets)
+    for batch, picked in target_logprobs(model, [u[0] for u in units], [u[1] for u in units],
+                                         [u[2] for u in units], max_tokens, ranks):
+        nll -= float(picked.sum())
+        np.add.at(doc_nll, [units[i][3] for i in batch for _ in units[i][2]], -picked)
+        n_pred += len(picked)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_tokens = sum(len(t) for t in toks)
     if n_bytes == 0 or n_pred == 0:  # 0 bits over 0 bytes would read as a perfect model
@@ -160,11 +212,18 @@ def _first_bytes(docs: Sequence[str], max_bytes: int) -> list[str]:
 
 def run(model, cfg: BpbConfig | None = None, *, tokenizer=None, texts: Sequence[str] | None = None,
         mntp: bool | None = None, variant: str | None = None, data_root=None, out: str | Path | None = None,
-        log=print, device=None) -> dict:
+        log=print, device=None, ranks: Ranks | None = None) -> dict:
     """Bits per byte of `model` (a folder, a `Loaded`, or a Transformer with `tokenizer`) on `texts`, on
-    `cfg.text_file`, or on the LAMBADA passages."""
+    `cfg.text_file`, or on the LAMBADA passages.
+
+    On `device` (twinlm.eval.device.resolve_device: None is this rank's accelerator when there is one, else the
+    CPU; bf16 autocast on accelerators, fp32 on the CPU, recorded as the config's `device` and `precision`).
+    Under torchrun (`ranks` None: twinlm.eval.ranks.ranks() joins the job; pass `Ranks()` to run alone) the
+    forward passes are shared among the ranks (`target_logprobs`), every rank returns the same result, equal to
+    one process's, and rank 0 alone logs and writes `out`."""
     cfg = cfg or BpbConfig()
     t_all = Timer()
+    r = job_ranks() if ranks is None else ranks
     max_docs, max_bytes, seed = cfg.max_docs, cfg.max_bytes, cfg.seed
     loaded = load_for_eval(model, tokenizer, mntp=mntp, variant=variant, device=device)
     name, docs = held_out_texts(texts, cfg.text_file, data_root)
@@ -177,7 +236,7 @@ def run(model, cfg: BpbConfig | None = None, *, tokenizer=None, texts: Sequence[
                          "or only blank lines): give a file with some text in it")
     t = Timer()
     res = bits_per_byte(loaded.model, loaded.tokenizer, docs, mntp=bool(loaded.info["mntp"]),
-                        max_length=cfg.max_length, max_tokens=cfg.max_tokens, seed=seed)
+                        max_length=cfg.max_length, max_tokens=cfg.max_tokens, seed=seed, ranks=r)
     res.update(seconds=t(), score=res["bpb"], headline="bpb")
     result = {"track": "bpb", "model": loaded.info, "tasks": {name: res},
               "average": {"metric": "bits per byte (lower is better)", "mean": res["bpb"],
@@ -186,11 +245,11 @@ def run(model, cfg: BpbConfig | None = None, *, tokenizer=None, texts: Sequence[
               "config": result_config(cfg, t_all(), text=name,
                                       objective="next token" if loaded.causal else
                                       f"masked pseudo-likelihood, {round(1 / MASK_RATE)} copies of ~{MASK_RATE:.0%} "
-                                      "masks")}
+                                      "masks", **placement(loaded.device))}
     check_result(result)
-    if log:
+    if log and r.writes:
         log(f"[bpb] {loaded.info['variant']} {name}: {res['bpb']:.4f} bits/byte "
             f"({res['docs']} docs, {res['seconds']:.1f}s)")
-    if out:
+    if out and r.writes:
         write_json(out, result)
     return result

@@ -57,9 +57,10 @@ def load_for_eval(model, tokenizer=None, *, mntp: bool | None = None, variant: s
     transformers masked-LM, causal-LM or encoder folder through eval/hf_models.py) with the tokenizer saved in
     it, or an in-memory `(Transformer, tokenizer)` pair, on `device` (twinlm.eval.device.resolve_device: None is
     the accelerator when there is one, else the CPU; an in-memory model is moved there). Already-`Loaded` is
-    moved to `device` when one is named, else passes."""
+    moved to `device` when one is named, else passes; a model marked `host_only` (the n-gram baselines) stays
+    on the CPU whatever `device` says."""
     if isinstance(model, Loaded):
-        if device is not None:
+        if device is not None and not getattr(model.model, "host_only", False):
             model.model.to(resolve_device(device))
         return model
     if threads:

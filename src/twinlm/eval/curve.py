@@ -12,10 +12,13 @@ Sources (each argument):
   plot whose series lack them uses the checkpoints' order on its x axis.
 
 Tracks are the eval tracks of twinlm.eval.tracks (`classification`, `retrieval`, `generative`, `bpb`, `pairs`;
-`classify` is still accepted) run with their settings dataclass (eval/settings.py), changed by dotted overrides
+`classify` is still accepted) run on one device (`device`: the accelerator when there is one, else the CPU)
+with their settings dataclass (eval/settings.py), changed by dotted overrides
 (`bpb.max_docs=50`, `generative.limit=100`). Each result is
 cached under OUT/cache/ keyed by the checkpoint's identity (its manifest, or the folder's file sizes and
-times), the track and its settings: a rerun, or one that adds runs or tracks, evaluates only what is new.
+times), the track and its settings (and the device type, when not the CPU): a rerun, or one that adds runs or
+tracks, evaluates only what is new. Under torchrun the evaluations are shared among the ranks and rank 0
+alone writes (`curve`).
 
 Output: OUT/curve.json (every point: series, arch, label, step, tokens, metrics), OUT/curve.csv, OUT/curve.md
 and one PNG per metric (`<track>.png` for the track's average, `<track>-<task>.png` for each task), with
@@ -158,70 +161,130 @@ def _metrics(track: str, result: dict[str, Any], where: str) -> dict[str, float]
     return {k: float(v) for k, v in out.items()}
 
 
-def _evaluate(point: Point, name: str, settings: Any, data_root: str | None) -> dict[str, Any]:
+def _evaluate(point: Point, name: str, settings: Any, data_root: str | None, device: Any, ranks: Any) -> dict[str, Any]:
     # the tracks (torch, transformers) are imported when a checkpoint is actually evaluated, not for a cache hit
     from transformers import AutoTokenizer
 
     from twinlm.eval.common import load_for_eval
     tok = AutoTokenizer.from_pretrained(point.tokenizer) if point.tokenizer else None
     mntp = (point.objective == "mntp") if point.objective else None
-    loaded = load_for_eval(str(point.path), tok, mntp=mntp)
+    loaded = load_for_eval(str(point.path), tok, mntp=mntp, device=device)
     t = TRACKS[name]
-    options = {"mntp": mntp} if t.mntp else {}
-    return t.run(loaded, settings, data_root=data_root, log=None, **options)
+    options: dict[str, Any] = {"mntp": mntp} if t.mntp else {}
+    if t.ranks:
+        options["ranks"] = ranks
+    return t.run(loaded, settings, data_root=data_root, log=None, device=device, **options)
+
+
+def cache_key(point: Point, track: str, settings: Any, data_root: str | None, device_type: str) -> str:
+    """The cache key of one (checkpoint, track) result: the checkpoint's identity, the track and its settings,
+    the tokenizer, the objective, the data root, and the device type when it is not the CPU (a GPU's bf16
+    result is not a CPU's fp32 one; CPU keys are those of caches written before devices were recorded)."""
+    payload: dict[str, Any] = {"identity": point.identity, "track": track, "settings": asdict(settings),
+                               "tokenizer": point.tokenizer, "objective": point.objective, "data_root": data_root}
+    if device_type != "cpu":
+        payload["device"] = device_type
+    return hashlib.sha256(dumps_json(payload).encode()).hexdigest()
+
+
+def _cached(out: Path, key: str) -> dict[str, Any] | None:
+    cached = out / "cache" / f"{key[:24]}.json"
+    if cached.is_file():
+        entry = json.loads(cached.read_text())
+        if entry.get("key") == key:
+            return entry["result"]
+    return None
+
+
+def _verify(point: Point) -> str | None:
+    """None when the checkpoint matches its manifest, else the error's message."""
+    # the train package is imported only for checkpoints (its checkpoint format)
+    from twinlm.train.checkpoint import verify
+    try:
+        verify(point.path)
+    except CorruptCheckpointError as e:
+        return str(e)
+    return None
 
 
 def curve(sources: Sequence[str], tracks: Sequence[str], out: str | Path, *, every: int = 1,
-          overrides: Sequence[str] | None = None, data_root: str | None = None, log: Callable = print) -> dict:
+          overrides: Sequence[str] | None = None, data_root: str | None = None, log: Callable = print,
+          device: Any = None, ranks: Any = None) -> dict:
     """Evaluate every point of `sources` on `tracks`; write the table and the plots to `out` (module
-    docstring). Returns the curve.json object."""
+    docstring). Returns the curve.json object.
+
+    Every track runs on `device` (twinlm.eval.device.resolve_device: None is this rank's accelerator when there
+    is one, else the CPU), whose type is part of the cache key (`cache_key`). Under torchrun (`ranks` None:
+    twinlm.eval.ranks.ranks() joins the job) the uncached (checkpoint, track) evaluations are dealt out among
+    the ranks, round robin within each track, each evaluated whole by one rank (the tracks that share their own
+    work get `Ranks()`); when there are fewer of them than ranks and every one's track shares its own work
+    (bpb, pairs), each is run by all ranks together instead. Checkpoint manifests are checked the same way.
+    The results are gathered, and rank 0 alone writes the cache files, the tables and the plots; every rank
+    returns rank 0's curve.json object, equal to one process's."""
+    # torch (device, process group) and the model config reader are imported when a curve is made, not for --help
+    from twinlm.eval.device import resolve_device
+    from twinlm.eval.ranks import Ranks
+    from twinlm.eval.ranks import ranks as job_ranks
     from twinlm.loading import read_config
-    from twinlm.train.checkpoint import verify
+    r = job_ranks() if ranks is None else ranks
+    dev = resolve_device(device)
+    say = log if r.writes else (lambda *_: None)
     out = Path(out)
     settings = track_settings(tracks, overrides)
-    points = collect_points(sources, every, log)
-    done = 0
-    corrupt = []
+    points = collect_points(sources, every, say)
+    results: dict[tuple[int, str], dict[str, Any]] = {}
+    jobs: list[tuple[int, str, str]] = []  # (point index, track, cache key) of every result not cached
     for i, pt in enumerate(points):
         pt.arch = "decoder" if read_config(pt.path).causal else "encoder"
-        verified = False
         for track, cfg in settings.items():
-            key = hashlib.sha256(dumps_json({"identity": pt.identity, "track": track, "settings": asdict(cfg),
-                                             "tokenizer": pt.tokenizer, "objective": pt.objective,
-                                             "data_root": data_root}).encode()).hexdigest()
-            cached = out / "cache" / f"{key[:24]}.json"
-            result = None
-            if cached.is_file():
-                entry = json.loads(cached.read_text())
-                if entry.get("key") == key:
-                    result = entry["result"]
-            if result is None and pt.checkpoint and not verified:
-                try:
-                    verify(pt.path)
-                    verified = True
-                except CorruptCheckpointError as e:
-                    log(f"warning: skipping {e}")
-                    corrupt.append(pt)
-                    break
+            key = cache_key(pt, track, cfg, data_root, dev.type)
+            result = _cached(out, key)
             if result is None:
-                log(f"[{i + 1}/{len(points)}] {pt.series} {pt.label}: {track}")
-                result = _evaluate(pt, track, cfg, data_root)
-                write_json(cached, {"key": key, "path": str(pt.path), "track": track, "result": result})
-                done += 1
-            pt.metrics.update(_metrics(track, result, f"{pt.series} {pt.label}"))
-    points = [p for p in points if p not in corrupt]
-    if not points:
+                jobs.append((i, track, key))
+            else:
+                results[(i, track)] = result
+    jobs = r.gather(jobs)[0]  # rank 0's view of the cache decides, the same on every rank
+    need = sorted({i for i, _, _ in jobs if points[i].checkpoint})  # checked before they are evaluated
+    verdicts = r.collect(len(need), {k: _verify(points[need[k]]) for k in r.mine(need)})
+    corrupt = {need[k] for k, message in enumerate(verdicts) if message}
+    for message in verdicts:
+        if message:
+            say(f"warning: skipping {message}")
+    jobs = [j for j in jobs if j[0] not in corrupt]
+    together = r.world > 1 and len(jobs) < r.world and all(TRACKS[t].ranks for _, t, _ in jobs)
+    by_track = sorted(range(len(jobs)), key=lambda k: (list(settings).index(jobs[k][1]), k))
+    mine = range(len(jobs)) if together else sorted(by_track[j] for j in r.mine(by_track))
+    done = {}
+    for k in mine:
+        i, track, _ = jobs[k]
+        pt = points[i]
+        (say if together else log)(f"[{i + 1}/{len(points)}] {pt.series} {pt.label}: {track}"
+                                   + (f" (rank {r.rank})" if r.world > 1 and not together else ""))
+        done[k] = _evaluate(pt, track, settings[track], data_root, dev, r if together else Ranks())
+    evaluated = [done[k] for k in range(len(jobs))] if together else r.collect(len(jobs), done)
+    for (i, track, key), result in zip(jobs, evaluated):
+        if r.writes:
+            write_json(out / "cache" / f"{key[:24]}.json",
+                       {"key": key, "path": str(points[i].path), "track": track, "result": result})
+        results[(i, track)] = result
+    kept = [(i, p) for i, p in enumerate(points) if i not in corrupt]
+    if not kept:
         raise MissingArtifactError("no checkpoint could be evaluated (every one failed its manifest)")
+    for i, pt in kept:
+        for track in settings:
+            pt.metrics.update(_metrics(track, results[(i, track)], f"{pt.series} {pt.label}"))
+    points = [p for _, p in kept]
     table = [{"series": p.series, "arch": p.arch, "label": p.label, "step": p.step, "tokens": p.tokens,
               "path": str(p.path), "metrics": p.metrics} for p in points]
     metric_names = list(dict.fromkeys(m for p in points for m in p.metrics))
     summary = {"tracks": list(settings), "settings": {t: asdict(c) for t, c in settings.items()},
-               "points": table, "metrics": metric_names, "evaluated": done,
-               "cached": len(points) * len(settings) - done}
-    write_json(out / "curve.json", summary)
-    _write_tables(out, points, metric_names)
-    summary["plots"] = [str(_plot(out, points, m)) for m in metric_names]
-    return summary
+               "points": table, "metrics": metric_names, "evaluated": len(jobs),
+               "cached": len(points) * len(settings) - len(jobs)}
+    if r.writes:
+        write_json(out / "curve.json", summary)
+        _write_tables(out, points, metric_names)
+        summary["plots"] = [str(_plot(out, points, m)) for m in metric_names]
+    return r.gather(summary)[0]
 
 
 def _write_tables(out: Path, points: list[Point], metrics: list[str]) -> None:

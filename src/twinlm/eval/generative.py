@@ -34,7 +34,7 @@ import numpy as np
 from twinlm.errors import ConfigError, UnknownName
 from twinlm.eval.common import Timer, check_result, result_config
 from twinlm.eval.metrics import multiple_choice_metrics
-from twinlm.eval.ranks import ranks
+from twinlm.eval.ranks import Ranks
 from twinlm.eval.scoring import (
     Request,
     Scored,
@@ -187,10 +187,12 @@ def task_metrics(task: Any, samples: list[dict], lm_results: dict[str, Any]) -> 
 
 def run(model, cfg: GenerativeConfig | None = None, *, tokenizer=None, mntp: bool | None = None,
         variant: str | None = None, data_root=None, out: str | Path | None = None, log=print,
-        device: str | None = None) -> dict:
+        device: str | None = None, ranks: Ranks | None = None) -> dict:
     """Zero-shot evaluation of `model` (a folder or hub id, a `Loaded`, or a Transformer with `tokenizer`) on
     `cfg.tasks` through lm-evaluation-harness; `mntp` overrides the detection of MNTP-trained encoders;
-    `device` None = the accelerator when there is one, else the CPU.
+    `device` None = the accelerator when there is one, else the CPU. Under torchrun lm-eval's evaluator shares
+    the documents among the ranks (`ranks` None: this process's place in the job; `Ranks()`: run alone, as the
+    suite and `eval curve` do when they deal whole runs to the ranks); rank 0 alone writes `out`.
 
     Returns {"track": "generative", "model", "tasks": {name: {acc, acc_norm, acc_bytes | acc, ppl | exact_match;
     n, requests, scored_tokens, score, headline, stderr, seconds, examples_per_s, data}}, "average", "config",
@@ -206,8 +208,8 @@ def run(model, cfg: GenerativeConfig | None = None, *, tokenizer=None, mntp: boo
     from twinlm.eval.harness import TwinlmLM  # needs lm-eval: imported when the track runs
 
     lm = TwinlmLM(pretrained=model, tokenizer=tokenizer, mntp=mntp, variant=variant, device=device,
-                  max_tokens=cfg.max_tokens, max_length=cfg.max_length, add_bos=cfg.add_bos)
-    here = ranks()
+                  max_tokens=cfg.max_tokens, max_length=cfg.max_length, add_bos=cfg.add_bos, ranks=ranks)
+    here = lm.place
     results: dict[str, Any] = {}
     lm_out: dict[str, Any] = {}
     full: dict[str, Any] = {}

@@ -55,7 +55,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from twinlm.errors import ConfigError
 from twinlm.eval.common import Loaded, encode_plain, load_for_eval
 from twinlm.eval.device import autocast, resolve_device
-from twinlm.eval.ranks import ranks
+from twinlm.eval.ranks import Ranks
+from twinlm.eval.ranks import ranks as job_ranks
 from twinlm.eval.scoring import N_FUTURE_MASKS, Request, greedy_generate, score_requests, tokenize_requests
 
 DEFAULT_MAX_GEN_TOKS = 256
@@ -101,7 +102,8 @@ class TwinlmLM(TemplateLM):
     def __init__(self, pretrained: Any = None, device: Any = None, max_tokens: int = 16384,
                  max_length: int | None = None, add_bos: Any = True, mntp: Any = None, end: Any = "sep",
                  score_sep: Any = False, batch_size: Any = None, max_batch_size: Any = None,
-                 variant: str | None = None, tokenizer: Any = None, **unknown: Any) -> None:
+                 variant: str | None = None, tokenizer: Any = None, ranks: Ranks | None = None,
+                 **unknown: Any) -> None:
         super().__init__()
         if unknown:
             raise ConfigError(f"unknown model_args for twinlm: {', '.join(sorted(unknown))} (known: pretrained, "
@@ -110,8 +112,7 @@ class TwinlmLM(TemplateLM):
             raise ConfigError("model_args needs pretrained=DIR (a model folder or hub id)")
         self._device = resolve_device(None if device in (None, "", "auto") else str(device))
         loaded = load_for_eval(pretrained, tokenizer, mntp=None if mntp is None else _flag("mntp", mntp),
-                               variant=variant)
-        loaded.model.to(self._device)
+                               variant=variant, device=self._device)
         self.loaded: Loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.max_tokens = int(max_tokens)
@@ -121,9 +122,14 @@ class TwinlmLM(TemplateLM):
         self.end_id = end_token_id(end, self.tokenizer, loaded.cfg)
         self.end = str(end)
         self.mntp = bool(loaded.info.get("mntp"))
-        self._ranks = ranks()
+        self._ranks = job_ranks() if ranks is None else ranks  # the suite and eval curve pass Ranks(): alone
         self._rank, self._world_size = self._ranks.rank, self._ranks.world
         self.scored_tokens: dict[str, int] = defaultdict(int)  # per task: tokens (encoder: masked copies) scored
+
+    @property
+    def place(self) -> Ranks:
+        """This process's place among the ranks the documents are shared by (alone: `Ranks()`)."""
+        return self._ranks
 
     # --- what lm-eval asks of a TemplateLM ---------------------------------------------------------
     @property

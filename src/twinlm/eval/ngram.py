@@ -13,7 +13,8 @@ and no token has probability zero (tests check both).
 It is a `torch.nn.Module` with the calling convention of `twinlm.Transformer` that the eval tracks use
 (`model(ids, cu_seqlens=, max_seqlen=, prediction_positions=)` on a packed stream, or padded `(B, T)`
 input): the "logits" it returns are log-probabilities of the next token, so the bits-per-byte and the
-minimal-pairs tracks score an n-gram model with exactly the code that scores a decoder.
+minimal-pairs tracks score an n-gram model with exactly the code that scores a decoder. It stays on the CPU
+(`host_only`: `load_for_eval` does not move it; its outputs are host tensors) whatever device the tracks run on.
 `load_ngram(name, shards, tokenizer)` returns it ready for those tracks (`name` one of NGRAMS).
 """
 
@@ -51,6 +52,8 @@ class NGramConfig:
 
 class NGramLM(torch.nn.Module):
     """An interpolated Witten-Bell n-gram model over token ids (see the module docstring)."""
+
+    host_only = True  # numpy tables: scored on the CPU whatever --device says (load_for_eval leaves it there)
 
     def __init__(self, order: int, config: NGramConfig):
         super().__init__()

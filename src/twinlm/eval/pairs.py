@@ -24,20 +24,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from twinlm.errors import ConfigError, DataError, ScoreError
-from twinlm.eval.bpb import held_out_texts
+from twinlm.eval.bpb import held_out_texts, target_logprobs
 from twinlm.eval.common import (
     Timer,
     check_result,
     encode_plain,
-    forward_packed,
-    length_batches,
     load_for_eval,
+    placement,
     result_config,
 )
 from twinlm.eval.metrics import bootstrap_macro, bootstrap_ratio
+from twinlm.eval.ranks import Ranks
+from twinlm.eval.ranks import ranks as job_ranks
 from twinlm.eval.settings import PairsConfig
 from twinlm.eval.tasks.pairs import Pair, build_pairs, read_pair_file
 from twinlm.io import write_json
@@ -46,8 +46,10 @@ TIE = 1e-9  # relative difference under which two scores count as equal
 
 
 def sentence_logliks(model, tokenizer, texts: Sequence[str], *, mntp: bool = False,
-                     max_tokens: int = 16384) -> list[float]:
-    """Log-likelihood (decoders) or pseudo-log-likelihood (encoders) of each text, in nats."""
+                     max_tokens: int = 16384, ranks: Ranks | None = None) -> list[float]:
+    """Log-likelihood (decoders) or pseudo-log-likelihood (encoders) of each text, in nats, on the model's device
+    (bpb.target_logprobs: under `ranks` each rank runs a share of the forward passes; every rank gets every
+    score, equal to one process's)."""
     cfg = model.config
     toks = encode_plain(tokenizer, texts)
     units = []  # (text index, sequence, read positions, targets)
@@ -62,19 +64,9 @@ def sentence_logliks(model, tokenizer, texts: Sequence[str], *, mntp: bool = Fal
                 seq[1 + j] = cfg.mask_token_id
                 units.append((k, seq, [j if mntp else 1 + j], [t[j]]))
     total = np.zeros(len(texts), dtype=np.float64)
-    with torch.inference_mode():
-        for batch in length_batches([len(u[1]) for u in units], max_tokens):
-            flat, owner, targets, acc = [], [], [], 0
-            for i in batch:
-                k, seq, pos, tgt = units[i]
-                flat += [acc + p for p in pos]
-                owner += [k] * len(pos)
-                targets += tgt
-                acc += len(seq)
-            out, _ = forward_packed(model, [units[i][1] for i in batch], prediction_positions=flat)
-            logp = torch.log_softmax(out.logits.float(), -1).cpu()
-            picked = logp.gather(1, torch.tensor(targets, dtype=torch.long)[:, None])[:, 0].double().numpy()
-            np.add.at(total, np.asarray(owner), picked)
+    for batch, picked in target_logprobs(model, [u[1] for u in units], [u[2] for u in units], [u[3] for u in units],
+                                         max_tokens, ranks):
+        np.add.at(total, np.asarray([units[i][0] for i in batch for _ in units[i][2]]), picked)
     if not np.isfinite(total).all():
         raise ScoreError("a sentence scored NaN or infinity: the model produced non-finite values (damaged or "
                          "diverged weights?); no pairs result is reported")
@@ -87,11 +79,13 @@ def _outcome(good: float, bad: float) -> float:
     return 1.0 if good > bad else 0.0
 
 
-def score_pairs(loaded, pairs: Sequence[Pair], max_tokens: int = 16384) -> dict[str, dict[str, list[float]]]:
-    """{family: {"correct": [...], "correct_sum": [...]}} for each pair in order."""
+def score_pairs(loaded, pairs: Sequence[Pair], max_tokens: int = 16384, ranks: Ranks | None = None
+                ) -> dict[str, dict[str, list[float]]]:
+    """{family: {"correct": [...], "correct_sum": [...]}} for each pair in order (the sentences scored across
+    `ranks`, the outcomes on every rank)."""
     texts = [p.good for p in pairs] + [p.bad for p in pairs]
     ll = sentence_logliks(loaded.model, loaded.tokenizer, texts, mntp=bool(loaded.info.get("mntp")),
-                          max_tokens=max_tokens)
+                          max_tokens=max_tokens, ranks=ranks)
     n = len(pairs)
     out: dict[str, dict[str, list[float]]] = {}
     for i, p in enumerate(pairs):
@@ -128,14 +122,21 @@ def load_pairs(cfg: PairsConfig, texts: Sequence[str] | None = None, data_root=N
 
 def run(model, cfg: PairsConfig | None = None, *, tokenizer=None, texts: Sequence[str] | None = None,
         mntp: bool | None = None, variant: str | None = None, data_root=None, out: str | Path | None = None,
-        log=print, device=None) -> dict:
+        log=print, device=None, ranks: Ranks | None = None) -> dict:
     """Minimal-pairs accuracy of `model` (a folder, a `Loaded` — an n-gram baseline too — or a Transformer
-    with `tokenizer`) per family, with bootstrap intervals."""
+    with `tokenizer`) per family, with bootstrap intervals.
+
+    On `device` (twinlm.eval.device.resolve_device; bf16 autocast on accelerators, fp32 on the CPU, recorded
+    as the config's `device` and `precision`; an n-gram baseline stays on the CPU). Under torchrun (`ranks`
+    None: twinlm.eval.ranks.ranks() joins the job; `Ranks()` runs alone) the sentences' forward passes are
+    shared among the ranks; the bootstrap runs on the gathered scores, so every rank's result equals one
+    process's, and rank 0 alone logs and writes `out`."""
     cfg = cfg or PairsConfig()
+    r = job_ranks() if ranks is None else ranks
     loaded = load_for_eval(model, tokenizer, mntp=mntp, variant=variant, device=device)
     name, pairs = load_pairs(cfg, texts, data_root)
     t = Timer()
-    outcomes = score_pairs(loaded, pairs, cfg.max_tokens)
+    outcomes = score_pairs(loaded, pairs, cfg.max_tokens, r)
     tasks = {}
     for i, (family, res) in enumerate(sorted(outcomes.items())):
         c = res["correct"]
@@ -148,7 +149,7 @@ def run(model, cfg: PairsConfig | None = None, *, tokenizer=None, texts: Sequenc
     pooled = bootstrap_ratio(every, [1.0] * len(every), cfg.bootstrap, seed=cfg.seed)
     macro = bootstrap_macro({f: r["correct"] for f, r in outcomes.items()}, cfg.bootstrap, seed=cfg.seed)
     seconds = t()
-    if log:
+    if log and r.writes:
         fams = ", ".join(f"{f} {r['accuracy']:.1f}" for f, r in tasks.items())
         log(f"[pairs] {loaded.info['variant']} {name}: {100 * pooled['value']:.1f}% ({fams}; {len(pairs)} pairs, "
             f"{seconds:.1f}s)")
@@ -160,8 +161,9 @@ def run(model, cfg: PairsConfig | None = None, *, tokenizer=None, texts: Sequenc
                           "macro_ci95": [100 * macro["lo"], 100 * macro["hi"]]},
               "config": result_config(cfg, seconds, source=name,
                                       scoring="log-likelihood per byte" if loaded.causal else
-                                      "pseudo-log-likelihood per byte (one masked copy per token)")}
+                                      "pseudo-log-likelihood per byte (one masked copy per token)",
+                                      **placement(loaded.device))}
     check_result(result)
-    if out:
+    if out and r.writes:
         write_json(out, result)
     return result

@@ -4,7 +4,8 @@ read a track from.
 A `Track` names the track once (`name`: the `twinlm eval` subcommand, the `--tracks` and `--set` word of
 `eval curve`, the `Scale` field and step names of the suite, and the `"track"` of its result JSON), its
 settings dataclass (eval/settings.py: the command-line flags are generated from it), the module whose
-`run(model, settings, *, variant=, data_root=, out=, log=, …)` runs it, and what else that `run` takes.
+`run(model, settings, *, variant=, data_root=, out=, log=, device=, …)` runs it, and what else that `run` takes
+(`ranks=`: the track shares its own work among torchrun's ranks).
 `aliases` are other spellings users type today (`classify`): `track(name)`, `canonical_key` and
 `canonical_overrides` turn them into the name.
 
@@ -38,6 +39,8 @@ class Track:
     ngrams: bool = False  # n-gram controls (`unigram` …, fitted on training shards) are scored on it
     export: bool = False  # `run` takes `export_dir=` (the fine-tuned model, written as a folder)
     baselines: tuple[str, ...] = ()  # model names `run` takes as outside baselines instead of a folder
+    ranks: bool = False  # `run` takes `ranks=` (twinlm.eval.ranks): under torchrun it shares its work among the
+    # ranks itself; a caller that shares whole runs among the ranks (eval curve, the suite) passes `Ranks()`
 
     def run(self, model: Any, settings: Any, **options: Any) -> dict[str, Any]:
         """Run the track (importing its module) on `model` with `settings`; returns the result dict."""
@@ -52,11 +55,12 @@ TRACKS: dict[str, Track] = {t.name: t for t in (
           "contrastive fine-tuning, then nDCG@10 / MRR@10 / Recall@100", export=True, baselines=("bm25", "minilm")),
     Track("generative", GenerativeConfig, "twinlm.eval.generative",
           "zero-shot tasks of lm-evaluation-harness (multiple choice, completion, generation) scored by twinlm",
-          mntp=True),
-    Track("bpb", BpbConfig, "twinlm.eval.bpb", "bits per byte on held-out text", mntp=True, ngrams=True),
+          mntp=True, ranks=True),
+    Track("bpb", BpbConfig, "twinlm.eval.bpb", "bits per byte on held-out text", mntp=True, ngrams=True,
+          ranks=True),
     Track("pairs", PairsConfig, "twinlm.eval.pairs",
           "minimal pairs: real sentence vs corrupted twin, accuracy per family with bootstrap intervals",
-          mntp=True, ngrams=True),
+          mntp=True, ngrams=True, ranks=True),
 )}
 _BY_SPELLING = {spelling: t for t in TRACKS.values() for spelling in (t.name, *t.aliases)}
 

@@ -31,8 +31,10 @@ from twinlm.data.tokenizer import (
     tokenizer_fingerprint,
     train_tokenizer,
 )
-from twinlm.errors import MissingArtifactError, RunInterrupted
+from twinlm.errors import ConfigError, MissingArtifactError, RunInterrupted
+from twinlm.eval.device import resolve_device
 from twinlm.eval.ngram import load_ngram
+from twinlm.eval.ranks import Ranks
 from twinlm.eval.settings import seed_list
 from twinlm.eval.tracks import TRACKS as EVAL_TRACKS
 from twinlm.io import write_json
@@ -55,6 +57,10 @@ TRAINED = {
 CONTROLS = {"random-encoder": False, "random-decoder": True}  # name -> causal
 ENCODERS = ("encoder", "enc-from-dec", "random-encoder")
 NGRAM_PACK_TOKENS = 2048
+# torchrun's variables: a training subprocess of rank 0 must not take itself for a rank of the evaluation job
+JOB_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+           "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+           "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE"}
 
 
 def recipes_dir() -> Path:
@@ -67,13 +73,34 @@ def recipes_dir() -> Path:
 
 
 class Suite:
-    """Builds the steps of one suite run in `root` for a `Scale`."""
+    """Builds the steps of one suite run in `root` for a `Scale`.
 
-    def __init__(self, root: str | Path, scale: Scale, log: Callable[[str], None] | None = None):
+    Evaluation runs on the scale's `eval_device` (auto: the GPU when there is one); a device other than the CPU
+    is part of each evaluation step's identity (so a GPU's bf16 results and a CPU's fp32 ones are never taken
+    for each other), the CPU is not (CPU suites keep the identities they had before devices were recorded), nor
+    is it for the n-gram controls, which run on the CPU everywhere. Under torchrun (`ranks`: `twinlm suite`
+    joins the job) the evaluation steps are shared among the ranks, each on its own GPU, and rank 0 alone runs
+    the other steps (training as a subprocess of its own, outside the job) and writes every folder
+    (suite/steps.py)."""
+
+    def __init__(self, root: str | Path, scale: Scale, log: Callable[[str], None] | None = None,
+                 ranks: Ranks | None = None):
         self.root = Path(root)
         self.scale = scale
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.recipes = recipes_dir()
+        self.ranks = ranks or Ranks()
+
+    @property
+    def device_type(self) -> str:
+        """The type of device the evaluation steps run on (`cpu`, `cuda` …), without checking the machine has it."""
+        name = self.scale.eval_device
+        if name in ("auto", None):
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            return torch.device(name).type
+        except RuntimeError:
+            raise ConfigError(f"eval_device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
 
     # -- paths of step outputs ----------------------------------------------------------------------
     def path(self, step: str, *parts: str) -> Path:
@@ -154,7 +181,14 @@ class Suite:
             recipe = self.recipes / self.scale.recipe_dir / f"{TRAINED[name][0]}.yaml"
             overrides = self._train_overrides(name)
             out = folder / "run"
-            if self.scale.nproc > 1:
+            if self.ranks.world > 1:  # rank 0 of an evaluation job: training is a job of its own, outside this one
+                cmd = [sys.executable, "-m", "twinlm", "train", str(recipe), "--out", str(out), *overrides]
+                if self.scale.nproc > 1:
+                    cmd[1:3] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.scale.nproc}",
+                                "-m", "twinlm"]
+                subprocess.run(cmd, check=True, env={k: v for k, v in os.environ.items() if k not in JOB_ENV})
+                final = out / "final"
+            elif self.scale.nproc > 1:
                 cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.scale.nproc}",
                        "-m", "twinlm", "train", str(recipe), "--out", str(out), *overrides]
                 subprocess.run(cmd, check=True)
@@ -177,12 +211,20 @@ class Suite:
             return {"model": str(folder / "model")}
         return run
 
-    def _evaluate(self, model: str, track: str) -> Callable[[Path], dict]:
-        def run(folder: Path) -> dict:
-            result = run_track(track, model, self, out=folder / "result.json")
+    def _evaluate(self, name: str, model: str, track: str, settings: dict, after: list[str], estimate_s: float,
+                  title: str) -> Step:
+        """An evaluation step: its work (`run_track`, writing nothing) may run on any rank; its folder holds the
+        result (result.json). A device other than the CPU is part of its settings (the n-gram controls' is not)."""
+        def compute() -> dict:
+            return run_track(track, model, self, out=None)
+
+        def write(folder: Path, result: dict) -> dict:
+            write_json(folder / "result.json", result)
             return {"result": str(folder / "result.json"), "mean": result["average"]["mean"],
                     "std": result["average"]["std"]}
-        return run
+        if self.device_type != "cpu" and model not in self.scale.ngrams:
+            settings = {**settings, "device": self.device_type}
+        return Step.shared(name, compute, write, settings=settings, after=after, estimate_s=estimate_s, title=title)
 
     # -- the pipeline ----------------------------------------------------------------------------------
     def steps(self) -> list[Step]:
@@ -222,17 +264,17 @@ class Suite:
                     continue
                 # an encoder's pseudo-log-likelihood runs one masked copy per token: ~10x a decoder's pass
                 slow = 10.0 if track == "pairs" and model in ENCODERS else 1.0
-                steps.append(Step(f"eval-{model}-{track}", self._evaluate(model, track), eval_settings[track],
-                                  [source, "corpus"], estimate_s=est[track] * slow, title=f"{track}: {model}"))
+                steps.append(self._evaluate(f"eval-{model}-{track}", model, track, eval_settings[track],
+                                            [source, "corpus"], est[track] * slow, f"{track}: {model}"))
         for model in s.ngrams:  # fitted on the pre-training shards inside the step: seconds
             for track in NGRAM_TRACKS:
-                steps.append(Step(f"eval-{model}-{track}", self._evaluate(model, track), eval_settings[track],
-                                  ["tokenizer", f"shards-{s.short_seq}", "corpus"], estimate_s=est["ngram"],
-                                  title=f"{track}: {model} control"))
+                steps.append(self._evaluate(f"eval-{model}-{track}", model, track, eval_settings[track],
+                                            ["tokenizer", f"shards-{s.short_seq}", "corpus"], est["ngram"],
+                                            f"{track}: {model} control"))
         for model, track in BASELINE_RUNS:
             if model in s.baselines:
-                steps.append(Step(f"eval-{model}-{track}", self._evaluate(model, track), eval_settings[track],
-                                  ["fetch"], estimate_s=est["baseline"], title=f"{track}: {model} baseline"))
+                steps.append(self._evaluate(f"eval-{model}-{track}", model, track, eval_settings[track], ["fetch"],
+                                            est["baseline"], f"{track}: {model} baseline"))
         eval_steps = [st.name for st in steps if st.name.startswith("eval-")]
         steps.append(Step("report", self._report, {"scale": s.name}, [*eval_steps, *(f"train-{m}" for m in TRAINED)],
                           estimate_s=20, title="report"))
@@ -243,9 +285,11 @@ class Suite:
                             shards=self.shards(self.scale.short_seq))
 
     def run(self) -> dict[str, Any]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_json(self.root / "scale.json", self.scale.as_dict())
-        return Pipeline(self.root, self.steps(), log=self.log).run()
+        resolve_device(self.scale.eval_device)  # a device this machine lacks is refused now, not at the first eval
+        if self.ranks.writes:
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_json(self.root / "scale.json", self.scale.as_dict())
+        return Pipeline(self.root, self.steps(), log=self.log, ranks=self.ranks).run()
 
     def status(self) -> dict[str, str]:
         return Pipeline(self.root, self.steps(), log=self.log).status()
@@ -255,12 +299,16 @@ class Suite:
 BASELINE_RUNS = [(b, t.name) for t in EVAL_TRACKS.values() for b in t.baselines]
 
 
-def run_track(track: str, model: str, suite: Suite, out: Path) -> dict:
-    """One evaluation track of one model (a suite model name or a baseline name) with the scale's settings."""
+def run_track(track: str, model: str, suite: Suite, out: Path | None) -> dict:
+    """One evaluation track of one model (a suite model name or a baseline name) with the scale's settings, on the
+    scale's `eval_device`, in this process alone."""
     cfg = suite.scale.track_settings(track)
     baseline = model in {b for b, _ in BASELINE_RUNS}
     target: Any = model if baseline else str(suite.model_dir(model))
-    named = {} if baseline else {"variant": model}
+    named: dict[str, Any] = {} if baseline else {"variant": model}
+    named["device"] = suite.scale.eval_device  # an n-gram control stays on the CPU (host_only)
+    if EVAL_TRACKS[track].ranks:
+        named["ranks"] = Ranks()  # a step is run whole by one rank (suite/steps.py shares the steps)
     if model in suite.scale.ngrams:
         target = load_ngram(model, suite.shards(suite.scale.short_seq), load_tokenizer(suite.tokenizer_dir))
         # its "logits" are dense (positions, vocabulary) arrays built in float64: smaller packs bound the memory

@@ -1,11 +1,11 @@
 """Suite scales: every size and budget knob of `twinlm suite` in one typed object per scale.
 
 `cpu` is the default (under 30 minutes on 2 cores), `quick` is a first look (about 2 minutes), and `gpu` is
-the paper's 17M pair on one GPU (launch with `--nproc N` for torchrun). The evaluation budgets are the
-tracks' own settings dataclasses (twinlm.eval.settings). Any field can be overridden from the command line,
-evaluation settings by a dotted key named for the track (twinlm.eval.tracks): `twinlm suite pretrain_tokens=2M
-classification.seeds=5` (a track's alias is read as its name: `classify.seeds=5`; twinlm.configs reads the
-values). This module imports nothing heavy: `twinlm --help` lists the fields.
+the paper's 17M pair on one GPU (launch with `--nproc N` for torchrun), evaluated on the GPU (`eval_device`).
+The evaluation budgets are the tracks' own settings dataclasses (twinlm.eval.settings). Any field can be
+overridden from the command line, evaluation settings by a dotted key named for the track (twinlm.eval.tracks):
+`twinlm suite pretrain_tokens=2M classification.seeds=5` (a track's alias is read as its name: `classify.seeds=5`;
+twinlm.configs reads the values). This module imports nothing heavy: `twinlm --help` lists the fields.
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ class Scale:
     train_overrides: list[str] = field(default_factory=list)  # extra recipe overrides for every run
     peak_lr: float | None = None  # None: the recipes' own; else pre-training peak, cross-objective at half of it
     nproc: int = 1  # >1: training steps run under torchrun
+    # where the evaluation steps run (twinlm.eval.device): auto is the GPU when there is one, else the CPU; a device
+    # other than the CPU is part of the evaluation steps' identity (`twinlm suite --device`)
+    eval_device: str = "auto"
     # evaluation settings of each track, named as the track (classification.seeds=5, retrieval.max_corpus=400, ...)
     classification: ClassifyConfig = field(default_factory=lambda: _with(SUITE_CLASSIFY))
     retrieval: RetrievalConfig = field(default_factory=lambda: _with(SUITE_RETRIEVAL))
@@ -193,6 +196,7 @@ SCALES: dict[str, Scale] = {
                          limit=1000),
         bpb=_with(SUITE_BPB, max_docs=1000),
         pairs=_with(SUITE_PAIRS, per_family=1000),
+        eval_device="cuda",
     ),
 }
 

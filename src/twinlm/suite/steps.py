@@ -5,10 +5,18 @@ changed setting reruns exactly that step and everything downstream of it. A step
 its marker `STEP.json` (written last) carries the current identity. An interrupted step reruns into the
 same folder, where long steps (training) resume from their own checkpoints; a step whose identity
 changed starts from an empty folder.
+
+Across ranks (a `Ranks` of torchrun's job, twinlm.eval.ranks): the status is rank 0's; a step with `compute`
+(work that writes nothing: the evaluations) may run on any rank, and each run of consecutive such steps still
+to do is dealt out among the ranks by their estimates (`Ranks.assign`) and gathered to rank 0, which writes
+every step's folder (`write`) and marker; every other step runs on rank 0 alone while the other ranks wait for
+its marker (reading the suite folder: the ranks share a file system). Only rank 0 writes anything; every rank
+returns rank 0's summaries.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -19,9 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twinlm.eval.ranks import Ranks
 from twinlm.io import write_json
 
 MARKER = "STEP.json"
+WAIT_S = 5.0  # how often a rank waiting for rank 0's step looks for its marker
 STARTED = "STARTED.json"  # written when a step starts (its identity): a partial folder of other settings is not reused
 
 
@@ -33,12 +43,27 @@ class Step:
     after: list[str] = field(default_factory=list)  # names of the steps whose outputs it reads
     estimate_s: float = 60.0  # for the ETA only
     title: str = ""
+    # a step any rank may compute: `compute()` does the work and writes nothing, `write(folder, value)` writes its
+    # value into the folder and returns the summary (then `run(folder)` is `write(folder, compute())`)
+    compute: Callable[[], Any] | None = None
+    write: Callable[[Path, Any], dict[str, Any]] | None = None
+
+    @classmethod
+    def shared(cls, name: str, compute: Callable[[], Any], write: Callable[[Path, Any], dict[str, Any]],
+               **fields: Any) -> Step:
+        """A step whose work (`compute`) may run on any rank and whose folder (`write`) is written by rank 0."""
+        return cls(name, lambda folder: write(folder, compute()), compute=compute, write=write, **fields)
 
 
 def _identity(step: Step, upstream: dict[str, str]) -> str:
     payload = json.dumps({"settings": step.settings, "after": {n: upstream[n] for n in sorted(step.after)}},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _write(step: Step, value: Any, folder: Path) -> dict[str, Any]:
+    assert step.write is not None  # a step with `compute` has `write` (Step.shared)
+    return step.write(folder, value)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -58,11 +83,13 @@ def _fmt_seconds(seconds: float) -> str:
 
 
 class Pipeline:
-    """Runs steps in order, skipping those already finished with the same identity."""
+    """Runs steps in order, skipping those already finished with the same identity (across `ranks`: the module
+    docstring)."""
 
-    def __init__(self, root: str | Path, steps: list[Step], log=None):
+    def __init__(self, root: str | Path, steps: list[Step], log=None, ranks: Ranks | None = None):
         self.root = Path(root)
         self.steps = steps
+        self.ranks = ranks or Ranks()
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         names = [s.name for s in steps]
         if len(set(names)) != len(names):
@@ -98,35 +125,77 @@ class Pipeline:
         return out
 
     def run(self) -> dict[str, dict[str, Any]]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        ids, status = self.identities(), self.status()
+        r = self.ranks
+        if r.writes:
+            self.root.mkdir(parents=True, exist_ok=True)
+        ids = self.identities()
+        status = r.gather(self.status())[0]  # rank 0's view decides, the same on every rank
         remaining = sum(s.estimate_s for s in self.steps if status[s.name] != "done")
         summaries: dict[str, dict[str, Any]] = {}
         started = time.monotonic()
-        for index, step in enumerate(self.steps, 1):
+        say = self.log if r.writes else (lambda line: None)
+        index = 0
+        while index < len(self.steps):
+            step = self.steps[index]
+            if r.world > 1 and step.compute is not None and status[step.name] != "done":
+                group: list[Step] = []  # the consecutive steps still to do that any rank may compute
+                while (index + len(group) < len(self.steps) and self.steps[index + len(group)].compute is not None
+                       and status[self.steps[index + len(group)].name] != "done"):
+                    group.append(self.steps[index + len(group)])
+                values = self._share(group, index, say)
+                for member, value in zip(group, values):
+                    if r.writes:
+                        summaries[member.name] = self._finish(member, ids[member.name], status[member.name],
+                                                              functools.partial(_write, member, value))
+                    remaining = max(0.0, remaining - member.estimate_s)
+                index += len(group)
+                continue
+            label = f"[{index + 1}/{len(self.steps)}] {step.title or step.name}"
             folder = self.root / step.name
-            label = f"[{index}/{len(self.steps)}] {step.title or step.name}"
             if status[step.name] == "done":
                 marker = read_marker(folder)
                 assert marker is not None  # "done": the marker was read just above (status)
                 summaries[step.name] = marker["summary"]
-                self.log(f"{label}: cached")
-                continue
-            if status[step.name] == "stale":
-                shutil.rmtree(folder)  # its settings changed: nothing in it may be reused
-            resumed = " (resuming)" if status[step.name] == "partial" else ""
-            self.log(f"{label}{resumed}: ~{_fmt_seconds(step.estimate_s)}; suite ETA "
-                     f"{_fmt_seconds(remaining)}")
-            folder.mkdir(parents=True, exist_ok=True)
-            write_json(folder / STARTED, {"identity": ids[step.name]})
-            t0 = time.monotonic()
-            summary = step.run(folder) or {}
-            elapsed = time.monotonic() - t0
-            marker = {"identity": ids[step.name], "settings": step.settings, "seconds": round(elapsed, 1),
-                      "summary": summary}
-            write_json(folder / MARKER, marker)  # last: the step counts as done once this is there
-            summaries[step.name] = summary
-            remaining = max(0.0, remaining - step.estimate_s)
-            so_far = _fmt_seconds(time.monotonic() - started)
-            self.log(f"{label}: done in {_fmt_seconds(elapsed)} (suite so far {so_far})")
-        return summaries
+                say(f"{label}: cached")
+            elif r.writes:
+                resumed = " (resuming)" if status[step.name] == "partial" else ""
+                say(f"{label}{resumed}: ~{_fmt_seconds(step.estimate_s)}; suite ETA {_fmt_seconds(remaining)}")
+                t0 = time.monotonic()
+                summaries[step.name] = self._finish(step, ids[step.name], status[step.name], step.run)
+                remaining = max(0.0, remaining - step.estimate_s)
+                say(f"{label}: done in {_fmt_seconds(time.monotonic() - t0)} (suite so far "
+                    f"{_fmt_seconds(time.monotonic() - started)})")
+            else:  # rank 0 runs it: wait for its marker (a failure there ends the job: torchrun stops every rank)
+                while (read_marker(folder) or {}).get("identity") != ids[step.name]:
+                    time.sleep(WAIT_S)
+            index += 1
+        return r.gather(summaries)[0]
+
+    def _finish(self, step: Step, identity: str, state: str, body: Callable[[Path], dict[str, Any]]
+                ) -> dict[str, Any]:
+        """Run `body` in the step's folder (emptied first when stale) and write its marker; the summary."""
+        folder = self.root / step.name
+        if state == "stale":
+            shutil.rmtree(folder)  # its settings changed: nothing in it may be reused
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / STARTED, {"identity": identity})
+        t0 = time.monotonic()
+        summary = body(folder) or {}
+        marker = {"identity": identity, "settings": step.settings, "seconds": round(time.monotonic() - t0, 1),
+                  "summary": summary}
+        write_json(folder / MARKER, marker)  # last: the step counts as done once this is there
+        return summary
+
+    def _share(self, group: list[Step], first: int, say: Callable[[str], None]) -> list[Any]:
+        """The values of `group`'s computations, each run by one rank (`Ranks.assign` by estimate), on every rank."""
+        r = self.ranks
+        done = {}
+        for k in r.assign([s.estimate_s for s in group]):
+            step = group[k]
+            self.log(f"[{first + k + 1}/{len(self.steps)}] {step.title or step.name}: on rank {r.rank} "
+                     f"(~{_fmt_seconds(step.estimate_s)})")
+            assert step.compute is not None  # the group holds steps with `compute` only
+            done[k] = step.compute()
+        values = r.collect(len(group), done)
+        say(f"[{first + 1}-{first + len(group)}/{len(self.steps)}] computed on {r.world} ranks")
+        return values
