@@ -315,7 +315,8 @@ def evaluate_tasks(jobs: Sequence[tuple[ClsTask, Callable | None, Callable | Non
             sweep = sweeps.get(cell, {})
             chosen[cell] = max(lrs, key=lambda lr: sweep[lr]) if sweep else lrs[len(lrs) // 2]
         done = _timed(rk, cells, [sum(map(len, splits[t][s][f])) for t, s, f in cells],
-                      lambda c: run_ft(c[0], c[1], c[2], *splits[c[0]][c[1]][c[2]], chosen[c]))
+                      lambda c: run_ft(c[0], c[1], c[2], splits[c[0]][c[1]][c[2]][0], splits[c[0]][c[1]][c[2]][1],
+                                       chosen[c]))
         preds = {}
         for cell, (pred, took) in zip(cells, done):
             preds[cell] = pred
@@ -507,6 +508,7 @@ def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: st
     t_all = Timer()
     rk = ranks()
     log = log if rk.writes else None
+    where = resolve_device(device)  # a device this machine lacks is refused first
     # tasks first: a bad task file fails before any model is loaded
     if eval_file is not None:
         task_objs = [load_classification_task(tasks[0] if tasks and len(tasks) == 1 and tasks[0] not in
@@ -516,7 +518,6 @@ def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: st
         task_objs = [load_classification_task(t, root=data_root) for t in tasks]
     for task in task_objs:
         check_pairing(task)
-    where = resolve_device(device)
     if baseline:
         loaded, info = None, baselines.describe(baseline, data_root)
         if baseline == "tfidf":
@@ -524,7 +525,7 @@ def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: st
             where = torch.device("cpu")
     else:
         loaded = load_for_eval(model, tokenizer, variant=variant, device=device)
-        where = loaded.device
+        where = loaded.device  # an in-memory model named without a device stays where it is
         info = loaded.info
         check_pooling(pooling, loaded.causal)
         poolings = [pooling] if pooling else candidate_poolings(loaded.causal)

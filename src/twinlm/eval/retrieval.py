@@ -227,6 +227,7 @@ def run(model, cfg: RetrievalConfig | None = None, *, tokenizer=None, variant: s
     t_all = Timer()
     rk = ranks()
     log = log if rk.writes else None
+    where = resolve_device(device)  # a device this machine lacks is refused first
     all_sets = (list(retrieval_sets) if retrieval_sets is not None
                 else [load_retrieval_set(s, data_root) for s in cfg.sets])
     tests, pairs = held_out(all_sets, cfg.max_eval_queries, cfg.max_corpus, seed=0)
@@ -235,7 +236,7 @@ def run(model, cfg: RetrievalConfig | None = None, *, tokenizer=None, variant: s
     train_info = {}
     if baseline:
         info = baselines.describe(baseline)
-        where = torch.device("cpu") if baseline == "bm25" else resolve_device(device)
+        where = torch.device("cpu") if baseline == "bm25" else where
         if baseline == "bm25":
             per_set = {}
             for s in tests:
@@ -251,7 +252,7 @@ def run(model, cfg: RetrievalConfig | None = None, *, tokenizer=None, variant: s
         pooling = info.get("pooling")
     else:
         loaded = load_for_eval(model, tokenizer, variant=variant, device=device)
-        where = loaded.device
+        where = loaded.device  # an in-memory model named without a device stays where it is
         info = loaded.info
         check_pooling(pooling, loaded.causal)
         pooling = pooling or default_pooling(loaded.causal, "retrieval")
