@@ -23,6 +23,13 @@ examples, and the model is then refit on the whole training portion.
 
 Outside baselines on the very same splits: `model="tfidf"` (TF-IDF + logistic regression; the suite's
 bag-of-words control) and `model="minilm"` (the bundled all-MiniLM-L6-v2 sentence encoder, probed).
+
+Devices and ranks. The model, its embedding packs and fine-tuning (head, optimizer state, batches) run on
+`device` (bf16 autocast on accelerators, fp32 on the CPU, where the result is bit-identical to scoring without a
+device); the features come back to the CPU for scikit-learn. Under torchrun the embedding packs (final-norm
+features), the depth candidates and the (task, seed) probes or fine-tuning runs are shared out over the ranks and
+gathered (twinlm.eval.ranks); each unit seeds itself, and the embedding calls are fixed in advance
+(`embedding_groups`), so every rank returns exactly one process's result.
 """
 
 from __future__ import annotations

@@ -265,7 +265,8 @@ def pool_packed(hidden: torch.Tensor, seq_lens: Sequence[int], pooling: str) -> 
     if pooling == "last":
         return hidden.index_select(0, starts + lens - 1)
     if pooling == "mean":
-        doc = torch.repeat_interleave(torch.arange(len(seq_lens), device=hidden.device), lens)
+        doc = torch.repeat_interleave(torch.arange(len(seq_lens), device=hidden.device), lens,
+                                      output_size=int(sum(seq_lens)))  # known here: no wait for the device
         sums = hidden.new_zeros(len(seq_lens), hidden.shape[-1]).index_add_(0, doc, hidden)
         return sums / lens.unsqueeze(1).to(hidden.dtype)
     raise ConfigError(f"unknown pooling {pooling!r}: use cls, last or mean")

@@ -12,6 +12,12 @@ decoder last token (the `[SEP]` that closes `[CLS] text [SEP]`), exactly what se
 computes on the folder `export_sentence_transformers` writes.
 
 Baselines on the same held-out queries and corpora: `model="bm25"`, `model="minilm"` (zero-shot).
+
+Devices and ranks. Fine-tuning (optimizer state, batches) and encoding run on `device`, under bf16 autocast on
+accelerators and in fp32 on the CPU (bit-identical to scoring without a device); similarities and the loss are
+fp32. Under torchrun the seeds' fine-tuning runs are shared out, each fine-tuned copy is sent to every rank, and
+the packs that encode every set's queries and passages are shared out and gathered (twinlm.eval.ranks): every
+rank returns one process's result, rank 0 writes it.
 """
 
 from __future__ import annotations
