@@ -89,7 +89,9 @@ def minilm_encode(texts, data_root=None, max_tokens: int = 16384,
     texts = list(texts)
     model = _minilm(data_root, str(resolve_device(device)))
     if not texts:
-        return np.zeros((0, model.get_sentence_embedding_dimension() or 0), dtype=np.float32)
+        # sentence-transformers 5 renamed get_sentence_embedding_dimension
+        dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        return np.zeros((0, dim() or 0), dtype=np.float32)
     lengths = [min(len(ids), model.max_seq_length) for ids in
                model.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
     out: list[np.ndarray | None] = [None] * len(texts)
