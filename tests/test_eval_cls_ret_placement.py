@@ -68,14 +68,19 @@ def test_device_cpu_is_the_default_bit_for_bit(toy):
 
 def test_a_unit_does_not_depend_on_the_units_before_it(toy):
     # seed 1 alone and seed 1 after seed 0 in the same process: the same fine-tuning, the same scores (each unit
-    # seeds torch and its batch order itself, so it can run on any rank after any other unit)
+    # seeds torch and its batch order itself, so it can run on any rank after any other unit); on the CPU, where
+    # the kernels are deterministic
     ft = dict(mode="finetune", epochs=1, lrs=[1e-4, 1e-3], max_train=24, **files(toy))
-    both = classify.run(str(toy["enc"]), ClassifyConfig(["toy"], seeds=[0, 1], **ft), log=None)["tasks"]["toy"]
-    alone = classify.run(str(toy["enc"]), ClassifyConfig(["toy"], seeds=[1], **ft), log=None)["tasks"]["toy"]
+    both = classify.run(str(toy["enc"]), ClassifyConfig(["toy"], seeds=[0, 1], **ft), log=None,
+                        device="cpu")["tasks"]["toy"]
+    alone = classify.run(str(toy["enc"]), ClassifyConfig(["toy"], seeds=[1], **ft), log=None,
+                         device="cpu")["tasks"]["toy"]
     assert both["per_seed"][1] == alone["per_seed"][0] and both["chosen"][1] == alone["chosen"][0]
     rcfg = dict(max_eval_queries=15, epochs=1, batch_size=8)
-    both = retrieval.run(str(toy["enc"]), RetrievalConfig(seeds=[0, 1], **rcfg), retrieval_sets=sets(), log=None)
-    alone = retrieval.run(str(toy["enc"]), RetrievalConfig(seeds=[1], **rcfg), retrieval_sets=sets(), log=None)
+    both = retrieval.run(str(toy["enc"]), RetrievalConfig(seeds=[0, 1], **rcfg), retrieval_sets=sets(), log=None,
+                         device="cpu")
+    alone = retrieval.run(str(toy["enc"]), RetrievalConfig(seeds=[1], **rcfg), retrieval_sets=sets(), log=None,
+                          device="cpu")
     assert both["tasks"]["toy"]["per_seed"][1] == alone["tasks"]["toy"]["per_seed"][0]
     assert both["config"]["training"][1]["first_loss"] == alone["config"]["training"][1]["first_loss"]
 
