@@ -135,7 +135,7 @@ def test_gpu_scores_agree_with_the_cpu(toy):
     for name in ("toy", "toy2"):
         assert abs(res["cuda"]["tasks"][name]["ndcg@10"] - res["cpu"]["tasks"][name]["ndcg@10"]) <= 10.0
     cpu_loss, gpu_loss = (res[d]["config"]["training"][0]["first_loss"] for d in ("cpu", "cuda"))
-    assert gpu_loss == pytest.approx(cpu_loss, rel=2e-2)
+    assert gpu_loss == pytest.approx(cpu_loss, rel=5e-2)  # the first step: bf16 forward, fp32 similarities
 
 
 # --- two ranks under torchrun --------------------------------------------------------------------------------------
