@@ -8,10 +8,13 @@ import re
 from functools import lru_cache
 
 import numpy as np
+import torch
 from scipy.sparse import csr_matrix
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 
 from twinlm.errors import UnknownName
+from twinlm.eval.common import length_batches
+from twinlm.eval.device import resolve_device
 from twinlm.eval.tasks import minilm_dir
 
 PAIR_JOIN = " [SEP] "
@@ -35,37 +38,69 @@ def _texts(exs) -> list[str]:
             for e in exs]
 
 
-def featurizer(name: str, data_root=None):
-    """`featurize(train_examples, eval_examples) -> (Xtr, Xev)` for classify.evaluate_task."""
+def featurizer(name: str, data_root=None, device: str | torch.device | None = None):
+    """`featurize(train_examples, eval_examples) -> (Xtr, Xev)` for classify.evaluate_task; MiniLM runs on
+    `device` (twinlm.eval.device.resolve_device)."""
     if name == "tfidf":
         def featurize(tr, ev):
             vec = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True, max_features=50_000)
             return vec.fit_transform(_texts(tr)), vec.transform(_texts(ev))
         return featurize
     if name == "minilm":
-        cache: dict[int, np.ndarray] = {}
-
-        def featurize(tr, ev):
-            need = [e for e in tr + ev if id(e) not in cache]
-            if need:
-                for e, f in zip(need, minilm_encode(_texts(need), data_root)):
-                    cache[id(e)] = f
-            return np.stack([cache[id(e)] for e in tr]), np.stack([cache[id(e)] for e in ev])
-        return featurize
+        return MiniLMFeatures(data_root, device)
     raise UnknownName(f"unknown classification baseline {name!r}: tfidf or minilm")
 
 
+class MiniLMFeatures:
+    """MiniLM sentence embeddings of classification examples, each embedded once (cached by identity):
+    `prepare(groups)` embeds calls ahead (classify.embedding_groups), calling it embeds what is missing."""
+
+    def __init__(self, data_root=None, device: str | torch.device | None = None):
+        self.data_root, self.device = data_root, device
+        self.cache: dict[int, np.ndarray] = {}
+
+    def prepare(self, groups) -> None:
+        for exs in groups:
+            self._embed(exs)
+
+    def _embed(self, exs) -> None:
+        need = [e for e in exs if id(e) not in self.cache]
+        if need:
+            for e, f in zip(need, minilm_encode(_texts(need), self.data_root, device=self.device)):
+                self.cache[id(e)] = f
+
+    def __call__(self, tr, ev):
+        self._embed([*tr, *ev])
+        return np.stack([self.cache[id(e)] for e in tr]), np.stack([self.cache[id(e)] for e in ev])
+
+
 @lru_cache(maxsize=2)
-def _minilm(data_root=None):
+def _minilm(data_root=None, device: str = "cpu"):
     # sentence-transformers is an optional dependency (the `test` extra): only this baseline needs it
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(minilm_dir(data_root)), device="cpu")
+    return SentenceTransformer(str(minilm_dir(data_root)), device=device)
 
 
-def minilm_encode(texts, data_root=None, batch_size: int = 64) -> np.ndarray:
-    return _minilm(data_root).encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
-                                     show_progress_bar=False)
+def minilm_encode(texts, data_root=None, max_tokens: int = 16384,
+                  device: str | torch.device | None = None) -> np.ndarray:
+    """(n, 384) MiniLM embeddings on `device` (resolve_device; None: the accelerator when there is one), in
+    batches of at most `max_tokens` tokens (longest first, as `common.length_batches` packs), fp32."""
+    texts = list(texts)
+    model = _minilm(data_root, str(resolve_device(device)))
+    if not texts:
+        # sentence-transformers 5 renamed get_sentence_embedding_dimension
+        dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        return np.zeros((0, dim() or 0), dtype=np.float32)
+    lengths = [min(len(ids), model.max_seq_length) for ids in
+               model.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
+    out: list[np.ndarray | None] = [None] * len(texts)
+    for batch in length_batches(lengths, max_tokens):
+        vecs = model.encode([texts[i] for i in batch], batch_size=len(batch), convert_to_numpy=True,
+                            show_progress_bar=False)
+        for j, i in enumerate(batch):
+            out[i] = vecs[j]
+    return np.stack([v for v in out if v is not None])
 
 
 # --- BM25 ------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ from transformers import AutoTokenizer
 
 import twinlm
 from twinlm.errors import ConfigError, MissingArtifactError, ScoreError
-from twinlm.eval.device import is_accelerator, model_device, resolve_device
+from twinlm.eval.device import autocast, is_accelerator, model_device, resolve_device
 from twinlm.eval.hf_models import is_twinlm_folder, load_hf_model
+from twinlm.eval.ranks import Ranks
 from twinlm.export import check_tokenizer_matches, recorded_objective
 from twinlm.hub import resolve_model
 
@@ -265,7 +266,8 @@ def pool_packed(hidden: torch.Tensor, seq_lens: Sequence[int], pooling: str) -> 
     if pooling == "last":
         return hidden.index_select(0, starts + lens - 1)
     if pooling == "mean":
-        doc = torch.repeat_interleave(torch.arange(len(seq_lens), device=hidden.device), lens)
+        doc = torch.repeat_interleave(torch.arange(len(seq_lens), device=hidden.device), lens,
+                                      output_size=int(sum(seq_lens)))  # known here: no wait for the device
         sums = hidden.new_zeros(len(seq_lens), hidden.shape[-1]).index_add_(0, doc, hidden)
         return sums / lens.unsqueeze(1).to(hidden.dtype)
     raise ConfigError(f"unknown pooling {pooling!r}: use cls, last or mean")
@@ -300,53 +302,66 @@ def check_result(result: dict) -> dict:
 
 
 def embed(model, seqs: Sequence[Sequence[int]], pooling: str, max_tokens: int = 8192,
-          grad: bool = False) -> torch.Tensor:
-    """Pooled embeddings (D, d) of token sequences, packed `max_tokens` at a time, in input order."""
-    outs: list[torch.Tensor | None] = [None] * len(seqs)
-    ctx = torch.enable_grad() if grad else torch.inference_mode()
-    with ctx:
-        for batch, out, lens in _packed_forwards(model, seqs, max_tokens):
-            _place(outs, batch, pool_packed(out.hidden_states, lens, pooling))
-    placed = [o for o in outs if o is not None]
-    assert len(placed) == len(outs), "length_batches places every sequence"
-    return torch.stack(placed) if placed else torch.empty(0)
+          ranks: Ranks | None = None) -> torch.Tensor:
+    """Pooled embeddings (D, d) of token sequences, packed `max_tokens` at a time, in input order: float32 on
+    the CPU (for scikit-learn and numpy) wherever the model runs; `embed_groups` of one group."""
+    return embed_groups(model, [seqs], [pooling], max_tokens=max_tokens, ranks=ranks)[0].get(pooling, torch.empty(0))
 
 
-def _packed_forwards(model, seqs: Sequence[Sequence[int]], max_tokens: int):
-    """(input indices, output, lengths) of one padding-free forward per `length_batches` batch."""
-    for batch in length_batches([len(s) for s in seqs], max_tokens):
-        sub = [seqs[i] for i in batch]
-        out, _ = forward_packed(model, sub, return_logits=False)
-        yield batch, out, [len(s) for s in sub]
-
-
-def _place(column: list, batch: Sequence[int], pooled: torch.Tensor) -> None:
-    for j, i in enumerate(batch):
-        column[i] = pooled[j]
-
-
-def embed_layers(model, seqs: Sequence[Sequence[int]], poolings: Sequence[str], max_tokens: int = 8192
-                 ) -> dict[tuple[int, str], torch.Tensor]:
+def embed_layers(model, seqs: Sequence[Sequence[int]], poolings: Sequence[str], max_tokens: int = 8192,
+                 ranks: Ranks | None = None) -> dict[tuple[int, str], torch.Tensor]:
     """Pooled embeddings of every depth: {(layer, pooling): (D, d)}. Layer 0 is the embedding norm's output,
     1..L the blocks' outputs (the residual stream), L + 1 the final norm's output (what `embed` pools)."""
-    if not hasattr(model, "embed_norm"):
+    return embed_groups(model, [seqs], poolings, max_tokens=max_tokens, layers=True, ranks=ranks)[0]
+
+
+def embed_groups(model, groups: Sequence[Sequence[Sequence[int]]], poolings: Sequence[str], *, max_tokens: int = 8192,
+                 layers: bool = False, ranks: Ranks | None = None) -> list[dict[Any, torch.Tensor]]:
+    """Pooled embeddings of several groups of sequences: for each group {pooling: (D, d)} (with `layers`,
+    {(layer, pooling): (D, d)} of every depth, as `embed_layers`), float32 on the CPU, in input order.
+
+    Each group is packed on its own (`length_batches`, `max_tokens` per pack), so a group's embeddings are
+    exactly what `embed` / `embed_layers` of that group alone give (a sequence's values depend, in the last
+    bits, on the pack it shares). The packs run on the model's device under its autocast
+    (twinlm.eval.device: bf16 on accelerators, fp32 on the CPU); with `ranks` (twinlm.eval.ranks) the packs of
+    all groups are shared out by tokens (`Ranks.assign`) and gathered, so every rank gets every group's
+    embeddings, equal to one process's. The pooled rows stay on the device until every pack of this rank has
+    run (one wait for the device, not one per pack)."""
+    if layers and not hasattr(model, "embed_norm"):
         raise ConfigError("the depth search (probe_layer=best) needs a twinlm model; use probe_layer=final for "
                           "other transformers models")
+    rk = ranks or Ranks()
+    jobs = [(g, batch) for g, seqs in enumerate(groups)
+            for batch in length_batches([len(s) for s in seqs], max_tokens)]
+    mine = rk.assign([sum(len(groups[g][i]) for i in batch) for g, batch in jobs])
+    device = model_device(model)
     caught: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, o: caught.append(o)) for m in (model.embed_norm, *model.layers)]
-    cols: dict[tuple[int, str], list] = {}
+    hooks = ([m.register_forward_hook(lambda _m, _i, o: caught.append(o)) for m in (model.embed_norm, *model.layers)]
+             if layers else [])
+    done: dict[int, dict[Any, torch.Tensor]] = {}
     try:
         with torch.inference_mode():
-            for batch, out, lens in _packed_forwards(model, seqs, max_tokens):
-                for layer, h in enumerate([*caught, out.hidden_states]):
-                    for pooling in poolings:
-                        _place(cols.setdefault((layer, pooling), [None] * len(seqs)), batch,
-                               pool_packed(h, lens, pooling))
+            for j in mine:
+                g, batch = jobs[j]
+                sub = [groups[g][i] for i in batch]
+                with autocast(device):
+                    out, _ = forward_packed(model, sub, return_logits=False)
+                lens = [len(s) for s in sub]
+                states = [*caught, out.hidden_states] if layers else [out.hidden_states]
+                done[j] = {((layer, p) if layers else p): pool_packed(h.float(), lens, p)
+                           for layer, h in enumerate(states) for p in poolings}
                 caught.clear()
     finally:
         for h in hooks:
             h.remove()
-    return {k: torch.stack(v) for k, v in cols.items()}
+    pooled = rk.collect(len(jobs), {j: {k: v.cpu() for k, v in d.items()} for j, d in done.items()})
+    cols: list[dict[Any, list]] = [{} for _ in groups]
+    for (g, batch), part in zip(jobs, pooled):
+        for key, rows in part.items():
+            column = cols[g].setdefault(key, [None] * len(groups[g]))
+            for j, i in enumerate(batch):
+                column[i] = rows[j]
+    return [{key: torch.stack(column) for key, column in c.items()} for c in cols]
 
 
 class Timer:

@@ -63,6 +63,14 @@ class Ranks:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
+    def broadcast(self, obj: T, src: int) -> T:
+        """Rank `src`'s `obj` on every rank (`obj` alone): what one rank computed and the others need whole."""
+        if self.world == 1:
+            return obj
+        box: list[Any] = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        return box[0]
+
     def collect(self, n: int, done: Mapping[int, T]) -> list[T]:
         """The results of units 0..n-1 from `done` ({unit index: result}, this rank's share) on every rank;
         a unit no rank computed is a bug (an error naming it, never a hole in the result)."""

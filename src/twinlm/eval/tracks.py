@@ -50,9 +50,10 @@ class Track:
 TRACKS: dict[str, Track] = {t.name: t for t in (
     Track("classification", ClassifyConfig, "twinlm.eval.classify",
           "linear probe or fine-tuning on labelled tasks, mean ± std over seeds", aliases=("classify",),
-          baselines=("tfidf", "minilm")),
+          baselines=("tfidf", "minilm"), ranks=True),
     Track("retrieval", RetrievalConfig, "twinlm.eval.retrieval",
-          "contrastive fine-tuning, then nDCG@10 / MRR@10 / Recall@100", export=True, baselines=("bm25", "minilm")),
+          "contrastive fine-tuning, then nDCG@10 / MRR@10 / Recall@100", export=True, baselines=("bm25", "minilm"),
+          ranks=True),
     Track("generative", GenerativeConfig, "twinlm.eval.generative",
           "zero-shot tasks of lm-evaluation-harness (multiple choice, completion, generation) scored by twinlm",
           mntp=True, ranks=True),
