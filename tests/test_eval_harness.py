@@ -236,3 +236,21 @@ def test_two_ranks_give_one_process_result(folders, tmp_path):
             t.pop("seconds"), t.pop("examples_per_s")
     assert a["tasks"] == b["tasks"] and a["average"] == b["average"] and a["lm_eval"] == b["lm_eval"]
     assert a["tasks"]["toy"]["n"] == 7
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["encoder", "decoder", "mntp"])
+def test_cuda_scores_agree_with_the_cpu_within_bf16(folders, kind):
+    """The class on the GPU (bf16 autocast) scores as on the CPU (fp32) within bf16's precision, and its greedy
+    generation runs there."""
+    from twinlm.eval.harness import TwinlmLM
+
+    cpu = TwinlmLM(pretrained=str(folders[kind]), device="cpu")
+    gpu = TwinlmLM(pretrained=str(folders[kind]), device="cuda")
+    assert gpu.settings()["precision"] == "bf16 autocast" and gpu.loaded.device.type == "cuda"
+    reqs = [req(*p) for p in PAIRS]
+    for (a, _), (b, _) in zip(cpu.loglikelihood(reqs), gpu.loglikelihood(reqs)):
+        assert b == pytest.approx(a, rel=3e-2, abs=0.1)
+    gen = gpu.generate_until([req("The cat", {"until": ["\n"], "max_gen_toks": 5})])
+    assert len(gen) == 1 and isinstance(gen[0], str)
