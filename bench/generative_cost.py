@@ -33,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from twinlm.config import ModelConfig  # noqa: E402
 from twinlm.data.tokenizer import build_ettin_tokenizer  # noqa: E402
-from twinlm.eval.generative import _leaf_tasks, plan_tasks, task_manager  # noqa: E402
+from twinlm.eval.generative import load_tasks, plan_tasks, task_manager  # noqa: E402
 from twinlm.eval.scoring import N_FUTURE_MASKS, tokenize_requests  # noqa: E402
 from twinlm.eval.settings import GenerativeConfig  # noqa: E402
 from twinlm.eval.tasks.generative import PAPER_TASKS  # noqa: E402
@@ -51,8 +51,9 @@ def count(tok, cfg) -> dict[str, dict[str, float]]:
     tm = task_manager()
     gen = GenerativeConfig(tasks=[t for t in PAPER_TASKS if t != "wsc273"], data="local", limit=None)
     out: dict[str, dict[str, float]] = {}
-    for item in plan_tasks(gen, tm):
-        for task in _leaf_tasks(tm, item["spec"]).values():
+    plan = plan_tasks(gen, tm)
+    for item, leaves in zip(plan, load_tasks(tm, plan)):
+        for task in leaves.values():
             task.build_all_requests(limit=None, rank=0, world_size=1)
             docs = len(task.eval_docs)
             insts = task.instances

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from twinlm.errors import ConfigError, UnknownName
+from twinlm.errors import ConfigError, FetchError, UnknownName
 from twinlm.eval.common import Timer, check_result, result_config
 from twinlm.eval.metrics import multiple_choice_metrics
 from twinlm.eval.ranks import Ranks
@@ -124,6 +124,22 @@ def _leaf_tasks(tm: Any, spec: Any) -> dict[str, Any]:
     return dict(tm.load([spec])["tasks"])
 
 
+def load_tasks(tm: Any, plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """lm-eval's task objects of each planned task (their data read: the hub's datasets downloaded or taken from
+    the datasets cache), before any model is loaded; a hub that cannot be reached is one FetchError naming the
+    task and what to do."""
+    out = []
+    for item in plan:
+        try:
+            out.append(_leaf_tasks(tm, item["spec"]))
+        except ConnectionError as e:  # datasets' "Couldn't reach '<id>' on the Hub" (offline, or no network)
+            local = [name for name in LOCAL_COPIES if name != item["lm_eval"]]
+            raise FetchError(f"task {item['key']} reads its data from the Hugging Face hub, which could not be "
+                             f"reached ({e}): connect to the hub (unset HF_DATASETS_OFFLINE / HF_HUB_OFFLINE), or "
+                             f"leave the task out; offline, --data local has {', '.join(local)}") from None
+    return out
+
+
 def _strict(obj: Any) -> Any:
     """lm-eval's output as strict JSON: non-finite floats -> None, numpy scalars -> numbers, tuples -> lists,
     anything else unknown -> its str."""
@@ -203,6 +219,7 @@ def run(model, cfg: GenerativeConfig | None = None, *, tokenizer=None, mntp: boo
     version = require_lm_eval()
     tm = task_manager()
     plan = plan_tasks(cfg, tm, data_root)  # bad task names and files fail before the model is loaded
+    task_objs = load_tasks(tm, plan)  # and so does data that cannot be read
     from lm_eval import simple_evaluate  # optional dependency (lm-eval), imported when the track runs
 
     from twinlm.eval.harness import TwinlmLM  # needs lm-eval: imported when the track runs
@@ -213,9 +230,8 @@ def run(model, cfg: GenerativeConfig | None = None, *, tokenizer=None, mntp: boo
     results: dict[str, Any] = {}
     lm_out: dict[str, Any] = {}
     full: dict[str, Any] = {}
-    for item in plan:
+    for item, leaves in zip(plan, task_objs):
         t = Timer()
-        leaves = _leaf_tasks(tm, item["spec"])
         samples = None
         if cfg.limit is not None:
             samples = {name: subset(list(range(len(task.eval_docs))), cfg.limit, cfg.seed)
