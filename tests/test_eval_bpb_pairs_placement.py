@@ -112,7 +112,7 @@ def _twinlm(nproc, *args):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+@pytest.mark.parametrize("kind", ["encoder", pytest.param("decoder", marks=pytest.mark.slow)])
 def test_two_ranks_write_one_process_result(toys, tmp_path, kind):
     outs = {}
     for nproc in (1, 2):

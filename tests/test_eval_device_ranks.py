@@ -84,14 +84,15 @@ def test_two_gloo_ranks_collect_every_unit_in_order(tmp_path):
         r = ranks()
         mine = r.assign([5, 1, 1, 3, 2, 2])
         out = r.collect(6, {i: [i, r.rank] for i in mine})
-        print(json.dumps({"rank": r.rank, "world": r.world, "writes": r.writes, "mine": mine, "out": out}))
+        row = {"rank": r.rank, "world": r.world, "writes": r.writes, "mine": mine, "out": out}
+        with open(f"{__file__}.rank{r.rank}.json", "w") as f:  # a shared stdout may interleave the ranks' lines
+            json.dump(row, f)
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                         str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    rows = sorted((json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")),
-                  key=lambda r: r["rank"])
+    rows = [json.loads((tmp_path / f"share.py.rank{rank}.json").read_text()) for rank in range(2)]
     assert [(r["rank"], r["world"], r["writes"]) for r in rows] == [(0, 2, True), (1, 2, False)]
     assert sorted(rows[0]["mine"] + rows[1]["mine"]) == list(range(6))
     owner = {i: r["rank"] for r in rows for i in r["mine"]}
