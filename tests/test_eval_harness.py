@@ -137,6 +137,8 @@ def test_missing_lm_eval_and_unknown_tasks_are_one_line(folders, tmp_path, monke
     assert err.count("\n") == 0 and "unknown generative task 'no_such_task'" in err
     with pytest.raises(UnknownName):
         generative.plan_tasks(generative.GenerativeConfig(["nope"]), generative.task_manager())
+    with pytest.raises(ConfigError, match="--data local: no local copy of wsc273"):
+        generative.plan_tasks(generative.GenerativeConfig(["wsc273"], data="local"), generative.task_manager())
     # a task whose data is on the hub, offline (as every test runs): one line naming the task, before any model
     assert main(["eval", "generative", str(tmp_path / "no-model-here"), "--tasks", "wsc273", "--data", "hub"]) == 2
     err = capsys.readouterr().err.strip()
