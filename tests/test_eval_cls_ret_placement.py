@@ -223,16 +223,16 @@ def test_retrieval_on_two_ranks_writes_what_one_process_writes(toy, tmp_path):
 
 
 @pytest.mark.data
-def test_minilm_batches_by_tokens_in_input_order():
-    # the MiniLM baseline embeds in batches of at most max_tokens tokens (longest first), on the device named,
-    # and returns rows in input order: what sentence-transformers gives text by text, to float precision
+def test_minilm_batches_in_input_order():
+    # the MiniLM baseline embeds in batches on the device named and returns rows in input order: what
+    # sentence-transformers gives text by text, to float precision
     from twinlm.eval import baselines
     from twinlm.eval.tasks import minilm_dir
 
     if not minilm_dir().is_dir():
         pytest.skip("the MiniLM baseline is not fetched (twinlm data fetch)")
     texts = [f"text number {i} " * (i % 7 + 1) for i in range(20)]
-    ours = baselines.minilm_encode(texts, device="cpu", max_tokens=64)
+    ours = baselines.minilm_encode(texts, device="cpu", batch_size=4)
     theirs = baselines._minilm(None, "cpu").encode(texts, batch_size=1, convert_to_numpy=True, show_progress_bar=False)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
     assert baselines.minilm_encode([], device="cpu").shape == (0, 384)

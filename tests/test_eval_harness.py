@@ -210,6 +210,13 @@ def test_encoder_through_lm_evals_command_line_equals_twinlm(folders, tmp_path, 
 
     loaded = load_for_eval(str(folders[kind]))
     assert loaded.info["mntp"] == (kind == "mntp")
+    from twinlm.eval.harness import TwinlmLM
+    from twinlm.lm_eval import with_device
+
+    # no device named: auto (lm-eval's own default, cuda:0, is not passed); one in --model_args wins over lm-eval's
+    assert with_device(cmd[3:])[-2:] == ["--device", "auto"] and with_device(["ls", "tasks"]) == ["ls", "tasks"]
+    lm = TwinlmLM.create_from_arg_string(f"pretrained={folders[kind]},device=cpu", {"device": "cuda:0"})
+    assert lm.settings()["device"] == "cpu"
     files = list(out.rglob("samples_*.jsonl"))
     assert {f.name.split("_")[1] for f in files} >= {"arc", "winogrande", "lambada"}
     pairs, theirs = [], []
@@ -260,3 +267,18 @@ def test_cuda_scores_agree_with_the_cpu_within_bf16(folders, kind):
         assert b == pytest.approx(a, rel=3e-2, abs=0.1)
     gen = gpu.generate_until([req("The cat", {"until": ["\n"], "max_gen_toks": 5})])
     assert len(gen) == 1 and isinstance(gen[0], str)
+
+
+def test_a_run_dealt_whole_to_another_local_rank_returns_its_result(folders, tmp_path, monkeypatch):
+    """The suite and `eval curve` deal a whole generative run to one rank of a torchrun job (`ranks=Ranks()`): lm-eval
+    returns results only where LOCAL_RANK is 0, so the run must count as alone there too."""
+    from twinlm.eval import generative
+    from twinlm.eval.ranks import Ranks
+
+    task = write_toy_mc_jsonl(tmp_path / "toy.jsonl", n=6, n_choices=3, seed=2)
+    cfg = generative.GenerativeConfig([str(task)], limit=None)
+    alone = generative.run(str(folders["decoder"]), cfg, log=None, device="cpu")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    dealt = generative.run(str(folders["decoder"]), cfg, log=None, device="cpu", ranks=Ranks())
+    assert dealt["tasks"]["toy"]["score"] == alone["tasks"]["toy"]["score"]
+    assert os.environ["LOCAL_RANK"] == "1"  # put back

@@ -149,7 +149,7 @@ def test_a_device_other_than_the_cpu_is_part_of_the_eval_steps_identity_the_cpu_
     for name, step in cpu.items():
         if not name.startswith("eval-"):
             assert gpu[name].settings == step.settings
-        elif name.split("-")[1] in ("unigram", "bigram", "trigram"):  # the n-gram controls run on the CPU anyway
+        elif name.split("-")[1] in ("unigram", "bigram", "trigram", "tfidf", "bm25"):  # these run on the CPU anyway
             assert gpu[name].settings == step.settings and "device" not in step.settings
         else:
             assert "device" not in step.settings and gpu[name].settings == {**step.settings, "device": "cuda"}

@@ -6,8 +6,8 @@ name: classification takes `tfidf` / `minilm`, retrieval `bm25` / `minilm`, bpb 
 `trigram` (n-gram models fitted on `--shards DIR` with `--tokenizer DIR`). One subcommand per track of
 twinlm.eval.tracks (`classify` is still accepted for classification); its settings flags are generated from the
 track's settings dataclass (twinlm.cli.flags), the others (the model, `--out`, `--device`, `--mntp`, `--shards` …)
-are written here. Under torchrun (`torchrun --nproc_per_node N -m twinlm eval bpb …`) the tracks that share their
-work (bpb, pairs, curve) split it among the ranks; rank 0 alone writes and prints. User errors reach
+are written here. Under torchrun (`torchrun --nproc_per_node N -m twinlm eval TRACK …`) every track, and `eval
+curve`, splits its work among the ranks; rank 0 alone writes and prints. User errors reach
 `twinlm.cli.main`, which prints them as one line."""
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ from scipy.sparse import csr_matrix
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 
 from twinlm.errors import UnknownName
-from twinlm.eval.common import length_batches
 from twinlm.eval.device import resolve_device
 from twinlm.eval.tasks import minilm_dir
 
@@ -82,25 +81,17 @@ def _minilm(data_root=None, device: str = "cpu"):
     return SentenceTransformer(str(minilm_dir(data_root)), device=device)
 
 
-def minilm_encode(texts, data_root=None, max_tokens: int = 16384,
+def minilm_encode(texts, data_root=None, batch_size: int = 64,
                   device: str | torch.device | None = None) -> np.ndarray:
-    """(n, 384) MiniLM embeddings on `device` (resolve_device; None: the accelerator when there is one), in
-    batches of at most `max_tokens` tokens (longest first, as `common.length_batches` packs), fp32."""
-    texts = list(texts)
+    """(n, 384) MiniLM embeddings on `device` (resolve_device; None: the accelerator when there is one), fp32, in
+    sentence-transformers' batches of `batch_size` texts (it sorts them by length; its padding is per batch)."""
     model = _minilm(data_root, str(resolve_device(device)))
-    if not texts:
+    texts = list(texts)
+    if not texts:  # encode([]) has no width: (0, 384) keeps the callers' stacking
         # sentence-transformers 5 renamed get_sentence_embedding_dimension
         dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return np.zeros((0, dim() or 0), dtype=np.float32)
-    lengths = [min(len(ids), model.max_seq_length) for ids in
-               model.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
-    out: list[np.ndarray | None] = [None] * len(texts)
-    for batch in length_batches(lengths, max_tokens):
-        vecs = model.encode([texts[i] for i in batch], batch_size=len(batch), convert_to_numpy=True,
-                            show_progress_bar=False)
-        for j, i in enumerate(batch):
-            out[i] = vecs[j]
-    return np.stack([v for v in out if v is not None])
+    return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
 
 
 # --- BM25 ------------------------------------------------------------------------------------------

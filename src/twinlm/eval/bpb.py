@@ -119,9 +119,11 @@ def _units(model_cfg, causal: bool, mntp: bool, token_lists, max_length: int, se
 
 
 def _host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`, copied without blocking through pinned memory when that is an accelerator."""
+    """A host tensor on `device`, copied without blocking through pinned memory when that is a CUDA GPU."""
     if device.type == "cpu":
         return t
+    if device.type != "cuda":
+        return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
 

@@ -574,7 +574,7 @@ def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: st
               "config": result_config(cfg, t_all(), tasks=[t.name for t in task_objs], mode=mode,
                                       seeds=list(seeds), pooling=pooling,
                                       probe_layer=cfg.probe_layer if mode == "probe" and not baseline else None,
-                                      dev_fraction=DEV_FRACTION, **placement(where))}
+                                      dev_fraction=DEV_FRACTION, **placement(where, fp32=baseline == "minilm"))}
     check_result(result)
     if out and rk.writes:
         write_json(out, result)

@@ -47,9 +47,10 @@ class Loaded:
         return model_device(self.model)
 
 
-def placement(device: torch.device) -> dict[str, str]:
-    """A result's record of where it was computed: the device and the precision scoring used there."""
-    return {"device": str(device), "precision": "bf16 autocast" if is_accelerator(device) else "fp32"}
+def placement(device: torch.device, fp32: bool = False) -> dict[str, str]:
+    """A result's record of where it was computed: the device and the precision scoring used there (`fp32`: a
+    model that never runs under autocast, such as the MiniLM baseline)."""
+    return {"device": str(device), "precision": "bf16 autocast" if is_accelerator(device) and not fp32 else "fp32"}
 
 
 def load_for_eval(model, tokenizer=None, *, mntp: bool | None = None, variant: str | None = None,
@@ -57,7 +58,8 @@ def load_for_eval(model, tokenizer=None, *, mntp: bool | None = None, variant: s
     """A model folder (HF ModernBERT / ModernBERT-decoder or twinlm checkpoint, via `twinlm.load`; any other
     transformers masked-LM, causal-LM or encoder folder through eval/hf_models.py) with the tokenizer saved in
     it, or an in-memory `(Transformer, tokenizer)` pair, on `device` (twinlm.eval.device.resolve_device: None is
-    the accelerator when there is one, else the CPU; an in-memory model is moved there). Already-`Loaded` is
+    the accelerator when there is one, else the CPU, for a folder; an in-memory model named without a device
+    stays where it is). On a GPU, that GPU becomes the process's current one. Already-`Loaded` is
     moved to `device` when one is named, else passes; a model marked `host_only` (the n-gram baselines) stays
     on the CPU whatever `device` says."""
     if isinstance(model, Loaded):
@@ -81,7 +83,11 @@ def load_for_eval(model, tokenizer=None, *, mntp: bool | None = None, variant: s
         model = net
     if tokenizer is None:
         raise ConfigError("an in-memory model needs its tokenizer: pass tokenizer=")
-    model.to(resolve_device(device))
+    if path is not None or device is not None:  # an in-memory model named without a device stays where it is
+        target = resolve_device(device)
+        if target.type == "cuda":
+            torch.cuda.set_device(target)  # this rank's GPU is the current one (no context on GPU 0 from every rank)
+        model.to(target)
     model.eval()
     info = describe(model, path, mntp=mntp, variant=variant)
     return Loaded(model, tokenizer, path, info)

@@ -217,8 +217,8 @@ def curve(sources: Sequence[str], tracks: Sequence[str], out: str | Path, *, eve
     is one, else the CPU), whose type is part of the cache key (`cache_key`). Under torchrun (`ranks` None:
     twinlm.eval.ranks.ranks() joins the job) the uncached (checkpoint, track) evaluations are dealt out among
     the ranks, round robin within each track, each evaluated whole by one rank (the tracks that share their own
-    work get `Ranks()`); when there are fewer of them than ranks and every one's track shares its own work
-    (bpb, pairs), each is run by all ranks together instead. Checkpoint manifests are checked the same way.
+    work get `Ranks()`); when there are fewer of them than ranks (every track shares its own work,
+    `Track.ranks`), each is run by all ranks together instead. Checkpoint manifests are checked the same way.
     The results are gathered, and rank 0 alone writes the cache files, the tables and the plots; every rank
     returns rank 0's curve.json object, equal to one process's."""
     # torch (device, process group) and the model config reader are imported when a curve is made, not for --help
@@ -243,7 +243,9 @@ def curve(sources: Sequence[str], tracks: Sequence[str], out: str | Path, *, eve
                 jobs.append((i, track, key))
             else:
                 results[(i, track)] = result
-    jobs = r.gather(jobs)[0]  # rank 0's view of the cache decides, the same on every rank
+    # rank 0's view of the cache decides, the same on every rank (its cached results too: a rank on another node
+    # may not see rank 0's cache folder)
+    jobs, results = r.gather((jobs, results))[0]
     need = sorted({i for i, _, _ in jobs if points[i].checkpoint})  # checked before they are evaluated
     verdicts = r.collect(len(need), {k: _verify(points[need[k]]) for k in r.mine(need)})
     corrupt = {need[k] for k, message in enumerate(verdicts) if message}

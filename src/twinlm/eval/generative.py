@@ -2,12 +2,12 @@
 metrics) scored by twinlm's model class (eval/harness.py: batched, padding-free log-likelihoods; the paper's masked
 scoring for encoders; greedy generation), in twinlm's result form with lm-eval's own output beside it.
 
-Tasks (`cfg.tasks`): any lm-eval task name, `paper` (the paper's ten, eval/tasks/generative.py `PAPER_TASKS`),
-twinlm's older names (`siqa`, `lambada`), or JSONL files `{context, choices, label}`. `cfg.data` picks the data:
-the fetched local copy (`local`), lm-eval's hub dataset (`hub`), or the local copy where there is one (`auto`);
-each task's result records its source and split (the local ARC / OpenBookQA / SciQ copies are *validation*, where
-lm-eval and the paper read *test*). `cfg.limit` is a seeded random draw of each task's documents (the same draw as
-before the switch to lm-eval), passed to lm-eval as `samples`.
+Tasks (`cfg.tasks`): any lm-eval task name, `paper` (the paper's ten, ARC as its two parts: eleven lm-eval tasks,
+`PAPER_TASKS`), twinlm's older names (`siqa`, `lambada`), or JSONL files `{context, choices, label}`. `cfg.data`
+picks the data: the fetched local copy (`local`), lm-eval's hub dataset (`hub`), or the local copy where there is
+one (`auto`); each task's result records its source and split (the local ARC / OpenBookQA / SciQ copies are
+*validation*, where lm-eval and the paper read *test*). `cfg.limit` is a seeded random draw of each task's documents
+(the same draw as before the switch to lm-eval), passed to lm-eval as `samples`.
 
 Per task: `acc`, `acc_norm` (log-likelihood / characters of the choice) and `acc_bytes` (/ UTF-8 bytes) for
 multiple choice, computed from lm-eval's per-document log-likelihoods as lm-eval defines them (so every task has
@@ -25,13 +25,16 @@ lm-eval is an optional dependency (`pip install 'twinlm[eval]'`); its TaskManage
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from twinlm.errors import ConfigError, FetchError, UnknownName
+from twinlm.errors import ConfigError, FetchError, TwinlmError, UnknownName
 from twinlm.eval.common import Timer, check_result, result_config
 from twinlm.eval.metrics import multiple_choice_metrics
 from twinlm.eval.ranks import Ranks
@@ -132,12 +135,40 @@ def load_tasks(tm: Any, plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for item in plan:
         try:
             out.append(_leaf_tasks(tm, item["spec"]))
-        except ConnectionError as e:  # datasets' "Couldn't reach '<id>' on the Hub" (offline, or no network)
+        except OSError as e:  # datasets' "Couldn't reach '<id>' on the Hub", requests' and the hub client's
+            # connection errors, a dataset that is not there (all OSError subclasses)
+            if item["data"]["source"] != "hub":
+                raise
             local = [name for name in LOCAL_COPIES if name != item["lm_eval"]]
             raise FetchError(f"task {item['key']} reads its data from the Hugging Face hub, which could not be "
-                             f"reached ({e}): connect to the hub (unset HF_DATASETS_OFFLINE / HF_HUB_OFFLINE), or "
-                             f"leave the task out; offline, --data local has {', '.join(local)}") from None
+                             f"read ({type(e).__name__}: {e}): connect to the hub (unset HF_DATASETS_OFFLINE / "
+                             f"HF_HUB_OFFLINE), or leave the task out; offline, --data local has "
+                             f"{', '.join(local)}") from None
     return out
+
+
+def raise_together(here: Ranks, failure: TwinlmError | None) -> None:
+    """Raise on every rank the error one rank met (rank 0 alone builds the result; the other ranks would wait for
+    it at the next gather): that rank its own error, the others the same message."""
+    met = [m for m in here.gather(None if failure is None else str(failure)) if m]
+    if failure is not None:
+        raise failure
+    if met:
+        raise TwinlmError(met[0])
+
+
+@contextlib.contextmanager
+def _alone_for_lm_eval(here: Ranks) -> Iterator[None]:
+    """lm-eval returns its results only where `LOCAL_RANK` is 0 as well as the model's rank: a run dealt whole to
+    one rank of a torchrun job (the suite, `eval curve`) is alone, so it is LOCAL_RANK 0 for lm-eval's purposes."""
+    saved = os.environ.get("LOCAL_RANK")
+    if here.world == 1 and saved not in (None, "0"):
+        os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["LOCAL_RANK"] = saved
 
 
 def _strict(obj: Any) -> Any:
@@ -236,45 +267,65 @@ def run(model, cfg: GenerativeConfig | None = None, *, tokenizer=None, mntp: boo
         if cfg.limit is not None:
             samples = {name: subset(list(range(len(task.eval_docs))), cfg.limit, cfg.seed)
                        for name, task in leaves.items()}
-        got = simple_evaluate(model=lm, tasks=[item["spec"]], task_manager=tm, samples=samples, log_samples=True,
-                              bootstrap_iters=0)
+        with _alone_for_lm_eval(here):
+            got = simple_evaluate(model=lm, tasks=[item["spec"]], task_manager=tm, samples=samples,
+                                  log_samples=True, bootstrap_iters=0)
         sec = t()
         tokens = sum(here.gather(sum(lm.scored_tokens.pop(name, 0) for name in leaves)))
-        if not here.writes:
-            continue
-        assert got is not None, "lm-eval returns the results on rank 0"
-        for name, task in leaves.items():
-            key = item["key"] if len(leaves) == 1 else name
-            docs = sorted(got["samples"][name], key=lambda s: s["doc_id"])
-            metrics = task_metrics(task, docs, got["results"].get(name, {}))
-            headline = HEADLINE.get(item["lm_eval"] if len(leaves) == 1 else name, "acc")
-            if headline not in metrics:
-                headline = next((m for m in metrics if m in PERCENT_METRICS), "acc")
-            if headline not in metrics:
-                raise ConfigError(f"task {key}: lm-eval reported no accuracy-like metric ({', '.join(metrics)}); "
-                                  "the generative track scores multiple choice, completion and generation tasks")
-            p = metrics[headline] / 100.0
-            metrics["scored_tokens"] = tokens if len(leaves) == 1 else None
-            metrics.update(score=metrics[headline], headline=headline,
-                           stderr=100.0 * math.sqrt(max(p * (1 - p), 0.0) / max(1, metrics["n"])),
-                           seconds=sec, examples_per_s=metrics["n"] / sec if sec > 0 else 0.0,
-                           data={**item["data"], "lm_eval_task": name})
-            if metrics["scored_tokens"] is None:
-                del metrics["scored_tokens"]
-            results[key] = metrics
-            lm_out[key] = _strict(got["results"].get(name, {}))
-            if log:
-                where = item["data"]["source"] + (f" {item['data']['split']}" if "split" in item["data"] else "")
-                log(f"[generative] {lm.loaded.info['variant']} {key}: {headline}={metrics[headline]:.2f} "
-                    f"(n={metrics['n']}, {where}, {sec:.1f}s)")
-        full[item["key"]] = _strict({k: got.get(k) for k in ("results", "groups", "configs", "versions", "n-samples",
-                                                             "samples", "higher_is_better")})
-    result = here.gather(_result(cfg, lm, plan, results, lm_out, version, t_all()) if here.writes else None)[0]
+        failure: TwinlmError | None = None
+        if here.writes:
+            assert got is not None, "lm-eval returns the results on rank 0"
+            try:
+                _task_results(item, leaves, got, tokens, sec, lm.loaded.info["variant"], log, results, lm_out, full)
+            except TwinlmError as e:  # raised on every rank below: the others would wait for rank 0
+                failure = e
+        raise_together(here, failure)
+
+    result, failure = None, None
+    if here.writes:
+        try:
+            result = _result(cfg, lm, plan, results, lm_out, version, t_all())
+        except TwinlmError as e:
+            failure = e
+    raise_together(here, failure)
+    result = here.gather(result)[0]
     assert result is not None, "rank 0 builds the result"
     if out and here.writes:
         write_json(out, result)
         write_json(Path(out).with_suffix(".lm_eval.json"), full)
     return result
+
+
+def _task_results(item: dict[str, Any], leaves: dict[str, Any], got: dict[str, Any], tokens: int, sec: float,
+                  variant: str, log: Any, results: dict[str, Any], lm_out: dict[str, Any],
+                  full: dict[str, Any]) -> None:
+    """One planned task's entries (each of its lm-eval tasks) in `results`, `lm_out` and `full`, from lm-eval's
+    output `got` (rank 0's)."""
+    for name, task in leaves.items():
+        key = item["key"] if len(leaves) == 1 else name
+        docs = sorted(got["samples"][name], key=lambda s: s["doc_id"])
+        metrics = task_metrics(task, docs, got["results"].get(name, {}))
+        headline = HEADLINE.get(item["lm_eval"] if len(leaves) == 1 else name, "acc")
+        if headline not in metrics:
+            headline = next((m for m in metrics if m in PERCENT_METRICS), "acc")
+        if headline not in metrics:
+            raise ConfigError(f"task {key}: lm-eval reported no accuracy-like metric ({', '.join(metrics)}); "
+                              "the generative track scores multiple choice, completion and generation tasks")
+        p = metrics[headline] / 100.0
+        if len(leaves) == 1:
+            metrics["scored_tokens"] = tokens
+        metrics.update(score=metrics[headline], headline=headline,
+                       stderr=100.0 * math.sqrt(max(p * (1 - p), 0.0) / max(1, metrics["n"])),
+                       seconds=sec, examples_per_s=metrics["n"] / sec if sec > 0 else 0.0,
+                       data={**item["data"], "lm_eval_task": name})
+        results[key] = metrics
+        lm_out[key] = _strict(got["results"].get(name, {}))
+        if log:
+            where = item["data"]["source"] + (f" {item['data']['split']}" if "split" in item["data"] else "")
+            log(f"[generative] {variant} {key}: {headline}={metrics[headline]:.2f} "
+                f"(n={metrics['n']}, {where}, {sec:.1f}s)")
+    full[item["key"]] = _strict({k: got.get(k) for k in ("results", "groups", "configs", "versions", "n-samples",
+                                                         "samples", "higher_is_better")})
 
 
 def _result(cfg, lm, plan, results, lm_out, version, seconds) -> dict:

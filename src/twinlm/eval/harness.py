@@ -15,8 +15,8 @@ requests with twinlm's batched, padding-free scorers (eval/scoring.py) on any fo
 
 model_args (lm-eval's `key=value,…`):
   pretrained   model folder or hub id (required)
-  device       None/auto: the GPU when there is one, else the CPU (twinlm.eval.device; lm-eval's own CLI default
-               would be CUDA); `cpu`, `cuda`, `cuda:N`
+  device       None/auto: the GPU when there is one, else the CPU (twinlm.eval.device); `cpu`, `cuda`, `cuda:N`;
+               or lm-eval's `--device` (not both)
   max_tokens   tokens per packed forward pass (default 16384); batch_size / max_batch_size are accepted and
                unused (packing is by tokens)
   max_length   tokens per scored sequence (default: the model's context length)
@@ -50,10 +50,10 @@ import lm_eval.models  # noqa: F401  -- lm-eval's own models first: registering 
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 
 from twinlm.errors import ConfigError
-from twinlm.eval.common import Loaded, encode_plain, load_for_eval
+from twinlm.eval.common import Loaded, encode_plain, load_for_eval, placement
 from twinlm.eval.device import autocast, resolve_device
 from twinlm.eval.ranks import Ranks
 from twinlm.eval.ranks import ranks as job_ranks
@@ -126,6 +126,14 @@ class TwinlmLM(TemplateLM):
         self._rank, self._world_size = self._ranks.rank, self._ranks.world
         self.scored_tokens: dict[str, int] = defaultdict(int)  # per task: tokens (encoder: masked copies) scored
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> TwinlmLM:
+        """lm-eval's way in (`--model_args`, then its own settings such as `--device` and `--batch_size`): a key
+        given in `--model_args` wins over lm-eval's value of the same name (lm-eval would pass both and fail)."""
+        args = simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
+
     @property
     def place(self) -> Ranks:
         """This process's place among the ranks the documents are shared by (alone: `Ranks()`)."""
@@ -153,8 +161,8 @@ class TwinlmLM(TemplateLM):
 
     def settings(self) -> dict[str, Any]:
         """What this model scores with, for result files."""
-        return {"device": str(self._device), "precision": "bf16 autocast" if self._device.type != "cpu" else "fp32",
-                "max_tokens": self.max_tokens, "scored_max_length": self.max_length, "add_bos": self.add_bos,
+        return {**placement(self._device), "max_tokens": self.max_tokens, "scored_max_length": self.max_length,
+                "add_bos": self.add_bos,
                 "mntp": self.mntp, "end": self.end, "end_id": self.end_id, "score_sep": self.score_sep,
                 "n_future_masks": N_FUTURE_MASKS}
 

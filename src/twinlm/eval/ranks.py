@@ -27,6 +27,9 @@ from twinlm.errors import ConfigError
 
 T = TypeVar("T")
 _GLOO: Any = None  # the gloo group made beside an existing non-gloo default group
+# how long a rank waits for the others at a gather: a rank done early waits while another runs a whole fine-tuning
+# or a 1B model's generative tasks (torch's default, 30 minutes, would end such a job)
+WAIT = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -97,14 +100,14 @@ def ranks() -> Ranks:
         if "MASTER_ADDR" not in os.environ:
             raise ConfigError("WORLD_SIZE is set but MASTER_ADDR is not: start the ranks with torchrun "
                               "(torchrun --nproc_per_node N -m twinlm eval …)")
-        dist.init_process_group("gloo", timeout=timedelta(minutes=60))
+        dist.init_process_group("gloo", timeout=WAIT)
     world = dist.get_world_size()
     if world == 1:
         return Ranks()
     group = None
     if dist.get_backend() != "gloo":
         if _GLOO is None:
-            _GLOO = dist.new_group(backend="gloo")
+            _GLOO = dist.new_group(backend="gloo", timeout=WAIT)
         group = _GLOO
     return Ranks(dist.get_rank(), world, group)
 

@@ -305,7 +305,7 @@ def run(model, cfg: RetrievalConfig | None = None, *, tokenizer=None, variant: s
                                       finetune=cfg.finetune and not baseline, seeds=list(seeds), scale=SCALE,
                                       train_pairs=len(pairs), pooling=pooling, training=train_info,
                                       export_dir=str(export_dir) if export_dir else None,
-                                      **placement(where))}
+                                      **placement(where, fp32=baseline == "minilm"))}
     check_result(result)
     if out and rk.writes:
         write_json(out, result)

@@ -222,7 +222,7 @@ class Suite:
             write_json(folder / "result.json", result)
             return {"result": str(folder / "result.json"), "mean": result["average"]["mean"],
                     "std": result["average"]["std"]}
-        if self.device_type != "cpu" and model not in self.scale.ngrams:
+        if self.device_type != "cpu" and model not in (*self.scale.ngrams, *HOST_BASELINES):
             settings = {**settings, "device": self.device_type}
         return Step.shared(name, compute, write, settings=settings, after=after, estimate_s=estimate_s, title=title)
 
@@ -295,6 +295,8 @@ class Suite:
         return Pipeline(self.root, self.steps(), log=self.log).status()
 
 
+# baselines that run on the CPU whatever the device (bag-of-words): their steps' identity has no device
+HOST_BASELINES = ("tfidf", "bm25")
 # (baseline, track): each outside baseline on each track that takes it
 BASELINE_RUNS = [(b, t.name) for t in EVAL_TRACKS.values() for b in t.baselines]
 

