@@ -39,6 +39,8 @@ import torch  # noqa: E402
 
 from twinlm.eval import scoring as G  # noqa: E402
 from twinlm.eval.common import load_for_eval as load  # noqa: E402
+from twinlm.eval.generative import plan_tasks, task_manager  # noqa: E402
+from twinlm.eval.settings import GenerativeConfig  # noqa: E402
 from twinlm.eval.tasks import MCExample, lm_eval_task_yaml  # noqa: E402
 from twinlm.eval.toy import toy_model_dir, toy_tokenizer  # noqa: E402
 
@@ -65,8 +67,6 @@ def pretrain_texts(max_bytes: int) -> list[str]:
 
 def hellaswag_items(limit: int):
     """(MCExamples, lm-eval Instances) of the first `limit` HellaSwag documents, built by lm-eval's task."""
-    from twinlm.eval.generative import plan_tasks, task_manager
-    from twinlm.eval.settings import GenerativeConfig
 
     tm = task_manager()
     (item,) = plan_tasks(GenerativeConfig(["hellaswag"], data="local"), tm)
@@ -194,7 +194,7 @@ def main() -> int:
     enc_exs = exs[:args.encoder_items]
     (b_all, _), t_b_all = timed(lambda: G.evaluate_examples(enc, enc_exs, max_tokens=args.max_tokens))
     t_dec_same = t_ours * len(enc_exs) / len(exs)
-    from twinlm.eval.harness import TwinlmLM
+    from twinlm.eval.harness import TwinlmLM  # imports lm-eval (optional: --skip-lm-eval runs without it)
 
     cls = TwinlmLM(pretrained=str(enc_dir), device="cpu", max_tokens=args.max_tokens)
     n_req = sum(len(e.continuations) for e in enc_exs)
