@@ -15,6 +15,7 @@ rank writes the file.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -90,6 +91,11 @@ class Ranks:
             dist.barrier(group=self.group)
 
 
+def _close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def ranks() -> Ranks:
     """This process's place in the evaluation: alone, or one rank of torchrun's job (joined here)."""
     global _GLOO
@@ -101,6 +107,9 @@ def ranks() -> Ranks:
             raise ConfigError("WORLD_SIZE is set but MASTER_ADDR is not: start the ranks with torchrun "
                               "(torchrun --nproc_per_node N -m twinlm eval …)")
         dist.init_process_group("gloo", timeout=WAIT)
+        # a process that leaves with its gloo group open may abort in the group's threads ("terminate called
+        # without an active exception"): the group it made is closed on the way out
+        atexit.register(_close)
     world = dist.get_world_size()
     if world == 1:
         return Ranks()
