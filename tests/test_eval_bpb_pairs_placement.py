@@ -128,6 +128,7 @@ def test_two_ranks_write_one_process_result(toys, tmp_path, kind):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # ~35 s: the default suite keeps the per-track two-rank checks
 def test_curve_on_two_ranks_equals_one_process(toys, tmp_path):
     sets = ["--set", f"bpb.text_file={toys['held']}", "bpb.max_tokens=512", f"pairs.text_file={toys['held']}",
             "pairs.per_family=4", "pairs.bootstrap=100", "pairs.max_tokens=1024"]
