@@ -18,7 +18,7 @@ from twinlm.eval.common import embed, load_for_eval
 from twinlm.eval.ranks import Ranks
 from twinlm.eval.settings import ClassifyConfig, RetrievalConfig
 from twinlm.eval.tasks import RetrievalSet
-from twinlm.eval.toy import toy_classification, toy_model_dir, toy_retrieval, toy_tokenizer
+from twinlm.eval.toy import toy_model_dir, toy_retrieval, toy_tokenizer, write_toy_classification
 
 TIMING = {"seconds", "versions"}
 
@@ -27,8 +27,7 @@ TIMING = {"seconds", "versions"}
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("cls-ret-placement")
     tok = toy_tokenizer()
-    for name, rows in (("train", toy_classification(60, 0)), ("dev", toy_classification(30, 1))):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_toy_classification(root)
     return {"root": root, "tok": tok, "enc": toy_model_dir(root / "encoder", False, tokenizer=tok),
             "dec": toy_model_dir(root / "decoder", True, tokenizer=tok)}
 

@@ -3,7 +3,6 @@ LM) folders written by transformers itself go through classify, retrieval, gener
 tokenizer and special tokens, scored as twinlm models are (checked against transformers' own forward), and
 `twinlm compare` puts them in the same tables as a twinlm model."""
 
-import json
 import math
 
 import pytest
@@ -15,11 +14,11 @@ from twinlm.eval.common import embed, load_for_eval
 from twinlm.eval.settings import BpbConfig, ClassifyConfig, GenerativeConfig, RetrievalConfig
 from twinlm.eval.tasks import RetrievalSet, read_mc_jsonl
 from twinlm.eval.toy import (
-    toy_classification,
     toy_model_dir,
     toy_retrieval,
     toy_sentences,
     toy_tokenizer,
+    write_toy_classification,
     write_toy_mc_jsonl,
 )
 
@@ -45,8 +44,7 @@ def folders(tmp_path_factory):
         intermediate_size=64, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3))
     llama.save_pretrained(root / "llama")
     llama_tok.save_pretrained(root / "llama")
-    for name, rows in (("train", toy_classification(40, 0)), ("dev", toy_classification(20, 1))):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_toy_classification(root, 40, 20)
     return {"root": root, "bert": root / "bert", "llama": root / "llama",
             "twin": toy_model_dir(root / "random-encoder", False, tokenizer=tok)}
 

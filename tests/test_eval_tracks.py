@@ -14,15 +14,21 @@ from twinlm.eval import bpb, classify, compare, retrieval
 from twinlm.eval.common import embed, embed_layers, load_for_eval
 from twinlm.eval.settings import BpbConfig, ClassifyConfig, RetrievalConfig
 from twinlm.eval.tasks import RetrievalSet
-from twinlm.eval.toy import toy_classification, toy_model_dir, toy_retrieval, toy_sentences, toy_tokenizer
+from twinlm.eval.toy import (
+    toy_classification,
+    toy_model_dir,
+    toy_retrieval,
+    toy_sentences,
+    toy_tokenizer,
+    write_toy_classification,
+)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaltracks")
     tok = toy_tokenizer()
-    for name, rows in (("train", toy_classification(60, 0)), ("dev", toy_classification(30, 1))):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_toy_classification(root)
     pair = toy_classification(30, 2, pair=True)
     (root / "pair.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pair))
     return {"root": root, "tok": tok, "enc": toy_model_dir(root / "random-encoder", False, tokenizer=tok),

@@ -100,6 +100,16 @@ def write_toy_mc_jsonl(path: str | Path, n: int = 20, n_choices: int = 3, seed: 
     return Path(path)
 
 
+def write_toy_classification(root: str | Path, n_train: int = 60, n_dev: int = 30) -> tuple[Path, Path]:
+    """`root/train.jsonl` and `root/dev.jsonl` of `toy_classification` rows (seeds 0 and 1): a task file pair."""
+    paths = []
+    for name, rows in (("train", toy_classification(n_train, 0)), ("dev", toy_classification(n_dev, 1))):
+        path = Path(root) / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
 def toy_classification(n: int = 80, seed: int = 0, pair: bool = False) -> list[dict]:
     """Sentences labelled 1 when they end with a positive adjective, else 0 (learnable from bag of words)."""
     rng = random.Random(seed)
