@@ -34,11 +34,18 @@ def trained_decoder(tmp_path_factory):
     return {"root": root, "tok": root / "tok", "final": final, "run": root / "dec"}
 
 
+SELECTED_ONLY = {"soak": "soak test: run with `pytest -m soak`",
+                 "paper": "the paper's protocols end to end (minutes): run with `pytest -m paper`"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """`soak` tests (minutes of random kills) run only when selected with `-m soak`."""
-    if "soak" in (config.getoption("markexpr") or ""):
-        return
-    skip = pytest.mark.skip(reason="soak test: run with `pytest -m soak`")
-    for item in items:
-        if "soak" in item.keywords:
-            item.add_marker(skip)
+    """`soak` tests (minutes of random kills) and `paper` tests (every paper column end to end) run only when
+    selected with `-m soak` / `-m paper`."""
+    expr = config.getoption("markexpr") or ""
+    for marker, reason in SELECTED_ONLY.items():
+        if marker in expr:
+            continue
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
