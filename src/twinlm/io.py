@@ -100,6 +100,34 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_bytes(path, dumps_json(obj))
 
 
+def _seal(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_jsonable, allow_nan=False).encode()).hexdigest()
+
+
+def write_sealed_json(path: str | Path, obj: Any) -> None:
+    """Atomically write `{"sha256": …, "payload": obj}`: a cached result whose reader can tell it whole and
+    unaltered (`read_sealed_json`). The digest is over `obj` as sorted-key compact JSON."""
+    write_json(path, {"sha256": _seal(obj), "payload": obj})
+
+
+def read_sealed_json(path: str | Path) -> tuple[Any, str | None]:
+    """`(payload, None)` for a file `write_sealed_json` wrote whole and nobody altered since; `(None, why)` for
+    one that is missing, cut short, not JSON, or whose payload does not match its digest (`why` says which, for
+    the log line of a caller that then recomputes)."""
+    path = Path(path)
+    if not path.is_file():
+        return None, "missing"
+    try:
+        sealed = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"not whole JSON ({e.__class__.__name__})"
+    if not isinstance(sealed, dict) or set(sealed) != {"sha256", "payload"}:
+        return None, "not a sealed result file"
+    if _seal(sealed["payload"]) != sealed["sha256"]:
+        return None, "its contents do not match its sha256"
+    return sealed["payload"], None
+
+
 MANIFEST = "MANIFEST.sha256"
 # a file name of the folder: no "/", no white space but the space (a \v or \x1c read as a line break by
 # another reader would hide an entry), not starting with "." (temporaries) or a space
