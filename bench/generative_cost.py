@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -34,6 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from twinlm.config import ModelConfig  # noqa: E402
 from twinlm.data.tokenizer import build_ettin_tokenizer  # noqa: E402
 from twinlm.eval.generative import load_tasks, plan_tasks, task_manager  # noqa: E402
+from twinlm.eval.paper.plan import PEAK, SCORING_MFU, interpolated_mfu  # noqa: E402
 from twinlm.eval.scoring import N_FUTURE_MASKS, tokenize_requests  # noqa: E402
 from twinlm.eval.settings import GenerativeConfig  # noqa: E402
 from twinlm.eval.tasks.generative import PAPER_TASKS  # noqa: E402
@@ -41,8 +41,6 @@ from twinlm.eval.tasks.generative import PAPER_TASKS  # noqa: E402
 # documents of the split the paper (lm-eval) reads, where the local copy is another split or missing
 PAPER_SPLIT_DOCS = {"arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500, "sciq": 1000, "wsc273": 273}
 SIZES = ["ettin-17m", "ettin-32m", "ettin-68m", "ettin-150m", "ettin-400m", "ettin-1b"]
-MFU_ANCHORS = {17e6: 0.076, 150e6: 0.215, 1.0e9: 0.26}  # total parameters -> assumed fraction of peak
-PEAK = 989e12  # one H100, dense bf16 FLOP/s
 
 
 def count(tok, cfg) -> dict[str, dict[str, float]]:
@@ -88,19 +86,6 @@ def count(tok, cfg) -> dict[str, dict[str, float]]:
     return out
 
 
-def mfu(params: float) -> float:
-    xs = sorted(MFU_ANCHORS)
-    if params <= xs[0]:
-        return MFU_ANCHORS[xs[0]]
-    if params >= xs[-1]:
-        return MFU_ANCHORS[xs[-1]]
-    for a, b in zip(xs, xs[1:]):
-        if a <= params <= b:
-            t = (math.log(params) - math.log(a)) / (math.log(b) - math.log(a))
-            return MFU_ANCHORS[a] + t * (MFU_ANCHORS[b] - MFU_ANCHORS[a])
-    raise AssertionError
-
-
 def estimate(counts: dict[str, dict[str, float]]) -> list[dict[str, float | str]]:
     rows = []
     for size in SIZES:
@@ -108,7 +93,8 @@ def estimate(counts: dict[str, dict[str, float]]) -> list[dict[str, float | str]
         d, L, V = c.hidden_size, c.num_layers, c.vocab_size
         per_layer = 4 * d * d + 3 * d * c.intermediate_size  # q, k, v, o; GeGLU in (2x) and out
         total_params = L * per_layer + V * d
-        row: dict[str, float | str] = {"size": size, "params": total_params, "mfu": mfu(total_params)}
+        mfu = interpolated_mfu(total_params, SCORING_MFU)
+        row: dict[str, float | str] = {"size": size, "params": total_params, "mfu": mfu}
         for kind in ("decoder", "encoder"):
             flops = 0.0
             for t in counts.values():

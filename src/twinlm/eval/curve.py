@@ -63,7 +63,9 @@ class Point:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _folder_identity(folder: Path) -> str:
+def folder_identity(folder: Path) -> str:
+    """What a model folder's cached results are keyed on: its checkpoint manifest's digest, else every file's
+    name, size and modification time (a changed file is another model)."""
     manifest = folder / "MANIFEST.sha256"
     if manifest.is_file():  # a twinlm checkpoint: its manifest names every file's sha256
         return "manifest:" + hashlib.sha256(manifest.read_bytes()).hexdigest()
@@ -94,7 +96,7 @@ def _run_points(run: Path, every: int, log: Callable) -> list[Point]:
         trainer = read_state(c).get("trainer", {})
         out.append(Point(series=run.name, label=c.name, path=c, step=trainer.get("step"),
                          tokens=trainer.get("tokens"), tokenizer=tok, objective=cfg.get("objective"),
-                         identity=_folder_identity(c), checkpoint=True))
+                         identity=folder_identity(c), checkpoint=True))
     return out
 
 
@@ -113,7 +115,7 @@ def _model_point(spec: str) -> Point:
     if (folder / "state.json").is_file():  # a twinlm checkpoint folder named directly
         trainer = json.loads((folder / "state.json").read_text()).get("trainer", {})
         step, tokens = trainer.get("step", step), trainer.get("tokens")
-    return Point(series=series, label=label, path=folder, step=step, tokens=tokens, identity=_folder_identity(folder))
+    return Point(series=series, label=label, path=folder, step=step, tokens=tokens, identity=folder_identity(folder))
 
 
 def collect_points(sources: Sequence[str], every: int = 1, log: Callable = print) -> list[Point]:

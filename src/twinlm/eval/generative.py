@@ -328,19 +328,25 @@ def _task_results(item: dict[str, Any], leaves: dict[str, Any], got: dict[str, A
                                                          "samples", "higher_is_better")})
 
 
-def _result(cfg, lm, plan, results, lm_out, version, seconds) -> dict:
+def average(results: dict[str, Any], lm_eval_tasks: list[str]) -> dict[str, Any]:
+    """The track's average over the tasks' results (`results[name]["score"]`, percent): their plain mean, with
+    the standard error of that mean from the tasks' standard errors (`lm_eval_tasks`: the lm-eval tasks run,
+    which the metric's description names)."""
     scores = [r["score"] for r in results.values()]
     se = math.sqrt(sum(r["stderr"] ** 2 for r in results.values())) / max(1, len(results))
     metric = "score (acc_norm for ARC/HellaSwag/PIQA/OpenBookQA, acc otherwise)"
-    if any(item["lm_eval"] == "triviaqa" for item in plan):
+    if "triviaqa" in lm_eval_tasks:
         metric += "; exact_match for TriviaQA"
+    return {"metric": metric, "mean": float(np.mean(scores)) if scores else float("nan"), "std": se,
+            "std_kind": "standard error over examples (zero-shot scoring is deterministic)", "n_tasks": len(scores)}
+
+
+def _result(cfg, lm, plan, results, lm_out, version, seconds) -> dict:
     info = lm.loaded.info
     scoring = "log-likelihood" if lm.causal else \
         ("masked (MNTP: read position before the first mask)" if info["mntp"] else "masked (read first mask)")
     result = {"track": "generative", "model": info, "tasks": results,
-              "average": {"metric": metric, "mean": float(np.mean(scores)) if scores else float("nan"), "std": se,
-                          "std_kind": "standard error over examples (zero-shot scoring is deterministic)",
-                          "n_tasks": len(scores)},
+              "average": average(results, [item["lm_eval"] for item in plan]),
               "config": result_config(cfg, seconds, scoring=scoring,
                                       engine=f"lm-evaluation-harness {version}, model twinlm (eval/harness.py)",
                                       lm_eval_tasks={item["key"]: item["lm_eval"] for item in plan},
@@ -351,6 +357,6 @@ def _result(cfg, lm, plan, results, lm_out, version, seconds) -> dict:
     return result
 
 
-__all__ = ["run", "plan_tasks", "task_manager", "require_lm_eval", "task_metrics", "score_requests",
+__all__ = ["run", "average", "plan_tasks", "task_manager", "require_lm_eval", "task_metrics", "score_requests",
            "score_requests_naive", "tokenize_requests", "evaluate_examples", "Request", "Scored", "HEADLINE",
            "GenerativeConfig"]
