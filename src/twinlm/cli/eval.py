@@ -82,6 +82,30 @@ def register(commands: Any) -> None:
                         "the CPU), cpu, cuda, cuda:N; part of the cache key")
     p.set_defaults(handler=_curve)
 
+    p = tracks.add_parser("paper", help="the paper's three columns (GLUE, MS MARCO + MTEB, generative) the paper's "
+                                        "way, in a table beside the paper's numbers (eval/paper/columns.py)",
+                          description="The paper's columns for MODEL: GLUE fine-tuning (the glue track), MS MARCO "
+                                      "fine-tuning then MTEB retrieval (the mteb track) and the generative tasks "
+                                      "(the generative track, --tasks paper --limit all --data hub), cached per task "
+                                      "in OUT, with OUT/paper.md: the table beside the paper's row for the same size "
+                                      "and kind. Needs the paper extra: pip install 'twinlm[paper]'.")
+    p.add_argument("model", help="a transformers encoder or decoder folder, or a hub id")
+    p.add_argument("--out", help="output folder (results cached there; required unless --dry-run)")
+    p.add_argument("--tracks", type=_names, default=["glue", "retrieval", "generative"],
+                   help="comma list of the columns: glue, retrieval, generative (default: all three)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list every dataset the run downloads and its estimated GPU hours, then stop")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="COLUMN.KEY=VALUE",
+                   help="the columns' settings, e.g. --set glue.seeds=1 retrieval.max_triplets=100000 "
+                        "generative.limit=200 (the keys of twinlm eval glue / mteb / generative)")
+    p.add_argument("--size", help="the paper's size to compare with, 17M … 1B (default: read from the config)")
+    p.add_argument("--variant", help="label in the table (default: encoder or decoder from the config)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", default=None,
+                   help="auto (the default: the GPU when there is one, else the CPU), cpu, cuda, cuda:N")
+    p.set_defaults(handler=_paper)
+
     c = commands.add_parser("compare", help="tables (Markdown, JSON) and plots (PNG) of eval results side by side")
     c.add_argument("runs", nargs="+", help="result JSON files or folders (searched for results and metrics.jsonl)")
     c.add_argument("--out", required=True, help="output folder")
@@ -164,6 +188,34 @@ def _curve(args) -> int:
         return 0
     print(json.dumps({"points": len(res["points"]), "metrics": res["metrics"], "evaluated": res["evaluated"],
                       "cached": res["cached"], "plots": res["plots"]}, indent=2))
+    return 0
+
+
+def _paper(args) -> int:
+    from twinlm.errors import ConfigError
+    from twinlm.eval.paper.columns import dry_run, format_plan, paper
+
+    if args.dry_run:
+        plan = dry_run(args.model, columns=args.tracks, overrides=args.set, size=args.size)
+        print(format_plan(plan), end="")
+        if args.out:
+            from twinlm.io import write_json
+
+            write_json(os.path.join(args.out, "plan.json"), plan)
+            print(f"wrote {os.path.join(args.out, 'plan.json')}", file=sys.stderr)
+        return 0
+    if not args.out:
+        raise ConfigError("twinlm eval paper needs --out DIR (results are cached there), or --dry-run")
+    _threads(args)
+    report = paper(args.model, args.out, columns=args.tracks, overrides=args.set, device=args.device,
+                   variant=args.variant, size=args.size, data_root=args.data_root, log=_log)
+    print(report["table"]["markdown"], end="")
+    failed = [k for k, v in report["table"]["status"].items() if v in ("failed", "incomplete")]
+    print(f"wrote {os.path.join(args.out, 'paper.md')} and paper.json", file=sys.stderr)
+    if failed:
+        print(f"incomplete: {', '.join(failed)} (see the [paper] lines above and {args.out}/*.error.txt); rerun "
+              "the same command to retry them, the finished parts are cached", file=sys.stderr)
+        return 1
     return 0
 
 

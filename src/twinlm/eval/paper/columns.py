@@ -183,4 +183,80 @@ def paper(model: str, out: str | Path, *, columns: Sequence[str] = COLUMNS, over
     return report
 
 
-__all__ = ["paper", "run_column", "column_settings", "model_identity", "COLUMNS", "COLUMN_TRACKS"]
+def _glue_runs(settings: Any) -> list[dict[str, Any]]:
+    from twinlm.eval.paper.glue_tasks import TASKS, sweep_configs
+    from twinlm.eval.settings import seed_list
+
+    seeds = len(seed_list(settings.seeds))
+    return [{"task": name, "seeds": seeds, "max_train": settings.max_train_examples,
+             "max_eval": settings.max_eval_examples,
+             "hypers": [dataclasses.asdict(h) for h in sweep_configs(TASKS[name], settings.sweep, settings.batch_size)]}
+            for name in settings.tasks]
+
+
+def _lm_eval_configs(settings: Any) -> dict[str, dict[str, Any]]:
+    """lm-eval's own config (dataset, splits) of each task the generative column runs, from its task index."""
+    from twinlm.eval.generative import task_manager
+    from twinlm.eval.tasks.generative import expand_tasks, is_task_file, lm_eval_name
+
+    tm = task_manager()
+    out = {}
+    for name in expand_tasks(settings.tasks):
+        if is_task_file(name):
+            out[name] = {"dataset_path": name, "validation_split": "file"}
+            continue
+        entry = tm.task_index.get(lm_eval_name(name))
+        if entry is None:
+            raise ConfigError(f"generative: {name} is not an lm-eval task (lm-eval ls tasks lists them)")
+        out[lm_eval_name(name)] = dict(entry.cfg or {})
+    return out
+
+
+def dry_run(model: str, *, columns: Sequence[str] = COLUMNS, overrides: Sequence[str] = (),
+            size: str | None = None) -> dict[str, Any]:
+    """What `paper(model, …)` would download and cost, without downloading or loading anything (eval/paper/plan.py):
+    {"model": shape, "paper_row", "columns": {column: {"datasets": [...], "gpu_hours", "mfu"}}, "gpu_hours",
+    "estimate"}."""
+    from twinlm.eval.paper import plan
+
+    shape = model_shape(model)
+    settings = column_settings(columns, overrides)
+    out: dict[str, Any] = {}
+    for column in columns:
+        s = settings[column]
+        if column == "glue":
+            out[column] = plan.glue_plan(shape, _glue_runs(s))
+        elif column == "retrieval":
+            from twinlm.eval.paper.mteb_tasks import task_plan  # imports mteb (its task metadata)
+
+            out[column] = plan.retrieval_plan(shape, s, task_plan(s.tasks))
+        else:
+            out[column] = plan.generative_plan(shape, _lm_eval_configs(s), s.limit)
+    return {"model": {"path": str(model), "shape": shape.as_dict()}, "paper_row": paper_row(shape, size),
+            "columns": out, "gpu_hours": sum(c["gpu_hours"] for c in out.values()), "estimate": plan.LABEL}
+
+
+def _gpu_time(hours: float) -> str:
+    return f"{hours:.1f} GPU hours" if hours >= 1 else f"{hours * 60:.1f} GPU minutes"
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    """The dry run as text: one table of datasets per column and the estimated GPU hours."""
+    shape = p["model"]["shape"]
+    lines = [f"model: {p['model']['path']} ({shape['kind']}, {shape['layers']} layers x {shape['hidden']}, "
+             f"{shape['params'] / 1e6:.1f}M parameters); compared with the paper's {p['paper_row']['note']}", ""]
+    for column, c in p["columns"].items():
+        lines.append(f"{column}: {_gpu_time(c['gpu_hours'])} on one H100 (estimated, MFU {c['mfu']:.1%})")
+        lines.append("| dataset | config | task | split: rows | reads |")
+        lines.append("|---|---|---|---|---|")
+        for d in c["datasets"]:
+            splits = ", ".join(f"{k}: {v:,}" if isinstance(v, int) else f"{k}: ?" for k, v in d["splits"].items())
+            reads = ", ".join(f"{k}: {v:,}" if isinstance(v, int) else f"{k}: ?" for k, v in d["reads"].items())
+            lines.append(f"| {d['id']} | {d.get('config') or ''} | {d.get('task') or ''} | {splits} | {reads} |")
+        lines.append("")
+    lines.append(f"total: {_gpu_time(p['gpu_hours'])} on one H100, {p['estimate']}")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["paper", "dry_run", "format_plan", "run_column", "column_settings", "model_identity", "COLUMNS",
+           "COLUMN_TRACKS"]

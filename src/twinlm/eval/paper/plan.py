@@ -103,8 +103,9 @@ class Cost:
 
 
 def glue_plan(shape: ModelShape, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The GLUE column: `runs` are {task, epochs, batch, seeds, configs, max_train, max_eval} per task (from the
-    glue settings); every config x seed fine-tunes on the train split and evaluates once on the eval splits."""
+    """The GLUE column: `runs` are {task, hypers: [{epochs, batch_size}, …] (the configurations swept), seeds,
+    max_train, max_eval} per task; every configuration x seed fine-tunes on the train split and evaluates once on
+    the eval splits."""
     cost = Cost(shape, TRAINING_MFU)
     datasets = []
     for r in runs:
@@ -112,11 +113,12 @@ def glue_plan(shape: ModelShape, runs: Sequence[dict[str, Any]]) -> dict[str, An
         train = min(rows["train"], r.get("max_train") or rows["train"])
         evals = {k: min(v, r.get("max_eval") or v) for k, v in rows.items() if k != "train"}
         length = GLUE_TOKENS[r["task"]] * PADDING
-        n = r["seeds"] * r["configs"]
-        cost.train(n * r["epochs"] * math.ceil(train / r["batch"]), r["batch"] * length, length)
-        cost.forward(n * sum(math.ceil(v / r["batch"]) for v in evals.values()), r["batch"] * length, length)
-        datasets.append({"id": "nyu-mll/glue", "config": r["task"], "splits": dict(rows),
-                         "reads": {"train": train, **evals}, "fine_tuning_runs": n})
+        for h in r["hypers"]:
+            batch = h["batch_size"]
+            cost.train(r["seeds"] * h["epochs"] * math.ceil(train / batch), batch * length, length)
+            cost.forward(r["seeds"] * sum(math.ceil(v / batch) for v in evals.values()), batch * length, length)
+        datasets.append({"id": "nyu-mll/glue", "config": r["task"], "task": r["task"], "splits": dict(rows),
+                         "reads": {"train": train, **evals}, "fine_tuning_runs": r["seeds"] * len(r["hypers"])})
     return {"datasets": datasets, "gpu_hours": cost.hours(), "mfu": cost.mfu}
 
 
@@ -129,7 +131,7 @@ def retrieval_plan(shape: ModelShape, settings: Any, tasks: Sequence[dict[str, A
         triplets = min(MSMARCO_ROWS - 1000, settings.max_triplets or MSMARCO_ROWS)
         batch = settings.batch_size
         cost.train(math.ceil(triplets / batch), batch * MSMARCO_TOKENS * PADDING, MSMARCO_TOKENS / 2, per_param=8.0)
-        datasets.append({"id": settings.train_dataset, "config": settings.train_config,
+        datasets.append({"id": settings.train_dataset, "config": settings.train_config, "task": "fine-tuning",
                          "splits": {"train": MSMARCO_ROWS}, "reads": {"train": triplets + 1000}})
     max_len = getattr(settings, "max_seq_length", None) or 512
     for t in tasks:
