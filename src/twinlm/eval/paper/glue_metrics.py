@@ -13,7 +13,7 @@ predictions), raises ScoreError: a score is never made up.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from twinlm.errors import ScoreError
 from twinlm.eval.paper.glue_tasks import GlueTask
 
 
-def metric(name: str, labels: Sequence[Any], predictions: Sequence[Any]) -> float:
+def metric(name: str, labels: Any, predictions: Any) -> float:
     """One metric of predictions against labels (classes for accuracy/f1/mcc, numbers for the correlations)."""
     y, p = np.asarray(labels), np.asarray(predictions)
     if y.size == 0 or y.shape != p.shape:
@@ -54,7 +54,7 @@ def split_suffix(task: GlueTask, split: str) -> str:
     return "" if len(task.eval_splits) == 1 else "_" + split.removeprefix("validation_")
 
 
-def task_metrics(task: GlueTask, by_split: Mapping[str, tuple[Sequence[Any], Sequence[Any]]]) -> dict[str, float]:
+def task_metrics(task: GlueTask, by_split: Mapping[str, tuple[Any, Any]]) -> dict[str, float]:
     """Every metric of `task` (reported and extra) on each of its evaluation splits: `by_split` maps a split name
     to (labels, predictions)."""
     missing = [s for s in task.eval_splits if s not in by_split]
