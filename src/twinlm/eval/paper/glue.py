@@ -185,6 +185,7 @@ def finetune(path: str | Path, task: GlueTask, hyper: Hyper, seed: int, train: A
     """One fine-tuning run of `task` (encoded datasets `train` and `evals` {split: dataset}) and its metrics after
     the last epoch; `save_to`: also write the fine-tuned model (and tokenizer) there, atomically."""
     from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     model = glue_model(path, task, pooling=pooling, pad_token_id=tokenizer.pad_token_id, warm_from=warm_from,
                        seed=seed)
@@ -202,6 +203,8 @@ def finetune(path: str | Path, task: GlueTask, hyper: Hyper, seed: int, train: A
             raise ConfigError(f"HF Trainer cannot start ({e}): pip install 'twinlm[paper]'") from None
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
                           processing_class=tokenizer)
+        for printer in (PrinterCallback, ProgressCallback):  # stdout is the command's result summary
+            trainer.remove_callback(printer)
         trainer.train()
         by_split = {}
         for split, ds in evals.items():

@@ -13,6 +13,7 @@ predictions), raises ScoreError: a score is never made up.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,10 +37,10 @@ def metric(name: str, labels: Any, predictions: Any) -> float:
         value = f1_score(y, p, pos_label=1, average="binary", zero_division=0.0)
     elif name == "mcc":
         value = matthews_corrcoef(y, p)
-    elif name == "spearman":
-        value = spearmanr(y, p).statistic
-    elif name == "pearson":
-        value = pearsonr(y, p).statistic
+    elif name in ("spearman", "pearson"):
+        with warnings.catch_warnings():  # constant input: scipy warns and gives NaN, refused below
+            warnings.simplefilter("ignore")
+            value = (spearmanr if name == "spearman" else pearsonr)(y, p).statistic
     else:
         raise ValueError(f"unknown GLUE metric {name!r}")
     value = float(value)
