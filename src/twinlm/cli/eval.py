@@ -54,6 +54,9 @@ def _track_parser(tracks: Any, t: Track) -> None:
         p.add_argument("--shards", help="n-gram baselines (MODEL unigram, bigram, trigram): the training shard "
                                         "folder they are fitted on")
         p.add_argument("--tokenizer", help="n-gram baselines: the tokenizer folder of those shards")
+    if t.work_dir:
+        p.add_argument("--work-dir", help="finished fine-tuning runs are kept here and a rerun skips them "
+                                          "(default: OUT.work beside --out, else a temporary folder)")
     if t.export:
         p.add_argument("--export", help="save the fine-tuned model here as a sentence-transformers folder")
     p.set_defaults(handler=_run_track, track_name=t.name)
@@ -173,6 +176,8 @@ def _run_track(args: argparse.Namespace) -> int:
         options["mntp"] = args.mntp
     if t.export:
         options["export_dir"] = args.export
+    if t.work_dir:
+        options["work_dir"] = args.work_dir or (f"{args.out}.work" if args.out else None)
     res = t.run(_model(args) if t.ngrams else args.model, settings, **options)
     return _finish(res, args)
 

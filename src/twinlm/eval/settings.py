@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twinlm.errors import ConfigError
+from twinlm.eval.paper.glue_tasks import GLUE_SEEDS, GLUE_TASKS, TASKS, parse_sweep
 
 DEFAULT_CS = (0.1, 1.0, 10.0)  # logistic-regression C swept by the probe
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3)  # learning rates swept by classification fine-tuning
@@ -184,3 +185,42 @@ class PairsConfig:
             raise ConfigError(f"per_family: {self.per_family} must be at least 1 (or None for all)")
         if self.bootstrap < 100:
             raise ConfigError(f"bootstrap: {self.bootstrap} resamples are too few for an interval; use at least 100")
+
+
+@dataclass
+class GlueConfig:
+    """The paper's GLUE protocol as ModernBERT ran it: fine-tuning per task, seed and configuration, MNLI warm
+    start, the mean of each task's metrics, GLUE the mean of the 8 (twinlm.eval.paper.glue)."""
+
+    tasks: list[str] = setting(factory=lambda: list(GLUE_TASKS), choices=GLUE_TASKS,
+                               help="GLUE tasks (mnli first: rte, mrpc, stsb start from its fine-tuned weights)")
+    sweep: str = setting("defaults", help="defaults (ModernBERT's per task), grid (all 60 of lr x epochs x weight "
+                                          "decay), or random:N (N of the grid, a fixed draw); more than one: the "
+                                          "best mean over seeds on validation is reported")
+    seeds: int | list[int] = setting(factory=lambda: list(GLUE_SEEDS), help=SEEDS_HELP)
+    warm_start: bool = setting(True, help="rte, mrpc and stsb start from the MNLI model of the same seed and "
+                                          "configuration selected for MNLI, with a fresh head")
+    max_length: int = setting(256, help="tokens per input (pair inputs: longest side truncated first)")
+    max_train_examples: int | None = setting(None, help="training rows per task, a fixed draw (none: all)")
+    max_eval_examples: int | None = setting(None, help="evaluation rows per split, a fixed draw (none: all)")
+    batch_size: int | None = setting(None, help="batch size for every task (none: each task's ModernBERT default)")
+    dataset: str = setting("nyu-mll/glue", help="the datasets id (or a local folder in the hub's layout)")
+    pooling: str = setting("auto", choices=("auto", "cls", "mean", "last"),
+                           help="auto: the folder's own (ModernBERT's classifier_pooling; decoders the last real "
+                                "token); cls or mean for a ModernBERT encoder; last for a decoder")
+    keep_going: bool = setting(True, help="a task that fails is recorded as an error and the others run on")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        _some_seeds(self.seeds)
+        parse_sweep(self.sweep)
+        if not self.tasks:
+            raise ConfigError("tasks: no task named (e.g. --tasks mnli,rte)")
+        for name, value in (("max_length", self.max_length), ("max_train_examples", self.max_train_examples),
+                            ("max_eval_examples", self.max_eval_examples), ("batch_size", self.batch_size)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}: {value} must be at least 1")
+        warm = [t for t in self.tasks if TASKS[t].warm_from_mnli]
+        if self.warm_start and warm and "mnli" not in self.tasks:
+            raise ConfigError(f"tasks: {', '.join(warm)} start from the MNLI fine-tuned model: add mnli to --tasks, "
+                              "or give --no-warm-start")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twinlm.errors import UnknownName
-from twinlm.eval.settings import BpbConfig, ClassifyConfig, GenerativeConfig, PairsConfig, RetrievalConfig
+from twinlm.eval.settings import BpbConfig, ClassifyConfig, GenerativeConfig, GlueConfig, PairsConfig, RetrievalConfig
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ class Track:
     baselines: tuple[str, ...] = ()  # model names `run` takes as outside baselines instead of a folder
     ranks: bool = False  # `run` takes `ranks=` (twinlm.eval.ranks): under torchrun it shares its work among the
     # ranks itself; a caller that shares whole runs among the ranks (eval curve, the suite) passes `Ranks()`
+    work_dir: bool = False  # `run` takes `work_dir=` (finished runs kept there, a rerun resumes)
+    suite: bool = True  # a step of `twinlm suite` (its Scale has a field of this name); the paper's GPU-sized
+    # protocols are run on their own
 
     def run(self, model: Any, settings: Any, **options: Any) -> dict[str, Any]:
         """Run the track (importing its module) on `model` with `settings`; returns the result dict."""
@@ -62,6 +65,9 @@ TRACKS: dict[str, Track] = {t.name: t for t in (
     Track("pairs", PairsConfig, "twinlm.eval.pairs",
           "minimal pairs: real sentence vs corrupted twin, accuracy per family with bootstrap intervals",
           mntp=True, ngrams=True, ranks=True),
+    Track("glue", GlueConfig, "twinlm.eval.paper.glue",
+          "the paper's GLUE protocol (ModernBERT's): fine-tuning on the 8 tasks of nyu-mll/glue through HF Trainer, "
+          "MNLI warm start, seeds and sweep", work_dir=True, suite=False),
 )}
 _BY_SPELLING = {spelling: t for t in TRACKS.values() for spelling in (t.name, *t.aliases)}
 

