@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twinlm.errors import UnknownName
-from twinlm.eval.settings import BpbConfig, ClassifyConfig, GenerativeConfig, PairsConfig, RetrievalConfig
+from twinlm.eval.settings import BpbConfig, ClassifyConfig, GenerativeConfig, MtebConfig, PairsConfig, RetrievalConfig
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Track:
     baselines: tuple[str, ...] = ()  # model names `run` takes as outside baselines instead of a folder
     ranks: bool = False  # `run` takes `ranks=` (twinlm.eval.ranks): under torchrun it shares its work among the
     # ranks itself; a caller that shares whole runs among the ranks (eval curve, the suite) passes `Ranks()`
+    work_dir: bool = False  # `run` takes `work_dir=` (a folder it keeps and reuses: fine-tuned models, caches)
 
     def run(self, model: Any, settings: Any, **options: Any) -> dict[str, Any]:
         """Run the track (importing its module) on `model` with `settings`; returns the result dict."""
@@ -62,6 +63,10 @@ TRACKS: dict[str, Track] = {t.name: t for t in (
     Track("pairs", PairsConfig, "twinlm.eval.pairs",
           "minimal pairs: real sentence vs corrupted twin, accuracy per family with bootstrap intervals",
           mntp=True, ngrams=True, ranks=True),
+    Track("mteb", MtebConfig, "twinlm.eval.paper.mteb_track",
+          "the paper's retrieval protocol: MS MARCO fine-tuning (sentence-transformers, Ettin's recipe), then mteb "
+          "(MTEB(eng, v2) retrieval, MS MARCO dev, CodeSearchNet, MLDR-en)", aliases=("retrieval-paper",),
+          export=True, work_dir=True),
 )}
 _BY_SPELLING = {spelling: t for t in TRACKS.values() for spelling in (t.name, *t.aliases)}
 

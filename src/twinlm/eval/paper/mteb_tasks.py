@@ -29,7 +29,7 @@ MSMARCO, CODESEARCHNET, MLDR = "MSMARCO", "CodeSearchNetRetrieval", "MultiLongDo
 PAPER_EXTRA = (MSMARCO, CODESEARCHNET, MLDR)
 TASK_SETS: dict[str, tuple[str, ...]] = {"paper": MTEB_V2_RETRIEVAL + PAPER_EXTRA, "mteb-v2": MTEB_V2_RETRIEVAL}
 # the paper's restrictions of a task: {name: get_task keyword arguments}
-RESTRICT: dict[str, dict[str, list[str]]] = {MLDR: {"hf_subsets": ["en"], "eval_splits": ["test"]}}
+RESTRICT: dict[str, dict[str, Any]] = {MLDR: {"hf_subsets": ["en"], "eval_splits": ["test"]}}
 
 
 def mteb_v2_retrieval() -> list[str]:
@@ -83,13 +83,17 @@ def _size(stats: dict, subsets: list[str], split: str) -> tuple[int | None, int 
     """(queries, documents) of `split` over `subsets` from a task's descriptive statistics; None when unrecorded."""
     split_stats = stats.get(split) or {}
     per_subset = split_stats.get("hf_subset_descriptive_stats") or {}
-    parts = [per_subset.get(s) for s in subsets] if subsets != ["default"] and per_subset else [split_stats]
-    if not parts or any(p is None for p in parts):
+    found = [per_subset.get(s) for s in subsets] if subsets != ["default"] and per_subset else [split_stats]
+    parts: list[dict] = [p for p in found if isinstance(p, dict)]
+    if not parts or len(parts) < len(found):
         return None, None
-
     q = [_count(p, "num_queries", "queries_text_statistics") for p in parts]
     d = [_count(p, "num_documents", "documents_text_statistics") for p in parts]
-    return (sum(q) if None not in q else None), (sum(d) if None not in d else None)
+    return _total(q), _total(d)
+
+
+def _total(counts: list[int | None]) -> int | None:
+    return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
 
 
 def task_plan(names: Sequence[str]) -> list[dict[str, Any]]:
@@ -102,9 +106,7 @@ def task_plan(names: Sequence[str]) -> list[dict[str, Any]]:
         subsets = list(task.hf_subsets) if meta.is_multilingual else ["default"]
         stats = meta.descriptive_stats or {}
         sizes = [_size(stats, subsets, split) for split in task.eval_splits]
-        qs, ds = [q for q, _ in sizes], [d for _, d in sizes]
-        queries = sum(q for q in qs if q is not None) if None not in qs else None
-        documents = sum(d for d in ds if d is not None) if None not in ds else None
+        queries, documents = _total([q for q, _ in sizes]), _total([d for _, d in sizes])
         plan.append({"name": meta.name, "dataset": meta.dataset["path"], "revision": meta.dataset["revision"],
                      "split": task.eval_splits[0], "splits": list(task.eval_splits), "subsets": subsets,
                      "main_score": meta.main_score, "queries": queries, "documents": documents})

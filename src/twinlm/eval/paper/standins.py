@@ -16,11 +16,11 @@ from pathlib import Path
 
 import datasets
 
+from twinlm.eval.settings import MSMARCO_TRIPLETS
 from twinlm.eval.tasks import RetrievalSet, load_retrieval_set
 from twinlm.io import atomic_path, write_bytes
 
 # --- MS MARCO triplets and mteb retrieval tasks (twinlm.eval.paper.msmarco, mteb_tasks) -----------------------
-MSMARCO_TRIPLETS = "sentence-transformers/msmarco-co-condenser-margin-mse-sym-mnrl-mean-v1"
 MSMARCO_CONFIG = "triplet-hard"
 # the fetched QA sets the mteb stand-ins draw from, in turn per task (so tasks differ)
 STANDIN_SOURCES = ("sciq", "squad", "boolq")
