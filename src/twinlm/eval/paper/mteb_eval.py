@@ -5,7 +5,8 @@ aggregates over them.
 `cache_dir` (mteb skips a task whose result is cached there: a rerun reuses finished tasks), so that a failed task
 is recorded as `{"error": "..."}` and the others go on. Each task's entry: `score` = mteb's main score
 (`ndcg_at_10`, averaged by mteb over the task's splits and subsets: CodeSearchNet's six languages), `metrics` =
-every numeric score mteb reports, per split and subset. A score that is missing or not finite is an error.
+every numeric score mteb reports, per split and subset (None for one mteb gives as NaN). A main score that is
+missing or not finite is an error.
 
 `aggregates(tasks)`: the MTEB v2 retrieval mean (the 10 tasks' nDCG@10), MS MARCO dev, CodeSearchNet, MLDR-en.
 An aggregate whose tasks did not all give a score is None with `incomplete` naming them: never a mean over fewer
@@ -48,11 +49,13 @@ def _why(e: BaseException, task: Any) -> str:
 def task_entry(result: Any) -> dict[str, Any]:
     """One task's entry from mteb's TaskResult: score (its main score) and metrics {split: {subset: {name: value}}}.
     ValueError when the main score is missing or not finite."""
-    metrics: dict[str, dict[str, dict[str, float]]] = {}
+    metrics: dict[str, dict[str, dict[str, float | None]]] = {}
     for split, rows in result.scores.items():
         for row in rows:
+            # a secondary score mteb cannot compute (its nAUC ones on a few queries) is NaN there: None here
             metrics.setdefault(split, {})[row.get("hf_subset", "default")] = {
-                k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                k: float(v) if math.isfinite(v) else None for k, v in row.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     score = result.get_score()
     if score is None or not math.isfinite(float(score)):
         raise ValueError(f"mteb gave {result.task_name} a main score of {score} (no data, or non-finite embeddings)")

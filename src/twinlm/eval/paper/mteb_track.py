@@ -35,7 +35,7 @@ except ImportError as e:  # the optional extra: say how to install it, in one li
     raise ConfigError(f"the mteb track needs {e.name or 'the paper extra'}: pip install 'twinlm[paper]' "
                       "(mteb, sentence-transformers[train], accelerate, datasets)") from e
 
-from twinlm.eval.common import Timer, load_for_eval, result_config
+from twinlm.eval.common import Timer, check_result, load_for_eval, result_config
 from twinlm.eval.device import resolve_device
 from twinlm.eval.paper.mteb_tasks import expand, get_tasks
 from twinlm.eval.settings import MtebConfig
@@ -125,6 +125,7 @@ def run(model: str | Path, cfg: MtebConfig | None = None, *, variant: str | None
                                       device=str(where), library_versions={
                                           "mteb": mteb.__version__,
                                           "sentence_transformers": sentence_transformers.__version__})}
+    check_result(result)
     if out:
         write_json(out, result)
     return result
