@@ -138,6 +138,7 @@ def triplet_accuracy(model: SentenceTransformer, held: datasets.Dataset, batch_s
 
 def _train_one(model: SentenceTransformer, train: datasets.Dataset, held: datasets.Dataset, cfg: Any, lr: float,
                out_dir: Path, accelerator: bool) -> dict[str, Any]:
+    loss: torch.nn.Module
     if cfg.loss == "cached":
         loss = CachedMultipleNegativesRankingLoss(model, scale=SCALE, mini_batch_size=cfg.mini_batch_size)
     else:
