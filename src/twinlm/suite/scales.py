@@ -25,8 +25,10 @@ from twinlm.eval.tracks import canonical_name, canonical_overrides
 # available (python-stdlib, python-doc, linux-doc) but buy little for these tasks at CPU scale.
 PROSE_SOURCES = ["wiki-gensim", "nlp-corpus", "sotu", "gcide", "shakespeare", "moby-dick"]
 ALL_SOURCES = PROSE_SOURCES + ["python-doc", "linux-doc", "python-stdlib"]
-# every evaluation track, in the registry's order (the suite's step order); Scale has a field of each name
-TRACKS = tuple(EVAL_TRACKS)
+# the evaluation tracks the suite runs, in the registry's order (the suite's step order): those whose settings Scale
+# holds (a field of each name); the paper's protocols (eval/paper, GPU scale) are run on their own
+SUITE_SETTINGS = (ClassifyConfig, RetrievalConfig, GenerativeConfig, BpbConfig, PairsConfig)
+TRACKS = tuple(name for name, t in EVAL_TRACKS.items() if t.settings in SUITE_SETTINGS)
 # outside baselines the tracks take (eval/tracks.py), each once
 BASELINES = tuple(dict.fromkeys(b for t in EVAL_TRACKS.values() for b in t.baselines))
 # n-gram controls fitted on the pre-training shards, scored on the intrinsic tracks (twinlm.eval.ngram)
