@@ -34,12 +34,13 @@ def _settings(argv: list[str]):
 
 
 def test_one_record_per_track_and_the_suite_has_settings_for_each():
-    assert list(TRACKS) == ["classification", "retrieval", "generative", "bpb", "pairs", "glue"]
+    assert list(TRACKS) == ["classification", "retrieval", "generative", "bpb", "pairs", "glue", "mteb"]
     assert SUITE_TRACKS == tuple(name for name, t in TRACKS.items() if t.suite) == tuple(TRACKS)[:5]
     hints = typing.get_type_hints(Scale)
     for name in SUITE_TRACKS:
         t = TRACKS[name]
         assert hints[name] is t.settings and dataclasses.is_dataclass(t.settings)
+    for name, t in TRACKS.items():
         assert track(name) is t and all(track(a) is t for a in t.aliases)
     assert track("classify").name == "classification"
     with pytest.raises(ConfigError, match="unknown track 'classifyy': choose from classification, retrieval"):

@@ -1,4 +1,4 @@
-"""`twinlm eval {classification,retrieval,generative,bpb,pairs} MODEL`, `twinlm eval curve` and `twinlm compare RUN
+"""`twinlm eval {classification,retrieval,generative,bpb,pairs,mteb} MODEL`, `twinlm eval curve` and `twinlm compare RUN
 … --out DIR`.
 
 MODEL is a model folder (HF ModernBERT / ModernBERT-decoder, or a twinlm checkpoint), or a baseline
@@ -54,11 +54,12 @@ def _track_parser(tracks: Any, t: Track) -> None:
         p.add_argument("--shards", help="n-gram baselines (MODEL unigram, bigram, trigram): the training shard "
                                         "folder they are fitted on")
         p.add_argument("--tokenizer", help="n-gram baselines: the tokenizer folder of those shards")
-    if t.work_dir:
-        p.add_argument("--work-dir", help="finished fine-tuning runs are kept here and a rerun skips them "
-                                          "(default: OUT.work beside --out, else a temporary folder)")
     if t.export:
         p.add_argument("--export", help="save the fine-tuned model here as a sentence-transformers folder")
+    if t.work_dir:
+        p.add_argument("--work-dir", help="a folder the track keeps and reuses on a rerun (finished fine-tuning "
+                                          "runs, models, caches; default: <out>.work beside --out, else a "
+                                          "temporary folder)")
     p.set_defaults(handler=_run_track, track_name=t.name)
 
 
@@ -177,7 +178,7 @@ def _run_track(args: argparse.Namespace) -> int:
     if t.export:
         options["export_dir"] = args.export
     if t.work_dir:
-        options["work_dir"] = args.work_dir or (f"{args.out}.work" if args.out else None)
+        options["work_dir"] = args.work_dir or (f"{os.path.splitext(args.out)[0]}.work" if args.out else None)
     res = t.run(_model(args) if t.ngrams else args.model, settings, **options)
     return _finish(res, args)
 

@@ -224,3 +224,46 @@ class GlueConfig:
         if self.warm_start and warm and "mnli" not in self.tasks:
             raise ConfigError(f"tasks: {', '.join(warm)} start from the MNLI fine-tuned model: add mnli to --tasks, "
                               "or give --no-warm-start")
+
+
+# --- the paper's retrieval protocol (twinlm.eval.paper.mteb_track) -------------------------------------
+MSMARCO_TRIPLETS = "sentence-transformers/msmarco-co-condenser-margin-mse-sym-mnrl-mean-v1"
+
+
+@dataclass
+class MtebConfig:
+    """MS MARCO fine-tuning with sentence-transformers (the Ettin recipe), then mteb's retrieval tasks
+    (twinlm.eval.paper.mteb_track)."""
+
+    tasks: list[str] = setting(factory=lambda: ["paper"],
+                               help="mteb task names, or the sets paper (the 10 retrieval tasks of MTEB(eng, v2), "
+                                    "MSMARCO dev, CodeSearchNetRetrieval, MultiLongDocRetrieval en) and mteb-v2")
+    finetune: bool = setting(True, help="fine-tune on MS MARCO first (--no-finetune: evaluate the folder as it is, "
+                                        "e.g. a fine-tuned sentence-transformers folder)")
+    train_dataset: str = setting(MSMARCO_TRIPLETS, help="hub id of the training triplets")
+    train_config: str = setting("triplet-hard", help="its config (columns query, positive, negative)")
+    max_triplets: int | None = setting(1_250_000, help="training triplets, the first of the split (none: all)")
+    held_out: int = setting(1000, help="triplets held out for the triplet check (a tenth of a smaller set)")
+    batch_size: int = setting(1024, help="triplets per device batch (in-batch negatives: part of the objective)")
+    accum_steps: int = setting(1, help="gradient accumulation steps")
+    mini_batch_size: int = setting(64, help="the cached loss's mini-batch (memory only; Ettin README: 64)")
+    lr: float = setting(3e-4, help="learning rate (Ettin README: 3e-4)")
+    lrs: list[float] | None = setting(None, help="a sweep instead of --lr: the rate with the best held-out triplet "
+                                                 "accuracy is kept")
+    max_seq_length: int = setting(512, help="tokens per text in training and evaluation")
+    max_steps: int | None = setting(None, help="stop training after this many steps (none: one epoch)")
+    loss: str = setting("cached", choices=("cached", "mnrl"),
+                        help="cached (CachedMultipleNegativesRankingLoss, Ettin) or mnrl (uncached, same objective)")
+    seed: int = setting(12, help="seed of the held-out split (Ettin: 12) and of training")
+    encode_batch_size: int = setting(128, help="texts per batch when mteb encodes")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if not self.tasks:
+            raise ConfigError("tasks: no task named (give --tasks paper, mteb-v2 or mteb task names)")
+        for name in ("batch_size", "accum_steps", "mini_batch_size", "held_out", "max_seq_length",
+                     "encode_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be at least 1")
+        if self.lrs is not None and not self.lrs:
+            raise ConfigError("lrs: an empty sweep (give rates, e.g. --lrs 1e-4,3e-4, or none for --lr)")

