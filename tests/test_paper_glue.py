@@ -243,7 +243,7 @@ def test_cli_writes_the_result(standin, encoder, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["track"] == "glue" and result["config"]["seeds"] == [5, 6]
-    assert len(result["tasks"]["rte"]["runs"]) == 2 and (tmp_path / "glue.json.work" / "runs" / "rte").is_dir()
+    assert len(result["tasks"]["rte"]["runs"]) == 2 and (tmp_path / "glue.work" / "runs" / "rte").is_dir()
     assert json.loads(p.stdout)["tasks"]["rte"] == round(result["tasks"]["rte"]["score"], 4)
 
 
