@@ -60,9 +60,9 @@ def _row(tmp_path):
 
 def test_table_reads_each_column_and_takes_differences_only_of_numbers(tmp_path):
     glue = {"average": {"mean": 0.801}, "tasks": {"mnli": {"score": 0.85}}}
-    retrieval = {"aggregates": {"mteb_v2": {"mean": 0.41}, "msmarco": {"mean": 0.35},
-                                "codesearchnet": {"mean": None, "incomplete": ["CodeSearchNetRetrieval"]},
-                                "mldr": {"mean": 0.2}}}
+    retrieval = {"aggregates": {"mteb_v2_retrieval": {"score": 0.41}, "msmarco_dev": {"score": 0.35},
+                                "codesearchnet": {"score": None, "incomplete": ["CodeSearchNetRetrieval"]},
+                                "mldr_en": {"score": 0.2}}}
     t = table("enc", _row(tmp_path), {"glue": {"result": glue}, "retrieval": {"result": retrieval},
                                       "generative": {"error": "FetchError: offline"}})
     assert t["model"]["glue"] == pytest.approx(80.1) and t["model"]["mnli"] == pytest.approx(85.0)

@@ -250,7 +250,10 @@ class MtebConfig:
     lr: float = setting(3e-4, help="learning rate (Ettin README: 3e-4)")
     lrs: list[float] | None = setting(None, help="a sweep instead of --lr: the rate with the best held-out triplet "
                                                  "accuracy is kept")
-    max_seq_length: int = setting(512, help="tokens per text in training and evaluation")
+    max_seq_length: int = setting(512, help="tokens per text in fine-tuning (MS MARCO's texts are shorter)")
+    eval_max_seq_length: int | None = setting(None, help="tokens per text when mteb encodes (none: the model's "
+                                                         "context, max_position_embeddings: long documents such "
+                                                         "as MLDR's are read whole, as the paper's 8K models do)")
     max_steps: int | None = setting(None, help="stop training after this many steps (none: one epoch)")
     loss: str = setting("cached", choices=("cached", "mnrl"),
                         help="cached (CachedMultipleNegativesRankingLoss, Ettin) or mnrl (uncached, same objective)")
@@ -262,8 +265,8 @@ class MtebConfig:
         if not self.tasks:
             raise ConfigError("tasks: no task named (give --tasks paper, mteb-v2 or mteb task names)")
         for name in ("batch_size", "accum_steps", "mini_batch_size", "held_out", "max_seq_length",
-                     "encode_batch_size"):
-            if getattr(self, name) < 1:
+                     "encode_batch_size", "eval_max_seq_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be at least 1")
         if self.lrs is not None and not self.lrs:
             raise ConfigError("lrs: an empty sweep (give rates, e.g. --lrs 1e-4,3e-4, or none for --lr)")

@@ -92,6 +92,19 @@ def _size(stats: dict, subsets: list[str], split: str) -> tuple[int | None, int 
     return _total(q), _total(d)
 
 
+def _chars(stats: dict, subsets: list[str], split: str, text_key: str) -> float | None:
+    """Mean characters per text of `text_key` (queries_text_statistics …) over `subsets` of `split`; None when
+    unrecorded (the dry run's token estimate)."""
+    split_stats = stats.get(split) or {}
+    per_subset = split_stats.get("hf_subset_descriptive_stats") or {}
+    parts = [per_subset.get(s) for s in subsets] if subsets != ["default"] and per_subset else [split_stats]
+    texts = [(p or {}).get(text_key) or {} for p in parts]
+    if not texts or not all(t.get("average_text_length") for t in texts):
+        return None
+    total = sum(t["total_text_length"] for t in texts)
+    return total / sum(t["total_text_length"] / t["average_text_length"] for t in texts)
+
+
 def _total(counts: list[int | None]) -> int | None:
     return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
 
@@ -99,7 +112,8 @@ def _total(counts: list[int | None]) -> int | None:
 def task_plan(names: Sequence[str]) -> list[dict[str, Any]]:
     """What each task of `names` evaluates, read offline from mteb's metadata: name, dataset (hub id),
     revision (pinned), splits and subsets evaluated (`split`: the first), main_score, and, from mteb's descriptive
-    statistics over those splits and subsets, queries and documents (None where mteb records no count)."""
+    statistics over those splits and subsets, queries and documents (None where mteb records no count) and their mean
+    characters in the first split (`queries_chars`, `documents_chars`)."""
     plan = []
     for task in get_tasks(names):
         meta = task.metadata
@@ -109,7 +123,9 @@ def task_plan(names: Sequence[str]) -> list[dict[str, Any]]:
         queries, documents = _total([q for q, _ in sizes]), _total([d for _, d in sizes])
         plan.append({"name": meta.name, "dataset": meta.dataset["path"], "revision": meta.dataset["revision"],
                      "split": task.eval_splits[0], "splits": list(task.eval_splits), "subsets": subsets,
-                     "main_score": meta.main_score, "queries": queries, "documents": documents})
+                     "main_score": meta.main_score, "queries": queries, "documents": documents,
+                     "queries_chars": _chars(stats, subsets, task.eval_splits[0], "queries_text_statistics"),
+                     "documents_chars": _chars(stats, subsets, task.eval_splits[0], "documents_text_statistics")})
     return plan
 
 

@@ -79,6 +79,12 @@ def _model_info(path: Path, variant: str | None, pooling: str) -> dict[str, Any]
     return {**info, "pooling": pooling}
 
 
+def _context(st_model: Any) -> int:
+    """The longest input the model's positions allow (its transformers config's max_position_embeddings)."""
+    config = st_model[0].auto_model.config
+    return int(getattr(config, "max_position_embeddings", None) or st_model.max_seq_length)
+
+
 def run(model: str | Path, cfg: MtebConfig | None = None, *, variant: str | None = None, data_root=None,
         out: str | Path | None = None, log: Callable[[str], None] | None = print, device=None,
         work_dir: str | Path | None = None, export_dir: str | Path | None = None) -> dict[str, Any]:
@@ -111,7 +117,7 @@ def run(model: str | Path, cfg: MtebConfig | None = None, *, variant: str | None
                                                 work_dir=work, log=log)
         st_dir = work / msmarco.BASE_DIR if (work / msmarco.BASE_DIR).is_dir() and not (
             path / "modules.json").is_file() else path
-    st_model.max_seq_length = cfg.max_seq_length
+    st_model.max_seq_length = cfg.eval_max_seq_length or _context(st_model)
     cache_dir = work / "mteb-cache" / fingerprint(st_dir)
     tasks = mteb_eval.evaluate_tasks(st_model, names, cache_dir, encode_batch_size=cfg.encode_batch_size, log=log)
     if export_dir is not None:

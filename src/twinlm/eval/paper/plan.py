@@ -133,7 +133,7 @@ def retrieval_plan(shape: ModelShape, settings: Any, tasks: Sequence[dict[str, A
         cost.train(math.ceil(triplets / batch), batch * MSMARCO_TOKENS * PADDING, MSMARCO_TOKENS / 2, per_param=8.0)
         datasets.append({"id": settings.train_dataset, "config": settings.train_config, "task": "fine-tuning",
                          "splits": {"train": MSMARCO_ROWS}, "reads": {"train": triplets + 1000}})
-    max_len = getattr(settings, "max_seq_length", None) or 512
+    max_len = settings.eval_max_seq_length or 8192  # none: the model's context (Ettin's: 7,999 to 8,192)
     for t in tasks:
         for kind in ("documents", "queries"):
             n = t.get(kind) or 0

@@ -24,6 +24,11 @@ METRICS: list[tuple[str, str, str | None, str]] = [
 ]
 
 
+# the table's retrieval columns: the mteb track's aggregates (eval/paper/mteb_eval.py AGGREGATES)
+RETRIEVAL_AGGREGATES = {"mteb_v2": "mteb_v2_retrieval", "msmarco": "msmarco_dev", "codesearchnet": "codesearchnet",
+                        "mldr": "mldr_en"}
+
+
 def _pct(v: Any, fraction: bool) -> float | None:
     if v is None:
         return None
@@ -36,13 +41,12 @@ def _pct(v: Any, fraction: bool) -> float | None:
 def headline(column: str, result: dict[str, Any]) -> dict[str, float | None]:
     """The headline numbers (percent) of one column's result: glue -> glue, mnli; retrieval -> mteb_v2, msmarco,
     codesearchnet, mldr; generative -> generative. None where the result has no complete value."""
-    if column == "glue":
-        frac = result.get("units", "fraction") == "fraction"
+    if column == "glue":  # scores are fractions (scikit-learn's metrics)
         mnli = (result.get("tasks", {}).get("mnli") or {}).get("score")
-        return {"glue": _pct((result.get("average") or {}).get("mean"), frac), "mnli": _pct(mnli, frac)}
-    if column == "retrieval":
+        return {"glue": _pct((result.get("average") or {}).get("mean"), True), "mnli": _pct(mnli, True)}
+    if column == "retrieval":  # mteb's nDCG@10, a fraction
         agg = result.get("aggregates") or {}
-        return {k: _pct((agg.get(k) or {}).get("mean"), True) for k in ("mteb_v2", "msmarco", "codesearchnet", "mldr")}
+        return {ours: _pct((agg.get(theirs) or {}).get("score"), True) for ours, theirs in RETRIEVAL_AGGREGATES.items()}
     if column == "generative":
         return {"generative": _pct((result.get("average") or {}).get("mean"), False)}
     raise KeyError(column)
