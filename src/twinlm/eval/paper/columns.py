@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from twinlm.configs import apply_overrides, build
-from twinlm.errors import ConfigError, TwinlmError
+from twinlm.errors import ConfigError, ModelLoadError, TwinlmError
 from twinlm.eval.curve import folder_identity
 from twinlm.eval.paper.reference import ModelShape, model_shape, paper_row
 from twinlm.eval.paper.table import table
@@ -103,8 +103,8 @@ def _generative(model: str, settings: Any, out: Path, identity: str, *, device, 
         if res is None:
             try:
                 res = t.run(model, one, variant=variant, data_root=data_root, log=log, device=device)
-            except (KeyboardInterrupt, SystemExit):
-                raise
+            except (KeyboardInterrupt, SystemExit, ConfigError, ModelLoadError):
+                raise  # the model or the settings: every task would fail the same way (the column fails)
             except Exception as e:  # reported with the task, and the other tasks go on
                 errors[name] = _one_line(e)
                 write_bytes(out / "generative" / f"{name}.error.txt", traceback.format_exc())

@@ -313,7 +313,7 @@ def write_generative_standin(root: str | Path, data_root=None, tasks: Sequence[s
     (twinlm.eval.tasks.generative.LOCAL_COPIES; at most `rows` each) under the split lm-eval reads, so that the
     generative track with `data=hub` reads them offline from `root` as the working directory. ARC, OpenBookQA and
     SciQ's copies are their validation rows standing in for test; WSC273, which the bundle lacks, is imitated
-    from WinoGrande's rows."""
+    from WinoGrande's rows. The other splits lm-eval's config names (train, for few-shot draws) hold the same rows."""
     root = Path(root)
     tm = task_manager()
     repos: dict[str, dict[str, dict[str, str]]] = {}
@@ -331,10 +331,14 @@ def write_generative_standin(root: str | Path, data_root=None, tasks: Sequence[s
                         f"{lm_eval_name(name)}")
         if rows is not None:
             ds = ds.select(range(min(rows, len(ds))))
-        rel = f"{config}/{split}-00000-of-00001.parquet"
-        with atomic_path(root / cfg["dataset_path"] / rel) as tmp:
-            ds.to_parquet(str(tmp))
-        repos.setdefault(cfg["dataset_path"], {}).setdefault(config, {})[split] = rel
+        # lm-eval opens every split its config names (a training split for few-shot draws, even at zero shots):
+        # the others hold the same rows, which a zero-shot run never reads
+        named = [split] + [cfg[k] for k in ("training_split", "validation_split", "fewshot_split") if cfg.get(k)]
+        for one in dict.fromkeys(named):
+            rel = f"{config}/{one}-00000-of-00001.parquet"
+            with atomic_path(root / cfg["dataset_path"] / rel) as tmp:
+                ds.to_parquet(str(tmp))
+            repos.setdefault(cfg["dataset_path"], {}).setdefault(config, {})[one] = rel
     for repo, configs in repos.items():
         _readme(root / repo, configs)
     return root
