@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from twinlm.errors import ConfigError, DataError
+from twinlm.errors import ConfigError, DataError, ModelLoadError
 from twinlm.eval.paper import columns as cols
 from twinlm.eval.paper.reference import model_shape, paper_row
 from twinlm.eval.paper.table import table
@@ -131,3 +131,26 @@ def test_column_settings_take_the_papers_defaults_and_name_bad_keys():
         cols.column_settings(["generative"], ["glue.seeds=1"])
     with pytest.raises(ConfigError, match="choose from glue, retrieval, generative"):
         cols.column_settings(["classification"])
+
+
+def test_a_column_with_failed_tasks_is_not_cached_and_its_tasks_are_named(tmp_path, monkeypatch):
+    model = toy_model_dir(tmp_path / "enc", causal=False)
+    glue = _FakeTrack({"average": {"mean": None, "incomplete": ["cola"]},
+                       "tasks": {"mnli": {"score": 0.6}, "cola": {"error": "MissingArtifactError: offline"}}})
+    monkeypatch.setattr(cols, "TRACKS", {"glue": glue})
+    out = tmp_path / "out"
+    logs: list[str] = []
+    report = cols.paper(str(model), out, columns=["glue"], log=logs.append)
+    assert report["table"]["status"]["glue"] == "incomplete" and report["table"]["model"]["mnli"] == pytest.approx(60)
+    assert (out / "glue.error.txt").read_text() == "cola: MissingArtifactError: offline\n"
+    assert "[paper] glue cola failed: MissingArtifactError: offline" in logs
+    cols.paper(str(model), out, columns=["glue"], log=logs.append)
+    assert glue.calls == 2  # retried, not read back from a cache
+
+
+def test_mnli_not_asked_for_is_not_run_and_a_missing_path_is_one_line(tmp_path):
+    t = table("enc", _row(tmp_path), {"glue": {"result": {"average": {"mean": None}, "tasks": {"rte": {"score": 1}}}}})
+    assert t["status"]["mnli"] == "not run" and t["status"]["glue"] == "incomplete"
+    for missing in (tmp_path / "nope", "./nope", "a/b/c"):
+        with pytest.raises(ModelLoadError, match="no such model folder"):
+            model_shape(missing)

@@ -139,6 +139,12 @@ def run_column(column: str, model: str, settings: Any, out: Path, identity: str,
     else:
         res = TRACKS[COLUMN_TRACKS[column]].run(model, settings, variant=variant, data_root=data_root, log=log,
                                                 device=device, work_dir=out / column)
+        errors = {name: task["error"] for name, task in res.get("tasks", {}).items() if "error" in task}
+        if errors:  # not sealed: a rerun retries the failed tasks (the track's own work folder keeps the rest)
+            write_bytes(out / f"{column}.error.txt", "".join(f"{n}: {e}\n" for n, e in errors.items()))
+            for name, e in errors.items():
+                log(f"[paper] {column} {name} failed: {e}")
+            return res
     write_sealed_json(path, {"key": key, "result": res})
     return res
 

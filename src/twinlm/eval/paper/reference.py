@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -84,6 +85,9 @@ def _config(model: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     if folder.exists():
         raise ModelLoadError(f"{folder} is a file: give a transformers model folder (or a hub id)")
+    text = str(model)
+    if os.path.isabs(text) or text.startswith(("./", "../", "~")) or text.count("/") != 1:  # not org/name
+        raise ModelLoadError(f"{model}: no such model folder (a hub id is org/name)")
     from transformers import AutoConfig  # a hub id: its config.json alone (from the hub cache when offline)
 
     try:

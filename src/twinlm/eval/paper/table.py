@@ -68,6 +68,8 @@ def table(model_label: str, row: dict[str, Any], columns: dict[str, dict[str, An
             ours[key], status[key] = None, "not run"
         elif "error" in entry:
             ours[key], status[key] = None, "failed"
+        elif key == "mnli" and "mnli" not in entry["result"].get("tasks", {}):
+            ours[key], status[key] = None, "not run"
         else:
             value = headline(column, entry["result"]).get(key)
             ours[key], status[key] = value, ("" if value is not None else "incomplete")
@@ -89,7 +91,9 @@ def table(model_label: str, row: dict[str, Any], columns: dict[str, dict[str, An
     notes = ["Percent. ≈: read off the paper's figures (REFERENCE.md §3). —: not run, or not in the paper's "
              "headline table (the paper reports GLUE averages for encoders only).",
              "The paper's GLUE numbers come from unpublished scripts and sweeps; twinlm runs ModernBERT's GLUE "
-             "protocol (eval/paper/glue.py). Differences beyond seed noise are expected for that reason alone."]
+             "protocol (eval/paper/glue.py). Differences beyond seed noise are expected for that reason alone.",
+             "MNLI is the mean of the matched and mismatched accuracies (ModernBERT's rule); the paper does not say "
+             "which of them its MNLI number is."]
     if not row["same_shape"]:
         notes.append(f"This model is not an Ettin shape: the reference row is {row['note']}.")
     return {"headers": dict(zip(keys, headers)), "model": ours, "status": status, "paper": paper,
