@@ -548,5 +548,6 @@ def run(model: str | Path, cfg: GlueConfig | None = None, *, variant: str | None
     return result
 
 
-__all__ = ["run", "finetune", "glue_model", "glue_tokenizer", "load_task_data", "check_pooling", "model_identity",
+__all__ = ["run", "finetune", "glue_model", "load_warm_start", "HEAD_MODULES", "glue_tokenizer", "pair_separator",
+           "pairs_rule", "load_task_data", "check_pooling", "model_identity",
            "run_key", "write_run", "read_run", "summarise", "glue_average", "RULES"]
