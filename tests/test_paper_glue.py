@@ -304,7 +304,7 @@ def gpt2(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gpt2") / "model"
     tok = toy_tokenizer()
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=128,
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=256,
                                pad_token_id=tok.pad_token_id)).save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     return folder
@@ -355,7 +355,7 @@ def test_sweep_keeps_only_the_best_mnli_models(gpt2, tmp_path, monkeypatch):
     assert calls == [2] and glue._holds(work / "mnli-2") == selected[2]
 
 
-def test_training_arguments_are_modernberts(encoder, tmp_path, monkeypatch):
+def test_training_arguments_are_modernberts(gpt2, tmp_path, monkeypatch):
     fake_glue(monkeypatch, n=4, words=400)
     built, trained = [], []
     real_args, real_finetune = glue.TrainingArguments, glue.finetune
@@ -369,15 +369,14 @@ def test_training_arguments_are_modernberts(encoder, tmp_path, monkeypatch):
         return real_finetune(*args, **kwargs)
     monkeypatch.setattr(glue, "TrainingArguments", recorded)
     monkeypatch.setattr(glue, "finetune", spy)
-    mrpc = TASKS["mrpc"]
-    glue.run(encoder, GlueConfig(tasks=["mrpc"], warm_start=False, seeds=[1]), work_dir=tmp_path / "w",
-             device="cpu")
+    mnli = TASKS["mnli"]  # two texts, 2 epochs of one step: the cheapest pair task to train
+    glue.run(gpt2, GlueConfig(tasks=["mnli"], warm_start=False, seeds=[1]), work_dir=tmp_path / "w", device="cpu")
     (args,) = built
-    assert args["weight_decay"] == pytest.approx(mrpc.weight_decay / mrpc.lr)  # Composer's decoupled decay
+    assert args["weight_decay"] == pytest.approx(mnli.weight_decay / mnli.lr)  # Composer's decoupled decay
     assert args["warmup_steps"] == WARMUP == 0.1 and args["lr_scheduler_type"] == "linear"
     assert (args["adam_beta1"], args["adam_beta2"], args["adam_epsilon"]) == (0.9, 0.98, 1e-6)
-    assert args["learning_rate"] == mrpc.lr and args["num_train_epochs"] == mrpc.epochs
-    assert args["per_device_train_batch_size"] == mrpc.batch_size
+    assert args["learning_rate"] == mnli.lr and args["num_train_epochs"] == mnli.epochs
+    assert args["per_device_train_batch_size"] == mnli.batch_size
     assert args["bf16"] is False and args["use_cpu"] is True
     assert GlueConfig().max_length == 256
     assert max(len(ids) for ids in trained[0]["input_ids"]) == 256  # 800-word pairs, cut at max_length
@@ -391,10 +390,10 @@ def test_training_arguments_are_modernberts(encoder, tmp_path, monkeypatch):
         raise Built
     monkeypatch.setattr(glue, "TrainingArguments", stop)
     monkeypatch.setattr(glue, "is_accelerator", lambda device: True)
-    tok = glue.glue_tokenizer(encoder)
+    tok = glue.glue_tokenizer(gpt2)
     for name, bf16 in (("stsb", False), ("rte", True)):
         with pytest.raises(Built):
-            real_finetune(encoder, TASKS[name], sweep_configs(TASKS[name], "defaults")[0], 1, None, {}, tok,
+            real_finetune(gpt2, TASKS[name], sweep_configs(TASKS[name], "defaults")[0], 1, None, {}, tok,
                           torch.device("cpu"))
         assert built[-1]["bf16"] is bf16 and built[-1]["use_cpu"] is False
 
