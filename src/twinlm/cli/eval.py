@@ -146,14 +146,26 @@ def _rank0() -> bool:
 
 
 def _finish(result: dict, args) -> int:
+    """Print the result's summary (a task's score to 4 places, or "failed: <error>" for a task recorded as
+    {"error": ...}); the exit status is 1 when a task failed, with a stderr line naming them."""
     if not _rank0():
         return 0
+    failed = [k for k, v in result["tasks"].items() if "error" in v]
     summary = {"track": result["track"], "model": result["model"].get("variant"),
                "average": result.get("average", {}).get("mean"),
-               "tasks": {k: round(v.get("score", float("nan")), 4) for k, v in result["tasks"].items()}}
+               "tasks": {k: f"failed: {v['error']}" if k in failed else round(v.get("score", float("nan")), 4)
+                         for k, v in result["tasks"].items()}}
     print(json.dumps(summary, indent=2))
     if args.out:
         print(f"wrote {args.out}", file=sys.stderr)
+    if failed:
+        config = result.get("config", {})
+        resume = (f"the finished runs in {config['work_dir']} are reused" if config.get("work_dir") else
+                  "give --out or --work-dir so that finished runs are kept" if "work_dir" in config else
+                  "finished tasks are not run again where the track caches them")
+        print(f"failed: {', '.join(failed)} (errors in the summary above); rerun the same command to retry them: "
+              f"{resume}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,6 +4,10 @@ What a run does (the constants: eval/paper/glue_tasks.py; the metrics: glue_metr
 - Data: `datasets.load_dataset(cfg.dataset, task.config)` (default `nyu-mll/glue`), the train split to fine-tune,
   the validation split(s) to score (GLUE's test labels are hidden); `max_train_examples` / `max_eval_examples`
   take a fixed draw (seed 0), the same for every run.
+- Pairs (6 of the 8 tasks have two texts): the tokenizer's pair template when it puts a token between the sides
+  (encoders: `[CLS] A [SEP] B [SEP]`); a template that glues them (decoders: `[CLS] A B`) gets the tokenizer's
+  end-of-sequence token (else sep token, else a newline) at the start of the second side (`pair_separator`;
+  stated in `rules.pairs`).
 - Model: `AutoModelForSequenceClassification` of the folder (any transformers encoder or decoder, twinlm's or
   not), `num_labels` the task's (STS-B: 1, regression). Pooling: `auto` is the folder's own (ModernBERT encoders
   their `classifier_pooling`, decoders the last real token, BERT its [CLS] pooler); `cls` / `mean` set a ModernBERT
@@ -17,8 +21,9 @@ What a run does (the constants: eval/paper/glue_tasks.py; the metrics: glue_metr
 - Scoring: the predictions at the end of training (the last evaluation, not the best epoch, as ModernBERT), the
   task's metrics (sklearn/scipy) and its run score, the mean of its reported metrics.
 - Warm start (`warm_start`): rte, mrpc and stsb runs of seed s start from the MNLI model of seed s of the selected
-  MNLI configuration: every weight but `classifier.*` (the task's fresh head; ModernBERT ignores
-  `model.classifier*`, finetuning_jobs.py:293,299). ModernBERT kept one MNLI checkpoint; here one per seed.
+  MNLI configuration: every weight but the classification head (`classifier.*`, `score.*`: the task's fresh head;
+  ModernBERT ignores `model.classifier*`, finetuning_jobs.py:293,299), whose keys the run records as
+  `warm_start.reinitialised`. ModernBERT kept one MNLI checkpoint; here one per seed.
 - Sweep (`sweep`): each task runs every configuration of the sweep with every seed; with more than one
   configuration the one with the best mean score over seeds is selected, on the same validation split it is
   reported on (stated in `rules.selection`).
@@ -26,12 +31,13 @@ What a run does (the constants: eval/paper/glue_tasks.py; the metrics: glue_metr
   task scores, None unless all 8 have one (`incomplete`: failed tasks, `not_run`: tasks not asked for).
 
 Resuming: each finished run writes `work_dir/runs/<task>/<key>.json` (atomic, with a sha256 of its content; the
-key hashes the task, configuration, seed, data settings, warm-start source and the model's weights), and each MNLI
-run its model to `work_dir/runs/mnli/<key>.model/`; after MNLI's selection the selected model of seed s is moved to
-`work_dir/mnli-<seed>/` and the others removed. A rerun with the same `work_dir` reads finished runs back (and
-logs it); a run file that is cut short, altered or written for another key is run again. A task that raises is
-recorded as `{"error": ...}` and the others go on (`keep_going`); tasks warm-started from a failed MNLI are
-recorded the same way.
+key hashes the task, configuration, seed, data settings, pair separator, warm-start source and the model's weights),
+and each MNLI run its model to `work_dir/runs/mnli/<key>.model/`, kept only while its configuration is the best so
+far (a sweep holds the best configuration's models and the running one's, `_Task.all`); after MNLI's selection the
+selected model of seed s is moved to `work_dir/mnli-<seed>/` and the others removed (a selected model that is gone
+is trained again). A rerun with the same `work_dir` reads finished runs back (and logs it); a run file that is cut
+short, altered or written for another key is run again. A task that raises is recorded as `{"error": ...}` and the
+others go on (`keep_going`); tasks warm-started from a failed MNLI are recorded the same way.
 """
 
 from __future__ import annotations
@@ -49,7 +55,14 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
 
 from twinlm.errors import ConfigError, MissingArtifactError
 from twinlm.eval.common import Timer, check_result, load_for_eval, placement, result_config
@@ -71,7 +84,7 @@ from twinlm.hub import resolve_model
 from twinlm.io import atomic_dir, dumps_json, sha256_file, write_json
 
 DRAW_SEED = 0  # the fixed draw of max_train_examples / max_eval_examples
-RUN_FORMAT = 1
+RUN_FORMAT = 2  # 2: pairs of a glued template get a separator (pair_separator); 1's runs are stale
 MARKER = "twinlm-glue-run.json"  # in a kept MNLI model folder: the run it holds
 
 RULES = {
@@ -85,8 +98,9 @@ RULES = {
                  "configuration's mean over seeds; GLUE is the mean of the 8 task scores (glue.py:575), None "
                  "unless all 8 have one.",
     "warm_start": "rte, mrpc and stsb runs of seed s start from the MNLI model of seed s of the selected MNLI "
-                  "configuration, every weight but classifier.* (a fresh head of the task's size); ModernBERT kept "
-                  "one MNLI checkpoint.",
+                  "configuration, every weight but the classification head (classifier.*, score.*, or another "
+                  "non-backbone parameter whose shape is the label count's: a fresh head of the task's size; each "
+                  "run lists them in warm_start.reinitialised); ModernBERT kept one MNLI checkpoint.",
     "weight_decay": "ModernBERT's decay is Composer DecoupledAdamW's (not multiplied by the lr): torch AdamW gets "
                     "weight_decay = wd / lr; Trainer does not decay biases and norm weights.",
 }
@@ -122,9 +136,42 @@ def _draw(ds: Any, n: int | None) -> Any:
     return ds if n is None or n >= len(ds) else ds.shuffle(seed=DRAW_SEED).select(range(n))
 
 
-def _encode(ds: Any, task: GlueTask, tokenizer: Any, max_length: int) -> Any:
+PAIR_PROBE = ("The cat sat.", "A dog ran.")
+
+
+def pair_separator(tokenizer: Any) -> str | None:
+    """How a two-text task's sides are told apart: None when the tokenizer's pair template puts a token between them
+    (encoders: `[CLS] A [SEP] B [SEP]`), else the text that `_encode` puts at the start of the second side: the
+    end-of-sequence token, else the sep token, else a newline. Decided by encoding PAIR_PROBE: a template that
+    glues the sides (twinlm's and ModernBERT's decoders: `[CLS] $A $B`; GPT-2: `$A $B`) holds A's ids followed at
+    once by B's."""
+    a, b = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in PAIR_PROBE)
+    pair = tokenizer(*PAIR_PROBE)["input_ids"]
+    glued = list(a) + list(b)
+    if not any(list(pair[i:i + len(glued)]) == glued for i in range(len(pair) - len(glued) + 1)):
+        return None
+    return tokenizer.eos_token or tokenizer.sep_token or "\n"
+
+
+def pairs_rule(separator: str | None) -> str:
+    """rules.pairs of a result: how the two texts of mnli, qqp, qnli, rte, mrpc and stsb reach the model."""
+    here = ("this tokenizer's template separates them, so it is used as is" if separator is None else
+            f"this tokenizer's template glues them, so the second side starts with {separator!r}")
+    return ("two-text tasks (all but cola and sst2) use the tokenizer's pair template when it puts a token between "
+            "the sides (encoders: [CLS] A [SEP] B [SEP]); a template that puts nothing between them (decoders: "
+            "[CLS] A B) would read '...sat.A dog...', so the second side is prefixed with the tokenizer's "
+            "end-of-sequence token, else its sep token, else a newline; truncation cuts the longer side's end, so "
+            f"the separator stays. Here: {here}.")
+
+
+def _encode(ds: Any, task: GlueTask, tokenizer: Any, max_length: int, separator: str | None = None) -> Any:
+    """`ds` tokenized for `task` (cut to `max_length`, longest side first) with its `labels`; `separator`
+    (`pair_separator`): put at the start of a pair's second side, for templates that glue the sides."""
     def fn(batch: dict) -> dict:
-        enc = tokenizer(*[batch[c] for c in task.text], truncation=True, max_length=max_length)
+        texts = [batch[c] for c in task.text]
+        if separator is not None and len(texts) == 2:
+            texts[1] = [separator + t for t in texts[1]]
+        enc = tokenizer(*texts, truncation=True, max_length=max_length)
         enc["labels"] = [float(v) for v in batch["label"]] if task.regression else batch["label"]
         return dict(enc)
     return ds.map(fn, batched=True, remove_columns=ds.column_names, keep_in_memory=True, load_from_cache_file=False)
@@ -141,11 +188,14 @@ def glue_tokenizer(path: str | Path) -> Any:
     return tok
 
 
+HEAD_MODULES = ("classifier", "score")  # ModernBERT (encoder and decoder), BERT …: classifier; GPT-2, Llama …: score
+
+
 def glue_model(path: str | Path, task: GlueTask, *, pooling: str = "auto", pad_token_id: int | None = None,
                warm_from: str | Path | None = None, seed: int = 0) -> Any:
     """The sequence-classification model of the folder for `task` (head initialised under `seed`), with
-    `pooling` applied; `warm_from`: a fine-tuned model folder whose weights, all but `classifier.*`, replace the
-    folder's (the MNLI warm start)."""
+    `pooling` applied; `warm_from`: a fine-tuned model folder whose weights, all but the head, replace the
+    folder's (the MNLI warm start, `load_warm_start`)."""
     config = AutoConfig.from_pretrained(str(path), num_labels=task.num_labels)
     config.problem_type = "regression" if task.regression else "single_label_classification"
     if pooling in ("cls", "mean"):
@@ -155,15 +205,41 @@ def glue_model(path: str | Path, task: GlueTask, *, pooling: str = "auto", pad_t
     transformers.set_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(str(path), config=config, dtype=torch.float32)
     if warm_from is not None:
-        source = AutoModelForSequenceClassification.from_pretrained(str(warm_from), dtype=torch.float32)
-        weights = {k: v for k, v in source.state_dict().items() if not k.startswith("classifier.")}
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        stray = [k for k in missing if not k.startswith("classifier.")] + list(unexpected)
-        if stray:
-            raise ConfigError(f"{warm_from}: the MNLI model does not fit {path} ({', '.join(stray[:4])}): remove the "
-                              "work folder's mnli-* folders, or use another --work-dir")
-        del source
+        load_warm_start(model, warm_from, path)
     return model
+
+
+def load_warm_start(model: Any, warm_from: str | Path, path: str | Path = "the model") -> list[str]:
+    """Load the fine-tuned model folder `warm_from` (the MNLI model of the same base `path`) into `model`, all but
+    its classification head, which keeps its fresh initialisation; return the re-initialised keys, sorted.
+
+    The head is every parameter under a top-level module named in HEAD_MODULES (`classifier`, `score`), and any
+    other one outside the backbone (`model.base_model_prefix`) whose shape differs from the fresh model's (the
+    label count: MNLI 3, RTE/MRPC 2, STS-B 1). Every other weight comes from `warm_from`: ModernBERT's `head`
+    (dense + norm before the classifier) too, as ModernBERT ignores only `model.classifier*` (finetuning_jobs.py:293,
+    299). A backbone key missing, extra or of another shape means `warm_from` is another model: a ConfigError."""
+    source = AutoModelForSequenceClassification.from_pretrained(str(warm_from), dtype=torch.float32)
+    theirs = source.state_dict()
+    del source
+    ours = model.state_dict()
+    backbone = getattr(model, "base_model_prefix", "")
+
+    def head(key: str) -> bool:
+        top = key.split(".")[0]
+        if top in HEAD_MODULES:
+            return True
+        return top != backbone and key in theirs and tuple(theirs[key].shape) != tuple(ours[key].shape)
+
+    fresh = sorted(k for k in ours if head(k))
+    weights = {k: v for k, v in theirs.items() if k in ours and k not in fresh}
+    stray = sorted(set(ours) - set(weights) - set(fresh)) + sorted(k for k in theirs if k not in ours and
+                                                                   k.split(".")[0] not in HEAD_MODULES)
+    stray += sorted(k for k, v in weights.items() if tuple(v.shape) != tuple(ours[k].shape))
+    if stray:
+        raise ConfigError(f"{warm_from}: the MNLI model does not fit {path} ({', '.join(stray[:4])}): remove the "
+                          "work folder's mnli-* folders, or use another --work-dir")
+    model.load_state_dict(weights, strict=False)
+    return fresh
 
 
 def check_pooling(pooling: str, causal: bool, model_type: str | None) -> None:
@@ -181,14 +257,14 @@ def check_pooling(pooling: str, causal: bool, model_type: str | None) -> None:
 
 def finetune(path: str | Path, task: GlueTask, hyper: Hyper, seed: int, train: Any, evals: dict[str, Any],
              tokenizer: Any, device: torch.device, *, pooling: str = "auto", warm_from: str | Path | None = None,
-             save_to: str | Path | None = None) -> dict[str, float]:
-    """One fine-tuning run of `task` (encoded datasets `train` and `evals` {split: dataset}) and its metrics after
-    the last epoch; `save_to`: also write the fine-tuned model (and tokenizer) there, atomically."""
-    from transformers import Trainer, TrainingArguments
+             save_to: str | Path | None = None) -> tuple[dict[str, float], list[str]]:
+    """One fine-tuning run of `task` (encoded datasets `train` and `evals` {split: dataset}): (its metrics after
+    the last epoch, the keys `load_warm_start` re-initialised, [] without `warm_from`); `save_to`: also write the
+    fine-tuned model (and tokenizer) there, atomically."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    model = glue_model(path, task, pooling=pooling, pad_token_id=tokenizer.pad_token_id, warm_from=warm_from,
-                       seed=seed)
+    model = glue_model(path, task, pooling=pooling, pad_token_id=tokenizer.pad_token_id, seed=seed)
+    fresh = load_warm_start(model, warm_from, path) if warm_from is not None else []
     with tempfile.TemporaryDirectory(prefix="twinlm-glue-trainer-") as scratch:
         try:
             args = TrainingArguments(
@@ -215,7 +291,7 @@ def finetune(path: str | Path, task: GlueTask, hyper: Hyper, seed: int, train: A
         if save_to is not None:
             with atomic_dir(save_to, replace=True) as tmp:
                 trainer.save_model(str(tmp))
-    return task_metrics(task, by_split)
+    return task_metrics(task, by_split), fresh
 
 
 # --- run files ------------------------------------------------------------------------------------
@@ -230,12 +306,12 @@ def model_identity(path: str | Path) -> dict[str, Any]:
 
 
 def run_key(task: GlueTask, hyper: Hyper, seed: int, cfg: GlueConfig, identity: dict, precision: str,
-            warm_run: str | None) -> tuple[dict, str]:
-    """(the key of a run, its hash): everything a run's scores depend on."""
+            warm_run: str | None, pair_sep: str | None = None) -> tuple[dict, str]:
+    """(the key of a run, its hash): everything a run's scores depend on (`pair_sep`: `pair_separator`'s)."""
     key = {"format": RUN_FORMAT, "task": task.name, "dataset": cfg.dataset, "hyper": dataclasses.asdict(hyper),
            "seed": seed, "max_length": cfg.max_length, "max_train_examples": cfg.max_train_examples,
            "max_eval_examples": cfg.max_eval_examples, "pooling": cfg.pooling, "precision": precision,
-           "warm_from_mnli_run": warm_run, "model": identity}
+           "warm_from_mnli_run": warm_run, "pair_separator": pair_sep, "model": identity}
     return key, hashlib.sha256(dumps_json(key, indent=None).encode()).hexdigest()[:20]
 
 
@@ -273,9 +349,9 @@ class _Task:
     def data(self) -> tuple[Any, dict[str, Any]]:
         if self._data is None:
             raw = load_task_data(self.task, self.cfg.dataset)
-            tok, n = self.ctx["tokenizer"], self.cfg.max_length
-            train = _encode(_draw(raw["train"], self.cfg.max_train_examples), self.task, tok, n)
-            evals = {s: _encode(_draw(raw[s], self.cfg.max_eval_examples), self.task, tok, n)
+            tok, n, sep = self.ctx["tokenizer"], self.cfg.max_length, self.ctx["pair_separator"]
+            train = _encode(_draw(raw["train"], self.cfg.max_train_examples), self.task, tok, n, sep)
+            evals = {s: _encode(_draw(raw[s], self.cfg.max_eval_examples), self.task, tok, n, sep)
                      for s in self.task.eval_splits}
             self._data = (train, evals)
         return self._data
@@ -283,7 +359,7 @@ class _Task:
     def one(self, hyper: Hyper, seed: int, warm: dict | None, force: bool = False) -> dict:
         """The record of one run (config, seed): read back, or fine-tuned now and written."""
         key, digest = run_key(self.task, hyper, seed, self.cfg, self.ctx["identity"], self.ctx["precision"],
-                              warm["run"] if warm else None)
+                              warm["run"] if warm else None, self.ctx["pair_separator"])
         path = self.folder / f"{digest}.json"
         record = None if force else read_run(path, key)
         what = f"[glue] {self.task.name} lr={hyper.lr:g} wd={hyper.weight_decay:g} epochs={hyper.epochs} " \
@@ -295,20 +371,40 @@ class _Task:
             self.log(f"{what}: {path} is damaged or for another run; running it again")
         train, evals = self.data()
         timer = Timer()
-        save_to = self.folder / f"{digest}.model" if self.task.name == "mnli" and self.cfg.warm_start else None
-        metrics = finetune(self.ctx["path"], self.task, hyper, seed, train, evals, self.ctx["tokenizer"],
+        save_to = self.folder / f"{digest}.model" if self.saves_models() else None
+        metrics, fresh = finetune(self.ctx["path"], self.task, hyper, seed, train, evals, self.ctx["tokenizer"],
                            self.ctx["device"], pooling=self.cfg.pooling, warm_from=warm["dir"] if warm else None,
                            save_to=save_to)
         record = {"config": dataclasses.asdict(hyper), "seed": seed, "metrics": metrics,
                   "score": task_score(self.task, metrics), "seconds": round(timer(), 3), "run": digest,
                   "train_examples": len(train), "eval_examples": {s: len(d) for s, d in evals.items()},
-                  "warm_start": {"from": f"mnli-{seed}", "run": warm["run"]} if warm else None}
+                  "warm_start": {"from": f"mnli-{seed}", "run": warm["run"], "reinitialised": fresh}
+                  if warm else None}
         write_run(path, key, record)
         self.log(f"{what}: score {record['score']:.4f} ({record['seconds']:.1f}s)")
         return {**record, "reused": False}
 
+    def saves_models(self) -> bool:
+        return self.task.name == "mnli" and self.cfg.warm_start
+
     def all(self, warm: dict[int, dict] | None) -> tuple[dict, list[dict]]:
-        runs = [self.one(h, s, warm[s] if warm else None) for h in self.hypers for s in self.ctx["seeds"]]
+        """Every configuration x seed, configuration-major. When MNLI keeps its models, only the best configuration
+        so far keeps them: once a configuration's seeds are all done, its models go if its mean score is not above
+        the best's (the first of equal means stays, as `summarise` selects), else the former best's go. So a sweep
+        holds at most two configurations' models (the best's and the running one's), not all of them."""
+        runs: list[dict] = []
+        best: tuple[float, list[dict]] | None = None
+        for h in self.hypers:
+            done = [self.one(h, s, warm[s] if warm else None) for s in self.ctx["seeds"]]
+            runs += done
+            if self.saves_models():
+                mean = float(np.mean([r["score"] for r in done]))  # the same number summarise selects on
+                if best is None or mean > best[0]:
+                    losers, best = (best[1] if best else []), (mean, done)
+                else:
+                    losers = done
+                for r in losers:
+                    shutil.rmtree(self.folder / f"{r['run']}.model", ignore_errors=True)
         return summarise(self.task, self.hypers, self.ctx["seeds"], runs), runs
 
 
@@ -407,8 +503,10 @@ def run(model: str | Path, cfg: GlueConfig | None = None, *, variant: str | None
     temporary = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="twinlm-glue-")) if temporary else Path(work_dir)  # type: ignore[arg-type]
     precision = placement(where)["precision"]
-    ctx = {"path": path, "tokenizer": glue_tokenizer(path), "device": where, "seeds": seeds, "work": work,
-           "identity": model_identity(path), "precision": precision}
+    tokenizer = glue_tokenizer(path)
+    separator = pair_separator(tokenizer)
+    ctx = {"path": path, "tokenizer": tokenizer, "device": where, "seeds": seeds, "work": work,
+           "identity": model_identity(path), "precision": precision, "pair_separator": separator}
     results: dict[str, dict] = {}
     warm: dict[int, dict] | None = None
     try:
@@ -436,7 +534,7 @@ def run(model: str | Path, cfg: GlueConfig | None = None, *, variant: str | None
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
     result = {"track": "glue", "model": info, "tasks": results, "average": glue_average(results, asked),
-              "rules": RULES,
+              "rules": {**RULES, "pairs": pairs_rule(separator)},
               "config": result_config(cfg, timer(), tasks=asked, seeds=seeds,
                                       configurations=len(sweep_configs(TASKS[asked[0]], cfg.sweep)),
                                       work_dir=None if temporary else str(work),
@@ -450,5 +548,6 @@ def run(model: str | Path, cfg: GlueConfig | None = None, *, variant: str | None
     return result
 
 
-__all__ = ["run", "finetune", "glue_model", "glue_tokenizer", "load_task_data", "check_pooling", "model_identity",
+__all__ = ["run", "finetune", "glue_model", "load_warm_start", "HEAD_MODULES", "glue_tokenizer", "pair_separator",
+           "pairs_rule", "load_task_data", "check_pooling", "model_identity",
            "run_key", "write_run", "read_run", "summarise", "glue_average", "RULES"]
