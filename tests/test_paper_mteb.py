@@ -4,6 +4,7 @@ sentence-transformers trainer, the real registered mteb task classes and loaders
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -118,7 +119,8 @@ def test_a_rerun_reuses_results_only_for_the_same_model_content_and_settings(env
     the fine-tuned model's identity and the encoding length."""
     monkeypatch.chdir(env["root"])
     source = toy_model_dir(tmp_path / "model", causal=False)
-    cfg = MtebConfig(tasks=["SciFact"], **TINY)
+    # one training step and short encodings: the test is about what is reused, not about the numbers
+    cfg = MtebConfig(tasks=["SciFact"], eval_max_seq_length=64, **{**TINY, "max_steps": 1})
     lines: list[str] = []
     first = run(source, cfg, work_dir=tmp_path / "w", log=lines.append)
     cached = sorted((tmp_path / "w" / "mteb-cache").rglob("SciFact.json"))
@@ -135,8 +137,7 @@ def test_a_rerun_reuses_results_only_for_the_same_model_content_and_settings(env
     assert first["config"]["task_names"] == ["SciFact"] and first["model"]["pooling"] == "mean"
     # another encoding length: the same fine-tuned model, mteb computes again into another cache folder
     lines.clear()
-    short = run(source, MtebConfig(tasks=["SciFact"], eval_max_seq_length=16, **TINY), work_dir=tmp_path / "w",
-                log=lines.append)
+    short = run(source, dataclasses.replace(cfg, eval_max_seq_length=16), work_dir=tmp_path / "w", log=lines.append)
     assert short["config"]["mteb_cache"] != first["config"]["mteb_cache"]
     assert len(sorted((tmp_path / "w" / "mteb-cache").rglob("SciFact.json"))) == 2
     assert any("reusing the fine-tuned model" in line for line in lines)
@@ -200,9 +201,10 @@ def test_a_hub_id_resolves_offline_from_the_cache_and_an_uncached_one_says_how(e
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     # the hand-laid cache is one huggingface_hub itself accepts
     assert Path(huggingface_hub.snapshot_download("ettin-org/tiny-encoder", local_files_only=True)) == snapshot
-    cfg = MtebConfig(tasks=["SciFact"], finetune=False, max_seq_length=64)
+    cfg = MtebConfig(tasks=["SciFact"], finetune=False, max_seq_length=64, eval_max_seq_length=64)
     res = run("ettin-org/tiny-encoder", cfg, work_dir=tmp_path / "w", log=None)
     assert 0.0 <= res["tasks"]["SciFact"]["score"] <= 1.0 and res["model"]["pooling"] == "mean"
+    assert res["model"]["source"] == "ettin-org/tiny-encoder" and res["model"]["identity"].startswith("hub:")
     record = json.loads((tmp_path / "w" / msmarco.BASE_DIR / "export.json").read_text())
     assert record["source"] == f"hub:ettin-org/tiny-encoder@main:{snapshot.name}"
     with pytest.raises(ModelLoadError) as err:

@@ -15,7 +15,8 @@ Hugging Face cache; an uncached id is a one-line ModelLoadError naming it).
    the scores: the encoding length (eval_max_seq_length, resolved), the paper's task restrictions and the mteb
    version; not the task list (adding tasks reuses the finished ones) nor encode_batch_size.
 
-The result: `track` "mteb", `model` (eval/common.describe, plus the pooling), `tasks` {name: {score (nDCG@10),
+The result: `track` "mteb", `model` (eval/common.describe, plus the pooling, the `source` as given and its
+content `identity`), `tasks` {name: {score (nDCG@10),
 main_score, metrics {split: {subset: {...}}}, seconds} or {error}}, `average` (mean nDCG@10 over the tasks run;
 None with `incomplete` if any failed), `aggregates` (mteb_eval.aggregates), `training` (the fine-tuning record:
 recipe, selected lr, held-out triplet accuracy before/after, seconds; None without fine-tuning), `rules` (how the
@@ -142,7 +143,7 @@ def run(model: str | Path, cfg: MtebConfig | None = None, *, variant: str | None
     if export_dir is not None:
         with atomic_dir(export_dir, replace=True) as tmp:
             shutil.copytree(st_dir, tmp, dirs_exist_ok=True)
-    info = _model_info(path, variant, pooling)
+    info = {**_model_info(path, variant, pooling), "source": str(model), "identity": identity}
     result = {"track": "mteb", "model": info, "tasks": tasks, "average": mteb_eval.average(tasks),
               "aggregates": mteb_eval.aggregates(tasks), "training": training, "rules": RULES,
               "config": result_config(cfg, timer(), task_names=names, st_model=str(st_dir), work_dir=str(work),
