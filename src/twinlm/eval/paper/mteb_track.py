@@ -134,11 +134,12 @@ def run(model: str | Path, cfg: MtebConfig | None = None, *, variant: str | None
     st_model.max_seq_length = cfg.eval_max_seq_length or _context(st_model)
     key = cache_key(evaluated, st_model.max_seq_length)
     cache_dir = cache_dir_for(work, key)
+    known = (cache_dir / "key.json").is_file()
     if log:
-        log(f"[mteb] {'reusing' if (cache_dir / 'key.json').is_file() else 'starting'} the mteb cache {cache_dir} "
-            f"(encoding at {st_model.max_seq_length} tokens)")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    write_json(cache_dir / "key.json", key)  # what the folder's results were computed for, to inspect
+        log(f"[mteb] {'reusing' if known else 'starting'} the mteb cache {cache_dir} (encoding at "
+            f"{st_model.max_seq_length} tokens)")
+    if not known:
+        write_json(cache_dir / "key.json", key)  # what the folder's results are computed for, to inspect
     tasks = mteb_eval.evaluate_tasks(st_model, names, cache_dir, encode_batch_size=cfg.encode_batch_size, log=log)
     if export_dir is not None:
         with atomic_dir(export_dir, replace=True) as tmp:
