@@ -4,6 +4,8 @@ sentence-transformers trainer, the real registered mteb task classes and loaders
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from twinlm.errors import UnknownName
+from twinlm.errors import ModelLoadError, UnknownName
 from twinlm.eval.metrics import ndcg_at_k
 from twinlm.eval.settings import MtebConfig
 from twinlm.eval.tasks import data_available, minilm_dir
@@ -108,22 +110,107 @@ def test_a_failed_task_is_recorded_and_its_aggregate_is_none(env, tmp_path, monk
     assert mteb_eval.aggregates(full)["msmarco_dev"]["score"] is None
 
 
-def test_a_rerun_reuses_the_fine_tuned_model_and_mteb_results(env, tmp_path, monkeypatch):
+def _stamps(paths):
+    return [p.stat().st_mtime_ns for p in paths]
+
+
+def test_a_rerun_reuses_results_only_for_the_same_model_content_and_settings(env, tmp_path, monkeypatch):
+    """The fine-tuned model is keyed on the source model's content (not its path) and the recipe; mteb's cache on
+    the fine-tuned model's identity and the encoding length."""
     monkeypatch.chdir(env["root"])
-    cfg = MtebConfig(tasks=["SciFact"], **TINY)
+    source = toy_model_dir(tmp_path / "model", causal=False)
+    # one training step and short encodings: the test is about what is reused, not about the numbers
+    cfg = MtebConfig(tasks=["SciFact"], eval_max_seq_length=64, **{**TINY, "max_steps": 1})
     lines: list[str] = []
-    first = run(env["enc"], cfg, work_dir=tmp_path / "w", log=lines.append)
+    first = run(source, cfg, work_dir=tmp_path / "w", log=lines.append)
     cached = sorted((tmp_path / "w" / "mteb-cache").rglob("SciFact.json"))
     weights = tmp_path / "w" / "st-model" / "model.safetensors"
-    stamps = [p.stat().st_mtime_ns for p in (*cached, weights)]
+    stamps = _stamps((*cached, weights))
     lines.clear()
-    second = run(env["enc"], cfg, work_dir=tmp_path / "w", log=lines.append)
-    assert any("reusing the fine-tuned model" in line for line in lines)
+    second = run(source, cfg, work_dir=tmp_path / "w", log=lines.append)
+    assert _stamps((*cached, weights)) == stamps and len(cached) == 1
     assert not any("fine-tuned at lr" in line for line in lines)
-    assert [p.stat().st_mtime_ns for p in (*cached, weights)] == stamps and len(cached) == 1
+    assert any("reusing the fine-tuned model" in line for line in lines)
+    assert any("reusing the mteb cache" in line for line in lines)
     assert second["tasks"]["SciFact"]["score"] == first["tasks"]["SciFact"]["score"]
     assert second["training"] == first["training"] and first["track"] == "mteb"
     assert first["config"]["task_names"] == ["SciFact"] and first["model"]["pooling"] == "mean"
+    # another encoding length: the same fine-tuned model, mteb computes again into another cache folder
+    lines.clear()
+    short = run(source, dataclasses.replace(cfg, eval_max_seq_length=16), work_dir=tmp_path / "w", log=lines.append)
+    assert short["config"]["mteb_cache"] != first["config"]["mteb_cache"]
+    assert len(sorted((tmp_path / "w" / "mteb-cache").rglob("SciFact.json"))) == 2
+    assert any("reusing the fine-tuned model" in line for line in lines)
+    assert any("starting the mteb cache" in line for line in lines)
+    # a new checkpoint written into the same folder: fine-tuned again, scored again
+    toy_model_dir(source, causal=False, seed=1)
+    lines.clear()
+    third = run(source, cfg, work_dir=tmp_path / "w", log=lines.append)
+    assert any("fine-tuned at lr" in line for line in lines)
+    assert any("fine-tuned from another model" in line for line in lines)
+    assert third["training"]["recipe"]["model"] != first["training"]["recipe"]["model"]
+    assert third["config"]["mteb_cache"] not in (first["config"]["mteb_cache"], short["config"]["mteb_cache"])
+    assert len(sorted((tmp_path / "w" / "mteb-cache").rglob("SciFact.json"))) == 3
+    assert _stamps(cached) == stamps[:1]  # the old model's results are left as they were, not overwritten
+
+
+def test_no_finetune_exports_a_twinlm_folder_once(env, tmp_path, monkeypatch):
+    """--no-finetune on a twinlm folder: `st-base` is exported once per source model, so its files (and the mteb
+    cache keyed on them) are reused by a rerun."""
+    monkeypatch.chdir(env["root"])
+    cfg = MtebConfig(tasks=["SciFact"], finetune=False, max_seq_length=64)
+    first = run(env["enc"], cfg, work_dir=tmp_path / "w", log=None)
+    base = tmp_path / "w" / msmarco.BASE_DIR
+    files = sorted([*base.rglob("*.json"), *base.rglob("*.safetensors"),
+                    *(tmp_path / "w" / "mteb-cache").rglob("SciFact.json")])
+    stamps = _stamps(files)
+    lines: list[str] = []
+    second = run(env["enc"], cfg, work_dir=tmp_path / "w", log=lines.append)
+    assert _stamps(files) == stamps and first["config"]["mteb_cache"] == second["config"]["mteb_cache"]
+    assert any("reusing the export" in line for line in lines)
+    assert any("reusing the mteb cache" in line for line in lines)
+    assert second["tasks"]["SciFact"]["score"] == first["tasks"]["SciFact"]["score"] and second["training"] is None
+
+
+def _lay_hub_cache(cache: Path, repo: str, folder: Path, revision: str = "main") -> Path:
+    """`folder`'s files as one commit of `repo` in a cache laid out as huggingface_hub lays it out
+    (models--org--name/refs/<revision> -> snapshots/<commit>/ -> blobs); returns the snapshot folder."""
+    store = cache / ("models--" + repo.replace("/", "--"))
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    commit = hashlib.sha1(b"".join(p.read_bytes() for p in files)).hexdigest()
+    for p in files:
+        blob = store / "blobs" / hashlib.sha256(p.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(p.read_bytes())
+        link = store / "snapshots" / commit / p.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    (store / "refs").mkdir(exist_ok=True)
+    (store / "refs" / revision).write_text(commit)
+    return store / "snapshots" / commit
+
+
+def test_a_hub_id_resolves_offline_from_the_cache_and_an_uncached_one_says_how(env, tmp_path, monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    monkeypatch.chdir(env["root"])
+    snapshot = _lay_hub_cache(tmp_path / "hub", "ettin-org/tiny-encoder", env["enc"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    # the hand-laid cache is one huggingface_hub itself accepts
+    assert Path(huggingface_hub.snapshot_download("ettin-org/tiny-encoder", local_files_only=True)) == snapshot
+    cfg = MtebConfig(tasks=["SciFact"], finetune=False, max_seq_length=64, eval_max_seq_length=64)
+    res = run("ettin-org/tiny-encoder", cfg, work_dir=tmp_path / "w", log=None)
+    assert 0.0 <= res["tasks"]["SciFact"]["score"] <= 1.0 and res["model"]["pooling"] == "mean"
+    assert res["model"]["source"] == "ettin-org/tiny-encoder" and res["model"]["identity"].startswith("hub:")
+    record = json.loads((tmp_path / "w" / msmarco.BASE_DIR / "export.json").read_text())
+    assert record["source"] == f"hub:ettin-org/tiny-encoder@main:{snapshot.name}"
+    with pytest.raises(ModelLoadError) as err:
+        run("ettin-org/not-cached", cfg, work_dir=tmp_path / "w2", log=None)
+    text = str(err.value)
+    assert "\n" not in text and "ettin-org/not-cached" in text and "HF_HUB_OFFLINE" in text
 
 
 @pytest.mark.slow

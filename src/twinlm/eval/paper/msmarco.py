@@ -22,7 +22,11 @@ The recipe (Ettin `train_st.py`, read at `6cbf954`):
 
 `finetune(model_path, cfg, work_dir)` writes `work_dir/st-model/` atomically (filled under a temporary name,
 renamed when complete, with `training.json` recording the recipe and outcome); a later call with the same recipe
-reuses it without training.
+reuses it without training. The recipe names the source model by its content, not its path (`source_identity`:
+a folder's manifest digest, else every file's name, size and modification time; a hub id, its revision and the
+snapshot commit it resolved to), so a new checkpoint written into the same folder is fine-tuned again. The
+export of a twinlm folder (`work_dir/st-base/`) is likewise written once per source identity and reused while
+its record (`export.json`) matches.
 """
 
 from __future__ import annotations
@@ -49,15 +53,18 @@ from transformers import AutoConfig
 
 from twinlm.errors import ConfigError, MissingArtifactError
 from twinlm.eval.common import Timer, default_pooling, load_for_eval
+from twinlm.eval.curve import folder_identity
 from twinlm.eval.device import is_accelerator, resolve_device
 from twinlm.eval.hf_models import is_twinlm_folder
 from twinlm.eval.retrieval import export_sentence_transformers
+from twinlm.hub import parse_hub_id
 from twinlm.io import atomic_dir, write_json
 
 SCALE = 20.0  # Ettin's --scale default (also sentence-transformers')
 WARMUP = 0.05
 SPLIT_SEED = 12  # Ettin's train_test_split seed
-MODEL_DIR, BASE_DIR, RECORD = "st-model", "st-base", "training.json"
+MODEL_DIR, BASE_DIR, RECORD, EXPORT_RECORD = "st-model", "st-base", "training.json", "export.json"
+RECIPE_FORMAT = 2  # 2: the source model is keyed on its content (source_identity), not its path
 # the settings that make the fine-tuned model: a change to any of them trains again
 RECIPE_KEYS = ("train_dataset", "train_config", "max_triplets", "held_out", "batch_size", "accum_steps",
                "mini_batch_size", "lr", "lrs", "max_seq_length", "max_steps", "loss", "seed")
@@ -92,26 +99,68 @@ def load_triplets(cfg: Any) -> tuple[datasets.Dataset, datasets.Dataset]:
     return train.select_columns(["query", "positive", "negative"]), split["test"]
 
 
+def source_identity(model: str | Path, folder: str | Path | None = None) -> str:
+    """The content identity of the source model `model` (resolved to the local `folder`, default `model`): a hub
+    id `org/name[@rev]` is `hub:org/name@rev:<snapshot commit>` (a new commit of that revision is another model);
+    a folder is `twinlm.eval.curve.folder_identity` (its MANIFEST.sha256 digest, else every file's name, size and
+    modification time), so new weights written into the same folder are another model."""
+    local = Path(folder if folder is not None else model)
+    parsed = None if isinstance(model, Path) or Path(str(model)).exists() else parse_hub_id(str(model))
+    if parsed is not None:
+        repo, rev = parsed
+        return f"hub:{repo}@{rev or 'main'}:{local.name}"  # the snapshot folder is named by its commit
+    return folder_identity(local)
+
+
+def exports_base(path: str | Path) -> bool:
+    """Whether `build_model` evaluates `path` through an export to `work_dir/st-base` (a twinlm folder that is
+    not already a sentence-transformers folder)."""
+    return not (Path(path) / "modules.json").is_file() and is_twinlm_folder(str(path))
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _export_base(path: Path, base: Path, max_seq_length: int, identity: str | None,
+                 log: Callable[[str], None] | None) -> None:
+    """`base` as the sentence-transformers export of the twinlm folder `path`, written once per source identity
+    and export length: a re-export would change its files' times, and with them every cache keyed on it."""
+    want = {"source": identity or source_identity(path), "max_seq_length": max_seq_length}
+    if (base / "modules.json").is_file() and _read_record(base / EXPORT_RECORD) == want:
+        if log:
+            log(f"[mteb] reusing the export {base} (same source model)")
+        return
+    loaded = load_for_eval(str(path), device="cpu")
+    pooling = default_pooling(loaded.causal, "retrieval")
+    with atomic_dir(base, replace=True) as tmp:  # renamed into place only when whole
+        export_sentence_transformers(loaded.model, loaded.tokenizer, tmp, pooling, max_seq_length)
+        write_json(tmp / EXPORT_RECORD, want)
+
+
 def _is_causal(path: Path) -> bool:
     archs = getattr(AutoConfig.from_pretrained(str(path)), "architectures", None) or []
     return bool(archs) and archs[0].endswith("ForCausalLM")
 
 
 def build_model(model_path: str | Path, *, max_seq_length: int, device: str, work_dir: str | Path,
-                log: Callable[[str], None] | None = None) -> tuple[SentenceTransformer, str]:
+                log: Callable[[str], None] | None = None,
+                identity: str | None = None) -> tuple[SentenceTransformer, str]:
     """(the model as Ettin builds it, its pooling). A sentence-transformers folder (modules.json) loads as it is;
-    a twinlm folder is exported first (`work_dir/st-base`, the retrieval track's export); another transformers
-    folder: an encoder is a plain `SentenceTransformer(folder)` (mean), a decoder `models.Transformer` +
-    `models.Pooling(..., "lasttoken")`."""
+    a twinlm folder is exported first (`work_dir/st-base`, the retrieval track's export; reused while its
+    `export.json` names the same source `identity`, default `source_identity(model_path)`); another
+    transformers folder: an encoder is a plain `SentenceTransformer(folder)` (mean), a decoder
+    `models.Transformer` + `models.Pooling(..., "lasttoken")`."""
     path = Path(model_path)
     if (path / "modules.json").is_file():
         model = SentenceTransformer(str(path), device=device)
-    elif is_twinlm_folder(str(path)):
-        loaded = load_for_eval(str(path), device="cpu")
-        pooling = default_pooling(loaded.causal, "retrieval")
-        with atomic_dir(Path(work_dir) / BASE_DIR, replace=True) as tmp:
-            export_sentence_transformers(loaded.model, loaded.tokenizer, tmp, pooling, max_seq_length)
-        model = SentenceTransformer(str(Path(work_dir) / BASE_DIR), device=device)
+    elif exports_base(path):
+        base = Path(work_dir) / BASE_DIR
+        _export_base(path, base, max_seq_length, identity, log)
+        model = SentenceTransformer(str(base), device=device)
     elif _is_causal(path):
         word = Transformer(str(path), max_seq_length=max_seq_length)
         model = SentenceTransformer(modules=[word, Pooling(word.get_embedding_dimension(), "lasttoken")],
@@ -157,27 +206,34 @@ def _train_one(model: SentenceTransformer, train: datasets.Dataset, held: datase
             "held_out_accuracy": triplet_accuracy(model, held)}
 
 
-def recipe(cfg: Any, model_path: str | Path) -> dict[str, Any]:
-    """What makes the fine-tuned model: the model folder and the `RECIPE_KEYS` settings."""
+def recipe(cfg: Any, model_path: str | Path, identity: str | None = None) -> dict[str, Any]:
+    """What makes the fine-tuned model: the source model's content `identity` (default
+    `source_identity(model_path)`) and the `RECIPE_KEYS` settings."""
     settings = dataclasses.asdict(cfg)
-    return {"model": str(Path(model_path).resolve()), **{k: settings[k] for k in RECIPE_KEYS}}
+    return {"format": RECIPE_FORMAT, "model": identity or source_identity(model_path),
+            **{k: settings[k] for k in RECIPE_KEYS}}
 
 
 def finetune(model_path: str | Path, cfg: Any, work_dir: str | Path, *, device: str | None = None,
-             log: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]]:
-    """(`work_dir/st-model`, its training record). Trains unless a complete folder with the same `recipe` is
-    there already (then logs "reusing ..."). With `cfg.lrs` every rate is trained from the same start and the one
-    with the best held-out triplet accuracy is written (ties: the first listed)."""
+             log: Callable[[str], None] | None = None, identity: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """(`work_dir/st-model`, its training record). Trains unless a complete folder with the same `recipe` (the
+    source model's content `identity`, default `source_identity(model_path)`, and the settings) is there already
+    (then logs "reusing ..."). With `cfg.lrs` every rate is trained from the same start and the one with the best
+    held-out triplet accuracy is written (ties: the first listed)."""
     work = Path(work_dir)
     final = work / MODEL_DIR
-    want = recipe(cfg, model_path)
+    identity = identity or source_identity(model_path)
+    want = recipe(cfg, model_path, identity)
     record_path = final / RECORD
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("recipe") == want:
             if log:
-                log(f"[mteb] reusing the fine-tuned model {final} (same recipe; delete it to train again)")
+                log(f"[mteb] reusing the fine-tuned model {final} (same source model and recipe; delete it to train "
+                "again)")
             return final, record
+        if log:
+            log(f"[mteb] {final} was fine-tuned from another model or recipe: training again")
     where = resolve_device(device)
     accelerator = is_accelerator(where)
     timer = Timer()
@@ -189,7 +245,7 @@ def finetune(model_path: str | Path, cfg: Any, work_dir: str | Path, *, device: 
     with atomic_dir(final, replace=True) as tmp:
         for i, lr in enumerate(lrs):
             model, pooling = build_model(model_path, max_seq_length=cfg.max_seq_length, device=str(where),
-                                         work_dir=work, log=log if i == 0 else None)
+                                         work_dir=work, log=log if i == 0 else None, identity=identity)
             if base_accuracy is None:
                 base_accuracy = triplet_accuracy(model, held)
             run = _train_one(model, train, held, cfg, lr, work / "st-train", accelerator)
@@ -206,7 +262,7 @@ def finetune(model_path: str | Path, cfg: Any, work_dir: str | Path, *, device: 
             if accelerator:
                 torch.cuda.empty_cache()
         assert best is not None
-        record = {"recipe": want, "pooling": pooling, "selected_lr": lrs[best[1]],
+        record = {"recipe": want, "source": str(model_path), "pooling": pooling, "selected_lr": lrs[best[1]],
                   "selection": "the learning rate with the highest held-out triplet accuracy (cosine; ties: the "
                                "first listed)" if len(lrs) > 1 else "one learning rate, no sweep",
                   "train_triplets": len(train), "held_out_triplets": len(held), "scale": SCALE,
@@ -219,5 +275,5 @@ def finetune(model_path: str | Path, cfg: Any, work_dir: str | Path, *, device: 
     return final, record
 
 
-__all__ = ["SCALE", "WARMUP", "MODEL_DIR", "RECIPE_KEYS", "held_out_size", "load_triplets", "build_model",
-           "triplet_accuracy", "recipe", "finetune"]
+__all__ = ["SCALE", "WARMUP", "MODEL_DIR", "BASE_DIR", "RECIPE_KEYS", "held_out_size", "load_triplets",
+           "source_identity", "exports_base", "build_model", "triplet_accuracy", "recipe", "finetune"]
