@@ -74,6 +74,19 @@ def folder_identity(folder: Path) -> str:
     return "files:" + hashlib.sha256("\n".join([str(folder.resolve())] + parts).encode()).hexdigest()
 
 
+def source_identity(model: str | Path, folder: str | Path | None = None) -> str:
+    """The content identity of the source model `model` (resolved to the local `folder`, default `model`): a hub
+    id `org/name[@rev]` is `hub:org/name@rev:<snapshot commit>` (a new commit of that revision is another model);
+    a folder is `twinlm.eval.curve.folder_identity` (its MANIFEST.sha256 digest, else every file's name, size and
+    modification time), so new weights written into the same folder are another model."""
+    local = Path(folder if folder is not None else model)
+    parsed = None if isinstance(model, Path) or Path(str(model)).exists() else parse_hub_id(str(model))
+    if parsed is not None:
+        repo, rev = parsed
+        return f"hub:{repo}@{rev or 'main'}:{local.name}"  # the snapshot folder is named by its commit
+    return folder_identity(local)
+
+
 def _run_points(run: Path, every: int, log: Callable) -> list[Point]:
     # the train package is imported only for run folders (its checkpoint format)
     import yaml

@@ -32,10 +32,11 @@ from typing import Any
 
 from twinlm.configs import apply_overrides, build
 from twinlm.errors import ConfigError, ModelLoadError, TwinlmError
-from twinlm.eval.curve import folder_identity
+from twinlm.eval.curve import source_identity
 from twinlm.eval.paper.reference import ModelShape, model_shape, paper_row
 from twinlm.eval.paper.table import table
 from twinlm.eval.tracks import TRACKS
+from twinlm.hub import resolve_model
 from twinlm.io import dumps_json, read_sealed_json, write_bytes, write_json, write_sealed_json
 
 COLUMN_TRACKS = {"glue": "glue", "retrieval": "mteb", "generative": "generative"}
@@ -58,9 +59,9 @@ def column_settings(columns: Sequence[str], overrides: Sequence[str] = ()) -> di
 
 
 def model_identity(model: str | Path) -> str:
-    """A folder's identity (eval/curve.folder_identity), or a hub id as given (with its @revision)."""
-    path = Path(model)
-    return folder_identity(path) if path.is_dir() else f"hub:{model}"
+    """What the columns' caches are keyed on: a folder's content (eval/curve.source_identity), a hub id's snapshot
+    commit (resolving it downloads the snapshot, which the columns read anyway)."""
+    return source_identity(model, resolve_model(model))
 
 
 def _key(identity: str, column: str, settings: Any, device: str | None, data_root: str | None) -> str:

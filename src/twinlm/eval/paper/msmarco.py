@@ -22,7 +22,7 @@ The recipe (Ettin `train_st.py`, read at `6cbf954`):
 
 `finetune(model_path, cfg, work_dir)` writes `work_dir/st-model/` atomically (filled under a temporary name,
 renamed when complete, with `training.json` recording the recipe and outcome); a later call with the same recipe
-reuses it without training. The recipe names the source model by its content, not its path (`source_identity`:
+reuses it without training. The recipe names the source model by its content, not its path (`curve.source_identity`:
 a folder's manifest digest, else every file's name, size and modification time; a hub id, its revision and the
 snapshot commit it resolved to), so a new checkpoint written into the same folder is fine-tuned again. The
 export of a twinlm folder (`work_dir/st-base/`) is likewise written once per source identity and reused while
@@ -53,11 +53,10 @@ from transformers import AutoConfig
 
 from twinlm.errors import ConfigError, MissingArtifactError
 from twinlm.eval.common import Timer, default_pooling, load_for_eval
-from twinlm.eval.curve import folder_identity
+from twinlm.eval.curve import source_identity
 from twinlm.eval.device import is_accelerator, resolve_device
 from twinlm.eval.hf_models import is_twinlm_folder
 from twinlm.eval.retrieval import export_sentence_transformers
-from twinlm.hub import parse_hub_id
 from twinlm.io import atomic_dir, write_json
 
 SCALE = 20.0  # Ettin's --scale default (also sentence-transformers')
@@ -97,19 +96,6 @@ def load_triplets(cfg: Any) -> tuple[datasets.Dataset, datasets.Dataset]:
     if cfg.max_triplets is not None:
         train = train.select(range(min(cfg.max_triplets, len(train))))
     return train.select_columns(["query", "positive", "negative"]), split["test"]
-
-
-def source_identity(model: str | Path, folder: str | Path | None = None) -> str:
-    """The content identity of the source model `model` (resolved to the local `folder`, default `model`): a hub
-    id `org/name[@rev]` is `hub:org/name@rev:<snapshot commit>` (a new commit of that revision is another model);
-    a folder is `twinlm.eval.curve.folder_identity` (its MANIFEST.sha256 digest, else every file's name, size and
-    modification time), so new weights written into the same folder are another model."""
-    local = Path(folder if folder is not None else model)
-    parsed = None if isinstance(model, Path) or Path(str(model)).exists() else parse_hub_id(str(model))
-    if parsed is not None:
-        repo, rev = parsed
-        return f"hub:{repo}@{rev or 'main'}:{local.name}"  # the snapshot folder is named by its commit
-    return folder_identity(local)
 
 
 def exports_base(path: str | Path) -> bool:

@@ -6,7 +6,7 @@ Hugging Face cache; an uncached id is a one-line ModelLoadError naming it).
 
 1. MS MARCO fine-tuning with sentence-transformers' trainer and the Ettin recipe (eval/paper/msmarco.py), the
    model written as a sentence-transformers folder `work_dir/st-model/`, reused by a rerun only when the source
-   model's content identity (msmarco.source_identity: not its path) and the recipe are the same;
+   model's content identity (eval/curve.source_identity: not its path) and the recipe are the same;
    `finetune=False` evaluates the folder as it is (e.g. a sentence-transformers folder fine-tuned elsewhere; a
    twinlm folder is exported once per source identity to `work_dir/st-base/`).
 2. mteb on the task list (eval/paper/mteb_tasks.py; default `paper`) with mteb's metrics, its results cached in
@@ -47,7 +47,7 @@ except ImportError as e:  # the optional extra: say how to install it, in one li
                       "(mteb, sentence-transformers[train], accelerate, datasets)") from e
 
 from twinlm.eval.common import Timer, check_result, load_for_eval, result_config
-from twinlm.eval.curve import folder_identity
+from twinlm.eval.curve import folder_identity, source_identity
 from twinlm.eval.device import resolve_device
 from twinlm.eval.paper.mteb_tasks import RESTRICT, expand, get_tasks
 from twinlm.eval.settings import MtebConfig
@@ -108,7 +108,7 @@ def run(model: str | Path, cfg: MtebConfig | None = None, *, variant: str | None
     if not path.is_dir():
         raise MissingArtifactError(f"{model}: no model folder there, nor a hub id org/name[@revision] (give a "
                                    "twinlm, transformers or sentence-transformers model folder, or a hub id)")
-    identity = msmarco.source_identity(model, path)
+    identity = source_identity(model, path)
     if work_dir is None:
         if out is None:
             raise ConfigError("the mteb track keeps the fine-tuned model and mteb's cache in a work folder: give "
