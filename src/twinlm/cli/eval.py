@@ -1,5 +1,5 @@
-"""`twinlm eval {classification,retrieval,generative,bpb,pairs,mteb} MODEL`, `twinlm eval curve` and `twinlm compare RUN
-… --out DIR`.
+"""`twinlm eval {classification,retrieval,generative,bpb,pairs,glue,mteb} MODEL`, `twinlm eval curve`, `twinlm eval
+paper MODEL` (the paper's three columns and its table; eval/paper/columns.py) and `twinlm compare RUN … --out DIR`.
 
 MODEL is a model folder (HF ModernBERT / ModernBERT-decoder, or a twinlm checkpoint), or a baseline
 name: classification takes `tfidf` / `minilm`, retrieval `bm25` / `minilm`, bpb and pairs `unigram` / `bigram` /
