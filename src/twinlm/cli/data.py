@@ -1,4 +1,4 @@
-"""`twinlm data {fetch,list,prepare,verify,order}` (`prepare --for RECIPE`: data/for_recipe.py) and
+"""`twinlm data {fetch,list,prepare,merge,verify,order}` (`prepare --for RECIPE`: data/for_recipe.py) and
 `twinlm tokenizer {ettin,train}`.
 
 Handlers import their modules when they run (`twinlm --help` stays fast) and let a TwinlmError reach
@@ -7,6 +7,7 @@ Handlers import their modules when they run (`twinlm --help` stays fast) and let
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -57,7 +58,15 @@ def register(commands) -> None:
     p.add_argument("--on-bad-input", choices=["error", "skip"], default="error",
                    help="undecodable/empty inputs or records without the text field: stop (default) or skip and count")
     p.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
+    p.add_argument("--part", metavar="I/N", default=None,
+                   help="prepare only part I of N (0 <= I < N; documents assigned by a hash of their text), to be "
+                        "joined by `twinlm data merge`")
     p.set_defaults(handler=_prepare)
+
+    p = sub.add_parser("merge", help="join the folders of `data prepare --part I/N` into one shard folder")
+    p.add_argument("parts", nargs="+", metavar="PART", help="the N part folders (any order; held-out ones apart)")
+    p.add_argument("--out", required=True, help="the merged shard folder")
+    p.set_defaults(handler=_merge)
 
     p = sub.add_parser("verify", help="check shard folders in full: sizes, sha256 of every file, index, token ids")
     p.add_argument("folders", nargs="+", metavar="DIR", help="shard folders (`twinlm data prepare --out DIR`)")
@@ -130,6 +139,8 @@ def _prepare(args) -> int:
                              text_field=args.text_field, holdout_docs=args.holdout_docs,
                              holdout_out=args.holdout_out, workers=args.workers, threads=args.threads,
                              seed=args.seed, on_bad_input=args.on_bad_input, max_docs=args.max_docs)
+    if args.part is not None:
+        settings = dataclasses.replace(settings, part=_part(args.part))
     tok = load_tokenizer(args.tokenizer)
     meta = prepare(inputs, tok, args.out, settings)
     s = meta["stats"]
@@ -144,6 +155,23 @@ def _prepare(args) -> int:
             print(f"warning: held out {h['num_documents']} of the {int(h['docs'])} documents asked for (the count rule "
                   f"holds out about 1 document in 10 of the {s['documents']} read); pass a fraction "
                   "(--holdout-docs 0.2) to hold out more", file=sys.stderr)
+    return 0
+
+
+def _part(text: str) -> tuple[int, int]:
+    """`--part I/N` as (I, N)."""
+    from twinlm.errors import ConfigError
+    index, sep, count = text.partition("/")
+    if not sep or not index.strip().isdigit() or not count.strip().isdigit():
+        raise ConfigError(f"--part {text}: give I/N, e.g. --part 0/2 and --part 1/2 for two parts")
+    return int(index), int(count)
+
+
+def _merge(args) -> int:
+    from twinlm.data.merge import merge_parts
+    meta = merge_parts(args.parts, args.out)
+    print(f"{args.out}: {meta['num_chunks']} chunks, {meta['num_tokens']} tokens from {meta['num_documents']} "
+          f"documents, merged from {len(args.parts)} parts")
     return 0
 
 

@@ -21,6 +21,14 @@ beside the `holdout.docs` asked for; `twinlm data prepare` prints it as a warnin
 out is decided by the one held-out rule (twinlm.data.split: a hash of the seed and each document's text, the
 suite's corpus rule too), so the split is the same wherever the input files lie, and copies of a document never
 straddle the two sides.
+
+Parts (`part=(I, N)`, `twinlm data prepare --part I/N`): every part reads all the inputs and keeps the documents
+that the part rule (twinlm.data.split.part_of: the same hash of the text, keyed "part") assigns to part I, so N
+machines can each prepare one part of the same inputs, one big file included. A part's docs.npy holds the
+documents' ordinals among all documents read (not among the part's), and its meta.json records `part: {index,
+count, rule}` and `stats.read_documents`; `twinlm data merge` (twinlm.data.merge) interleaves the parts by those
+ordinals into the folder one whole `prepare` writes. A held-out fraction is decided per document, so the parts'
+held-out folders merge the same way; a held-out count depends on reading order and is refused with `part`.
 """
 
 from __future__ import annotations
@@ -42,8 +50,8 @@ from tokenizers import Tokenizer
 
 from twinlm.data.inputs import InputSpec, iter_documents, resolve_inputs
 from twinlm.data.shards import ShardWriter
+from twinlm.data.split import PART_RULE, heldout, part_of
 from twinlm.data.split import RULE as HELDOUT_RULE
-from twinlm.data.split import heldout
 from twinlm.data.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
 from twinlm.errors import ConfigError, DataError, OutOfSpace
 from twinlm.io import is_disk_full, remove_stale_temporaries
@@ -206,12 +214,20 @@ class PrepareConfig:
     max_docs: int | None = None  # stop after this many documents
     batch_bytes: int = 1 << 20  # text sent to a worker at a time
     overwrite: bool = True  # an earlier shard folder at the output is replaced
+    part: tuple[int, int] | None = None  # (I, N): keep only the documents of part I of N (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.chunk_size < 3:
             raise ConfigError(f"chunk_size must be at least 3 ([CLS] + 1 token + [SEP]), got {self.chunk_size}")
         if self.holdout_docs < 0:
             raise ConfigError(f"holdout_docs must be >= 0, got {self.holdout_docs}")
+        if self.part is not None:
+            index, count = self.part
+            if not (count >= 1 and 0 <= index < count):
+                raise ConfigError(f"part {index}/{count}: give I/N with 0 <= I < N (the parts of 2 are 0/2 and 1/2)")
+            if self.holdout_docs >= 1:
+                raise ConfigError(f"a held-out count ({self.holdout_docs:g} documents) cannot be split into parts (it "
+                                  "depends on reading order): give a fraction with --part, e.g. --holdout-docs 0.01")
 
 
 @dataclass
@@ -231,7 +247,8 @@ class _Job:
 class _Tally:
     """What the reading and the workers counted."""
 
-    docs: int = 0
+    read: int = 0  # documents read, all parts
+    docs: int = 0  # documents kept (this part's)
     bytes: int = 0
     held_docs: int = 0
     counts: Counter = field(default_factory=Counter)  # chunking: dropped, backfilled, empty documents
@@ -264,7 +281,7 @@ def prepare(inputs: Iterable[Any], tokenizer: Any, out: str | Path, settings: Pr
             w.abort()
         _raise_if_disk_full(e, job.out)
         raise
-    if tally.docs == 0:
+    if tally.read == 0:
         for w in writers.values():
             w.abort()
         raise DataError(f"no documents in the inputs ({', '.join(map(str, job.specs[:5]))}"
@@ -316,11 +333,15 @@ def _run_workers(job: _Job, rule: Callable[[int, str], bool], writers: dict[bool
     def batches() -> Iterator[list[tuple[int, bool, str]]]:
         batch, size = [], 0
         for _key, text in iter_documents(job.specs, cfg.text_field, cfg.on_bad_input, tally.skipped):
-            if cfg.max_docs is not None and tally.docs >= cfg.max_docs:
+            if cfg.max_docs is not None and tally.read >= cfg.max_docs:
                 break
-            held = rule(tally.docs, text)
+            ordinal = tally.read
+            tally.read += 1
+            if cfg.part is not None and part_of(text, cfg.part[1]) != cfg.part[0]:
+                continue
+            held = rule(ordinal, text)
             tally.held_docs += held
-            batch.append((tally.docs, held, text))
+            batch.append((ordinal, held, text))
             tally.docs += 1
             size += len(text)
             tally.bytes += len(text.encode("utf-8")) if not text.isascii() else len(text)
@@ -367,7 +388,10 @@ def _write_meta(job: _Job, writers: dict[bool, ShardWriter], tally: _Tally, seco
         "inputs": [str(s) for s in job.specs][:1000], "text_field": cfg.text_field,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    stats = {"documents": tally.docs, "bytes": tally.bytes, "seconds": round(seconds, 3), "workers": cfg.workers,
+    if cfg.part is not None:
+        common["part"] = {"index": cfg.part[0], "count": cfg.part[1], "rule": PART_RULE}
+    stats = {"documents": tally.docs, "read_documents": tally.read, "bytes": tally.bytes,
+             "seconds": round(seconds, 3), "workers": cfg.workers,
              "threads": cfg.threads, "skipped": dict(tally.skipped), **{k: int(v) for k, v in tally.counts.items()}}
     holdout_docs, held_docs = cfg.holdout_docs, tally.held_docs
     if holdout_docs >= 1 and held_docs < holdout_docs:
