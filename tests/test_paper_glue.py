@@ -226,7 +226,7 @@ def test_rerun_reads_finished_runs_and_rejects_damaged_ones(mnli_rte, standin, e
     glue.run(encoder, GlueConfig(tasks=["mnli", "rte"], **SMALL), work_dir=work)
     assert calls == ["rte"]
     data = json.loads(rte_file.read_text())
-    data["record"]["score"] = 0.99  # altered: its sha256 no longer matches
+    data["payload"]["record"]["score"] = 0.99  # altered: its sha256 no longer matches
     rte_file.write_text(json.dumps(data))
     glue.run(encoder, GlueConfig(tasks=["mnli", "rte"], **SMALL), work_dir=work)
     assert calls == ["rte", "rte"]

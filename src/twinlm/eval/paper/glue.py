@@ -81,7 +81,7 @@ from twinlm.eval.paper.glue_tasks import (
 )
 from twinlm.eval.settings import GlueConfig, seed_list
 from twinlm.hub import resolve_model
-from twinlm.io import atomic_dir, dumps_json, sha256_file, write_json
+from twinlm.io import atomic_dir, dumps_json, read_sealed_json, sha256_file, write_json, write_sealed_json
 
 DRAW_SEED = 0  # the fixed draw of max_train_examples / max_eval_examples
 RUN_FORMAT = 2  # 2: pairs of a glued template get a separator (pair_separator); 1's runs are stale
@@ -315,25 +315,18 @@ def run_key(task: GlueTask, hyper: Hyper, seed: int, cfg: GlueConfig, identity: 
     return key, hashlib.sha256(dumps_json(key, indent=None).encode()).hexdigest()[:20]
 
 
-def _digest(key: dict, record: dict) -> str:
-    return hashlib.sha256(dumps_json({"key": key, "record": record}, indent=None).encode()).hexdigest()
-
-
 def write_run(path: str | Path, key: dict, record: dict) -> None:
-    """Write a finished run atomically, with the sha256 of its key and record."""
-    write_json(path, {"key": key, "record": record, "sha256": _digest(key, record)})
+    """Write a finished run atomically, sealed with the sha256 of its key and record (io.write_sealed_json)."""
+    write_sealed_json(path, {"key": key, "record": record})
 
 
 def read_run(path: str | Path, key: dict) -> dict | None:
     """The record of the finished run at `path` for `key`; None when there is none, or the file is cut short,
     altered (its sha256 does not match) or holds another key: such a run is not finished."""
-    try:
-        data = json.loads(Path(path).read_text())
-        if data["key"] != key or data["sha256"] != _digest(data["key"], data["record"]):
-            return None
-        return dict(data["record"])
-    except (OSError, ValueError, KeyError, TypeError):
+    payload, _ = read_sealed_json(path)
+    if not isinstance(payload, dict) or payload.get("key") != key or not isinstance(payload.get("record"), dict):
         return None
+    return dict(payload["record"])
 
 
 # --- the protocol ---------------------------------------------------------------------------------
