@@ -12,13 +12,18 @@ import time
 import uuid
 from pathlib import Path
 
-RESTART_VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"  # torch's fix for restarts across agents (#135712)
+from twinlm.train.dist import RESTART_VARIABLE  # noqa: F401 - the tests set it through here
 
 
-def env(**extra: str) -> dict[str, str]:
+def env(**extra: str | None) -> dict[str, str]:
+    """The agents' environment: this one, one thread each, offline, with `extra` (None: unset)."""
     e = dict(os.environ)
     e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    e.update(extra)
+    for k, v in extra.items():
+        if v is None:
+            e.pop(k, None)
+        else:
+            e[k] = v
     return e
 
 
@@ -35,7 +40,7 @@ def agent_command(nnodes: int, port: int, rdzv_id: str, max_restarts: int, *args
 
 
 def start_agents(recipe: Path, out: str | Path, *overrides: str, cwds: list[Path] | None = None,
-                 max_restarts: int = 0, nnodes: int = 2, **extra_env: str) -> list[subprocess.Popen]:
+                 max_restarts: int = 0, nnodes: int = 2, **extra_env: str | None) -> list[subprocess.Popen]:
     """`nnodes` agents training `recipe` into `out` (relative to each agent's `cwds` entry, where given: folders
     that are not shared), one worker each; their output is merged into a pipe per agent."""
     port, rdzv = free_port(), uuid.uuid4().hex[:8]

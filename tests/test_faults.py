@@ -189,12 +189,12 @@ def test_shards_verified_once_per_run_and_again_when_changed(tmp_path, shards):
     recipe, out = recipe_for(data), tmp_path / "run"
     logs: list[str] = []
     run(recipe, out, ["max_steps=1"], log=logs.append)
-    assert sum(line.startswith("verified ") for line in logs) == 1, logs
+    assert sum(line.startswith("verifying ") for line in logs) == 1, logs
     logs.clear()
     run(recipe, out, ["max_steps=2"], log=logs.append)
-    assert not any(line.startswith("verified ") for line in logs)
+    assert not any(line.startswith("verifying ") for line in logs)
     run(recipe, tmp_path / "run2", ["max_steps=1"], log=logs.append)  # another run: the folder's own record
-    assert not any(line.startswith("verified ") for line in logs)
+    assert not any(line.startswith("verifying ") for line in logs)
     flip(data / "tokens.bin", 0.3)
     with pytest.raises(ShardError, match="tokens.bin: sha256"):
         run(recipe, out, ["max_steps=3"], log=_quiet)

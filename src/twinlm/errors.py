@@ -89,3 +89,13 @@ class TrainingDiverged(TwinlmError, RuntimeError):
 
 class RunInterrupted(TwinlmError):
     """SIGTERM stopped a run after a checkpoint (raised only when the caller asks for it)."""
+
+
+class PeerFailure(TwinlmError, RuntimeError):
+    """Another rank of a distributed run hung (a collective timed out) or died (its connection closed); the
+    message names the rank that noticed, its host, the step, what it was doing, and the last checkpoint."""
+
+
+class NotShared(ConfigError):
+    """A folder rank 0 sees is not there on another rank: the run folder, shards or tokenizer are not on a
+    filesystem every node shares."""

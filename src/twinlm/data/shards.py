@@ -20,8 +20,8 @@ docs.npy and bytes.npy have one entry per chunk, and that every token id is belo
 (meta.json `tokenizer.vocab_size`, when recorded). A full pass records the folder's `shard_signature` (meta.json's
 hash and every file's size and modification time) in `DIR/.verified.json` when the folder is writable; a training
 run's setup (train/setup.py) verifies a folder whose current signature matches no record (its own run's, or the
-folder's), so a folder is hashed once, and again whenever it changed. For very large corpora run `twinlm data verify
-DIR` once before a distributed launch: the ranks wait while rank 0 verifies.
+folder's), so a folder is hashed once, and again whenever it changed; under several ranks the parts of the
+verification (`verification_parts`: each file's hash, the structural check) are dealt out among the ranks.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def read_tokens(path: Path, dtype: str) -> np.ndarray:
     return np.memmap(tokens, dtype=np.dtype(dtype), mode="r") if tokens.stat().st_size else np.zeros(0, dtype)
 
 
-def _check_contents(path: Path, meta: dict[str, Any]) -> None:
+def check_contents(path: Path, meta: dict[str, Any]) -> None:
     """The full structural check of `verify_shards`: index, per-chunk arrays and token id range."""
     index = np.load(path / "index.npy", mmap_mode="r")
     n = int(meta["num_chunks"])
@@ -235,11 +235,8 @@ def _check_contents(path: Path, meta: dict[str, Any]) -> None:
                                  f"tokenizer's vocabulary of {vocab}: the file is damaged; prepare the shards again")
 
 
-def verify_shards(path: str | Path, checksums: bool = True) -> dict[str, Any]:
-    """Raise ShardError if a file is missing, of the wrong size (truncated) or (checksums=True) altered or
-    inconsistent (see the module docstring: hashes, index, per-chunk arrays, token ids)."""
-    path = Path(path)
-    meta = read_meta(path)
+def check_sizes(path: Path, meta: dict[str, Any]) -> None:
+    """Raise ShardError if a file is missing or of another size than meta.json records (truncated, replaced)."""
     for name in FILES:
         f = path / name
         if not f.exists():
@@ -248,17 +245,51 @@ def verify_shards(path: str | Path, checksums: bool = True) -> dict[str, Any]:
         if size != meta["sizes"][name]:
             raise ShardError(f"{f}: {size} bytes, meta.json says {meta['sizes'][name]} (truncated or replaced); "
                              "prepare the shards again")
+
+
+CONTENTS = "contents"  # the verification part that is not one file's hash: check_contents
+
+
+def verification_parts(meta: dict[str, Any]) -> list[tuple[str, int]]:
+    """The independent parts of a full verification, with the bytes each reads: every file's sha256 (named by
+    the file) and the structural check (CONTENTS: the index, the per-chunk arrays, the token ids). Parts of
+    several folders can be dealt out to several processes (train/verify.py does, over the ranks)."""
+    sizes = meta["sizes"]
+    contents = int(sizes["index.npy"]) + int(sizes["tokens.bin"])
+    return [(name, int(sizes[name])) for name in FILES] + [(CONTENTS, contents)]
+
+
+def verify_part(path: str | Path, meta: dict[str, Any], part: str) -> None:
+    """One part of `verify_shards` (`verification_parts`): raise ShardError naming the file if it fails."""
+    path = Path(path)
+    if part == CONTENTS:
+        check_contents(path, meta)
+        return
+    got = sha256_file(path / part)
+    if got != meta["sha256"][part]:
+        raise ShardError(f"{path / part}: sha256 {got[:16]}… differs from meta.json "
+                         f"({meta['sha256'][part][:16]}…): the file was altered; prepare the shards again")
+
+
+def mark_verified(path: str | Path) -> None:
+    """Record that the folder passed every part of a full verification in its current state (`.verified.json`;
+    best effort: a read-only folder is verified again by the next run)."""
+    try:
+        write_json(Path(path) / VERIFIED, shard_signature(path))
+    except OSError:
+        pass
+
+
+def verify_shards(path: str | Path, checksums: bool = True) -> dict[str, Any]:
+    """Raise ShardError if a file is missing, of the wrong size (truncated) or (checksums=True) altered or
+    inconsistent (see the module docstring: hashes, index, per-chunk arrays, token ids)."""
+    path = Path(path)
+    meta = read_meta(path)
+    check_sizes(path, meta)
     if checksums:
-        for name in FILES:
-            got = sha256_file(path / name)
-            if got != meta["sha256"][name]:
-                raise ShardError(f"{path / name}: sha256 {got[:16]}… differs from meta.json "
-                                 f"({meta['sha256'][name][:16]}…): the file was altered; prepare the shards again")
-        _check_contents(path, meta)
-        try:  # best effort: a read-only folder is verified again by the next run
-            write_json(path / VERIFIED, shard_signature(path))
-        except OSError:
-            pass
+        for part, _ in verification_parts(meta):
+            verify_part(path, meta, part)
+        mark_verified(path)
     return meta
 
 

@@ -19,6 +19,16 @@ group for host values on first use (`host_group`). `parallelize()` then wraps th
   with `param_dtype=torch.bfloat16` (bf16 training on an accelerator) a mixed-precision policy gathers bf16
   parameters and reduces gradients in fp32 (the fp32 master weights stay sharded in the optimizer).
 
+Faults (`init` and `peer_failure`): every collective waits at most a timeout, a longer one from the start until
+the first step is done (`init_timeout_s`: start-up checks, shard verification, loading, compiling the first step)
+than for the steps after it (`timeout_s`, set by `Trainer` once step 1 is done: `set_timeout`). A recipe sets
+both (`dist_timeout`, `dist_init_timeout`), the environment overrides them (TWINLM_DIST_TIMEOUT,
+TWINLM_DIST_INIT_TIMEOUT: seconds). When a collective times out (another rank hung) or its connection closes
+(another rank died), `peer_failure` recognises the backend's error so the trainer can end with one line
+(errors.PeerFailure) instead of every rank's traceback. `topology()` gathers every rank's host and node, the
+launcher's restart count and a Slurm job's id for the run folder's provenance; `restart_warning()` names the
+variable that multi-node restarts under torchrun need (TORCH_DISABLE_SHARE_RDZV_TCP_STORE, pytorch#135712).
+
 Checkpoints always hold full tensors (`full_state_dict`, `load_full_state_dict`), so a run resumes on any
 number of ranks and with or without FSDP. The tensors are gathered one at a time and copied to host memory
 on the writing rank only (rank 0); the other ranks drop each gathered tensor on the device.
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -36,6 +47,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
+
+from twinlm.errors import ConfigError
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -47,6 +60,8 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    timeout_s: float = 600.0  # a collective's longest wait once the first step is done
+    init_timeout_s: float = 1800.0  # and before (start-up, the first step's compile)
 
     @property
     def distributed(self) -> bool:
@@ -57,19 +72,113 @@ class DistEnv:
         return self.rank == 0
 
 
-def init(device: str | None = None) -> DistEnv:
+TIMEOUT_VARIABLE = "TWINLM_DIST_TIMEOUT"  # seconds a collective may wait once step 1 is done
+INIT_TIMEOUT_VARIABLE = "TWINLM_DIST_INIT_TIMEOUT"  # seconds a collective may wait until then
+RESTART_VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"  # torch's fix for restarts across agents (#135712)
+
+
+def timeout_from_env(name: str, default: float) -> float:
+    """Seconds from the environment variable `name` (a positive number), else `default`."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return float(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"{name}={raw!r}: give a positive number of seconds (e.g. {name}=300), or unset it")
+    return value
+
+
+def init(device: str | None = None, *, timeout_s: float = 600.0, init_timeout_s: float = 1800.0) -> DistEnv:
+    """Start the process group under torchrun (WORLD_SIZE > 1), its collectives waiting at most the start-up
+    timeout (`init_timeout_s`, TWINLM_DIST_INIT_TIMEOUT overrides it); the returned env carries both timeouts
+    (`timeout_s` after TWINLM_DIST_TIMEOUT) for `set_timeout` once the first step is done."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    timeout_s = timeout_from_env(TIMEOUT_VARIABLE, timeout_s)
+    init_timeout_s = timeout_from_env(INIT_TIMEOUT_VARIABLE, init_timeout_s)
     if device is None:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend_for(dev), timeout=datetime.timedelta(minutes=30),
+        dist.init_process_group(backend=backend_for(dev), timeout=datetime.timedelta(seconds=init_timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
-    return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev)
+        _TIMEOUT[:] = [init_timeout_s]
+    return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev, timeout_s=timeout_s,
+                   init_timeout_s=init_timeout_s)
+
+
+def set_timeout(seconds: float) -> None:
+    """How long this rank's collectives wait from now on (the default group and the host group beside it). Local:
+    each rank sets its own; the trainer does so on every rank once the first step is done."""
+    if not dist.is_initialized():
+        return
+    delta = datetime.timedelta(seconds=seconds)
+    _TIMEOUT[:] = [seconds]
+    dist.distributed_c10d._set_pg_timeout(delta)
+    for group in _HOST_GROUP.values():
+        dist.distributed_c10d._set_pg_timeout(delta, group)
+
+
+# what the backends say when a peer hung (a timeout) or died (a closed connection); NCCL's watchdog ends the
+# process itself at its timeout, so on CUDA the host collectives (gloo) are where a hang is usually seen
+_HUNG = ("timed out", "timeout")
+_DIED = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
+         "remote worker crashing", "connectfullmesh", "socket closed")
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """"hung" when `error` is a collective's timeout, "died" when a peer's connection closed, else None (not a
+    fault of another rank: a bug or a user error of this one)."""
+    if not isinstance(error, RuntimeError):
+        return None
+    text = str(error).lower()
+    backend = isinstance(error, dist.DistError) or "gloo" in text or "nccl" in text or "c10d" in text
+    if not backend:
+        return None
+    if any(k in text for k in _DIED):
+        return "died"
+    if any(k in text for k in _HUNG):
+        return "hung"
+    return "died" if isinstance(error, dist.DistNetworkError) else None
+
+
+def host() -> str:
+    return socket.gethostname()
+
+
+def topology(env: DistEnv) -> dict[str, Any]:
+    """Where the run's ranks are (collective: every rank calls it): the number of nodes (torchrun's agents:
+    GROUP_RANK, else distinct hosts), every rank's host, node and local rank, the launcher's restart count and
+    limit (torchrun's TORCHELASTIC_RESTART_COUNT / _MAX_RESTARTS) and a Slurm job's id, node list and requeue
+    count (SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_RESTART_COUNT)."""
+    e = os.environ
+    me = {"rank": env.rank, "host": host(), "node": int(e.get("GROUP_RANK", "0")), "local_rank": env.local_rank}
+    ranks = all_gather_object(me)
+    nodes = len({(r["host"], r["node"]) for r in ranks})
+    out: dict[str, Any] = {"nodes": nodes, "world_size": env.world_size, "ranks": ranks,
+                           "restart": int(e.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                           "max_restarts": int(e.get("TORCHELASTIC_MAX_RESTARTS", "0"))}
+    if e.get("SLURM_JOB_ID"):
+        out["slurm"] = {"job_id": e["SLURM_JOB_ID"], "nodelist": e.get("SLURM_JOB_NODELIST"),
+                        "restart_count": int(e.get("SLURM_RESTART_COUNT", "0"))}
+    return out
+
+
+def restart_warning(topo: dict[str, Any]) -> str | None:
+    """The warning for torchrun restarts across nodes without RESTART_VARIABLE in the agents' environment
+    (which their workers inherit): a restart then hangs in the process group's set-up or fails to connect
+    (pytorch#135712). None when nothing is wrong."""
+    if topo["max_restarts"] > 0 and topo["nodes"] > 1 and os.environ.get(RESTART_VARIABLE) != "1":
+        return (f"warning: torchrun restarts (--max-restarts {topo['max_restarts']}) across {topo['nodes']} nodes "
+                f"need {RESTART_VARIABLE}=1 in every agent's environment, else a restart hangs or fails to "
+                f"connect (pytorch/pytorch#135712): export {RESTART_VARIABLE}=1 before torchrun")
+    return None
 
 
 def backend_for(device: torch.device) -> str:
@@ -78,6 +187,7 @@ def backend_for(device: torch.device) -> str:
 
 
 _HOST_GROUP: dict = {}  # default group -> the gloo group host_group() made beside it
+_TIMEOUT: list[float] = []  # the collectives' timeout last set by init / set_timeout (the host group's)
 
 
 def host_group():
@@ -90,7 +200,8 @@ def host_group():
     world = dist.group.WORLD
     if world not in _HOST_GROUP:
         _HOST_GROUP.clear()  # one made beside an earlier, destroyed default group
-        _HOST_GROUP[world] = dist.new_group(backend="gloo")
+        timeout = datetime.timedelta(seconds=_TIMEOUT[0]) if _TIMEOUT else None
+        _HOST_GROUP[world] = dist.new_group(backend="gloo", timeout=timeout)
     return _HOST_GROUP[world]
 
 
@@ -98,6 +209,7 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _HOST_GROUP.clear()
+    _TIMEOUT.clear()
 
 
 def _several() -> bool:

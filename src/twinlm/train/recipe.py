@@ -218,6 +218,10 @@ class Recipe:
     prefetch: bool = True  # draw and prepare the next batch on a background thread while a step runs (false:
     #                        in line; the batches are the same either way)
     max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops
+    dist_timeout: float = 600.0  # seconds a collective waits for the other ranks once step 1 is done, then the run
+    #                              ends naming the step (a hung or dead rank; must exceed a checkpoint's save)
+    dist_init_timeout: float = 1800.0  # the same from the start to the end of step 1 (checks, shard verification,
+    #                                    loading, compiling); TWINLM_DIST_TIMEOUT / _INIT_TIMEOUT override both
     max_steps: int | None = None  # stop (checkpoint, exit 0, like SIGTERM) at this many optimizer steps; rerun
     #                               with a larger value or none to continue (time-limited jobs, tests)
     tensorboard: bool = True  # only if the tensorboard package is installed
@@ -273,6 +277,9 @@ class Recipe:
             problems.append(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.parallel not in ("auto", "ddp", "fsdp"):
             problems.append(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
+        for knob in ("dist_timeout", "dist_init_timeout"):
+            if not getattr(self, knob) > 0:
+                problems.append(f"{knob} must be a positive number of seconds, got {getattr(self, knob)!r}")
         try:  # a Recipe built in Python has not been through the hooks
             self.model.overrides = model_overrides(self.model.overrides)
         except ConfigError as e:

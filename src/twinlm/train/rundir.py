@@ -1,6 +1,9 @@
 """A run folder's provenance: the resolved recipe (`config.yaml`), the first start's environment (`env.json`)
 and one line per start (`starts.jsonl`: versions, hardware, git revision, argv, time).
 
+Each start's line records the run's topology (the number of nodes, every rank's host and node, the launcher's
+restart count and a Slurm job's id), so a run that moved, lost a node or was restarted by torchrun says so.
+
 A restart whose recipe differs from the saved one (other than the knobs that may change between restarts:
 `max_steps`, `progress`, `tensorboard`) is warned about; the new recipe is used and saved, the old one kept
 as `config.previous.yaml` (an older previous one is kept as `config.previous.N.yaml`, N = 1, 2, …: no
@@ -26,7 +29,7 @@ import twinlm
 from twinlm.io import dumps_json, write_bytes, write_json
 from twinlm.train.dist import DistEnv
 
-RUN_KNOBS = ("max_steps", "progress", "tensorboard", "prefetch")
+RUN_KNOBS = ("max_steps", "progress", "tensorboard", "prefetch", "dist_timeout", "dist_init_timeout")
 
 
 def git_revision(path: Path) -> dict[str, Any]:
@@ -67,8 +70,10 @@ def without_run_knobs(text: str) -> dict:
     return d
 
 
-def prepare_run_dir(out: Path, recipe_yaml: str, env: DistEnv, log) -> None:
-    """Create or update the run folder's provenance files (rank 0 only; other ranks return at once)."""
+def prepare_run_dir(out: Path, recipe_yaml: str, env: DistEnv, log, topology: dict[str, Any] | None = None) -> None:
+    """Create or update the run folder's provenance files (rank 0 only; other ranks return at once). `topology`
+    (train/dist.py `topology`: nodes, every rank's host, restart count, Slurm job) goes into env.json and this
+    start's line of starts.jsonl."""
     if not env.is_main:
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -85,6 +90,8 @@ def prepare_run_dir(out: Path, recipe_yaml: str, env: DistEnv, log) -> None:
         cfg_path.replace(prev)
     write_bytes(cfg_path, recipe_yaml)
     info = environment(env)
+    if topology is not None:
+        info["topology"] = topology
     if not (out / "env.json").exists():
         write_json(out / "env.json", info)
     with open(out / "starts.jsonl", "a") as f:

@@ -6,10 +6,12 @@
 
 `check_run`, in this order (every rank runs each check, so an error stops all of them; rank 0 alone looks
 for the latest checkpoint and broadcasts it):
-  1. `--out` is a folder or nothing (`check_out`).
+  1. `--out` is a folder or nothing (`check_out`); every rank sees the folders rank 0 sees of those the run
+     reads (`read_paths`: the run folder, the tokenizer, the data, `init_from`; train/shared.py: NotShared, one
+     line naming the rank and host).
   2. The recipe's tokenizer loads (`load_run_tokenizer`: MissingArtifactError), and its fingerprint.
   3. The newest intact checkpoint (train/checkpoint.py `CheckpointManager.latest`: corrupt ones are reported
-     and remembered, not moved).
+     and remembered, not moved), seen by every rank (NotShared otherwise).
   4. Resuming is refused when the recipe changes what the checkpoint's weights are (`check_resume`:
      ConfigError naming the changed `model`/`objective` settings, TokenizerMismatch for the tokenizer).
   5. Each phase's `seq_len` against the chunk size its shards were prepared with (`check_seq_lens`: longer is
@@ -26,11 +28,15 @@ for the latest checkpoint and broadcasts it):
      `memory_check`).
 
 `open_run`, in this order:
-  1. The run folder's provenance (train/rundir.py `prepare_run_dir`: config.yaml, env.json, starts.jsonl).
+  1. The run folder's provenance (train/rundir.py `prepare_run_dir`: config.yaml, env.json, starts.jsonl, with
+     the topology: nodes, every rank's host, restarts, a Slurm job; dist.py `topology`), a warning when torchrun
+     restarts across nodes lack the variable they need (`restart_warning`); every rank sees a probe file rank 0
+     writes into the run folder (train/shared.py `check_run_folder_shared`: NotShared otherwise).
   2. Checkpoints that failed verification are moved aside (`set_aside_corrupt`), with a warning when none
      was intact.
-  3. Every shard folder not verified in its current state is verified in full (`verify_shards_once`, rank 0;
-     the record is RUN/verified_shards.json); a damaged one is a ShardError on every rank.
+  3. Every shard folder not verified in its current state is verified in full, the parts dealt out over the
+     ranks (train/verify.py `verify_run_shards`; the record is RUN/verified_shards.json); a damaged one is a
+     ShardError on every rank.
   4. The model: the checkpoint's weights; or the `init_from` model read by the checks, converted in memory
      (twinlm.convert `as_kind`; nothing is written for it); or fresh, initialised from the recipe's seed.
      On the device; a fresh or converted model takes the first phase's RoPE θ.
@@ -40,8 +46,6 @@ for the latest checkpoint and broadcasts it):
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -54,18 +58,16 @@ from twinlm.convert import as_kind
 from twinlm.data import check_tokenizer
 from twinlm.data.mds import is_mds_folder
 from twinlm.data.order import is_order_folder
-from twinlm.data.shards import is_verified, read_meta, shard_signature, verify_shards
+from twinlm.data.shards import read_meta
 from twinlm.data.tokenizer import load_tokenizer, model_config_for, tokenizer_fingerprint
 from twinlm.errors import (
     ConfigError,
     CorruptCheckpointError,
     MissingArtifactError,
-    MissingShards,
     ShardError,
     TokenizerMismatch,
 )
 from twinlm.hub import resolve_model
-from twinlm.io import write_json
 from twinlm.loading import load, read_config
 from twinlm.memory import check_fits
 from twinlm.model import Transformer
@@ -82,11 +84,12 @@ from twinlm.train.datasets import phase_sources
 from twinlm.train.optim import build_optimizer
 from twinlm.train.recipe import Phase, Recipe, ShardSource
 from twinlm.train.rundir import prepare_run_dir
+from twinlm.train.shared import check_run_folder_shared, check_visible
 from twinlm.train.state import TrainState
 from twinlm.train.step import TrainStep
+from twinlm.train.verify import verify_run_shards
 
 Log = Callable[[str], None]
-VERIFIED_SHARDS = "verified_shards.json"  # in the run folder: shard folders verified, with their signature
 # ModelConfig fields that set a weight's shape: a converted start cannot change them
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
 ShardMeta = tuple[Phase, ShardSource, dict]
@@ -284,14 +287,31 @@ def check_memory(recipe: Recipe, env: dist.DistEnv, cfg: ModelConfig) -> None:
                precision="bf16" if bf16 else "fp32")
 
 
+def read_paths(recipe: Recipe, out: Path) -> list[Path]:
+    """What every rank of the run reads from disk: the run folder and its checkpoints, the tokenizer, every
+    phase's data, the held-out data, a cross-objective start's model (those that exist on rank 0 must exist on
+    every rank: train/shared.py)."""
+    paths = [out, out / "checkpoints"]
+    if recipe.tokenizer:
+        paths.append(Path(recipe.tokenizer))
+    paths += [Path(s.path) for phase in recipe.phase_list() for s in phase_sources(recipe, phase)]
+    paths += [Path(s.path) for s in recipe.eval.data or []]
+    if recipe.init_from:
+        paths.append(Path(recipe.init_from))
+    return list(dict.fromkeys(paths))
+
+
 def check_run(recipe: Recipe, out: str | Path, env: dist.DistEnv, log: Log) -> Checked:
     """Every check of a run before anything is written (the module docstring lists them in order)."""
     out = Path(out)
     check_out(out)
+    check_visible(read_paths(recipe, out), env, "a folder the run reads")
     tokenizer, tokenizer_fp = load_run_tokenizer(recipe)
     ckpt = CheckpointManager(out / "checkpoints", recipe.checkpoint.keep_last, recipe.checkpoint.keep_every,
                              log=log, required=TRAINING_FILES)
     resume = latest_checkpoint(ckpt, env)
+    if resume is not None:
+        check_visible([resume / name for name in sorted(TRAINING_FILES)], env, "the checkpoint to resume from")
     resume_state = read_state(resume) if resume is not None else None
     if resume is not None and resume_state is not None:
         check_resume(recipe, out, resume, resume_state, tokenizer_fp)
@@ -308,36 +328,6 @@ def check_run(recipe: Recipe, out: str | Path, env: dist.DistEnv, log: Log) -> C
 
 
 # --- the writes and builds ----------------------------------------------------------------------------
-def verify_shards_once(recipe: Recipe, out: Path, log: Log) -> str | None:
-    """Verify (sha256, index, token ids) every shard folder the recipe trains on that was not verified in
-    its current state, by this run (RUN/verified_shards.json: path -> shard_signature) or by anyone
-    (the folder's .verified.json); return the problem or None. Rank 0 only; the caller broadcasts it."""
-    record_path = out / VERIFIED_SHARDS
-    try:
-        record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    except json.JSONDecodeError:
-        record = {}
-    paths = {str(s.path) for phase in recipe.phase_list() for s in shard_sources(recipe, phase)}
-    changed = False
-    for path in sorted(paths):
-        try:
-            sig = shard_signature(path) if Path(path, "meta.json").exists() else None
-            if sig is not None and (record.get(path) == sig or is_verified(path)):
-                continue
-            t0 = time.perf_counter()
-            verify_shards(path)
-        except (ShardError, OSError) as e:  # a missing folder is reported when the phase opens it
-            if isinstance(e, ShardError) and not isinstance(e, MissingShards):
-                return str(e)
-            continue
-        log(f"verified {path} (sha256 of every file, index, token ids) in {time.perf_counter() - t0:.1f} s")
-        record[path] = sig
-        changed = True
-    if changed:
-        write_json(record_path, record)
-    return None
-
-
 def build_model(checked: Checked) -> Transformer:
     """The model on the CPU: the checkpoint's weights, `init_from` converted in memory, or fresh."""
     cfg = checked.config
@@ -367,15 +357,18 @@ def restored_state(state: dict, where: Path | str = "state.json") -> TrainState:
 def open_run(checked: Checked, *, step_class: type[TrainStep] = TrainStep) -> Run:
     """The writes and builds of a checked run (the module docstring lists them in order). Every rank calls it."""
     recipe, env, out, log = checked.recipe, checked.env, checked.out, checked.log
-    prepare_run_dir(out, recipe.to_yaml(), env, log)
+    topology = dist.topology(env)
+    warning = dist.restart_warning(topology)
+    if warning:
+        log(warning)
+    prepare_run_dir(out, recipe.to_yaml(), env, log, topology=topology)
+    check_run_folder_shared(out, env)
     if env.is_main:
         if checked.resume is None and checked.ckpt.corrupt:
             log(f"warning: no intact checkpoint in {checked.ckpt.root}: training starts again from step 0")
         checked.ckpt.set_aside_corrupt()
-    problem = verify_shards_once(recipe, out, log) if env.is_main else None
-    problem = dist.broadcast_object(problem)
-    if problem:
-        raise ShardError(problem)
+    verify_run_shards([str(s.path) for phase in recipe.phase_list() for s in shard_sources(recipe, phase)], out,
+                      env, log)
     dist.barrier()
     model = build_model(checked)
     model.to(env.device)

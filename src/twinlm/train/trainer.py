@@ -26,6 +26,12 @@ ranks it travels as the stop flag of the next step queued, which every rank read
 so all of them checkpoint it and stop after it. Either way the step queued behind it is dropped (its
 gradients, never applied). A step is never left queued behind a checkpoint or a return.
 
+Faults between ranks: until the first step of a start is done, a collective waits at most `dist_init_timeout`
+seconds (checks, shard verification, loading, compiling), then `dist_timeout` (train/dist.py: the environment
+overrides both). A collective that times out (another rank hung) or loses its peer (another rank died) ends
+`fit` with a PeerFailure: one line naming this rank, its host, the step and what it was doing, and the last
+checkpoint, which the same command (or torchrun's restart) resumes from.
+
 The next batch is drawn from the stream and prepared (cut, packed, masked, pinned on CUDA) on a background
 thread while a step runs (the recipe's `prefetch: false`, or `Trainer(prefetch=False)`: in line, the same
 batches); a checkpoint records the stream's position after the batch last finished, not after the one drawn
@@ -49,7 +55,7 @@ import torch
 from twinlm.card import run_summary
 from twinlm.data import BatchStream
 from twinlm.data.order import ReplayStream
-from twinlm.errors import ConfigError, ModelLoadError, OutOfSpace, TrainingDiverged
+from twinlm.errors import ConfigError, ModelLoadError, OutOfSpace, PeerFailure, TrainingDiverged
 from twinlm.export import verify_manifest
 from twinlm.io import atomic_dir, is_disk_full, remove_stale_temporaries
 from twinlm.model import Transformer
@@ -140,6 +146,9 @@ class Trainer:
         self._queued: _Queued | None = None  # a step queued on the device, its result not read yet
         self._rng: dict | None = None  # the RNG states that go with `state` while the next step's passes are queued
         self._stop = False  # stop after the step just finished: agreed by every rank
+        self._doing = "start-up"  # what the loop is doing, named when another rank hangs or dies
+        self._steady = False  # the first step is done: collectives wait `dist_timeout` from now on
+        self._last_saved: Path | None = None  # the newest checkpoint, known on every rank
 
     # --- small helpers ------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -193,11 +202,13 @@ class Trainer:
                 "callbacks": self._callback_states,
                 "phase": self.phases[min(self.state.phase_index, len(self.phases) - 1)].name,
                 "recipe": self.recipe.to_dict()}
+        self._doing = f"saving the checkpoint of step {self.state.step}"
         path = save_training(self.ckpt, self.model, self.optimizer, self.env, step=self.state.step,
                              trainer_state=asdict(self.state), info=info, rng=self._rng)
         if path is not None:
             self.last_checkpoint = path
         dist.barrier()
+        self._last_saved = self.ckpt.path_for(self.state.step)
         self._emit("on_checkpoint", self.ckpt.path_for(self.state.step))
         return path
 
@@ -215,12 +226,41 @@ class Trainer:
 
     def fit(self, run: Run | None = None) -> Path:
         """Train every phase (resuming from the newest intact checkpoint); returns the final HF folder. `run`: a
-        run set up by train/setup.py (`setup`, or `open_run(check_run(…))`); None: set up here."""
+        run set up by train/setup.py (`setup`, or `open_run(check_run(…))`); None: set up here.
+
+        Under several ranks, a collective that times out (another rank hung) or loses its connection (another
+        rank died) ends the run with a PeerFailure naming this rank, its host, what it was doing and the last
+        checkpoint, instead of the backend's traceback."""
         if run is None:
             check_out(self.out)  # before any process group is started
-            self.env = getattr(self, "env", None) or dist.init()
+            self.env = getattr(self, "env", None) or dist.init(timeout_s=self.recipe.dist_timeout,
+                                                               init_timeout_s=self.recipe.dist_init_timeout)
+        self._doing = "start-up (checks, shard verification, loading the model)"
+        try:
+            return self._fit(run)
+        except RuntimeError as e:
+            kind = dist.peer_failure(e)
+            if kind is None:
+                raise
+            raise PeerFailure(self._peer_message(kind)) from e
+
+    def _peer_message(self, kind: str) -> str:
+        env = self.env
+        if kind == "hung":
+            waited = env.timeout_s if self._steady else env.init_timeout_s
+            what = (f"waited {waited:.0f} s for the other ranks ({self._doing}): another rank hung (raise "
+                    "dist_timeout or TWINLM_DIST_TIMEOUT if it was only slow)")
+        else:
+            what = f"lost its connection to another rank ({self._doing}): another rank died or was stopped"
+        return (f"rank {env.rank} (host {dist.host()}) {what}; last checkpoint "
+                f"{self._last_saved or 'none yet'}: run the same command again to resume (under torchrun "
+                "--max-restarts this happens by itself)")
+
+    def _fit(self, run: Run | None) -> Path:
+        if run is None:
             run = setup(self.recipe, self.out, self.env, self.log, step_class=self.step_class)
         self._take(run)
+        self._last_saved = run.resume
         if self.state.finished and (self.out / "final").exists():
             problem = self._final_problem() if self.env.is_main else None
             problem = dist.broadcast_object(problem)
@@ -316,6 +356,7 @@ class Trainer:
                 except Exception:
                     self._finish()  # the step before a data error is logged (and checkpointed) as it was
                     raise
+                self._doing = f"step {step + 1}: summing the batch's counts over the ranks"
                 self.step.count(batch)
                 data_s = time.perf_counter() - t0
                 step, tokens = step + 1, tokens + batch.tokens
@@ -323,6 +364,7 @@ class Trainer:
                 if tokens < phase.tokens and more:
                     ahead.start(self._draw, phase, step + 1, tokens)
                 rng = capture_rng(self.env) if self._queued is not None else None
+                self._doing = f"step {step}: forward and backward, the gradients' all-reduce"
                 grads = self.step.backward(batch, phase, phase_tokens=tokens - batch.tokens, stop=self.stop_requested)
                 if self._queued is not None:
                     self._rng = rng
@@ -332,6 +374,7 @@ class Trainer:
                         return self._interrupt()
                     self._rng = None
                 self._emit("on_batch", batch.samples)
+                self._doing = f"step {step}: the update"
                 self._queued = _Queued(self.step.update(grads), phase, bs, stream_state, t0, data_s)
             self._finish()
             if self._stop and self.state.phase_tokens < phase.tokens:
@@ -355,6 +398,9 @@ class Trainer:
         if q is None:
             return
         r = q.result.resolve()
+        if not self._steady:  # start-up and the first step (compiling) are over: the steps' timeout from now on
+            dist.set_timeout(self.env.timeout_s)
+            self._steady = True
         if r.skipped:
             self.state.bad_streak += 1
             self.state.skipped_steps += 1
@@ -398,6 +444,7 @@ class Trainer:
 
     def _write_final(self) -> Path:
         final = self.out / "final"
+        self._doing = "gathering the final weights"
         weights = dist.full_state_dict(self.model, keep=self.env.is_main)
         if self.env.is_main:
             model = self.bare_model

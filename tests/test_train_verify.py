@@ -1,0 +1,79 @@
+"""Shard verification at a run's start is dealt out over the ranks: each verifies its share of the parts (every
+file's hash, the structural check), and a damaged folder stops every rank with the same one-line error."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from agents import env
+from twinlm.data.shards import VERIFIED, shard_signature, verification_parts
+from twinlm.train.testing import make_shards
+from twinlm.train.verify import VERIFIED_SHARDS, deal
+
+VERIFY = '''
+import json, sys
+from pathlib import Path
+from twinlm.errors import ShardError
+from twinlm.train import dist
+from twinlm.train.verify import verify_run_shards
+
+env = dist.init()
+lines = []
+try:
+    verify_run_shards(sys.argv[2:], Path(sys.argv[1]), env, lines.append)
+    error = None
+except ShardError as e:
+    error = str(e)
+json.dump({"lines": lines, "error": error}, open(f"{sys.argv[1]}/rank{env.rank}.json", "w"))
+dist.shutdown()
+'''
+
+
+def verify_on_two_ranks(tmp_path, out, folders):
+    script = tmp_path / "verify.py"
+    script.write_text(VERIFY)
+    out.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script),
+           str(out), *map(str, folders)]
+    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    printed = p.stdout + p.stderr  # rank 1 prints its own lines; rank 0's go to the log (collected above)
+    return ranks, printed
+
+
+@pytest.mark.distributed
+def test_two_ranks_share_the_verification_and_agree_on_a_damaged_folder(tmp_path):
+    folders = [make_shards(tmp_path / f"shards{i}", n_docs=40 + 10 * i, seed=i) for i in range(4)]
+    ranks, printed = verify_on_two_ranks(tmp_path, tmp_path / "run", folders)
+    assert ranks[0]["error"] is None and ranks[1]["error"] is None
+    own = [line for line in ranks[0]["lines"] if line.startswith("rank 0: verified ")]
+    other = [line for line in printed.splitlines() if line.startswith("rank 1: verified ")]
+    parts = sum(len(verification_parts(json.loads((f / "meta.json").read_text()))) for f in folders)
+    assert own and other and len(own) + len(other) == parts  # every part once, on one of the two ranks
+    record = json.loads((tmp_path / "run" / VERIFIED_SHARDS).read_text())
+    for f in folders:
+        assert record[str(f)] == shard_signature(f)
+        assert json.loads((f / VERIFIED).read_text()) == shard_signature(f)
+
+    # a flipped byte in one folder's tokens (its record no longer matches): both ranks stop with one error
+    damaged = make_shards(tmp_path / "damaged", n_docs=50, seed=9)
+    raw = bytearray((damaged / "tokens.bin").read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (damaged / "tokens.bin").write_bytes(bytes(raw))
+    ranks, _ = verify_on_two_ranks(tmp_path, tmp_path / "run2", [*folders, damaged])
+    assert ranks[0]["error"] == ranks[1]["error"]
+    assert ranks[0]["error"].startswith(f"{damaged / 'tokens.bin'}: sha256 ")
+    assert not (damaged / VERIFIED).exists()
+
+
+def test_parts_are_dealt_largest_first_to_the_least_loaded_rank():
+    parts = [("a", "tokens.bin", 100), ("a", "contents", 120), ("b", "tokens.bin", 50), ("b", "index.npy", 10),
+             ("c", "tokens.bin", 60)]
+    shares = deal(parts, 2)
+    assert sorted(p for s in shares for p in s) == sorted(parts)
+    assert [sum(p[2] for p in s) for s in shares] == [170, 170]
+    assert deal(parts, 1) == [sorted(parts, key=lambda p: -p[2])]
+    assert deal(parts[:1], 3) == [[parts[0]], [], []]
