@@ -83,9 +83,12 @@ def test_template_is_valid_bash():
         assert line in text
 
 
-def test_usage_without_arguments():
-    p = subprocess.run(["bash", str(TEMPLATE)], capture_output=True, text=True)
+def test_usage_and_outside_a_job_are_refused():
+    outside = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    p = subprocess.run(["bash", str(TEMPLATE)], env=outside, capture_output=True, text=True)
     assert p.returncode == 2 and "usage: sbatch" in p.stderr
+    p = subprocess.run(["bash", str(TEMPLATE), "recipe.yaml", "run"], env=outside, capture_output=True, text=True)
+    assert p.returncode == 2 and "not inside a Slurm job" in p.stderr
 
 
 @pytest.fixture(scope="module")
