@@ -70,11 +70,20 @@ def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[tuple[in
     return results
 
 
+def descendants(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [d for c in map(int, found) for d in (c, *descendants(c))]
+
+
 def kill_tree(p: subprocess.Popen) -> None:
-    try:
-        os.killpg(p.pid, 9)
-    except ProcessLookupError:
-        pass
+    """SIGKILL `p`'s process group and every process below it (torchrun starts each worker in a session of its
+    own, so the group alone would leave the workers running)."""
+    below = descendants(p.pid)
+    for kill, target in [(os.killpg, p.pid), *((os.kill, d) for d in below)]:
+        try:
+            kill(target, 9)
+        except ProcessLookupError:
+            pass
 
 
 def rows(out: Path) -> list[dict]:
