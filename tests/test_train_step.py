@@ -102,8 +102,8 @@ class _OtherRank:
         elif t.numel() == 2 and self.sums == 0:  # (targets, tokens)
             t += torch.tensor([self.targets, self.tokens], dtype=t.dtype)
             self.sums += 1
-        else:  # (loss sum, stop)
-            t += torch.tensor([self.loss_sum, 0.0], dtype=t.dtype)
+        else:  # (loss sum, stop, checkpoint)
+            t += torch.tensor([self.loss_sum, 0.0, 0.0], dtype=t.dtype)
         return t
 
 

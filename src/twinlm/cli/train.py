@@ -51,7 +51,7 @@ def _train(args) -> int:
     if trainer.env is not None and not trainer.env.is_main:
         return 0
     if trainer.interrupted:
-        print(f"stopped (SIGTERM or max_steps); checkpoint {out}; run the same command again to resume",
+        print(f"stopped by {trainer.stop_reason}; checkpoint {out}; run the same command again to resume",
               file=sys.stderr)
     else:
         print(out)

@@ -26,12 +26,13 @@ def run(recipe: Any, out_dir: str | Path, overrides: list[str] | None = None, *,
     """Train `recipe` (a YAML path, dict or Recipe, plus dotted overrides) into `out_dir`.
 
     Returns the final model folder (`out_dir/final`, a Hugging Face folder that `twinlm.load` and transformers
-    read). If SIGTERM stopped the run, returns the checkpoint it wrote (or raises RunInterrupted when asked).
+    read). If the run stopped early (SIGTERM, max_steps, the `stop_after` deadline), returns the checkpoint it
+    wrote (or raises RunInterrupted when asked).
     """
     from twinlm.train.trainer import Trainer  # torch: not when only train.recipe is read (it runs this file too)
     r = load_recipe(recipe, overrides)
     trainer = Trainer(r, out_dir, callbacks=callbacks, log=log)
     out = trainer.fit()
     if trainer.interrupted and raise_on_interrupt:
-        raise RunInterrupted(f"stopped by SIGTERM; resume by running again (checkpoint {out})")
+        raise RunInterrupted(f"stopped by {trainer.stop_reason}; resume by running again (checkpoint {out})")
     return out

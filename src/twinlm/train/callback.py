@@ -1,7 +1,9 @@
 """The hooks a trainer calls; subclass `Callback` and override any of them (train/callbacks.py has the built-in ones).
 
 Callbacks see the trainer's public surface only, `TrainerView`: `recipe`, `env`, `state` (the TrainState),
-`phases`, `model`/`bare_model`, `step` (the TrainStep: `eval_loss`), `save_checkpoint()` and `log()`. `row` is
+`phases`, `model`/`bare_model`, `step` (the TrainStep: `eval_loss`), `save_checkpoint()`, `saved_step`,
+`request_checkpoint()` and `checkpoint_due` (a checkpoint agreed by every rank: asked with a step, read when it
+finishes), `now()` (the clock the trainer reads) and `log()`. `row` is
 the metrics dict of one optimizer step; callbacks may add keys.
 
 A callback with state of its own (a counter of periodic work, …) returns it from `state_dict` (JSON values) and
@@ -44,7 +46,12 @@ class TrainerView(Protocol):
     def bare_model(self) -> torch.nn.Module: ...
     @property
     def step(self) -> TrainStep: ...
+    @property
+    def saved_step(self) -> int: ...
+    checkpoint_due: bool
     def save_checkpoint(self, keep: bool = False) -> Path | None: ...
+    def request_checkpoint(self) -> None: ...
+    def now(self) -> float: ...
     def log(self, msg: str) -> None: ...
 
 

@@ -1,4 +1,5 @@
-"""Optional trainer behaviour: metrics file, progress bar, TensorBoard, periodic checkpoints, eval, batch order.
+"""Optional trainer behaviour: metrics file, progress bar, TensorBoard, periodic checkpoints (by tokens and by
+time), eval, batch order.
 
 Each is a `Callback` (train/callback.py) that uses the trainer's public surface only. `defaults(recipe, out)`
 is the list a run gets unless it asks for none (`Trainer(default_callbacks=False)`).
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
 
 def defaults(recipe: Recipe, out: Path) -> list[Callback]:
     """The built-in callbacks a run in `out` gets from its recipe: throughput, metrics.jsonl, and those the
-    recipe switches on (progress bar, TensorBoard, periodic checkpoints, eval, order recording)."""
+    recipe switches on (progress bar, TensorBoard, periodic checkpoints by tokens then by time, eval, order
+    recording)."""
     cbs: list[Callback] = [Throughput(), MetricsLogger(out / "metrics.jsonl")]
     if recipe.progress:
         cbs.append(ProgressBar())
@@ -37,6 +39,8 @@ def defaults(recipe: Recipe, out: Path) -> list[Callback]:
         cbs.append(TensorBoard(out / "tensorboard"))
     if recipe.checkpoint.every_tokens:
         cbs.append(PeriodicCheckpoint(recipe.checkpoint.every_tokens))
+    if recipe.checkpoint.every_minutes:  # after PeriodicCheckpoint: a step both save is its (keep_every counts it)
+        cbs.append(TimedCheckpoint(recipe.checkpoint.every_minutes))
     if recipe.eval.data and recipe.eval.every_tokens:
         cbs.append(Evaluate(recipe.eval))
     if recipe.record_order:
@@ -154,28 +158,67 @@ class TensorBoard(Callback):
 class PeriodicCheckpoint(Callback):
     """A checkpoint each time the run's token count passes a multiple of `every_tokens`. It saves in `on_log`,
     after the metrics row of the step is written (a kill between the two would otherwise lose the row). Its
-    state is the number of intervals passed (`ordinal`; the keep policy's `keep_every` counts them)."""
+    state is the number of intervals passed (`ordinal`; the keep policy's `keep_every` counts them) and the
+    step that passed the last one (`step`: a checkpoint of another step, by time or on a stop, carries the
+    ordinal but is not a periodic one; train/checkpoint.py `periodic_ordinal`)."""
 
     state_key = PERIODIC_KEY
 
     def __init__(self, every_tokens: int):
         self.every = int(every_tokens)
         self.ordinal = 0
+        self.step = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ordinal": self.ordinal}
+        return {"ordinal": self.ordinal, "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ordinal = int(state.get("ordinal", 0))
+        self.step = int(state.get("step", 0))
 
     def on_log(self, trainer, row: dict) -> None:
         ordinal = trainer.state.tokens // self.every
         if ordinal > self.ordinal:
-            self.ordinal = ordinal
+            self.ordinal, self.step = ordinal, trainer.state.step
             phase = trainer.phases[trainer.state.phase_index]
             if trainer.state.phase_tokens >= phase.tokens:
                 return  # the phase-end checkpoint follows right away
             trainer.save_checkpoint()
+
+
+class TimedCheckpoint(Callback):
+    """A checkpoint once `every_minutes` have passed on rank 0's clock (`trainer.now()`) since this process's
+    training started or its last checkpoint of any kind (a requeued job's clock starts again: no state).
+
+    A checkpoint is collective and the ranks' clocks differ, so rank 0's alone decides, and the decision
+    travels with a step like the stop flag: rank 0 asks in a step's `on_log` (`trainer.request_checkpoint()`),
+    the request is all-reduced with the next step queued (no synchronisation of its own), and every rank saves
+    that step when it finishes it (`trainer.checkpoint_due`, in `on_log`, after the metrics row like
+    PeriodicCheckpoint), unless a checkpoint of that step or the one before was saved since (it satisfied the
+    request) or the step ends its phase (the phase-end checkpoint follows). The checkpoint thus lands two
+    steps after rank 0's clock passed the interval, the same on every rank; it changes nothing in training.
+    These checkpoints count among the `keep_last`, never for `keep_every` (not periodic ones)."""
+
+    def __init__(self, every_minutes: float):
+        self.every_s = float(every_minutes) * 60
+        self._last = 0.0  # rank 0: `now()` at the start or the last checkpoint
+        self._asked = False  # rank 0: a request is on its way
+
+    def on_train_start(self, trainer) -> None:
+        self._last, self._asked = trainer.now(), False
+
+    def on_log(self, trainer, row: dict) -> None:
+        if trainer.checkpoint_due:  # every rank alike: the step's all-reduced flag, the agreed state
+            self._asked = False
+            phase = trainer.phases[trainer.state.phase_index]
+            if trainer.saved_step < trainer.state.step - 1 and trainer.state.phase_tokens < phase.tokens:
+                trainer.save_checkpoint()
+        elif trainer.env.is_main and not self._asked and trainer.now() - self._last >= self.every_s:
+            trainer.request_checkpoint()
+            self._asked = True
+
+    def on_checkpoint(self, trainer, path: Path) -> None:
+        self._last, self._asked = trainer.now(), False
 
 
 class Throughput(Callback):

@@ -7,8 +7,9 @@ Layout of one checkpoint `RUN/checkpoints/step-XXXXXXXX/`:
   optimizer.safetensors   optimizer state per parameter name (`<param>::exp_avg`, `::exp_avg_sq`, `::step`)
   state.json              "trainer" (train/state.py TrainState: phase, steps, tokens, data position),
                           "callbacks" (each stateful callback's state_dict by its state_key, e.g.
-                          {"periodic_checkpoint": {"ordinal": 4}, "evaluate": {"ordinal": 2}}), "rng" (every
-                          rank's), "world_size", "tokenizer_fingerprint", "keep", "phase", the resolved "recipe"
+                          {"periodic_checkpoint": {"ordinal": 4, "step": 40}, "evaluate": {"ordinal": 2}}),
+                          "rng" (every rank's), "world_size", "tokenizer_fingerprint", "keep", "phase", the
+                          resolved "recipe"
   MANIFEST.sha256         "<sha256>  <file>" for every file above (twinlm.io.write_manifest's format)
   COMPLETE                written last; a folder without it is ignored (and removed by the next save)
 
@@ -22,6 +23,10 @@ is never pruned in favour of a broken one, and they stay on disk for a person to
 Checkpoints of older versions have no "callbacks": their "trainer" holds the two built-in callbacks'
 counters (`checkpoint_ordinal`, `eval_ordinal`; a top-level `checkpoint_ordinal` for the keep policy), which
 `callback_states` and `prune` read instead.
+The keep policy (`prune`) keeps the newest `keep_last` checkpoints of any kind (periodic by tokens or by time,
+on a stop), those marked `keep` (phase ends), and every `keep_every`-th periodic-by-tokens one: only a
+checkpoint written at the step that passed its interval counts (`periodic_ordinal`), not one written later
+(by time, on a stop) that merely carries the count.
 Tensors are always full (gathered from FSDP shards), so a checkpoint resumes on any number of ranks.
 `save_training` is collective (every rank gathers; rank 0 writes); `restore_training` runs on every rank.
 """
@@ -325,11 +330,15 @@ def callback_states(state: dict[str, Any]) -> dict[str, dict]:
 
 
 def periodic_ordinal(state: dict[str, Any]) -> int | None:
-    """How many periodic-checkpoint intervals had passed when the checkpoint was written (the keep policy's
-    `keep_every` counts them), or None."""
+    """How many periodic-checkpoint intervals had passed when the checkpoint was written, if it is the periodic
+    one of its interval (the keep policy's `keep_every` counts them), or None: no periodic checkpoints, or one
+    of another step (by time, on a stop) that carries the count but not the interval's place."""
     if "checkpoint_ordinal" in state:  # older versions
         return state["checkpoint_ordinal"]
-    return ((state.get("callbacks") or {}).get(PERIODIC_KEY) or {}).get("ordinal")
+    periodic = (state.get("callbacks") or {}).get(PERIODIC_KEY) or {}
+    if "step" in periodic and periodic["step"] != (state.get("trainer") or {}).get("step"):
+        return None
+    return periodic.get("ordinal")
 
 
 def restore_training(folder: str | Path, state: dict[str, Any], model: torch.nn.Module,

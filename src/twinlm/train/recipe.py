@@ -183,8 +183,21 @@ def _model_spec(value: Any, where: str) -> ModelSpec:
 @dataclass
 class Checkpointing:
     every_tokens: int = 0  # 0: only at phase ends and on SIGTERM
+    every_minutes: float = 0.0  # also once this many minutes passed on rank 0's clock since this process's
+    #                             training started or its last checkpoint (0: off); these count among the
+    #                             `keep_last`, never for `keep_every` (train/callbacks.py TimedCheckpoint)
     keep_last: int = 3
-    keep_every: int = 0  # also keep every M-th periodic checkpoint for good (0: none); phase ends always kept
+    keep_every: int = 0  # also keep every M-th periodic (every_tokens) checkpoint for good (0: none); phase
+    #                      ends always kept
+    grace_s: float = 30.0  # the seconds a scheduler gives between SIGTERM and SIGKILL (torchrun's and Slurm's
+    #                        KillWait default): a save that takes longer is warned about (0: no warning)
+
+    def __post_init__(self) -> None:
+        for name in ("every_minutes", "grace_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a number >= 0 (0: off), got {value}: set e.g. "
+                                  f"checkpoint.{name}=30")
 
 
 @dataclass
@@ -224,9 +237,18 @@ class Recipe:
     #                                    loading, compiling); TWINLM_DIST_TIMEOUT / _INIT_TIMEOUT override both
     max_steps: int | None = None  # stop (checkpoint, exit 0, like SIGTERM) at this many optimizer steps; rerun
     #                               with a larger value or none to continue (time-limited jobs, tests)
+    stop_after: float | str | None = None  # a wall-clock deadline: once this long has passed since this
+    #     process's `fit` started (its setup included), stop as on SIGTERM (checkpoint the step just finished,
+    #     exit 0; the same command resumes). Seconds or a duration (`20s`, `90m`, `11h30m`, `1d`: parse_duration).
+    #     Counted per process, so a requeued job gets the whole time again: set it to the job's time limit
+    #     minus one step and one checkpoint's save, and the same line serves every requeue
     tensorboard: bool = True  # only if the tensorboard package is installed
     record_order: bool = False  # write each checkpoint interval's batches to RUN/data_order/ (parquet)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.stop_after is not None:
+            parse_duration(self.stop_after)  # a ConfigError now, not when training starts
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -299,6 +321,28 @@ class Recipe:
         r.tokenizer = expand_path(r.tokenizer)
         r.init_from = expand_path(r.init_from)
         return r
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)d)?(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s)?")
+
+
+def parse_duration(value: Any, where: str = "stop_after") -> float:
+    """Seconds (> 0) from a number of seconds (`5400`, `"5400"`, `0.5`) or a duration in days, hours, minutes
+    and seconds, largest first (`"20s"`, `"90m"`, `"11h30m"`, `"1d12h"`, `"1.5h"`); anything else is a one-line
+    ConfigError naming the accepted forms."""
+    text = str(value).strip().lower().replace(" ", "")
+    seconds: float | None = None
+    if not isinstance(value, bool):
+        try:
+            seconds = float(text)
+        except ValueError:
+            m = _DURATION.fullmatch(text)
+            if m and text and any(m.groups()):
+                seconds = sum(float(g) * unit for g, unit in zip(m.groups(), (86400, 3600, 60, 1)) if g)
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"{where}: cannot read {value!r} as a duration > 0: use seconds (5400) or numbers with "
+                          "units d, h, m, s, largest first (20s, 90m, 11h30m, 1d12h)")
+    return seconds
 
 
 def _weight_problems(sources: list[ShardSource] | None, where: str) -> list[str]:

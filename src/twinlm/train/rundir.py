@@ -4,8 +4,9 @@ and one line per start (`starts.jsonl`: versions, hardware, git revision, argv, 
 Each start's line records the run's topology (the number of nodes, every rank's host and node, the launcher's
 restart count and a Slurm job's id), so a run that moved, lost a node or was restarted by torchrun says so.
 
-A restart whose recipe differs from the saved one (other than the knobs that may change between restarts:
-`max_steps`, `progress`, `tensorboard`) is warned about; the new recipe is used and saved, the old one kept
+A restart whose recipe differs from the saved one (other than the knobs that may change between restarts,
+`RUN_KNOBS`: `max_steps`, `stop_after`, `progress`, `tensorboard`, `prefetch`, the collective timeouts,
+`checkpoint.every_minutes`, `checkpoint.grace_s`) is warned about; the new recipe is used and saved, the old one kept
 as `config.previous.yaml` (an older previous one is kept as `config.previous.N.yaml`, N = 1, 2, …: no
 recipe a run was trained with is lost). The trainer calls `prepare_run_dir` only after it has accepted a
 resume (a changed model, objective or tokenizer is refused before this file is touched).
@@ -29,7 +30,9 @@ import twinlm
 from twinlm.io import dumps_json, write_bytes, write_json
 from twinlm.train.dist import DistEnv
 
-RUN_KNOBS = ("max_steps", "progress", "tensorboard", "prefetch", "dist_timeout", "dist_init_timeout")
+# settings that may change between restarts without changing the run (dotted: a key of a section)
+RUN_KNOBS = ("max_steps", "stop_after", "progress", "tensorboard", "prefetch", "dist_timeout", "dist_init_timeout",
+             "checkpoint.every_minutes", "checkpoint.grace_s")
 
 
 def git_revision(path: Path) -> dict[str, Any]:
@@ -66,7 +69,12 @@ def without_run_knobs(text: str) -> dict:
     """A resolved recipe (YAML text) minus the settings that may change between restarts without changing the run."""
     d = yaml.safe_load(text) or {}
     for k in RUN_KNOBS:
-        d.pop(k, None)
+        *section, key = k.split(".")
+        holder = d
+        for part in section:
+            holder = holder.get(part) if isinstance(holder, dict) else None
+        if isinstance(holder, dict):
+            holder.pop(key, None)
     return d
 
 

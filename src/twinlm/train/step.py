@@ -31,13 +31,16 @@ Rules of a step (collective: every rank calls it with its share, which may be em
   steps and stopping is the caller's job.
 
 No host read on the hot path. The counts are host numbers (an all-reduce of host values with several
-ranks; none with one). The global loss sum and the stop flag are all-reduced on the device; whether the loss
+ranks; none with one). The global loss sum and the two flags (ranks asking to stop, ranks asking for a
+checkpoint) are all-reduced on the device; whether the loss
 is finite is decided there too and handed to the optimizer (`StableAdamW.step(found_inf=)` skips exactly),
-so a step queues all of its work without waiting for any of it. The result's loss, skipped and stop flags
-are copied back without blocking and read when the caller asks for them (`StepResult.resolve`): the
-trainer does so for step k once step k+1's passes are queued, so the device never waits for the host. The
-stop flag is read that late too: stopping is exact all the same, because every rank reads the same reduced
-flag of the same step and stops after it (the trainer's docstring). With an optimizer that takes no
+so a step queues all of its work without waiting for any of it. The result's loss and flags (skipped,
+stop, checkpoint) are copied back without blocking and read when the caller asks for them
+(`StepResult.resolve`): the trainer does so for step k once step k+1's passes are queued, so the device
+never waits for the host. The stop and checkpoint flags are read that late too: both are exact all the
+same, because every rank reads the same reduced flags of the same step and acts after it (the trainer's
+docstring): this is how ranks whose clocks differ agree on a deadline or a checkpoint by time without a
+synchronisation of their own. With an optimizer that takes no
 `found_inf` (torch's SGD in tests), `update` reads the loss before stepping, as it once did always.
 """
 
@@ -114,7 +117,8 @@ class Gradients:
     lr: float
     targets: int  # global
     tokens: int  # global
-    totals: torch.Tensor  # (2,) float64 on the device, all-reduced: summed loss, ranks asking to stop
+    totals: torch.Tensor  # (3,) float64 on the device, all-reduced: summed loss, ranks asking to stop, ranks
+    #                       asking for a checkpoint
     data_s: float
     compute_s: float
     started: float  # perf_counter at the backward's start, minus the batch's preparation time
@@ -124,8 +128,9 @@ class Gradients:
 class StepResult:
     """What one optimizer step did; counts are global (all ranks), times this rank's host times.
 
-    `loss`, `skipped` and `stop` are device values until first read: reading one (or `resolve()`) waits for
-    this step's update to be done and takes three numbers copied back to pinned memory without blocking.
+    `loss`, `skipped`, `stop` and `checkpoint` are device values until first read: reading one (or
+    `resolve()`) waits for this step's update to be done and takes four numbers copied back to pinned memory
+    without blocking.
     Nothing else here touches the device."""
 
     lr: float
@@ -134,17 +139,19 @@ class StepResult:
     data_s: float  # packing, masking and the count reduction
     compute_s: float  # queuing (on the CPU: running) the forward and backward passes
     step_s: float  # the whole step on the host, up to its update being queued
-    _host: Any = field(default=None, repr=False)  # (loss sum, stop, skipped) float64 on the host, maybe in flight
+    # (loss sum, stop, skipped, checkpoint) float64 on the host, maybe in flight
+    _host: Any = field(default=None, repr=False)
     _ready: Any = field(default=None, repr=False)  # a CUDA event recorded after the copy; None when none is needed
-    _read: tuple[float, bool, bool] | None = field(default=None, repr=False)  # (loss, skipped, stop) once read
+    # (loss, skipped, stop, checkpoint) once read
+    _read: tuple[float, bool, bool, bool] | None = field(default=None, repr=False)
 
     def resolve(self) -> StepResult:
         """Read the step's loss and flags (once; waits for the step on the device)."""
         if self._read is None:
             if self._ready is not None:
                 self._ready.synchronize()
-            loss_sum, stop, skipped = self._host.tolist()
-            self._read = (loss_sum / max(self.targets, 1), skipped > 0, stop > 0)
+            loss_sum, stop, skipped, checkpoint = self._host.tolist()
+            self._read = (loss_sum / max(self.targets, 1), skipped > 0, stop > 0, checkpoint > 0)
             self._host = self._ready = None
         return self
 
@@ -152,8 +159,8 @@ class StepResult:
     def resolved(self) -> bool:
         return self._read is not None
 
-    def _values(self) -> tuple[float, bool, bool]:
-        """(loss, skipped, stop), read once."""
+    def _values(self) -> tuple[float, bool, bool, bool]:
+        """(loss, skipped, stop, checkpoint), read once."""
         read = self.resolve()._read
         assert read is not None  # resolve() sets it
         return read
@@ -171,6 +178,11 @@ class StepResult:
     def stop(self) -> bool:
         """Some rank asked to stop."""
         return self._values()[2]
+
+    @property
+    def checkpoint(self) -> bool:
+        """Some rank asked for a checkpoint of this step."""
+        return self._values()[3]
 
 
 class TrainStep:
@@ -290,10 +302,12 @@ class TrainStep:
         batch.count_s = time.perf_counter() - t0
         return batch
 
-    def backward(self, batch: Batch, phase: Phase, *, phase_tokens: int = 0, stop: bool = False) -> Gradients:
+    def backward(self, batch: Batch, phase: Phase, *, phase_tokens: int = 0, stop: bool = False,
+                 checkpoint: bool = False) -> Gradients:
         """Queue the batch's forward and backward passes (collective) and the all-reduce of the loss sum and
-        of the stop flag; reads nothing back. `phase_tokens`: tokens of `phase` trained before this batch
-        (the schedule's position); `stop`: this rank asks to stop."""
+        of the two flags; reads nothing back. `phase_tokens`: tokens of `phase` trained before this batch
+        (the schedule's position); `stop`: this rank asks to stop; `checkpoint`: this rank asks for a
+        checkpoint of this step."""
         if batch.targets is None:
             self.count(batch)
         assert batch.targets is not None and batch.tokens is not None  # set by count
@@ -314,7 +328,8 @@ class TrainStep:
             if real:
                 loss_local += mean.detach().double() * k
         # filled on the device (torch.tensor(x, device=) would copy from the host, and wait for it)
-        totals = torch.stack([loss_local, torch.full((), float(stop), dtype=torch.float64, device=device)])
+        totals = torch.stack([loss_local, torch.full((), float(stop), dtype=torch.float64, device=device),
+                              torch.full((), float(checkpoint), dtype=torch.float64, device=device)])
         dist.all_reduce(totals)
         data_s = batch.prepare_s + batch.count_s
         return Gradients(lr=lr, targets=batch.targets, tokens=batch.tokens, totals=totals, data_s=data_s,
@@ -325,23 +340,23 @@ class TrainStep:
         is not finite, and drop the gradients. The result's loss and flags are read when asked for."""
         for g in self.optimizer.param_groups:
             g["lr"] = grads.lr
-        loss_sum, stop = grads.totals[0], grads.totals[1]
+        loss_sum, stop, checkpoint = grads.totals[0], grads.totals[1], grads.totals[2]
         found_inf = ~torch.isfinite(loss_sum)
         read = None
         if self._skips_on_device:
             cast("StableAdamW", self.optimizer).step(found_inf=found_inf)  # its step takes found_inf
         else:
-            loss_sum_, stop_ = grads.totals.tolist()  # the one host read this optimizer costs
+            loss_sum_, stop_, checkpoint_ = grads.totals.tolist()  # the one host read this optimizer costs
             skipped = not math.isfinite(loss_sum_)
             if not skipped:
                 self.optimizer.step()
-            read = (loss_sum_ / max(grads.targets, 1), skipped, stop_ > 0)
+            read = (loss_sum_ / max(grads.targets, 1), skipped, stop_ > 0, checkpoint_ > 0)
         self.optimizer.zero_grad(set_to_none=True)
         host, ready = None, None
         if read is None:
-            values = torch.stack([loss_sum, stop, found_inf.to(torch.float64)])
+            values = torch.stack([loss_sum, stop, found_inf.to(torch.float64), checkpoint])
             if values.device.type == "cuda":
-                host = torch.empty(3, dtype=torch.float64, pin_memory=True)
+                host = torch.empty(4, dtype=torch.float64, pin_memory=True)
                 host.copy_(values, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record()
@@ -356,16 +371,17 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
 
     def train_batch(self, samples: Sequence, phase: Phase, *, step: int, phase_tokens: int = 0,
-                    stop: bool = False) -> StepResult:
+                    stop: bool = False, checkpoint: bool = False) -> StepResult:
         """One optimizer step on this rank's share of a global batch (collective across ranks): `prepare`,
         `count`, `backward`, `update`.
 
         `step`: the global step number (1-based), the masking salt; `phase_tokens`: tokens of `phase` trained
         before this batch (the schedule's position); `stop`: this rank asks to stop (the result's `stop` is
-        true when any rank did). Reads nothing from the device: the result is read when asked for.
+        true when any rank did), `checkpoint` likewise. Reads nothing from the device: the result is read
+        when asked for.
         """
         batch = self.count(self.prepare(samples, phase, step=step))
-        return self.update(self.backward(batch, phase, phase_tokens=phase_tokens, stop=stop))
+        return self.update(self.backward(batch, phase, phase_tokens=phase_tokens, stop=stop, checkpoint=checkpoint))
 
     @torch.no_grad()
     def eval_loss(self, samples: Sequence, phase: Phase, mask_ratio: float) -> float:

@@ -21,10 +21,22 @@ periodic checkpoint and the `max_bad_steps` check, exactly as if nothing were qu
 optimizer state are still step k's: step k+1's update is queued after; a checkpoint of step k takes the RNG
 states from before step k+1's passes; `on_batch` for step k+1 follows step k's callbacks). Rows, checkpoints
 and resumes are therefore those of a loop that read every loss at once. Stopping: max_steps and phase ends
-are known on the host. In a one-rank run a SIGTERM stops the run after the next step finished; with several
-ranks it travels as the stop flag of the next step queued, which every rank reads when finishing that step,
-so all of them checkpoint it and stop after it. Either way the step queued behind it is dropped (its
-gradients, never applied). A step is never left queued behind a checkpoint or a return.
+are known on the host. A SIGTERM, or the recipe's `stop_after` deadline passing (checked on this rank's
+clock, `now()`, each time a step is finished; counted from when `fit` starts, its setup included, so each
+process, a requeued job's too, gets the whole time again), sets `stop_requested`. In a one-rank run it
+stops the run after the next step finished (the deadline: after the step just finished); with several ranks
+it travels as the stop flag of the next step queued, which every rank reads when finishing that step, so
+all of them checkpoint it and stop after it, whichever rank's clock or signal asked. Either way the step
+queued behind it is dropped (its gradients, never applied). A step is never left queued behind a
+checkpoint or a return. `stop_reason` says why (the message, and `twinlm train`'s, names it); the run
+returns its checkpoint and the same command resumes it exactly.
+
+A checkpoint is collective, so a callback that decides on a clock (train/callbacks.py TimedCheckpoint, on
+rank 0's) does not save at once: `request_checkpoint()` sends the request with the next step queued, as the
+checkpoint flag of its all-reduced totals (no synchronisation of its own), and every rank reads it as
+`checkpoint_due` when finishing that step, in whose `on_log` the callback saves. Each save is timed
+(`save_s` in the next metrics row, since it falls in that step's period; a log line), with a warning when it
+takes longer than `checkpoint.grace_s`, the time a scheduler leaves between SIGTERM and SIGKILL.
 
 Faults between ranks: until the first step of a start is done, a collective waits at most `dist_init_timeout`
 seconds (checks, shard verification, loading, compiling), then `dist_timeout` (train/dist.py: the environment
@@ -64,7 +76,7 @@ from twinlm.train import dist
 from twinlm.train.callback import Callback, keyed
 from twinlm.train.checkpoint import CheckpointManager, capture_rng, save_training
 from twinlm.train.datasets import batch_size_for, stream_for
-from twinlm.train.recipe import Phase, Recipe
+from twinlm.train.recipe import Phase, Recipe, parse_duration
 from twinlm.train.setup import Run, check_out, setup
 from twinlm.train.state import TrainState
 from twinlm.train.step import StepResult, TrainStep
@@ -149,6 +161,12 @@ class Trainer:
         self._doing = "start-up"  # what the loop is doing, named when another rank hangs or dies
         self._steady = False  # the first step is done: collectives wait `dist_timeout` from now on
         self._last_saved: Path | None = None  # the newest checkpoint, known on every rank
+        self.stop_reason: str | None = None  # why the run stops: SIGTERM, the deadline, max_steps, another rank
+        self._started = 0.0  # `now()` when fit() began (stop_after counts from it)
+        self._deadline: float | None = None  # `now()` at which stop_after passes, for this process
+        self.checkpoint_requested = False  # a checkpoint asked for, sent with the next step queued
+        self.checkpoint_due = False  # every rank: the step just finished carries a checkpoint request
+        self._save_s = 0.0  # seconds spent saving checkpoints since the last metrics row
 
     # --- small helpers ------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -164,6 +182,22 @@ class Trainer:
     @property
     def phases(self) -> list[Phase]:
         return self.recipe.phase_list()
+
+    def now(self) -> float:
+        """Seconds on this process's monotonic clock: what the deadline (`stop_after`) and callbacks that
+        checkpoint by time read (a subclass or a test may substitute another clock)."""
+        return time.monotonic()
+
+    @property
+    def saved_step(self) -> int:
+        """The step of the last checkpoint this process saved (-1: none yet); the same on every rank."""
+        return self._saved_step
+
+    def request_checkpoint(self) -> None:
+        """Ask for a checkpoint of the next step queued: the request travels with that step to every rank
+        (any rank may ask; callbacks that decide on a clock ask from rank 0 only), which reads it as
+        `checkpoint_due` when finishing that step. A checkpoint saved before the step is queued satisfies it."""
+        self.checkpoint_requested = True
 
     def _emit(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
@@ -194,6 +228,7 @@ class Trainer:
             self._finish()
         self._emit("on_before_checkpoint")
         self._saved_step = self.state.step  # on every rank (the save is collective)
+        self.checkpoint_requested = False  # a request not sent yet is satisfied by this checkpoint
         for key, cb in keyed(self.callbacks):
             own = cb.state_dict()
             if own:
@@ -203,14 +238,29 @@ class Trainer:
                 "phase": self.phases[min(self.state.phase_index, len(self.phases) - 1)].name,
                 "recipe": self.recipe.to_dict()}
         self._doing = f"saving the checkpoint of step {self.state.step}"
+        t0 = time.perf_counter()
         path = save_training(self.ckpt, self.model, self.optimizer, self.env, step=self.state.step,
                              trainer_state=asdict(self.state), info=info, rng=self._rng)
+        save_s = time.perf_counter() - t0
+        self._save_s += save_s
         if path is not None:
             self.last_checkpoint = path
+            self._log_save(path, save_s)
         dist.barrier()
         self._last_saved = self.ckpt.path_for(self.state.step)
         self._emit("on_checkpoint", self.ckpt.path_for(self.state.step))
         return path
+
+    def _log_save(self, path: Path, save_s: float) -> None:
+        """Each save's duration, and a warning when it is longer than a scheduler's SIGTERM-to-SIGKILL grace."""
+        grace = self.recipe.checkpoint.grace_s
+        if grace and save_s > grace:
+            self.log(f"warning: saving {path.name} took {save_s:.1f} s, longer than the {grace:g} s a scheduler "
+                     "gives between SIGTERM and SIGKILL (checkpoint.grace_s): a checkpoint on SIGTERM would be cut "
+                     "off; checkpoint more often by time (checkpoint.every_minutes) or stop before the limit "
+                     "(stop_after)")
+        else:
+            self.log(f"checkpoint {path.name} saved in {save_s:.1f} s")
 
     # --- data -----------------------------------------------------------------------------------------
     def _stream_for(self, phase_index: int) -> BatchStream | ReplayStream:
@@ -222,7 +272,11 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------------
     def _handle_sigterm(self, signum, frame) -> None:  # noqa: ARG002
+        self._ask_to_stop("SIGTERM")
+
+    def _ask_to_stop(self, reason: str) -> None:
         self.stop_requested = True
+        self.stop_reason = self.stop_reason or reason
 
     def fit(self, run: Run | None = None) -> Path:
         """Train every phase (resuming from the newest intact checkpoint); returns the final HF folder. `run`: a
@@ -236,6 +290,7 @@ class Trainer:
             self.env = getattr(self, "env", None) or dist.init(timeout_s=self.recipe.dist_timeout,
                                                                init_timeout_s=self.recipe.dist_init_timeout)
         self._doing = "start-up (checks, shard verification, loading the model)"
+        self._started = self.now()  # stop_after counts from here: the set-up is part of a job's time
         try:
             return self._fit(run)
         except RuntimeError as e:
@@ -269,7 +324,11 @@ class Trainer:
                 return self.out / "final"
             self.log(f"warning: final/ fails its manifest, so it is written again from {run.resume} ({problem})")
 
-        self.stop_requested = self._stop = False
+        self.stop_requested = self._stop = self.checkpoint_requested = self.checkpoint_due = False
+        self.stop_reason = None
+        stop_after = self.recipe.stop_after
+        # counted from fit()'s start, the set-up included: each process (a requeued job's too) gets the whole time
+        self._deadline = self._started + parse_duration(stop_after) if stop_after is not None else None
         old_handler = None
         try:
             old_handler = signal.signal(signal.SIGTERM, self._handle_sigterm)
@@ -309,7 +368,8 @@ class Trainer:
                 self.state.finished = True
             self.save_checkpoint(keep=True)
             if self._stop and not self.state.finished:
-                self.log(f"stopped by SIGTERM at the end of phase {phase.name}")
+                self.log(f"stopped by {self.stop_reason} at the end of phase {phase.name} (step "
+                         f"{self.state.step}); checkpoint {self.last_checkpoint}; the same command resumes")
                 return "interrupted"
         return "done"
 
@@ -365,7 +425,9 @@ class Trainer:
                     ahead.start(self._draw, phase, step + 1, tokens)
                 rng = capture_rng(self.env) if self._queued is not None else None
                 self._doing = f"step {step}: forward and backward, the gradients' all-reduce"
-                grads = self.step.backward(batch, phase, phase_tokens=tokens - batch.tokens, stop=self.stop_requested)
+                grads = self.step.backward(batch, phase, phase_tokens=tokens - batch.tokens, stop=self.stop_requested,
+                                           checkpoint=self.checkpoint_requested)
+                self.checkpoint_requested = False  # sent
                 if self._queued is not None:
                     self._rng = rng
                     self._finish(next_started=t0)
@@ -387,7 +449,8 @@ class Trainer:
     def _interrupt(self) -> str:
         if self._saved_step != self.state.step:  # PeriodicCheckpoint may have just saved it
             self.save_checkpoint()
-        self.log(f"stopped at step {self.state.step} (SIGTERM or max_steps); checkpoint {self.last_checkpoint}")
+        self.log(f"stopped by {self.stop_reason} at step {self.state.step}; checkpoint {self.last_checkpoint}; "
+                 "the same command resumes")
         return "interrupted"
 
     def _finish(self, next_started: float | None = None) -> None:
@@ -413,11 +476,15 @@ class Trainer:
         self.state.stream = q.stream
         # data_s: waiting for the batch (what the prefetch did not hide) and the count reduction; compute_s:
         # queuing the passes (on the CPU: running them); step_s: this step's start to the next one's (the
-        # loop's period, the throughput when the device runs ahead of the host)
+        # loop's period, the throughput when the device runs ahead of the host); save_s: saving checkpoints since
+        # the previous row (the save of a step falls in the next step's period: its step_s includes it)
         step_s = (next_started if next_started is not None else time.perf_counter()) - q.started
         row = {"step": self.state.step, "phase": q.phase.name, "tokens": self.state.tokens, "loss": r.loss,
                "lr": r.lr, "batch_size": q.batch_size, "targets": r.targets, "step_tokens": r.tokens,
-               "skipped": r.skipped, "data_s": q.data_s, "compute_s": r.compute_s, "step_s": step_s}
+               "skipped": r.skipped, "data_s": q.data_s, "compute_s": r.compute_s, "step_s": step_s,
+               "save_s": self._save_s}
+        self._save_s = 0.0
+        self.checkpoint_due = r.checkpoint  # this step's all-reduced flag: the same on every rank
         if r.skipped:
             self.log(f"warning: step {row['step']}: non-finite loss ({row['loss']}); step skipped "
                      f"({self.state.bad_streak} in a row)")
@@ -428,11 +495,16 @@ class Trainer:
                 f"{self.state.bad_streak} non-finite losses in a row (max_bad_steps="
                 f"{self.recipe.max_bad_steps}) at step {self.state.step}: the run is diverging. Lower "
                 f"optim.lr, check the data, or resume from an earlier checkpoint in {self.ckpt.root}")
+        # the deadline is this rank's clock: with several ranks it only asks (the flag travels with the next step)
+        if self._deadline is not None and not self.stop_requested and self.now() >= self._deadline:
+            self._ask_to_stop(f"the deadline (stop_after={self.recipe.stop_after})")
         if r.stop:
-            self.stop_requested = True
+            self._ask_to_stop("another rank's SIGTERM or deadline (stop_after)")
         # agreed by every rank: the reduced stop flag of this step, max_steps; one rank needs no agreement
         self._stop = (r.stop or self._at_max_steps(self.state.step)
                       or (self.stop_requested and not self.env.distributed))
+        if self._stop and not self.stop_requested:
+            self.stop_reason = f"max_steps={self.recipe.max_steps}"
 
     def _final_problem(self) -> str | None:
         """What is wrong with the finished run's final/ (its files against its MANIFEST.sha256), or None."""
