@@ -163,6 +163,30 @@ def test_killed_worker_restarts_on_two_nodes_and_resumes_bit_for_bit(tmp_path):
         assert wa[k].dtype == wb[k].dtype and wa[k].equal(wb[k]), k
 
 
+@pytest.mark.multinode
+def test_two_nodes_stop_at_a_deadline_and_resume_bit_for_bit(tmp_path, recipe):
+    """`stop_after` passed when the first step is finished (a deadline of a millisecond): both nodes checkpoint
+    the same step and exit 0, twice; the run then resumes to the end with the losses and final weights of an
+    uninterrupted two-node run, bit for bit. (Several ranks stop a step or two after the one that found the
+    deadline passed: the next step may be queued already, and the flag travels with the one after it.)"""
+    ref = tmp_path / "ref"
+    assert [code for code, _ in finish(start_agents(recipe, ref))] == [0, 0]
+    out = tmp_path / "run"
+    done = 0
+    for _ in range(2):
+        results = finish(start_agents(recipe, out, "stop_after=0.001s"))
+        assert [code for code, _ in results] == [0, 0], results
+        assert "stopped by the deadline (stop_after=0.001s)" in results[0][1]
+        steps = [r["step"] for r in rows(out)]
+        assert steps == list(range(1, len(steps) + 1)) and done < len(steps) <= done + 3, (done, steps)
+        assert (out / "checkpoints" / f"step-{len(steps):08d}" / "COMPLETE").exists() and not (out / "final").exists()
+        done = len(steps)
+    assert [code for code, _ in finish(start_agents(recipe, out))] == [0, 0]
+    assert [(r["step"], r["loss"]) for r in rows(out)] == [(r["step"], r["loss"]) for r in rows(ref)]
+    wa, wb = load_file(ref / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
+
+
 # --- the pieces, without processes --------------------------------------------------------------------------
 GLOO = "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/"
 
