@@ -377,7 +377,7 @@ def _sdpa(q, k, v, layout: PackedLayout, window: tuple[int, int], scale):
         return _sdpa_blocked_band(q, k, v, layout, *window, scale)
     N, H, Dh = q.shape
     D, L = layout.n_docs, layout.max_seqlen
-    uniform = layout.is_uniform
+    uniform = layout.is_uniform and layout.total == D * L  # max_seqlen is an upper bound: may exceed every length
     if uniform:
         # (N, H, Dh) -> (D, H, L, Dh) as a view: no copy of the stream.
         qp, kp, vp = (t.view(D, L, H, Dh).transpose(1, 2) for t in (q, k, v))

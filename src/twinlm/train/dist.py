@@ -12,7 +12,9 @@ group for host values on first use (`host_group`). `parallelize()` then wraps th
 - compile: each block is compiled in place (`module.compile(fullgraph=True, dynamic=True)`), names unchanged.
   A block sees only tensors and ints (twinlm.model.Block), so one graph per kind of block (global or local
   attention, layer 0's missing norm) serves every packed layout; `fullgraph=True` makes a graph break an
-  error instead of a silent fall back to eager; with checkpointing the checkpointed forward is compiled;
+  error instead of a silent fall back to eager; with checkpointing the checkpointed forward is compiled.
+  With static shapes (train/static.py) the whole model is compiled instead, `dynamic=False` (one graph per
+  phase and shape bucket), and with CUDA graphs in inductor's "reduce-overhead" mode;
 - `ddp`: DistributedDataParallel (gradient all-reduce), with `gradient_as_bucket_view` (no second copy of
   the gradients);
 - `fsdp`: FSDP2 `fully_shard` on each block, then on the root (parameters become DTensors sharded on dim 0);
@@ -281,21 +283,30 @@ def _checkpointed_forward(block: torch.nn.Module, *args):
 
 def parallelize(model: torch.nn.Module, env: DistEnv, *, mode: str = "auto", compile: bool = False,
                 activation_checkpointing: bool = False, param_dtype: torch.dtype | None = None,
-                compile_backend: str = "inductor") -> torch.nn.Module:
+                compile_backend: str = "inductor", static_shapes: bool = False,
+                cuda_graphs: bool = False) -> torch.nn.Module:
     """Wrap `model` for training; returns the module to call (the bare model stays reachable via unwrap()).
 
     `param_dtype`: FSDP's parameter dtype for compute (bf16 with fp32 gradient reduction); None keeps fp32.
-    `compile_backend`: torch.compile's backend (tests use "aot_eager", which traces the same graphs)."""
+    `compile_backend`: torch.compile's backend (tests use "aot_eager", which traces the same graphs).
+    `static_shapes` (every micro-batch of a phase has one shape: train/static.py): with `compile`, the whole
+    model is compiled at once (`fullgraph=True, dynamic=False`: head, gather and loss included), except under
+    FSDP, whose blocks are compiled one by one, at static shapes. `cuda_graphs`: that whole-model compile in
+    inductor's "reduce-overhead" mode, which replays CUDA graphs."""
     blocks = blocks_of(model)
     if activation_checkpointing:
         for block in blocks:
             block.forward = types.MethodType(_checkpointed_forward, block)
-    if compile:
-        for block in blocks:
-            block.compile(fullgraph=True, dynamic=True, backend=compile_backend)
     if mode == "auto":
         mode = "ddp" if env.distributed else "none"
-    if mode == "fsdp" and env.distributed:
+    sharded = mode == "fsdp" and env.distributed
+    if compile and static_shapes and not sharded:
+        graphs = {"mode": "reduce-overhead"} if cuda_graphs else {}
+        model.compile(fullgraph=True, dynamic=False, backend=compile_backend, **graphs)
+    elif compile:
+        for block in blocks:
+            block.compile(fullgraph=True, dynamic=not static_shapes, backend=compile_backend)
+    if sharded:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # FSDP only: ~1 s to import
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
         kw: dict[str, Any] = {"mp_policy": mp} if mp is not None else {}

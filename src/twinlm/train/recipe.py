@@ -225,6 +225,10 @@ class Recipe:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     parallel: str = "auto"  # auto (ddp when several ranks) | ddp | fsdp
     compile: bool = False
+    static_shapes: bool = False  # pad every micro-batch to its phase's fixed sizes (train/static.py): with compile,
+    #                              the whole model is compiled once per phase (dynamic=False) instead of per block
+    cuda_graphs: bool = False  # replay each step's passes as CUDA graphs (implies static_shapes; needs compile
+    #                            and a CUDA device): removes the host's launch cost at 17M–68M
     activation_checkpointing: bool = False
     memory_check: bool = True  # on CUDA: refuse, before the first step, a micro-batch the memory estimate
     #                            (twinlm.memory) says does not fit the device, naming one that does
@@ -299,6 +303,8 @@ class Recipe:
             problems.append(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.parallel not in ("auto", "ddp", "fsdp"):
             problems.append(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
+        if self.cuda_graphs and not self.compile:
+            problems.append("cuda_graphs: true needs compile: true (the graphs are captured by torch.compile)")
         for knob in ("dist_timeout", "dist_init_timeout"):
             if not getattr(self, knob) > 0:
                 problems.append(f"{knob} must be a positive number of seconds, got {getattr(self, knob)!r}")

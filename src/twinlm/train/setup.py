@@ -275,6 +275,13 @@ def device_memory(device: torch.device) -> float | None:
     return float(torch.cuda.mem_get_info(device)[1])
 
 
+def check_device(recipe: Recipe, env: dist.DistEnv) -> None:
+    """Refuse settings the device cannot run: CUDA graphs anywhere but on CUDA."""
+    if recipe.cuda_graphs and env.device.type != "cuda":
+        raise ConfigError(f"cuda_graphs: true needs a CUDA device, and this run is on {env.device}: set "
+                          "cuda_graphs=false (static_shapes=true compiles the same shapes without graphs)")
+
+
 def check_memory(recipe: Recipe, env: dist.DistEnv, cfg: ModelConfig) -> None:
     """Refuse a micro-batch that the memory estimate says does not fit the device (twinlm.memory)."""
     total = device_memory(env.device)
@@ -305,6 +312,7 @@ def check_run(recipe: Recipe, out: str | Path, env: dist.DistEnv, log: Log) -> C
     """Every check of a run before anything is written (the module docstring lists them in order)."""
     out = Path(out)
     check_out(out)
+    check_device(recipe, env)
     check_visible(read_paths(recipe, out), env, "a folder the run reads")
     tokenizer, tokenizer_fp = load_run_tokenizer(recipe)
     ckpt = CheckpointManager(out / "checkpoints", recipe.checkpoint.keep_last, recipe.checkpoint.keep_every,
@@ -375,14 +383,16 @@ def open_run(checked: Checked, *, step_class: type[TrainStep] = TrainStep) -> Ru
     first = recipe.phase_list()[0]
     if checked.resume is None and (first.rope_theta or first.local_rope_theta):
         model.set_rope_theta(first.rope_theta, first.local_rope_theta)
+    static = recipe.static_shapes or recipe.cuda_graphs
     wrapped = dist.parallelize(model, env, mode=recipe.parallel, compile=recipe.compile,
                                activation_checkpointing=recipe.activation_checkpointing,
-                               param_dtype=dist.compute_dtype(recipe.precision, env))
+                               param_dtype=dist.compute_dtype(recipe.precision, env), static_shapes=static,
+                               cuda_graphs=recipe.cuda_graphs)
     o = recipe.optim
     optimizer = build_optimizer(dist.unwrap(wrapped), lr=o.lr, betas=o.betas, eps=o.eps,
                                 weight_decay=o.weight_decay)
     step = step_class(wrapped, optimizer, env, objective=recipe.objective, seed=recipe.seed, lr=o.lr,
-                      precision=recipe.precision,
+                      precision=recipe.precision, static_shapes=static,
                       vocab_in_use=len(checked.tokenizer) if checked.tokenizer is not None else None)
     run = Run(recipe=recipe, out=out, env=env, tokenizer=checked.tokenizer, fingerprint=checked.fingerprint,
               ckpt=checked.ckpt, resume=checked.resume, model=wrapped, optimizer=optimizer, step=step)

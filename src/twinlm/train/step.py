@@ -61,6 +61,7 @@ from twinlm.data import pack
 from twinlm.train import dist
 from twinlm.train.objectives import Objective, build_objective
 from twinlm.train.schedule import lr_multiplier
+from twinlm.train.static import pad_packed
 
 if TYPE_CHECKING:
     from twinlm.config import ModelConfig
@@ -77,14 +78,18 @@ class MicroBatch:
     max_seqlen: int  # longest document
     positions: torch.Tensor  # (K,) flat indices where the head runs
     targets: torch.Tensor  # (K,) target token ids
+    real_targets: int | None = None  # with static shapes (train/static.py): the targets that are not padding
+    real_tokens: int | None = None  # and the tokens
 
     @property
     def num_targets(self) -> int:
-        return int(self.targets.numel())
+        """The targets the loss averages over (padding excluded)."""
+        return int(self.targets.numel()) if self.real_targets is None else self.real_targets
 
     @property
     def num_tokens(self) -> int:
-        return int(self.input_ids.numel())
+        """The tokens trained on (padding excluded)."""
+        return int(self.input_ids.numel()) if self.real_tokens is None else self.real_tokens
 
 
 @dataclass
@@ -187,9 +192,12 @@ class StepResult:
 
 class TrainStep:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: dist.DistEnv, *,
-                 objective: str, seed: int, lr: float, precision: str = "auto", vocab_in_use: int | None = None):
+                 objective: str, seed: int, lr: float, precision: str = "auto", vocab_in_use: int | None = None,
+                 static_shapes: bool = False):
         """`lr`: the peak learning rate; `vocab_in_use`: the tokenizer's size, when smaller than the model's
-        vocabulary (random replacements of the masking are drawn below it)."""
+        vocabulary (random replacements of the masking are drawn below it); `static_shapes`: pad every
+        micro-batch to its phase's fixed sizes (train/static.py), for a graph compiled once."""
+        self.static_shapes = static_shapes
         self.model = model
         self.optimizer = optimizer
         self.env = env
@@ -223,22 +231,33 @@ class TrainStep:
         for packed in pack(cut, phase.micro_batch_tokens) if cut else []:
             cu = np.asarray(packed.cu_seqlens)
             p = objective.prepare(np.asarray(packed.input_ids), cu, list(packed.sample_ids), salt=salt)
-            out.append(MicroBatch(p.input_ids, torch.as_tensor(cu, dtype=torch.int32), int(packed.max_seqlen),
-                                  p.positions, p.targets))
+            out.append(self._shaped(MicroBatch(p.input_ids, torch.as_tensor(cu, dtype=torch.int32),
+                                               int(packed.max_seqlen), p.positions, p.targets), phase))
         return out
 
-    def _dummy(self) -> MicroBatch:
+    def _shaped(self, mb: MicroBatch, phase: Phase) -> MicroBatch:
+        """`mb` padded to the phase's static shapes when the step has them (train/static.py), else `mb`."""
+        if not self.static_shapes:
+            return mb
+        cfg = cast("ModelConfig", self.bare_model.config)
+        ids, cu, max_seqlen, pos, tgt = pad_packed(mb.input_ids, mb.cu_seqlens, mb.positions, mb.targets,
+                                                   tokens=phase.micro_batch_tokens, seq_len=phase.seq_len,
+                                                   pad_id=cfg.pad_token_id)
+        return MicroBatch(ids, cu, max_seqlen, pos, tgt, real_targets=mb.num_targets, real_tokens=mb.num_tokens)
+
+    def _dummy(self, phase: Phase) -> MicroBatch:
         cfg = cast("ModelConfig", self.bare_model.config)
         ids = np.array([cfg.cls_token_id, cfg.sep_token_id], dtype=np.int64)
-        return MicroBatch(torch.from_numpy(ids), torch.tensor([0, 2], dtype=torch.int32), 2,
-                          torch.tensor([0]), torch.tensor([cfg.sep_token_id]))
+        return self._shaped(MicroBatch(torch.from_numpy(ids), torch.tensor([0, 2], dtype=torch.int32), 2,
+                                       torch.tensor([0]), torch.tensor([cfg.sep_token_id])), phase)
 
-    def _passes(self, batches: list[MicroBatch], passes: int | None = None) -> list[tuple[MicroBatch, bool]]:
+    def _passes(self, batches: list[MicroBatch], phase: Phase,
+                passes: int | None = None) -> list[tuple[MicroBatch, bool]]:
         """(micro-batch, real) for each forward pass: as many as the busiest rank has (`passes`, else found
-        here: collective), the missing ones filled with dummy batches."""
+        here: collective), the missing ones filled with dummy batches (of the phase's static shapes, if any)."""
         if passes is None:
             passes = self._max_passes(len(batches))
-        return [(batches[i], True) if i < len(batches) else (self._dummy(), False) for i in range(passes)]
+        return [(batches[i], True) if i < len(batches) else (self._dummy(phase), False) for i in range(passes)]
 
     def _max_passes(self, mine: int) -> int:
         if not self.env.distributed:
@@ -285,7 +304,8 @@ class TrainStep:
         micro = self.micro_batches(samples, phase, self.objective_for(phase), salt=step)
         if self.env.device.type == "cuda":
             micro = [MicroBatch(b.input_ids.pin_memory(), b.cu_seqlens.pin_memory(), b.max_seqlen,
-                                b.positions.pin_memory(), b.targets.pin_memory()) for b in micro]
+                                b.positions.pin_memory(), b.targets.pin_memory(), b.real_targets, b.real_tokens)
+                     for b in micro]
         return Batch(list(samples), micro, step, prepare_s=time.perf_counter() - t0)
 
     def count(self, batch: Batch) -> Batch:
@@ -315,7 +335,7 @@ class TrainStep:
         s = phase.schedule
         lr = self.lr * lr_multiplier(phase_tokens + batch.tokens, phase.tokens, warmup_tokens=s.warmup_tokens,
                                      start=s.start, end=s.end, decay=s.decay, decay_tokens=s.decay_tokens)
-        passes = self._passes(batch.micro, batch.passes)
+        passes = self._passes(batch.micro, phase, batch.passes)
         self.model.train()
         device = self.env.device
         loss_local = torch.zeros((), dtype=torch.float64, device=device)
@@ -390,7 +410,7 @@ class TrainStep:
         weights and the optimizer are left as they are; the model is left in training mode."""
         objective = self.objective_for(phase, mask_ratio)
         batches = [b for b in self.micro_batches(samples, phase, objective, salt=0) if b.num_targets]
-        passes = self._passes(batches)
+        passes = self._passes(batches, phase)
         total = torch.zeros(2, dtype=torch.float64)
         self.model.eval()
         for mb, real in passes:
