@@ -31,6 +31,11 @@ section that overruns its time box is recorded as {"timeout": seconds}):
   compile  compiled blocks over six packed layouts: graphs per layout, step time eager vs compiled
   targets  17M tok/s in the trainer's step (compiled blocks, 65,536-token micro-batches) and 1B MFU in
            executed FLOPs (compiled blocks, the largest micro-batch the memory plan fits)
+  graphs   17M MLM at 16,384 and 65,536-token micro-batches: compiled blocks (dynamic shapes) against the whole
+           model compiled at static shapes (train/static.py) and against CUDA graphs (`cuda_graphs: true`)
+
+`speed` names the speed sections (bench, graphs, targets: at most 8 minutes in all):
+`python bench/gpu_check.py speed`.
   train    the real trainer (`twinlm train`'s Trainer) on the device: ettin-17m on synthetic shards, two phases,
            compiled blocks and bf16 (tokens/s, loss first -> last, final/ loads); then eager: a run stopped
            at a checkpoint and resumed against an uninterrupted run (per-step loss differences), with a second
@@ -65,7 +70,8 @@ from workloads import executed_flops_per_token, packed_batch, train_step  # noqa
 # seconds per section on a GPU, at most 1,100 s in all: the sections that compile come last (bench onwards), so
 # an overrun of a time-limited command loses only them
 BUDGET = {"env": 30, "pytest": 90, "attn": 50, "model": 25, "evaltracks": 45, "syncs": 40, "step": 80, "memory": 50,
-          "bench": 210, "profile": 90, "train": 150, "compile": 90, "targets": 150}
+          "bench": 210, "profile": 90, "train": 150, "compile": 90, "targets": 150, "graphs": 120}
+GROUPS = {"speed": ["bench", "graphs", "targets"]}  # 480 s
 CPU_BUDGET = 400  # per section with --cpu (a loaded 2-core machine)
 SECTIONS = list(BUDGET)
 
@@ -484,6 +490,46 @@ class Check:
                        "gib_at_65536_tokens_measured": round(measured * 65536 / 2**30, 1)})
             del m
 
+    def graphs(self):
+        """17M MLM, one optimizer step of 2 micro-batches, three ways: compiled blocks (dynamic shapes, the
+        default `compile: true`), the whole model compiled at the phase's static shapes (`static_shapes: true`),
+        and the same replayed as CUDA graphs (`cuda_graphs: true`; CUDA only)."""
+        from twinlm import ModelConfig, Transformer
+        from twinlm.train import dist
+        from twinlm.train.optim import build_optimizer
+        from twinlm.train.static import pad_packed
+
+        preset, sizes, seq = ("cpu-tiny", [512], 128) if self.cpu else ("ettin-17m", [16384, 65536], 1024)
+        cfg = ModelConfig.preset(preset, attention_dropout=0.1)
+        for tokens in sizes:
+            batches = [packed_batch(cfg, tokens, "mlm", seed=s, max_doc=seq) for s in range(2)]
+            static = []
+            for b in batches:
+                ids, cu, max_seqlen, pos, tgt = pad_packed(b["input_ids"], b["cu_seqlens"], b["prediction_positions"],
+                                                           b["labels"], tokens=tokens, seq_len=seq,
+                                                           pad_id=cfg.pad_token_id)
+                static.append(dict(input_ids=ids, cu_seqlens=cu, max_seqlen=max_seqlen, prediction_positions=pos,
+                                   labels=tgt))
+            ntok = sum(int(b["input_ids"].numel()) for b in batches)
+            row: dict = {"preset": preset, "micro_batch_tokens": tokens, "tokens_per_step": ntok}
+            ways = [("blocks", False, False), ("static", True, False)] + ([] if self.cpu else [("graphs", True, True)])
+            for name, is_static, graphs in ways:
+                torch.manual_seed(0)
+                m = Transformer(cfg).to(self.dev).train()
+                dist.parallelize(m, dist.DistEnv(device=self.dev), compile=True, static_shapes=is_static,
+                                 cuda_graphs=graphs, compile_backend="aot_eager" if self.cpu else "inductor")
+                opt = build_optimizer(m, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5)
+                step = train_step(m, static if is_static else batches, opt, self.dev, mark_steps=is_static)
+                try:
+                    s = self.timed(step, steps=2 if self.cpu else 8, warmup=2 if self.cpu else 3)
+                    row[f"{name}_tok_s"] = round(ntok / s)
+                except Exception as e:  # noqa: BLE001 - one way failing must not hide the others
+                    row[f"{name}_error"] = repr(e)[:300]
+                del m, opt, step
+                if self.dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            self.emit(row)
+
     def bench(self):
         """twinlm with compiled blocks (the trainer's `compile: true`) against transformers eager (target >= 2.5x
         at 150M) and transformers under torch.compile (>= 1.3x), encoder and decoder."""
@@ -543,8 +589,8 @@ def run_section(name: str, cpu: bool, out: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sections", nargs="*", choices=[*SECTIONS, []], default=[], metavar="SECTION",
-                   help=f"default: all ({', '.join(SECTIONS)})")
+    p.add_argument("sections", nargs="*", choices=[*SECTIONS, *GROUPS, []], default=[], metavar="SECTION",
+                   help=f"default: all ({', '.join(SECTIONS)}); or a group: {', '.join(GROUPS)}")
     p.add_argument("--cpu", action="store_true", help="a tiny version of every section on the CPU")
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench"), help="folder for gpu_check.jsonl")
     p.add_argument("--inline", action="store_true", help=argparse.SUPPRESS)  # run one section in this process
@@ -553,7 +599,7 @@ def main(argv=None) -> int:
         p.error("no CUDA device: pass --cpu for the CPU version")
     out = Path(args.out) / "gpu_check.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    sections = args.sections or SECTIONS
+    sections = [s for name in args.sections or SECTIONS for s in GROUPS.get(name, [name])]
     if args.inline:
         for name in sections:
             run_section(name, args.cpu, out)

@@ -33,14 +33,17 @@ def packed_batch(cfg, n_tokens: int, objective: str, seed: int = 0, min_doc: int
                 max_seqlen=int(mb.max_seqlen), prediction_positions=p.positions, labels=p.targets)
 
 
-def train_step(model, batches: list[dict], optimizer, device: torch.device):
-    """One optimizer step over `batches` (micro-batches), as TrainStep runs it; returns a closure."""
+def train_step(model, batches: list[dict], optimizer, device: torch.device, mark_steps: bool = False):
+    """One optimizer step over `batches` (micro-batches), as TrainStep runs it; returns a closure. `mark_steps`:
+    each pass starts a new CUDA-graph step, as TrainStep does at static shapes."""
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
            else torch.autocast("cpu", enabled=False))
 
     def run():
         loss = None
         for b in batches:
+            if mark_steps:
+                torch.compiler.cudagraph_mark_step_begin()
             with amp:
                 loss = model(**b).loss
             loss.backward()

@@ -38,5 +38,7 @@ def test_every_section_runs_on_cpu(tmp_path):
     by = {row["section"]: row for row in rows}
     assert by["attn"]["all_ok"]
     assert by["compile"]["new_graphs_after_first_layout"] == 0
+    assert by["graphs"]["blocks_tok_s"] > 0 and by["graphs"]["static_tok_s"] > 0
     assert {row["section"] for row in rows} >= {"env", "pytest", "attn", "model", "evaltracks", "syncs", "step",
-                                               "memory", "bench", "profile", "compile", "train", "targets"}
+                                               "memory", "bench", "profile", "compile", "train", "targets",
+                                               "graphs"}

@@ -290,6 +290,8 @@ class TrainStep:
 
         The micro-batch's tensors stay on the host: the model checks them there and copies them to its device
         through pinned memory without blocking, so the pass reads nothing back from the device."""
+        if self.static_shapes:  # a new pass: CUDA graphs may reuse the last one's buffers (the loss was consumed)
+            torch.compiler.cudagraph_mark_step_begin()
         with self._autocast():
             out = self.model(mb.input_ids, cu_seqlens=mb.cu_seqlens, max_seqlen=int(mb.max_seqlen),
                              prediction_positions=mb.positions, labels=mb.targets)
