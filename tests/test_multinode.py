@@ -44,7 +44,7 @@ def test_a_run_folder_not_shared_is_refused_before_step_1(tmp_path, recipe):
     cwds = [tmp_path / "node0", tmp_path / "node1"]
     for c in cwds:
         c.mkdir()
-    results = finish(start_agents(recipe, "run", cwds=cwds), timeout=300)
+    results = finish(start_agents(recipe, "run", cwds=cwds, TWINLM_SHARED_WAIT="2"), timeout=300)
     for code, output in results:
         assert code != 0, output
         lines = errors(output)
@@ -203,6 +203,24 @@ def test_peer_failures_are_told_from_other_errors(error, kind):
     from twinlm.train.dist import peer_failure
 
     assert peer_failure(error) == kind
+
+
+def test_a_folder_another_rank_does_not_see_is_named_with_the_rank_and_host(monkeypatch, tmp_path):
+    """check_visible on the gathered views of two ranks (the collective faked): the checkpoint rank 0 sees and
+    rank 1 does not is a NotShared error naming both hosts; paths rank 0 does not see are left alone."""
+    from twinlm.errors import NotShared
+    from twinlm.train import dist, shared
+
+    ck, missing = tmp_path / "step-00000012", tmp_path / "nowhere"
+    ck.mkdir()
+    views = [{"rank": 0, "host": "node-a", "cwd": "/a", "seen": [True, False]},
+             {"rank": 1, "host": "node-b", "cwd": "/b", "seen": [False, False]}]
+    monkeypatch.setattr(dist, "all_gather_object", lambda obj: views)
+    with pytest.raises(NotShared, match=r"step-00000012 \(the checkpoint to resume from\) is not visible on rank 1 "
+                                        r"\(host node-b\) but is on rank 0 \(host node-a\): put the run folder"):
+        shared.check_visible([ck, missing], dist.DistEnv(rank=1, world_size=2), "the checkpoint to resume from")
+    views[1]["seen"] = [True, False]
+    shared.check_visible([ck, missing], dist.DistEnv(rank=1, world_size=2), "the checkpoint to resume from")
 
 
 def test_timeouts_come_from_the_environment_or_the_recipe(monkeypatch):

@@ -99,6 +99,7 @@ def reference(tmp_path_factory):
     return recipe, train(recipe, root / "one")
 
 
+@pytest.mark.multinode
 def test_template_trains_on_two_nodes_like_one_process(tmp_path, reference):
     recipe, one = reference
     slurm_env = fake_slurm(tmp_path / "slurm")

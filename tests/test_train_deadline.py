@@ -124,6 +124,8 @@ def test_deadline_stops_with_a_checkpoint_per_process_and_resumes_exactly(shards
     assert [r["step"] for r in rows(out)] == [1, 2, 3] and not (out / "final").exists()
     assert any("stopped by the deadline (stop_after=3s) at step 3" in m and "the same command resumes" in m
                for m in logs), logs
+    stopped = json.loads((out / "stopped.json").read_text())  # what a job script requeues on
+    assert stopped["step"] == 3 and stopped["max_steps"] is False and "deadline" in stopped["reason"]
     # a requeued job: the deadline counts from this process's start, so it trains 3 more steps
     logs.clear()
     res = run(recipe, out, ["stop_after=3s"], log=logs.append)
@@ -131,6 +133,7 @@ def test_deadline_stops_with_a_checkpoint_per_process_and_resumes_exactly(shards
     logs.clear()
     run(recipe, out, log=logs.append)  # no deadline: to the end
     assert not any("differs from this recipe" in m for m in logs)  # stop_after is a run knob
+    assert not (out / "stopped.json").exists()
     same_run(out, reference)
 
 

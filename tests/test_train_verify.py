@@ -58,14 +58,15 @@ def test_two_ranks_share_the_verification_and_agree_on_a_damaged_folder(tmp_path
         assert record[str(f)] == shard_signature(f)
         assert json.loads((f / VERIFIED).read_text()) == shard_signature(f)
 
-    # a flipped byte in one folder's tokens (its record no longer matches): both ranks stop with one error
+    # a flipped byte in one folder's index header (numpy cannot even read it; the rank that checks the structure
+    # sees that, another the hash): both ranks stop with the same error, the hash's
     damaged = make_shards(tmp_path / "damaged", n_docs=50, seed=9)
-    raw = bytearray((damaged / "tokens.bin").read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    (damaged / "tokens.bin").write_bytes(bytes(raw))
+    raw = bytearray((damaged / "index.npy").read_bytes())
+    raw[12] ^= 0x20
+    (damaged / "index.npy").write_bytes(bytes(raw))
     ranks, _ = verify_on_two_ranks(tmp_path, tmp_path / "run2", [*folders, damaged])
     assert ranks[0]["error"] == ranks[1]["error"]
-    assert ranks[0]["error"].startswith(f"{damaged / 'tokens.bin'}: sha256 ")
+    assert ranks[0]["error"].startswith(f"{damaged / 'index.npy'}: sha256 ")
     assert not (damaged / VERIFIED).exists()
 
 

@@ -88,7 +88,7 @@ def timeout_from_env(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value > 0:
+    if not 0 < value < 1e9:
         raise ConfigError(f"{name}={raw!r}: give a positive number of seconds (e.g. {name}=300), or unset it")
     return value
 
@@ -127,8 +127,9 @@ def set_timeout(seconds: float) -> None:
         dist.distributed_c10d._set_pg_timeout(delta, group)
 
 
-# what the backends say when a peer hung (a timeout) or died (a closed connection); NCCL's watchdog ends the
-# process itself at its timeout, so on CUDA the host collectives (gloo) are where a hang is usually seen
+# what the backends say when a peer hung (a timeout) or died (a closed connection). Measured with gloo only: on
+# CUDA, NCCL's watchdog may end the process itself at the same timeout, with its own message, before a host
+# collective (gloo) raises one that the trainer can put in one line
 _HUNG = ("timed out", "timeout")
 _DIED = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
          "remote worker crashing", "connectfullmesh", "socket closed")

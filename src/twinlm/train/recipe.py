@@ -306,7 +306,7 @@ class Recipe:
         if self.cuda_graphs and not self.compile:
             problems.append("cuda_graphs: true needs compile: true (the graphs are captured by torch.compile)")
         for knob in ("dist_timeout", "dist_init_timeout"):
-            if not getattr(self, knob) > 0:
+            if not 0 < getattr(self, knob) < 1e9:
                 problems.append(f"{knob} must be a positive number of seconds, got {getattr(self, knob)!r}")
         try:  # a Recipe built in Python has not been through the hooks
             self.model.overrides = model_overrides(self.model.overrides)

@@ -16,17 +16,18 @@ Paths rank 0 does not see either are left to the checks that report missing thin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
 from pathlib import Path
 
-from twinlm.errors import NotShared
+from twinlm.errors import ConfigError, NotShared
 from twinlm.train import dist
 
 FIX = ("put the run folder, the shards and the tokenizer on a filesystem every node shares (and give absolute "
        "paths, or start every node in the same folder)")
-PROBE_WAIT_S = 5.0  # how long a rank waits for rank 0's probe file to appear
+WAIT_VARIABLE = "TWINLM_SHARED_WAIT"  # seconds a rank looks again for a file it does not see (default 30)
 
 
 def check_visible(paths: list[Path], env: dist.DistEnv, what: str, wait_s: float = 0.0) -> None:
@@ -48,12 +49,26 @@ def check_visible(paths: list[Path], env: dist.DistEnv, what: str, wait_s: float
 
 
 def _appears(path: Path, wait_s: float) -> bool:
+    """Whether `path` exists, looking again for up to `wait_s` seconds; each look lists its folder first, which
+    makes a network filesystem's client drop a cached "no such file" (NFS keeps one for up to ~30 s)."""
     deadline = time.monotonic() + wait_s
     while not path.exists():
         if time.monotonic() >= deadline:
             return False
-        time.sleep(0.2)
+        time.sleep(0.5)
+        with contextlib.suppress(OSError):
+            os.listdir(path.parent)
     return True
+
+
+def probe_wait() -> float:
+    """How long a rank waits for rank 0's probe file (TWINLM_SHARED_WAIT, else 30 s): paid only when the run
+    folder is not shared, or shared slowly."""
+    raw = os.environ.get(WAIT_VARIABLE, "")
+    try:
+        return max(0.0, float(raw)) if raw.strip() else 30.0
+    except ValueError:
+        raise ConfigError(f"{WAIT_VARIABLE}={raw!r}: give a number of seconds, or unset it") from None
 
 
 def check_run_folder_shared(out: Path, env: dist.DistEnv) -> None:
@@ -67,7 +82,7 @@ def check_run_folder_shared(out: Path, env: dist.DistEnv) -> None:
         probe.write_text("written by rank 0 to check that every rank sees this run folder\n")
     dist.barrier()
     try:
-        check_visible([probe], env, "a file rank 0 wrote into the run folder", wait_s=PROBE_WAIT_S)
+        check_visible([probe], env, "a file rank 0 wrote into the run folder", wait_s=probe_wait())
     finally:
         dist.barrier()
         if env.is_main:

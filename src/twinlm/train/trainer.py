@@ -69,7 +69,7 @@ from twinlm.data import BatchStream
 from twinlm.data.order import ReplayStream
 from twinlm.errors import ConfigError, ModelLoadError, OutOfSpace, PeerFailure, TrainingDiverged
 from twinlm.export import verify_manifest
-from twinlm.io import atomic_dir, is_disk_full, remove_stale_temporaries
+from twinlm.io import atomic_dir, is_disk_full, remove_stale_temporaries, write_json
 from twinlm.model import Transformer
 from twinlm.train import callbacks as cbs
 from twinlm.train import dist
@@ -80,6 +80,8 @@ from twinlm.train.recipe import Phase, Recipe, parse_duration
 from twinlm.train.setup import Run, check_out, setup
 from twinlm.train.state import TrainState
 from twinlm.train.step import StepResult, TrainStep
+
+STOPPED = "stopped.json"  # in the run folder while it stands stopped before its end: why, at which step
 
 
 @dataclass
@@ -302,11 +304,13 @@ class Trainer:
     def _peer_message(self, kind: str) -> str:
         env = self.env
         if kind == "hung":
-            waited = env.timeout_s if self._steady else env.init_timeout_s
-            what = (f"waited {waited:.0f} s for the other ranks ({self._doing}): another rank hung (raise "
-                    "dist_timeout or TWINLM_DIST_TIMEOUT if it was only slow)")
+            waited, knob = ((env.timeout_s, f"dist_timeout or {dist.TIMEOUT_VARIABLE}") if self._steady else
+                            (env.init_timeout_s, f"dist_init_timeout or {dist.INIT_TIMEOUT_VARIABLE}"))
+            what = (f"waited {waited:.0f} s for the other ranks ({self._doing}): another rank hung (raise {knob} "
+                    "if it was only slow)")
         else:
-            what = f"lost its connection to another rank ({self._doing}): another rank died or was stopped"
+            what = (f"lost its connection to another rank ({self._doing}): another rank died or was stopped (if "
+                    "one printed an error, fix that first)")
         return (f"rank {env.rank} (host {dist.host()}) {what}; last checkpoint "
                 f"{self._last_saved or 'none yet'}: run the same command again to resume (under torchrun "
                 "--max-restarts this happens by itself)")
@@ -316,6 +320,8 @@ class Trainer:
             run = setup(self.recipe, self.out, self.env, self.log, step_class=self.step_class)
         self._take(run)
         self._last_saved = run.resume
+        if self.env.is_main:
+            (self.out / STOPPED).unlink(missing_ok=True)
         if self.state.finished and (self.out / "final").exists():
             problem = self._final_problem() if self.env.is_main else None
             problem = dist.broadcast_object(problem)
@@ -370,6 +376,7 @@ class Trainer:
             if self._stop and not self.state.finished:
                 self.log(f"stopped by {self.stop_reason} at the end of phase {phase.name} (step "
                          f"{self.state.step}); checkpoint {self.last_checkpoint}; the same command resumes")
+                self._record_stop()
                 return "interrupted"
         return "done"
 
@@ -451,7 +458,17 @@ class Trainer:
             self.save_checkpoint()
         self.log(f"stopped by {self.stop_reason} at step {self.state.step}; checkpoint {self.last_checkpoint}; "
                  "the same command resumes")
+        self._record_stop()
         return "interrupted"
+
+    def _record_stop(self) -> None:
+        """RUN/stopped.json (rank 0): why and where the run stopped, for a job script deciding whether to requeue
+        itself (scripts/slurm/train.sbatch: not after max_steps, which is the user's own stop); the next start
+        removes it."""
+        if self.env.is_main:
+            write_json(self.out / STOPPED, {"reason": self.stop_reason, "step": self.state.step,
+                                            "max_steps": self._at_max_steps(self.state.step),
+                                            "checkpoint": str(self.last_checkpoint)})
 
     def _finish(self, next_started: float | None = None) -> None:
         """Read the queued step's result and make it the trainer's: the state, the metrics row (its callbacks,

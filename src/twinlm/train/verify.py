@@ -5,9 +5,15 @@ its current state matches no record: neither the run's (RUN/verified_shards.json
 the folder's own (`.verified.json`). Rank 0 decides which folders need it and broadcasts the list; the parts of
 their verification (`verification_parts`: one per file's hash, one for the structural check) are dealt out,
 largest first, each to the rank with the fewest bytes so far, so terabytes are read by every rank at once
-instead of by rank 0 while the others wait in a collective. Each rank logs each part it verified; the ranks'
-problems are gathered and the first (in the folders' order) is a ShardError on every rank. When none failed,
-rank 0 records every folder (its `.verified.json` and the run's record).
+instead of by rank 0 while the others wait in a collective. A rank verifies its hash parts before its structural
+ones, and any failure of a part (a hash that differs, a file numpy cannot read) is that folder's damage. The
+ranks' problems are gathered and the first (in the folders' order, hashes before structure) is a ShardError on
+every rank. When none failed, rank 0 records every folder (its `.verified.json` and the run's record).
+
+One file is hashed by one rank (a sha256 is sequential): a folder's largest file bounds the time. Every rank
+plans the same wait from the shares' sizes (at VERIFY_BYTES_PER_S, a slow disk), and when that is longer than
+the start-up timeout the collectives wait that long for the verification; `twinlm data verify DIR` beforehand
+takes it out of the run's start.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from twinlm.io import write_json
 from twinlm.train import dist
 
 VERIFIED_SHARDS = "verified_shards.json"  # in the run folder: shard folders verified, with their signature
+VERIFY_BYTES_PER_S = 200e6  # a slow disk's sha256 rate: what the collectives' wait is planned with
 Part = tuple[str, str, int]  # (folder, part, bytes)
 
 
@@ -90,20 +97,29 @@ def verify_run_shards(paths: list[str], out: Path, env: dist.DistEnv, log: Calla
     total = sum(p[2] for p in parts)
     log(f"verifying {len(todo)} shard folder(s), {total / 1e9:.2f} GB read in all, over {env.world_size} "
         f"rank(s): sha256 of every file, index, token ids")
-    mine = deal(parts, env.world_size)[env.rank]
+    shares = deal(parts, env.world_size)
+    # every rank's collectives wait for the slowest rank's share: longer than the start-up timeout for a big file
+    longest = max(sum(p[2] for p in share) for share in shares) / VERIFY_BYTES_PER_S + 60
+    if env.distributed and longest > env.init_timeout_s:
+        dist.set_timeout(longest)
     say = log if env.is_main else (lambda m: print(m, file=sys.stderr, flush=True))
-    failure: tuple[int, str] | None = None
-    for path, name, size in mine:
+    failure: tuple[int, int, str] | None = None
+    order = [name for name, _ in verification_parts(metas[todo[0]])]  # the hashes first, then the structure
+    for path, name, size in sorted(shares[env.rank], key=lambda p: order.index(p[1])):
         t0 = time.perf_counter()
         try:
             verify_part(path, metas[path], name)
-        except (ShardError, OSError) as e:
-            failure = (todo.index(path), str(e))
+        except Exception as e:  # noqa: BLE001 - any failure is this folder's damage, reported on every rank
+            message = str(e) if isinstance(e, ShardError) else \
+                f"{path}: {name} cannot be read ({type(e).__name__}: {e}): the folder is damaged; prepare it again"
+            failure = (todo.index(path), order.index(name), message)
             break
         say(f"rank {env.rank}: verified {path} {name} ({size / 1e6:,.1f} MB) in {time.perf_counter() - t0:.1f} s")
     failures = [f for f in dist.all_gather_object(failure) if f is not None]
+    if env.distributed and longest > env.init_timeout_s:
+        dist.set_timeout(env.init_timeout_s)
     if failures:
-        raise ShardError(min(failures)[1])
+        raise ShardError(min(failures)[2])
     if env.is_main:
         record = _record(out)
         for path in todo:
