@@ -87,7 +87,6 @@ import twinlm.model as tmodel  # noqa: E402
 from twinlm import ModelConfig, Transformer, ops  # noqa: E402
 from twinlm.attention import PackedLayout  # noqa: E402
 from twinlm.hf import hf_config_dict  # noqa: E402
-from twinlm.train import dist  # noqa: E402
 from twinlm.train.optim import build_optimizer  # noqa: E402
 from workloads import packed_batch  # noqa: E402
 
@@ -314,7 +313,7 @@ class Labeller(TorchFunctionMode):
         if self.enabled and self.autocast:
             func, args, kwargs = self._cuda_policy(func, args, kwargs)
         out = func(*args, **kwargs)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # (compiled code is counted by inductor)
             label = frame_label() or ("attention" if func is sdpa_standin else None)
             if label is not None:
                 tag_new_nodes([t.grad_fn for t in _tensors(out) if t.grad_fn is not None], label)
@@ -631,7 +630,7 @@ def _scheduler_pass(sink: list, tokens_hint: int, tokens: int):
 
     def run(nodes):
         sizevars = V.graph.sizevars
-        subs = {s: tokens for s, v in sizevars.shape_env.var_to_val.items() if int(v) == tokens_hint}
+        subs = {s: tokens for s, v in sizevars.shape_env.var_to_val.items() if v == tokens_hint}
         original = sizevars.optimization_hint
 
         def hint(expr, fallback=None):
@@ -650,10 +649,8 @@ def _scheduler_pass(sink: list, tokens_hint: int, tokens: int):
                                or type(irnode).__name__)
                     if isinstance(irnode, ir.MultiOutput):
                         continue
-                    sizes = [[hint(s) for s in x.get_size()] for x in getattr(irnode, "inputs", [])
-                             if hasattr(x, "get_size")]
-                    sink.append(("extern", name, nbytes, sizes, [hint(s) for s in irnode.get_size()]
-                                 if hasattr(irnode, "get_size") else []))
+                    sink.append(("extern", name, nbytes, [_size(x, hint) for x in getattr(irnode, "inputs", [])],
+                                 _size(irnode, hint)))
                 else:
                     sink.append(("fused", type(node).__name__, nbytes, [], []))
         finally:
@@ -663,11 +660,19 @@ def _scheduler_pass(sink: list, tokens_hint: int, tokens: int):
     return run
 
 
+def _size(node, hint) -> list[int]:
+    """An inductor IR node's shape as ints (empty where it has none, e.g. a multi-output layout)."""
+    try:
+        return [int(hint(s)) for s in node.get_size()]
+    except (AttributeError, NotImplementedError):
+        return []
+
+
 def sympy_subs(expr, subs: dict):
     return expr.subs(subs) if subs and hasattr(expr, "subs") else expr
 
 
-def gemm_flops(name: str, sizes: list[list[int]], out: list[int]) -> float:
+def gemm_flops(sizes: list[list[int]], out: list[int]) -> float:
     """2·m·n·k of an extern GEMM from its input and output shapes."""
     if not out:
         return 0.0
@@ -682,45 +687,44 @@ def gemm_flops(name: str, sizes: list[list[int]], out: list[int]) -> float:
     return 2.0 * math.prod(out) * k
 
 
-def trace_compiled_blocks(cfg: ModelConfig, batch: dict, compile_tokens: int,
+def _bf16_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear under CUDA's autocast, as plain code dynamo traces (a TorchFunctionMode it does not): bf16
+    input and weight. (LayerNorm needs nothing: a block's norms see the fp32 residual and stay fp32.)"""
+    bias = None if self.bias is None else self.bias.to(BF16)
+    return F.linear(x.to(BF16), self.weight.to(BF16), bias)
+
+
+def trace_compiled_blocks(cfg: ModelConfig, tokens: int, compile_tokens: int,
                           pairs: dict[tuple[int, int], int]) -> tuple[list[Kernel], dict]:
-    """Kernels of every block of one micro-batch under per-block compile: one block of each kind compiled by
-    inductor (CPU) on `compile_tokens` real tokens, counted at the batch's token count, times its use count."""
+    """Kernels of every block of one `tokens`-token micro-batch under per-block compile: one block of each kind
+    (layer 0, global, local) compiled by inductor (CPU) and run forward + backward on `compile_tokens` real
+    tokens with CUDA's autocast emulated, its kernels' bytes evaluated at `tokens`, times the kind's use count."""
     import torch._inductor.config as iconf
 
-    tokens = int(batch["input_ids"].numel())
-    small = packed_batch(cfg, compile_tokens, "clm" if cfg.causal else "mlm", seed=1, max_doc=min(256, compile_tokens))
+    small = packed_batch(cfg, compile_tokens, "clm" if cfg.causal else "mlm", seed=1,
+                         max_doc=max(1, min(256, compile_tokens // 3)))
+    cu = small["cu_seqlens"]
     n_small = int(small["input_ids"].numel())
+    positions = PackedLayout.from_cu_seqlens(cu, small["max_seqlen"]).position_ids()
     windows = twinlm_windows(cfg)
     kinds: dict[tuple, list[int]] = collections.defaultdict(list)
     for i, w in enumerate(windows):
         kinds[(i == 0, w)].append(i)
-    torch.manual_seed(0)
     kernels: list[Kernel] = []
     info: dict[str, Any] = {"compile_tokens": n_small, "block_kinds": {}}
-    layout_cu = small["cu_seqlens"]
-    positions = torch.cat([torch.arange(int(n)) for n in np.diff(layout_cu.numpy())])
-    with torch.device("meta"):
-        proto = Transformer(cfg)
-    for (first, window), layers in kinds.items():
+    torch.manual_seed(0)
+    for (_, window), layers in kinds.items():
         layer = layers[0]
         block = tmodel.Block(cfg, layer).train()
-        for p in block.parameters():
-            p.data.normal_(0, 0.02)
-        inv = rope_inv = proto.global_inv_freq if cfg.is_global(layer) else proto.local_inv_freq
-        del inv
-        rope = tmodel.rope_freqs(positions, tmodel.rope_inv_freq(cfg.head_dim, cfg.global_rope_theta
-                                                                  if cfg.is_global(layer)
-                                                                  else cfg.local_rope_theta))
-        del rope_inv
+        theta = cfg.global_rope_theta if cfg.is_global(layer) else cfg.local_rope_theta
+        rope = tmodel.rope_freqs(positions, tmodel.rope_inv_freq(cfg.head_dim, theta))
         x = torch.randn(n_small, cfg.hidden_size, requires_grad=True)
         sink: list = []
         torch._dynamo.reset()
         with patched(iconf, "_post_fusion_custom_pass", _scheduler_pass(sink, n_small, tokens)), \
-                patched(iconf, "fx_graph_cache", False), Labeller(autocast=True):
+                patched(iconf, "fx_graph_cache", False), patched(nn.Linear, "forward", _bf16_linear):
             compiled = torch.compile(block, fullgraph=True, dynamic=True)
-            out = compiled(x, rope, layout_cu, int(small["max_seqlen"]))
-            out.float().sum().backward()
+            compiled(x, rope, cu, int(small["max_seqlen"])).float().sum().backward()
         per_block = []
         for kind, name, nbytes, sizes, out_size in sink:
             if kind == "extern" and "packed_attention" in name:
@@ -728,13 +732,13 @@ def trace_compiled_blocks(cfg: ModelConfig, batch: dict, compile_tokens: int,
                 q = torch.empty(tokens, cfg.num_heads, cfg.head_dim, dtype=BF16, device="meta")
                 flops, b = flash_cost(q, pairs[window], backward)
                 per_block.append(Kernel(name, "attention", "attention", b, flops, "compiled"))
-            elif kind == "extern" and ("mm" in name or "addmm" in name):
-                per_block.append(Kernel(name, "block GEMMs", "gemm", nbytes, gemm_flops(name, sizes, out_size),
+            elif kind == "extern" and "mm" in name:
+                per_block.append(Kernel(name, "block GEMMs", "gemm", nbytes, gemm_flops(sizes, out_size),
                                         "compiled"))
             else:
-                per_block.append(Kernel(name, "fused (compiled)", "other", nbytes, 0.0, "compiled"))
-        info["block_kinds"][f"layer {layer} {'global' if cfg.is_global(layer) else 'local'} window {window}"] = {
-            "uses": len(layers), "kernels": len(per_block)}
+                per_block.append(Kernel(name, "block, fused (compiled)", "other", nbytes, 0.0, "compiled"))
+        kind_name = f"layer {layer}" if layer == 0 else ("global" if cfg.is_global(layer) else "local")
+        info["block_kinds"][kind_name] = {"uses": len(layers), "kernels_per_block": len(per_block)}
         kernels += per_block * len(layers)
     return kernels, info
 
@@ -804,20 +808,17 @@ def run(args) -> dict:
     if args.compile:
         cu = batch["cu_seqlens"].numpy()
         pairs = {w: pair_count(cu, w) for w in set(twinlm_windows(cfg))}
-        blocks, info = trace_compiled_blocks(cfg, batch, args.compile_tokens, pairs)
-        # the parts outside the blocks stay eager: embedding, head, loss (no backward node of a block)
-        outside = [k for k in mb if k.category in ("CE", "head GEMMs", "head (other)", "embedding, gather")
-                   or (k.category == "LayerNorm" and False)]
-        outside += eager_outside_blocks(cfg, batch)
-        models["twinlm (compiled blocks)"] = (blocks + outside, opt, tokens,
+        blocks, info = trace_compiled_blocks(cfg, tokens, args.compile_tokens, pairs)
+        models["twinlm (compiled blocks)"] = (blocks + eager_outside_blocks(cfg, batch), opt, tokens,
                                               f"blocks from inductor (CPU) at {info['compile_tokens']} tokens, "
                                               f"counted at {tokens:,}")
         result["compile"] = info
     if not args.no_transformers:
         hb = hf_batch(cfg, args.tokens)
         hk = trace_transformers(cfg, hb)
+        rows, seq = hb["input_ids"].shape
         models["transformers"] = ([k for k in hk if k.phase != "optimizer"], [k for k in hk if k.phase == "optimizer"],
-                                  int(hb["input_ids"].numel()), f"{hb['input_ids'].shape[0]} x {hb['input_ids'].shape[1]}")
+                                  rows * seq, f"{rows} x {seq}")
     for name, (mbk, optk, ntok, what) in models.items():
         s_mb, s_opt = summarize(mbk, dev, ntok), summarize(optk, dev, ntok)
         pred = predict(s_mb, s_opt, ntok, args.accum)
@@ -838,11 +839,10 @@ def run(args) -> dict:
 
 
 def eager_outside_blocks(cfg: ModelConfig, batch: dict) -> list[Kernel]:
-    """The eager kernels outside the blocks (embedding, embed/final norms, head, loss): the eager trace of the
-    same model with no layers."""
-    shallow = dataclasses.replace(cfg, num_layers=0)
-    ks = trace_twinlm(shallow, batch, optimizer=False)
-    return ks
+    """The eager kernels outside the blocks (embedding, embedding and final norms, RoPE tables, head, loss): the
+    eager trace of the same model with no layers."""
+    with patched(tmodel.Block, "forward", lambda self, x, *rest: x):
+        return trace_twinlm(dataclasses.replace(cfg, num_layers=1), batch, optimizer=False)
 
 
 def report(result: dict) -> str:
@@ -903,7 +903,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile-tokens", type=int, default=512, help="real tokens the blocks are compiled on")
     p.add_argument("--device", default="h200", choices=sorted(DEVICES))
     p.add_argument("--no-transformers", action="store_true")
-    p.add_argument("--json", default=None, help="write the full result here")
+    p.add_argument("--json", default=None, help="write the full result here (gpu_check can put it beside "
+                                                "its measurements)")
     p.add_argument("--calibrate", action="store_true", help="fit the H200's bandwidth B and print it")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
