@@ -242,7 +242,7 @@ def op_flops(func, args, kwargs, out) -> float:
 FRAME_LABELS = (
     ("_QKVRope", "RoPE"), ("_rotate", "RoPE"), ("qkv_rope", "RoPE"), ("rope_freqs", "RoPE"),
     ("apply_rotary_pos_emb", "RoPE"), ("rotate_half", "RoPE"), ("RotaryEmbedding", "RoPE"),
-    ("_GeGLU", "GeGLU"), ("geglu", "GeGLU"), ("ModernBertMLP", "GeGLU"),
+    ("_GeGLU", "GeGLU"), ("geglu", "GeGLU"), ("MLP.forward", "GeGLU"),
     ("_fused_ce", "CE"), ("_OpenCE", "CE"), ("fused_linear_cross_entropy", "CE"), ("ForMaskedLMLoss", "CE"),
     ("ForCausalLMLoss", "CE"), ("fixed_cross_entropy", "CE"), ("loss_function", "CE"),
     ("masking_utils", "attention masks"), ("_prepare_4d", "attention masks"),
