@@ -2,7 +2,7 @@
 
     python bench/roofline.py --preset ettin-150m --objective mlm [--tokens 32768] [--compile]
                              [--device h200|h100] [--json OUT] [--no-transformers] [--calibrate]
-    python bench/roofline.py --preset ettin-150m --objective clm --write-results   # bench/RESULTS.md section
+    python bench/roofline.py --calibrate      # refit the H200's bandwidth B to the measured step (MEASURED)
 
 What it counts (nothing runs on a GPU; nothing here is a measurement of one):
 
@@ -37,7 +37,7 @@ What it counts (nothing runs on a GPU; nothing here is a measurement of one):
   scales the three gradients by the loss gradient as it does on a GPU.
 - **`--compile`**: twinlm's blocks compiled as the trainer compiles them (`block.compile(fullgraph=True,
   dynamic=True)`, train/dist.py), by inductor's CPU backend on real tensors of `--compile-tokens` tokens
-  (default 512) at the preset's widths. `torch._inductor.config._post_fusion_custom_pass` records each
+  (a packing budget, default 512) at the preset's widths. `torch._inductor.config._post_fusion_custom_pass` records each
   scheduler node after fusion: a kernel, with inductor's own bytes estimate (`get_read_write_buffer_accesses`),
   the token count symbol set to the micro-batch's tokens (sizes are symbolic in it, so this is exact for
   byte counts linear in tokens: a proxy, not an extrapolation of measured traffic). Extern kernels are the
