@@ -1,0 +1,100 @@
+"""bench/roofline.py: its counting on small known cases (a matmul's FLOPs and bytes, an elementwise op, views,
+an embedding's touched rows, the autocast emulation), a cpu-tiny trace, and the time model's floor and max()."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import roofline  # noqa: E402
+from twinlm import ModelConfig  # noqa: E402
+from workloads import packed_batch  # noqa: E402
+
+
+def _count(fn, *args, autocast=False):
+    counter = roofline.Counter()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with roofline.Labeller(autocast=autocast), counter:
+            fn(*args)
+    return counter.kernels
+
+
+def test_matmul_flops_and_bytes():
+    (k,) = _count(torch.mm, torch.empty(64, 32), torch.empty(32, 16))
+    assert k.kind == "gemm" and k.flops == 2 * 64 * 32 * 16
+    assert k.nbytes == 4 * (64 * 32 + 32 * 16 + 64 * 16)  # both inputs read, the output written
+
+
+def test_elementwise_bytes_and_views_free():
+    x, y = torch.empty(100, 10), torch.empty(100, 10, dtype=torch.bfloat16)
+    kernels = _count(lambda a, b: (a.view(10, 100).t().reshape(100, 10) + b), x, y)
+    assert [k.op for k in kernels] == ["add"]  # view, t, same-shape reshape: views, free
+    assert kernels[0].nbytes == 1000 * 4 + 1000 * 2 + 1000 * 4  # fp32 + bf16 read, fp32 written
+
+
+def test_out_argument_is_written_not_read():
+    a, out = torch.empty(50), torch.empty(50)
+    (k,) = _count(lambda: torch.mul(a, a, out=out))
+    assert k.nbytes == 3 * 50 * 4
+
+
+def test_embedding_counts_touched_rows_only():
+    weight, ids = torch.empty(10_000, 64), torch.zeros(7, dtype=torch.long)
+    (k,) = _count(F.embedding, ids, weight)
+    assert k.category == "embedding, gather"
+    assert k.nbytes == 7 * 8 + 2 * 7 * 64 * 4  # ids + the 7 rows read and written; not the 10,000-row table
+
+
+def test_autocast_emulation_casts_linear_inputs_to_bf16():
+    x, w = torch.empty(8, 16), torch.empty(4, 16)
+    seen = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "mm":
+                seen.append([a.dtype for a in args])
+            return func(*args, **(kwargs or {}))
+
+    with FakeTensorMode(allow_non_fake_inputs=True), roofline.Labeller(autocast=True), Spy():
+        out = F.linear(x, w)
+        ln = F.layer_norm(out, (4,))
+    assert seen == [[torch.bfloat16, torch.bfloat16]] and out.dtype == torch.bfloat16
+    assert ln.dtype == torch.float32  # LayerNorm runs in fp32 as CUDA's autocast runs it
+    kernels = _count(lambda: F.linear(x, w), autocast=True)
+    assert sum(k.category == "casts" for k in kernels) == 2  # x and w cast to bf16
+
+
+def test_pair_count_matches_windows():
+    cu = torch.tensor([0, 5, 8]).numpy()
+    assert roofline.pair_count(cu, (-1, -1)) == 25 + 9
+    assert roofline.pair_count(cu, (-1, 0)) == 15 + 6
+    assert roofline.pair_count(cu, (1, 1)) == (2 + 3 + 3 + 3 + 2) + (2 + 3 + 2)
+
+
+def test_time_model_floor_and_max():
+    dev = roofline.Device("test", bandwidth=1e12, gemm=100e12, attention=50e12, attention_dense=100e12,
+                          floor=3e-6, source="test")
+    assert roofline.kernel_seconds("other", 1e3, 0, dev) == 3e-6  # tiny kernel: the floor
+    assert roofline.kernel_seconds("other", 1e9, 0, dev) == 1e-3  # bandwidth-bound
+    assert roofline.kernel_seconds("gemm", 1e9, 1e9, dev) == 1e-3  # bytes dominate
+    assert roofline.kernel_seconds("gemm", 1e3, 1e12, dev) == 1e-2  # FLOPs dominate
+    assert roofline.kernel_seconds("attention", 1e12, 1e12, dev) == 1 / 50
+
+
+def test_tiny_trace_has_positive_totals_and_the_categories():
+    cfg = ModelConfig.preset("cpu-tiny")
+    batch = packed_batch(cfg, 1024, "mlm")
+    kernels = roofline.trace_twinlm(cfg, batch)
+    mb = [k for k in kernels if k.phase != "optimizer"]
+    s = roofline.summarize(mb, roofline.DEVICES["h200"], int(batch["input_ids"].numel()))
+    assert s["total"]["bytes"] > 0 and s["total"]["flops"] > 0 and s["total"]["ms"] > 0
+    assert {"RoPE", "block GEMMs", "attention", "CE", "LayerNorm", "GeGLU"} <= set(s["categories"])
+    assert "other" not in s["categories"] or s["categories"]["other"]["bytes"] < 0.05 * s["total"]["bytes"]
+    attn = [k for k in mb if k.category == "attention"]
+    assert len(attn) == 2 * cfg.num_layers  # one kernel forward, one backward per layer
+    assert any(k.phase == "optimizer" for k in kernels)
