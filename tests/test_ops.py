@@ -115,3 +115,132 @@ def test_fused_cross_entropy_names_bad_labels():
         fused_linear_cross_entropy(h, w, b, torch.tensor([1, 50, IGNORE_INDEX, 3]))
     with pytest.raises(ValueError, match=r"expects h \(n, d\) and targets \(n,\)"):
         fused_linear_cross_entropy(h, w, b, torch.tensor([1, 2]))
+
+
+# --- RoPE: the stack-free rotation, its compiled form and its cost ------------------------------------------
+def _old_pair_rotation(x, rope, dtype):
+    """The formula qkv_rope used before the stack-free form: each pair (x0, x1) -> (x0·c − x1·s, x0·s + x1·c) in
+    fp32, stacked, cast back."""
+    x = x.float().unflatten(-1, (-1, 2))
+    x0, x1, c, s = x[..., 0], x[..., 1], rope[..., 0], rope[..., 1]
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2).to(dtype)
+
+
+def _rope_case(dtype, n=37, h=3, dh=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(n, 3, h, dh, generator=g) * 3).to(dtype).requires_grad_()
+    rope = rope_freqs(torch.randint(0, 8192, (n,), generator=g), rope_inv_freq(dh, 160_000.0))[:, 0]
+    up = [torch.randn(n, h, dh, generator=g).to(dtype) for _ in range(3)]
+    return qkv, rope, up
+
+
+def _rope_grads(fn, qkv, rope, up):
+    qkv.grad = None
+    out = fn(qkv, rope)
+    torch.autograd.backward(out, up)
+    return [o.detach() for o in out], qkv.grad.clone()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stack_free_rope_is_bit_identical_to_the_pair_formula(dtype):
+    """Values and gradients, eager and in the compiled form (`_qkv_rope_traced`, autograd's backward): the
+    same bits as the stacked pair formula; the gradient is the inverse rotation."""
+    from twinlm.ops import _qkv_rope_traced
+
+    qkv, rope, up = _rope_case(dtype)
+    ref_out = (_old_pair_rotation(qkv[:, 0], rope, dtype), _old_pair_rotation(qkv[:, 1], rope, dtype), qkv[:, 2])
+    inv = rope * torch.tensor([1.0, -1.0])
+    ref_grad = torch.stack((_old_pair_rotation(up[0], inv, dtype), _old_pair_rotation(up[1], inv, dtype), up[2]), 1)
+    for fn in (qkv_rope, _qkv_rope_traced):
+        out, grad = _rope_grads(fn, qkv, rope, up)
+        for ours, theirs in zip(out, ref_out):
+            assert torch.equal(ours, theirs.detach())
+        assert torch.equal(grad, ref_grad)
+
+
+def test_rope_compiles_to_one_graph_equal_to_eager():
+    qkv, rope, up = _rope_case(torch.bfloat16)
+    out_e, grad_e = _rope_grads(qkv_rope, qkv, rope, up)
+    torch._dynamo.reset()
+    compiled = torch.compile(qkv_rope, backend="aot_eager", fullgraph=True, dynamic=True)
+    out_c, grad_c = _rope_grads(compiled, qkv, rope, up)
+    torch._dynamo.reset()
+    for a, b in zip(out_c, out_e):
+        assert torch.equal(a, b)
+    assert torch.equal(grad_c, grad_e)
+
+
+def _aten_traffic(fn):
+    """(aten ops, bytes read + written) of fn() on fake tensors: views and metadata are free."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    free = {"view", "_unsafe_view", "slice", "select", "t", "transpose", "unsqueeze", "squeeze", "expand", "detach",
+            "alias", "unbind", "split", "as_strided", "empty", "empty_like", "new_empty", "empty_strided", "device",
+            "ones_like", "lift_fresh"}
+
+    def size(x):
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        return sum(size(y) for y in x) if isinstance(x, (list, tuple)) else 0
+
+    class Count(TorchDispatchMode):
+        ops = 0
+        bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ not in free:
+                inplace = func.overloadpacket.__name__.endswith("_")
+                Count.ops += 1
+                Count.bytes += size(list(args)) + size(list((kwargs or {}).values())) + (0 if inplace else size(out))
+            return out
+
+    with Count():
+        fn()
+    return Count.ops, Count.bytes
+
+
+def test_rope_eager_traffic_budget():
+    """Per layer, bf16 at 150M head shapes (12 x 64), fake tensors: forward + backward of the eager (CPU) form in
+    at most 30 aten ops and 205·d bytes per token (the stacked form took 40 ops and 211·d). A GPU runs the
+    compiled form even in eager code (`test_rope_under_inductor_is_three_kernels`)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    n, h, dh = 256, 12, 64
+    with FakeTensorMode():
+        qkv = torch.randn(n, 3, h, dh, dtype=torch.bfloat16, requires_grad=True)
+        rope = torch.randn(n, 1, dh // 2, 2)
+        grads = [torch.randn(n, h, dh, dtype=torch.bfloat16) for _ in range(3)]
+        ops_, bytes_ = _aten_traffic(lambda: torch.autograd.backward(qkv_rope(qkv, rope), grads))
+    assert ops_ <= 30 and bytes_ / n <= 205 * h * dh, (ops_, bytes_ / n / (h * dh))
+
+
+def test_rope_under_inductor_is_three_kernels():
+    """The compiled form, RoPE feeding an opaque attention op, on inductor's CPU backend: forward and backward
+    in 3 kernels (the stacked Function took 7) moving ≤ 20·d bytes per token (bf16, 12 x 64)."""
+    import torch._inductor.config as inductor_config
+
+    from twinlm.ops import _qkv_rope_traced
+
+    @torch.library.custom_op("twinlm_test::attn_stand_in", mutates_args=())
+    def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (q + k + v).contiguous()
+
+    attn.register_fake(lambda q, k, v: torch.empty_like(q))
+    attn.register_autograd(lambda ctx, g: (g, g, g), setup_context=lambda ctx, inputs, output: None)
+    kernels = []
+
+    def record(nodes):
+        kernels.extend(int(nd.get_read_write_buffers_sizes()) for nd in nodes
+                       if type(nd).__name__ not in ("NopKernelSchedulerNode", "ExternKernelSchedulerNode"))
+        return nodes
+
+    n, h, dh = 512, 12, 64
+    qkv = torch.randn(n, 3, h, dh, dtype=torch.bfloat16, requires_grad=True)
+    rope = rope_freqs(torch.arange(n), rope_inv_freq(dh, 10_000.0))[:, 0]
+    torch._dynamo.reset()
+    with inductor_config.patch(_post_fusion_custom_pass=record, fx_graph_cache=False):
+        fn = torch.compile(lambda a, r: attn(*_qkv_rope_traced(a, r)), fullgraph=True)
+        fn(qkv, rope).float().sum().backward()
+    torch._dynamo.reset()
+    assert len(kernels) <= 3 and sum(kernels) / n <= 20 * h * dh, (len(kernels), sum(kernels) / n / (h * dh))

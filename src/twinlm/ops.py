@@ -41,40 +41,73 @@ def host_reads_are_free(t: torch.Tensor) -> bool:
 
 # --------------------------------------------------------------------------------------------------
 # rotary embeddings on the fused attention input
+def _rope_factors(rope: torch.Tensor, inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[cos, sin] (..., Dh/2, 2) -> the per-pair factors (c (..., Dh/2, 1), (−s, s) (..., Dh/2, 2)) of `_rotate`;
+    (s, −s) for the inverse rotation."""
+    c, s = rope[..., :1], rope[..., 1:]
+    return c, (torch.cat((s, -s), -1) if inverse else torch.cat((-s, s), -1))
+
+
+def _rotate_f32(x: torch.Tensor, c: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """x (..., Dh) interleaved pairs, any float dtype -> rotated, fp32: y = x·(c, c) + swap(x)·(−s, s) per pair
+    (x0, x1), swap(x) = (x1, x0). Bit for bit the pair formula (x0·c − x1·s, x0·s + x1·c), since a − b = a + (−b)
+    and the sum commutes; pointwise and stack-free, so inductor fuses upcast, rotation and downcast into the one
+    kernel that reads x. A multiply and an add, not addcmul: the CPU's fused multiply-add rounds once and would
+    change the bits."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    return (xf * c + xf.flip(-1) * sign).flatten(-2)
+
+
 def _rotate(x: torch.Tensor, rope: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """x (..., head_dim) interleaved pairs, any float dtype; rope (..., head_dim/2, 2) [cos, sin]
-    -> x rotated (by minus the angle when `inverse`), fp32, contiguous."""
-    x = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = x[..., 0], x[..., 1]
-    c, s = rope[..., 0], rope[..., 1]
-    if inverse:
-        s = -s
-    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2)
+    """x (..., Dh) rotated by rope [cos, sin] (..., Dh/2, 2) (by minus the angle when `inverse`), in x's dtype."""
+    return _rotate_f32(x, *_rope_factors(rope, inverse)).to(x.dtype)
+
+
+def _qkv_rope_traced(qkv: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The form compiled code uses: plain ops on the packed tensor, the backward derived by autograd. Under
+    inductor the forward is one kernel writing q and k, and the backward one kernel writing the (N, 3, H, Dh)
+    gradient (the three slice gradients fused, never zero-filled); v goes to attention as a view of qkv."""
+    qk = _rotate(qkv[:, :2], rope[:, None])  # (N, 2, H, Dh): q and k in one pass
+    return qk[:, 0], qk[:, 1], qkv[:, 2]
 
 
 class _QKVRope(torch.autograd.Function):
-    """(N, 3, H, Dh) fused projection output -> rotated q, rotated k, v: three contiguous (N, H, Dh) tensors.
+    """Eager form: (N, 3, H, Dh) -> rotated q, rotated k, v, as contiguous (N, H, Dh) tensors.
 
-    One autograd node: the backward rotates the q/k gradients back and writes q, k and v gradients straight into
-    one (N, 3, H, Dh) tensor (no zero-filled slice gradients to add up).
+    A derived backward in eager would add three zero-filled (N, 3, H, Dh) slice gradients; this one writes the
+    q, k and v gradients straight into one (N, 3, H, Dh) tensor.
     """
 
     @staticmethod
     def forward(ctx, qkv, rope):
         ctx.save_for_backward(rope)
-        return (_rotate(qkv[:, 0], rope).to(qkv.dtype), _rotate(qkv[:, 1], rope).to(qkv.dtype),
+        c, sign = _rope_factors(rope)  # once for q and k
+        return (_rotate_f32(qkv[:, 0], c, sign).to(qkv.dtype), _rotate_f32(qkv[:, 1], c, sign).to(qkv.dtype),
                 qkv[:, 2].contiguous())
 
     @staticmethod
     def backward(ctx, g_q, g_k, g_v):
         (rope,) = ctx.saved_tensors
-        # one stack, no strided out= writes: dynamo traces it without a graph break
-        return torch.stack((_rotate(g_q, rope, inverse=True).to(g_v.dtype),
-                            _rotate(g_k, rope, inverse=True).to(g_v.dtype), g_v), 1), None
+        c, sign = _rope_factors(rope, inverse=True)
+        grad = torch.empty(g_q.shape[0], 3, *g_q.shape[1:], dtype=g_v.dtype, device=g_v.device)
+        grad[:, 0] = _rotate_f32(g_q, c, sign)  # the copy into the slice is the downcast
+        grad[:, 1] = _rotate_f32(g_k, c, sign)
+        grad[:, 2] = g_v
+        return grad, None
+
+
+_compiled_rope = None
 
 
 def qkv_rope(qkv: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, 3, H, Dh) fused q/k/v and (N, 1, Dh/2, 2) [cos, sin] rotations -> rotated q, rotated k, v (N, H, Dh)."""
+    global _compiled_rope
+    if torch.compiler.is_compiling():
+        return _qkv_rope_traced(qkv, rope)
+    if qkv.is_cuda:  # eager on a GPU: the compiled form, so RoPE is one kernel each way there too
+        if _compiled_rope is None:
+            _compiled_rope = torch.compile(_qkv_rope_traced, fullgraph=True, dynamic=True)
+        return _compiled_rope(qkv, rope)
     return _QKVRope.apply(qkv, rope)
 
 
