@@ -73,17 +73,19 @@ def test_fused_cross_entropy_chunks():
 
 
 @pytest.mark.parametrize("scale", [1.0, 3.0])
-@pytest.mark.parametrize("path", ["host", "accelerator"])
+@pytest.mark.parametrize("path", ["host", "accelerator", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_cross_entropy_matches_cross_entropy_on_both_paths(monkeypatch, path, dtype, scale):
-    """The accelerator's code (no host read; fp32 log-probabilities) and the CPU's (in-place softmax, repair of
-    rows whose target probability underflows) give F.cross_entropy's loss and gradients, in fp32 and under bf16
-    autocast (matmuls in bf16, softmax and sums in fp32; on the CPU too this runs the accelerator's branch),
-    for a unit loss gradient (the backward's shortcut) and another one."""
+    """The accelerator's code (no host read; the chunk body eager, or compiled as on CUDA: here with aot_eager)
+    and the CPU's (in-place softmax, repair of rows whose target probability underflows) give F.cross_entropy's
+    loss and gradients, in fp32 and under bf16 autocast (matmuls in bf16, softmax and sums in fp32; on the CPU
+    too this runs the accelerator's branch), for a unit loss gradient (the backward's shortcut) and another one."""
     from twinlm import ops
 
-    if path == "accelerator":
+    if path != "host":
         monkeypatch.setattr(ops, "host_reads_are_free", lambda t: False)
+    if path == "compiled":
+        monkeypatch.setitem(ops._CE_BODY_COMPILED_ON, "cpu", "aot_eager")
     g = torch.Generator().manual_seed(0)
     h = torch.randn(41, 16, generator=g)
     w = torch.randn(300, 16, generator=g) * 2  # wide logits: confident and very wrong rows
@@ -244,3 +246,98 @@ def test_rope_under_inductor_is_three_kernels():
         fn(qkv, rope).float().sum().backward()
     torch._dynamo.reset()
     assert len(kernels) <= 3 and sum(kernels) / n <= 20 * h * dh, (len(kernels), sum(kernels) / n / (h * dh))
+
+
+# --- fused CE: the compiled chunk body --------------------------------------------------------------------------
+def _ce_case(dtype, n=70, v=500, d=24, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g)
+    w = torch.randn(v, d, generator=g) * 2
+    b = torch.randn(v, generator=g)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[::7] = IGNORE_INDEX
+    b[t[1]] = -300.0  # a target whose probability underflows in fp32
+    return h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), t
+
+
+def _ce_loss_grads(fn, h, w, b, t):
+    for x in (h, w, b):
+        x.grad = None
+    loss = fn(h, w, b, t)
+    (loss * 2.5).backward()
+    return loss.detach(), [x.grad.clone() for x in (h, w, b)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_chunk_body_matches_the_eager_one_and_the_reference(monkeypatch, dtype):
+    """The CUDA body (compiled with inductor, here its CPU backend) against the eager body and against
+    F.cross_entropy(F.linear(...)) in fp32: loss and the three gradients, ignore_index and an underflowing row,
+    a loss gradient of 2.5, several chunks with a short last one."""
+    from twinlm import ops
+
+    h, w, b, t = _ce_case(dtype)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+    def fused(*a):
+        with amp:
+            return fused_linear_cross_entropy(*a, chunk_rows=32)
+
+    monkeypatch.setattr(ops, "host_reads_are_free", lambda t: False)
+    eager = _ce_loss_grads(fused, h, w, b, t)
+    monkeypatch.setitem(ops._CE_BODY_COMPILED_ON, "cpu", "inductor")
+    torch._dynamo.reset()
+    compiled = _ce_loss_grads(fused, h, w, b, t)
+    torch._dynamo.reset()
+    ref = _ce_loss_grads(lambda *a: F.cross_entropy(F.linear(*(x.to(dtype) for x in a[:3])).float(), a[3]),
+                         h, w, b, t)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for ours in (eager, compiled):
+        torch.testing.assert_close(ours[0], ref[0], atol=1e-4, rtol=1e-5)
+        for a, r in zip(ours[1], ref[1]):
+            torch.testing.assert_close(a, r, **tol)
+    # the two bodies differ only in rounding order
+    torch.testing.assert_close(compiled[0], eager[0], atol=1e-5, rtol=1e-6)
+    for a, r in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, r, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-3)
+
+
+def test_compiled_chunk_body_inside_a_compiled_caller(monkeypatch):
+    """The op stays one opaque node of a fullgraph compile while its body is itself compiled at run time."""
+    from twinlm import ops
+
+    monkeypatch.setattr(ops, "host_reads_are_free", lambda t: False)
+    monkeypatch.setitem(ops._CE_BODY_COMPILED_ON, "cpu", "aot_eager")
+    h, w, b, t = _ce_case(torch.float32)
+    eager = _ce_loss_grads(lambda *a: fused_linear_cross_entropy(*a, chunk_rows=32), h, w, b, t)
+    torch._dynamo.reset()
+    outer = torch.compile(lambda *a: fused_linear_cross_entropy(*a, chunk_rows=32), backend="aot_eager",
+                          fullgraph=True)
+    compiled = _ce_loss_grads(outer, h, w, b, t)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled[0], eager[0])
+    for a, r in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, r)
+
+
+def test_compiled_chunk_body_kernels_and_bytes():
+    """Inductor (CPU backend) turns the chunk body into at most 4 kernels moving at most 10 bytes per logit
+    element with bf16 logits (the eager accelerator code: 11 passes, ~36 bytes, counted on fake tensors)."""
+    import torch._inductor.config as inductor_config
+
+    from twinlm.ops import _ce_chunk_body
+
+    kernels = []
+
+    def record(nodes):
+        kernels.extend(int(nd.get_read_write_buffers_sizes()) for nd in nodes
+                       if type(nd).__name__ not in ("NopKernelSchedulerNode", "ExternKernelSchedulerNode"))
+        return nodes
+
+    rows, v = 256, 4096
+    logits = torch.randn(rows, v).to(torch.bfloat16)
+    target = torch.randint(0, v, (rows,))
+    torch._dynamo.reset()
+    with inductor_config.patch(_post_fusion_custom_pass=record, fx_graph_cache=False):
+        torch.compile(_ce_chunk_body, fullgraph=True)(logits, target, target > 5, torch.tensor(0.01))
+    torch._dynamo.reset()
+    assert len(kernels) <= 4 and sum(kernels) / (rows * v) <= 10.1, (len(kernels), sum(kernels) / (rows * v))
