@@ -53,6 +53,18 @@ def test_geglu_matches_gelu_times_gate(dtype):
     torch.testing.assert_close(grad, x.grad)
 
 
+def test_geglu_compiled_takes_the_plain_form_with_the_same_values_and_gradients():
+    x = torch.randn(9, 2 * 16, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    up = torch.randn(9, 16, generator=torch.Generator().manual_seed(2))
+    eager = geglu(x)
+    (eager * up).sum().backward()
+    grad, x.grad = x.grad.clone(), None
+    compiled = torch.compile(geglu, fullgraph=True, backend="aot_eager")(x)
+    (compiled * up).sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, grad, rtol=1e-6, atol=1e-7)
+
+
 def test_fused_cross_entropy_chunks():
     h = torch.randn(37, 8, requires_grad=True)
     w = torch.randn(50, 8, requires_grad=True)
