@@ -156,14 +156,14 @@ def test_foreach_update_equals_the_per_tensor_loop_bitwise(flag):
         assert torch.equal(p.detach(), r)
 
 
-def _run(steps_grads, flag=None, skip_at=(), dtype=torch.float32, device="cpu"):
+def _run(steps_grads, flag=None, skip_at=(), dtype=torch.float32, device="cpu", compile=False):
     """StableAdamW over four tensors in two groups for the given gradients; `flag`: pass found_inf (1 at the
     steps in `skip_at`, else 0)."""
     g = torch.Generator().manual_seed(1)
     shapes = [(7, 5), (5,), (3, 4, 2), (11,)]
     ps = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype).to(device)) for s in shapes]
     opt = StableAdamW([{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.0}], lr=1e-2, weight_decay=0.1,
-                      peak_lr=2e-2)
+                      peak_lr=2e-2, compile=compile)
     for i, grads in enumerate(steps_grads):
         for p, gr in zip(ps, grads):
             p.grad = gr.to(device=device, dtype=dtype, copy=True)
@@ -200,12 +200,13 @@ def test_a_zero_skip_flag_gives_bitwise_the_update_without_one(dtype):
 def test_a_set_skip_flag_is_an_exact_no_op_even_with_nan_gradients():
     grads = _grads(5, bad={2})
     ps, opt = _run(grads[:2], flag=True)
-    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in ps}
     for p, gr in zip(ps, grads[2]):
         p.grad = gr.clone()
-    with torch.no_grad():
-        ps[1][2] = -0.0  # every bit: a negative zero keeps its sign
+    with torch.no_grad():  # every bit: negative zeros keep their sign
+        ps[1][2] = -0.0
+        opt.state[ps[1]]["exp_avg"][3] = -0.0
     before = [p.detach().clone() for p in ps]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in ps}
     opt.step(found_inf=torch.tensor(1.0))
     for p, b in zip(ps, before):
         assert torch.equal(_bits(p), _bits(b))
@@ -436,3 +437,34 @@ def test_a_step_costs_a_fixed_number_of_multi_tensor_ops_and_one_sum_per_tensor(
     assert per_tensor == expected
     fixed = sum(few.values()) - 4 * sum(expected.values())
     assert fixed <= (52 if flag else 28) * 2  # per group; 2 groups
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_the_compiled_update_follows_the_eager_one_and_never_recompiles_for_the_lr(flag):
+    """compile= runs each group's update as one graph (here through aot_eager: the same aten ops, no C++
+    compiler); 6 steps with a new LR each time, a clipping step and (flagged) a skipped step with NaN gradients:
+    close to the eager update, the skip exact, and no graph after the first step's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    skips = {3} if flag else set()
+    grads = _grads(6, bad=skips)
+    eager, eager_opt = _run([], flag=flag)
+    compiled, compiled_opt = _run([], flag=flag, compile=counter)
+    frames = []
+    for i, grs in enumerate(grads):
+        for opt, ps in ((eager_opt, eager), (compiled_opt, compiled)):
+            for grp in opt.param_groups:
+                grp["lr"] = 1e-2 * (1 - 0.15 * i)
+            for p, gr in zip(ps, grs):
+                p.grad = gr.clone()
+            before = [p.detach().clone() for p in ps]
+            opt.step(found_inf=torch.tensor(float(i in skips)) if flag else None)
+            if i in skips:
+                assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before))
+        frames.append(counter.frame_count)
+        for a, b in zip(eager, compiled):
+            torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
+    assert frames[0] > 0 and set(frames) == {frames[0]}  # no recompile as the LR (or a skip) changes
+    assert all(float(compiled_opt.state[p]["step"]) == 6 - len(skips) for p in compiled)

@@ -19,7 +19,8 @@ tensor with fewer than two dimensions) in a group without decay.
 The update is a fixed sequence of multi-tensor (`torch._foreach_*`) operations per parameter group (per
 device and dtype within it), whatever the number of tensors, plus one `sum` per tensor for the clipping
 statistic and, with a skip flag, one `where` per tensor that zeroes the gradient (below): 2 ops per tensor
-and ~30 per group, where the per-tensor loop this replaced issued 11 per tensor. Per element it performs
+and about 50 per group (1 and 26 without a flag), where the per-tensor loop this replaced issued 11 per
+tensor (1,517 ops per step at 150M with a flag, now 374). Per element it performs
 the operations of the per-tensor form above in the same order (lerp; ×β2 then addcmul; ÷(1−β2^t);
 g·g ÷ max(v̂, ε²), summed; √v̂ + ε; p·(1 − η·λ/η_peak); m̂ ÷ (√v̂ + ε) · η subtracted), so on the CPU its
 result is bitwise that of the earlier implementation (tests/test_train_optim.py keeps a copy of it). The
@@ -46,12 +47,11 @@ Skipping on the device: `step(found_inf=flag)` takes a 0-d tensor (as torch's fu
 nonzero the update is exactly a no-op (parameters, exp_avg, exp_avg_sq and the step count keep their bits),
 decided on the device with no host read. The flag is the caller's (train/step.py: the global loss is not
 finite). How: the gradient is replaced by zeros with a select (`where`, so NaN/Inf never reach the
-arithmetic), and the per-tensor factors are selected so that each operation is an identity: lerp weight 0
-(m + 0·(0 − m) = m), β2 → 1 (v·1 + 0 = v), decay factor 1, η 0, and the update gets z added, z = −0.0 when
-the step is kept (x + (−0) = x for every x, the sign of a zero included) and +0.0 when skipped (±0 + (+0) =
-+0, and p − (+0) = p, even for p = −0). The bias corrections of a skipped first step (t = 0, 1 − β^0 = 0)
-use t = 1 so that the unused update stays finite. One corner is not exact: an exp_avg entry of −0.0 would
-come back +0.0 (m + (+0)); with β1 > 0.5 (every recipe) the lerp never produces −0.0 from a +0.0 start.
+arithmetic), and the per-tensor factors are selected so that each operation is an identity, signs of zeros
+included: lerp weight −0.0 (m + (−0)·(0 − m) = m, even for m = −0), β2 → 1 (v·1 + 0 = v; v is never −0),
+decay factor 1, η 0, and the update gets z added, z = −0.0 when the step is kept (x + (−0) = x for every x)
+and +0.0 when skipped (±0 + (+0) = +0, and p − (+0) = p, even for p = −0). The bias corrections of a skipped
+first step (t = 0, 1 − β^0 = 0) use t = 1 so that the discarded update stays finite.
 
 The step count t is `state["step"]`, a 0-d float32 tensor (checkpoints save it as such). Without a flag and
 with the count on the host (a fresh state, or one restored from a checkpoint) the bias corrections are
@@ -86,6 +86,13 @@ class StableAdamW(torch.optim.Optimizer):
         self._compile = compile
         self._compiled: Callable[..., None] | None = None
         self._lr_tensors: dict[torch.device, torch.Tensor] = {}  # the 0-d learning rate, per device
+
+    def __setstate__(self, state: dict) -> None:
+        """An unpickled copy (torch's Optimizer pickles defaults, state and groups only) runs eager."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("_compile", False)
+        self.__dict__.setdefault("_compiled", None)
+        self.__dict__.setdefault("_lr_tensors", {})
 
     @torch.no_grad()
     def step(self, closure=None, *, found_inf: torch.Tensor | None = None):
@@ -155,7 +162,7 @@ class StableAdamW(torch.optim.Optimizer):
                                       peak_lr=group["peak_lr"], numels=[float(p.numel()) for p in params])
         if compiled:
             if self._compiled is None:
-                backend = "inductor" if self._compile is True else self._compile
+                backend = "inductor" if self._compile is True else cast("str | Callable", self._compile)
                 self._compiled = cast("Callable[..., None]",
                                       torch.compile(_update, fullgraph=True, dynamic=False, backend=backend))
             self._compiled(ps, gs, ms, vs, steps, lr, skip, None, None, **kwargs)
@@ -204,7 +211,8 @@ def _update(ps: list[torch.Tensor], gs: list[torch.Tensor], ms: list[torch.Tenso
         zero, one = torch.zeros((), dtype=like.dtype, device=like.device), torch.ones_like(lr, dtype=like.dtype)
         # zeros where skipped, selected (never multiplied: NaN·0 is NaN); also ours to overwrite below
         gs = [torch.where(skip, zero, g) for g in gs]
-        torch._foreach_lerp_(ms, gs, [torch.where(skip, zero, 1 - beta1)] * n)
+        # weight −0, not +0: m + (−0)·(0 − m) is m even for m = −0 (an underflow can leave one there)
+        torch._foreach_lerp_(ms, gs, [torch.where(skip, torch.neg(zero), 1 - beta1)] * n)
         torch._foreach_mul_(vs, torch.where(skip, one, beta2))
     else:
         torch._foreach_lerp_(ms, gs, 1 - beta1)
