@@ -18,9 +18,11 @@ tensor with fewer than two dimensions) in a group without decay.
 
 The update is a fixed sequence of multi-tensor (`torch._foreach_*`) operations per parameter group (per
 device and dtype within it), whatever the number of tensors, plus one `sum` per tensor for the clipping
-statistic and, with a skip flag, one `where` per tensor that zeroes the gradient (below): 2 ops per tensor
-and about 50 per group (1 and 26 without a flag), where the per-tensor loop this replaced issued 11 per
-tensor (1,517 ops per step at 150M with a flag, now 374). Per element it performs
+statistic and, with a skip flag, one `where` per tensor that zeroes the gradient (below): with a flag 2 ops
+per tensor and about 50 per group, without one 1 per tensor (plus the host count's read) and 26 per group,
+where the per-tensor loop this replaced issued 11 per tensor (at 150M with a flag: 1,517 aten ops per step,
+now 376). Eager, every operation still reads and writes whole tensors: 144 bytes per parameter with a flag
+(168 before), 136 without (136 before), counted as the aten ops' reads and writes. Per element it performs
 the operations of the per-tensor form above in the same order (lerp; ×β2 then addcmul; ÷(1−β2^t);
 g·g ÷ max(v̂, ε²), summed; √v̂ + ε; p·(1 − η·λ/η_peak); m̂ ÷ (√v̂ + ε) · η subtracted), so on the CPU its
 result is bitwise that of the earlier implementation (tests/test_train_optim.py keeps a copy of it). The
@@ -131,6 +133,8 @@ class StableAdamW(torch.optim.Optimizer):
             self._part_step(group, part, found_inf)
 
     def _part_step(self, group: dict, params: list[torch.Tensor], found_inf: torch.Tensor | None) -> None:
+        """The update of `params` (one device and dtype of `group`): the counts where they live, the
+        learning rate as a 0-d tensor, then `_update`, eager or compiled."""
         beta1, beta2 = group["betas"]
         states = [self.state[p] for p in params]
         ms = [_local(st["exp_avg"]) for st in states]
