@@ -1,9 +1,11 @@
 """StableAdamW against a hand computation and a copy of its earlier math; its device-side skip; schedules' numbers."""
 
+import collections
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from twinlm.train.optim import StableAdamW, param_groups
 from twinlm.train.schedule import batch_size, lr_multiplier
@@ -154,14 +156,14 @@ def test_foreach_update_equals_the_per_tensor_loop_bitwise(flag):
         assert torch.equal(p.detach(), r)
 
 
-def _run(steps_grads, flag=None, skip_at=(), dtype=torch.float32, device="cpu"):
+def _run(steps_grads, flag=None, skip_at=(), dtype=torch.float32, device="cpu", compile=False):
     """StableAdamW over four tensors in two groups for the given gradients; `flag`: pass found_inf (1 at the
     steps in `skip_at`, else 0)."""
     g = torch.Generator().manual_seed(1)
     shapes = [(7, 5), (5,), (3, 4, 2), (11,)]
     ps = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype).to(device)) for s in shapes]
     opt = StableAdamW([{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.0}], lr=1e-2, weight_decay=0.1,
-                      peak_lr=2e-2)
+                      peak_lr=2e-2, compile=compile)
     for i, grads in enumerate(steps_grads):
         for p, gr in zip(ps, grads):
             p.grad = gr.to(device=device, dtype=dtype, copy=True)
@@ -198,15 +200,18 @@ def test_a_zero_skip_flag_gives_bitwise_the_update_without_one(dtype):
 def test_a_set_skip_flag_is_an_exact_no_op_even_with_nan_gradients():
     grads = _grads(5, bad={2})
     ps, opt = _run(grads[:2], flag=True)
-    before = [p.detach().clone() for p in ps]
-    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in ps}
     for p, gr in zip(ps, grads[2]):
         p.grad = gr.clone()
+    with torch.no_grad():  # every bit: negative zeros keep their sign
+        ps[1][2] = -0.0
+        opt.state[ps[1]]["exp_avg"][3] = -0.0
+    before = [p.detach().clone() for p in ps]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in ps}
     opt.step(found_inf=torch.tensor(1.0))
     for p, b in zip(ps, before):
-        assert torch.equal(p.detach(), b)
+        assert torch.equal(_bits(p), _bits(b))
         for k, v in opt.state[p].items():
-            assert torch.equal(v, state[id(p)][k]), k
+            assert torch.equal(_bits(v), _bits(state[id(p)][k])), k
     # the skipped step left no trace: the rest of the run equals one that never saw it
     ref, _ = _run(grads[:2] + grads[3:], flag=True)
     out, o = _run(grads, flag=True, skip_at={2})
@@ -261,3 +266,205 @@ def test_on_cuda_the_skip_is_exact_on_the_device_and_a_zero_flag_keeps_the_updat
     plain, _ = _run(grads[:2] + grads[3:], device="cuda")  # host step counts, as before the flag
     for a, b in zip(plain, ref):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+
+
+class _EarlierStableAdamW(torch.optim.Optimizer):
+    """The update as it was before the multi-tensor rewrite (commit f2d6b51, one process, no shards): the
+    per-tensor `where`/`masked_fill` skip and a per-tensor loop for the clip. The rewrite must equal it bitwise
+    on the CPU, flag or not, skipped or not."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0, peak_lr=None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      peak_lr=lr if peak_lr is None else peak_lr))
+
+    @torch.no_grad()
+    def step(self, found_inf=None):
+        for group in self.param_groups:
+            self._group_step(group, found_inf)
+
+    def _group_step(self, group, found_inf):
+        beta1, beta2 = group["betas"]
+        eps, lr, wd, peak = group["eps"], group["lr"], group["weight_decay"], group["peak_lr"]
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                where = p.device if found_inf is not None else "cpu"
+                state["step"] = torch.zeros((), dtype=torch.float32, device=where)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+        states = [self.state[p] for p in params]
+        ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+        gs, ps = [p.grad for p in params], [p.detach() for p in params]
+        skip = None if found_inf is None else found_inf.ne(0)
+        steps = [st["step"] for st in states]
+        if skip is None and all(t.device.type == "cpu" for t in steps):
+            torch._foreach_add_(steps, 1)
+            bc1 = [1 - beta1 ** float(t) for t in steps]
+            bc2 = [1 - beta2 ** float(t) for t in steps]
+        else:
+            if skip is None:
+                torch._foreach_add_(steps, 1)
+            else:
+                torch._foreach_add_(steps, [(~skip).to(torch.float32)] * len(steps))
+
+            def corrections(beta):
+                out = torch._foreach_pow(beta, list(torch.stack(steps).double().unbind()))
+                torch._foreach_neg_(out)
+                torch._foreach_add_(out, 1)
+                return out
+
+            bc1, bc2 = corrections(beta1), corrections(beta2)
+        if skip is None:
+            torch._foreach_lerp_(ms, gs, 1 - beta1)
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+            v_new = vs
+        else:
+            v_new = torch._foreach_mul(vs, beta2)
+            torch._foreach_addcmul_(v_new, gs, gs, value=1 - beta2)
+        v_hat = torch._foreach_div(v_new, bc2)
+        if skip is not None:
+            for s, n in zip(vs, v_new):
+                torch.where(skip, s, n, out=s)
+        ratio = torch._foreach_div(torch._foreach_mul(gs, gs), torch._foreach_clamp_min(v_hat, eps * eps))
+        etas = [lr / torch.clamp(r.mean().sqrt(), min=1.0) for r in ratio]
+        if wd != 0 and peak > 0:
+            shrink = [1 - eta * (wd / peak) for eta in etas]
+            if skip is not None:
+                shrink = [torch.where(skip, 1.0, f) for f in shrink]
+            torch._foreach_mul_(ps, shrink)
+        torch._foreach_sqrt_(v_hat)
+        torch._foreach_add_(v_hat, eps)
+        if skip is None:
+            update = torch._foreach_div(ms, bc1)
+        else:
+            m_new = torch._foreach_lerp(ms, gs, 1 - beta1)
+            update = torch._foreach_div(m_new, bc1)
+            for s, n in zip(ms, m_new):
+                torch.where(skip, s, n, out=s)
+        torch._foreach_div_(update, v_hat)
+        torch._foreach_mul_(update, etas)
+        if skip is not None:
+            for u in update:
+                u.masked_fill_(skip, 0.0)
+        torch._foreach_sub_(ps, update)
+
+
+_SHAPES = [(7, 5), (5,), (3, 4, 2), (11,), (300, 70), (1,)]
+
+
+def _both(cls_kwargs, dtype, lrs, grads, skips, flag, host_counts_at=None):
+    """The rewrite and the earlier update side by side over the same gradients; `host_counts_at`: a step after
+    which both states' counts are replaced by host float32 tensors (as a checkpoint restores them)."""
+    g = torch.Generator().manual_seed(3)
+    init = [torch.randn(s, generator=g, dtype=dtype) for s in _SHAPES]
+    out = []
+    for cls in (StableAdamW, _EarlierStableAdamW):
+        ps = [torch.nn.Parameter(x.clone()) for x in init]
+        opt = cls([{"params": ps[:3]}, {"params": ps[3:], "weight_decay": 0.0}], **cls_kwargs)
+        for i, (lr, grs) in enumerate(zip(lrs, grads)):
+            for grp in opt.param_groups:
+                grp["lr"] = lr
+            for p, gr in zip(ps, grs):
+                p.grad = gr.to(dtype=dtype, copy=True)
+            opt.step(found_inf=torch.tensor(float(i in skips)) if flag else None)
+            if i == host_counts_at:
+                for p in ps:
+                    opt.state[p]["step"] = torch.tensor(float(opt.state[p]["step"]), dtype=torch.float32)
+        out.append((ps, opt))
+    return out
+
+
+def _bits(t):
+    return t.detach().view(torch.int64 if t.dtype == torch.float64 else torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["plain", "flag", "skips", "skip_first", "host_counts"])
+def test_the_multi_tensor_update_equals_the_earlier_one_bitwise(dtype, case):
+    """Parameters and every state tensor, bit for bit (signs of zeros included), over 6 steps with a changing
+    LR, a clipping step, weight decay on one group only, and NaN/Inf gradients on the skipped steps."""
+    g = torch.Generator().manual_seed(4)
+    skips = {"skips": {2, 4}, "skip_first": {0}}.get(case, set())
+    grads = []
+    for i in range(6):
+        grs = [torch.randn(s, generator=g) * (30.0 if i == 1 else 1.0) for s in _SHAPES]
+        if i in skips:
+            grs[0][0, 0], grs[2][1, 1, 1], grs[4][3, 3] = float("nan"), float("inf"), -float("inf")
+        grads.append(grs)
+    lrs = [1e-2 * (1 - 0.13 * i) for i in range(6)]
+    (ours, o1), (ref, o2) = _both(dict(lr=1e-2, weight_decay=0.1, peak_lr=2e-2), dtype, lrs, grads, skips,
+                                  flag=case != "plain", host_counts_at=2 if case == "host_counts" else None)
+    for a, b in zip(ours, ref):
+        assert torch.equal(_bits(a), _bits(b))
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(_bits(o1.state[a][key]), _bits(o2.state[b][key])), key
+        assert torch.equal(o1.state[a]["step"].cpu(), o2.state[b]["step"].cpu())
+
+
+class _OpCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace != "prim":  # metadata queries, not kernels
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_step(n_tensors, flag):
+    ps = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(n_tensors)]
+    opt = StableAdamW([{"params": ps[: n_tensors // 2]}, {"params": ps[n_tensors // 2:], "weight_decay": 0.0}],
+                      lr=1e-3, weight_decay=0.1)
+    for _ in range(2):  # the second step: the state exists
+        for p in ps:
+            p.grad = torch.randn(4, 3)
+        with _OpCount() as count:
+            opt.step(found_inf=torch.zeros(()) if flag else None)
+    return count.ops
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_a_step_costs_a_fixed_number_of_multi_tensor_ops_and_one_sum_per_tensor(flag):
+    """The op budget (the per-tensor loop this replaced issued 11 ops per tensor): per tensor one `sum` (the
+    clip's statistic), with a skip flag one `where` (the gradient's select), and without one a host read of the
+    count (the bias corrections are host floats then); everything else is per group."""
+    few, many = _ops_per_step(4, flag), _ops_per_step(40, flag)
+    per_tensor = {k: (many[k] - few[k]) / 36 for k in many if many[k] != few[k]}
+    expected = {"sum": 1, "where": 1} if flag else {"sum": 1, "_local_scalar_dense": 1}
+    assert per_tensor == expected
+    fixed = sum(few.values()) - 4 * sum(expected.values())
+    assert fixed <= (52 if flag else 28) * 2  # per group; 2 groups
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_the_compiled_update_follows_the_eager_one_and_never_recompiles_for_the_lr(flag):
+    """compile= runs each group's update as one graph (here through aot_eager: the same aten ops, no C++
+    compiler); 6 steps with a new LR each time, a clipping step and (flagged) a skipped step with NaN gradients:
+    close to the eager update, the skip exact, and no graph after the first step's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    skips = {3} if flag else set()
+    grads = _grads(6, bad=skips)
+    eager, eager_opt = _run([], flag=flag)
+    compiled, compiled_opt = _run([], flag=flag, compile=counter)
+    frames = []
+    for i, grs in enumerate(grads):
+        for opt, ps in ((eager_opt, eager), (compiled_opt, compiled)):
+            for grp in opt.param_groups:
+                grp["lr"] = 1e-2 * (1 - 0.15 * i)
+            for p, gr in zip(ps, grs):
+                p.grad = gr.clone()
+            before = [p.detach().clone() for p in ps]
+            opt.step(found_inf=torch.tensor(float(i in skips)) if flag else None)
+            if i in skips:
+                assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before))
+        frames.append(counter.frame_count)
+        for a, b in zip(eager, compiled):
+            torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
+    assert frames[0] > 0 and set(frames) == {frames[0]}  # no recompile as the LR (or a skip) changes
+    assert all(float(compiled_opt.state[p]["step"]) == 6 - len(skips) for p in compiled)
