@@ -73,6 +73,24 @@ BUDGET = {"env": 30, "pytest": 90, "attn": 50, "model": 25, "evaltracks": 45, "s
           "bench": 210, "profile": 90, "train": 150, "compile": 90, "targets": 150, "graphs": 120}
 GROUPS = {"speed": ["bench", "graphs", "targets"]}  # 480 s
 CPU_BUDGET = 400  # per section with --cpu (a loaded 2-core machine)
+# bench/roofline.py's predictions for the configurations these sections time (`roofline.py --gpu-check`), put
+# beside each measurement so that the roofline is checked (and refitted) whenever a GPU runs this
+PREDICTIONS = ROOT / "bench" / "roofline_predictions.json"
+ROOFLINE_CARDS = {"NVIDIA H100 80GB HBM3": "h100", "NVIDIA H200": "h200"}  # the cards the roofline has constants for
+
+
+def predicted(preset: str, objective: str, tokens: int, compiled: bool) -> dict:
+    """{"predicted_tok_s": …} from PREDICTIONS for this card and configuration, or {} when there is none."""
+    card = ROOFLINE_CARDS.get(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
+    if card is None or not PREDICTIONS.exists():
+        return {}
+    model = "twinlm (compiled blocks)" if compiled else "twinlm"
+    for entry in json.loads(PREDICTIONS.read_text()):
+        if (entry["device"]["name"], entry["preset"], entry["objective"]) == (card, preset, objective) \
+                and model in entry["models"] and entry["models"][model]["micro_batch_tokens"] == tokens:
+            return {"predicted_tok_s": round(entry["models"][model]["predicted"]["tok_s"]),
+                    "predicted_by": "bench/roofline.py"}
+    return {}
 SECTIONS = list(BUDGET)
 
 
@@ -317,7 +335,7 @@ class Check:
             torch.cuda.reset_peak_memory_stats()
         s = self.timed(step, steps=2 if self.cpu else 6,
                        warmup=(1 if self.cpu else 2) + compiled)  # + the compiling step
-        row.update(step_s=round(s, 4), tok_s=round(ntok / s))
+        row.update(step_s=round(s, 4), tok_s=round(ntok / s), **predicted(preset, objective, tokens, compiled))
         if self.dev.type == "cuda":
             row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         matmul = sum(p.numel() for p in m.parameters() if p.dim() == 2)

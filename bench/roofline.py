@@ -3,6 +3,7 @@
     python bench/roofline.py --preset ettin-150m --objective mlm [--tokens 32768] [--compile]
                              [--device h200|h100] [--json OUT] [--no-transformers] [--calibrate]
     python bench/roofline.py --calibrate      # refit the H200's bandwidth B to the measured step (MEASURED)
+    python bench/roofline.py --gpu-check      # predict what bench/gpu_check.py times -> roofline_predictions.json
 
 What it counts (nothing runs on a GPU; nothing here is a measurement of one):
 
@@ -822,7 +823,8 @@ def run(args) -> dict:
     for name, (mbk, optk, ntok, what) in models.items():
         s_mb, s_opt = summarize(mbk, dev, ntok), summarize(optk, dev, ntok)
         pred = predict(s_mb, s_opt, ntok, args.accum)
-        entry = {"tokens": ntok, "batch": what, "micro_batch": s_mb, "optimizer": s_opt, "predicted": pred}
+        entry = {"tokens": ntok, "micro_batch_tokens": args.tokens, "batch": what, "micro_batch": s_mb,
+                 "optimizer": s_opt, "predicted": pred}
         key = (args.device, args.preset, args.objective, "transformers" if name == "transformers" else "twinlm")
         if key in MEASURED and "compiled" not in name:
             tok_s, source, k = MEASURED[key]
@@ -893,6 +895,26 @@ def calibrate() -> float:
     return _bisect(tps, tok_s, 0.3e12, 20e12)
 
 
+# what bench/gpu_check.py times with twinlm's trainer step (sections step, targets, graphs): (preset, objective,
+# micro-batch tokens); `--gpu-check` predicts each, eager and with compiled blocks, for every card in DEVICES
+GPU_CHECK_CONFIGS = [("ettin-150m", "mlm", 32768), ("ettin-150m", "clm", 32768), ("ettin-17m", "mlm", 65536),
+                     ("ettin-17m", "mlm", 16384)]
+GPU_CHECK_FILE = Path(__file__).with_name("roofline_predictions.json")
+
+
+def gpu_check_predictions(args) -> list[dict]:
+    """Every GPU_CHECK_CONFIGS entry on every card of DEVICES, twinlm eager and with compiled blocks."""
+    out = []
+    for preset, objective, tokens in GPU_CHECK_CONFIGS:
+        for device in sorted(DEVICES):
+            one = argparse.Namespace(**{**vars(args), "preset": preset, "objective": objective, "tokens": tokens,
+                                        "device": device, "compile": True, "no_transformers": True})
+            result = run(one)
+            print(report(result), flush=True)
+            out.append(result)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="ettin-150m")
@@ -906,11 +928,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the full result here (gpu_check can put it beside "
                                                 "its measurements)")
     p.add_argument("--calibrate", action="store_true", help="fit the H200's bandwidth B and print it")
+    p.add_argument("--gpu-check", action="store_true",
+                   help=f"predict what bench/gpu_check.py times, on every card, into {GPU_CHECK_FILE.name}")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.calibrate:
         print(f"H200 bandwidth B fitted to {MEASURED[CALIBRATION_KEY][0]:,} tok/s: {calibrate() / 1e12:.3f} TB/s "
               f"(set H200_BANDWIDTH)")
+        return 0
+    if args.gpu_check:
+        GPU_CHECK_FILE.write_text(json.dumps(gpu_check_predictions(args), indent=1) + "\n")
+        print(f"wrote {GPU_CHECK_FILE}")
         return 0
     result = run(args)
     print(report(result))

@@ -40,7 +40,7 @@ for the latest checkpoint and broadcasts it):
   4. The model: the checkpoint's weights; or the `init_from` model read by the checks, converted in memory
      (twinlm.convert `as_kind`; nothing is written for it); or fresh, initialised from the recipe's seed.
      On the device; a fresh or converted model takes the first phase's RoPE θ.
-  5. Parallelisation (train/dist.py), the optimizer (StableAdamW), the TrainStep.
+  5. Parallelisation (train/dist.py), the optimizer (StableAdamW; compiled with `compile` on CUDA), the TrainStep.
   6. On resume: the trainer's state, the callbacks' states, the optimizer state and this rank's RNG.
 """
 
@@ -389,8 +389,10 @@ def open_run(checked: Checked, *, step_class: type[TrainStep] = TrainStep) -> Ru
                                param_dtype=dist.compute_dtype(recipe.precision, env), static_shapes=static,
                                cuda_graphs=recipe.cuda_graphs)
     o = recipe.optim
+    # with `compile` on an accelerator the update's foreach ops are compiled too (a few fused kernels instead of
+    # full passes per op); on the CPU they stay eager, bitwise today's update
     optimizer = build_optimizer(dist.unwrap(wrapped), lr=o.lr, betas=o.betas, eps=o.eps,
-                                weight_decay=o.weight_decay)
+                                weight_decay=o.weight_decay, compile=recipe.compile and env.device.type == "cuda")
     step = step_class(wrapped, optimizer, env, objective=recipe.objective, seed=recipe.seed, lr=o.lr,
                       precision=recipe.precision, static_shapes=static,
                       vocab_in_use=len(checked.tokenizer) if checked.tokenizer is not None else None)
