@@ -201,6 +201,11 @@ MANIFEST = "MANIFEST.sha256"
 _MANIFEST_LINE = re.compile(r"([0-9a-f]{64})  ([^\s./](?:[^\s/]| )*)")
 
 
+def listable_in_manifest(name: str) -> bool:
+    """Whether a manifest line can hold the file name `name` (see the module docstring)."""
+    return _MANIFEST_LINE.fullmatch(f"{'0' * 64}  {name}") is not None
+
+
 def write_manifest(folder: str | Path, names: Iterable[str]) -> None:
     """Atomically write `folder/MANIFEST.sha256` listing the files `names` that exist in `folder`, by name."""
     folder = Path(folder)
