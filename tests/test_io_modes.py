@@ -46,6 +46,19 @@ def test_umask_is_read_without_changing_it(mask):
     assert umask() == mask
 
 
+def test_without_proc_the_umask_read_at_import_is_used(monkeypatch):
+    import twinlm.io
+
+    monkeypatch.setattr(twinlm.io, "_umask_from_proc", lambda: None)
+    monkeypatch.setattr(twinlm.io, "_UMASK_AT_IMPORT", 0o027)
+    old = os.umask(0o022)
+    try:
+        assert umask() == 0o027  # os.umask is not called again: it would change the mask for every thread
+        assert os.umask(0o022) == 0o022
+    finally:
+        os.umask(old)
+
+
 def test_atomic_files_get_the_umask_mode_even_from_a_private_writer(tmp_path, mask):
     write_json(tmp_path / "a.json", {"x": 1})
     with atomic_path(tmp_path / "w.safetensors") as tmp:  # safetensors itself writes 0600

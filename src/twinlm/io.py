@@ -46,13 +46,8 @@ def _umask_by_setting() -> int:
     return old
 
 
-_UMASK_AT_IMPORT = _umask_by_setting() if not os.path.isfile("/proc/self/status") else None
-
-
-def umask() -> int:
-    """The process's umask, without changing it: read from `/proc/self/status` (Linux 4.7 and later, so a later
-    `os.umask` call is followed), else the value read once when this module was imported (by setting and
-    restoring it there, before twinlm writes anything; never again, since `os.umask` is process-wide)."""
+def _umask_from_proc() -> int | None:
+    # Linux 4.7 and later say it in /proc/self/status without changing it; None where it cannot be read there
     try:
         with open("/proc/self/status", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -60,17 +55,24 @@ def umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    return _UMASK_AT_IMPORT if _UMASK_AT_IMPORT is not None else _umask_by_setting()
+    return None
 
 
-def file_mode(executable: bool = False) -> int:
-    """The mode a new file gets from the umask: `0o666 & ~umask` (`0o777 & ~umask` when `executable`)."""
-    return (0o777 if executable else 0o666) & ~umask()
+_proc_umask = _umask_from_proc()
+_UMASK_AT_IMPORT = _proc_umask if _proc_umask is not None else _umask_by_setting()
 
 
-def folder_mode() -> int:
-    """The mode a new folder gets from the umask: `0o777 & ~umask`."""
-    return 0o777 & ~umask()
+def umask() -> int:
+    """The process's umask, without changing it: read from `/proc/self/status` (Linux 4.7 and later, so a later
+    `os.umask` call is followed), else the value read once when this module was imported (by setting and
+    restoring it there, before twinlm writes anything; never again, since `os.umask` is process-wide)."""
+    now = _umask_from_proc()
+    return now if now is not None else _UMASK_AT_IMPORT
+
+
+def file_mode() -> int:
+    """The mode a new file gets from the umask: `0o666 & ~umask`."""
+    return 0o666 & ~umask()
 
 
 def apply_modes(path: str | Path) -> None:
