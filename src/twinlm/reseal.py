@@ -76,7 +76,7 @@ def compare(folder: str | Path) -> Reseal:
     """Step 1 of the module docstring: how `folder` differs from its manifest. Writes nothing."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise MissingArtifactError(f"{folder}: no such model folder: pass the folder whose manifest to rewrite")
+        raise MissingArtifactError(f"{folder}: no such folder: pass the model folder to reseal (RUN/final, an export)")
     present = _sealable(folder)
     listed: dict[str, str] = {}
     if not (folder / MANIFEST).is_file():
