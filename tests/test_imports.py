@@ -74,7 +74,7 @@ FLOORS = [
     ("twinlm.suite",),
     ("twinlm.eval",),
     ("twinlm.train",),
-    ("twinlm.convert", "twinlm.loading"),
+    ("twinlm.convert", "twinlm.loading", "twinlm.reseal"),
     ("twinlm.model", "twinlm.generate"),
     ("twinlm.export",),
     ("twinlm.data", "twinlm.hf", "twinlm.memory"),

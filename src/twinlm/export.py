@@ -161,12 +161,19 @@ def check_tokenizer_matches(tokenizer, cfg) -> None:
 def verify_manifest(folder) -> None:
     """Check `folder/MANIFEST.sha256` (no manifest: nothing to check). It must be whole (twinlm.io.read_manifest)
     and list the weights, config.json and the files the weights record as written with them; each file it
-    lists must be there and match. Anything else raises ModelLoadError naming the file and what to do."""
+    lists must be there and match. Anything else raises ModelLoadError naming the file and what to do: for a
+    model folder, download or export it again, or accept one's own edits with `twinlm reseal DIR`
+    (twinlm.reseal)."""
     folder = Path(folder)
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return
-    again = f"download or export the folder again, or delete {MANIFEST} to accept the files as they are"
+    if (folder / TWINLM_CONFIG).is_file():  # a checkpoint: its manifest guards resuming, nothing reseals it
+        again = f"download or export the folder again, or delete {MANIFEST} to accept the files as they are"
+        own = "download or export it again"
+    else:
+        again = f"download or export the folder again, or run `twinlm reseal {folder}` if you edited it yourself"
+        own = f"download or export it again, or run `twinlm reseal {folder}` if you removed it yourself"
     listed = read_manifest(manifest, lambda what: ModelLoadError(
         f"{manifest}: {what}: the file is damaged; {again}"))
     required = [WEIGHTS, "config.json", *(weights_metadata(folder).get(FILES_KEY) or "").split(",")]
@@ -177,7 +184,7 @@ def verify_manifest(folder) -> None:
     bad = manifest_mismatch(folder, listed)
     if bad is not None and bad[1] == "missing":
         raise ModelLoadError(f"{folder / bad[0]}: listed in {MANIFEST} but missing: the folder is incomplete; "
-                             "download or export it again")
+                             f"{own}")
     if bad is not None:
         raise ModelLoadError(f"{folder / bad[0]}: does not match its sha256 in {MANIFEST} (corrupt, truncated or "
                              f"edited after export): {again}")

@@ -8,6 +8,12 @@ and leaves whatever was at the final name before untouched. Temporary files and 
 (`remove_stale_temporaries`). `sha256_file` is the one checksum that fetch archives, shards and checkpoints
 are verified with.
 
+Modes: what is written here gets the modes the user's umask gives any other new file or folder (`0o666 &
+~umask`, `0o777 & ~umask`; 0644 / 0755 under the usual umask 022, private under 077), so teammates on a shared
+disk can read a run. `mkstemp` / `mkdtemp` create 0600 / 0700 and safetensors writes 0600, so the mode is set
+on the temporary before the rename (`atomic_dir` sets it on everything inside too): a reader never sees the
+final name with another mode. `umask()` reads the umask without changing it where the system can say it.
+
 The checksum manifest `MANIFEST.sha256` of a training checkpoint and of an exported model folder has one
 format, written by `write_manifest` and read by `read_manifest`: one line `<sha256>  <file>` per file (64
 lowercase hex digits, two spaces, a plain file name of the same folder: no `/`, no white space but the
@@ -30,6 +36,66 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _umask_by_setting() -> int:
+    # os.umask can only be read by setting it. It is process-wide: a file another thread creates between the two
+    # calls gets the stand-in, so the stand-in is the most private one (077), never a more open one.
+    old = os.umask(0o077)
+    os.umask(old)
+    return old
+
+
+def _umask_from_proc() -> int | None:
+    # Linux 4.7 and later say it in /proc/self/status without changing it; None where it cannot be read there
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+_proc_umask = _umask_from_proc()
+_UMASK_AT_IMPORT = _proc_umask if _proc_umask is not None else _umask_by_setting()
+
+
+def umask() -> int:
+    """The process's umask, without changing it: read from `/proc/self/status` (Linux 4.7 and later, so a later
+    `os.umask` call is followed), else the value read once when this module was imported (by setting and
+    restoring it there, before twinlm writes anything; never again, since `os.umask` is process-wide)."""
+    now = _umask_from_proc()
+    return now if now is not None else _UMASK_AT_IMPORT
+
+
+def file_mode() -> int:
+    """The mode a new file gets from the umask: `0o666 & ~umask`."""
+    return 0o666 & ~umask()
+
+
+def apply_modes(path: str | Path) -> None:
+    """Give `path` the modes of a file or folder newly made under the umask; a folder's whole tree too (files
+    keep being executable or not; symbolic links are left as they are)."""
+    path = Path(path)
+    mask = umask()
+    if path.is_symlink():
+        return
+    if not path.is_dir():
+        os.chmod(path, (0o777 if os.stat(path).st_mode & 0o111 else 0o666) & ~mask)
+        return
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            p = os.path.join(root, name)
+            st = os.lstat(p)
+            if not os.path.islink(p):
+                os.chmod(p, (0o777 if st.st_mode & 0o111 else 0o666) & ~mask)
+        for name in dirs:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                os.chmod(p, 0o777 & ~mask)
+    os.chmod(path, 0o777 & ~mask)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -59,7 +125,9 @@ def fsync_file(path: str | Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block ends without error, fsync it and rename it to `path`.
 
-    For writers that want a file name (pyarrow, numpy, torch). On error the temporary file is removed.
+    For writers that want a file name (pyarrow, numpy, torch, safetensors). Before the rename the file gets
+    the mode the umask gives new files (`file_mode`), whatever the writer made it. On error the temporary file
+    is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,6 +135,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, file_mode())
         fsync_file(tmp)
         os.replace(tmp, path)
     finally:
@@ -134,6 +203,11 @@ MANIFEST = "MANIFEST.sha256"
 _MANIFEST_LINE = re.compile(r"([0-9a-f]{64})  ([^\s./](?:[^\s/]| )*)")
 
 
+def listable_in_manifest(name: str) -> bool:
+    """Whether a manifest line can hold the file name `name` (see the module docstring)."""
+    return _MANIFEST_LINE.fullmatch(f"{'0' * 64}  {name}") is not None
+
+
 def write_manifest(folder: str | Path, names: Iterable[str]) -> None:
     """Atomically write `folder/MANIFEST.sha256` listing the files `names` that exist in `folder`, by name."""
     folder = Path(folder)
@@ -182,13 +256,16 @@ def atomic_dir(path: str | Path, *, replace: bool = False) -> Iterator[Path]:
     With `replace=True` an existing `path` is swapped out and removed after the rename (never a moment
     without a complete folder there); otherwise an existing `path` is an error (FileExistsError). On error
     the temporary folder is removed and `path` is left as it was. Temporary folders are named
-    `.<name>.tmp-*` so that a later run can recognise and remove those a killed process left behind.
+    `.<name>.tmp-*` so that a later run can recognise and remove those a killed process left behind. Before
+    the rename the folder and everything in it get the modes the umask gives new files and folders
+    (`apply_modes`: `mkdtemp` makes it 0700, and some writers, safetensors among them, make files 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         yield tmp
+        apply_modes(tmp)
         if path.exists():
             if not replace:
                 raise FileExistsError(f"{path} already exists")

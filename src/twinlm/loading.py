@@ -41,11 +41,13 @@ from twinlm.hub import resolve_model
 from twinlm.model import Transformer
 
 
-def load(path, *, revision=None, device=None, dtype=None):
+def load(path, *, revision=None, device=None, dtype=None, check_manifest: bool = True):
     """Load a Transformer from an HF ModernBERT / ModernBERT-decoder folder or a twinlm checkpoint folder
-    (or a hub id `org/name[@revision]`, fetched by twinlm.hub)."""
+    (or a hub id `org/name[@revision]`, fetched by twinlm.hub). `check_manifest=False` skips the
+    MANIFEST.sha256 check: for `twinlm reseal` (twinlm.reseal), which checks a folder before sealing it; a user
+    who edited a folder reseals it instead."""
     folder = resolve_model(path, revision)
-    if folder.is_dir():
+    if folder.is_dir() and check_manifest:
         verify_manifest(folder)  # first: a damaged file is named as such, not by what it now says
     cfg = read_config(folder)
     _check_kind(folder, cfg)

@@ -1,4 +1,4 @@
-"""Model commands: `twinlm info`, `twinlm convert` and `twinlm export`.
+"""Model commands: `twinlm info`, `twinlm convert`, `twinlm export` and `twinlm reseal`.
 
 Handlers import torch and the model modules when they run, so that `twinlm --help` stays fast. User errors
 (an unknown preset, a bad setting, a folder that cannot be loaded or written) raise TwinlmError subclasses,
@@ -56,6 +56,19 @@ def register(commands) -> None:
     e.add_argument("--license", default=None, help="the model card's license (e.g. mit, apache-2.0)")
     e.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR")
     e.set_defaults(handler=_export)
+
+    r = commands.add_parser("reseal", help="accept your own edits to a model folder: rewrite its MANIFEST.sha256",
+                            description="List the files of DIR that changed, were added or removed since its "
+                                        "MANIFEST.sha256 was written (e.g. by tokenizer.save_pretrained(DIR) or "
+                                        "AutoConfig.save_pretrained(DIR)), check that the folder still loads (the "
+                                        "weights in twinlm, config.json in transformers, the tokenizer if there is "
+                                        "one), then rewrite the manifest so that twinlm.load accepts the folder. "
+                                        "Changed weights are refused unless --accept-weights.")
+    r.add_argument("folder", metavar="DIR", help="a model folder with MANIFEST.sha256 (RUN/final, an export)")
+    r.add_argument("--accept-weights", action="store_true",
+                   help="accept changed weight files (you replaced them yourself; they must still load)")
+    r.add_argument("--dry-run", action="store_true", help="list the changes and run the checks; write nothing")
+    r.set_defaults(handler=_reseal)
 
 
 def _config_for(name: str, decoder: bool) -> ModelConfig:
@@ -167,4 +180,24 @@ def _export(args) -> int:
                        allow_no_tokenizer=args.no_tokenizer)
     kind = "decoder" if read_config(out).causal else "encoder"
     print(f"wrote {kind} {args.src} as a Hugging Face folder to {out}")
+    return 0
+
+
+def _reseal(args) -> int:
+    from twinlm.reseal import reseal
+
+    r = reseal(args.folder, accept_weights=args.accept_weights, dry_run=args.dry_run)
+    if r.manifest != "whole":
+        print(f"{r.folder}: MANIFEST.sha256 {r.manifest}: every file counts as added")
+    for what, names in (("changed", r.changed), ("added", r.added), ("removed", r.removed)):
+        if names:
+            print(f"{what + ':':9s}{', '.join(names)}")
+    for line in r.checked:
+        print(f"checked: {line}")
+    if not r.edited:
+        print(f"{r.folder}: nothing changed since MANIFEST.sha256 was written; left as it is")
+    elif r.written:
+        print(f"resealed {r.folder}: twinlm.load accepts it as it is now")
+    else:
+        print(f"{r.folder}: would reseal (--dry-run: nothing written)")
     return 0
