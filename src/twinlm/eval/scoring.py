@@ -24,11 +24,13 @@ the tests compare against.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from twinlm.errors import DataError
 from twinlm.eval.common import Loaded, encode_plain, forward_packed, length_batches, resolve_add_bos
@@ -132,14 +134,19 @@ def _work_units(requests: Sequence[Request], cfg, causal: bool, mntp: bool, end_
 
 def score_requests(model, requests: Sequence[Request], *, mntp: bool = False, max_tokens: int = 16384,
                    max_docs: int | None = None, end_id: int | None = None) -> list[Scored]:
-    """Batched, padding-free scoring: many sequences per forward pass, head only on scored positions."""
+    """Batched, padding-free scoring: many sequences per forward pass, head only on scored positions. A progress
+    bar over the scored sequences (stderr) shows only on a terminal and for more than one pack."""
     cfg = model.config
     units = _work_units(requests, cfg, bool(cfg.causal), mntp, end_id)
+    packs = list(length_batches([len(u[1]) for u in units], max_tokens, max_docs))
     ll = np.zeros(len(requests), dtype=np.float64)
     greedy = np.ones(len(requests), dtype=bool)
     ntok = np.zeros(len(requests), dtype=np.int64)
-    with torch.inference_mode():
-        for batch in length_batches([len(u[1]) for u in units], max_tokens, max_docs):
+    bar = tqdm(total=len(units), unit="seq", desc="scoring", dynamic_ncols=True, leave=False,
+               disable=len(packs) < 2 or not sys.stderr.isatty())
+    with torch.inference_mode(), bar:
+        for batch in packs:
+            bar.update(len(batch))
             seqs = [units[i][1] for i in batch]
             offsets, acc = [], 0
             for s in seqs:
