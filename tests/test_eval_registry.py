@@ -89,7 +89,7 @@ def test_bad_flag_values_name_the_flag():
     with pytest.raises(ConfigError, match="families: scramble is not one of"):
         _settings(["eval", "pairs", "m", "--families", "scramble"])
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["eval", "classify", "m", "--pooling", "max"])
+        build_parser().parse_args(["eval", "classify", "m", "--pooling", "median"])
 
 
 def test_help_shows_every_setting_with_its_default(capsys):

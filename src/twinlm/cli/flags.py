@@ -38,7 +38,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls: type, title: str | 
         # argparse formats help with %: a literal one is doubled
         text = f"{f.metadata.get('help', '')} (default: {_shown(_default(f))})".strip().replace("%", "%%")
         dest = _DEST + f.name
-        if hints[f.name] is bool:
+        if hints[f.name] in (bool, bool | None):  # --name / --no-name (a bool | None setting: None unless given)
             group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=text)
             continue

@@ -38,6 +38,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -47,6 +48,7 @@ from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
+from tqdm.auto import tqdm
 
 from twinlm.data.inputs import InputSpec, iter_documents, resolve_inputs
 from twinlm.data.shards import ShardWriter
@@ -324,7 +326,20 @@ def _job(inputs: Iterable[Any], tokenizer: Any, out: str | Path, cfg: PrepareCon
 def _run_workers(job: _Job, rule: Callable[[int, str], bool], writers: dict[bool, ShardWriter],
                  tally: _Tally) -> None:
     """Read the documents in this process, tokenize and chunk them in the workers (at most 2×workers batches
-    in flight), and hand each batch's chunks to the writer of its side, in document order."""
+    in flight), and hand each batch's chunks to the writer of its side, in document order. A progress bar
+    (documents, on stderr) shows only on a terminal: logs and tests stay quiet."""
+    cfg = job.cfg
+    bar = tqdm(total=cfg.max_docs, unit="doc", unit_scale=True, desc="prepare", dynamic_ncols=True,
+               disable=not sys.stderr.isatty())
+    try:
+        _feed_workers(job, rule, writers, tally, bar)
+    finally:
+        bar.close()
+
+
+def _feed_workers(job: _Job, rule: Callable[[int, str], bool], writers: dict[bool, ShardWriter], tally: _Tally,
+                  bar: Any) -> None:
+    """`_run_workers`' loop; `bar` counts the documents read."""
     cfg = job.cfg
     assert cfg.min_chunk is not None and cfg.backfill is not None and cfg.workers is not None  # filled in by _job
     init_args = (job.tok.backend_tokenizer.to_str(), job.ids["cls"], job.ids["sep"], cfg.chunk_size,
@@ -346,9 +361,11 @@ def _run_workers(job: _Job, rule: Callable[[int, str], bool], writers: dict[bool
             size += len(text)
             tally.bytes += len(text.encode("utf-8")) if not text.isascii() else len(text)
             if size >= cfg.batch_bytes:
+                bar.update(len(batch))
                 yield batch
                 batch, size = [], 0
         if batch:
+            bar.update(len(batch))
             yield batch
 
     def consume(result: dict[str | bool, Any]) -> None:

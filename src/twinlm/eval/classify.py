@@ -51,8 +51,8 @@ from twinlm.eval import baselines
 from twinlm.eval.common import (
     Loaded,
     Timer,
-    check_pooling,
     check_result,
+    choose_pooling,
     default_pooling,
     embed,
     embed_groups,
@@ -527,6 +527,7 @@ def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: st
         task_objs = [load_classification_task(t, root=data_root) for t in tasks]
     for task in task_objs:
         check_pairing(task)
+    pooling_source: str | None = None  # flag, folder (a sentence-transformers folder's own) or default
     if baseline:
         loaded, info = None, baselines.describe(baseline, data_root)
         if baseline == "tfidf":
@@ -536,9 +537,8 @@ def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: st
         loaded = load_for_eval(model, tokenizer, variant=variant, device=device)
         where = loaded.device  # an in-memory model named without a device stays where it is
         info = loaded.info
-        check_pooling(pooling, loaded.causal)
         poolings = [pooling] if pooling else candidate_poolings(loaded.causal)
-        pooling = pooling or default_pooling(loaded.causal, "classification")
+        pooling, pooling_source = choose_pooling(pooling, loaded, "classification")
     search_depth = mode == "probe" and cfg.probe_layer == "best" and not baseline
 
     jobs: list[tuple[ClsTask, Callable | None, Callable | None]] = []
@@ -573,6 +573,7 @@ def run(model, cfg: ClassifyConfig | None = None, *, tokenizer=None, variant: st
               "average": _average(results),
               "config": result_config(cfg, t_all(), tasks=[t.name for t in task_objs], mode=mode,
                                       seeds=list(seeds), pooling=pooling,
+                                      pooling_source=pooling_source,
                                       probe_layer=cfg.probe_layer if mode == "probe" and not baseline else None,
                                       dev_fraction=DEV_FRACTION, **placement(where, fp32=baseline == "minilm"))}
     check_result(result)

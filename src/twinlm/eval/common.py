@@ -1,10 +1,12 @@
 """Shared machinery of the eval tracks: loading a model folder with its tokenizer (twinlm's own, or any
 transformers model through eval/hf_models.py), padding-free packing of many sequences per forward pass,
-pooling, and describing the model in result files."""
+pooling (the folder's own when it is a sentence-transformers folder: `folder_pooling`, `choose_pooling`), and
+describing the model in result files."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -21,7 +23,7 @@ from transformers import AutoTokenizer
 import twinlm
 from twinlm.errors import ConfigError, MissingArtifactError, ScoreError
 from twinlm.eval.device import autocast, is_accelerator, model_device, resolve_device
-from twinlm.eval.hf_models import is_twinlm_folder, load_hf_model
+from twinlm.eval.hf_models import HFModel, is_twinlm_folder, load_hf_model
 from twinlm.eval.ranks import Ranks
 from twinlm.export import check_tokenizer_matches, recorded_objective
 from twinlm.hub import resolve_model
@@ -33,6 +35,7 @@ class Loaded:
     tokenizer: Any              # PreTrainedTokenizerFast
     path: str | None
     info: dict[str, Any] = field(default_factory=dict)
+    folder_pooling: str | None = None  # a sentence-transformers folder's own pooling (`folder_pooling`)
 
     @property
     def causal(self) -> bool:
@@ -90,7 +93,7 @@ def load_for_eval(model, tokenizer=None, *, mntp: bool | None = None, variant: s
         model.to(target)
     model.eval()
     info = describe(model, path, mntp=mntp, variant=variant)
-    return Loaded(model, tokenizer, path, info)
+    return Loaded(model, tokenizer, path, info, folder_pooling(path) if path is not None else None)
 
 
 TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
@@ -195,6 +198,26 @@ def encode_plain(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
 
 
+def tokenizer_adds_bos(tokenizer, bos_id: int) -> bool:
+    """Whether `tokenizer`'s own rule (its post-processor, `add_special_tokens=True`) puts `bos_id` before a
+    text: what lm-evaluation-harness's `hf` model does by default (`add_bos_token=None`: the tokenizer decides).
+    Llama-style tokenizers do; GPT-2-style ones add nothing."""
+    with_specials = tokenizer("a", verbose=False)["input_ids"]
+    plain = encode_plain(tokenizer, ["a"])[0]
+    return bool(with_specials) and with_specials[0] == bos_id and plain[:1] != [bos_id]
+
+
+def resolve_add_bos(add_bos: bool | None, loaded: Loaded) -> bool:
+    """Whether scoring puts the `[CLS]`/BOS token before each context: `add_bos` when given (`--bos` /
+    `--no-bos`); else True for twinlm's own models (trained with `[CLS]` first) and for encoders, and for another
+    transformers decoder whatever its tokenizer does (`tokenizer_adds_bos`), as lm-eval's default does."""
+    if add_bos is not None:
+        return bool(add_bos)
+    if not loaded.causal or not isinstance(loaded.model, HFModel):
+        return True
+    return tokenizer_adds_bos(loaded.tokenizer, loaded.cfg.cls_token_id)
+
+
 def encode_with_specials(tokenizer, cfg, texts: Sequence[str], pairs: Sequence[str] | None = None,
                          max_length: int = 512) -> list[list[int]]:
     """`[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, truncated to `max_length` (longest side first), built
@@ -262,8 +285,16 @@ def forward_packed(model, seqs: Sequence[Sequence[int]], prediction_positions: S
 
 
 # --- pooling ---------------------------------------------------------------------------------------
+POOLINGS = ("cls", "last", "mean", "max")
+
+# sentence-transformers' Pooling modes (1_Pooling/config.json) and twinlm's names for them
+ST_POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                    "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "last"}
+
+
 def pool_packed(hidden: torch.Tensor, seq_lens: Sequence[int], pooling: str) -> torch.Tensor:
-    """(N, d) packed hidden states -> (D, d): "cls" (first token), "last" (last token), "mean"."""
+    """(N, d) packed hidden states -> (D, d): "cls" (first token), "last" (last token), "mean" or "max" (over
+    every token of the sequence, specials included, as sentence-transformers' Pooling does)."""
     starts = torch.tensor([0, *torch.tensor(list(seq_lens)).cumsum(0).tolist()[:-1]], dtype=torch.long,
                           device=hidden.device)
     lens = torch.tensor(list(seq_lens), dtype=torch.long, device=hidden.device)
@@ -271,12 +302,15 @@ def pool_packed(hidden: torch.Tensor, seq_lens: Sequence[int], pooling: str) -> 
         return hidden.index_select(0, starts)
     if pooling == "last":
         return hidden.index_select(0, starts + lens - 1)
-    if pooling == "mean":
+    if pooling in ("mean", "max"):
         doc = torch.repeat_interleave(torch.arange(len(seq_lens), device=hidden.device), lens,
                                       output_size=int(sum(seq_lens)))  # known here: no wait for the device
+        if pooling == "max":
+            out = hidden.new_full((len(seq_lens), hidden.shape[-1]), float("-inf"))
+            return out.scatter_reduce(0, doc.unsqueeze(1).expand_as(hidden), hidden, reduce="amax")
         sums = hidden.new_zeros(len(seq_lens), hidden.shape[-1]).index_add_(0, doc, hidden)
         return sums / lens.unsqueeze(1).to(hidden.dtype)
-    raise ConfigError(f"unknown pooling {pooling!r}: use cls, last or mean")
+    raise ConfigError(f"unknown pooling {pooling!r}: use cls, last, mean or max")
 
 
 def default_pooling(causal: bool, track: str = "classification") -> str:
@@ -284,6 +318,54 @@ def default_pooling(causal: bool, track: str = "classification") -> str:
     if causal:
         return "last"
     return "cls" if track in ("classification", "classify") else "mean"
+
+
+def folder_pooling(path: str | os.PathLike | None) -> str | None:
+    """The pooling a sentence-transformers folder declares: its `modules.json` names a Pooling module whose
+    `config.json` (e.g. `1_Pooling/config.json`) turns on one mode, returned in twinlm's name (cls, mean, max,
+    last for `lasttoken`). None for a folder that is not a sentence-transformers folder (no `modules.json`, or no
+    Pooling module in it). A Pooling config twinlm cannot reproduce (several modes at once, weightedmean,
+    mean_sqrt_len) is refused with one line naming `--pooling`, rather than scored another way silently."""
+    if path is None:
+        return None
+    p = Path(path)
+    try:
+        modules = json.loads((p / "modules.json").read_text())
+    except (OSError, ValueError):
+        return None
+    module = next((m for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith("Pooling")), None)
+    if module is None:
+        return None
+    conf_path = p / str(module.get("path", "")) / "config.json"
+    try:
+        conf = json.loads(conf_path.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"{conf_path}: the sentence-transformers Pooling config cannot be read; choose the "
+                          f"pooling with --pooling cls|mean|max|last") from None
+    if "pooling_mode" in conf:  # sentence-transformers 6 saves the constructor's spelling
+        mode = conf["pooling_mode"]
+        on = [str(m) for m in mode] if isinstance(mode, list) else [str(mode)]
+    else:
+        on = [k.removeprefix("pooling_mode_") for k, v in conf.items() if k.startswith("pooling_mode_") and v]
+    names = {k.removeprefix("pooling_mode_"): v for k, v in ST_POOLING_MODES.items()}
+    names.update(mean="mean", cls="cls", max="max", lasttoken="last")
+    if len(on) != 1 or on[0] not in names:
+        raise ConfigError(f"{conf_path}: pooling {'+'.join(on) or 'none'} is not one twinlm reproduces; choose "
+                          f"one with --pooling cls|mean|max|last")
+    return names[on[0]]
+
+
+def choose_pooling(pooling: str | None, loaded: Loaded, track: str) -> tuple[str, str]:
+    """The pooling a track uses, and where it came from: the caller's (`flag`), else the folder's own
+    sentence-transformers Pooling (`folder`: `folder_pooling`), else the architecture's (`default`:
+    `default_pooling`). `cls` on a decoder is refused (`check_pooling`)."""
+    if pooling:
+        check_pooling(pooling, loaded.causal)
+        return pooling, "flag"
+    if loaded.folder_pooling:
+        check_pooling(loaded.folder_pooling, loaded.causal)
+        return loaded.folder_pooling, "folder"
+    return default_pooling(loaded.causal, track), "default"
 
 
 def check_pooling(pooling: str | None, causal: bool) -> None:

@@ -20,7 +20,9 @@ model_args (lm-eval's `key=value,…`):
   max_tokens   tokens per packed forward pass (default 16384); batch_size / max_batch_size are accepted and
                unused (packing is by tokens)
   max_length   tokens per scored sequence (default: the model's context length)
-  add_bos      put [CLS] before the context (default True: the authors' `add_bos_token=True`)
+  add_bos      put [CLS]/BOS before the context (default: twinlm's models and encoders yes, as the authors'
+               `add_bos_token=True`; another transformers decoder as its tokenizer does, lm-eval's `hf` default;
+               eval/common.resolve_add_bos)
   mntp         override the MNTP detection (encoders)
   end          the token after the masks: `sep` (default, the paper's "end token" as twinlm trains it),
                `period` (the tokenizer's `.`; Ettin's id 15, what the authors' fork appends) or `id:N`
@@ -53,7 +55,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 
 from twinlm.errors import ConfigError
-from twinlm.eval.common import Loaded, encode_plain, load_for_eval, placement
+from twinlm.eval.common import Loaded, encode_plain, load_for_eval, placement, resolve_add_bos
 from twinlm.eval.device import autocast, resolve_device
 from twinlm.eval.ranks import Ranks
 from twinlm.eval.ranks import ranks as job_ranks
@@ -100,7 +102,7 @@ class TwinlmLM(TemplateLM):
     backend = "causal"  # pairs split as for decoders: the whole text tokenized, cut where the context ends
 
     def __init__(self, pretrained: Any = None, device: Any = None, max_tokens: int = 16384,
-                 max_length: int | None = None, add_bos: Any = True, mntp: Any = None, end: Any = "sep",
+                 max_length: int | None = None, add_bos: Any = None, mntp: Any = None, end: Any = "sep",
                  score_sep: Any = False, batch_size: Any = None, max_batch_size: Any = None,
                  variant: str | None = None, tokenizer: Any = None, ranks: Ranks | None = None,
                  **unknown: Any) -> None:
@@ -117,7 +119,7 @@ class TwinlmLM(TemplateLM):
         self.tokenizer = loaded.tokenizer
         self.max_tokens = int(max_tokens)
         self.max_length = int(max_length) if max_length else int(loaded.cfg.max_position_embeddings)
-        self.add_bos = _flag("add_bos", add_bos)
+        self.add_bos = resolve_add_bos(None if add_bos is None else _flag("add_bos", add_bos), loaded)
         self.score_sep = _flag("score_sep", score_sep)
         self.end_id = end_token_id(end, self.tokenizer, loaded.cfg)
         self.end = str(end)
@@ -229,9 +231,10 @@ class TwinlmLM(TemplateLM):
             until = kwargs.get("until") or [self.tok_decode([self.eot_token_id]) or "\n\n"]
             until = [until] if isinstance(until, str) else list(until)
             budget = int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
-            bos = [self.prefix_token_id] if self.add_bos else []
+            ids = encode_plain(self.tokenizer, [context])[0]
+            bos = [self.prefix_token_id] if self.add_bos or not ids else []  # an empty prompt: the prefix token
             room = max(1, self.max_length - budget - self._extras() - len(bos))
-            prompts.append(bos + encode_plain(self.tokenizer, [context])[0][-room:])
+            prompts.append(bos + ids[-room:])
             budgets.append(budget)
             untils.append(until)
 

@@ -34,11 +34,11 @@ import torch
 from twinlm.errors import ConfigError
 from twinlm.eval import baselines
 from twinlm.eval.common import (
+    ST_POOLING_MODES,
     Loaded,
     Timer,
-    check_pooling,
     check_result,
-    default_pooling,
+    choose_pooling,
     embed,
     embed_groups,
     encode_with_specials,
@@ -202,9 +202,10 @@ def export_sentence_transformers(model, tokenizer, out_dir: str | Path, pooling:
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     write_json(out / "modules.json", modules)
     write_json(out / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
-    modes = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "last": "pooling_mode_lasttoken"}
+    modes = {v: k for k, v in ST_POOLING_MODES.items()}
     if pooling not in modes:
-        raise ConfigError(f"cannot export pooling {pooling!r} as a sentence-transformers folder: use mean, cls or last")
+        raise ConfigError(f"cannot export pooling {pooling!r} as a sentence-transformers folder: use mean, cls, max "
+                          f"or last")
     cfg = {"word_embedding_dimension": model.config.hidden_size, "pooling_mode_cls_token": False,
            "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
            "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
@@ -242,6 +243,7 @@ def run(model, cfg: RetrievalConfig | None = None, *, tokenizer=None, variant: s
     baseline = model if isinstance(model, str) and model in ("bm25", "minilm") else None
     per_seed_sets: list[dict[str, dict]] = []
     train_info = {}
+    pooling_source: str | None = None
     if baseline:
         info = baselines.describe(baseline)
         where = torch.device("cpu") if baseline == "bm25" else where
@@ -262,8 +264,7 @@ def run(model, cfg: RetrievalConfig | None = None, *, tokenizer=None, variant: s
         loaded = load_for_eval(model, tokenizer, variant=variant, device=device)
         where = loaded.device  # an in-memory model named without a device stays where it is
         info = loaded.info
-        check_pooling(pooling, loaded.causal)
-        pooling = pooling or default_pooling(loaded.causal, "retrieval")
+        pooling, pooling_source = choose_pooling(pooling, loaded, "retrieval")
         if max_train_pairs is not None and len(pairs) > max_train_pairs:
             pairs = [pairs[i] for i in sorted(random.Random(0).sample(range(len(pairs)), max_train_pairs))]
         runs = list(seeds if cfg.finetune else (0,))
@@ -303,7 +304,8 @@ def run(model, cfg: RetrievalConfig | None = None, *, tokenizer=None, variant: s
                           "std_kind": "over seeds", "per_seed": avg_per_seed, "n_tasks": len(results)},
               "config": result_config(cfg, t_all(), sets=[s.name for s in all_sets],
                                       finetune=cfg.finetune and not baseline, seeds=list(seeds), scale=SCALE,
-                                      train_pairs=len(pairs), pooling=pooling, training=train_info,
+                                      train_pairs=len(pairs), pooling=pooling, pooling_source=pooling_source,
+                                      training=train_info,
                                       export_dir=str(export_dir) if export_dir else None,
                                       **placement(where, fp32=baseline == "minilm"))}
     check_result(result)

@@ -3,7 +3,8 @@ lm-evaluation-harness model (eval/harness.py) and the reference the tests compar
 
 Decoders: log p(continuation | [CLS] context), summed over the continuation's tokens, as
 lm-evaluation-harness computes it (trailing spaces of the context move to the continuation; the pair is
-tokenized whole and split where the context's own tokens end; BOS = `[CLS]` first).
+tokenized whole and split where the context's own tokens end; BOS = `[CLS]` first when `add_bos`; an empty
+context is always conditioned on that token, as lm-eval's `prefix_token_id`).
 
 Encoders (REFERENCE §3): continuation token j is scored on its own masked copy of the input
 `[CLS] context cont[:j] [MASK] [MASK] [MASK] END` (the current token and two future tokens masked),
@@ -23,14 +24,16 @@ the tests compare against.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from twinlm.errors import ConfigError, DataError
-from twinlm.eval.common import Loaded, encode_plain, forward_packed, length_batches
+from twinlm.errors import DataError
+from twinlm.eval.common import Loaded, encode_plain, forward_packed, length_batches, resolve_add_bos
 from twinlm.eval.metrics import multiple_choice_metrics
 from twinlm.eval.tasks.generative import MCExample
 
@@ -53,7 +56,9 @@ class Scored:
 # --- tokenization ----------------------------------------------------------------------------------
 def tokenize_requests(tokenizer, cfg, pairs: Sequence[tuple[str, str]], add_bos: bool = True,
                       max_length: int | None = None) -> list[Request]:
-    """(context, continuation) strings -> token requests, split as lm-evaluation-harness does."""
+    """(context, continuation) strings -> token requests, split as lm-evaluation-harness does: `add_bos` puts
+    `[CLS]`/BOS first; without it an empty context alone gets that token (lm-eval's prefix token), so the
+    continuation's first token is still scored."""
     ctxs, wholes = [], []
     for context, continuation in pairs:
         n = len(context) - len(context.rstrip())
@@ -73,18 +78,17 @@ def tokenize_requests(tokenizer, cfg, pairs: Sequence[tuple[str, str]], add_bos:
             cont = whole[len(ctx):]
         else:
             ctx, cont = [], whole
-        if not bos and not ctx:
-            raise ConfigError("an empty context needs add_bos=True (drop --no-bos)")
+        lead = bos if (bos or ctx) else [cfg.cls_token_id]
         if not cont:
             raise DataError(f"continuation {cont_text!r} has no tokens of its own: its choice text is empty "
                             "after the context's tokens")
-        req = Request(bos + list(ctx), list(cont))
+        req = Request(lead + list(ctx), list(cont))
         if max_length is not None and len(req.ctx) + len(req.cont) > max_length:
             # keep BOS and the continuation; drop the context's oldest tokens (lm-eval truncates left)
-            req.cont = req.cont[-(max_length - len(bos) - 1):]
-            room = max_length - len(bos) - len(req.cont)
-            body = req.ctx[len(bos):]
-            req.ctx = bos + (body[-room:] if room > 0 else [])
+            req.cont = req.cont[-(max_length - len(lead) - 1):]
+            room = max_length - len(lead) - len(req.cont)
+            body = req.ctx[len(lead):]
+            req.ctx = lead + (body[-room:] if room > 0 else [])
         out.append(req)
     return out
 
@@ -130,14 +134,19 @@ def _work_units(requests: Sequence[Request], cfg, causal: bool, mntp: bool, end_
 
 def score_requests(model, requests: Sequence[Request], *, mntp: bool = False, max_tokens: int = 16384,
                    max_docs: int | None = None, end_id: int | None = None) -> list[Scored]:
-    """Batched, padding-free scoring: many sequences per forward pass, head only on scored positions."""
+    """Batched, padding-free scoring: many sequences per forward pass, head only on scored positions. A progress
+    bar over the scored sequences (stderr) shows only on a terminal and for more than one pack."""
     cfg = model.config
     units = _work_units(requests, cfg, bool(cfg.causal), mntp, end_id)
+    packs = list(length_batches([len(u[1]) for u in units], max_tokens, max_docs))
     ll = np.zeros(len(requests), dtype=np.float64)
     greedy = np.ones(len(requests), dtype=bool)
     ntok = np.zeros(len(requests), dtype=np.int64)
-    with torch.inference_mode():
-        for batch in length_batches([len(u[1]) for u in units], max_tokens, max_docs):
+    bar = tqdm(total=len(units), unit="seq", desc="scoring", dynamic_ncols=True, leave=False,
+               disable=len(packs) < 2 or not sys.stderr.isatty())
+    with torch.inference_mode(), bar:
+        for batch in packs:
+            bar.update(len(batch))
             seqs = [units[i][1] for i in batch]
             offsets, acc = [], 0
             for s in seqs:
@@ -225,16 +234,17 @@ def greedy_generate(model, prompts: Sequence[list[int]], max_new: Sequence[int],
 
 # --- multiple-choice examples (the JSONL tasks' reference path; tests and benchmarks) ---------------
 def evaluate_examples(loaded: Loaded, examples: Sequence[MCExample], *, kind: str = "multiple_choice",
-                      add_bos: bool = True, max_tokens: int = 16384, max_length: int | None = None,
+                      add_bos: bool | None = None, max_tokens: int = 16384, max_length: int | None = None,
                       naive: bool = False) -> tuple[dict, list[list[Scored]]]:
     """Score `MCExample`s directly (no lm-eval): acc / acc_norm / acc_bytes, or for a completion task acc and
-    ppl, with each example's per-choice `Scored`."""
+    ppl, with each example's per-choice `Scored`. `add_bos` None: `common.resolve_add_bos` (twinlm's models and
+    encoders True; another transformers decoder as its tokenizer does)."""
     pairs, owners = [], []
     for ei, ex in enumerate(examples):
         for c, k in zip(ex.contexts, ex.continuations):
             pairs.append((c, k))
             owners.append(ei)
-    reqs = tokenize_requests(loaded.tokenizer, loaded.cfg, pairs, add_bos=add_bos,
+    reqs = tokenize_requests(loaded.tokenizer, loaded.cfg, pairs, add_bos=resolve_add_bos(add_bos, loaded),
                              max_length=max_length or loaded.cfg.max_position_embeddings)
     mntp = bool(loaded.info.get("mntp"))
     scored = score_requests_naive(loaded.model, reqs, mntp=mntp) if naive else \

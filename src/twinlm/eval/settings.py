@@ -30,7 +30,7 @@ DEFAULT_RETRIEVAL_SETS = ["squad", "boolq", "sciq"]
 DEFAULT_GENERATIVE_TASKS = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "sciq", "siqa", "winogrande",
                             "openbookqa", "boolq", "copa", "lambada"]
 GENERATIVE_DATA = ("auto", "local", "hub")  # where a generative task's documents come from
-POOLINGS = (None, "cls", "mean", "last")
+POOLINGS = (None, "cls", "mean", "last", "max")
 SEEDS_HELP = "the seeds: a list, or a count n for 0..n-1 (on the command line always a comma list)"
 PAIR_FAMILIES = ["swap", "replace", "splice", "agreement", "article"]
 
@@ -89,7 +89,8 @@ class ClassifyConfig:
                               help="probe: logistic-regression C values swept")
     max_length: int = setting(256, help="tokens per input")
     pooling: str | None = setting(None, choices=POOLINGS,
-                                  help="cls, mean or last (none: the architecture's, encoder cls, decoder last)")
+                                  help="cls, mean, last or max (none: a sentence-transformers folder's own, else the "
+                                       "architecture's, encoder cls, decoder last)")
     probe_layer: str = setting("final", choices=("final", "best"),
                                help="probe the last layer with the architecture's pooling (final), or the depth "
                                     "and pooling that score best on the development split (best)")
@@ -121,7 +122,8 @@ class RetrievalConfig:
     max_length: int = setting(256, help="passage tokens")
     query_max_length: int = setting(64, help="query tokens")
     pooling: str | None = setting(None, choices=POOLINGS,
-                                  help="cls, mean or last (none: the architecture's, encoder mean, decoder last)")
+                                  help="cls, mean, last or max (none: a sentence-transformers folder's own, else the "
+                                       "architecture's, encoder mean, decoder last)")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -139,7 +141,9 @@ class GenerativeConfig:
     seed: int = setting(0, help="seed of the draw")
     max_tokens: int = setting(16384, help="tokens per packed forward pass")
     max_length: int | None = setting(None, help="tokens per scored sequence (none: the model's context length)")
-    add_bos: bool = setting(True, flags=("--bos",), help="put [CLS] before the context")
+    add_bos: bool | None = setting(None, flags=("--bos",),
+                                   help="put [CLS]/BOS before the context (none: twinlm's models and encoders yes; "
+                                        "another transformers decoder as its tokenizer does, as lm-eval)")
     delimiter: str = setting(" ", help="between context and choice in JSONL tasks")
     data: str = setting("auto", choices=GENERATIVE_DATA,
                         help="local: the fetched bundle's copy (validation splits for ARC, OpenBookQA, SciQ); hub: "

@@ -14,6 +14,9 @@ takes it back in `load_state_dict`: every checkpoint saves it in state.json unde
 A step's hooks (`on_step_end`, `on_log`, and any checkpoint they make) run once the next step's passes are
 queued on the device, before its update: the weights, the optimizer state and `state` are those of the step
 the row describes; `on_batch` for the next step follows them.
+
+`on_train_end` runs once a run has finished (final/ written); `on_exit` whenever `fit` ends, a stop for a resume
+(max_steps, SIGTERM, a deadline) or an error included: the place to close writers (TensorBoard, W&B).
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ class Callback:
     def on_before_checkpoint(self, trainer: TrainerView) -> None: ...  # a checkpoint of trainer.state is next
     def on_checkpoint(self, trainer: TrainerView, path: Path) -> None: ...
     def on_phase_end(self, trainer: TrainerView, phase: Phase) -> None: ...
-    def on_train_end(self, trainer: TrainerView) -> None: ...
+    def on_train_end(self, trainer: TrainerView) -> None: ...  # the run finished (final/ written)
+    def on_exit(self, trainer: TrainerView) -> None: ...  # `fit` returns or raises, finished or stopped for a resume
 
 
 def keyed(callbacks: list[Callback]) -> list[tuple[str, Callback]]:

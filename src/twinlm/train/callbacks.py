@@ -1,5 +1,12 @@
-"""Optional trainer behaviour: metrics file, progress bar, TensorBoard, periodic checkpoints (by tokens and by
-time), eval, batch order.
+"""Optional trainer behaviour: metrics file, progress bar, experiment tracking (TensorBoard or Weights & Biases),
+periodic checkpoints (by tokens and by time), eval, batch order.
+
+Trackers (the recipe's `tracker`): `TensorBoard` writes RUN/tensorboard/ and, on a resume, purges the events
+written after the checkpoint it resumes from (`SummaryWriter(purge_step=step + 1)`), so each step shows once
+after a kill; `WandB` logs to Weights & Biases, offline unless `WANDB_MODE` says otherwise, into RUN/wandb/ under
+one run id per run folder (kept in RUN/wandb/twinlm-run-id), resumed with `resume="allow"`. A tracker whose
+package is missing says so in one warning line naming its `pip install` (`twinlm[track]` brings both), and the
+run goes on without it.
 
 Each is a `Callback` (train/callback.py) that uses the trainer's public surface only. `defaults(recipe, out)`
 is the list a run gets unless it asks for none (`Trainer(default_callbacks=False)`).
@@ -35,8 +42,10 @@ def defaults(recipe: Recipe, out: Path) -> list[Callback]:
     cbs: list[Callback] = [Throughput(), MetricsLogger(out / "metrics.jsonl")]
     if recipe.progress:
         cbs.append(ProgressBar())
-    if recipe.tensorboard:
+    if recipe.tracker == "tensorboard" and recipe.tensorboard:
         cbs.append(TensorBoard(out / "tensorboard"))
+    elif recipe.tracker == "wandb":
+        cbs.append(WandB(out))
     if recipe.checkpoint.every_tokens:
         cbs.append(PeriodicCheckpoint(recipe.checkpoint.every_tokens))
     if recipe.checkpoint.every_minutes:  # after PeriodicCheckpoint: a step both save is its (keep_every counts it)
@@ -126,8 +135,24 @@ class ProgressBar(Callback):
             self.bar = None
 
 
+TRACKED = ("loss", "lr", "batch_size", "eval_loss", "tokens_per_s")  # the metrics rows' keys a tracker shows
+
+
+def tracked(row: dict) -> dict[str, float]:
+    """A metrics row's finite `TRACKED` values, as `train/<key>`."""
+    return {f"train/{k}": v for k in TRACKED if isinstance(v := row.get(k), (int, float)) and math.isfinite(v)}
+
+
+def tracker_missing(trainer, tracker: str, package: str) -> None:
+    """The one warning line for a chosen tracker whose package is not installed."""
+    trainer.log(f"warning: tracker {tracker}: the {package} package is not installed, so nothing is tracked: "
+                f"pip install {package} (or twinlm[track]), or set tracker: none")
+
+
 class TensorBoard(Callback):
-    """Scalars under RUN/tensorboard, only when the `tensorboard` package is installed."""
+    """Scalars under RUN/tensorboard (rank 0). On a resume from step k the writer purges what earlier starts
+    wrote after step k (`purge_step=k + 1`: events of steps a kill lost before their checkpoint), so TensorBoard
+    shows each step once. Without the `tensorboard` package: one warning line, then nothing."""
 
     def __init__(self, logdir: str | Path):
         self.logdir = Path(logdir)
@@ -138,21 +163,70 @@ class TensorBoard(Callback):
             return
         try:
             from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
-        except Exception:  # noqa: BLE001 - tensorboard missing: silently off
+        except ImportError:
+            tracker_missing(trainer, "tensorboard", "tensorboard")
             return
-        self.writer = SummaryWriter(str(self.logdir))
+        step = int(trainer.state.step)
+        self.writer = SummaryWriter(str(self.logdir), purge_step=step + 1 if step else None)
 
     def on_log(self, trainer, row: dict) -> None:
         if self.writer is None:
             return
-        for key in ("loss", "lr", "batch_size", "eval_loss", "tokens_per_s"):
-            v = row.get(key)
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                self.writer.add_scalar(f"train/{key}", v, row["step"])
+        for key, v in tracked(row).items():
+            self.writer.add_scalar(key, v, row["step"])
 
-    def on_train_end(self, trainer) -> None:
+    def on_exit(self, trainer) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+
+
+WANDB_ID_FILE = "twinlm-run-id"  # RUN/wandb/<this>: the run's W&B id, the same on every resume
+
+
+class WandB(Callback):
+    """Weights & Biases (rank 0): `wandb.init(dir=RUN, id=<the run's id>, resume="allow")`, offline unless the
+    environment sets `WANDB_MODE` (online runs need `wandb login`), project `WANDB_PROJECT` or "twinlm", the
+    resolved recipe as the run's config; the `TRACKED` values of every metrics row at its step. The id is made
+    once per run folder and kept in RUN/wandb/twinlm-run-id, so every restart continues the same W&B run
+    (`wandb sync RUN/wandb/offline-run-*` uploads them). Without the `wandb` package: one warning line, then
+    nothing."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.run: Any = None
+
+    def run_id(self) -> str:
+        """This run folder's W&B id (made and written on the first call)."""
+        path = self.out / "wandb" / WANDB_ID_FILE
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            run_id = os.urandom(6).hex()
+            write_bytes(path, run_id.encode())
+            return run_id
+
+    def on_train_start(self, trainer) -> None:
+        if not trainer.env.is_main:
+            return
+        try:
+            import wandb  # optional: the `track` extra
+        except ImportError:
+            tracker_missing(trainer, "wandb", "wandb")
+            return
+        os.environ.setdefault("WANDB_MODE", "offline")
+        self.run = wandb.init(dir=str(self.out), id=self.run_id(), resume="allow",
+                              project=os.environ.get("WANDB_PROJECT", "twinlm"), name=self.out.name,
+                              config=trainer.recipe.to_dict())
+
+    def on_log(self, trainer, row: dict) -> None:
+        if self.run is not None:
+            self.run.log(tracked(row), step=int(row["step"]))
+
+    def on_exit(self, trainer) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
 
 
 class PeriodicCheckpoint(Callback):

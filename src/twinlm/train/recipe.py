@@ -246,13 +246,18 @@ class Recipe:
     #     exit 0; the same command resumes). Seconds or a duration (`20s`, `90m`, `11h30m`, `1d`: parse_duration).
     #     Counted per process, so a requeued job gets the whole time again: set it to the job's time limit
     #     minus one step and one checkpoint's save, and the same line serves every requeue
-    tensorboard: bool = True  # only if the tensorboard package is installed
+    tracker: str = "tensorboard"  # experiment tracking (train/callbacks.py): tensorboard (RUN/tensorboard/), wandb
+    #     (Weights & Biases, offline unless WANDB_MODE says otherwise: RUN/wandb/) or none; a tracker whose package
+    #     is not installed is named in one warning line with its `pip install`, and the run goes on without it
+    tensorboard: bool = True  # the older switch: false turns the tensorboard tracker off (as tracker: none)
     record_order: bool = False  # write each checkpoint interval's batches to RUN/data_order/ (parquet)
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.stop_after is not None:
             parse_duration(self.stop_after)  # a ConfigError now, not when training starts
+        if self.tracker not in TRACKERS:
+            raise ConfigError(f"tracker: {self.tracker!r} is not one of {', '.join(TRACKERS)} (e.g. tracker=none)")
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -328,6 +333,8 @@ class Recipe:
         r.init_from = expand_path(r.init_from)
         return r
 
+
+TRACKERS = ("tensorboard", "wandb", "none")  # the `tracker` choices (train/callbacks.py)
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)d)?(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s)?")
 

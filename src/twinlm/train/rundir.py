@@ -5,7 +5,7 @@ Each start's line records the run's topology (the number of nodes, every rank's 
 restart count and a Slurm job's id), so a run that moved, lost a node or was restarted by torchrun says so.
 
 A restart whose recipe differs from the saved one (other than the knobs that may change between restarts,
-`RUN_KNOBS`: `max_steps`, `stop_after`, `progress`, `tensorboard`, `prefetch`, the collective timeouts,
+`RUN_KNOBS`: `max_steps`, `stop_after`, `progress`, `tracker`, `tensorboard`, `prefetch`, the collective timeouts,
 `checkpoint.every_minutes`, `checkpoint.grace_s`) is warned about; the new recipe is used and saved, the old one kept
 as `config.previous.yaml` (an older previous one is kept as `config.previous.N.yaml`, N = 1, 2, …: no
 recipe a run was trained with is lost). The trainer calls `prepare_run_dir` only after it has accepted a
@@ -31,8 +31,8 @@ from twinlm.io import dumps_json, write_bytes, write_json
 from twinlm.train.dist import DistEnv
 
 # settings that may change between restarts without changing the run (dotted: a key of a section)
-RUN_KNOBS = ("max_steps", "stop_after", "progress", "tensorboard", "prefetch", "dist_timeout", "dist_init_timeout",
-             "checkpoint.every_minutes", "checkpoint.grace_s")
+RUN_KNOBS = ("max_steps", "stop_after", "progress", "tracker", "tensorboard", "prefetch", "dist_timeout",
+             "dist_init_timeout", "checkpoint.every_minutes", "checkpoint.grace_s")
 
 
 def git_revision(path: Path) -> dict[str, Any]:

@@ -341,17 +341,20 @@ class Trainer:
         except ValueError:  # not the main thread
             pass
         try:
-            self._emit("on_train_start")
-            result = self._run_phases()
+            try:
+                self._emit("on_train_start")
+                result = self._run_phases()
+            finally:
+                if old_handler is not None:
+                    signal.signal(signal.SIGTERM, old_handler)
+            if result == "interrupted":
+                self.interrupted = True
+                return self.last_checkpoint or self.out
+            final = self._write_final()
+            self._emit("on_train_end")
+            return final
         finally:
-            if old_handler is not None:
-                signal.signal(signal.SIGTERM, old_handler)
-        if result == "interrupted":
-            self.interrupted = True
-            return self.last_checkpoint or self.out
-        final = self._write_final()
-        self._emit("on_train_end")
-        return final
+            self._emit("on_exit")  # trackers close their writers, however fit ends
 
     def _run_phases(self) -> str:
         while self.state.phase_index < len(self.phases):
