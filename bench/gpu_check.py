@@ -76,7 +76,8 @@ CPU_BUDGET = 400  # per section with --cpu (a loaded 2-core machine)
 # bench/roofline.py's predictions for the configurations these sections time (`roofline.py --gpu-check`), put
 # beside each measurement so that the roofline is checked (and refitted) whenever a GPU runs this
 PREDICTIONS = ROOT / "bench" / "roofline_predictions.json"
-ROOFLINE_CARDS = {"NVIDIA H100 80GB HBM3": "h100", "NVIDIA H200": "h200"}  # the cards the roofline has constants for
+# torch's name of a card -> the roofline's name of the card it has constants for (bench/roofline.py DEVICES)
+ROOFLINE_CARDS = {"NVIDIA H100 80GB HBM3": "NVIDIA H100 SXM", "NVIDIA H200": "NVIDIA H200"}
 
 
 def predicted(preset: str, objective: str, tokens: int, compiled: bool) -> dict:

@@ -30,6 +30,28 @@ def test_sections_run_and_find_no_problem_on_cpu(tmp_path):
     assert all(t["ok"] and t["bpb_rel_diff"] == 0 and t["loglik_max_rel_diff"] == 0 for t in tracks)
 
 
+def test_each_timed_step_gets_the_roofline_prediction_for_its_card(monkeypatch):
+    """The committed predictions (bench/roofline_predictions.json) are found for the cards and configurations
+    gpu_check times, and for nothing else."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for card in ("NVIDIA H200", "NVIDIA H100 80GB HBM3"):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, card=card: card)
+        eager = gpu_check.predicted("ettin-150m", "mlm", 32768, False)
+        compiled = gpu_check.predicted("ettin-150m", "mlm", 32768, True)
+        assert compiled["predicted_tok_s"] > eager["predicted_tok_s"] > 0
+        assert gpu_check.predicted("ettin-17m", "mlm", 65536, True)["predicted_tok_s"] > 0
+        assert gpu_check.predicted("ettin-150m", "mlm", 4096, True) == {}  # not predicted
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    assert gpu_check.predicted("ettin-150m", "mlm", 32768, True) == {}
+
+
 @pytest.mark.slow
 def test_every_section_runs_on_cpu(tmp_path):
     r, rows = _check(tmp_path)
