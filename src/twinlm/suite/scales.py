@@ -38,7 +38,9 @@ NGRAM_TRACKS = tuple(name for name, t in EVAL_TRACKS.items() if t.ngrams)
 SUITE_CLASSIFY = ClassifyConfig(tasks=["sst2", "spam", "brown"], seeds=3, max_train=2000, max_eval=872,
                                 probe_layer="best")
 SUITE_RETRIEVAL = RetrievalConfig(sets=["squad", "sciq"], seeds=2, max_train_pairs=1000, max_eval_queries=200)
-SUITE_GENERATIVE = GenerativeConfig(tasks=["arc_easy", "piqa", "sciq", "copa", "hellaswag"], limit=300)
+# add_bos=True: what the suite's models (twinlm's own) resolve the default None to, stated so that a cached
+# generative step keeps its identity across the change of that default
+SUITE_GENERATIVE = GenerativeConfig(tasks=["arc_easy", "piqa", "sciq", "copa", "hellaswag"], limit=300, add_bos=True)
 # text_file None: the suite's own held-out split of the pre-training corpus
 SUITE_BPB = BpbConfig(max_docs=200)
 # text_file None: pairs built from the suite's held-out split (no model trained on it)
