@@ -530,7 +530,8 @@ class Check:
                 static.append(dict(input_ids=ids, cu_seqlens=cu, max_seqlen=max_seqlen, prediction_positions=pos,
                                    labels=tgt))
             ntok = sum(int(b["input_ids"].numel()) for b in batches)
-            row: dict = {"preset": preset, "micro_batch_tokens": tokens, "tokens_per_step": ntok}
+            row: dict = {"preset": preset, "micro_batch_tokens": tokens, "tokens_per_step": ntok,
+                         **{f"blocks_{k}": v for k, v in predicted(preset, "mlm", tokens, True).items()}}
             ways = [("blocks", False, False), ("static", True, False)] + ([] if self.cpu else [("graphs", True, True)])
             for name, is_static, graphs in ways:
                 torch.manual_seed(0)
@@ -538,7 +539,8 @@ class Check:
                 dist.parallelize(m, dist.DistEnv(device=self.dev), compile=True, static_shapes=is_static,
                                  cuda_graphs=graphs, compile_backend="aot_eager" if self.cpu else "inductor")
                 opt = build_optimizer(m, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5)
-                step = train_step(m, static if is_static else batches, opt, self.dev, mark_steps=is_static)
+                step = train_step(m, static if is_static else batches, opt, self.dev, mark_steps=is_static,
+                                  keep_grads=graphs)
                 try:
                     s = self.timed(step, steps=2 if self.cpu else 8, warmup=2 if self.cpu else 3)
                     row[f"{name}_tok_s"] = round(ntok / s)

@@ -33,11 +33,17 @@ def packed_batch(cfg, n_tokens: int, objective: str, seed: int = 0, min_doc: int
                 max_seqlen=int(mb.max_seqlen), prediction_positions=p.positions, labels=p.targets)
 
 
-def train_step(model, batches: list[dict], optimizer, device: torch.device, mark_steps: bool = False):
+def train_step(model, batches: list[dict], optimizer, device: torch.device, mark_steps: bool = False,
+               keep_grads: bool = False):
     """One optimizer step over `batches` (micro-batches), as TrainStep runs it; returns a closure. `mark_steps`:
-    each pass starts a new CUDA-graph step, as TrainStep does at static shapes."""
+    each pass starts a new CUDA-graph step, as TrainStep does at static shapes; `keep_grads`: gradients
+    accumulate in buffers of their own, zeroed in place (TrainStep with CUDA graphs)."""
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
            else torch.autocast("cpu", enabled=False))
+    if keep_grads:
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     def run():
         loss = None
@@ -48,7 +54,7 @@ def train_step(model, batches: list[dict], optimizer, device: torch.device, mark
                 loss = model(**b).loss
             loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not keep_grads)
         return loss
 
     return run

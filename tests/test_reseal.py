@@ -82,6 +82,15 @@ def test_damaged_weights_are_not_resealed(folder, damage, capsys):
     assert (folder / MANIFEST).read_text() == before
 
 
+def test_weights_under_a_damaged_manifest_need_accept_weights(folder, capsys):
+    """With the manifest itself damaged nothing vouches for the weights: sealing them takes --accept-weights."""
+    (folder / MANIFEST).write_text("not a manifest\n")
+    assert main(["reseal", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "the weights cannot be checked against MANIFEST.sha256" in err and "--accept-weights" in err
+    assert main(["reseal", str(folder), "--accept-weights"]) == 0
+
+
 def test_a_broken_edit_is_refused_and_the_manifest_kept(folder, trained_decoder, capsys):
     before = (folder / MANIFEST).read_text()
     (folder / "tokenizer_config.json").write_text('{"model_max_length": 32,')  # an edit saved half-way

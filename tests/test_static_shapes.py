@@ -13,7 +13,14 @@ from twinlm.errors import ConfigError
 from twinlm.ops import IGNORE_INDEX
 from twinlm.train import dist, run
 from twinlm.train.recipe import load_recipe
-from twinlm.train.static import MIN_DOC_CAPACITY, TARGET_BUCKET, doc_capacity, pad_packed, target_bucket
+from twinlm.train.static import (
+    MIN_DOC_CAPACITY,
+    TARGET_BUCKET,
+    doc_capacity,
+    pad_packed,
+    target_bucket,
+    target_capacity,
+)
 from twinlm.train.testing import make_shards, tiny_recipe
 
 
@@ -31,6 +38,25 @@ def test_padding_fills_tokens_documents_and_targets_to_their_buckets():
     assert torch.equal(p_tgt[:3], tgt) and (p_tgt[3:] == IGNORE_INDEX).all() and (p_pos[3:] == 0).all()
     assert doc_capacity(65) == 128 and doc_capacity(1) == MIN_DOC_CAPACITY
     assert target_bucket(0) == target_bucket(256) == 256 and target_bucket(257) == 512
+
+
+def test_a_partly_filled_micro_batch_has_the_shapes_of_a_full_one():
+    """A step's last micro-batch (few tokens, few targets) is padded to the phase's target capacity, not to its
+    own target count: the compiled graph sees one shape whatever the fill (MLM: the masked share + 5%; CLM:
+    every token)."""
+    assert target_capacity(65536, 0.3) == target_bucket(round(65536 * 0.3 * 1.05)) < 65536
+    assert target_capacity(65536, None) == 65536
+    full = pad_packed(torch.arange(500), torch.tensor([0, 250, 500], dtype=torch.int32), torch.arange(150),
+                      torch.arange(150), tokens=512, seq_len=256, pad_id=3, targets_to=target_capacity(512, 0.3))
+    part = pad_packed(torch.arange(40), torch.tensor([0, 40], dtype=torch.int32), torch.arange(12), torch.arange(12),
+                      tokens=512, seq_len=256, pad_id=3, targets_to=target_capacity(512, 0.3))
+    def shapes(padded):
+        return [t.shape for t in padded if isinstance(t, torch.Tensor)]
+
+    assert shapes(full) == shapes(part)
+    many = pad_packed(torch.arange(500), torch.tensor([0, 500], dtype=torch.int32), torch.arange(400),
+                      torch.arange(400), tokens=512, seq_len=512, pad_id=3, targets_to=256)
+    assert many[3].shape == (512,)  # over the capacity: the next bucket (a new graph, never a lost target)
 
 
 @pytest.mark.parametrize("objective", ["mlm", "clm"])

@@ -103,8 +103,9 @@ def reseal(folder: str | Path, *, accept_weights: bool = False, dry_run: bool = 
     found = compare(folder)
     again = f"then run `twinlm reseal {folder}` again"
     weights = [n for n in found.changed + found.added + found.removed if is_weights_file(n)]
-    if weights and found.manifest == "whole" and not accept_weights:
-        raise ModelLoadError(f"{folder / weights[0]}: the weights differ from {MANIFEST} (damaged, or replaced): "
+    if weights and not accept_weights:  # without a whole manifest, nothing says the weights are the sealed ones
+        why = "differ from" if found.manifest == "whole" else "cannot be checked against"
+        raise ModelLoadError(f"{folder / weights[0]}: the weights {why} {MANIFEST} (damaged, or replaced): "
                              "restore them (download or export the folder again), or pass --accept-weights if you "
                              "replaced them yourself")
     for name in found.changed + found.added:

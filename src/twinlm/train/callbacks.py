@@ -151,8 +151,8 @@ def tracker_missing(trainer, tracker: str, package: str) -> None:
 
 class TensorBoard(Callback):
     """Scalars under RUN/tensorboard (rank 0). On a resume from step k the writer purges what earlier starts
-    wrote after step k (`purge_step=k + 1`: events of steps a kill lost before their checkpoint), so TensorBoard
-    shows each step once. Without the `tensorboard` package: one warning line, then nothing."""
+    wrote after step k (`purge_step=k + 1`, 1 from scratch: events of steps a kill lost before their checkpoint),
+    so TensorBoard shows each step once. Without the `tensorboard` package: one warning line, then nothing."""
 
     def __init__(self, logdir: str | Path):
         self.logdir = Path(logdir)
@@ -166,8 +166,12 @@ class TensorBoard(Callback):
         except ImportError:
             tracker_missing(trainer, "tensorboard", "tensorboard")
             return
-        step = int(trainer.state.step)
-        self.writer = SummaryWriter(str(self.logdir), purge_step=step + 1 if step else None)
+        except Exception as e:  # noqa: BLE001 - a broken install (e.g. a protobuf mismatch) must not stop training
+            trainer.log(f"warning: tracker tensorboard: it cannot be imported ({type(e).__name__}: {e}); nothing "
+                        "is logged to TensorBoard: reinstall it (pip install -U tensorboard), or set tracker: none")
+            return
+        # from step k + 1 on (step 1 for a start from scratch): what an earlier, killed start wrote is purged
+        self.writer = SummaryWriter(str(self.logdir), purge_step=int(trainer.state.step) + 1)
 
     def on_log(self, trainer, row: dict) -> None:
         if self.writer is None:

@@ -51,6 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from twinlm.errors import ConfigError
+from twinlm.train.static import GRAPHS_PER_MODEL
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -303,6 +304,8 @@ def parallelize(model: torch.nn.Module, env: DistEnv, *, mode: str = "auto", com
     sharded = mode == "fsdp" and env.distributed
     if compile and static_shapes and not sharded:
         graphs = {"mode": "reduce-overhead"} if cuda_graphs else {}
+        # one graph per document bucket and mode (train/static.py): more than dynamo's default 8 over a run
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, GRAPHS_PER_MODEL)
         model.compile(fullgraph=True, dynamic=False, backend=compile_backend, **graphs)
     elif compile:
         for block in blocks:

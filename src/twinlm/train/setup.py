@@ -394,7 +394,7 @@ def open_run(checked: Checked, *, step_class: type[TrainStep] = TrainStep) -> Ru
     optimizer = build_optimizer(dist.unwrap(wrapped), lr=o.lr, betas=o.betas, eps=o.eps,
                                 weight_decay=o.weight_decay, compile=recipe.compile and env.device.type == "cuda")
     step = step_class(wrapped, optimizer, env, objective=recipe.objective, seed=recipe.seed, lr=o.lr,
-                      precision=recipe.precision, static_shapes=static,
+                      precision=recipe.precision, static_shapes=static, cuda_graphs=recipe.cuda_graphs,
                       vocab_in_use=len(checked.tokenizer) if checked.tokenizer is not None else None)
     run = Run(recipe=recipe, out=out, env=env, tokenizer=checked.tokenizer, fingerprint=checked.fingerprint,
               ckpt=checked.ckpt, resume=checked.resume, model=wrapped, optimizer=optimizer, step=step)

@@ -61,7 +61,7 @@ from twinlm.data import pack
 from twinlm.train import dist
 from twinlm.train.objectives import Objective, build_objective
 from twinlm.train.schedule import lr_multiplier
-from twinlm.train.static import pad_packed
+from twinlm.train.static import pad_packed, target_capacity
 
 if TYPE_CHECKING:
     from twinlm.config import ModelConfig
@@ -193,11 +193,14 @@ class StepResult:
 class TrainStep:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: dist.DistEnv, *,
                  objective: str, seed: int, lr: float, precision: str = "auto", vocab_in_use: int | None = None,
-                 static_shapes: bool = False):
+                 static_shapes: bool = False, cuda_graphs: bool = False):
         """`lr`: the peak learning rate; `vocab_in_use`: the tokenizer's size, when smaller than the model's
         vocabulary (random replacements of the masking are drawn below it); `static_shapes`: pad every
-        micro-batch to its phase's fixed sizes (train/static.py), for a graph compiled once."""
-        self.static_shapes = static_shapes
+        micro-batch to its phase's fixed sizes (train/static.py), for a graph compiled once; `cuda_graphs`: the
+        model replays CUDA graphs, whose gradient outputs a later pass overwrites, so gradients are accumulated
+        into buffers kept across steps (allocated once, zeroed in place) instead of taking a pass's output."""
+        self.static_shapes = static_shapes or cuda_graphs
+        self.cuda_graphs = cuda_graphs
         self.model = model
         self.optimizer = optimizer
         self.env = env
@@ -232,17 +235,21 @@ class TrainStep:
             cu = np.asarray(packed.cu_seqlens)
             p = objective.prepare(np.asarray(packed.input_ids), cu, list(packed.sample_ids), salt=salt)
             out.append(self._shaped(MicroBatch(p.input_ids, torch.as_tensor(cu, dtype=torch.int32),
-                                               int(packed.max_seqlen), p.positions, p.targets), phase))
+                                               int(packed.max_seqlen), p.positions, p.targets), phase,
+                                    getattr(objective, "mask_ratio", None)))
         return out
 
-    def _shaped(self, mb: MicroBatch, phase: Phase) -> MicroBatch:
-        """`mb` padded to the phase's static shapes when the step has them (train/static.py), else `mb`."""
+    def _shaped(self, mb: MicroBatch, phase: Phase, mask_ratio: float | None = None) -> MicroBatch:
+        """`mb` padded to the phase's static shapes when the step has them (train/static.py), else `mb`;
+        `mask_ratio`: the masking's, when not the phase's (evaluation)."""
         if not self.static_shapes:
             return mb
         cfg = cast("ModelConfig", self.bare_model.config)
+        ratio = None if self.objective == "clm" else (mask_ratio if mask_ratio is not None else phase.mask_ratio)
         ids, cu, max_seqlen, pos, tgt = pad_packed(mb.input_ids, mb.cu_seqlens, mb.positions, mb.targets,
                                                    tokens=phase.micro_batch_tokens, seq_len=phase.seq_len,
-                                                   pad_id=cfg.pad_token_id)
+                                                   pad_id=cfg.pad_token_id,
+                                                   targets_to=target_capacity(phase.micro_batch_tokens, ratio))
         return MicroBatch(ids, cu, max_seqlen, pos, tgt, real_targets=mb.num_targets, real_tokens=mb.num_tokens)
 
     def _dummy(self, phase: Phase) -> MicroBatch:
@@ -338,6 +345,8 @@ class TrainStep:
         lr = self.lr * lr_multiplier(phase_tokens + batch.tokens, phase.tokens, warmup_tokens=s.warmup_tokens,
                                      start=s.start, end=s.end, decay=s.decay, decay_tokens=s.decay_tokens)
         passes = self._passes(batch.micro, phase, batch.passes)
+        if self.cuda_graphs:
+            self._keep_grads()
         self.model.train()
         device = self.env.device
         loss_local = torch.zeros((), dtype=torch.float64, device=device)
@@ -373,7 +382,7 @@ class TrainStep:
             if not skipped:
                 self.optimizer.step()
             read = (loss_sum_ / max(grads.targets, 1), skipped, stop_ > 0, checkpoint_ > 0)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.cuda_graphs)
         host, ready = None, None
         if read is None:
             values = torch.stack([loss_sum, stop, found_inf.to(torch.float64), checkpoint])
@@ -390,7 +399,14 @@ class TrainStep:
 
     def discard(self, grads: Gradients) -> None:  # noqa: ARG002 - the gradients are those of `grads`
         """Drop a step's gradients without an update (the caller stops before it)."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.cuda_graphs)
+
+    def _keep_grads(self) -> None:
+        """Give every trainable parameter a gradient buffer of its own (once), so that autograd adds each pass's
+        gradient into it rather than keeping a CUDA graph's output buffer as `.grad`."""
+        for p in self.bare_model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     def train_batch(self, samples: Sequence, phase: Phase, *, step: int, phase_tokens: int = 0,
                     stop: bool = False, checkpoint: bool = False) -> StepResult:

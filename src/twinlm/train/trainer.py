@@ -354,7 +354,16 @@ class Trainer:
             self._emit("on_train_end")
             return final
         finally:
-            self._emit("on_exit")  # trackers close their writers, however fit ends
+            self._exit_callbacks()  # trackers close their writers, however fit ends
+
+    def _exit_callbacks(self) -> None:
+        """Every callback's `on_exit`, each on its own: one that fails is logged and the others still run, and
+        the error that ended `fit`, if any, is the one raised."""
+        for cb in self.callbacks:
+            try:
+                cb.on_exit(self)
+            except Exception as e:  # noqa: BLE001 - closing a tracker must not hide why the run ended
+                self.log(f"warning: {type(cb).__name__}.on_exit failed: {type(e).__name__}: {e}")
 
     def _run_phases(self) -> str:
         while self.state.phase_index < len(self.phases):
