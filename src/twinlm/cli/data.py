@@ -18,7 +18,8 @@ def register(commands) -> None:
     data = commands.add_parser("data", help="fetch real corpora, prepare token shards, inspect batch orders")
     sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
-    p = sub.add_parser("fetch", help="download the pinned real datasets (REFERENCE §4) into $TWINLM_HOME")
+    p = sub.add_parser("fetch", help="download the pinned real datasets (the sources and sha256 of "
+                                     "twinlm/data/fetch/catalog.py) into $TWINLM_HOME")
     p.add_argument("--only", nargs="+", metavar="NAME", help="fetch only these sources (see `twinlm data list`)")
     p.add_argument("--group", choices=["pretrain", "eval"], help="fetch only pre-training or evaluation sources")
     p.add_argument("--home", help="target folder (default $TWINLM_HOME or ~/.cache/twinlm)")
