@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from tqdm.auto import tqdm
 
 from twinlm.card import run_summary
 from twinlm.data import BatchStream
@@ -82,6 +83,12 @@ from twinlm.train.state import TrainState
 from twinlm.train.step import StepResult, TrainStep
 
 STOPPED = "stopped.json"  # in the run folder while it stands stopped before its end: why, at which step
+
+
+def _print(msg: str) -> None:
+    """A log line on stderr, above the progress bar if one is drawn (printed under it, it would be glued to it)."""
+    tqdm.write(msg, file=sys.stderr)
+    sys.stderr.flush()
 
 
 @dataclass
@@ -174,7 +181,7 @@ class Trainer:
     def log(self, msg: str) -> None:
         env = getattr(self, "env", None)  # before fit() there may be none yet
         if env is None or env.is_main:
-            (self._log or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
+            (self._log or _print)(msg)
 
     @property
     def bare_model(self) -> Transformer:
