@@ -78,3 +78,64 @@ def test_info_cli(capsys):
     # an unknown preset is a user error: one line, exit status 2
     assert main(["info", "ettin-2b"]) == 2
     assert "'ettin-2b' is neither a preset" in capsys.readouterr().err
+
+
+def _tokenize(folder):
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    single, pair = tok("hello world"), tok("hello world", "the end")
+    return tok, single["input_ids"], pair["input_ids"], pair.get("token_type_ids")
+
+
+def test_convert_writes_the_target_kinds_tokenizer_conventions(trained_decoder, tmp_path):
+    """Issue 25 item 3: a decoder converted to an encoder tokenizes as a twinlm-trained encoder's final/
+    (`[CLS] text [SEP]`, right padding), not with the decoder's `[CLS] text`; and the reverse."""
+    from twinlm.eval.toy import toy_tokenizer
+
+    dec_final = trained_decoder["final"]
+    enc = convert(dec_final, "encoder", tmp_path / "enc", log=lambda *a: None)
+    # what a twinlm-trained encoder's final/ holds: the run's tokenizer through save_pretrained
+    ref = tmp_path / "ref-enc"
+    enc_model = Transformer(load(dec_final).config.replace(causal=False))
+    enc_model.save_pretrained(ref, tokenizer=str(trained_decoder["tok"]))
+    tok, single, pair, types = _tokenize(enc)
+    _, ref_single, ref_pair, ref_types = _tokenize(ref)
+    assert single[0] == tok.cls_token_id and single[-1] == tok.sep_token_id
+    assert (single, pair, types) == (ref_single, ref_pair, ref_types)
+    assert pair.count(tok.sep_token_id) == 2 and tok.padding_side == "right" and tok.mask_token == "[MASK]"
+    # the decoder it came from: `[CLS] text`, nothing appended
+    dtok, dsingle, _, _ = _tokenize(dec_final)
+    assert dsingle == single[:-1] and dtok.padding_side == "left"
+    # HF fill-mask runs on the converted encoder and sees `[CLS] … [MASK] … [SEP]`
+    fill = transformers.pipeline("fill-mask", model=str(enc), tokenizer=str(enc), device="cpu")
+    out = fill("the old [MASK] is here.", top_k=3)
+    assert len(out) == 3 and all("score" in o for o in out)
+    # and back: a decoder again, with the decoder's conventions (BOS first, no [SEP] appended)
+    back = convert(enc, "decoder", tmp_path / "dec", log=lambda *a: None)
+    btok, bsingle, bpair, _ = _tokenize(back)
+    assert bsingle == dsingle and bsingle[0] == btok.cls_token_id and btok.sep_token_id not in bsingle
+    assert btok.sep_token_id not in bpair and btok.padding_side == "left"
+
+    # an encoder trained by twinlm (toy tokenizer) converted to a decoder, and its own template kept on export
+    toy = toy_tokenizer(vocab_size=256, out_dir=tmp_path / "toy")
+    cfg = ModelConfig.preset("cpu-tiny", num_layers=1, vocab_size=256)
+    src = tmp_path / "toy-enc"
+    Transformer(cfg).save_pretrained(src, tokenizer=str(tmp_path / "toy"))
+    assert (json.loads((src / "tokenizer.json").read_text())["post_processor"]
+            == json.loads((tmp_path / "toy" / "tokenizer.json").read_text())["post_processor"])
+    e2d = convert(src, "decoder", tmp_path / "toy-dec", log=lambda *a: None)
+    e2d_tok, e2d_single, _, _ = _tokenize(e2d)
+    assert e2d_single == toy("hello world")["input_ids"][:-1] and e2d_tok.padding_side == "left"
+
+
+def test_encoder_template_detection():
+    """An encoder's own template is kept when it already appends the model's [SEP] (BERT / RoBERTa
+    processing, a TemplateProcessing ending with the sep id, inside a Sequence); anything else is replaced."""
+    from twinlm.export import _appends_sep, _template
+
+    cfg = ModelConfig.preset("cpu-tiny", num_layers=1, vocab_size=256)
+    assert _appends_sep(_template(cfg, True), cfg) and not _appends_sep(_template(cfg, False), cfg)
+    assert _appends_sep({"type": "BertProcessing", "sep": ["[SEP]", cfg.sep_token_id], "cls": ["[CLS]", 1]}, cfg)
+    assert _appends_sep({"type": "Sequence", "processors": [{"type": "ByteLevel"}, _template(cfg, True)]}, cfg)
+    assert not _appends_sep(None, cfg) and not _appends_sep({"type": "ByteLevel"}, cfg)
+    named = _template(cfg, True, {cfg.cls_token_id: "<s>", cfg.sep_token_id: "</s>"})
+    assert named["special_tokens"]["</s>"]["ids"] == [cfg.sep_token_id] and _appends_sep(named, cfg)

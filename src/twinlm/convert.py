@@ -9,8 +9,11 @@ folder of the other class is written.
 What travels with the weights:
 - the tokenizer: the source folder's files; for a twinlm checkpoint (`RUN/checkpoints/step-N`), the run's
   tokenizer (the recipe's `tokenizer` in the checkpoint's state, else `RUN/final`); `tokenizer=` names one
-  explicitly. A tokenizer whose fingerprint differs from the one the checkpoint records is refused. With no
-  tokenizer to write, `convert` warns through `log` (the folder is still usable in Python with a tokenizer
+  explicitly. The files are written with the target kind's conventions (twinlm.export's
+  apply_tokenizer_conventions, through save_pretrained): a decoder's `[CLS] $A` becomes an encoder's
+  `[CLS] $A [SEP]` with right padding, an encoder's template a decoder's `[CLS] $A` with left padding. A
+  tokenizer whose fingerprint differs from the one the checkpoint records is refused. With no tokenizer to
+  write, `convert` warns through `log` (the folder is still usable in Python with a tokenizer
   passed separately) and `export_model` refuses unless `allow_no_tokenizer`.
 - the source's config.json fields that are not architecture (`classifier_pooling`, `id2label`, …: every key
   outside twinlm.hf.ARCHITECTURE_FIELDS) and its `generation_config.json` settings (for a decoder result);

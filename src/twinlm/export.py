@@ -18,7 +18,12 @@
   = input_ids, attention_mask; `model_max_length` = the context the model was trained at (else its
   `max_position_embeddings`); decoders get the single-sequence template `[CLS] $A` (pair `[CLS] $A $B`) and
   left padding, so that `generate`, the text-generation pipeline and lm-evaluation-harness with default
-  arguments see `[CLS] text`, as in training; encoders keep their template (twinlm's: `[CLS] $A [SEP]`).
+  arguments see `[CLS] text`, as in training; encoders get `[CLS] $A [SEP]` (pair `[CLS] $A [SEP] $B [SEP]`,
+  twinlm's own tokenizer template) and right padding, so that fill-mask, sentence-transformers and `Trainer`
+  see `[CLS] text [SEP]`, as in training. An encoder's template that already ends with its `[SEP]` is kept
+  (an outside tokenizer's own); any other (a decoder's `[CLS] $A`, in a folder converted to an encoder by
+  twinlm.convert) is replaced. The template's special tokens are the model's ids, under the tokenizer's own
+  names for them.
   A tokenizer whose special ids or size contradict the model is refused (TokenizerMismatch).
 - twinlm checkpoint folder (`save_checkpoint`): `model.safetensors` in twinlm's own names, the state dict as
   it is, plus `model_config.json` (ModelConfig.to_dict).
@@ -102,16 +107,21 @@ def save_pretrained(model, path, tokenizer=None, *, max_length: int | None = Non
 
 
 def apply_tokenizer_conventions(folder, cfg, *, max_length: int | None = None, append_sep: bool | None = None) -> None:
-    """Rewrite the tokenizer files in `folder` for a model of config `cfg` (see the module docstring).
-    `append_sep`: the template is `[CLS] $A [SEP]` (default: decoders get `[CLS] $A`, encoders keep theirs; a
-    decoder's sentence-transformers export pools on that `[SEP]`, as twinlm's decoder retrieval does)."""
+    """Rewrite the tokenizer files in `folder` for a model of config `cfg` (see the module docstring): the one
+    place that decides a kind's tokenizer conventions (save_pretrained, and through it convert and export).
+    `append_sep`: the template is `[CLS] $A [SEP]` (True) or `[CLS] $A` (False); default, the kind's: decoders
+    get `[CLS] $A`, encoders `[CLS] $A [SEP]` unless theirs already appends `[SEP]` (then it is kept). A
+    decoder's sentence-transformers export passes True: it pools on that `[SEP]`, as twinlm's decoder
+    retrieval does."""
     folder = Path(folder)
     tj = folder / "tokenizer.json"
-    if tj.is_file() and (cfg.causal or append_sep is not None):  # an encoder's own template is kept
-        append_sep = bool(append_sep)
+    if tj.is_file():
         data = json.loads(tj.read_text())
-        data["post_processor"] = _template(cfg, append_sep)
-        write_bytes(tj, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+        if append_sep is None:
+            append_sep = False if cfg.causal else None if _appends_sep(data.get("post_processor"), cfg) else True
+        if append_sep is not None:
+            data["post_processor"] = _template(cfg, append_sep, _token_names(data))
+            write_bytes(tj, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
     tc = folder / "tokenizer_config.json"
     if tc.is_file():
         conf = json.loads(tc.read_text())
@@ -123,22 +133,50 @@ def apply_tokenizer_conventions(folder, cfg, *, max_length: int | None = None, a
         write_json(tc, conf)
 
 
-def _template(cfg, append_sep: bool) -> dict[str, Any]:
-    """A `tokenizers` TemplateProcessing post-processor (its JSON form) with the model's special ids."""
-    def spec(name):
-        return {"SpecialToken": {"id": name, "type_id": 0}}
+def _token_names(data: dict) -> dict[int, str]:
+    """id -> name of the special (added) tokens in a tokenizer.json."""
+    return {t["id"]: t["content"] for t in data.get("added_tokens") or []
+            if isinstance(t, dict) and isinstance(t.get("id"), int) and isinstance(t.get("content"), str)}
+
+
+def _appends_sep(post: Any, cfg) -> bool:
+    """Whether a tokenizer.json post-processor ends a single sequence with the model's `[SEP]` (an encoder's
+    template: BERT/RoBERTa processing, or a TemplateProcessing whose last piece is the sep id)."""
+    if not isinstance(post, dict):
+        return False
+    kind = post.get("type")
+    if kind == "Sequence":
+        return any(_appends_sep(p, cfg) for p in post.get("processors") or [])
+    if kind in ("BertProcessing", "RobertaProcessing"):
+        sep = post.get("sep")
+        return isinstance(sep, list) and len(sep) == 2 and sep[1] == cfg.sep_token_id
+    if kind != "TemplateProcessing" or not post.get("single"):
+        return False
+    last = post["single"][-1].get("SpecialToken") if isinstance(post["single"][-1], dict) else None
+    special = (post.get("special_tokens") or {}).get((last or {}).get("id"))
+    return isinstance(special, dict) and special.get("ids") == [cfg.sep_token_id]
+
+
+def _template(cfg, append_sep: bool, names: dict[int, str] | None = None) -> dict[str, Any]:
+    """A `tokenizers` TemplateProcessing post-processor (its JSON form) with the model's special ids, named as
+    the tokenizer names them (`names`: id -> token; `[CLS]` / `[SEP]` when it has no such token)."""
+    names = names or {}
+    cls, sep = names.get(cfg.cls_token_id, "[CLS]"), names.get(cfg.sep_token_id, "[SEP]")
+
+    def spec(name, type_id=0):
+        return {"SpecialToken": {"id": name, "type_id": type_id}}
 
     def seq(which, type_id):
         return {"Sequence": {"id": which, "type_id": type_id}}
 
-    single = [spec("[CLS]"), seq("A", 0)] + ([spec("[SEP]")] if append_sep else [])
+    single = [spec(cls), seq("A", 0)] + ([spec(sep)] if append_sep else [])
     if append_sep:
-        pair = [spec("[CLS]"), seq("A", 0), spec("[SEP]"), seq("B", 1), {"SpecialToken": {"id": "[SEP]", "type_id": 1}}]
+        pair = [spec(cls), seq("A", 0), spec(sep), seq("B", 1), spec(sep, 1)]
     else:
-        pair = [spec("[CLS]"), seq("A", 0), seq("B", 1)]
-    specials = {"[CLS]": {"id": "[CLS]", "ids": [cfg.cls_token_id], "tokens": ["[CLS]"]}}
+        pair = [spec(cls), seq("A", 0), seq("B", 1)]
+    specials = {cls: {"id": cls, "ids": [cfg.cls_token_id], "tokens": [cls]}}
     if append_sep:
-        specials["[SEP]"] = {"id": "[SEP]", "ids": [cfg.sep_token_id], "tokens": ["[SEP]"]}
+        specials[sep] = {"id": sep, "ids": [cfg.sep_token_id], "tokens": [sep]}
     return {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials}
 
 
