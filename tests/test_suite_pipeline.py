@@ -113,7 +113,7 @@ def test_eval_settings_are_the_tracks_dataclasses_and_reach_only_their_steps(tmp
     assert quick.classify == ClassifyConfig(tasks=["sst2"], seeds=2, max_train=500, max_eval=300, probe_layer="best")
     assert quick.classification is quick.classify  # the track's name now; `classify` still reads it
     assert quick.retrieval == RetrievalConfig(sets=["sciq"], seeds=1, max_train_pairs=100, max_eval_queries=100)
-    assert quick.generative == GenerativeConfig(tasks=["arc_easy", "copa"], limit=100)
+    assert quick.generative == GenerativeConfig(tasks=["arc_easy", "copa"], limit=100, add_bos=True)
     assert quick.bpb == BpbConfig(max_docs=50)
     scale = get_scale("quick", ["classify.seeds=[0, 4]", "retrieval.max_corpus=50"])
     assert scale.classify.seeds == [0, 4] and scale.retrieval.max_corpus == 50
