@@ -14,6 +14,7 @@ is the list a run gets unless it asks for none (`Trainer(default_callbacks=False
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -149,6 +150,19 @@ def tracker_missing(trainer, tracker: str, package: str) -> None:
                 f"pip install {package} (or twinlm[track]), or set tracker: none")
 
 
+def optional_tracker(trainer, tracker: str, package: str, module: str) -> Any:
+    """`module` (a tracker's optional package), or None after one warning line: not installed
+    (`tracker_missing`), or installed but broken (e.g. a protobuf mismatch), which must not stop training."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        tracker_missing(trainer, tracker, package)
+    except Exception as e:  # noqa: BLE001 - any failure of an optional import
+        trainer.log(f"warning: tracker {tracker}: {module} cannot be imported ({type(e).__name__}: {e}), so "
+                    f"nothing is tracked: reinstall it (pip install -U {package}), or set tracker: none")
+    return None
+
+
 class TensorBoard(Callback):
     """Scalars under RUN/tensorboard (rank 0). On a resume from step k the writer purges what earlier starts
     wrote after step k (`purge_step=k + 1`, 1 from scratch: events of steps a kill lost before their checkpoint),
@@ -161,17 +175,11 @@ class TensorBoard(Callback):
     def on_train_start(self, trainer) -> None:
         if not trainer.env.is_main:
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
-        except ImportError:
-            tracker_missing(trainer, "tensorboard", "tensorboard")
-            return
-        except Exception as e:  # noqa: BLE001 - a broken install (e.g. a protobuf mismatch) must not stop training
-            trainer.log(f"warning: tracker tensorboard: it cannot be imported ({type(e).__name__}: {e}); nothing "
-                        "is logged to TensorBoard: reinstall it (pip install -U tensorboard), or set tracker: none")
+        module = optional_tracker(trainer, "tensorboard", "tensorboard", "torch.utils.tensorboard")
+        if module is None:
             return
         # from step k + 1 on (step 1 for a start from scratch): what an earlier, killed start wrote is purged
-        self.writer = SummaryWriter(str(self.logdir), purge_step=int(trainer.state.step) + 1)
+        self.writer = module.SummaryWriter(str(self.logdir), purge_step=int(trainer.state.step) + 1)
 
     def on_log(self, trainer, row: dict) -> None:
         if self.writer is None:
@@ -192,9 +200,9 @@ class WandB(Callback):
     """Weights & Biases (rank 0): `wandb.init(dir=RUN, id=<the run's id>, resume="allow")`, offline unless the
     environment sets `WANDB_MODE` (online runs need `wandb login`), project `WANDB_PROJECT` or "twinlm", the
     resolved recipe as the run's config; the `TRACKED` values of every metrics row at its step. The id is made
-    once per run folder and kept in RUN/wandb/twinlm-run-id, so every restart continues the same W&B run
-    (`wandb sync RUN/wandb/offline-run-*` uploads them). Without the `wandb` package: one warning line, then
-    nothing."""
+    once per run folder and kept in RUN/wandb/twinlm-run-id and given to every restart (offline, each start
+    writes its own RUN/wandb/offline-run-* folder under that id; `wandb sync` uploads them). Without the `wandb`
+    package: one warning line, then nothing."""
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
@@ -213,10 +221,8 @@ class WandB(Callback):
     def on_train_start(self, trainer) -> None:
         if not trainer.env.is_main:
             return
-        try:
-            import wandb  # optional: the `track` extra
-        except ImportError:
-            tracker_missing(trainer, "wandb", "wandb")
+        wandb = optional_tracker(trainer, "wandb", "wandb", "wandb")
+        if wandb is None:
             return
         os.environ.setdefault("WANDB_MODE", "offline")
         self.run = wandb.init(dir=str(self.out), id=self.run_id(), resume="allow",
