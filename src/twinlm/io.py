@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -80,22 +81,19 @@ def apply_modes(path: str | Path) -> None:
     keep being executable or not; symbolic links are left as they are)."""
     path = Path(path)
     mask = umask()
-    if path.is_symlink():
-        return
-    if not path.is_dir():
-        os.chmod(path, (0o777 if os.stat(path).st_mode & 0o111 else 0o666) & ~mask)
-        return
-    for root, dirs, files in os.walk(path):
-        for name in files:
-            p = os.path.join(root, name)
-            st = os.lstat(p)
-            if not os.path.islink(p):
-                os.chmod(p, (0o777 if st.st_mode & 0o111 else 0o666) & ~mask)
-        for name in dirs:
-            p = os.path.join(root, name)
-            if not os.path.islink(p):
-                os.chmod(p, 0o777 & ~mask)
-    os.chmod(path, 0o777 & ~mask)
+
+    def chmod(p: str | Path) -> None:
+        st = os.lstat(p)
+        if stat.S_ISLNK(st.st_mode):
+            return
+        full = 0o777 if stat.S_ISDIR(st.st_mode) or st.st_mode & 0o111 else 0o666
+        os.chmod(p, full & ~mask)
+
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for name in files + dirs:
+                chmod(os.path.join(root, name))
+    chmod(path)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
