@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from twinlm.data.shards import (
+    CONTENTS,
+    FILES,
     check_sizes,
     is_verified,
     mark_verified,
@@ -104,7 +106,7 @@ def verify_run_shards(paths: list[str], out: Path, env: dist.DistEnv, log: Calla
         dist.set_timeout(longest)
     say = log if env.is_main else (lambda m: print(m, file=sys.stderr, flush=True))
     failure: tuple[int, int, str] | None = None
-    order = [name for name, _ in verification_parts(metas[todo[0]])]  # the hashes first, then the structure
+    order = [*FILES, CONTENTS]  # the hashes first, then the structure (verification_parts' order)
     for path, name, size in sorted(shares[env.rank], key=lambda p: order.index(p[1])):
         t0 = time.perf_counter()
         try:
