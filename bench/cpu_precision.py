@@ -10,7 +10,7 @@ the load of a shared machine falls on all variants alike); the figure is the med
 first two of each variant (compile's warm-up), as process CPU time (the step's cost whatever else runs) and
 wall time.
 
-curve: the cpu recipe's encoder and decoder (`recipes/cpu/{encoder,decoder}.yaml`, pre-training phase
+curve: the cpu recipe's encoder and decoder (the shipped `recipes/cpu/{encoder,decoder}.yaml`, pre-training phase
 only) trained for `--tokens` on the given shards with `precision=fp32`, `precision=bf16`, and `precision=fp32`
 with another seed (the noise: how far two fp32 runs that differ only in initialisation and masks end apart).
 bf16 is within noise when |bf16 - fp32| of the final loss (mean of the last 10 steps) is no larger than
@@ -29,8 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_flags() -> list[str]:
@@ -83,12 +81,12 @@ def throughput(args) -> dict:
 
 def curve(args) -> dict:
     from twinlm.train import run as train
-    from twinlm.train.recipe import load_raw
+    from twinlm.train.recipe import find_recipe, load_raw
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for objective in args.objectives:
-            recipe = load_raw(ROOT / "recipes" / "cpu" / f"{objective}.yaml")
+            recipe = load_raw(find_recipe(f"cpu/{objective}"))
             recipe["phases"] = {"pretrain": recipe["phases"]["pretrain"]}  # the pre-training phase only
             for label, precision, seed in (("fp32", "fp32", 21), ("bf16", "bf16", 21), ("fp32-seed2", "fp32", 22)):
                 out = Path(tmp) / f"{objective}-{label}"

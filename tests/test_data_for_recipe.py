@@ -3,16 +3,15 @@ it builds the tokenizer and every shard folder a shipped cpu recipe names, after
 with no other step; before it, `twinlm train` names that command; for an Ettin recipe it says what is needed."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from twinlm.cli import main
 from twinlm.data.for_recipe import needs
 from twinlm.eval.toy import toy_sentences
-from twinlm.train.recipe import load_recipe
+from twinlm.train.recipe import load_recipe, shipped_recipes
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = shipped_recipes()
 
 
 def test_prepare_for_a_cpu_recipe_then_train(tmp_path, monkeypatch, capsys):

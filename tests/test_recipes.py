@@ -1,13 +1,12 @@
 """Every shipped recipe parses, and its numbers are the paper's (REFERENCE.md §1 table and §2 recipe)."""
 
-from pathlib import Path
 
 import pytest
 
 from twinlm.config import ModelConfig
-from twinlm.train.recipe import load_recipe
+from twinlm.train.recipe import load_recipe, shipped_recipes
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = shipped_recipes()
 
 # size: (layers, hidden, intermediate, heads, peak LR, weight decay, LR warmup, batch-size warmup)
 PAPER = {

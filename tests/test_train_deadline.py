@@ -137,17 +137,38 @@ def test_deadline_stops_with_a_checkpoint_per_process_and_resumes_exactly(shards
     same_run(out, reference)
 
 
-def test_deadline_stop_through_the_command_exits_0_and_says_why(shards, tmp_path):
+def test_the_command_exits_75_on_a_stop_to_resume_and_0_when_finished_or_at_max_steps(shards, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """75 (EX_TEMPFAIL) tells a scheduler "stopped, run me again" from 0, "done": after the deadline (through
+    `python -m twinlm`, the status a job script sees); 0 once the same command has run to final/, again for the
+    finished run, after the recipe's own max_steps, and from a worker of torchrun's agent (for which any other
+    status is a crash to restart), whose run folder's stopped.json tells the stop."""
+    from twinlm.cli import main
+
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe_for(shards)))
+    path.write_text(yaml.safe_dump(tiny_recipe(shards, phases=1, tokens=600)))  # a few steps
+    out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("TORCHELASTIC_RUN_ID", None)
     # a deadline that passes before the first step is done: the run still trains (and checkpoints) one step
-    p = subprocess.run([sys.executable, "-m", "twinlm", "train", str(path), "--out", str(tmp_path / "run"),
-                        "stop_after=0.001s"], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = subprocess.run([sys.executable, "-m", "twinlm", "train", str(path), "--out", str(out), "stop_after=0.001s"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 75, p.stderr[-3000:]
     assert "stopped by the deadline (stop_after=0.001s); checkpoint" in p.stderr
     assert "run the same command again to resume" in p.stderr
-    assert checkpoint_steps(tmp_path / "run") == [1]
+    assert checkpoint_steps(out) == [1] and (out / "stopped.json").exists()
+
+    assert main(["train", str(path), "--out", str(out)]) == 0  # the same command, no deadline: to the end
+    assert capsys.readouterr().out.strip() == str(out / "final") and not (out / "stopped.json").exists()
+    assert main(["train", str(path), "--out", str(out)]) == 0  # already finished
+
+    assert main(["train", str(path), "--out", str(tmp_path / "capped"), "max_steps=1"]) == 0
+    assert json.loads((tmp_path / "capped" / "stopped.json").read_text())["max_steps"] is True
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # what torchrun's agent sets for its workers
+    assert main(["train", str(path), "--out", str(tmp_path / "worker"), "stop_after=0.001s"]) == 0
+    stopped = json.loads((tmp_path / "worker" / "stopped.json").read_text())
+    assert stopped["max_steps"] is False and "deadline" in stopped["reason"]
 
 
 # --- checkpoints by time ------------------------------------------------------------------------------------

@@ -52,11 +52,11 @@ def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path):
 
     out = tmp_path / "run"
     metrics = out / "metrics.jsonl"
-    # 1) SIGTERM: finishes the step, checkpoints, exits 0
+    # 1) SIGTERM: finishes the step, checkpoints, exits 75 (stopped before the end: run again to resume)
     p = start(path, out)
     wait_for_rows(p, metrics, 4)
     p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=120) == 0
+    assert p.wait(timeout=120) == 75
     log = p.stdout.read()
     assert "SIGTERM" in log
     stopped_at = len(metrics.read_text().splitlines())

@@ -88,7 +88,10 @@ class TrainingDiverged(TwinlmError, RuntimeError):
 
 
 class RunInterrupted(TwinlmError):
-    """SIGTERM stopped a run after a checkpoint (raised only when the caller asks for it)."""
+    """SIGTERM or the `stop_after` deadline stopped a run before its end, after a checkpoint: running the same
+    command again resumes it (raised only when the caller asks for it). The command line exits `exit_status`."""
+
+    exit_status = 75  # EX_TEMPFAIL (sysexits.h): a temporary stop, try again; what a job script requeues on
 
 
 class PeerFailure(TwinlmError, RuntimeError):

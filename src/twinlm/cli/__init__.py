@@ -4,8 +4,13 @@
 imports it.
 
 Exit status: 0 done; 2 a user error (bad arguments, or any `TwinlmError`: one line, `twinlm: error: …`, that
-says what to do; `--debug` shows the traceback too); 3 training diverged; 130 interrupted by Ctrl-C; anything
-else is a bug and prints its traceback.
+says what to do; `--debug` shows the traceback too); 3 training diverged; 75 (EX_TEMPFAIL, sysexits.h) training
+stopped before its end by SIGTERM or its `stop_after` deadline after writing a checkpoint: the same command
+resumes it (`twinlm train` outside an elastic agent, `twinlm suite`; cli/train.py says why not under torchrun);
+130 interrupted by Ctrl-C; anything else is a bug and prints its traceback.
+
+KEY=VALUE overrides may stand anywhere among a command's arguments, after its options too (as with Hydra): a
+subcommand that takes them names the attribute they are collected into as its `key_values` default.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import argparse
 import sys
 
 from twinlm import __version__
-from twinlm.errors import TrainingDiverged, TwinlmError
+from twinlm.errors import ConfigError, RunInterrupted, TrainingDiverged, TwinlmError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,17 +44,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
     try:
+        _take_key_values(parser, args, extra)
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RunInterrupted as e:
+        print(f"twinlm: {one_line(e)}", file=sys.stderr)
+        return RunInterrupted.exit_status
     except TwinlmError as e:
         if args.debug:
             raise
         print(f"twinlm: error: {one_line(e)}", file=sys.stderr)
         return 3 if isinstance(e, TrainingDiverged) else 2
+
+
+def _take_key_values(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
+    """The words argparse left over (those after an option) join the command's KEY=VALUE list, and every word of
+    that list must be KEY=VALUE (ConfigError, one line, otherwise). A left-over option, or a word for a command
+    that takes no overrides, is argparse's own usage error."""
+    dest = getattr(args, "key_values", None)
+    if extra and (dest is None or any(word.startswith("-") for word in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if dest is None:
+        return
+    words = [*getattr(args, dest), *extra]
+    bad = [w for w in words if "=" not in w or not w.split("=", 1)[0].strip()]
+    if bad:
+        raise ConfigError(f"{bad[0]!r} is neither an option of `twinlm {args.command}` nor a KEY=VALUE override: "
+                          "write overrides as dotted.key=value (anywhere on the line)")
+    setattr(args, dest, words)
 
 
 def one_line(error: BaseException) -> str:

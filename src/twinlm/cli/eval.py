@@ -84,7 +84,7 @@ def register(commands: Any) -> None:
     p.add_argument("--device", default=None,
                    help="every track on this device: auto (the default: this rank's GPU when there is one, else "
                         "the CPU), cpu, cuda, cuda:N; part of the cache key")
-    p.set_defaults(handler=_curve)
+    p.set_defaults(handler=_curve, key_values="set")
 
     p = tracks.add_parser("paper", help="the paper's three columns (GLUE, MS MARCO + MTEB, generative) the paper's "
                                         "way, in a table beside the paper's numbers (eval/paper/columns.py)",

@@ -28,7 +28,7 @@ def register(commands) -> None:
                f"by a dotted key, e.g. pretrain_tokens=4M classification.seeds=5 sources='[wiki-gensim,gcide]'; "
                f"the fields:\n{fields}",
     )
-    p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="override a scale setting")
+    p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="override a scale setting (anywhere on the line)")
     p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="size and budgets (default: cpu)")
     p.add_argument("--quick", action="store_true", help="same as --scale quick: every step, smallest size, ~2 min")
     p.add_argument("--out", default=None, help="suite folder (default: runs/suite-<scale>)")
@@ -40,7 +40,7 @@ def register(commands) -> None:
                         "twinlm suite …) the evaluation steps are shared among the ranks, one GPU each; rank 0 runs "
                         "every other step and writes")
     p.add_argument("--status", action="store_true", help="show which steps are done, stale or to do, and exit")
-    p.set_defaults(handler=_suite)
+    p.set_defaults(handler=_suite, key_values="settings")
 
 
 def _suite(args) -> int:

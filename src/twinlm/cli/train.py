@@ -3,39 +3,53 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from twinlm.errors import ConfigError
+from twinlm.errors import RunInterrupted
+
+DESCRIPTION = """\
+Train a YAML recipe into a run folder: every phase in order, checkpoints, metrics.jsonl, and final/ (a Hugging
+Face folder). Running the same command again resumes from the newest intact checkpoint.
+
+RECIPE is a YAML file, or a recipe shipped with twinlm named from any directory: recipes/cpu/encoder.yaml,
+cpu/encoder, ettin/150m/decoder, cross/150m/enc-from-dec (a file that exists is read as it is first). With
+TWINLM_RECIPES=DIR set, names are looked up in DIR instead of the shipped recipes (the suite's too).
+
+Overrides are dotted KEY=VALUE words, anywhere on the line: optim.lr=1e-3 phases.pretrain.tokens=2M
+data=/path/to/shards model.overrides.attention_dropout=0.
+
+Exit status: 0 finished (RUN/final), or stopped at the recipe's max_steps; 75 stopped before the end by
+SIGTERM or the stop_after deadline, with a checkpoint and RUN/stopped.json saying why: run the same command
+again to resume (a scheduler requeues on 75); 2 a user error; 3 diverged. Under torchrun a worker exits 0
+after such a stop instead (torchrun takes any other status for a crash and restarts the workers, and a
+SIGTERM to torchrun itself makes it exit non-zero whatever the workers do): there RUN/stopped.json, present
+only while a run stands stopped, tells a stop from the end, as scripts/slurm/train.sbatch does.
+
+Multi-GPU/CPU: torchrun --nproc_per_node N -m twinlm train RECIPE --out RUN.
+"""
 
 
 def register(commands) -> None:
     p = commands.add_parser(
-        "train", help="train a recipe (all its phases); resumes by itself",
-        description="Train a YAML recipe into a run folder: every phase in order, checkpoints, metrics.jsonl, "
-                    "and final/ (a Hugging Face folder). Running the same command again resumes from the newest "
-                    "intact checkpoint. Overrides are dotted KEY=VALUE pairs: optim.lr=1e-3 "
-                    "phases.pretrain.tokens=2M data=/path/to/shards model.overrides.attention_dropout=0. "
-                    "Multi-GPU/CPU: torchrun --nproc_per_node N -m twinlm train RECIPE --out RUN.",
+        "train", help="train a recipe (all its phases); resumes by itself", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", help="recipe YAML file (see recipes/)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides")
-    # nargs="+": overrides may follow the run folder (`--out RUN optim.lr=1e-3`); argparse cannot otherwise
-    # take positionals on both sides of an option.
-    p.add_argument("--out", required=True, nargs="+", metavar="RUN",
-                   help="run folder (created; resumed if it holds checkpoints); KEY=VALUE overrides may follow")
+    p.add_argument("recipe", help="recipe YAML file, or a shipped recipe's name (cpu/encoder, ettin/150m/decoder)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides (anywhere on the line)")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder (created; resumed if it holds checkpoints)")
     p.add_argument("--print", dest="print_only", action="store_true",
                    help="print the resolved recipe and exit")
-    p.set_defaults(handler=_train)
+    p.set_defaults(handler=_train, key_values="overrides")
+
+
+def under_elastic_agent() -> bool:
+    """Whether this process is a worker of torchrun's elastic agent (which sets TORCHELASTIC_RUN_ID for them)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def _train(args) -> int:
     # user errors (a bad recipe, missing data, diverging: exit 3) reach `twinlm.cli.main`, which prints them
     from twinlm.train.recipe import load_recipe
-    args.out, extra = args.out[0], args.out[1:]
-    args.overrides = list(args.overrides) + list(extra)
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"overrides must be KEY=VALUE, got {bad}")
     recipe = load_recipe(args.recipe, args.overrides)
     if args.print_only:
         print(recipe.resolved_paths().to_yaml(), end="")
@@ -48,14 +62,14 @@ def _train(args) -> int:
         out = trainer.fit()
     finally:
         dist.shutdown()
-    if trainer.env is not None and not trainer.env.is_main:
-        return 0
-    if trainer.interrupted:
+    main_rank = trainer.env is None or trainer.env.is_main
+    if trainer.interrupted and main_rank:
         print(f"stopped by {trainer.stop_reason}; checkpoint {out}; run the same command again to resume",
               file=sys.stderr)
-    else:
+    elif main_rank:
         print(out)
-    return 0
+    # every rank exits alike: a launcher without an agent (srun, mpirun) sees the status of any of them
+    return RunInterrupted.exit_status if trainer.resumable and not under_elastic_agent() else 0
 
 
 def _check_data(recipe, recipe_arg: str) -> None:

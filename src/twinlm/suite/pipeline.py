@@ -31,7 +31,7 @@ from twinlm.data.tokenizer import (
     tokenizer_fingerprint,
     train_tokenizer,
 )
-from twinlm.errors import ConfigError, MissingArtifactError, RunInterrupted
+from twinlm.errors import ConfigError, RunInterrupted
 from twinlm.eval.device import resolve_device
 from twinlm.eval.ngram import load_ngram
 from twinlm.eval.ranks import Ranks
@@ -43,9 +43,7 @@ from twinlm.suite.report import write_report
 from twinlm.suite.scales import NGRAM_TRACKS, TRACKS, Scale
 from twinlm.suite.steps import Pipeline, Step
 from twinlm.train import run as train
-from twinlm.train.recipe import load_raw
-
-REPO_RECIPES = Path(__file__).resolve().parents[3] / "recipes"
+from twinlm.train.recipe import load_raw, recipes_dir
 
 # model name -> (recipe file, the step whose final model it starts from, or None)
 TRAINED = {
@@ -63,13 +61,12 @@ JOB_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
            "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE"}
 
 
-def recipes_dir() -> Path:
-    env = os.environ.get("TWINLM_RECIPES")
-    path = Path(env) if env else REPO_RECIPES
-    if not path.is_dir():
-        raise MissingArtifactError(f"recipe folder {path} not found: run from a twinlm checkout or set "
-                                   "TWINLM_RECIPES")
-    return path
+def _train_command(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    """`twinlm train` as a process of its own: a stop before the end (exit 75, or 0 without final/ from torchrun,
+    whose workers exit 0 on a stop) is for the caller to see in the run folder; any other failure raises."""
+    code = subprocess.run(cmd, env=env).returncode
+    if code not in (0, RunInterrupted.exit_status):
+        raise subprocess.CalledProcessError(code, cmd)
 
 
 class Suite:
@@ -186,18 +183,18 @@ class Suite:
                 if self.scale.nproc > 1:
                     cmd[1:3] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.scale.nproc}",
                                 "-m", "twinlm"]
-                subprocess.run(cmd, check=True, env={k: v for k, v in os.environ.items() if k not in JOB_ENV})
+                _train_command(cmd, env={k: v for k, v in os.environ.items() if k not in JOB_ENV})
                 final = out / "final"
             elif self.scale.nproc > 1:
                 cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.scale.nproc}",
                        "-m", "twinlm", "train", str(recipe), "--out", str(out), *overrides]
-                subprocess.run(cmd, check=True)
+                _train_command(cmd)
                 final = out / "final"
             else:
                 final = Path(train(str(recipe), out, overrides))
-            if final.name != "final":
-                raise RunInterrupted(f"training of {name} stopped before the end (checkpoint {final}); "
-                                     "run the suite again to resume")
+            if final != out / "final" or not final.is_dir():
+                raise RunInterrupted(f"training of {name} stopped before the end (the newest checkpoint in {out} "
+                                     "resumes it); run the same suite command again to go on")
             return {"model": str(final), "metrics": str(out / "metrics.jsonl")}
         return run
 

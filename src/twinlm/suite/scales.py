@@ -57,7 +57,7 @@ class Scale:
     name: str
     description: str
     preset: str  # model shape (twinlm.ModelConfig preset); vocabulary comes from the tokenizer
-    recipe_dir: str  # recipes/<recipe_dir>/{encoder,decoder,enc-from-dec,dec-from-enc}.yaml
+    recipe_dir: str  # <recipe folder>/<recipe_dir>/{encoder,decoder,enc-from-dec,dec-from-enc}.yaml (train/recipe.py)
     # corpus and tokenizer
     sources: list[str] = field(default_factory=lambda: list(PROSE_SOURCES))
     corpus_mb: float = 40.0  # cap on pre-training text taken (MB of UTF-8), spread over the sources

@@ -19,6 +19,12 @@ YAML rules
   `data=/path/to/shards`, `model.overrides.attention_dropout=0`). Unknown keys are errors.
 - Values are coerced to the fields' types by `twinlm.configs` (the rules shared with suite scales and
   evaluation settings); `data:` may be a path, a `{path, weight}` mapping or a list of either.
+
+Naming a recipe (`find_recipe`, used by `load_recipe` for every path it is given): a file that exists (relative to
+the working directory) is read as it is; any other name is looked up in the recipe folder (`recipes_dir`): the
+folder `TWINLM_RECIPES` names when it is set, else the recipes shipped inside the package (twinlm/recipes/, package
+data, so a wheel install has them). There a recipe is named by its path, with or without `.yaml` and a leading
+`recipes/`: `recipes/cpu/encoder.yaml`, `cpu/encoder.yaml` and `cpu/encoder` name the same file from any directory.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from importlib import resources
+from pathlib import Path, PurePath
 from typing import Any, overload
 
 import yaml
@@ -389,7 +396,55 @@ def _phases(value: Any, where: str) -> dict[str, Phase]:
 _HOOKS = {list[ShardSource]: _sources, dict[str, Phase]: _phases, ModelSpec: _model_spec}
 
 
-# --- YAML loading ------------------------------------------------------------------------------------------
+# --- finding and loading YAML ------------------------------------------------------------------------------
+RECIPES_ENV = "TWINLM_RECIPES"
+
+
+def shipped_recipes() -> Path:
+    """The recipes shipped inside the package (twinlm/recipes/, installed with it as package data)."""
+    folder = resources.files("twinlm") / "recipes"
+    if not isinstance(folder, Path):  # a zipped install: base files need real paths
+        raise MissingArtifactError(f"twinlm is installed as an archive, so its recipes are not files: set "
+                                   f"{RECIPES_ENV} to a folder of recipes (a copy of twinlm/recipes/)")
+    return folder
+
+
+def recipes_dir() -> Path:
+    """The folder recipe names are looked up in: `TWINLM_RECIPES` when set (it replaces the shipped recipes, for
+    names and for the suite's scales), else `shipped_recipes()`."""
+    env = os.environ.get(RECIPES_ENV)
+    if not env:
+        return shipped_recipes()
+    path = Path(env).expanduser()
+    if not path.is_dir():
+        raise MissingArtifactError(f"{RECIPES_ENV}={env} is not a folder: point it at a folder of recipes, or unset "
+                                   "it to use the recipes shipped with twinlm")
+    return path
+
+
+def find_recipe(name: str | Path) -> Path:
+    """The recipe file `name` names: an existing file as it is; else `name` (with or without `.yaml` and a leading
+    `recipes/`) inside `recipes_dir()`. MissingArtifactError names both places and the closest recipe names."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    parts = PurePath(name).parts
+    if parts and parts[0] == "recipes":
+        parts = parts[1:]
+    folder = recipes_dir()
+    if parts and not path.is_absolute():
+        rel = PurePath(*parts)
+        candidate = folder / (rel if rel.suffix in (".yaml", ".yml") else rel.with_name(rel.name + ".yaml"))
+        if candidate.is_file():
+            return candidate
+    where = f"{RECIPES_ENV}={os.environ[RECIPES_ENV]}" if os.environ.get(RECIPES_ENV) else "the shipped recipes"
+    known = sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
+    close = difflib.get_close_matches(PurePath(*parts).with_suffix("").as_posix() if parts else "", known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; e.g. {', '.join(known[:3])}" if known else ""
+    raise MissingArtifactError(f"recipe {name} not found: no such file, nor a recipe of that name in {folder} "
+                               f"({where}){hint}")
+
+
 def load_raw(path: str | Path, _seen: tuple = ()) -> dict:
     """A recipe file as a plain dict, its `base:` files merged in."""
     path = Path(path).resolve()
@@ -417,12 +472,13 @@ def from_dict(raw: dict) -> Recipe:
 
 
 def load_recipe(path_or_obj: Any, overrides: list[str] | None = None) -> Recipe:
-    """A Recipe from a YAML path, a dict or a Recipe, with dotted overrides applied."""
+    """A Recipe from a YAML path or recipe name (`find_recipe`), a dict or a Recipe, with dotted overrides applied."""
     if isinstance(path_or_obj, Recipe):
         raw = path_or_obj.to_dict()
     elif isinstance(path_or_obj, dict):
         raw = copy.deepcopy(path_or_obj)
     else:
-        raw = load_raw(path_or_obj)
-        raw.setdefault("name", Path(path_or_obj).stem)
+        path = find_recipe(path_or_obj)
+        raw = load_raw(path)
+        raw.setdefault("name", path.stem)
     return from_dict(apply_overrides(raw, overrides, path_lists=("data",)))

@@ -192,6 +192,14 @@ class Trainer:
     def phases(self) -> list[Phase]:
         return self.recipe.phase_list()
 
+    @property
+    def resumable(self) -> bool:
+        """Whether `fit` stopped before the run's end for a reason the same command gets past: SIGTERM or the
+        `stop_after` deadline (this rank's or another's), after a checkpoint. Not a stop at the recipe's
+        `max_steps` (the user's own limit: running again trains one more step), as RUN/stopped.json records it;
+        `twinlm train` exits 75 on it."""
+        return self.interrupted and not self._at_max_steps(self.state.step)
+
     def now(self) -> float:
         """Seconds on this process's monotonic clock: what the deadline (`stop_after`) and callbacks that
         checkpoint by time read (a subclass or a test may substitute another clock)."""
