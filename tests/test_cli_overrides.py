@@ -11,7 +11,7 @@ import yaml
 import twinlm.suite.pipeline as pipeline
 import twinlm.suite.scales as scales
 from twinlm.cli import main
-from twinlm.errors import ConfigError, RunInterrupted
+from twinlm.errors import ConfigError
 
 
 def printed(capsys, *argv: str) -> dict:

@@ -40,7 +40,8 @@ def register(commands) -> None:
     p.add_argument("--out", help="output shard folder; required unless --for")
     p.add_argument("--for", dest="for_recipe", metavar="RECIPE",
                    help="instead: build the tokenizer and every shard folder RECIPE's default paths name, from the "
-                        "fetched data (cpu recipes; for the Ettin recipes it says what is needed and from what)")
+                        "fetched data (cpu recipes; for the Ettin recipes it says what is needed and from what); "
+                        "RECIPE: a file or a shipped recipe's name, as for twinlm train (cpu/encoder)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="with --for: the BPE's vocabulary when the tokenizer is built (default 8192)")
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk including [CLS] and [SEP]")

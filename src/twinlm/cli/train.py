@@ -14,7 +14,8 @@ Face folder). Running the same command again resumes from the newest intact chec
 
 RECIPE is a YAML file, or a recipe shipped with twinlm named from any directory: recipes/cpu/encoder.yaml,
 cpu/encoder, ettin/150m/decoder, cross/150m/enc-from-dec (a file that exists is read as it is first). With
-TWINLM_RECIPES=DIR set, names are looked up in DIR instead of the shipped recipes (the suite's too).
+TWINLM_RECIPES=DIR set, names are looked up in DIR instead of the shipped recipes (and twinlm suite reads
+its recipes there).
 
 Overrides are dotted KEY=VALUE words, anywhere on the line: optim.lr=1e-3 phases.pretrain.tokens=2M
 data=/path/to/shards model.overrides.attention_dropout=0.
@@ -22,9 +23,10 @@ data=/path/to/shards model.overrides.attention_dropout=0.
 Exit status: 0 finished (RUN/final), or stopped at the recipe's max_steps; 75 stopped before the end by
 SIGTERM or the stop_after deadline, with a checkpoint and RUN/stopped.json saying why: run the same command
 again to resume (a scheduler requeues on 75); 2 a user error; 3 diverged. Under torchrun a worker exits 0
-after such a stop instead (torchrun takes any other status for a crash and restarts the workers, and a
-SIGTERM to torchrun itself makes it exit non-zero whatever the workers do): there RUN/stopped.json, present
-only while a run stands stopped, tells a stop from the end, as scripts/slurm/train.sbatch does.
+after such a stop instead: torchrun takes any other status for a crash (it restarts the workers up to
+--max-restarts, then exits 1), and a SIGTERM to torchrun itself makes it exit non-zero whatever the workers
+do. There RUN/stopped.json, present only while a run stands stopped, tells a stop from the end, as
+scripts/slurm/train.sbatch does.
 
 Multi-GPU/CPU: torchrun --nproc_per_node N -m twinlm train RECIPE --out RUN.
 """
@@ -34,7 +36,8 @@ def register(commands) -> None:
     p = commands.add_parser(
         "train", help="train a recipe (all its phases); resumes by itself", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", help="recipe YAML file, or a shipped recipe's name (cpu/encoder, ettin/150m/decoder)")
+    p.add_argument("recipe", metavar="RECIPE",
+                   help="recipe YAML file, or a shipped recipe's name (cpu/encoder, ettin/150m/decoder)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides (anywhere on the line)")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder (created; resumed if it holds checkpoints)")
     p.add_argument("--print", dest="print_only", action="store_true",
