@@ -31,6 +31,12 @@ def test_train_takes_overrides_after_any_option(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # --print writes nothing
 
 
+def test_an_override_that_makes_a_recipe_invalid_is_one_readable_line(tmp_path, capsys):
+    assert main(["train", "cpu/encoder", "--out", str(tmp_path / "run"), "--print", "phases.nosuch.tokens=1M"]) == 2
+    assert capsys.readouterr().err == ("twinlm: error: invalid recipe 'cpu-encoder': phases.nosuch: no data (set "
+                                       "`data:` or `phases.nosuch.data`)\n")
+
+
 @pytest.mark.parametrize("word", ["optim.lr", "=3", " =3"])
 def test_a_malformed_override_is_one_line(tmp_path, capsys, word):
     code = main(["train", "cpu/encoder", "--out", str(tmp_path / "run"), "--print", word])

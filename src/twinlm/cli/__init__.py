@@ -80,6 +80,10 @@ def _take_key_values(parser: argparse.ArgumentParser, args: argparse.Namespace, 
 
 
 def one_line(error: BaseException) -> str:
-    """The error's message on one line (multi-line messages are joined with '; ')."""
-    text = str(error).strip() or type(error).__name__
-    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
+    """The error's message on one line: its lines joined with '; ', or with a space after a line ending in ':'
+    (a heading such as "invalid recipe 'x':" and the list under it)."""
+    parts = [part.strip() for part in (str(error).strip() or type(error).__name__).splitlines() if part.strip()]
+    line = parts[0]
+    for part in parts[1:]:
+        line += (" " if line.endswith(":") else "; ") + part
+    return line
