@@ -163,6 +163,7 @@ def test_the_command_exits_75_on_a_stop_to_resume_and_0_when_finished_or_at_max_
     assert main(["train", str(path), "--out", str(out)]) == 0  # already finished
 
     assert main(["train", str(path), "--out", str(tmp_path / "capped"), "max_steps=1"]) == 0
+    assert capsys.readouterr().err.strip().endswith("; raise or drop max_steps to train on from it")
     assert json.loads((tmp_path / "capped" / "stopped.json").read_text())["max_steps"] is True
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # what torchrun's agent sets for its workers

@@ -67,8 +67,9 @@ def _train(args) -> int:
         dist.shutdown()
     main_rank = trainer.env is None or trainer.env.is_main
     if trainer.interrupted and main_rank:
-        print(f"stopped by {trainer.stop_reason}; checkpoint {out}; run the same command again to resume",
-              file=sys.stderr)
+        then = ("run the same command again to resume" if trainer.resumable
+                else "raise or drop max_steps to train on from it")
+        print(f"stopped by {trainer.stop_reason}; checkpoint {out}; {then}", file=sys.stderr)
     elif main_rank:
         print(out)
     # every rank exits alike: a launcher without an agent (srun, mpirun) sees the status of any of them
