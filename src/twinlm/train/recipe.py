@@ -37,6 +37,7 @@ from typing import Any, overload
 
 import yaml
 
+from twinlm.card import check_license
 from twinlm.config import OBJECTIVES, ModelConfig
 from twinlm.configs import apply_overrides, build, coerce, deep_merge
 from twinlm.errors import ConfigError, MissingArtifactError
@@ -221,7 +222,7 @@ class Recipe:
     eval: Eval = field(default_factory=Eval)
     seed: int = 21
     init_from: str | None = None  # cross-objective: a trained model folder of the other kind
-    license: str | None = None  # the exported model card's `license` (e.g. mit, apache-2.0)
+    license: str | None = None  # the exported model card's `license`: a hub license id (mit, apache-2.0) or other
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     parallel: str = "auto"  # auto (ddp when several ranks) | ddp | fsdp
     compile: bool = False
@@ -315,6 +316,10 @@ class Recipe:
                 problems.append(f"{knob} must be a positive number of seconds, got {getattr(self, knob)!r}")
         try:  # a Recipe built in Python has not been through the hooks
             self.model.overrides = model_overrides(self.model.overrides)
+        except ConfigError as e:
+            problems.append(str(e))
+        try:  # the model card's license: refused now rather than when final/ is written
+            check_license(self.license)
         except ConfigError as e:
             problems.append(str(e))
         problem = optim_problem(self.optim)
