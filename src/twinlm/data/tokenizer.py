@@ -59,9 +59,12 @@ def _wrap(backend, out: str | Path, model_max_length: int = 8192):
 def portable_tokenizer_config(conf: dict) -> dict:
     """`conf` (a tokenizer_config.json's content) as transformers 4 and 5 both read it: `tokenizer_class`
     PORTABLE_CLASS (a tokenizer.json-backed class of another name, e.g. transformers 5's `TokenizersBackend`,
-    is replaced; a slow-tokenizer class such as `BertTokenizer` is kept: it names files of its own) and no
-    MACHINE_LOCAL_KEYS."""
+    is replaced; a slow-tokenizer class such as `BertTokenizer` is kept: it names files of its own), no
+    MACHINE_LOCAL_KEYS, and `model_input_names` input_ids, attention_mask unless it names its own (the two
+    versions' defaults differ)."""
     out = {k: v for k, v in conf.items() if k not in MACHINE_LOCAL_KEYS}
+    # unset, transformers 4 returns token_type_ids too (its default) and 5 does not: ModernBERT takes none
+    out.setdefault("model_input_names", ["input_ids", "attention_mask"])
     if out.get("tokenizer_class") in (None, "TokenizersBackend", "PreTrainedTokenizerFast"):
         out["tokenizer_class"] = PORTABLE_CLASS
     return out
