@@ -290,7 +290,7 @@ def sentence_transformers_card(cfg, info: dict[str, Any]) -> str:
     data = _data(info, "sentence-transformers", "sentence-similarity",
                  ["sentence-transformers", "sentence-similarity", "feature-extraction", "twinlm", "modernbert", kind],
                  name, rows)
-    pooling = info.get("pooling")
+    pooling = str(info.get("pooling"))
     pooled = {"mean": "the mean of the token states", "cls": "the `[CLS]` state", "max": "the max of the token states",
               "last": "the last token's state (the `[SEP]` that closes `[CLS] text [SEP]`)"}.get(pooling, pooling)
     lines = [f"# {name}", "",
