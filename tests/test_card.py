@@ -60,6 +60,8 @@ def test_a_bad_license_is_one_line_before_anything_is_written(models, tmp_path, 
 def test_base_model_is_a_hub_id_or_nothing(tmp_path, monkeypatch):
     assert hub_id("jhu-clsp/ettin-encoder-17m@main") == "jhu-clsp/ettin-encoder-17m"
     assert hub_id(str(tmp_path)) is None and hub_id("./run/final") is None and hub_id(None) is None
+    snapshot = tmp_path / "hub" / "models--jhu-clsp--ettin-decoder-17m" / "snapshots" / "0123abcd"
+    assert hub_id(str(snapshot)) == "jhu-clsp/ettin-decoder-17m"  # a hub model resolved into the cache
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "enc").mkdir(parents=True)
     assert hub_id("runs/enc") is None and hub_id("runs/dec") == "runs/dec"  # a folder that exists here is local

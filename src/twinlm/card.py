@@ -57,6 +57,9 @@ deepfloyd-if-license llama2 llama3 llama3.1 llama3.2 llama3.3 gemma unknown othe
 # a hub repository id: `name` or `org/name` (letters, digits, `-`, `_`, `.`), optionally `@revision`
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*(?:@[\w./-]+)?$")
 
+# a snapshot folder of the local hub cache: .../models--org--name/snapshots/<commit>
+_HUB_CACHE = re.compile(r"(?:^|/)models--([\w.-]+?--[\w.-]+)/snapshots/[0-9a-f]+/?$")
+
 # the hub task type (model-index `task.type`) of each twinlm evaluation track
 _TASK_TYPES = {"classification": "text-classification", "retrieval": "sentence-similarity",
                "generative": "multiple-choice"}
@@ -76,10 +79,14 @@ def check_license(value: str | None) -> str | None:
 
 def hub_id(value: Any) -> str | None:
     """`value` as a hub model id (`org/name`, its `@revision` dropped) when it names one, else None: a local
-    folder (absolute, `./`, `~`, or a path that exists here) is no hub id."""
+    folder (absolute, `./`, `~`, or a path that exists here) is no hub id, except a snapshot of the hub cache
+    (`…/models--org--name/snapshots/<commit>`, what a hub id resolves to), which stands for `org/name`."""
     if value is None:
         return None
     text = str(value)
+    cached = _HUB_CACHE.search(text.replace("\\", "/"))
+    if cached:  # a hub model resolved into the local hub cache (twinlm.hub): the id it came from
+        return cached.group(1).replace("--", "/", 1)
     if text.startswith(("/", ".", "~")) or "\\" in text or not _HUB_ID.match(text) or Path(text).exists():
         return None
     return text.split("@", 1)[0]
