@@ -6,9 +6,10 @@ exports. Cheap: toy models of the cpu-tiny preset."""
 import json
 
 import pytest
+import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from twinlm.card import add_results, check_license, hub_id, recorded_results, shown_name
+from twinlm.card import add_results, check_license, hub_id, model_card, recorded_results, run_summary, shown_name
 from twinlm.cli import main
 from twinlm.convert import convert, export_model
 from twinlm.errors import ConfigError
@@ -17,6 +18,9 @@ from twinlm.eval.retrieval import export_sentence_transformers
 from twinlm.eval.settings import BpbConfig
 from twinlm.eval.toy import toy_model_dir, toy_sentences, toy_tokenizer
 from twinlm.loading import load
+from twinlm.suite import pipeline
+from twinlm.suite.pipeline import Suite
+from twinlm.suite.scales import get_scale
 from twinlm.train.recipe import from_dict
 from twinlm.train.testing import tiny_recipe
 
@@ -130,3 +134,27 @@ def test_sentence_transformers_export_has_a_card_of_its_kind(models, tmp_path):
         ("sciq", "ndcg@10", 12.5)]
     assert 'SentenceTransformer("st-dec")' in card.text and "/tiny-dec`" in card.text
     assert "64 question–passage pairs from sciq" in card.text
+
+
+def test_recipe_language_and_datasets_reach_the_card(models, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"name": "cpu-decoder", "objective": "clm", "license": "MIT",
+                                                     "language": ["en"], "datasets": ["org/corpus"]}))
+    (run / "metrics.jsonl").write_text(json.dumps({"phase": "pretrain", "tokens": 4096, "loss": 3.25}) + "\n")
+    text = model_card(load(models["dec"]).config, {**run_summary(run), "name": "run/final"})
+    data = ModelCard(text).data
+    assert (data.license, data.language, data.datasets) == ("mit", ["en"], ["org/corpus"])
+    assert "final training loss: 3.2500" in text
+
+
+def test_the_suite_report_step_puts_each_models_results_in_its_card(models, tmp_path, monkeypatch):
+    suite = Suite(tmp_path / "suite", get_scale("quick"))
+    folder = toy_model_dir(suite.model_dir("encoder"), causal=False, tokenizer=models["tok"])
+    step = suite.path("eval-encoder-bpb")
+    step.mkdir()
+    (step / "result.json").write_text(json.dumps({"track": "bpb", "model": {"path": str(folder)},
+                                                  "tasks": {"heldout": {"score": 2.5, "headline": "bpb"}}}))
+    monkeypatch.setattr(pipeline, "write_report", lambda *a, **k: {})  # the report itself is tested elsewhere
+    suite._report(suite.path("report"))
+    assert [(e.dataset_name, e.metric_value) for e in _card(folder).data.eval_results] == [("heldout", 2.5)]

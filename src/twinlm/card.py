@@ -9,8 +9,9 @@ so a card twinlm writes is one the hub's own library reads:
   recipe's `license`, or `--license`: a hub license id such as `mit` or `apache-2.0`, or `other`; anything
   else is refused by `check_license`), `base_model` only when the model was made from a hub model (an
   `org/name` id, `hub_id`; a local folder is named in the body by its last parts, never by its absolute
-  path), `datasets` / `language` when the caller knows them, and `model-index` (huggingface_hub's
-  `EvalResult`) from the twinlm evaluation results recorded for this very folder (`recorded_results`);
+  path), `datasets` / `language` when the recipe states them (hub dataset ids, ISO 639 codes), and
+  `model-index` (huggingface_hub's `EvalResult`) from the twinlm evaluation results recorded for this very
+  folder (`recorded_results`);
 - body: what the model is (shape, parameters), how it was trained (recipe name and objective, tokens seen
   and sequence length per phase, final training loss; for a converted model: the conversion, then the
   training of the model it was converted from), the tokenizer (its folder's name, vocabulary, fingerprint),
@@ -102,8 +103,9 @@ def shown_name(value: Any, parts: int = 3) -> str:
 
 
 def run_summary(run_dir: str | Path) -> dict[str, Any]:
-    """{recipe, objective, license, base_model, phases: [{name, tokens, seq_len}], final_loss} of a run
-    folder, from its resolved `config.yaml` and its `metrics.jsonl` (tokens actually trained per phase)."""
+    """{recipe, objective, license, base_model, language, datasets, phases: [{name, tokens, seq_len}],
+    final_loss} of a run folder, from its resolved `config.yaml` and its `metrics.jsonl` (tokens actually trained
+    per phase)."""
     run = Path(run_dir)
     out: dict[str, Any] = {}
     try:
@@ -112,7 +114,8 @@ def run_summary(run_dir: str | Path) -> dict[str, Any]:
         recipe = {}
     if isinstance(recipe, dict):
         out.update(recipe=recipe.get("name") or None, objective=recipe.get("objective"),
-                   license=recipe.get("license"), base_model=recipe.get("init_from"))
+                   license=recipe.get("license"), base_model=recipe.get("init_from"),
+                   language=recipe.get("language") or None, datasets=recipe.get("datasets") or None)
         phases = recipe.get("phases") or {}
         if isinstance(phases, dict):
             out["phases"] = [{"name": n, "tokens": (p or {}).get("tokens"), "seq_len": (p or {}).get("seq_len")}
