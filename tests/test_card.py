@@ -70,6 +70,8 @@ def test_base_model_is_a_hub_id_or_nothing(tmp_path, monkeypatch):
     (tmp_path / "runs" / "enc").mkdir(parents=True)
     assert hub_id("runs/enc") is None and hub_id("runs/dec") == "runs/dec"  # a folder that exists here is local
     assert shown_name(tmp_path / "suite" / "train-decoder" / "run" / "final") == "train-decoder/run/final"
+    assert shown_name("/tmp/x/dec") == "x/dec" and shown_name("/dec") == "dec"
+    assert shown_name("runs/a/final") == "runs/a/final"
 
 
 def test_plain_folder_card(models):

@@ -95,11 +95,14 @@ def hub_id(value: Any) -> str | None:
 
 def shown_name(value: Any, parts: int = 3) -> str:
     """How a card names a model or tokenizer: a hub id as it is, a local folder by its last `parts` path parts
-    (`train-decoder/run/final`), never by its absolute path."""
+    (`train-decoder/run/final`), never by its absolute path (nor the top folder of one)."""
     hub = hub_id(value)
     if hub is not None:
         return hub
-    return "/".join(Path(str(value)).parts[-parts:]).lstrip("/") or "model"
+    path = Path(str(value))
+    if path.is_absolute():  # never the top folder of an absolute path: `/tmp/x/dec` is shown as `x/dec`
+        parts = max(1, min(parts, len(path.parts) - 2))
+    return "/".join(path.parts[-parts:]) or "model"
 
 
 def run_summary(run_dir: str | Path) -> dict[str, Any]:
