@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 import twinlm
 from twinlm.errors import DataError
@@ -136,6 +137,11 @@ def test_retrieval_finetune_export_loads_in_sentence_transformers(env):
         ours = retrieval.encode_texts(twinlm.load(export).eval(), env["tok"], texts, pooling)
         theirs = st.encode(texts, convert_to_numpy=True)
         np.testing.assert_allclose(theirs, ours, atol=1e-4)
+        # a card of its own kind, with the exported (first seed's) model's own scores as model-index
+        card = ModelCard.load(export / "README.md")
+        assert (card.data.library_name, card.data.pipeline_tag) == ("sentence-transformers", "sentence-similarity")
+        assert card.data.eval_results[0].metric_value == pytest.approx(t["per_seed"][0]["ndcg@10"], abs=1e-4)
+        assert str(env["root"]) not in (export / "README.md").read_text()
 
 
 def test_bits_per_byte(env):

@@ -58,6 +58,9 @@ def test_decoder_folder_card_generation_config_and_dropout(trained):
     metrics = [json.loads(line) for line in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
     assert f"final training loss: {metrics[-1]['loss']:.4f}" in card
     assert f"{metrics[-1]['tokens']:,} tokens seen" in card
+    assert str(trained["root"]) not in card and 'from_pretrained("dec/final")' in card  # the run's name, no path
+    conf = json.loads((final / "tokenizer_config.json").read_text())  # what transformers 4 reads too
+    assert conf["tokenizer_class"] == "PreTrainedTokenizerFast" and not {"is_local", "local_files_only"} & set(conf)
     assert "AutoModelForCausalLM" in card
 
 
@@ -166,7 +169,8 @@ def test_convert_keeps_fields_and_generation_config(trained, tmp_path):
     got = json.loads((enc / "config.json").read_text())
     assert got["classifier_pooling"] == "cls" and got["id2label"] == {"0": "neg", "1": "pos"}
     assert got["model_type"] == "modernbert"
-    assert "base_model: " in (enc / "README.md").read_text()
+    card = (enc / "README.md").read_text()  # a local source is named in the body, never as base_model
+    assert "base_model" not in card and str(tmp_path) not in card and "converted from a decoder" in card
     back = convert(enc, "decoder", tmp_path / "dec")
     assert json.loads((back / "generation_config.json").read_text())["max_new_tokens"] == 33
     tok = transformers.AutoTokenizer.from_pretrained(back)

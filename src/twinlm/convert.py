@@ -17,7 +17,10 @@ What travels with the weights:
   passed separately) and `export_model` refuses unless `allow_no_tokenizer`.
 - the source's config.json fields that are not architecture (`classifier_pooling`, `id2label`, …: every key
   outside twinlm.hf.ARCHITECTURE_FIELDS) and its `generation_config.json` settings (for a decoder result);
-- a model card naming the source as `base_model` (convert) or the run, phase and step (export_model);
+- a model card (twinlm.card): for `convert`, the conversion and the source's training, the source named by
+  its last path parts (`base_model` only when it is a hub id); for `export_model`, the run, phase and step,
+  and the evaluation results recorded for the source folder (twinlm.card.recorded_results) as `model-index`.
+  The license (`license=`, else the run's recipe) must be a hub license id or `other` (twinlm.card.check_license);
 - the objective that trained the weights, as config.json's `twinlm_objective` (twinlm.export; evaluation reads
   it to score an MNTP encoder one position earlier): the source's own key, else for a training checkpoint its
   state's recipe, else the `config.yaml` of the run around the source; none is written when none of these
@@ -34,7 +37,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from twinlm.card import run_summary
+from twinlm.card import check_license, recorded_results, run_summary, shown_name
 from twinlm.data.tokenizer import tokenizer_fingerprint
 from twinlm.errors import ConfigError, MissingArtifactError, TokenizerMismatch
 from twinlm.export import GENERATION_CONFIG, OBJECTIVES, TOKENIZER_FILES, TWINLM_CONFIG, recorded_objective
@@ -52,6 +55,7 @@ def convert(src, to: str, out, *, global_rope_theta: float | None = None,
         raise ConfigError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     src, out = Path(src), Path(out)
     _check_out(src, out, overwrite)
+    check_license(license)
     model = load(src)
     causal = to == "decoder"
     if model.config.causal == causal:
@@ -68,10 +72,12 @@ def convert(src, to: str, out, *, global_rope_theta: float | None = None,
         log(f"warning: {src} has no tokenizer files and none was given (--tokenizer DIR): {out} holds no "
             f"tokenizer; transformers and `twinlm eval` need one beside the weights")
     card = _summary(src)
-    card.update(base_model=str(src), note=f"Converted by `twinlm convert --to {to}` from `{src}` (same weights, "
-                                          f"{'causal' if causal else 'bidirectional'} attention).")
+    card.pop("base_model", None)  # the source's own start (a cross-objective run's), not this model's
+    card.update(base_model=str(src), name=out.name,
+                converted={"from": "decoder" if model.config.causal else "encoder", "to": to})
     if license:
         card["license"] = license
+    check_license(card.get("license"))  # before any file is written
     converted.save_pretrained(out, tokenizer=tok, card=card, extra_config=_source_config(src),
                               generation_config=_source_json(src, GENERATION_CONFIG),
                               max_length=_tokenizer_max_length(tok), objective=source_objective(src))
@@ -96,6 +102,7 @@ def export_model(src, out, *, tokenizer=None, overwrite: bool = False, license: 
     its own kind, with the run's tokenizer and a model card."""
     src, out = Path(src), Path(out)
     _check_out(src, out, overwrite)
+    check_license(license)
     model = load(src)
     tok = find_tokenizer(src, tokenizer)
     if tok is None and not allow_no_tokenizer:
@@ -108,11 +115,13 @@ def export_model(src, out, *, tokenizer=None, overwrite: bool = False, license: 
         tokens = (state.get("trainer") or {}).get("tokens")
         card["note"] = (f"Exported by `twinlm export` from training checkpoint `{src.name}` (phase "
                         f"`{state.get('phase')}`, step {step}, {tokens:,} tokens trained)." if tokens is not None
-                        else f"Exported by `twinlm export` from `{src}`.")
+                        else f"Exported by `twinlm export` from `{shown_name(src)}`.")
         card.pop("final_loss", None)  # the run's last loss is not this checkpoint's
         card.pop("phases", None)
     if license:
         card["license"] = license
+    check_license(card.get("license"))  # before any file is written
+    card.update(name=out.name, results=recorded_results(src))
     model.save_pretrained(out, tokenizer=tok, card=card, extra_config=_source_config(src),
                           generation_config=_source_json(src, GENERATION_CONFIG),
                           max_length=_trained_length(state) or _tokenizer_max_length(tok),

@@ -23,7 +23,8 @@
   see `[CLS] text [SEP]`, as in training. An encoder's template that already ends with its `[SEP]` is kept
   (an outside tokenizer's own); any other (a decoder's `[CLS] $A`, in a folder converted to an encoder by
   twinlm.convert) is replaced. The template's special tokens are the model's ids, under the tokenizer's own
-  names for them.
+  names for them. `tokenizer_config.json` names the class `PreTrainedTokenizerFast` and carries no
+  machine-local keys (twinlm.data.tokenizer.portable_tokenizer_config), so transformers 4 loads it too.
   A tokenizer whose special ids or size contradict the model is refused (TokenizerMismatch).
 - twinlm checkpoint folder (`save_checkpoint`): `model.safetensors` in twinlm's own names, the state dict as
   it is, plus `model_config.json` (ModelConfig.to_dict).
@@ -45,6 +46,7 @@ from safetensors.torch import save_file
 
 from twinlm.card import CARD, model_card
 from twinlm.config import OBJECTIVES
+from twinlm.data.tokenizer import portable_tokenizer_config
 from twinlm.errors import ConfigError, MissingArtifactError, ModelLoadError, TokenizerMismatch
 from twinlm.hf import ARCHITECTURE_FIELDS, hf_config_dict, to_hf_state_dict
 from twinlm.io import MANIFEST, atomic_path, manifest_mismatch, read_manifest, write_bytes, write_json, write_manifest
@@ -101,6 +103,7 @@ def save_pretrained(model, path, tokenizer=None, *, max_length: int | None = Non
                                        FILES_KEY: ",".join(sorted(set(written)))})
     info = dict(card or {})
     info.setdefault("params", sum(p.numel() for p in model.parameters()))
+    info.setdefault("name", path.name)  # the snippets name the folder by its own name, never its full path
     write_bytes(path / CARD, model_card(cfg, info))
     write_manifest(path, written)
     return path
@@ -130,7 +133,7 @@ def apply_tokenizer_conventions(folder, cfg, *, max_length: int | None = None, a
         conf["padding_side"] = "left" if cfg.causal else "right"
         for k in ("add_bos_token", "add_eos_token"):  # transformers 5 would rebuild the template from these
             conf.pop(k, None)
-        write_json(tc, conf)
+        write_json(tc, portable_tokenizer_config(conf))  # a class and keys transformers 4 reads too
 
 
 def _token_names(data: dict) -> dict[int, str]:

@@ -14,6 +14,8 @@ from twinlm.config import ModelConfig
 from twinlm.errors import ConfigError
 from twinlm.hub import resolve_model
 
+LICENSE_HELP = "the model card's license: a hub license id (mit, apache-2.0, cc-by-4.0, …) or other"
+
 
 def register(commands) -> None:
     p = commands.add_parser("info", help="parameter counts and training FLOPs/token of a preset or model folder",
@@ -40,7 +42,7 @@ def register(commands) -> None:
     c.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR")
     c.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="tokenizer folder to write beside the weights (default: the source's, or its run's)")
-    c.add_argument("--license", default=None, help="the model card's license (e.g. mit, apache-2.0)")
+    c.add_argument("--license", default=None, help=LICENSE_HELP)
     c.set_defaults(handler=_convert)
 
     e = commands.add_parser("export", help="write any checkpoint (intermediate ones too) as a Hugging Face folder",
@@ -53,7 +55,7 @@ def register(commands) -> None:
     e.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="tokenizer folder (default: the folder's own, else the run's recipe tokenizer or RUN/final)")
     e.add_argument("--no-tokenizer", action="store_true", help="write the weights without a tokenizer")
-    e.add_argument("--license", default=None, help="the model card's license (e.g. mit, apache-2.0)")
+    e.add_argument("--license", default=None, help=LICENSE_HELP)
     e.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR")
     e.set_defaults(handler=_export)
 

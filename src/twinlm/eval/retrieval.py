@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from twinlm.card import CARD, sentence_transformers_card
 from twinlm.errors import ConfigError
 from twinlm.eval import baselines
 from twinlm.eval.common import (
@@ -55,7 +56,7 @@ from twinlm.eval.ranks import ranks as job_ranks
 from twinlm.eval.settings import RetrievalConfig, seed_list
 from twinlm.eval.tasks import RetrievalSet, load_retrieval_set
 from twinlm.export import GENERATION_CONFIG, TOKENIZER_FILES, WEIGHTS, apply_tokenizer_conventions, write_manifest
-from twinlm.io import write_json
+from twinlm.io import write_bytes, write_json
 
 SCALE = 20.0
 
@@ -187,13 +188,16 @@ def _shared_net(loaded: Loaded, net, owner: int, ranks: Ranks):
 
 # --- sentence-transformers export ------------------------------------------------------------------
 def export_sentence_transformers(model, tokenizer, out_dir: str | Path, pooling: str,
-                                 max_seq_length: int = 256) -> Path:
+                                 max_seq_length: int = 256, card: dict[str, Any] | None = None) -> Path:
     """An HF model folder (`save_pretrained`) plus `modules.json`, `sentence_bert_config.json` and
     `1_Pooling/config.json` so that `SentenceTransformer(out_dir)` loads it with our pooling (decoders:
-    last token, set explicitly — sentence-transformers would otherwise mean-pool)."""
+    last token, set explicitly — sentence-transformers would otherwise mean-pool), and a sentence-transformers
+    model card (twinlm.card.sentence_transformers_card; `card`: its `source`, `training`, `scores`, `license`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), tokenizer=tokenizer, max_length=max_seq_length)
+    write_bytes(out / CARD, sentence_transformers_card(model.config, {
+        **(card or {}), "name": out.name, "pooling": pooling, "max_seq_length": max_seq_length}))
     # sentence-transformers tokenizes with the folder's template: a decoder's must end with the [SEP] that
     # twinlm's decoder retrieval pools on (a plain decoder folder prepends [CLS] only)
     apply_tokenizer_conventions(out, model.config, max_length=max_seq_length, append_sep=True)
@@ -286,7 +290,10 @@ def run(model, cfg: RetrievalConfig | None = None, *, tokenizer=None, variant: s
                                  query_max_length=cfg.query_max_length, ranks=rk)
             per_seed_sets.append(per_set)
             if export_dir is not None and seed == seeds[0] and rk.writes:
-                export_sentence_transformers(net, loaded.tokenizer, export_dir, pooling, cfg.max_length)
+                export_sentence_transformers(net, loaded.tokenizer, export_dir, pooling, cfg.max_length, card={
+                    "source": info.get("path"), "base_model": info.get("path"), "scores": per_set,
+                    "training": {"pairs": len(pairs), "sets": [s.name for s in all_sets], "epochs": cfg.epochs,
+                                 "seed": seed} if cfg.finetune else None})
             nets.pop(i, None)
             if log:
                 log(f"[retrieval] {info['variant']} seed {seed}: " + ", ".join(

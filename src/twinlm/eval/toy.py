@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from twinlm.config import ModelConfig
 from twinlm.data.prepare import prepare
+from twinlm.data.tokenizer import make_portable
 from twinlm.model import Transformer
 
 SPECIALS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]  # ids 0..4, as in the cpu-* presets
@@ -60,6 +61,7 @@ def toy_tokenizer(vocab_size: int = 384, out_dir: str | Path | None = None, text
                                    bos_token="[CLS]", eos_token="[SEP]")
     if out_dir is not None:
         fast.save_pretrained(str(out_dir))
+        make_portable(out_dir)
     return fast
 
 

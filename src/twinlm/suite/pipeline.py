@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from twinlm.card import add_results, recorded_results
 from twinlm.configs import parse_count
 from twinlm.data.corpus import build_corpus
 from twinlm.data.fetch import fetch
@@ -204,7 +205,8 @@ class Suite:
             overrides = {"causal": CONTROLS[name]}
             cfg = model_config_for(tok, self.preset, **overrides)
             torch.manual_seed(21)
-            Transformer(cfg).save_pretrained(folder / "model", tokenizer=tok)
+            Transformer(cfg).save_pretrained(folder / "model", tokenizer=tok, card={
+                "name": f"{name}/model", "note": "A randomly initialised control: no training."})
             return {"model": str(folder / "model")}
         return run
 
@@ -278,6 +280,9 @@ class Suite:
         return steps
 
     def _report(self, folder: Path) -> dict:
+        # each model folder's card gets the scores its evaluation steps recorded (model-index)
+        for model in [*TRAINED, *CONTROLS]:
+            add_results(self.model_dir(model), recorded_results(self.model_dir(model)))
         return write_report(folder, root=self.root, scale=self.scale, preset=self.preset,
                             shards=self.shards(self.scale.short_seq))
 

@@ -44,6 +44,7 @@ from typing import Any, overload
 
 import yaml
 
+from twinlm.card import check_license
 from twinlm.config import OBJECTIVES, ModelConfig
 from twinlm.configs import apply_overrides, build, coerce, deep_merge
 from twinlm.errors import ConfigError, MissingArtifactError
@@ -228,7 +229,9 @@ class Recipe:
     eval: Eval = field(default_factory=Eval)
     seed: int = 21
     init_from: str | None = None  # cross-objective: a trained model folder of the other kind
-    license: str | None = None  # the exported model card's `license` (e.g. mit, apache-2.0)
+    license: str | None = None  # the exported model card's `license`: a hub license id (mit, apache-2.0) or other
+    language: list[str] = field(default_factory=list)  # the model card's `language`: ISO 639 codes (en, fr, …)
+    datasets: list[str] = field(default_factory=list)  # the model card's `datasets`: hub ids of the training data
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     parallel: str = "auto"  # auto (ddp when several ranks) | ddp | fsdp
     compile: bool = False
@@ -324,6 +327,14 @@ class Recipe:
             self.model.overrides = model_overrides(self.model.overrides)
         except ConfigError as e:
             problems.append(str(e))
+        try:  # the model card's license: refused now rather than when final/ is written
+            check_license(self.license)
+        except ConfigError as e:
+            problems.append(str(e))
+        problems += [f"language: {x!r} is not an ISO 639 code (en, fr, zh-hant, …)" for x in self.language
+                     if not isinstance(x, str) or not LANGUAGE_CODE.match(x)]
+        problems += [f"datasets: {x!r} is not a hub dataset id (org/name)" for x in self.datasets
+                     if not isinstance(x, str) or not HUB_DATASET.match(x)]
         problem = optim_problem(self.optim)
         if problem:
             problems.append(f"optim.{problem}")
@@ -341,6 +352,8 @@ class Recipe:
         return r
 
 
+LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(?:-[A-Za-z0-9]+)*$")  # the model card's `language` entries
+HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # the model card's `datasets` entries
 TRACKERS = ("tensorboard", "wandb", "none")  # the `tracker` choices (train/callbacks.py)
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)d)?(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s)?")

@@ -6,7 +6,8 @@ restart count and a Slurm job's id), so a run that moved, lost a node or was res
 
 A restart whose recipe differs from the saved one (other than the knobs that may change between restarts,
 `RUN_KNOBS`: `max_steps`, `stop_after`, `progress`, `tracker`, `tensorboard`, `prefetch`, the collective timeouts,
-`checkpoint.every_minutes`, `checkpoint.grace_s`) is warned about; the new recipe is used and saved, the old one kept
+`checkpoint.every_minutes`, `checkpoint.grace_s`, and the model card's `license`, `language`, `datasets`) is warned
+about; the new recipe is used and saved, the old one kept
 as `config.previous.yaml` (an older previous one is kept as `config.previous.N.yaml`, N = 1, 2, …: no
 recipe a run was trained with is lost). The trainer calls `prepare_run_dir` only after it has accepted a
 resume (a changed model, objective or tokenizer is refused before this file is touched).
@@ -32,7 +33,8 @@ from twinlm.train.dist import DistEnv
 
 # settings that may change between restarts without changing the run (dotted: a key of a section)
 RUN_KNOBS = ("max_steps", "stop_after", "progress", "tracker", "tensorboard", "prefetch", "dist_timeout",
-             "dist_init_timeout", "checkpoint.every_minutes", "checkpoint.grace_s")
+             "dist_init_timeout", "checkpoint.every_minutes", "checkpoint.grace_s", "license", "language",
+             "datasets")  # the last three: what final/'s model card states
 
 
 def git_revision(path: Path) -> dict[str, Any]:

@@ -569,6 +569,7 @@ class Trainer:
                 dist.load_full_state_dict(model, weights)
             remove_stale_temporaries(self.out, "final")  # left by a run killed while exporting
             card = run_summary(self.out)
+            card["name"] = f"{self.out.name}/final"  # written into a temporary folder: name the one it becomes
             if self.tokenizer is not None:
                 card["tokenizer"] = {"name": getattr(self.tokenizer, "name_or_path", None) or self.recipe.tokenizer,
                                      "vocab": len(self.tokenizer), "fingerprint": self.tokenizer_fingerprint}
