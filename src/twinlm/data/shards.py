@@ -11,10 +11,13 @@ A folder without meta.json is not a shard folder (an interrupted write never get
 writer fills `.DIR.tmp-*` and renames it when done, through `twinlm.io.atomic_dir`).
 
 Integrity, three levels. Reading meta.json (`read_meta`, on every open) checks its own checksum, so no byte of it
-can change unseen (a folder of format_version 1, which has none, is read as it is). Opening (`ShardDataset`)
-checks every file's size against meta.json and that the index covers tokens.bin exactly; reading chunk i checks
-that its offsets increase and its length is at most meta.json's `max_chunk_len` (a flipped offset is a ShardError
-naming the folder and chunk, never a negative-length chunk). `verify_shards(path)` (and `twinlm data verify DIR…`)
+can change unseen (a folder of format_version 1, which has none, is read as it is). Opening (`ShardDataset`) checks
+every file's size against meta.json and that the index covers tokens.bin exactly; reading chunk i checks that its
+offsets increase and its length is at most meta.json's `max_chunk_len` (a flipped offset is a ShardError naming the
+folder and chunk, never a negative-length chunk) and that its ids are below `id_bound` (meta.json's
+`tokenizer.vocab_size`, or the training model's vocabulary when smaller): a flipped high byte in a folder verified
+earlier, which the model would reject naming no file, is a ShardError naming tokens.bin, the chunk, the offset and
+`twinlm data verify` (one max over the chunk, on the host). `verify_shards(path)` (and `twinlm data verify DIR…`)
 also checks every file's sha256, that the whole index is monotonic, starts at 0 and ends at the token count, that
 docs.npy and bytes.npy have one entry per chunk, and that every token id is below the tokenizer's vocabulary size
 (meta.json `tokenizer.vocab_size`, when recorded). A full pass records the folder's `shard_signature` (meta.json's
@@ -307,6 +310,9 @@ class ShardDataset:
         self._docs: np.ndarray | None = None
         self._bytes: np.ndarray | None = None
         self._limit = int(self.meta.get("max_chunk_len") or len(self.tokens))
+        # the ids' bound, checked on every chunk read: meta.json's vocabulary (0: none recorded); a trainer
+        # lowers it to its model's vocabulary (train/datasets.py)
+        self.id_bound = int((self.meta.get("tokenizer") or {}).get("vocab_size") or 0)
 
     def __len__(self) -> int:
         return len(self.index) - 1
@@ -322,7 +328,14 @@ class ShardDataset:
             raise ShardError(f"{self.path / 'index.npy'}: chunk {i} spans offsets {a}..{b} (lengths must be "
                              f"0..{self._limit}): the file is damaged; run `twinlm data verify {self.path}` and "
                              "prepare the shards again")
-        return np.asarray(self.tokens[a:b])
+        ids = np.asarray(self.tokens[a:b])
+        if self.id_bound and len(ids) and int(ids.max()) >= self.id_bound:
+            j = int(np.argmax(ids >= self.id_bound))
+            where = f"token {a + j} (byte {(a + j) * self.tokens.dtype.itemsize}, chunk {i})"
+            raise ShardError(f"{self.path / 'tokens.bin'}: {where} is id {int(ids[j])}, outside the "
+                             f"vocabulary of {self.id_bound}: the file was altered since it was verified (bit rot?); "
+                             f"run `twinlm data verify {self.path}` and prepare or copy the shards again")
+        return ids
 
     @property
     def fingerprint(self) -> str:
