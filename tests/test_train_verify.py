@@ -11,7 +11,15 @@ import pytest
 
 from agents import env
 from twinlm.cli import main
-from twinlm.data.shards import VERIFIED, ShardDataset, is_verified, shard_signature, verification_parts, verify_shards
+from twinlm.data.shards import (
+    SUMS,
+    VERIFIED,
+    ShardDataset,
+    is_verified,
+    shard_signature,
+    verification_parts,
+    verify_shards,
+)
 from twinlm.errors import ShardError
 from twinlm.train import run
 from twinlm.train.testing import make_shards, tiny_recipe
@@ -110,18 +118,41 @@ def test_SH13_an_out_of_vocabulary_id_in_a_verified_folder_names_the_file(tmp_pa
     assert not (tmp_path / "run" / "final").exists()
 
 
-def test_SH10_data_verify_hashes_a_folder_whose_record_still_matches(tmp_path, capsys):
-    # in-vocabulary bit rot with the mtime kept is not seen at read time (docs/bad-input.md); the documented remedy,
-    # `twinlm data verify`, hashes whatever the record says
+def test_SH10_in_vocabulary_bit_rot_in_a_verified_folder_is_caught_by_the_chunk_sums(tmp_path, capsys):
+    # a flipped low bit (the id stays in the vocabulary) with the mtime kept: the size+mtime record still matches,
+    # so no hash pass runs; the chunk's sums, recorded by the full verification, name it as it is read
     shards = make_shards(tmp_path / "shards", n_docs=20)
     verify_shards(shards)
+    assert (shards / SUMS).is_file() and is_verified(shards)
+    intact = [ShardDataset(shards)[i].copy() for i in range(20)]  # every chunk passes its sums
     tokens = shards / "tokens.bin"
     stat = tokens.stat()
+    index = np.load(shards / "index.npy")
     data = bytearray(tokens.read_bytes())
-    data[10] ^= 0x01  # a low byte: the id stays in the vocabulary
+    at = int(index[7]) + 3  # a token of chunk 7
+    data[2 * at] ^= 0x01
     tokens.write_bytes(bytes(data))
     os.utime(tokens, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert is_verified(shards)
+    ds = ShardDataset(shards)
+    assert [ds[i].tolist() for i in range(7)] == [c.tolist() for c in intact[:7]]
+    with pytest.raises(ShardError, match=r"tokens.bin: chunk 7 \(tokens \d+..\d+, bytes \d+..\d+\) differs from its "
+                                         r"check sums in .chunk_sums.npy.*twinlm data verify"):
+        ds[7]
+    # a swap of two tokens inside a chunk (the plain sum unchanged) is caught by the position-weighted sum
+    swapped = tmp_path / "swapped"
+    make_shards(swapped, n_docs=20)
+    verify_shards(swapped)
+    st = (swapped / "tokens.bin").stat()
+    t = np.fromfile(swapped / "tokens.bin", dtype=np.uint16)
+    j = int(np.load(swapped / "index.npy")[2]) + 1
+    assert t[j] != t[j + 1]
+    t[j], t[j + 1] = t[j + 1], t[j]
+    t.tofile(swapped / "tokens.bin")
+    os.utime(swapped / "tokens.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ShardError, match="chunk 2 .* differs from its check sums"):
+        ShardDataset(swapped)[2]
+    # and `twinlm data verify` hashes whatever the record says
     capsys.readouterr()
     assert main(["data", "verify", str(shards)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
