@@ -220,8 +220,9 @@ def _order(args) -> int:
 def _show_step(run: str, step: int, rows: list[dict[str, Any]], how: str, *, tokenizer: str | None = None,
                out: str | None = None, max_chars: int = 300) -> None:
     """Print step `step`'s rows (`how`: recorded or recomputed), decoded with `tokenizer` (default: RUN/final or
-    RUN/tokenizer when they hold one; else token ids), each cut at `max_chars`; with `out`, write them instead
-    to that parquet file (twinlm's batch-order layout, atomically)."""
+    RUN/tokenizer when they hold one; else token ids; one the run did not record is refused), each cut at
+    `max_chars`; with `out`, write them instead to that parquet file (twinlm's batch-order layout, atomically,
+    with its sha256 record `OUT.sha256` beside it)."""
     from twinlm.data.order import ORDER_COLUMNS, write_order_file
     from twinlm.data.tokenizer import load_tokenizer
     if out:

@@ -57,7 +57,7 @@ ORDER_COLUMNS = ("step", "rank", "position", "sample_id", "input_ids")  # twinlm
 def write_order_file(path: str | Path, columns: Mapping[str, Sequence[Any]]) -> None:
     """Atomically write rows given column by column (`ORDER_COLUMNS`; input_ids: one list of ints per row) as
     a parquet file of twinlm's layout: step int64, rank int32, position int32, sample_id int64, input_ids
-    list<int32>."""
+    list<int32>; then its sha256 record beside it (`checksum_path`)."""
     # pyarrow is imported where it is used: `import twinlm.data` (every training rank) stays light.
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -75,6 +75,7 @@ def checksum_path(file: Path) -> Path:
 
 
 def record_checksum(file: Path, digest: str | None = None) -> None:
+    """Write the sha256 record of an order file (`digest`, else hashed now)."""
     write_bytes(checksum_path(file), f"{digest or sha256_file(file)}  {file.name}\n")
 
 
@@ -398,7 +399,7 @@ def run_tokenizer_fingerprint(run: str | Path) -> str | None:
 def check_order_tokenizer(run: str | Path, tok: Any, rows: Sequence[Mapping[str, Any]], name: str) -> None:
     """Refuse decoding a step with a tokenizer the run was not trained with (its recorded fingerprint), or, for
     an order folder that records none, one too small for the ids (TokenizerMismatch)."""
-    from twinlm.data.tokenizer import tokenizer_fingerprint
+    from twinlm.data.tokenizer import tokenizer_fingerprint  # here: `import twinlm.data` stays light
     want = run_tokenizer_fingerprint(run)
     if want is not None and tokenizer_fingerprint(tok) != want:
         raise TokenizerMismatch(f"{name} is not the tokenizer {run} was trained with (fingerprint "
