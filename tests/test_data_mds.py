@@ -20,6 +20,7 @@ from twinlm.eval.toy import toy_tokenizer
 from twinlm.train import run
 from twinlm.train.datasets import stream_for
 from twinlm.train.recipe import load_recipe
+from twinlm.train.setup import warn_unhashed_mds
 from twinlm.train.testing import tiny_recipe
 
 FIX = Path(__file__).parent / "fixtures" / "mds"
@@ -130,3 +131,28 @@ def test_bad_mds_folders_are_one_line_errors(tok, tmp_path, capsys):
                      "--workers", "0", "--text-field", "text"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("twinlm: error:")
+
+
+@pytest.mark.parametrize("basename", ["../outside/shard.00000.mds", "/etc/hostname"])
+def test_SEC7_a_shard_basename_outside_the_folder_is_refused(tmp_path, basename):
+    # SEC7/SEC7b: the index names a file outside its folder (a real shard moved out, or an absolute path)
+    folder = tmp_path / "mds_in"
+    shutil.copytree(FIX / "tokens-wide", folder)
+    (tmp_path / "outside").mkdir()
+    shutil.copy(folder / "shard.00000.mds", tmp_path / "outside" / "shard.00000.mds")
+    index = json.loads((folder / "index.json").read_text())
+    index["shards"][0]["raw_data"]["basename"] = basename
+    (folder / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match="is not a file inside the folder"):
+        MDSFolder(folder)
+
+
+def test_MD06_an_mds_folder_without_hashes_is_named_in_a_warning(tok, tmp_path):
+    recipe = tiny_recipe(FIX / "tokens-wide", phases=1, tokens=600, batch_size=4, tokenizer=str(tok))
+    said: list[str] = []
+    warn_unhashed_mds(load_recipe(recipe), said.append)
+    assert MDSFolder(FIX / "tokens-wide").unhashed == ["shard.00000.mds"]
+    assert len(said) == 1 and said[0].startswith(f"warning: {FIX / 'tokens-wide'}: 1 MDS shard(s)")
+    said.clear()
+    warn_unhashed_mds(load_recipe({**recipe, "data": str(FIX / "tokens")}), said.append)  # sha1 + xxh64
+    assert MDSFolder(FIX / "tokens").unhashed == [] and said == []

@@ -3,6 +3,7 @@ layout) trains on the same batches and reaches the same losses, step for step, a
 order of an unrecorded run is recomputed equal to a recorded one; bad order folders fail in one line."""
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pytest
 from twinlm.cli import main
 from twinlm.data.order import ORDER_COLUMNS, OrderFolder, read_step
 from twinlm.errors import ConfigError, DataError
+from twinlm.eval.toy import toy_tokenizer
 from twinlm.train import run
 from twinlm.train.plan import order_of_step, step_batch
 from twinlm.train.testing import make_shards, tiny_recipe
@@ -166,3 +168,66 @@ def test_bad_order_folders_are_one_line_errors(shards, original, tmp_path, capsy
     assert len(err) == 1 and err[0].startswith("twinlm: error:") and "missing" in err[0]
     assert not (tmp_path / "r1" / "final").exists() and not (tmp_path / "r3" / "final").exists()
     assert np.isfinite(losses(original)).all()
+
+
+def _change_a_token(f):
+    """Rewrite parquet file `f` with one token id changed: still a valid file, as a silent bit flip would leave."""
+    table = pq.read_table(f)
+    ids = table.column("input_ids").to_pylist()
+    ids[0][3] = (ids[0][3] + 1) % 4096
+    pq.write_table(table.set_column(table.schema.get_field_index("input_ids"), "input_ids",
+                                    pa.array(ids, pa.list_(pa.int32()))), f)
+
+
+def test_OF01_an_altered_order_file_is_named_before_it_is_used(shards, original, tmp_path, capsys):
+    # twinlm's records carry a sha256 record per file: a file rewritten with one token changed (still valid
+    # parquet) is refused by `data order` and by replay, naming it
+    copy = tmp_path / "order"
+    shutil.copytree(original / "data_order", copy)
+    f = sorted(copy.glob("step-*/rank-*.parquet"))[0]
+    assert f.with_name(f.name + ".sha256").is_file()
+    _change_a_token(f)
+    first = OrderFolder(copy).first_step
+    with pytest.raises(DataError, match=r"rank-00000.parquet: sha256 .* differs from rank-00000.parquet.sha256"):
+        read_step(copy, first)
+    with pytest.raises(DataError, match="differs from"):
+        run(recipe(copy), tmp_path / "replay")
+    capsys.readouterr()
+    assert main(["data", "order", str(copy), "--step", str(first)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(f) in err[0]
+    # a released folder gets its fingerprint on first read; a later change is then named
+    rel = released_layout(original, tmp_path / "rel")
+    read_step(rel, 1)
+    file = sorted(rel.glob("checkpoint_*/*.parquet"))[0]
+    assert file.with_name(file.name + ".sha256").is_file()
+    _change_a_token(file)
+    with pytest.raises(DataError, match="differs from"):
+        read_step(rel, 1)
+
+
+def test_O5_O7_order_out_keeps_other_files_and_the_tokenizer_must_be_the_runs(original, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    capsys.readouterr()
+    assert main(["data", "order", str(original), "--step", "1", "--out", str(notes)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an earlier `twinlm data order` output" in err[0]
+    assert notes.read_text() == "my notes\n"
+    out = tmp_path / "step.parquet"
+    assert main(["data", "order", str(original), "--step", "1", "--out", str(out)]) == 0
+    assert main(["data", "order", str(original), "--step", "2", "--out", str(out)]) == 0  # an earlier output
+    assert set(pq.read_table(out).column("step").to_pylist()) == {2}
+    assert main(["data", "order", str(original), "--step", "1", "--out", str(notes), "--overwrite"]) == 0
+    assert pq.read_table(notes).num_rows > 0
+    assert main(["data", "order", str(original), "--step", "1", "--out", str(tmp_path)]) == 2  # a folder
+    # O7: the run records its tokenizer's fingerprint; another tokenizer is refused, and for a bare
+    # released folder (no fingerprint) one too small for the ids is
+    tok = toy_tokenizer(out_dir=tmp_path / "tok")
+    capsys.readouterr()
+    assert main(["data", "order", str(original), "--step", "1", "--tokenizer", str(tmp_path / "tok")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not the tokenizer" in err[0]
+    rel = released_layout(original, tmp_path / "rel", mutate=lambda s: s[:-1] + [len(tok) + 5])
+    assert main(["data", "order", str(rel), "--step", "1", "--tokenizer", str(tmp_path / "tok")]) == 2
+    assert "ids reach" in capsys.readouterr().err

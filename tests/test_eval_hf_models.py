@@ -4,6 +4,7 @@ tokenizer and special tokens, scored as twinlm models are (checked against trans
 `twinlm compare` puts them in the same tables as a twinlm model."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -119,3 +120,37 @@ def test_headless_and_unusable_models_say_why(folders, tmp_path):
     task = write_toy_mc_jsonl(tmp_path / "mc.jsonl", n=2, n_choices=2)
     with pytest.raises(ConfigError, match="BertModel has no language-model head"):
         generative.evaluate_examples(loaded, read_mc_jsonl(task))
+
+
+def test_E01_MF11_a_twinlm_folder_with_another_config_is_never_scored_by_transformers(folders, tmp_path):
+    from twinlm.errors import ModelLoadError
+
+    twin = folders["twin"]
+    assert (twin / "MANIFEST.sha256").is_file()
+    # MF11: one byte of `architectures` changed, manifest kept: the manifest is checked before routing
+    mf11 = tmp_path / "mf11"
+    shutil.copytree(twin, mf11)
+    cfg = (mf11 / "config.json").read_text()
+    assert "ModernBertForMaskedLM" in cfg
+    (mf11 / "config.json").write_text(cfg.replace("ModernBertForMaskedLM", "ModernBertForMaskedLN"))
+    with pytest.raises(ModelLoadError, match=r"config.json: does not match its sha256 in MANIFEST.sha256"):
+        load_for_eval(str(mf11))
+    # E01c: a BERT config.json over twinlm weights, manifest kept; E01b: the same without the manifest
+    e01c = tmp_path / "e01c"
+    shutil.copytree(twin, e01c)
+    shutil.copy(folders["bert"] / "config.json", e01c / "config.json")
+    with pytest.raises(ModelLoadError, match="does not match its sha256"):
+        load_for_eval(str(e01c))
+    (e01c / "MANIFEST.sha256").unlink()
+    with pytest.raises(ModelLoadError, match="holds a twinlm encoder's weights but config.json describes "
+                                             "BertForMaskedLM"):
+        load_for_eval(str(e01c))
+    # a config whose weights the folder does not hold (here a headless BERT's weights under a masked-LM config):
+    # transformers would draw the head at random, so it is refused naming the missing weights
+    headless = tmp_path / "headless"
+    bert = transformers.BertForMaskedLM.from_pretrained(folders["bert"])
+    bert.bert.save_pretrained(headless)
+    shutil.copy(folders["bert"] / "config.json", headless / "config.json")
+    toy_tokenizer().save_pretrained(headless)
+    with pytest.raises(ModelLoadError, match=r"weight\(s\) missing \(cls\.predictions"):
+        load_for_eval(str(headless))

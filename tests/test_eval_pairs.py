@@ -88,6 +88,12 @@ def test_pair_files_ours_and_blimps(tmp_path):
     bad.write_text(json.dumps({"good": "x"}) + "\n")
     with pytest.raises(TaskFileError, match=r"bad.jsonl:1: missing field bad"):
         read_pair_file(bad)
+    # N_P_same: identical texts could only tie (counted half right): refused, naming the line
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"good": "A dog runs.", "bad": "A dog run."}) + "\n"
+                    + json.dumps({"good": "The cat sleeps.", "bad": " The cat sleeps. ", "family": "f"}) + "\n")
+    with pytest.raises(TaskFileError, match=r"same.jsonl:2: good and bad are the same text"):
+        read_pair_file(same)
 
 
 

@@ -809,10 +809,11 @@ def _targets(kind: str, folder: Path) -> list[tuple[str, str]]:
     """(file, injury) pairs that must be detected. Not targets, by design: a checkpoint's COMPLETE marker's
     content (a timestamp nobody reads; deleting it is a target), a model folder's README.md (the card users
     edit, outside the manifest) and deleting its MANIFEST.sha256 (the documented way to accept edited files),
-    a shard folder's .verified.json (a cache: damaged, the folder is verified again)."""
+    a shard folder's .verified.json and .chunk_sums.npy (caches a full verification writes: damaged, the folder is
+    verified again)."""
     pairs = []
     for f in sorted(p.name for p in folder.iterdir() if p.is_file()):
-        if f in ("README.md", ".verified.json"):
+        if f in ("README.md", ".verified.json", ".chunk_sums.npy"):
             continue
         for injury in INJURIES:
             if (f == "COMPLETE" and injury != "delete") or (kind == "model" and f == "MANIFEST.sha256"

@@ -84,7 +84,9 @@ def register(commands) -> None:
     p.add_argument("--group", choices=("checkpoint", "ext", "decay"),
                    help="released layout: which phase's folders (their step numbers restart)")
     p.add_argument("--tokenizer", help="decode with this tokenizer (default: print token ids)")
-    p.add_argument("--out", help="write the step's rows to this parquet file instead of printing")
+    p.add_argument("--out", help="write the step's rows to this parquet file instead of printing (an existing file "
+                                 "is replaced only when it is an earlier `data order --out`, or with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace whatever file --out names")
     p.add_argument("--max-chars", type=int, default=300)
     p.set_defaults(handler=_order)
 
@@ -204,7 +206,9 @@ def _prepare_for(args) -> int:
 
 
 def _order(args) -> int:
-    from twinlm.data.order import read_step
+    from twinlm.data.order import check_order_out, read_step
+    if args.out:  # before the step is read: a refused --out writes nothing
+        check_order_out(args.out, overwrite=args.overwrite)
     if (Path(args.run) / "config.yaml").is_file():
         from twinlm.train.plan import order_of_step
         rows, how = order_of_step(args.run, args.step)
@@ -217,8 +221,9 @@ def _order(args) -> int:
 def _show_step(run: str, step: int, rows: list[dict[str, Any]], how: str, *, tokenizer: str | None = None,
                out: str | None = None, max_chars: int = 300) -> None:
     """Print step `step`'s rows (`how`: recorded or recomputed), decoded with `tokenizer` (default: RUN/final or
-    RUN/tokenizer when they hold one; else token ids), each cut at `max_chars`; with `out`, write them instead
-    to that parquet file (twinlm's batch-order layout, atomically)."""
+    RUN/tokenizer when they hold one; else token ids; one the run did not record is refused), each cut at
+    `max_chars`; with `out`, write them instead to that parquet file (twinlm's batch-order layout, atomically,
+    with its sha256 record `OUT.sha256` beside it)."""
     from twinlm.data.order import ORDER_COLUMNS, write_order_file
     from twinlm.data.tokenizer import load_tokenizer
     if out:
@@ -227,10 +232,13 @@ def _show_step(run: str, step: int, rows: list[dict[str, Any]], how: str, *, tok
         write_order_file(out, columns)
         print(f"{out}: {len(rows)} samples of step {step} ({how})")
         return
+    from twinlm.data.order import check_order_tokenizer
     if tokenizer is None:
         tokenizer = next((str(c) for c in (Path(run) / "final", Path(run) / "tokenizer")
                           if (c / "tokenizer.json").exists()), None)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    if tok is not None:
+        check_order_tokenizer(run, tok, rows, str(tokenizer))
     total = sum(len(r["input_ids"]) for r in rows)
     print(f"step {step}: {len(rows)} samples, {total} tokens ({how})")
     for r in rows:

@@ -19,7 +19,12 @@ Implemented from the format as the package's own writer produces it (mosaicml-st
 
 Checks: a shard file named in the index but absent, of another size than the index says, or whose hash
 (any `hashlib` algorithm, and xxh* when `xxhash` is installed) differs is a `DataError` naming the file and
-the fix; each shard is checked when first read. zstd shards need the `zstandard` package (optional:
+the fix; each shard is checked when first read. A shard listed without any hash this reader can check
+(the writer's `hashes=[]`, the default) is read on trust: `unhashed` names such shards, and `twinlm train`
+prints one warning naming the folder (bit rot in it cannot be detected; the fix is to write it with
+`hashes=["sha1"]`, or to prepare its text with `twinlm data prepare`, whose shards are hashed). A shard
+`basename` that is absolute or leads outside the folder (`../x`) is a `DataError` naming index.json: a
+folder's index never makes twinlm read another file. zstd shards need the `zstandard` package (optional:
 `pip install zstandard`, the `mds` extra).
 
     folder = MDSFolder("data/pretrain")             # len(folder), folder[i] -> {column: value}
@@ -143,7 +148,7 @@ class MDSFolder:
                     raise DataError(f"{self.path}: column {name!r} has the encoding {enc!r}, which twinlm does not "
                                     "read (text, bytes, numbers, json and ndarray columns are read; pickle never)")
             info = s.get("zip_data") or s["raw_data"]
-            f = self.path / info["basename"]
+            f = self._file(info)
             if not f.is_file():
                 raise MissingShards(f"{self.path}: shard {info['basename']} listed in index.json is missing: "
                                     "download the folder again")
@@ -156,6 +161,25 @@ class MDSFolder:
         self.starts = np.concatenate([[0], np.cumsum(counts)])
         self._cache: tuple[int, bytes, np.ndarray] | None = None
 
+    def _file(self, info: dict) -> Path:
+        """The shard file `info["basename"]` names, refused unless it lies inside the folder."""
+        name = str(info.get("basename") or "")
+        f = (self.path / name).resolve()
+        if not name or Path(name).is_absolute() or not f.is_relative_to(self.path.resolve()):
+            raise DataError(f"{self.path / 'index.json'}: shard basename {name!r} is not a file inside the folder: "
+                            "the index is damaged or hostile; download the folder again")
+        return self.path / name
+
+    @property
+    def unhashed(self) -> list[str]:
+        """The basenames of the shards whose stored file has no hash this reader can check (read on trust)."""
+        out = []
+        for s in self.shards:
+            info = s.get("zip_data") or s["raw_data"]
+            if not any(_digest(algo, b"") is not None for algo in (info.get("hashes") or {})):
+                out.append(str(info["basename"]))
+        return out
+
     def __len__(self) -> int:
         return int(self.starts[-1])
 
@@ -164,7 +188,7 @@ class MDSFolder:
             return self._cache[1], self._cache[2]
         s = self.shards[k]
         stored = s.get("zip_data") or s["raw_data"]
-        f = self.path / stored["basename"]
+        f = self._file(stored)
         data = f.read_bytes()
         self._check(f, data, stored)
         if s.get("zip_data"):

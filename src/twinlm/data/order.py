@@ -21,10 +21,18 @@ vocabulary size) before a single token of it is trained on. `ReplayStream` serve
 order folder with the same interface as `BatchStream`, so training consumes exactly the recorded batches
 (step k of the phase reads order step `first_step + k − 1`) and resumes exactly (its state is the number of
 steps consumed). Records are written under a temporary name and renamed when complete.
+
+Checksums: every parquet file has a record `FILE.parquet.sha256` beside it (one manifest line, `<sha256>
+FILE.parquet`, io.py's format). twinlm writes it with each record; a file without one (a released order, or
+a record whose checksum file was lost) gets it on its first read when the folder is writable (a fingerprint:
+damage before that first read is not seen, nor is any damage in a read-only released folder). Each file is
+hashed once per `OrderFolder` before its first row is used, and a file that differs from its record is a
+`DataError` naming it (fetch it again, or for a run's own records, train the interval again).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from twinlm.errors import ConfigError, DataError, MissingArtifactError, StepNotRecorded
-from twinlm.io import atomic_path
+from twinlm.errors import ConfigError, DataError, MissingArtifactError, StepNotRecorded, TokenizerMismatch
+from twinlm.io import atomic_path, read_manifest, sha256_file, write_bytes
 
 
 def _to_list(x: Any) -> list[int]:
@@ -49,7 +57,7 @@ ORDER_COLUMNS = ("step", "rank", "position", "sample_id", "input_ids")  # twinlm
 def write_order_file(path: str | Path, columns: Mapping[str, Sequence[Any]]) -> None:
     """Atomically write rows given column by column (`ORDER_COLUMNS`; input_ids: one list of ints per row) as
     a parquet file of twinlm's layout: step int64, rank int32, position int32, sample_id int64, input_ids
-    list<int32>."""
+    list<int32>; then its sha256 record beside it (`checksum_path`)."""
     # pyarrow is imported where it is used: `import twinlm.data` (every training rank) stays light.
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -58,6 +66,36 @@ def write_order_file(path: str | Path, columns: Mapping[str, Sequence[Any]]) -> 
     table = pa.table({name: pa.array(columns[name], types[name]) for name in ORDER_COLUMNS})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+    record_checksum(Path(path))
+
+
+def checksum_path(file: Path) -> Path:
+    """Where the sha256 record of an order file lies (module docstring)."""
+    return file.with_name(file.name + ".sha256")
+
+
+def record_checksum(file: Path, digest: str | None = None) -> None:
+    """Write the sha256 record of an order file (`digest`, else hashed now)."""
+    write_bytes(checksum_path(file), f"{digest or sha256_file(file)}  {file.name}\n")
+
+
+def check_checksum(file: Path) -> None:
+    """Compare an order file with its sha256 record, recording one where there is none and the folder is writable
+    (module docstring); a mismatch or a damaged record is a `DataError` naming the file."""
+    record = checksum_path(file)
+    digest = sha256_file(file)
+    if not record.exists():
+        try:
+            record_checksum(file, digest)
+        except OSError:  # a read-only released folder: read on trust (docs/bad-input.md)
+            pass
+        return
+    listed = read_manifest(record, lambda what: DataError(f"{record}: the checksum record {what}: delete it to record "
+                                                          "the file's current state, or fetch the folder again"))
+    if listed.get(file.name) != digest:
+        raise DataError(f"{file}: sha256 {digest[:16]}… differs from {record.name} "
+                        f"({(listed.get(file.name) or 'no entry')[:16]}…): the file was altered; fetch the order "
+                        "folder again (a run's own records: train that checkpoint interval again)")
 
 
 class OrderRecorder:
@@ -240,6 +278,7 @@ class OrderFolder:
         self.intervals = intervals
         self.num_rows = offset
         self._cache: tuple[tuple[Path, int], Any] | None = None
+        self._checked: set[Path] = set()
 
     @staticmethod
     def _parts(pq: Any, file: Path) -> list[_Part]:
@@ -281,6 +320,9 @@ class OrderFolder:
     def _read(self, part: _Part) -> Any:
         import pyarrow.parquet as pq
         key = (part.file, part.row_group)
+        if part.file not in self._checked:
+            check_checksum(part.file)
+            self._checked.add(part.file)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, pq.ParquetFile(part.file).read_row_group(part.row_group))
         return self._cache[1]
@@ -320,6 +362,53 @@ class OrderFolder:
             world = max(r["rank"] for r in out) + 1
             out.sort(key=lambda r: r["position"] * world + r["rank"])
         return out
+
+
+def check_order_out(out: str | Path, overwrite: bool = False) -> None:
+    """Refuse `data order --out FILE` over an existing path unless it is an earlier order output (a parquet file
+    with twinlm's order columns) or `overwrite` is set: the user's file is never replaced by mistake."""
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out {out} is a folder: name a .parquet file to write the step's rows to")
+    if not path.exists() or overwrite:
+        return
+    import pyarrow.parquet as pq
+    try:
+        names = pq.ParquetFile(path).schema_arrow.names
+    except Exception:  # noqa: BLE001 - any file pyarrow cannot read as parquet is not an order output
+        names = []
+    if tuple(names) != ORDER_COLUMNS:
+        raise ConfigError(f"--out {out} exists and is not an earlier `twinlm data order` output: choose another name "
+                          "or pass --overwrite to replace it")
+
+
+def run_tokenizer_fingerprint(run: str | Path) -> str | None:
+    """The tokenizer fingerprint a run folder records (its checkpoints' state.json), or None (a bare order folder)."""
+    root = Path(run)
+    root = root.parent if root.name == "data_order" else root
+    for state in sorted((root / "checkpoints").glob("*/state.json"), reverse=True):
+        try:
+            fp = json.loads(state.read_text()).get("tokenizer_fingerprint")
+        except (OSError, ValueError):
+            continue  # a damaged checkpoint: another one, or the ids bound below, decides
+        if fp:
+            return str(fp)
+    return None
+
+
+def check_order_tokenizer(run: str | Path, tok: Any, rows: Sequence[Mapping[str, Any]], name: str) -> None:
+    """Refuse decoding a step with a tokenizer the run was not trained with (its recorded fingerprint), or, for
+    an order folder that records none, one too small for the ids (TokenizerMismatch)."""
+    from twinlm.data.tokenizer import tokenizer_fingerprint  # here: `import twinlm.data` stays light
+    want = run_tokenizer_fingerprint(run)
+    if want is not None and tokenizer_fingerprint(tok) != want:
+        raise TokenizerMismatch(f"{name} is not the tokenizer {run} was trained with (fingerprint "
+                                f"{tokenizer_fingerprint(tok)[:12]}… vs {want[:12]}…): pass the run's tokenizer, or "
+                                "leave out --tokenizer to print token ids")
+    top = max((int(max(r["input_ids"])) for r in rows if len(r["input_ids"])), default=-1)
+    if top >= len(tok):
+        raise TokenizerMismatch(f"{name} has {len(tok)} tokens but the step's ids reach {top}: these ids come from "
+                                "another tokenizer; pass the one the order was made with")
 
 
 def read_step(run: str | Path, step: int, group: str | None = None) -> list[dict[str, Any]]:

@@ -11,17 +11,25 @@ A folder without meta.json is not a shard folder (an interrupted write never get
 writer fills `.DIR.tmp-*` and renames it when done, through `twinlm.io.atomic_dir`).
 
 Integrity, three levels. Reading meta.json (`read_meta`, on every open) checks its own checksum, so no byte of it
-can change unseen (a folder of format_version 1, which has none, is read as it is). Opening (`ShardDataset`)
-checks every file's size against meta.json and that the index covers tokens.bin exactly; reading chunk i checks
-that its offsets increase and its length is at most meta.json's `max_chunk_len` (a flipped offset is a ShardError
-naming the folder and chunk, never a negative-length chunk). `verify_shards(path)` (and `twinlm data verify DIR…`)
+can change unseen (a folder of format_version 1, which has none, is read as it is). Opening (`ShardDataset`) checks
+every file's size against meta.json and that the index covers tokens.bin exactly; reading chunk i checks that its
+offsets increase and its length is at most meta.json's `max_chunk_len` (a flipped offset is a ShardError naming the
+folder and chunk, never a negative-length chunk) and that its ids are below `id_bound` (meta.json's
+`tokenizer.vocab_size`, or the training model's vocabulary when smaller): a flipped high byte in a folder verified
+earlier, which the model would reject naming no file, is a ShardError naming tokens.bin, the chunk, the offset and
+`twinlm data verify` (one max over the chunk, on the host). `verify_shards(path)` (and `twinlm data verify DIR…`)
 also checks every file's sha256, that the whole index is monotonic, starts at 0 and ends at the token count, that
 docs.npy and bytes.npy have one entry per chunk, and that every token id is below the tokenizer's vocabulary size
 (meta.json `tokenizer.vocab_size`, when recorded). A full pass records the folder's `shard_signature` (meta.json's
 hash and every file's size and modification time) in `DIR/.verified.json` when the folder is writable; a training
 run's setup (train/setup.py) verifies a folder whose current signature matches no record (its own run's, or the
-folder's), so a folder is hashed once, and again whenever it changed; under several ranks the parts of the
-verification (`verification_parts`: each file's hash, the structural check) are dealt out among the ranks.
+folder's), so a folder is hashed once, and again whenever it changed; the same pass writes `DIR/.chunk_sums.npy`
+(per chunk: its ids' sum and the sum of their running sums, mod 2**32; 8 bytes a chunk, part of the signature), and
+while the folder still matches its `.verified.json` every chunk read is checked against them: bit rot after the
+verification that keeps the ids in the vocabulary and the mtime (which no signature sees) is a ShardError naming
+tokens.bin, the chunk and its bytes (a folder verified only through a run's record, being read-only, has no sums
+and no such check); under several ranks the parts of the verification (`verification_parts`: each file's hash, the
+structural check) are dealt out among the ranks.
 """
 
 from __future__ import annotations
@@ -38,12 +46,15 @@ import numpy as np
 
 from twinlm.data.tokenizer import tokenizer_fingerprint
 from twinlm.errors import MissingShards, ShardError, TokenizerMismatch
-from twinlm.io import atomic_dir, dumps_json, sha256_file, write_bytes, write_json
+from twinlm.io import atomic_dir, atomic_path, dumps_json, sha256_file, write_bytes, write_json
 
 FORMAT_VERSION = 2  # 2: meta.json carries its own checksum (`meta_sha256`); 1 is read without one
 _META_SUM = re.compile(rb'"meta_sha256": "([0-9a-f]{64})"')
 FILES = ("tokens.bin", "index.npy", "docs.npy", "bytes.npy")
 VERIFIED = ".verified.json"  # the signature of the folder's last full verification
+# per chunk (its ids' sum, the sum of their running sums) mod 2**32, written by a full verification
+SUMS = ".chunk_sums.npy"
+_MASK = np.uint64(0xFFFFFFFF)
 
 
 def _write_npy_from_raw(raw: Path, out: Path, dtype: str, count: int) -> None:
@@ -186,6 +197,9 @@ def shard_signature(path: str | Path) -> dict[str, Any]:
     for name in FILES:
         st = (path / name).stat()
         sig[name] = [st.st_size, st.st_mtime_ns]
+    if (path / SUMS).exists():  # rewritten sums (a later verification) void the record: verified again
+        st = (path / SUMS).stat()
+        sig[SUMS] = [st.st_size, st.st_mtime_ns]
     return sig
 
 
@@ -224,8 +238,8 @@ def check_contents(path: Path, meta: dict[str, Any]) -> None:
         if len(np.load(path / name, mmap_mode="r")) != n:
             raise ShardError(f"{path / name}: not one entry per chunk ({n}): the file is damaged; prepare again")
     vocab = (meta.get("tokenizer") or {}).get("vocab_size")
+    tokens = read_tokens(path, meta["dtype"])
     if vocab:
-        tokens = read_tokens(path, meta["dtype"])
         for start in range(0, len(tokens), block):
             part = tokens[start:start + block]
             top = int(part.max()) if len(part) else 0
@@ -233,6 +247,38 @@ def check_contents(path: Path, meta: dict[str, Any]) -> None:
                 at = start + int(np.argmax(part >= vocab))
                 raise ShardError(f"{path / 'tokens.bin'}: token {at} has id {int(tokens[at])}, outside the "
                                  f"tokenizer's vocabulary of {vocab}: the file is damaged; prepare the shards again")
+    write_chunk_sums(path, tokens, index, n)
+
+
+def chunk_sums(ids: np.ndarray) -> list[int]:
+    """The check sums of one chunk (see `SUMS`): with c its running sums, [c[-1], sum(c)] mod 2**32: any changed
+    id changes the first, two ids swapped change the second."""
+    c = np.cumsum(ids, dtype=np.uint64)
+    return [int(c[-1]) & 0xFFFFFFFF if len(c) else 0, int(c.sum(dtype=np.uint64)) & 0xFFFFFFFF]
+
+
+def write_chunk_sums(path: Path, tokens: np.ndarray, index: np.ndarray, n: int, block: int = 1 << 20) -> None:
+    """Write `SUMS` for every chunk, blockwise and vectorised (from the running sums of each block's tokens and
+    their running sums); best effort, like `.verified.json` (a read-only folder gets no read-time check)."""
+    if n == 0:
+        return
+    try:
+        with atomic_path(path / SUMS) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint32, shape=(n, 2))
+            for c0 in range(0, n, block):
+                c1 = min(n, c0 + block)
+                offsets = np.asarray(index[c0:c1 + 1], dtype=np.int64)
+                rel = offsets - offsets[0]
+                zero = np.zeros(1, np.uint64)
+                cs = np.concatenate([zero, np.cumsum(tokens[int(offsets[0]):int(offsets[-1])], dtype=np.uint64)])
+                cc = np.concatenate([zero, np.cumsum(cs[1:], dtype=np.uint64)])
+                a, b = rel[:-1], rel[1:]
+                out[c0:c1, 0] = ((cs[b] - cs[a]) & _MASK).astype(np.uint32)
+                out[c0:c1, 1] = ((cc[b] - cc[a] - (b - a).astype(np.uint64) * cs[a]) & _MASK).astype(np.uint32)
+            out.flush()
+            del out
+    except OSError:
+        pass
 
 
 def check_sizes(path: Path, meta: dict[str, Any]) -> None:
@@ -307,6 +353,18 @@ class ShardDataset:
         self._docs: np.ndarray | None = None
         self._bytes: np.ndarray | None = None
         self._limit = int(self.meta.get("max_chunk_len") or len(self.tokens))
+        # the ids' bound, checked on every chunk read: meta.json's vocabulary (0: none recorded); a trainer
+        # lowers it to its model's vocabulary (train/datasets.py)
+        self.id_bound = int((self.meta.get("tokenizer") or {}).get("vocab_size") or 0)
+        # the sums of the folder's last full verification, when the folder is still in that state (SUMS)
+        self._sums: np.ndarray | None = None
+        if (self.path / SUMS).is_file() and is_verified(self.path):
+            try:
+                sums = np.load(self.path / SUMS, mmap_mode="r")
+            except (OSError, ValueError):  # a damaged cache: no read-time check until the next verification
+                sums = None
+            # a plain array over the mapped file: indexing a np.memmap row costs several µs more
+            self._sums = np.asarray(sums) if sums is not None and sums.shape == (len(self), 2) else None
 
     def __len__(self) -> int:
         return len(self.index) - 1
@@ -322,7 +380,20 @@ class ShardDataset:
             raise ShardError(f"{self.path / 'index.npy'}: chunk {i} spans offsets {a}..{b} (lengths must be "
                              f"0..{self._limit}): the file is damaged; run `twinlm data verify {self.path}` and "
                              "prepare the shards again")
-        return np.asarray(self.tokens[a:b])
+        ids = np.asarray(self.tokens[a:b])
+        if self.id_bound and len(ids) and int(ids.max()) >= self.id_bound:
+            j = int(np.argmax(ids >= self.id_bound))
+            where = f"token {a + j} (byte {(a + j) * self.tokens.dtype.itemsize}, chunk {i})"
+            raise ShardError(f"{self.path / 'tokens.bin'}: {where} is id {int(ids[j])}, outside the "
+                             f"vocabulary of {self.id_bound}: the file was altered since it was verified (bit rot?); "
+                             f"run `twinlm data verify {self.path}` and prepare or copy the shards again")
+        if self._sums is not None and chunk_sums(ids) != [int(self._sums[i, 0]), int(self._sums[i, 1])]:
+            raise ShardError(f"{self.path / 'tokens.bin'}: chunk {i} (tokens {a}..{b}, bytes "
+                             f"{a * self.tokens.dtype.itemsize}..{b * self.tokens.dtype.itemsize}) differs from its "
+                             f"check sums in {SUMS}, recorded when the folder was verified: one of the two was "
+                             f"altered since (bit rot?); run `twinlm data verify {self.path}` and prepare or copy "
+                             "the shards again")
+        return ids
 
     @property
     def fingerprint(self) -> str:

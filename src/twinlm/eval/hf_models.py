@@ -4,10 +4,15 @@ Llama, GPT-2 style, ModernBERT classifiers …) wrapped so that the tracks call 
 
 - `is_twinlm_folder(path)`: folders `twinlm.load` reads as a language model (twinlm checkpoints, and
   ModernBERT(-decoder) masked/causal-LM folders); every other folder with a `config.json` goes through
-  `load_hf_model`.
+  `load_hf_model`. A folder that would go that way is first checked against its `MANIFEST.sha256` when it has
+  one (an edited `architectures` or `model_type` is named as a changed config.json, not scored by
+  transformers), and one whose weights twinlm wrote (the kind recorded in `model.safetensors`) is refused:
+  its config.json no longer describes it.
 - `load_hf_model(path)`: the class is chosen from `architectures` (`…ForCausalLM` / `…LMHeadModel`: a decoder;
   `…ForMaskedLM`: an encoder with its LM head; anything else: the headless `AutoModel`, an encoder for the
-  embedding tracks). fp32, eval mode.
+  embedding tracks). fp32, eval mode. A model some of whose weights the folder does not hold (transformers
+  would initialise them at random: another architecture's weights under this config) is refused, naming
+  them.
 - `HFModel`: packed input (`cu_seqlens`) is unpacked into a right-padded batch with an attention mask (causal
   models see no padding before their tokens), run with `output_hidden_states`, and the real positions packed
   back; `.hidden_states` is the model's last hidden state, `.logits` its LM head's output (only the
@@ -24,12 +29,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from twinlm.errors import ConfigError, ModelLoadError
+from twinlm.export import KIND_KEY, WEIGHTS, verify_manifest, weights_metadata
 
 TWINLM_ARCHS = ("ModernBertForMaskedLM", "ModernBertDecoderForCausalLM")
 TWINLM_TYPES = ("modernbert", "modernbert-decoder")
@@ -54,7 +60,8 @@ class HFConfig:
 
 
 def is_twinlm_folder(path) -> bool:
-    """True for a folder `twinlm.load` reads as a language model; False for other transformers folders."""
+    """True for a folder `twinlm.load` reads as a language model; False for other transformers folders, after
+    their manifest (if any) is checked and weights written by twinlm are refused (module docstring)."""
     p = Path(path)
     if (p / "model_config.json").is_file() or not (p / "config.json").is_file():
         return True  # twinlm's own checkpoint, or not a transformers folder at all (twinlm.load names the problem)
@@ -62,10 +69,16 @@ def is_twinlm_folder(path) -> bool:
         d = json.loads((p / "config.json").read_text())
     except (OSError, ValueError):
         return True
-    archs = d.get("architectures") or []
-    if d.get("model_type") not in TWINLM_TYPES:
-        return False
-    return not archs or archs[0] in TWINLM_ARCHS
+    archs = (d.get("architectures") or []) if isinstance(d, dict) else []
+    if isinstance(d, dict) and d.get("model_type") in TWINLM_TYPES and (not archs or archs[0] in TWINLM_ARCHS):
+        return True  # twinlm.load checks the manifest
+    verify_manifest(p)  # before config.json's word is taken: a changed byte is named, not routed
+    kind = weights_metadata(p).get(KIND_KEY)
+    if kind is not None:
+        raise ModelLoadError(f"{p}: {WEIGHTS} holds a twinlm {kind}'s weights but config.json describes "
+                             f"{(archs or [d.get('model_type') if isinstance(d, dict) else '?'])[0]}: the config was "
+                             "replaced or edited; export the model again (`twinlm export`) or restore its config.json")
+    return False
 
 
 class HFModel(nn.Module):
@@ -127,9 +140,15 @@ def load_hf_model(path, tokenizer) -> HFModel:
     else:
         cls, causal = transformers.AutoModel, bool(getattr(conf, "is_decoder", False))
     try:
-        hf = cls.from_pretrained(str(p), dtype=torch.float32)
+        # with output_loading_info, from_pretrained returns (model, {"missing_keys": …, …})
+        hf, info = cast(tuple[Any, dict], cls.from_pretrained(str(p), dtype=torch.float32, output_loading_info=True))
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{p}: transformers cannot load this {arch} folder ({str(e).splitlines()[0]})") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers initialised them at random: scoring would measure noise
+        raise ModelLoadError(f"{p}: the weights do not fit its config.json ({arch}): {len(missing)} weight(s) "
+                             f"missing ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}), which "
+                             "transformers would initialise at random; use the folder's own config.json")
     cfg = _config(p, conf, tokenizer, causal, arch)
     return HFModel(hf.eval(), cfg).eval()
 

@@ -70,6 +70,8 @@ def stream_for(recipe: Recipe, phase_index: int, *, rank: int = 0, world_size: i
             _check_mds_ids(recipe, d, vocab_size)
         else:
             _check_shard_vocab(d, vocab_size)
+            if vocab_size is not None:  # every chunk read is checked against the model's vocabulary (SH13)
+                d.id_bound = min(d.id_bound or vocab_size, vocab_size)
             if fingerprint is not None and (d.meta.get("tokenizer") or {}).get("fingerprint"):
                 check_tokenizer(d, fingerprint)
     return BatchStream(ds, seed, rank=rank, world_size=world_size)

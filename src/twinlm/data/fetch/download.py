@@ -6,6 +6,10 @@ moved into `downloads/` only once its hash matches, so an interrupted download n
 that looks complete. Superseded Debian versions fall back to the mirror's current one, recorded as unpinned:
 its sha256 is written beside it (`<file>.sha256`, before the file is moved in) and checked whenever it is
 reused; a fallback file without a matching record is removed and downloaded again.
+A pinned source distribution (`*.tar.gz` from pip's index) is not fetched with `pip download`, which runs
+the package's `setup.py` to read its metadata before twinlm could check the hash: its file is read from
+the index's JSON listing (PEP 691, the index pip is configured with: `PIP_INDEX_URL`, else PyPI) and
+downloaded as bytes, so no package code runs and the sha256 is checked before anything opens the file.
 `iter_archive` reads members of wheels, zips, tarballs and .deb packages (without dpkg); `unpack` writes
 them under a folder, refusing members that would escape it.
 """
@@ -13,13 +17,18 @@ them under a folder, refusing members that would escape it.
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,8 +44,50 @@ def client_available(client: str) -> bool:
     return shutil.which({"npm": "npm", "apt": "apt-get"}[client]) is not None
 
 
+def is_sdist(archive: Archive) -> bool:
+    """Whether a pip archive is a source distribution (whose metadata `pip download` would build)."""
+    return archive.client == "pip" and archive.filename.endswith((".tar.gz", ".zip"))
+
+
+def pip_index_url() -> str:
+    """The package index pip reads (`PIP_INDEX_URL`, else PyPI's simple index)."""
+    return os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple/").rstrip("/") + "/"
+
+
+def _open_url(url: str, accept: str = "*/*"):
+    # pip's certificate bundle where one is configured (a proxy's CA), else the system's
+    context = ssl.create_default_context(cafile=os.environ.get("PIP_CERT") or None)
+    request = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": "twinlm-fetch"})
+    return urllib.request.urlopen(request, timeout=180, context=context)
+
+
+def download_sdist(archive: Archive, dest: Path, index: str | None = None) -> Path:
+    """Download a pinned sdist's file from the index as bytes into `dest` (no package code runs).
+
+    The project's page is read as PEP 691 JSON; the file whose name is `archive.filename` is downloaded.
+    The caller checks its sha256 before anything opens it.
+    """
+    project = re.sub(r"[-_.]+", "-", archive.spec.split("==")[0]).lower()
+    page = urllib.parse.urljoin(index or pip_index_url(), project + "/")
+    try:
+        with _open_url(page, "application/vnd.pypi.simple.v1+json") as r:
+            listing = json.load(r)
+        url = next((urllib.parse.urljoin(page, f["url"]) for f in listing.get("files", [])
+                    if f.get("filename") == archive.filename), None)
+        if url is None:
+            raise FetchError(f"{archive.filename} is not listed on {page}")
+        target = dest / archive.filename
+        with _open_url(url) as r, open(target, "wb") as out:
+            shutil.copyfileobj(r, out)
+    except (OSError, ValueError) as e:  # URLError is an OSError; a page that is not JSON a ValueError
+        raise FetchError(f"downloading {archive.filename} from {page} failed: {e}") from e
+    return target
+
+
 def default_downloader(archive: Archive, dest: Path) -> Path:
     """Download one archive into folder `dest` with its ordinary client; return the file."""
+    if is_sdist(archive):
+        return download_sdist(archive, dest)
     if archive.client == "pip":
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
                "-d", str(dest), *archive.extra_args, archive.spec]
@@ -170,8 +221,9 @@ def _iter_deb(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str, by
 
 
 def safe_join(root: Path, member: str) -> Path:
+    """`root / member`, resolved; refused when it lands outside `root` (`..`, an absolute name, a link)."""
     target = (root / member).resolve()
-    if not str(target).startswith(str(root.resolve())):
+    if not target.is_relative_to(root.resolve()):  # a path test: a sibling `root-evil/` shares the prefix
         raise FetchError(f"archive member escapes the target folder: {member}")
     return target
 

@@ -22,7 +22,8 @@ The same texts and seed give the same pairs on any machine (no hash of Python ob
 
 `read_pair_file(path)`: JSONL with `{"good", "bad", "family"}` per line; BLiMP's own files
 (`sentence_good`, `sentence_bad`, `UID`) read unchanged, and a line without a family takes the file's
-name. A bad line raises `TaskFileError("file:line: …")`.
+name. A bad line raises `TaskFileError("file:line: …")`, and so does a line whose good and bad texts are
+the same (after stripping): it could only ever tie, which would count as half right.
 """
 
 from __future__ import annotations
@@ -187,6 +188,9 @@ def read_pair_file(path: str | Path) -> list[Pair]:
         if not isinstance(family, str) or not family:
             raise TaskFileError(p, lineno, "field family must be a non-empty string")
         assert isinstance(good, str) and isinstance(bad, str)  # checked above
+        if good.strip() == bad.strip():
+            raise TaskFileError(p, lineno, "good and bad are the same text: a pair must differ (fix or remove the "
+                                           "line)")
         out.append(Pair(good.strip(), bad.strip(), family))
     if not out:
         raise TaskFileError(p, None, "no pairs in the file: give JSONL lines {\"good\", \"bad\", \"family\"}")
