@@ -21,6 +21,7 @@ Llama, GPT-2 style, ModernBERT classifiers …) wrapped so that the tracks call 
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,7 +61,7 @@ def is_twinlm_folder(path) -> bool:
         return True  # twinlm's own checkpoint, or not a transformers folder at all (twinlm.load names the problem)
     try:
         d = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return True
     archs = d.get("architectures") or []
     if d.get("model_type") not in TWINLM_TYPES:
@@ -130,6 +131,9 @@ def load_hf_model(path, tokenizer) -> HFModel:
         hf = cls.from_pretrained(str(p), dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{p}: transformers cannot load this {arch} folder ({str(e).splitlines()[0]})") from None
+    except pickle.UnpicklingError as e:  # torch's weights-only reader refused a pickle: nothing in it ran
+        raise ModelLoadError(f"{p}: its weights are a pickle that cannot be read safely ({str(e).splitlines()[0]}; "
+                             "nothing in it was run): use a folder saved with save_pretrained (safetensors)") from None
     cfg = _config(p, conf, tokenizer, causal, arch)
     return HFModel(hf.eval(), cfg).eval()
 
