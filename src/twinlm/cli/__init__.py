@@ -11,6 +11,7 @@ else is a bug and prints its traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from twinlm import __version__
@@ -38,8 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Warnings(logging.Handler):
+    """Prints what twinlm's modules log at WARNING and above as `warning: …` on the current stderr, once (without
+    it Python's last-resort handler prints the bare message, and a command that also printed it said it twice)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logger = logging.getLogger("twinlm")
+    if not any(isinstance(h, _Warnings) for h in logger.handlers):
+        logger.addHandler(_Warnings())
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
