@@ -11,11 +11,12 @@ import torch
 
 from twinlm import load
 from twinlm.cli import main
-from twinlm.convert import convert, export_model
+from twinlm.convert import CHECKPOINT_MARKER, convert, export_model
 from twinlm.data.tokenizer import train_tokenizer
 from twinlm.errors import MissingArtifactError, ModelLoadError, TokenizerMismatch
 from twinlm.eval.toy import toy_sentences
 from twinlm.generate import continue_text, greedy
+from twinlm.train.checkpoint import MARKER
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -157,6 +158,7 @@ def test_export_refuses_what_it_cannot_vouch_for(trained, tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert f"{ck}: no MANIFEST.sha256" in err and "export another checkpoint" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+    assert CHECKPOINT_MARKER == MARKER  # the export's check reads the trainer's marker
     # N_T2: a model folder without a manifest whose tokenizer.json is garbage (or nested past reading: SEC8)
     folder = tmp_path / "badtok"
     shutil.copytree(trained["final"], folder)

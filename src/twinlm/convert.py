@@ -39,12 +39,12 @@ from twinlm.data.tokenizer import check_tokenizer_file, tokenizer_fingerprint
 from twinlm.errors import ConfigError, CorruptCheckpointError, MissingArtifactError, OutOfSpace, TokenizerMismatch
 from twinlm.export import GENERATION_CONFIG, OBJECTIVES, TOKENIZER_FILES, TWINLM_CONFIG, recorded_objective
 from twinlm.hub import resolve_model
-from twinlm.io import atomic_dir, is_disk_full
+from twinlm.io import MANIFEST, atomic_dir, is_disk_full, manifest_mismatch, read_manifest
 from twinlm.loading import load
 from twinlm.model import Transformer
-from twinlm.train.checkpoint import verify as verify_checkpoint
 
 TARGETS = ("encoder", "decoder")
+CHECKPOINT_MARKER = "COMPLETE"  # twinlm.train.checkpoint.MARKER: written last into a whole training checkpoint
 
 
 def convert(src, to: str, out, *, global_rope_theta: float | None = None,
@@ -100,8 +100,8 @@ def export_model(src, out, *, tokenizer=None, overwrite: bool = False, license: 
 
     The export certifies what it writes (its MANIFEST.sha256), so nothing unchecked goes in: a training
     checkpoint (a folder with state.json and model_config.json) must pass its own manifest as resuming does
-    (twinlm.train.checkpoint.verify: a checkpoint without MANIFEST.sha256 or with a file that differs from it
-    is refused, CorruptCheckpointError), a model folder with a manifest must match it (twinlm.load), and the
+    (its COMPLETE marker, a MANIFEST.sha256 listing every file, every file matching it; else
+    CorruptCheckpointError), a model folder with a manifest must match it (twinlm.load), and the
     tokenizer's tokenizer.json must be one `tokenizers` can read and no larger than the model's vocabulary
     (ConfigError / TokenizerMismatch naming the file). The folder is written whole or not at all: into a
     temporary sibling, renamed to `out` at the end (twinlm.io.atomic_dir; `overwrite` replaces an existing
@@ -144,15 +144,28 @@ def export_model(src, out, *, tokenizer=None, overwrite: bool = False, license: 
 
 
 def _check_checkpoint(src: Path) -> None:
-    """Refuse a training checkpoint that its manifest does not vouch for (see export_model)."""
+    """Refuse a training checkpoint that its manifest does not vouch for (see export_model): the checks of
+    twinlm.train.checkpoint.verify, which resuming makes (this floor cannot import the trainer's)."""
     if not ((src / "state.json").is_file() and (src / TWINLM_CONFIG).is_file()):
         return
-    try:
-        verify_checkpoint(src, required=("model.safetensors", TWINLM_CONFIG, "state.json"))
-    except CorruptCheckpointError as e:
-        raise CorruptCheckpointError(f"{e}: export certifies only checkpoints that pass their manifest, as resuming "
-                                     "does; export another checkpoint of the run (RUN/checkpoints/step-*) or "
-                                     "RUN/final") from None
+    fix = ("export certifies only checkpoints that pass their manifest, as resuming does; export another "
+           "checkpoint of the run (RUN/checkpoints/step-*) or RUN/final")
+    manifest = src / MANIFEST
+    if not (src / CHECKPOINT_MARKER).is_file():
+        raise CorruptCheckpointError(f"{src}: incomplete (no {CHECKPOINT_MARKER} marker: the save was interrupted): "
+                                     f"{fix}")
+    if not manifest.is_file():
+        raise CorruptCheckpointError(f"{src}: no {MANIFEST}: {fix}")
+    listed = read_manifest(manifest, lambda what: CorruptCheckpointError(f"{manifest}: {what} (damaged): {fix}"))
+    present = {p.name for p in src.iterdir() if p.is_file()} - {MANIFEST, CHECKPOINT_MARKER}
+    unlisted = sorted(present - set(listed))
+    if unlisted:
+        raise CorruptCheckpointError(f"{src}: {MANIFEST} does not list {', '.join(unlisted)}: {fix}")
+    bad = manifest_mismatch(src, listed)
+    if bad is not None:
+        how = "is listed in the manifest but missing" if bad[1] == "missing" else \
+            f"does not match its sha256 in {MANIFEST}"
+        raise CorruptCheckpointError(f"{src}: {bad[0]} {how}: {fix}")
 
 
 def _check_tokenizer(tok: Path, vocab_size: int) -> None:

@@ -16,6 +16,12 @@ class TwinlmError(Exception):
     """A problem the user can fix; the message says how."""
 
 
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (multi-line messages are joined with '; '): how `twinlm` prints it."""
+    text = str(error).strip() or type(error).__name__
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 class ConfigError(TwinlmError, ValueError):
     """A recipe, scale, setting or command-line value that cannot be used."""
 

@@ -15,7 +15,7 @@ import logging
 import sys
 
 from twinlm import __version__
-from twinlm.errors import TrainingDiverged, TwinlmError
+from twinlm.errors import TrainingDiverged, TwinlmError, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,9 +65,3 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"twinlm: error: {one_line(e)}", file=sys.stderr)
         return 3 if isinstance(e, TrainingDiverged) else 2
-
-
-def one_line(error: BaseException) -> str:
-    """The error's message on one line (multi-line messages are joined with '; ')."""
-    text = str(error).strip() or type(error).__name__
-    return "; ".join(part.strip() for part in text.splitlines() if part.strip())

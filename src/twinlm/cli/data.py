@@ -175,14 +175,14 @@ def _merge(args) -> int:
 
 def _verify(args) -> int:
     """Every folder is checked, good or bad (N_V3); each bad one is named on stderr, then one error line counts
-    them. A folder of another kind (MDS, batch order: N_V7, N_V8) is named as such, not as a broken shard folder."""
+    them (one folder: its own error is the line). A folder of another kind (MDS, batch order: N_V7, N_V8) is
+    named as such, not as a broken shard folder."""
     import time
 
-    from twinlm.cli import one_line
     from twinlm.data.mds import is_mds_folder
     from twinlm.data.order import is_order_folder
     from twinlm.data.shards import verify_shards
-    from twinlm.errors import ShardError
+    from twinlm.errors import ShardError, one_line
     bad = []
     for folder in args.folders:
         t0 = time.perf_counter()
@@ -196,6 +196,8 @@ def _verify(args) -> int:
                                  f"{folder} STEP`")
             meta = verify_shards(folder)  # a ShardError names the file and the fix
         except ShardError as e:
+            if len(args.folders) == 1:
+                raise
             print(f"{folder}: FAILED: {one_line(e)}", file=sys.stderr, flush=True)
             bad.append(str(folder))
             continue
