@@ -120,7 +120,7 @@ def test_a_full_disk_while_the_curve_is_written_is_one_line(runs, tmp_path, monk
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
     out = tmp_path / "c"
-    assert main(["eval", "curve", str(r["dec"]), "--tracks", "bpb", "--out", str(out),
+    assert main(["eval", "curve", str(r["dec"]), "--tracks", "bpb", "--out", str(out), "--every", "100",
                  "--set", f"bpb.text_file={held}", "bpb.max_docs=5"]) == 2
     last = capsys.readouterr().err.splitlines()[-1]  # after the progress lines
     assert last.startswith("twinlm: error: ") and "is full: the curve's tables and plots were not all written" in last
