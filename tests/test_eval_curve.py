@@ -94,3 +94,34 @@ def test_a_corrupt_checkpoint_is_reported_and_skipped(runs, tmp_path):
     n = len(list((copy / "checkpoints").glob("step-*")))
     assert len(res["points"]) == n - 1 and victim.parent.name not in [p["label"] for p in res["points"]]
     assert any("skipping" in m and "model.safetensors" in m for m in logged)
+    # CV4, CV5: a checkpoint whose state.json or model_config.json is damaged is reported and skipped the same way
+    ckpts = sorted((copy / "checkpoints").glob("step-*"))
+    shutil.copy(r["enc"] / "checkpoints" / ckpts[1].name / "model.safetensors", ckpts[1])  # whole again
+    (ckpts[0] / "state.json").write_bytes(b"\xdf" + (ckpts[0] / "state.json").read_bytes()[1:])
+    (ckpts[1] / "model_config.json").write_text("garbage")
+    logged.clear()
+    res = curve([str(copy)], ["bpb"], tmp_path / "c2", overrides=[f"bpb.text_file={held}", "bpb.max_docs=5"],
+                log=logged.append)
+    assert [p["label"] for p in res["points"]] == [c.name for c in ckpts[2:]]
+    for name in ("state.json", "model_config.json"):
+        assert any("skipping" in m and f"{name} does not match its sha256" in m for m in logged), (name, logged)
+
+
+def test_a_full_disk_while_the_curve_is_written_is_one_line(runs, tmp_path, monkeypatch, capsys):
+    """CV6: the PNG writer meets a full disk: one line, no file half-written, the cache kept."""
+    import errno
+
+    import matplotlib.figure
+
+    root, r, held = runs
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    out = tmp_path / "c"
+    assert main(["eval", "curve", str(r["dec"]), "--tracks", "bpb", "--out", str(out), "--every", "100",
+                 "--set", f"bpb.text_file={held}", "bpb.max_docs=5"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the progress lines
+    assert last.startswith("twinlm: error: ") and "is full: the curve's tables and plots were not all written" in last
+    assert not list(out.glob("*.png")) and not list(out.glob(".*tmp*")) and list((out / "cache").iterdir())

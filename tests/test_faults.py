@@ -3,16 +3,21 @@ checkpoint writes too), change the recipe under a run, fill a small filesystem; 
 user gets (an exact resume, complete metrics, a one-line error, no debris, nothing lost).
 
 The case ids (C09, K02, R10, …) are those of the reliability review. `pytest -m soak tests/test_faults.py`
-runs the long randomized versions: TWINLM_SOAK_KILLS random SIGKILLs (default 20), each followed by a
-restart (the final losses and weights must equal an uninterrupted run's and metrics.jsonl must hold every
-step once); TWINLM_SOAK_CORRUPTIONS random injuries (default 2000: a flipped bit or byte, a truncation, a
-deleted file, appended garbage) to a checkpoint, a shard folder or a model folder, each of which must be
-named by the right error class in one line. TWINLM_SOAK_SEED (default 0) seeds both.
+runs the long randomized versions: TWINLM_SOAK_KILLS random SIGKILLs (default 20) aimed at rows spread over
+the whole run, each followed by a restart (the final losses and weights must equal an uninterrupted run's and
+metrics.jsonl must hold every step once); TWINLM_SOAK_CORRUPTIONS random injuries (default 2000: a flipped
+bit or byte, a truncation, a deleted file, appended garbage) to a checkpoint, a shard folder or a model
+folder, each of which must be named by the right error class in one line, then TWINLM_SOAK_COMMANDS more
+(default 100), each met by the command a user runs next through the CLI (train resume or export of a
+checkpoint, data verify or train on shards, eval bpb or export of a model folder). TWINLM_SOAK_SEED
+(default 0) seeds them all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import json
 import os
 import random
@@ -726,35 +731,48 @@ def test_soak_random_kills_resume_exact_with_complete_metrics(tmp_path, shards):
     recipe["checkpoint"]["keep_last"] = 3
     ref = tmp_path / "ref"
     assert _drive(tmp_path, recipe, ref) == 0
+    total = len(losses(ref))
+    # the kills aim at rows spread over the whole run: the k-th at a row drawn from the k-th of kills_wanted
+    # equal stretches of its first 90% (the last stretch leaves room for a checkpoint to be written after it)
+    span = max(1, int(total * 0.9) - 1)
+    bounds = [(1 + k * span // kills_wanted, (k + 1) * span // kills_wanted) for k in range(kills_wanted)]
+    targets = [rng.randint(lo, max(lo, hi)) for lo, hi in bounds]
     out, ck = tmp_path / "run", tmp_path / "run" / "checkpoints"
     rp, drv = tmp_path / "recipe.yaml", tmp_path / "driver.py"
     landed: list[str] = []
     starts = 0
+    metrics = out / "metrics.jsonl"
+
+    def rows() -> int:
+        return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
     while len(landed) < kills_wanted:
         starts += 1
         assert starts < 10 * kills_wanted, "the run never got far enough to be killed"
+        target = targets[len(landed)]
         p = subprocess.Popen([sys.executable, str(drv), str(rp), str(out), "none", "0"], env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        # where to kill: 0-1.5 s after this start's first metrics row (a step), 0-20 ms into a checkpoint
-        # write, or 0-3 s after the start (startup, restore); the clock starts at the event, not at launch
+        # where to kill: 0-0.3 s after the run has logged its target row (and one row of this start), 0-20 ms
+        # into the first checkpoint write from its target row on, or 0-3 s after the start (startup, restore)
         mode = rng.choice(["step", "step", "checkpoint", "checkpoint", "startup"])
         t_start, t_row, where = time.time(), None, None
-        delay = rng.uniform(0, 3.0 if mode == "startup" else 1.5)
-        metrics = out / "metrics.jsonl"
-        rows0 = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        delay = rng.uniform(0, 3.0 if mode == "startup" else 0.3)
+        rows0 = rows()
         before = {x.name for x in ck.iterdir()} if ck.is_dir() else set()  # leftovers of an earlier kill
         while p.poll() is None:
             if mode == "startup" and time.time() - t_start >= delay:
                 where = "startup"
             elif mode == "step":
-                if t_row is None and metrics.exists() and len(metrics.read_text().splitlines()) > rows0:
+                if t_row is None and rows() > rows0 and rows() >= target:
                     t_row = time.time()
                 if t_row is not None and time.time() - t_row >= delay:
                     where = "training"
-            elif mode == "checkpoint" and ck.is_dir() and any(x.name.startswith(".step-") and x.name not in before
-                                                            for x in ck.iterdir()):
-                time.sleep(rng.uniform(0, 0.02))
-                where = "checkpoint write"
+            elif mode == "checkpoint":
+                if rows() < target:  # the checkpoints written before the target are left alone
+                    before = {x.name for x in ck.iterdir()} if ck.is_dir() else set()
+                elif ck.is_dir() and any(x.name.startswith(".step-") and x.name not in before for x in ck.iterdir()):
+                    time.sleep(rng.uniform(0, 0.02))
+                    where = "checkpoint write"
             if where:
                 p.kill()
                 break
@@ -763,10 +781,9 @@ def test_soak_random_kills_resume_exact_with_complete_metrics(tmp_path, shards):
         if rc == 0:
             break  # finished before the kill: nothing more to kill
         assert rc == -signal.SIGKILL, p.stderr.read()[-3000:]
-        rows = len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
-        landed.append(f"{where} ({rows} rows)")
+        landed.append(f"{where} ({rows()} rows)")
     assert _drive(tmp_path, recipe, out) == 0
-    print(f"{len(landed)} kills: " + "; ".join(landed))
+    print(f"{len(landed)} kills over the {total} steps (target rows {targets}): " + "; ".join(landed))
     assert len(landed) >= kills_wanted
     assert losses(out) == losses(ref)  # every step once, bit-identical
     a = load_file(str(ref / "final" / "model.safetensors"))
@@ -933,12 +950,82 @@ def test_manifests_cut_short_or_with_a_changed_line_break_are_named(tmp_path, pr
     assert load(bare).config.causal
 
 
+# the commands a user runs next on each kind of injured artifact (the corruption soak runs them through the CLI)
+USER_COMMANDS = {"checkpoint": ("export", "train resume"), "shards": ("data verify", "train"),
+                 "model": ("eval bpb", "export")}
+
+
+def _cli(argv: list[str]) -> tuple[int, list[str]]:
+    """`twinlm ARGV` in this process: (exit status, the lines it printed on stdout and stderr)."""
+    from twinlm.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, (out.getvalue() + err.getvalue()).splitlines()
+
+
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory, shards) -> dict:
+    """A run stopped after step 4 (with two checkpoints, the newest at step 4) and its recipe file, and the losses
+    of the same run taken to step 5 uninterrupted: what a resume from an injured step 4 must reproduce."""
+    root = tmp_path_factory.mktemp("resumable")
+    recipe = root / "recipe.yaml"
+    r = recipe_for(shards)
+    r["checkpoint"]["keep_last"] = 3
+    recipe.write_text(yaml.safe_dump(r, sort_keys=False))
+    assert _cli(["train", recipe, "--out", root / "run", "max_steps=4"])[0] == 0
+    assert _cli(["train", recipe, "--out", root / "ref", "max_steps=5"])[0] == 0
+    assert len(checkpoint_steps(root / "run")) >= 2 and checkpoint_steps(root / "run")[-1] == 4
+    return {"recipe": recipe, "run": root / "run", "ref_losses": losses(root / "ref")}
+
+
+def _user_command_on_injury(rng: random.Random, pristine: dict[str, Path], resumable: dict, work: Path, kind: str,
+                            target: str, injury: str, command: str, text: Path) -> str:
+    """Injure `target` in a copy of `kind`'s artifact and run `command` on it through the CLI, as a user would
+    next. Every command must refuse with one `twinlm: error:` line naming the file (exit 2), and write nothing,
+    except a resume: it must name the injured checkpoint's file, set the checkpoint aside and resume from the one
+    before, with losses equal to an uninterrupted run's (a checkpoint without its COMPLETE marker is an interrupted
+    save: ignored). Returns what was done (for the soak's report)."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    if command == "train resume":
+        run_dir = work / "run"
+        shutil.copytree(resumable["run"], run_dir)
+        folder = run_dir / "checkpoints" / "step-00000004"
+    else:
+        folder = work / kind
+        shutil.copytree(pristine[kind], folder)
+        (folder / ".verified.json").unlink(missing_ok=True)
+    what = f"{command} on {kind}/{target}: {_injure(rng, folder / target, injury)}"
+    if command == "train resume":
+        rc, lines = _cli(["train", resumable["recipe"], "--out", run_dir, "max_steps=5"])
+        assert rc == 0, f"{what}: exit {rc}: {lines[-3:]}"
+        if not (target == "COMPLETE" and injury == "delete"):
+            assert any("skipping checkpoint" in x and target in x for x in lines), f"{what}: not named: {lines}"
+            assert (run_dir / "checkpoints" / "corrupt" / "step-00000004").is_dir(), f"{what}: not set aside"
+        assert losses(run_dir) == resumable["ref_losses"], f"{what}: the resumed run differs"
+        return what
+    argv = {"export": ["export", folder, "--out", work / "exported", "--no-tokenizer"],
+            "eval bpb": ["eval", "bpb", folder, "--text-file", text],
+            "data verify": ["data", "verify", folder],
+            "train": ["train", resumable["recipe"], "--out", work / "fresh", f"data={folder}", "max_steps=1"]}[command]
+    rc, lines = _cli(argv)
+    assert rc == 2 and lines and lines[-1].startswith("twinlm: error: "), f"{what}: exit {rc}: {lines[-3:]}"
+    assert target in lines[-1], f"{what}: the error does not name the file: {lines[-1]}"
+    assert not (work / "exported").exists(), f"{what}: exported"
+    return what
+
+
 @pytest.mark.soak
-def test_soak_random_corruption_is_always_named(tmp_path, pristine):
-    """TWINLM_SOAK_CORRUPTIONS (default 2000, about a minute) random injuries, seeded by TWINLM_SOAK_SEED."""
+def test_soak_random_corruption_is_always_named(tmp_path, pristine, resumable):
+    """TWINLM_SOAK_CORRUPTIONS (default 2000, about a minute) random injuries, seeded by TWINLM_SOAK_SEED, each
+    named by the check a command makes; then TWINLM_SOAK_COMMANDS (default 100) more, each followed by the command
+    a user runs next on that kind of artifact (USER_COMMANDS) through the CLI."""
     n = int(os.environ.get("TWINLM_SOAK_CORRUPTIONS", "2000"))
+    n_commands = int(os.environ.get("TWINLM_SOAK_COMMANDS", "100"))
     rng = random.Random(int(os.environ.get("TWINLM_SOAK_SEED", "0")))
     targets = {kind: _targets(kind, pristine[kind]) for kind in ("checkpoint", "shards", "model")}
+    resume_targets = _targets("checkpoint", resumable["run"] / "checkpoints" / "step-00000004")
     done = Counter()
     for _ in range(n):
         kind = rng.choice(sorted(targets))
@@ -946,6 +1033,17 @@ def test_soak_random_corruption_is_always_named(tmp_path, pristine):
         _corrupt_and_check(rng, pristine, tmp_path, kind, target, injury)
         done[kind, injury] += 1
     print(f"{n} injuries, all named: " + ", ".join(f"{k}/{i} {c}" for (k, i), c in sorted(done.items())))
+    text = tmp_path / "held.txt"
+    text.write_text("the old man and the sea\n\na small red boat on the water\n")
+    commands = Counter()
+    for _ in range(n_commands):
+        kind = rng.choice(sorted(USER_COMMANDS))
+        command = rng.choice(USER_COMMANDS[kind])
+        target, injury = rng.choice(resume_targets if command == "train resume" else targets[kind])
+        _user_command_on_injury(rng, pristine, resumable, tmp_path / "cli", kind, target, injury, command, text)
+        commands[command, kind] += 1
+    print(f"{n_commands} injuries, each met by the user's next command: "
+          + ", ".join(f"{c} on {k} {n}" for (c, k), n in sorted(commands.items())))
 
 
 def test_P11_a_damaged_tokenizer_file_is_named(tmp_path):

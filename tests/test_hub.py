@@ -67,6 +67,9 @@ def test_commands_take_hub_ids(offline_cache, tmp_path, capsys):
     assert '"kind": "decoder"' in capsys.readouterr().out
     assert main(["convert", "ettin-org/tiny-decoder@step3", "--to", "encoder", "--out", str(tmp_path / "enc")]) == 0
     assert twinlm.load(tmp_path / "enc").config.causal is False
+    assert main(["export", "ettin-org/tiny-decoder@step3", "--out", str(tmp_path / "exp")]) == 0  # N_H3, N_H7
+    assert torch.equal(twinlm.load(tmp_path / "exp").state_dict()["tok_embeddings.weight"],
+                       twinlm.load(root / "step3").state_dict()["tok_embeddings.weight"])
     # revisions of one repository are one series of a curve, in step order
     held = tmp_path / "held.txt"
     held.write_text("\n\n".join(texts[:3]) + "\n")

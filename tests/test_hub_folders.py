@@ -11,11 +11,12 @@ import torch
 
 from twinlm import load
 from twinlm.cli import main
-from twinlm.convert import convert, export_model
+from twinlm.convert import CHECKPOINT_MARKER, convert, export_model
 from twinlm.data.tokenizer import train_tokenizer
 from twinlm.errors import MissingArtifactError, ModelLoadError, TokenizerMismatch
 from twinlm.eval.toy import toy_sentences
 from twinlm.generate import continue_text, greedy
+from twinlm.train.checkpoint import MARKER
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -138,6 +139,50 @@ def test_export_intermediate_checkpoint(trained, tmp_path, capsys):
     with pytest.raises(TokenizerMismatch, match="not the tokenizer"):
         export_model(ck, tmp_path / "x", tokenizer=tmp_path / "other-tok")
     del other
+
+
+def _flip_byte(path, at=-100):
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_export_refuses_what_it_cannot_vouch_for(trained, tmp_path, capsys, monkeypatch):
+    """X4, N_T2, SEC8, X9: an export certifies nothing unchecked, and is written whole or not at all."""
+    import shutil
+
+    ck = tmp_path / "step"
+    shutil.copytree(sorted((trained["run"] / "checkpoints").glob("step-*"))[0], ck)
+    _flip_byte(ck / "model.safetensors")
+    assert main(["export", str(ck), "--out", str(tmp_path / "x")]) == 2  # the manifest names the damage
+    assert "model.safetensors does not match its sha256" in capsys.readouterr().err
+    (ck / "MANIFEST.sha256").unlink()  # X4: and without the manifest resume refuses, nothing vouches for it
+    assert main(["export", str(ck), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"{ck}: no MANIFEST.sha256" in err and "export another checkpoint" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    assert CHECKPOINT_MARKER == MARKER  # the export's check reads the trainer's marker
+    # N_T2: a model folder without a manifest whose tokenizer.json is garbage (or nested past reading: SEC8)
+    folder = tmp_path / "badtok"
+    shutil.copytree(trained["final"], folder)
+    (folder / "MANIFEST.sha256").unlink()
+    for garbage in ("garbage", "[" * 200_000 + "]" * 200_000, '{"model": {"type": "Nope"}}'):
+        (folder / "tokenizer.json").write_text(garbage)
+        assert main(["export", str(folder), "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert f"{folder / 'tokenizer.json'}: not a tokenizer file" in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "x").exists()
+    # X9: a full disk while the weights are written leaves no folder and no temporary, in one line
+    import twinlm.export
+
+    def full(*a, **k):
+        raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(twinlm.export, "save_file", full)
+    assert main(["export", str(trained["final"]), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "is full: the export was not written" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["badtok", "step"]
 
 
 def test_export_refuses_without_tokenizer(tmp_path):

@@ -145,4 +145,9 @@ def test_overrides_and_paths(monkeypatch, tmp_path):
         load_recipe(RECIPES / "cpu" / "encoder.yaml", ["optim.learning_rate=1"])
     with pytest.raises(ValueError, match="cannot read"):
         load_recipe(RECIPES / "cpu" / "encoder.yaml", ["phases.pretrain.seq_len=long"])
+    # N01: a misspelt phase is refused with the recipe's phases, not added with default settings
+    with pytest.raises(ValueError, match="no phase 'pretrian' .its phases: pretrain, extension, decay"):
+        load_recipe(RECIPES / "cpu" / "encoder.yaml", ["phases.pretrian.tokens=5K"])
+    added = load_recipe(RECIPES / "cpu" / "encoder.yaml", ["phases.extra={tokens: 5K, seq_len: 128, data: /x/shards}"])
+    assert list(added.phases) == ["pretrain", "extension", "decay", "extra"]
 

@@ -38,13 +38,16 @@ from pathlib import Path
 from typing import Any
 
 from twinlm.card import check_license, recorded_results, run_summary, shown_name
-from twinlm.data.tokenizer import tokenizer_fingerprint
-from twinlm.errors import ConfigError, MissingArtifactError, TokenizerMismatch
+from twinlm.data.tokenizer import check_tokenizer_file, tokenizer_fingerprint
+from twinlm.errors import ConfigError, CorruptCheckpointError, MissingArtifactError, OutOfSpace, TokenizerMismatch
 from twinlm.export import GENERATION_CONFIG, OBJECTIVES, TOKENIZER_FILES, TWINLM_CONFIG, recorded_objective
+from twinlm.hub import resolve_model
+from twinlm.io import MANIFEST, atomic_dir, is_disk_full, manifest_mismatch, read_manifest
 from twinlm.loading import load
 from twinlm.model import Transformer
 
 TARGETS = ("encoder", "decoder")
+CHECKPOINT_MARKER = "COMPLETE"  # twinlm.train.checkpoint.MARKER: written last into a whole training checkpoint
 
 
 def convert(src, to: str, out, *, global_rope_theta: float | None = None,
@@ -98,16 +101,29 @@ def as_kind(model: Transformer, causal: bool, **changes: Any) -> Transformer:
 
 def export_model(src, out, *, tokenizer=None, overwrite: bool = False, license: str | None = None,
                  allow_no_tokenizer: bool = False) -> Path:
-    """Write `out`: the model in `src` (a training checkpoint or any model folder) as a Hugging Face folder of
-    its own kind, with the run's tokenizer and a model card."""
-    src, out = Path(src), Path(out)
+    """Write `out`: the model in `src` (a training checkpoint, any model folder, or a hub id `org/name[@rev]`,
+    twinlm.hub) as a Hugging Face folder of its own kind, with the run's tokenizer and a model card.
+
+    The export certifies what it writes (its MANIFEST.sha256), so nothing unchecked goes in: a training
+    checkpoint (a folder with state.json and model_config.json) must pass its own manifest as resuming does
+    (its COMPLETE marker, a MANIFEST.sha256 listing every file, every file matching it; else
+    CorruptCheckpointError), a model folder with a manifest must match it (twinlm.load), and the
+    tokenizer's tokenizer.json must be one `tokenizers` can read and no larger than the model's vocabulary
+    (ConfigError / TokenizerMismatch naming the file). The folder is written whole or not at all: into a
+    temporary sibling, renamed to `out` at the end (twinlm.io.atomic_dir; `overwrite` replaces an existing
+    folder as a whole, other files there included); a full disk is an OutOfSpace error, with nothing left
+    behind."""
+    src, out = resolve_model(src), Path(out)
     _check_out(src, out, overwrite)
     check_license(license)
+    _check_checkpoint(src)
     model = load(src)
     tok = find_tokenizer(src, tokenizer)
     if tok is None and not allow_no_tokenizer:
         raise MissingArtifactError(f"{src}: no tokenizer found (not in the folder, nor the run's recipe, nor "
                                    f"RUN/final): pass --tokenizer DIR (or --no-tokenizer to write the weights only)")
+    if tok is not None:
+        _check_tokenizer(tok, model.config.vocab_size)
     state = _json(src / "state.json")
     card = _summary(src)
     if state:
@@ -122,11 +138,52 @@ def export_model(src, out, *, tokenizer=None, overwrite: bool = False, license: 
         card["license"] = license
     check_license(card.get("license"))  # before any file is written
     card.update(name=out.name, results=recorded_results(src))
-    model.save_pretrained(out, tokenizer=tok, card=card, extra_config=_source_config(src),
-                          generation_config=_source_json(src, GENERATION_CONFIG),
-                          max_length=_trained_length(state) or _tokenizer_max_length(tok),
-                          objective=source_objective(src))
+    try:
+        with atomic_dir(out, replace=out.exists()) as tmp:
+            model.save_pretrained(tmp, tokenizer=tok, card=card, extra_config=_source_config(src),
+                                  generation_config=_source_json(src, GENERATION_CONFIG),
+                                  max_length=_trained_length(state) or _tokenizer_max_length(tok),
+                                  objective=source_objective(src))
+    except Exception as e:
+        if is_disk_full(e):  # atomic_dir removed the temporary folder; `out` is as it was
+            raise OutOfSpace(f"the disk holding {out} is full: the export was not written (nothing is left "
+                             f"behind): free space or pass another --out, and run the same command again") from e
+        raise
     return out
+
+
+def _check_checkpoint(src: Path) -> None:
+    """Refuse a training checkpoint that its manifest does not vouch for (see export_model): the checks of
+    twinlm.train.checkpoint.verify, which resuming makes (this floor cannot import the trainer's)."""
+    if not ((src / "state.json").is_file() and (src / TWINLM_CONFIG).is_file()):
+        return
+    fix = ("export certifies only checkpoints that pass their manifest, as resuming does; export another "
+           "checkpoint of the run (RUN/checkpoints/step-*) or RUN/final")
+    manifest = src / MANIFEST
+    if not (src / CHECKPOINT_MARKER).is_file():
+        raise CorruptCheckpointError(f"{src}: incomplete (no {CHECKPOINT_MARKER} marker: the save was interrupted): "
+                                     f"{fix}")
+    if not manifest.is_file():
+        raise CorruptCheckpointError(f"{src}: no {MANIFEST}: {fix}")
+    listed = read_manifest(manifest, lambda what: CorruptCheckpointError(f"{manifest}: {what} (damaged): {fix}"))
+    present = {p.name for p in src.iterdir() if p.is_file()} - {MANIFEST, CHECKPOINT_MARKER}
+    unlisted = sorted(present - set(listed))
+    if unlisted:
+        raise CorruptCheckpointError(f"{src}: {MANIFEST} does not list {', '.join(unlisted)}: {fix}")
+    bad = manifest_mismatch(src, listed)
+    if bad is not None:
+        how = "is listed in the manifest but missing" if bad[1] == "missing" else \
+            f"does not match its sha256 in {MANIFEST}"
+        raise CorruptCheckpointError(f"{src}: {bad[0]} {how}: {fix}")
+
+
+def _check_tokenizer(tok: Path, vocab_size: int) -> None:
+    """Refuse a tokenizer.json that cannot be read or holds more tokens than the model's vocabulary."""
+    backend = check_tokenizer_file(Path(tok) / "tokenizer.json")
+    if backend.get_vocab_size() > vocab_size:
+        raise TokenizerMismatch(f"{Path(tok) / 'tokenizer.json'}: the tokenizer has {backend.get_vocab_size()} "
+                                f"tokens but the model's vocabulary is {vocab_size}: pass the tokenizer the model "
+                                "was trained with (--tokenizer DIR)")
 
 
 def source_objective(src: Path) -> str | None:

@@ -16,6 +16,16 @@ class TwinlmError(Exception):
     """A problem the user can fix; the message says how."""
 
 
+def one_line(error: BaseException) -> str:
+    """The error's message on one line, as `twinlm` prints it: its lines joined with '; ', or with a space after a
+    line ending in ':' (a heading such as "invalid recipe 'x':" and the list under it)."""
+    parts = [part.strip() for part in (str(error).strip() or type(error).__name__).splitlines() if part.strip()]
+    line = parts[0]
+    for part in parts[1:]:
+        line += (" " if line.endswith(":") else "; ") + part
+    return line
+
+
 class ConfigError(TwinlmError, ValueError):
     """A recipe, scale, setting or command-line value that cannot be used."""
 

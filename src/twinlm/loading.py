@@ -38,6 +38,7 @@ from twinlm.export import (
 )
 from twinlm.hf import SPECIAL_TOKEN_NAMES, config_from_hf, from_hf_state_dict
 from twinlm.hub import resolve_model
+from twinlm.memory import parameter_count
 from twinlm.model import Transformer
 
 
@@ -52,6 +53,7 @@ def load(path, *, revision=None, device=None, dtype=None, check_manifest: bool =
     cfg = read_config(folder)
     _check_kind(folder, cfg)
     raw = _read_weights(folder)
+    check_size(folder, cfg, sum(v.numel() for v in raw.values()))  # before building: a config can ask for 10^7 layers
     if (folder / TWINLM_CONFIG).is_file():
         sd = raw
     else:
@@ -85,10 +87,45 @@ def read_config(path) -> ModelConfig:
             d = json.loads((folder / "config.json").read_text())
         except ValueError as e:
             raise ModelLoadError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+        except RecursionError:  # hostile nesting: json recurses once per level
+            raise ModelLoadError(f"{folder / 'config.json'}: JSON nested too deeply to read (damaged or hostile): "
+                                 "restore the model's config.json") from None
         if not isinstance(d, dict):
             raise ModelLoadError(f"{folder / 'config.json'}: expected a JSON object")
         return config_from_hf(d, tokenizer_ids=_tokenizer_special_ids(folder), where=str(folder))
     raise ModelLoadError(f"{folder}: neither config.json (Hugging Face) nor {TWINLM_CONFIG} (twinlm checkpoint) found")
+
+
+# the most layers a config may ask for when there are no weights to compare it with (the largest published
+# transformers have about 100; building a model, even on the meta device, costs memory per layer)
+MAX_LAYERS = 1024
+
+
+def check_size(folder: Path, cfg: ModelConfig, held: int | None = None) -> None:
+    """Refuse, before a model is built, a config that does not describe the folder's weights by its size (a
+    damaged or hostile config.json asking for 10^7 layers would otherwise grow the process by gigabytes first):
+    the parameter count the config implies (twinlm.memory.parameter_count) must be at most twice `held`, the
+    number of elements in the weights, or, when `held` is None, the bytes of the folder's weights files (a
+    parameter takes at least one byte); a folder without weights may ask for at most MAX_LAYERS layers.
+    ModelLoadError names the config file."""
+    name = folder / (TWINLM_CONFIG if (folder / TWINLM_CONFIG).is_file() else "config.json")
+    wanted = parameter_count(cfg)
+    if held is not None:
+        if wanted <= 2 * held:
+            return
+        what = f"the weights hold {held:,}"
+    else:
+        files = [p for p in folder.iterdir() if p.is_file() and p.name.endswith((".safetensors", ".bin"))]
+        size = sum(p.stat().st_size for p in files)
+        if not files and cfg.num_layers > MAX_LAYERS:
+            raise ModelLoadError(f"{name}: asks for {cfg.num_layers:,} layers (more than {MAX_LAYERS}; damaged or "
+                                 "edited?): restore the model's config")
+        if not files or wanted <= size:
+            return
+        what = f"the weights files hold {size:,} bytes"
+    raise ModelLoadError(f"{name}: describes a model of {wanted:,} parameters ({cfg.num_layers:,} layers, hidden "
+                         f"{cfg.hidden_size:,}) but {what}: the config does not belong to these weights (damaged or "
+                         "edited?); restore the model's config")
 
 
 def _tokenizer_special_ids(folder: Path) -> dict[str, int]:
@@ -96,7 +133,7 @@ def _tokenizer_special_ids(folder: Path) -> dict[str, int]:
     when it cannot be read: the config's ids or Ettin's then apply)."""
     try:
         data = json.loads((folder / "tokenizer.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     if not isinstance(data, dict):
         return {}

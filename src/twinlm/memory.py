@@ -80,6 +80,11 @@ def layer_bytes_per_token(cfg: ModelConfig, precision: str = "bf16", first: bool
     return per - 4 * d if first else per
 
 
+def parameter_count(cfg: ModelConfig) -> int:
+    """The parameters of a model of config `cfg`, from the config alone (nothing is built)."""
+    return _counts(cfg)[0]
+
+
 def _counts(cfg: ModelConfig) -> tuple[int, int, int]:
     """(all parameters, matmul weights in the layers and the head's dense, one block's parameters)."""
     d, inner, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
@@ -189,4 +194,5 @@ def describe(est: MemoryEstimate) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["estimate", "plan", "check_fits", "describe", "MemoryEstimate", "layer_bytes_per_token", "CARDS"]
+__all__ = ["estimate", "plan", "check_fits", "describe", "MemoryEstimate", "layer_bytes_per_token", "CARDS",
+           "parameter_count"]

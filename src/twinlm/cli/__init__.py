@@ -16,10 +16,11 @@ subcommand that takes them names the attribute they are collected into as its `k
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from twinlm import __version__
-from twinlm.errors import ConfigError, RunInterrupted, TrainingDiverged, TwinlmError
+from twinlm.errors import ConfigError, RunInterrupted, TrainingDiverged, TwinlmError, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,9 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Warnings(logging.Handler):
+    """Prints what twinlm's modules log at WARNING and above as `warning: …` on the current stderr, once (without
+    it Python's last-resort handler prints the bare message, and a command that also printed it said it twice)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    logger = logging.getLogger("twinlm")
+    if not any(isinstance(h, _Warnings) for h in logger.handlers):
+        logger.addHandler(_Warnings())
     try:
         _take_key_values(parser, args, extra)
         return int(args.handler(args) or 0)
@@ -78,12 +93,3 @@ def _take_key_values(parser: argparse.ArgumentParser, args: argparse.Namespace, 
                           "write overrides as dotted.key=value (anywhere on the line)")
     setattr(args, dest, words)
 
-
-def one_line(error: BaseException) -> str:
-    """The error's message on one line: its lines joined with '; ', or with a space after a line ending in ':'
-    (a heading such as "invalid recipe 'x':" and the list under it)."""
-    parts = [part.strip() for part in (str(error).strip() or type(error).__name__).splitlines() if part.strip()]
-    line = parts[0]
-    for part in parts[1:]:
-        line += (" " if line.endswith(":") else "; ") + part
-    return line

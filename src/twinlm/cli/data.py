@@ -155,10 +155,7 @@ def _prepare(args) -> int:
     h = meta.get("holdout")
     if h:
         print(f"held out: {h['path']} ({h['num_documents']} documents, {h['num_chunks']} chunks)")
-        if h["docs"] >= 1 and h["num_documents"] < h["docs"]:
-            print(f"warning: held out {h['num_documents']} of the {int(h['docs'])} documents asked for (the count rule "
-                  f"holds out about 1 document in 10 of the {s['documents']} read); pass a fraction "
-                  "(--holdout-docs 0.2) to hold out more", file=sys.stderr)
+        # fewer held out than asked for: prepare's warning said so (printed once, by twinlm.cli's log handler)
     return 0
 
 
@@ -180,14 +177,38 @@ def _merge(args) -> int:
 
 
 def _verify(args) -> int:
+    """Every folder is checked, good or bad (N_V3); each bad one is named on stderr, then one error line counts
+    them (one folder: its own error is the line). A folder of another kind (MDS, batch order: N_V7, N_V8) is
+    named as such, not as a broken shard folder."""
     import time
 
+    from twinlm.data.mds import is_mds_folder
+    from twinlm.data.order import is_order_folder
     from twinlm.data.shards import verify_shards
+    from twinlm.errors import ShardError, one_line
+    bad = []
     for folder in args.folders:
         t0 = time.perf_counter()
-        meta = verify_shards(folder)  # a ShardError names the file and the fix (printed as one line)
+        try:
+            if not (Path(folder) / "meta.json").is_file() and is_mds_folder(folder):
+                raise ShardError(f"{folder}: an MDS folder (index.json), not a twinlm shard folder: `data verify` "
+                                 "does not check MDS folders; training reads it as it is (data: DIR)")
+            if is_order_folder(folder):
+                raise ShardError(f"{folder}: a batch-order folder (the batches a run recorded), not a shard folder: "
+                                 f"`data verify` does not check it; read a step of it with `twinlm data order "
+                                 f"{folder} STEP`")
+            meta = verify_shards(folder)  # a ShardError names the file and the fix
+        except ShardError as e:
+            if len(args.folders) == 1:
+                raise
+            print(f"{folder}: FAILED: {one_line(e)}", file=sys.stderr, flush=True)
+            bad.append(str(folder))
+            continue
         print(f"{folder}: ok ({meta['num_chunks']:,} chunks, {meta['num_tokens']:,} tokens; sha256 of "
-              f"every file, index and token ids checked in {time.perf_counter() - t0:.1f} s)")
+              f"every file, index and token ids checked in {time.perf_counter() - t0:.1f} s)", flush=True)
+    if bad:
+        raise ShardError(f"{len(bad)} of {len(args.folders)} folders failed verification ({', '.join(bad)}; each "
+                         "is named above with what to do)")
     return 0
 
 
@@ -227,6 +248,10 @@ def _show_step(run: str, step: int, rows: list[dict[str, Any]], how: str, *, tok
     from twinlm.data.order import ORDER_COLUMNS, write_order_file
     from twinlm.data.tokenizer import load_tokenizer
     if out:
+        if Path(out).is_dir():  # O6
+            from twinlm.errors import ConfigError
+            raise ConfigError(f"{out} is a folder: give --out the name of the parquet file to write the step's "
+                              f"batch to (e.g. {Path(out) / f'step-{step}.parquet'})")
         columns = {name: [r[name] for r in rows] for name in ORDER_COLUMNS}
         columns["input_ids"] = [[int(v) for v in ids] for ids in columns["input_ids"]]
         write_order_file(out, columns)

@@ -75,9 +75,11 @@ def register(commands) -> None:
 
 def _config_for(name: str, decoder: bool) -> ModelConfig:
     if Path(name).is_dir():
-        from twinlm.loading import read_config
+        from twinlm.loading import check_size, read_config
 
-        return read_config(name)
+        cfg = read_config(name)
+        check_size(Path(name), cfg)  # before info builds it on the meta device
+        return cfg
     if name not in ModelConfig.preset_names():
         raise ConfigError(f"{name!r} is neither a preset ({', '.join(ModelConfig.preset_names())}) "
                           f"nor a model folder")

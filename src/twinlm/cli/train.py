@@ -83,6 +83,12 @@ def _check_data(recipe, recipe_arg: str) -> None:
     missing = [n for n in needs(recipe.resolved_paths()) if not n.exists]
     if missing:
         n = missing[0]
+        if n.kind == "shards" and n.path.is_dir() and any(n.path.iterdir()):  # there, but not whole (S04)
+            raise MissingShards(f"{n.path}: not a complete shard folder (no meta.json: an interrupted prepare, or "
+                                f"files of another kind; `twinlm data verify {n.path}` says which): move it aside "
+                                f"and prepare it again (`twinlm data prepare INPUT… --tokenizer DIR --out "
+                                f"{n.path}`, or `twinlm data prepare --for {recipe_arg}`), or point the recipe at "
+                                "another folder (data=DIR)")
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         own = (f"make one with `twinlm tokenizer ettin|train --out {n.path}`" if n.kind == "tokenizer"
                else f"make them with `twinlm data prepare INPUT… --tokenizer DIR --out {n.path}`")

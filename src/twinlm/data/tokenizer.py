@@ -167,9 +167,26 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+def check_tokenizer_file(path: str | Path) -> Tokenizer:
+    """The `tokenizers.Tokenizer` in the file `path` (a tokenizer.json); a file that is not valid JSON, nests too
+    deep, or that `tokenizers` cannot build a tokenizer from is a ConfigError naming it (what export checks
+    before certifying a tokenizer, and what evaluation checks before transformers reads it)."""
+    path = Path(path)
+    _read_tokenizer_json(path)
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own exception type for every kind of bad file
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{path}: not a tokenizer file ({why}): rebuild the tokenizer with `twinlm tokenizer "
+                          "ettin|train`, or point at another one") from None
+
+
 def _read_tokenizer_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
+    except RecursionError:  # hostile nesting: json recurses once per level
+        raise ConfigError(f"{path}: not a tokenizer file (JSON nested too deeply to read): rebuild the tokenizer "
+                          "with `twinlm tokenizer ettin|train`, or point at another one") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not a tokenizer file (not valid JSON: {e}): rebuild the tokenizer with "
                           "`twinlm tokenizer ettin|train`, or point at another one") from None

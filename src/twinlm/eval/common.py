@@ -21,6 +21,7 @@ import yaml
 from transformers import AutoTokenizer
 
 import twinlm
+from twinlm.data.tokenizer import check_tokenizer_file
 from twinlm.errors import ConfigError, MissingArtifactError, ScoreError
 from twinlm.eval.device import autocast, is_accelerator, model_device, resolve_device
 from twinlm.eval.hf_models import HFModel, is_twinlm_folder, load_hf_model
@@ -107,6 +108,8 @@ def _folder_tokenizer(path: str):
         raise MissingArtifactError(f"{path}: no tokenizer in the model folder (no tokenizer.json): write one with "
                                    f"`twinlm convert … --tokenizer DIR` / `twinlm export … --tokenizer DIR`, or "
                                    f"copy the tokenizer files of the run into {path}")
+    if (Path(path) / "tokenizer.json").is_file():
+        check_tokenizer_file(Path(path) / "tokenizer.json")  # a damaged file is named, not a JSON traceback
     return AutoTokenizer.from_pretrained(path)
 
 

@@ -6,7 +6,8 @@ Sources (each argument):
   (`every=k`, the last always included); twinlm checkpoints are loaded as they are (no export needed), the
   tokenizer is the run's (`RUN/final`, else the recipe's `tokenizer`), tokens seen come from each
   checkpoint's `state.json`, MNTP scoring from the recipe's objective; a checkpoint is checked against its
-  manifest before it is evaluated (not on a cache hit), and one that fails is reported and skipped;
+  manifest before it is evaluated (not on a cache hit), and one that fails is reported and skipped, as is one
+  whose state.json or model_config.json cannot be read (named by its manifest check when that fails);
 - a model folder or a hub id `org/name@revision` (twinlm.hub): one point; hub revisions of one repository
   form one series ordered step{N} < ext{N} < decay{N}. Tokens seen are known only for twinlm checkpoints; a
   plot whose series lack them uses the checkpoints' order on its x axis.
@@ -22,7 +23,8 @@ alone writes (`curve`).
 
 Output: OUT/curve.json (every point: series, arch, label, step, tokens, metrics), OUT/curve.csv, OUT/curve.md
 and one PNG per metric (`<track>.png` for the track's average, `<track>-<task>.png` for each task), with
-one panel per architecture. A metric that is NaN or missing is an error, never a silent gap.
+one panel per architecture. A metric that is NaN or missing is an error, never a silent gap. A full disk while
+these are written is an OutOfSpace error (each file is written whole or not at all; the cache is kept).
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from twinlm.configs import apply_overrides, build
-from twinlm.errors import ConfigError, CorruptCheckpointError, DataError, MissingArtifactError
+from twinlm.errors import ConfigError, CorruptCheckpointError, DataError, MissingArtifactError, OutOfSpace, TwinlmError
 from twinlm.eval.tracks import TRACKS, canonical_name, canonical_overrides
 from twinlm.hub import parse_hub_id, resolve_model
-from twinlm.io import atomic_path, dumps_json, write_bytes, write_json
+from twinlm.io import atomic_path, dumps_json, is_disk_full, write_bytes, write_json
 
 _PHASE_ORDER = {"step": 0, "ext": 1, "decay": 2}
 _REVISION = re.compile(r"^(step|ext|decay)[-_]?(\d+)$")
@@ -106,10 +108,16 @@ def _run_points(run: Path, every: int, log: Callable) -> list[Point]:
         chosen.append(good[-1])
     out = []
     for c in chosen:
-        trainer = read_state(c).get("trainer", {})
+        try:
+            trainer = read_state(c).get("trainer", {})
+        except (OSError, ValueError, RecursionError, AttributeError) as e:  # damaged: skipped, as a corrupt one
+            log(f"warning: skipping {_verify_folder(c) or f'{c}/state.json: unreadable ({e})'}")
+            continue
         out.append(Point(series=run.name, label=c.name, path=c, step=trainer.get("step"),
                          tokens=trainer.get("tokens"), tokenizer=tok, objective=cfg.get("objective"),
                          identity=folder_identity(c), checkpoint=True))
+    if not out:
+        raise MissingArtifactError(f"{run}: no checkpoint could be read (every one is damaged, see the warnings)")
     return out
 
 
@@ -213,10 +221,14 @@ def _cached(out: Path, key: str) -> dict[str, Any] | None:
 
 def _verify(point: Point) -> str | None:
     """None when the checkpoint matches its manifest, else the error's message."""
+    return _verify_folder(point.path)
+
+
+def _verify_folder(folder: Path) -> str | None:
     # the train package is imported only for checkpoints (its checkpoint format)
     from twinlm.train.checkpoint import verify
     try:
-        verify(point.path)
+        verify(folder)
     except CorruptCheckpointError as e:
         return str(e)
     return None
@@ -249,8 +261,15 @@ def curve(sources: Sequence[str], tracks: Sequence[str], out: str | Path, *, eve
     points = collect_points(sources, every, say)
     results: dict[tuple[int, str], dict[str, Any]] = {}
     jobs: list[tuple[int, str, str]] = []  # (point index, track, cache key) of every result not cached
+    unreadable: dict[int, str] = {}  # checkpoints whose config cannot be read: reported and skipped
     for i, pt in enumerate(points):
-        pt.arch = "decoder" if read_config(pt.path).causal else "encoder"
+        try:
+            pt.arch = "decoder" if read_config(pt.path).causal else "encoder"
+        except TwinlmError as e:
+            if not pt.checkpoint:
+                raise
+            unreadable[i] = _verify(pt) or str(e)
+            continue
         for track, cfg in settings.items():
             key = cache_key(pt, track, cfg, data_root, dev.type)
             result = _cached(out, key)
@@ -263,8 +282,8 @@ def curve(sources: Sequence[str], tracks: Sequence[str], out: str | Path, *, eve
     jobs, results = r.gather((jobs, results))[0]
     need = sorted({i for i, _, _ in jobs if points[i].checkpoint})  # checked before they are evaluated
     verdicts = r.collect(len(need), {k: _verify(points[need[k]]) for k in r.mine(need)})
-    corrupt = {need[k] for k, message in enumerate(verdicts) if message}
-    for message in verdicts:
+    corrupt = {need[k] for k, message in enumerate(verdicts) if message} | set(unreadable)
+    for message in [*unreadable.values(), *verdicts]:
         if message:
             say(f"warning: skipping {message}")
     jobs = [j for j in jobs if j[0] not in corrupt]
@@ -298,9 +317,16 @@ def curve(sources: Sequence[str], tracks: Sequence[str], out: str | Path, *, eve
                "points": table, "metrics": metric_names, "evaluated": len(jobs),
                "cached": len(points) * len(settings) - len(jobs)}
     if r.writes:
-        write_json(out / "curve.json", summary)
-        _write_tables(out, points, metric_names)
-        summary["plots"] = [str(_plot(out, points, m)) for m in metric_names]
+        try:
+            write_json(out / "curve.json", summary)
+            _write_tables(out, points, metric_names)
+            summary["plots"] = [str(_plot(out, points, m)) for m in metric_names]
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            raise OutOfSpace(f"the disk holding {out} is full: the curve's tables and plots were not all written "
+                             f"(each file is whole or absent; the evaluations are cached in {out / 'cache'}): free "
+                             "space and run the same command again, which reuses them") from e
     return r.gather(summary)[0]
 
 
@@ -341,7 +367,9 @@ def _plot(out: Path, points: list[Point], metric: str) -> Path:
     axes[0][0].set_ylabel(metric)
     fig.tight_layout()
     path = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', metric)}.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path

@@ -26,6 +26,7 @@ Llama, GPT-2 style, ModernBERT classifiers …) wrapped so that the tracks call 
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -67,7 +68,7 @@ def is_twinlm_folder(path) -> bool:
         return True  # twinlm's own checkpoint, or not a transformers folder at all (twinlm.load names the problem)
     try:
         d = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return True
     archs = (d.get("architectures") or []) if isinstance(d, dict) else []
     if isinstance(d, dict) and d.get("model_type") in TWINLM_TYPES and (not archs or archs[0] in TWINLM_ARCHS):
@@ -144,6 +145,9 @@ def load_hf_model(path, tokenizer) -> HFModel:
         hf, info = cast(tuple[Any, dict], cls.from_pretrained(str(p), dtype=torch.float32, output_loading_info=True))
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{p}: transformers cannot load this {arch} folder ({str(e).splitlines()[0]})") from None
+    except pickle.UnpicklingError as e:  # torch's weights-only reader refused a pickle: nothing in it ran
+        raise ModelLoadError(f"{p}: its weights are a pickle that cannot be read safely ({str(e).splitlines()[0]}; "
+                             "nothing in it was run): use a folder saved with save_pretrained (safetensors)") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers initialised them at random: scoring would measure noise
         raise ModelLoadError(f"{p}: the weights do not fit its config.json ({arch}): {len(missing)} weight(s) "

@@ -494,4 +494,17 @@ def load_recipe(path_or_obj: Any, overrides: list[str] | None = None) -> Recipe:
         path = find_recipe(path_or_obj)
         raw = load_raw(path)
         raw.setdefault("name", path.stem)
+    _check_phase_names(raw, overrides)
     return from_dict(apply_overrides(raw, overrides, path_lists=("data",)))
+
+
+def _check_phase_names(raw: dict, overrides: list[str] | None) -> None:
+    """Refuse an override that walks into a phase the recipe does not have (`phases.pretrian.tokens=5K` would
+    otherwise add a phase with default settings); a new phase is given whole: `phases.NAME={tokens: …}`."""
+    known = list(raw.get("phases") or {}) if isinstance(raw.get("phases"), dict) else []
+    for item in overrides or []:
+        parts = item.split("=", 1)[0].strip().split(".")
+        if known and len(parts) > 2 and parts[0] == "phases" and parts[1] not in known:
+            raise ConfigError(f"override {item!r}: the recipe has no phase {parts[1]!r} (its phases: "
+                              f"{', '.join(known)}): correct the name, or add a phase whole with "
+                              f"phases.{parts[1]}={{tokens: …, seq_len: …}}")
