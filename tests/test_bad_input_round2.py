@@ -117,7 +117,7 @@ def test_O6_data_order_out_a_folder(tmp_path, capsys):
     rec.flush("step-00000001")
     (tmp_path / "adir").mkdir()
     assert main(["data", "order", str(tmp_path / "run"), "--step", "1", "--out", str(tmp_path / "adir")]) == 2
-    assert f"{tmp_path / 'adir'} is a folder: give --out the name of the parquet file" in _error_line(capsys)
+    assert f"{tmp_path / 'adir'} is a folder: name a .parquet file" in _error_line(capsys)
     assert list((tmp_path / "adir").iterdir()) == []
 
 

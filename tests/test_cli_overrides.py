@@ -32,7 +32,8 @@ def test_train_takes_overrides_after_any_option(tmp_path, capsys):
 
 
 def test_an_override_that_makes_a_recipe_invalid_is_one_readable_line(tmp_path, capsys):
-    assert main(["train", "cpu/encoder", "--out", str(tmp_path / "run"), "--print", "phases.nosuch.tokens=1M"]) == 2
+    assert main(["train", "cpu/encoder", "--out", str(tmp_path / "run"), "--print",
+                 "phases.nosuch={tokens: 1M, seq_len: 128}"]) == 2
     assert capsys.readouterr().err == ("twinlm: error: invalid recipe 'cpu-encoder': phases.nosuch: no data (set "
                                        "`data:` or `phases.nosuch.data`)\n")
 

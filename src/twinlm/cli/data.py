@@ -248,10 +248,6 @@ def _show_step(run: str, step: int, rows: list[dict[str, Any]], how: str, *, tok
     from twinlm.data.order import ORDER_COLUMNS, write_order_file
     from twinlm.data.tokenizer import load_tokenizer
     if out:
-        if Path(out).is_dir():  # O6
-            from twinlm.errors import ConfigError
-            raise ConfigError(f"{out} is a folder: give --out the name of the parquet file to write the step's "
-                              f"batch to (e.g. {Path(out) / f'step-{step}.parquet'})")
         columns = {name: [r[name] for r in rows] for name in ORDER_COLUMNS}
         columns["input_ids"] = [[int(v) for v in ids] for ids in columns["input_ids"]]
         write_order_file(out, columns)
