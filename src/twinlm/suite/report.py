@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -291,7 +292,7 @@ def write_report(folder: Path, *, root: Path, scale: Scale, preset: str, shards:
     write_bytes(folder / "report.md", "\n".join(lines))
     payload = {"scale": s.as_dict(), "findings": {**judged, "proxies": proxy_rows}, "taught": learned,
                "unigram_entropy": entropy, "intrinsic": intrinsic_summary(intrinsic), "training": losses,
-               "provenance": prov,
+               "provenance": prov, "written": time.strftime("%Y-%m-%d", time.gmtime()),
                "scores": {m: {t: vars(sc) for t, sc in per.items()} for m, per in scores.items()},
                "step_seconds": dict(times), "plots": plots}
     write_json(folder / "report.json", payload)
