@@ -249,7 +249,7 @@ def split_readme(text: str) -> tuple[str, str, str]:
     return text[:start], text[start:end + len(END)], text[end + len(END):]
 
 
-def check_single(report: dict, path: Path) -> None:
+def check_single(report: dict, path: Path, scale: str = "cpu") -> None:
     prov = report["provenance"]
     if not prov.get("single"):
         made = "; ".join(f"{len(r['steps'])} steps at commit {r['provenance'].get('commit')}"
@@ -258,8 +258,8 @@ def check_single(report: dict, path: Path) -> None:
         unknown = f"; {len(prov.get('unknown', []))} steps recorded nothing" if prov.get("unknown") else ""
         raise ReadmeError(f"{path}: its steps were not all computed by one clean commit ({made}{unknown}): run "
                           "the suite into an empty folder at a commit, e.g. `rm -rf runs/suite-cpu && twinlm suite`")
-    if report["scale"]["name"] != "cpu":
-        raise ReadmeError(f"{path} is a `{report['scale']['name']}` suite's report: the README quotes the `cpu` "
+    if report["scale"]["name"] != scale:
+        raise ReadmeError(f"{path} is a `{report['scale']['name']}` suite's report: the README quotes the `{scale}` "
                           "scale (`twinlm suite`)")
 
 
@@ -270,9 +270,11 @@ def changed_since(commit: str) -> list[str] | None:
     return done.stdout.split() if done.returncode == 0 else None
 
 
-def write(path: Path, readme: Path = README, kept: Path = KEPT, images: Path = IMAGES) -> None:
+def write(path: Path, readme: Path = README, kept: Path = KEPT, images: Path = IMAGES, scale: str = "cpu") -> None:
+    """Keep the report at `kept` (and its plots in `images`) and rewrite `readme`'s section from it; refuses a
+    report of steps from several commits, versions or an unclean tree, or of another scale than `scale`."""
     report = load(path)
-    check_single(report, path)
+    check_single(report, path, scale)
     before, _, after = split_readme(readme.read_text())
     if path.resolve() != kept.resolve():
         shutil.copyfile(path, kept)
