@@ -63,3 +63,22 @@ def test_the_quick_suite_run_twice_gives_identical_results(tmp_path):
     assert report_scores(tmp_path / "a") == report_scores(tmp_path / "b")
     made = json.loads((tmp_path / "a" / "report" / "report.json").read_text())["provenance"]
     assert len(made["runs"]) == 1 and not made["unknown"]  # one process, one provenance for every step
+
+
+def test_model_weights_files_have_one_byte_layout_for_the_same_weights(tmp_path):
+    """safetensors orders its metadata by a per-process hash map: export sorts it, so the same weights make the
+    same file (and checksum) in every run."""
+    import torch
+    from safetensors import safe_open
+
+    from twinlm.export import _save_weights
+
+    weights = {"b.w": torch.arange(6.0).reshape(2, 3), "a": torch.ones(3, dtype=torch.int64)}
+    meta = {"twinlm_kind": "encoder", "format": "pt", "twinlm_files": "config.json,model.safetensors"}
+    _save_weights(weights, tmp_path / "m.safetensors", meta)
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    assert list(header["__metadata__"]) == sorted(meta)
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert f.metadata() == meta and all(torch.equal(f.get_tensor(k), v) for k, v in weights.items())
