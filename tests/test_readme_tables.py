@@ -1,5 +1,7 @@
 """scripts/readme_tables.py: the README's suite section generated from a report.json written by a real suite
-(tests/fixtures/suite-quick-report.json: `twinlm suite --quick` from an empty folder, 2026-12-07), written between
+(tests/fixtures/suite-quick-report.json: `twinlm suite --quick pretrain_tokens=20K extension_tokens=4K
+decay_tokens=4K cross_tokens=6K pairs.per_family=20 bpb.max_docs=10 generative.limit=20
+retrieval.max_eval_queries=50` from an empty folder at a clean commit, 2026-12-07), written between
 the markers, checked, and refused for a folder whose steps came from several commits."""
 
 import copy

@@ -46,8 +46,8 @@ def test_differences_ignore_times_and_paths_and_find_every_changed_figure(tmp_pa
 @pytest.mark.slow
 def test_the_quick_suite_run_twice_gives_identical_results(tmp_path):
     """Two quick suites (`twinlm suite --quick`) from empty folders, on the data `twinlm data fetch` put in
-    TWINLM_HOME, agree in every result.json, every metrics.jsonl and the report's scores. About 10 minutes on
-    2 cores."""
+    TWINLM_HOME, agree in every result.json, every metrics.jsonl and the report's scores. Two whole quick
+    suites: tens of minutes on a busy 2-core machine."""
     from twinlm.data.fetch import source_dir
     from twinlm.errors import MissingArtifactError
     from twinlm.suite.pipeline import Suite
