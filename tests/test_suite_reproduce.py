@@ -19,7 +19,8 @@ def _suite_folder(root, loss=2.5, accuracy=61.25, seconds=3.0):
     (root / "eval-encoder-classification").mkdir()
     (root / "eval-encoder-classification" / "result.json").write_text(json.dumps({
         "track": "classification", "model": {"path": str(root / "train-encoder" / "run" / "final")},
-        "average": {"mean": accuracy, "std": 1.5}, "config": {"seconds": seconds}}))
+        "average": {"mean": accuracy, "std": 1.5},
+        "config": {"seconds": seconds, "data": {"path": f"/data-home-of-{root.name}/sst2.parquet"}}}))
     (root / "report").mkdir()
     (root / "report" / "report.json").write_text(json.dumps({
         "scores": {"encoder": {"classification": {"mean": accuracy, "std": 1.5, "n": 2}}},
@@ -31,7 +32,7 @@ def _suite_folder(root, loss=2.5, accuracy=61.25, seconds=3.0):
 
 def test_differences_ignore_times_and_paths_and_find_every_changed_figure(tmp_path):
     a = _suite_folder(tmp_path / "a")
-    b = _suite_folder(tmp_path / "b", seconds=7.0)  # other times, another folder: the same figures
+    b = _suite_folder(tmp_path / "b", seconds=7.0)  # other times, another folder and data home: the same figures
     assert differences(a, b) == []
     c = _suite_folder(tmp_path / "c", loss=2.5000000001, accuracy=61.0)
     found = differences(a, c)

@@ -5,8 +5,9 @@ other lacks, a step of another identity, any value of an evaluation step's `resu
 run's `metrics.jsonl`, and the report's figures (`report.json`: scores, findings, what pre-training taught, the
 intrinsic figures, final losses). Values are compared exactly (floats as stored, not within a tolerance).
 What is expected to differ between two runs is left out: wall-clock times (`seconds`, a key ending in `_s`,
-`tok_per_s` …), where each folder lies (its path is read as `<suite>`), and the report's record of times and of
-the machine (`step_seconds`, `provenance`, `written`, `plots`).
+`tok_per_s` …), where each folder and data file lies (the suite folder's path is read as `<suite>`, a `path`
+key is left out), and the report's record of times and of the machine (`step_seconds`, `provenance`, `written`,
+`plots`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 
 # keys whose values are timings or throughputs, never figures
 TIMING_KEYS = {"seconds", "time", "elapsed", "wall", "tok_per_s", "tokens_per_s", "samples_per_s", "mfu"}
+# keys naming where a file lies (a data file under TWINLM_HOME: its content is named by the hash in its name)
+PLACE_KEYS = {"path"}
 REPORT_FIGURES = ("scores", "findings", "taught", "intrinsic", "training", "unigram_entropy", "scale")
 
 
@@ -28,7 +31,7 @@ def _timing(key: str) -> bool:
 def _normal(value: Any, root: Path) -> Any:
     """`value` with timing keys dropped and the suite folder's path (absolute or as given) read as `<suite>`."""
     if isinstance(value, dict):
-        return {k: _normal(v, root) for k, v in value.items() if not _timing(k)}
+        return {k: _normal(v, root) for k, v in value.items() if not _timing(k) and k not in PLACE_KEYS}
     if isinstance(value, list):
         return [_normal(v, root) for v in value]
     if isinstance(value, str):
