@@ -52,7 +52,7 @@ def test_training_table_measures_loss_against_the_unigram_entropy(tmp_path):
 
     from twinlm.data.shards import write_meta
     from twinlm.errors import DataError
-    from twinlm.suite.report import training_table, unigram_entropy
+    from twinlm.suite.report import training_losses, training_table, unigram_entropy
     shards = tmp_path / "shards"
     shards.mkdir()
     np.array([1, 1, 2, 2], dtype=np.uint16).tofile(shards / "tokens.bin")
@@ -64,7 +64,7 @@ def test_training_table_measures_loss_against_the_unigram_entropy(tmp_path):
     run = tmp_path / "train-encoder" / "run"
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text("".join(json.dumps({"tokens": 10 * i, "loss": 0.5}) + "\n" for i in range(12)))
-    table = training_table(tmp_path, math.log(2))
+    table = training_table(training_losses(tmp_path), math.log(2))
     assert "| encoder | 110 | 0.50 | +0.19 nats |" in table
 
 
@@ -99,6 +99,7 @@ def test_taught_compares_each_model_with_its_random_init_and_the_best_ngram():
 def test_report_shows_what_pretraining_taught_from_the_result_files(tmp_path):
     import json
 
+    from twinlm.suite.provenance import provenance
     from twinlm.suite.report import write_report
     from twinlm.suite.scales import get_scale
 
@@ -122,8 +123,9 @@ def test_report_shows_what_pretraining_taught_from_the_result_files(tmp_path):
             extra = {"trained_tokens": 123456} if arch == "n-gram" else None
             (folder / "result.json").write_text(json.dumps(result(track, model, arch, mean, se, extra)))
             (folder / "STEP.json").write_text(json.dumps({"identity": "x", "seconds": 1.0}))
+    steps = [f"eval-{model}-{track}" for model, *_ in rows for track in ("bpb", "pairs")] + ["report"]
     out = write_report(tmp_path / "report", root=tmp_path, scale=get_scale("quick"), preset="cpu-tiny",
-                       shards=tmp_path / "none")
+                       shards=tmp_path / "none", steps=steps, made_by=provenance())
     assert out["taught"]["encoder beats random init on bits per byte"] == "reproduced"
     assert out["taught"]["encoder beats bigram control on minimal pairs"] == "reproduced"
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
@@ -132,3 +134,9 @@ def test_report_shows_what_pretraining_taught_from_the_result_files(tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## What pre-training taught" in text and "counted 123,456 tokens" in text
     assert "| encoder | 2.000 [1.960, 2.040] | 70.0 [66.0, 74.0] | 70.0 [66, 74] |" in text
+    assert saved["intrinsic"]["encoder"] == {"bpb": {"value": 2.0, "ci95": [1.96, 2.04]},
+                                             "pairs": {"value": 70.0, "ci95": [66.0, 74.0]}}
+    assert saved["intrinsic"]["bigram"]["trained_tokens"] == {"value": 123456}
+    # these markers predate provenance: the report says its steps were not all made by its own code
+    assert saved["provenance"]["unknown"] == sorted(steps[:-1]) and not saved["provenance"]["single"]
+    assert saved["provenance"]["report"]["torch"] and "were not all computed by this code" in text

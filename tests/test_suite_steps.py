@@ -140,3 +140,23 @@ def test_shared_steps_are_dealt_out_among_ranks_and_rank_0_writes(tmp_path):
             (tmp_path / "two" / name / "STEP.json").read_text().split('"seconds"')[0]
     assert launch(2, tmp_path / "two", tmp_path / "again.txt") == two  # all cached (no step noted a call)
     assert not (tmp_path / "again.txt").exists()
+
+
+def test_the_stamp_is_recorded_in_each_marker_and_is_no_part_of_the_identity(tmp_path):
+    """What made a step (the suite's provenance) is written into its marker; new code (another stamp) leaves a
+    finished step cached, with the stamp of the run that made it, and gather says the folder mixes two."""
+    from twinlm.suite.provenance import gather
+    from twinlm.suite.steps import read_marker
+
+    calls = []
+    Pipeline(tmp_path, make_steps(calls), log=lambda _: None, stamp=lambda: {"commit": "aaa", "dirty": False}).run()
+    assert read_marker(tmp_path / "c")["provenance"] == {"commit": "aaa", "dirty": False}
+    Pipeline(tmp_path, make_steps(calls, settings_b=2), log=lambda _: None,
+             stamp=lambda: {"commit": "bbb", "dirty": False}).run()
+    assert calls == ["a", "b", "c", "d", "b", "c"]  # a and d stay cached under the new stamp
+    markers = {step: read_marker(tmp_path / step) for step in "abcd"}
+    assert markers["a"]["provenance"]["commit"] == "aaa" and markers["b"]["provenance"]["commit"] == "bbb"
+    made = gather(markers)
+    assert [(r["provenance"]["commit"], r["steps"]) for r in made["runs"]] == [("aaa", ["a", "d"]), ("bbb", ["b", "c"])]
+    assert not made["single"]
+    assert gather({"a": markers["a"], "d": markers["d"]})["single"]

@@ -296,6 +296,25 @@ def kind_of(config) -> str:
 def _save_weights(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     with atomic_path(path) as tmp:
         save_file(sd, str(tmp), metadata=metadata)
+        sort_metadata(tmp)
+
+
+def sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's header with its metadata keys sorted. safetensors writes them in the order of a
+    hash map seeded per process, so the same weights and metadata gave files of other bytes (and checksums) from run
+    to run; sorted, they give one file. The header keeps its length, so the tensors' offsets are unchanged."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw)
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # cannot happen for the same content; never corrupt the file over an ordering
+            return
+        f.seek(8)
+        f.write(text.ljust(size, b" "))
 
 
 def _save_tokenizer(tokenizer, path: Path, cfg) -> list[str]:

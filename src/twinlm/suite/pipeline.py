@@ -40,6 +40,7 @@ from twinlm.eval.settings import seed_list
 from twinlm.eval.tracks import TRACKS as EVAL_TRACKS
 from twinlm.io import write_json
 from twinlm.model import Transformer
+from twinlm.suite.provenance import provenance
 from twinlm.suite.report import write_report
 from twinlm.suite.scales import NGRAM_TRACKS, TRACKS, Scale
 from twinlm.suite.steps import Pipeline, Step
@@ -284,14 +285,15 @@ class Suite:
         for model in [*TRAINED, *CONTROLS]:
             add_results(self.model_dir(model), recorded_results(self.model_dir(model)))
         return write_report(folder, root=self.root, scale=self.scale, preset=self.preset,
-                            shards=self.shards(self.scale.short_seq))
+                            shards=self.shards(self.scale.short_seq), steps=[s.name for s in self.steps()],
+                            made_by=provenance())
 
     def run(self) -> dict[str, Any]:
         resolve_device(self.scale.eval_device)  # a device this machine lacks is refused now, not at the first eval
         if self.ranks.writes:
             self.root.mkdir(parents=True, exist_ok=True)
             write_json(self.root / "scale.json", self.scale.as_dict())
-        return Pipeline(self.root, self.steps(), log=self.log, ranks=self.ranks).run()
+        return Pipeline(self.root, self.steps(), log=self.log, ranks=self.ranks, stamp=provenance).run()
 
     def status(self) -> dict[str, str]:
         return Pipeline(self.root, self.steps(), log=self.log).status()

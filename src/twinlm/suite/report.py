@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from twinlm.suite.findings import (
     taught,
     taught_markdown,
 )
+from twinlm.suite.provenance import gather
 from twinlm.suite.scales import Scale
 from twinlm.suite.steps import read_marker
 
@@ -95,17 +97,25 @@ def unigram_entropy(shards: Path, max_tokens: int = 5_000_000) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def training_table(root: Path, entropy: float | None) -> str:
-    """Final training loss of each run (mean of its last 10 steps) against the context-free loss."""
-    lines = ["| run | tokens | final loss (last 10 steps) | below the unigram entropy by |", "|---|---|---|---|"]
+def training_losses(root: Path) -> dict[str, dict]:
+    """{run: {"tokens", "loss"}}: each training run's tokens seen and final loss (mean of its last 10 steps)."""
+    out = {}
     for metrics in sorted(root.glob("train-*/run/metrics.jsonl")):
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         if not rows:
             continue
         last = [r["loss"] for r in rows[-10:] if r.get("loss") is not None and math.isfinite(r["loss"])]
-        loss = sum(last) / max(1, len(last))
-        gap = "—" if entropy is None else f"{entropy - loss:+.2f} nats"
-        lines.append(f"| {metrics.parent.parent.name[len('train-'):]} | {rows[-1]['tokens']:,} | {loss:.2f} | {gap} |")
+        out[metrics.parent.parent.name[len("train-"):]] = {"tokens": rows[-1]["tokens"],
+                                                          "loss": sum(last) / max(1, len(last))}
+    return out
+
+
+def training_table(losses: dict[str, dict], entropy: float | None) -> str:
+    """Final training loss of each run (`training_losses`) against the context-free loss."""
+    lines = ["| run | tokens | final loss (last 10 steps) | below the unigram entropy by |", "|---|---|---|---|"]
+    for run, row in losses.items():
+        gap = "—" if entropy is None else f"{entropy - row['loss']:+.2f} nats"
+        lines.append(f"| {run} | {row['tokens']:,} | {row['loss']:.2f} | {gap} |")
     return "\n".join(lines)
 
 
@@ -146,6 +156,45 @@ def intrinsic_table(results: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def intrinsic_summary(results: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    """{model: {"bpb": {"value", "ci95"}, "pairs": {"value", "ci95"}}}: the figures of `intrinsic_table`, and
+    the tokens an n-gram control counted ("trained_tokens"), for report.json."""
+    out: dict[str, dict[str, dict]] = {}
+    for model, per in results.items():
+        row: dict[str, dict] = {}
+        if "bpb" in per:
+            (b,) = per["bpb"]["tasks"].values()
+            row["bpb"] = {"value": b["bpb"], "ci95": b.get("bpb_ci95")}
+        if "pairs" in per:
+            avg = per["pairs"]["average"]
+            row["pairs"] = {"value": avg["mean"], "ci95": avg.get("ci95")}
+        seen = [p["model"].get("trained_tokens") for p in per.values() if p["model"].get("arch") == "n-gram"]
+        if seen and seen[0]:
+            row["trained_tokens"] = {"value": seen[0]}
+        out[model] = row
+    return out
+
+
+def provenance_section(prov: dict) -> str:
+    """Which code and versions made the report's figures (twinlm.suite.provenance)."""
+    made = prov["report"]
+    lines = [f"This report was written at commit `{made.get('commit')}`" + (" (with uncommitted changes)"
+             if made.get("dirty") else "") + f", Python {made.get('python')}, torch {made.get('torch')}, "
+             f"transformers {made.get('transformers')}, on {made.get('cpu')} with {made.get('torch_threads')} "
+             "torch threads."]
+    if prov["single"] and prov["runs"][0]["provenance"] == made:
+        lines.append("Every step was computed by the same code and versions.")
+    else:
+        lines.append("**The steps were not all computed by this code and these versions** (steps cached from "
+                     "another commit or library version keep their figures): " + "; ".join(
+                         f"{', '.join(r['steps'])}: commit `{r['provenance'].get('commit')}`"
+                         + (" (uncommitted changes)" if r["provenance"].get("dirty") else "")
+                         for r in prov["runs"])
+                     + ("; recorded nothing: " + ", ".join(prov["unknown"]) if prov["unknown"] else "")
+                     + ". Run the suite into an empty folder for figures of one commit.")
+    return "\n".join(lines)
+
+
 def _ngram_note(results: dict[str, dict[str, dict]], scale: Scale) -> str:
     """How much text the n-gram controls counted against how much each model trained on."""
     seen = {m: per[t]["model"].get("trained_tokens") for m, per in results.items() for t in per
@@ -157,9 +206,12 @@ def _ngram_note(results: dict[str, dict[str, dict]], scale: Scale) -> str:
             f"pre-training shards, once); each pre-trained model saw {pretrain:,} tokens in its three phases.")
 
 
-def write_report(folder: Path, *, root: Path, scale: Scale, preset: str, shards: Path) -> dict:
+def write_report(folder: Path, *, root: Path, scale: Scale, preset: str, shards: Path, steps: list[str],
+                 made_by: dict) -> dict:
     """`report.md` and `report.json` (and the comparison tables and plots) in `folder` for the suite in `root`,
-    run at `scale` with model `preset`; `shards` is the pre-training shard folder (for the unigram entropy)."""
+    run at `scale` with model `preset`; `shards` is the pre-training shard folder (for the unigram entropy);
+    `steps` names the suite's steps, whose markers say what made them, and `made_by` is this process's
+    provenance (twinlm.suite.provenance)."""
     scores = collect_scores(root)
     judged = judge({m: {t: s for t, s in per.items() if t not in INTRINSIC} for m, per in scores.items()
                     if m not in NGRAM_CONTROLS})
@@ -175,6 +227,8 @@ def write_report(folder: Path, *, root: Path, scale: Scale, preset: str, shards:
     plots = [Path(p).name for p in tables["plots"]]
     s = scale
     entropy = unigram_entropy(shards) if (shards / "meta.json").exists() else None
+    losses = training_losses(root)
+    prov = {"report": made_by, **gather({step: read_marker(root / step) for step in steps if step != folder.name})}
     lines = [
         f"# twinlm suite report: scale `{s.name}`",
         "",
@@ -210,7 +264,7 @@ def write_report(folder: Path, *, root: Path, scale: Scale, preset: str, shards:
         + "Until a run's loss is well below that, its representations carry little about the input, and "
         "random-initialisation controls (whose random features still separate tokens) can beat it.",
         "",
-        training_table(root, entropy),
+        training_table(losses, entropy),
         "",
         "## Scores per track (mean ± spread over seeds; generative: ± standard error)",
         "",
@@ -224,6 +278,10 @@ def write_report(folder: Path, *, root: Path, scale: Scale, preset: str, shards:
         "",
         *[f"![{p}]({p})" for p in plots],
         "",
+        "## What made these figures",
+        "",
+        provenance_section(prov),
+        "",
         "## Step times",
         "",
         "| step | seconds |",
@@ -233,7 +291,8 @@ def write_report(folder: Path, *, root: Path, scale: Scale, preset: str, shards:
     ]
     write_bytes(folder / "report.md", "\n".join(lines))
     payload = {"scale": s.as_dict(), "findings": {**judged, "proxies": proxy_rows}, "taught": learned,
-               "unigram_entropy": entropy,
+               "unigram_entropy": entropy, "intrinsic": intrinsic_summary(intrinsic), "training": losses,
+               "provenance": prov, "written": time.strftime("%Y-%m-%d", time.gmtime()),
                "scores": {m: {t: vars(sc) for t, sc in per.items()} for m, per in scores.items()},
                "step_seconds": dict(times), "plots": plots}
     write_json(folder / "report.json", payload)

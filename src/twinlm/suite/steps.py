@@ -6,6 +6,10 @@ its marker `STEP.json` (written last) carries the current identity. An interrupt
 same folder, where long steps (training) resume from their own checkpoints; a step whose identity
 changed starts from an empty folder.
 
+A step's identity does not cover the code that computes it: a cached step stays cached when the code changes.
+The pipeline's `stamp` (twinlm.suite.provenance: the commit and versions) is written into each marker instead,
+so what made every finished step can be read back.
+
 Across ranks (a `Ranks` of torchrun's job, twinlm.eval.ranks): the status is rank 0's; a step with `compute`
 (work that writes nothing: the evaluations) may run on any rank, and each run of consecutive such steps still
 to do is dealt out among the ranks by their estimates (`Ranks.assign`) and gathered to rank 0, which writes
@@ -86,8 +90,10 @@ class Pipeline:
     """Runs steps in order, skipping those already finished with the same identity (across `ranks`: the module
     docstring)."""
 
-    def __init__(self, root: str | Path, steps: list[Step], log=None, ranks: Ranks | None = None):
+    def __init__(self, root: str | Path, steps: list[Step], log=None, ranks: Ranks | None = None,
+                 stamp: Callable[[], dict[str, Any]] | None = None):
         self.root = Path(root)
+        self.stamp = stamp  # what made a step (its marker's "provenance"): never part of its identity
         self.steps = steps
         self.ranks = ranks or Ranks()
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -183,6 +189,8 @@ class Pipeline:
         summary = body(folder) or {}
         marker = {"identity": identity, "settings": step.settings, "seconds": round(time.monotonic() - t0, 1),
                   "summary": summary}
+        if self.stamp is not None:
+            marker["provenance"] = self.stamp()
         write_json(folder / MARKER, marker)  # last: the step counts as done once this is there
         return summary
 

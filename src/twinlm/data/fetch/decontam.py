@@ -126,7 +126,8 @@ class EvalIndex:
         index = cls()
         parts, buf, seen = [], [], set()
         for p in passages:
-            key = hash(p)
+            # a stable digest, not hash(): str hashes change with PYTHONHASHSEED, and the index must not
+            key = hashlib.blake2b(p.encode("utf-8", "replace"), digest_size=16).digest()
             if key in seen or len(p) < 2 * MIN_PASSAGE_WORDS:
                 continue
             seen.add(key)
