@@ -772,19 +772,23 @@ def hf_model_real(cfg: ModelConfig, layers: int) -> nn.Module:
 
     d = hf_config_dict(cfg)
     d["attention_dropout"] = 0.0
+    keep = max(layers, 1)  # transformers' config refuses zero layers: built with one, then cut
     if d.get("layer_types"):
-        d["layer_types"] = d["layer_types"][:layers]
-    d["num_hidden_layers"] = layers
+        d["layer_types"] = d["layer_types"][:keep]
+    d["num_hidden_layers"] = keep
     conf = transformers.AutoConfig.for_model(**d)
     cls = transformers.AutoModelForCausalLM if cfg.causal else transformers.AutoModelForMaskedLM
-    return cls.from_config(conf, attn_implementation="sdpa").train()
+    model = cls.from_config(conf, attn_implementation="sdpa").train()
+    model.base_model.layers = model.base_model.layers[:layers]
+    return model
 
 
 def _compiled_hf_kernels(cfg: ModelConfig, layers: int, rows: int, seq: int) -> list[Kernel]:
     """Kernels of transformers' model cut to `layers` layers under `torch.compile(model, dynamic=True)`
     (inductor, CPU) with CUDA's autocast emulated, forward + backward on HF_COMPILE_ROWS x HF_COMPILE_SEQ real
-    tokens, sizes evaluated at `rows` x `seq`. GEMMs with a vocabulary-sized dimension are the head's; sdpa is
-    charged as the eager trace charges it (dense pairs where a mask is given, plus one read of the mask)."""
+    tokens, sizes evaluated at `rows` x `seq`. GEMMs with a vocabulary-sized dimension are the head's (its dense
+    layer counts with the blocks'); sdpa is charged as the eager trace charges it (dense pairs where a mask is
+    given, half of them where only causal, plus one read of the mask)."""
     import torch._inductor.config as iconf
 
     torch.manual_seed(0)
@@ -823,7 +827,9 @@ def hf_compiled_summary(cfg: ModelConfig, rows: int, seq: int, dev: Device) -> t
     bench/model_throughput.py --hf-compile times), from three compiles of the model cut to 0, 1 and 2 layers:
     S(0) is everything outside the layers, S(1) − S(0) a global layer, S(2) − S(1) a local one, and the full
     model S(0) + globals·(S(1) − S(0)) + locals·(S(2) − S(1)), per category (kernels, bytes, FLOPs and
-    predicted ms add up). -> (that summary, {"layers": ..., "kernels per compile": ...})."""
+    predicted ms add up). The attention masks, built once per model and shared by its layers, are counted
+    once per layer of their kind this way (without layers they are never built): a small overcount of
+    transformers' step, against twinlm. -> (that summary, {"layers": ..., "kernels_per_compile": ...})."""
     d = hf_config_dict(cfg)
     types = d.get("layer_types") or ["full_attention" if i % 3 == 0 else "sliding_attention"
                                      for i in range(cfg.num_layers)]
