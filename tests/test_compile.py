@@ -69,12 +69,16 @@ def _assert_same(eager, compiled, batch):
         torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-# ~30 s each on 2 loaded cores: the decoder with checkpointing runs by default, the other three are `slow`
+# 35-125 s each on 2 loaded cores: the decoder with checkpointing runs by default, the other three only when
+# selected (`pytest -m compileall`): the same property, other combinations
+COMPILE_ALL = (pytest.mark.slow, pytest.mark.compileall)
+
+
 @pytest.mark.parametrize("causal,checkpointing", [
     (True, True),
-    pytest.param(False, True, marks=pytest.mark.slow),
-    pytest.param(False, False, marks=pytest.mark.slow),
-    pytest.param(True, False, marks=pytest.mark.slow)])
+    pytest.param(False, True, marks=COMPILE_ALL),
+    pytest.param(False, False, marks=COMPILE_ALL),
+    pytest.param(True, False, marks=COMPILE_ALL)])
 def test_compiled_blocks_serve_every_packed_layout(causal, checkpointing):
     eager, model = _pair(causal)
     counter = CompileCounterWithBackend("aot_eager")
@@ -90,7 +94,7 @@ def test_compiled_blocks_serve_every_packed_layout(causal, checkpointing):
     assert _graphs(counter) == len(kinds)
 
 
-@pytest.mark.parametrize("causal", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("causal", [False, pytest.param(True, marks=COMPILE_ALL)])
 def test_the_whole_training_call_is_one_graph(causal):
     """Packed input with cu_seqlens and max_seqlen, sparse prediction, labels -> loss: fullgraph=True."""
     eager, model = _pair(causal)
@@ -114,7 +118,7 @@ def test_compiled_training_call_needs_max_seqlen():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", [False, pytest.param(True, marks=COMPILE_ALL)])
 def test_inductor_blocks_equal_eager(causal):
     eager, model = _pair(causal)
     dist.parallelize(model, dist.DistEnv(), compile=True)

@@ -52,7 +52,7 @@ def test_each_timed_step_gets_the_roofline_prediction_for_its_card(monkeypatch):
     assert gpu_check.predicted("ettin-150m", "mlm", 32768, True) == {}
 
 
-@pytest.mark.slow
+@pytest.mark.devicecheck  # ~150 s: selected only (`pytest -m devicecheck`), run before a device run
 def test_every_section_runs_on_cpu(tmp_path):
     r, rows = _check(tmp_path)
     errors = [row for row in rows if "error" in row or "timeout" in row]

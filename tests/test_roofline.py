@@ -98,3 +98,22 @@ def test_tiny_trace_has_positive_totals_and_the_categories():
     attn = [k for k in mb if k.category == "attention"]
     assert len(attn) == 2 * cfg.num_layers  # one kernel forward, one backward per layer
     assert any(k.phase == "optimizer" for k in kernels)
+
+
+def test_transformers_compiled_adds_outside_globals_and_locals(monkeypatch):
+    """The compiled transformers model is the 0-layer model plus each global and each local layer, taken as the
+    differences of the 0-, 1- and 2-layer compiles: here a kernel of 10 bytes outside, 100 per global layer and
+    1,000 per local one, for ettin-150m's 8 global and 14 local layers."""
+    per_layer = {0: [10.0], 1: [10.0, 100.0], 2: [10.0, 100.0, 1000.0]}
+
+    def fake(cfg, layers, rows, seq):
+        return [roofline.Kernel("k", "fused (compiled)", "other", b, 0.0, "compiled") for b in per_layer[layers]]
+
+    monkeypatch.setattr(roofline, "_compiled_hf_kernels", fake)
+    dev = roofline.Device("test", bandwidth=1e9, gemm=1e12, attention=1e12, attention_dense=1e12, floor=0.0,
+                          source="test")
+    summary, info = roofline.hf_compiled_summary(ModelConfig.preset("ettin-150m"), 2, 1024, dev)
+    assert info["layers"] == {"global": 8, "local": 14} and info["kernels_per_compile"] == [1, 2, 3]
+    total = summary["total"]
+    assert total["bytes"] == 10 + 8 * 100 + 14 * 1000 and total["kernels"] == 1 + 8 + 14
+    assert abs(total["ms"] - 1e3 * total["bytes"] / 1e9) < 1e-9
