@@ -38,15 +38,16 @@ SELECTED_ONLY = {"soak": "soak test: run with `pytest -m soak`",
                  "paper": "the paper's protocols end to end (minutes): run with `pytest -m paper`",
                  "multinode": "two torchrun agents as two nodes, with faults (minutes): run with `pytest -m multinode`",
                  "devicecheck": "bench/gpu_check.py --cpu, every section (minutes): run with `pytest -m devicecheck`",
-                 "compileall": "another combination of a compile test (minutes): run with `pytest -m compileall`"}
+                 "compileall": "another combination of a compile test (minutes): run with `pytest -m compileall`",
+                 "reproduce": "the quick suite twice (tens of minutes): run with `pytest -m reproduce`"}
 
 
 def pytest_collection_modifyitems(config, items):
     """`soak` tests (minutes of random kills), `paper` tests (every paper column end to end), `multinode`
     tests (two torchrun agents killed, hung, stopped and resumed), the `devicecheck` test (every section of
-    bench/gpu_check.py on the CPU) and the `compileall` cases (the compile tests' other encoder/decoder and
-    checkpointing combinations) run only when selected with `-m soak` / `-m paper` / `-m multinode` /
-    `-m devicecheck` / `-m compileall`."""
+    bench/gpu_check.py on the CPU), the `compileall` cases (the compile tests' other encoder/decoder and
+    checkpointing combinations) and the `reproduce` test (two quick suites) run only when selected with
+    `-m soak` / `-m paper` / `-m multinode` / `-m devicecheck` / `-m compileall` / `-m reproduce`."""
     expr = config.getoption("markexpr") or ""
     for marker, reason in SELECTED_ONLY.items():
         if marker in expr:

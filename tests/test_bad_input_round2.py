@@ -5,6 +5,7 @@ message that points the wrong way. Every case runs the command a user runs, on t
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -87,28 +88,40 @@ def test_SEC2_a_pickle_on_the_transformers_path_is_one_line_and_never_run(model_
     assert not marker.exists()
 
 
-def test_N_V3_N_V7_N_V8_data_verify_checks_every_folder_and_names_other_kinds(tmp_path, capsys):
+def test_N_V3_N_V7_N_V8_data_verify_checks_every_folder_and_every_kind(tmp_path, capsys):
+    """Every folder is checked though earlier ones failed (N_V3); MDS folders (N_V7) are read against index.json's
+    sizes and hashes and batch-order folders (N_V8) against their sha256 records, good ones ok, damaged ones named."""
+    def flip(f):
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+
     good = make_shards(tmp_path / "good", n_docs=20)
     bad = make_shards(tmp_path / "bad", n_docs=20)
-    data = bytearray((bad / "tokens.bin").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (bad / "tokens.bin").write_bytes(bytes(data))
-    mds = tmp_path / "mds"
-    mds.mkdir()
-    (mds / "index.json").write_text(json.dumps({"version": 2, "shards": []}))
-    rec = OrderRecorder(tmp_path / "run")
-    rec.record(1, [0, 1], [[1, 5, 2], [1, 6, 2]])
-    rec.flush("step-00000001")
-    order = tmp_path / "run" / "data_order"
-    assert main(["data", "verify", str(bad), str(mds), str(order), str(good)]) == 2
+    flip(bad / "tokens.bin")
+    mds, bad_mds = tmp_path / "mds", tmp_path / "bad_mds"
+    for d in (mds, bad_mds):
+        shutil.copytree(Path(__file__).parent / "fixtures" / "mds" / "tokens", d)
+    flip(bad_mds / "shard.00001.mds.zstd")
+    orders = []
+    for name in ("run", "bad_run"):
+        rec = OrderRecorder(tmp_path / name)
+        rec.record(1, [0, 1], [[1, 5, 2], [1, 6, 2]])
+        rec.flush("step-00000001")
+        orders.append(tmp_path / name / "data_order")
+    order, bad_order = orders
+    flip(next(bad_order.rglob("*.parquet")))
+    assert main(["data", "verify", str(bad), str(mds), str(bad_mds), str(order), str(bad_order), str(good)]) == 2
     out, err = capsys.readouterr()
     assert f"{good}: ok (20 chunks" in out  # checked though earlier folders failed
+    assert f"{mds}: ok (an MDS folder: 4 shards" in out and "sizes and hashes checked" in out
+    assert f"{order}: ok (a batch-order folder: 1 parquet files; sha256 records checked" in out
     lines = err.strip().splitlines()
     assert lines[0].startswith(f"{bad}: FAILED: ") and "tokens.bin: sha256" in lines[0]
-    assert lines[1].startswith(f"{mds}: FAILED: {mds}: an MDS folder") and "interrupted" not in lines[1]
-    assert lines[2].startswith(f"{order}: FAILED: {order}: a batch-order folder") and "twinlm data order" in lines[2]
-    assert lines[3] == f"twinlm: error: 3 of 4 folders failed verification ({bad}, {mds}, {order}; each is named " \
-                       "above with what to do)"
+    assert lines[1].startswith(f"{bad_mds}: FAILED: {bad_mds / 'shard.00001.mds.zstd'}: ")
+    assert lines[2].startswith(f"{bad_order}: FAILED: ") and "the file was altered" in lines[2]
+    assert lines[3] == f"twinlm: error: 3 of 6 folders failed verification ({bad}, {bad_mds}, {bad_order}; each " \
+                       "is named above with what to do)"
 
 
 def test_O6_data_order_out_a_folder(tmp_path, capsys):

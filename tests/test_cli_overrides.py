@@ -91,6 +91,8 @@ def test_a_suite_whose_training_stopped_exits_75(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (f"twinlm: training of encoder stopped before the end (the newest checkpoint in "
                    f"{tmp_path / 'step' / 'run'} resumes it); run the same suite command again to go on")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # a torchrun worker: 0, or the agent restarts it
+    assert main(["suite", "--quick", "--out", str(tmp_path / "s")]) == 0
 
 
 def test_a_training_subprocess_stopped_with_75_is_no_crash_for_the_suite():

@@ -147,6 +147,19 @@ def test_SEC7_a_shard_basename_outside_the_folder_is_refused(tmp_path, basename)
         MDSFolder(folder)
 
 
+def test_a_hub_snapshot_whose_shards_are_links_into_its_blob_store_is_read(tmp_path):
+    # a huggingface_hub snapshot: every file a symlink into ../../blobs; the names stay inside the folder
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    for f in (FIX / "tokens-wide").iterdir():
+        shutil.copy(f, blobs / f.name)
+        (snap / f.name).symlink_to(Path("../..") / "blobs" / f.name)
+    linked, plain = MDSFolder(snap), MDSFolder(FIX / "tokens-wide")
+    assert len(linked) == len(plain) > 0
+    assert str(linked[len(linked) - 1]) == str(plain[len(plain) - 1])
+
+
 def test_MD06_an_mds_folder_without_hashes_is_named_in_a_warning(tok, tmp_path):
     recipe = tiny_recipe(FIX / "tokens-wide", phases=1, tokens=600, batch_size=4, tokenizer=str(tok))
     said: list[str] = []

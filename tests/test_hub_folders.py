@@ -185,6 +185,31 @@ def test_export_refuses_what_it_cannot_vouch_for(trained, tmp_path, capsys, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["badtok", "step"]
 
 
+def test_export_overwrite_never_touches_the_source_or_a_folder_of_other_things(trained, tmp_path, capsys):
+    """--overwrite replaces an earlier model folder whole, and nothing else: not a folder holding the source,
+    one inside it, or a folder of other files."""
+    import shutil
+
+    parent = tmp_path / "project"
+    shutil.copytree(trained["final"], parent / "model")
+    (parent / "notes.txt").write_text("mine")
+    for out in (parent, parent / "model" / "sub"):  # holds the source; inside it
+        assert main(["export", str(parent / "model"), "--out", str(out), "--overwrite"]) == 2
+        assert "would overwrite the source" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "thesis.tex").write_text("mine")
+    assert main(["export", str(parent / "model"), "--out", str(other), "--overwrite"]) == 2
+    assert "is not a model folder" in capsys.readouterr().err
+    assert (parent / "notes.txt").read_text() == (other / "thesis.tex").read_text() == "mine"
+    assert (parent / "model" / "model.safetensors").is_file()
+    out = tmp_path / "export"
+    assert main(["export", str(parent / "model"), "--out", str(out)]) == 0
+    (out / "stale.bin").write_text("old")
+    assert main(["export", str(parent / "model"), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "stale.bin").exists() and (out / "model.safetensors").is_file()  # replaced whole
+
+
 def test_export_refuses_without_tokenizer(tmp_path):
     from twinlm import ModelConfig, Transformer
 

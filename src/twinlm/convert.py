@@ -228,12 +228,21 @@ def _check_fingerprint(src: Path, tok: Path) -> None:
 
 
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:
-    if out.resolve() == src.resolve():
-        raise ConfigError(f"the output folder must differ from the source ({src})")
+    """Refuse an output that would touch the source (the same folder, one holding it, or one inside it), a file,
+    and a non-empty folder without `overwrite`; with it, only a model folder (config.json or MANIFEST.sha256) is
+    replaced, so a mistyped --out never empties a folder of other things."""
+    s, o = src.resolve(), out.resolve()
+    if s == o or s.is_relative_to(o) or o.is_relative_to(s):
+        raise ConfigError(f"--out {out} would overwrite the source ({src}) or lie inside it: give --out a folder "
+                          "outside the source")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a folder: give --out a folder to write the model into")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+        if not any((out / name).is_file() for name in ("config.json", MANIFEST)):
+            raise ConfigError(f"{out} is not a model folder (no config.json or {MANIFEST}), so --overwrite will not "
+                              "replace it: give --out a new folder or an earlier export")
 
 
 def _json(path: Path) -> dict | None:

@@ -6,7 +6,7 @@ imports it.
 Exit status: 0 done; 2 a user error (bad arguments, or any `TwinlmError`: one line, `twinlm: error: …`, that
 says what to do; `--debug` shows the traceback too); 3 training diverged; 75 (EX_TEMPFAIL, sysexits.h) training
 stopped before its end by SIGTERM or its `stop_after` deadline after writing a checkpoint: the same command
-resumes it (`twinlm train` outside an elastic agent, `twinlm suite`; cli/train.py says why not under torchrun);
+resumes it (`twinlm train`, `twinlm suite`; under torchrun's agent a worker exits 0 instead: cli/train.py says why);
 130 interrupted by Ctrl-C; anything else is a bug and prints its traceback.
 
 KEY=VALUE overrides may stand anywhere among a command's arguments, after its options too (as with Hydra): a
@@ -20,6 +20,7 @@ import logging
 import sys
 
 from twinlm import __version__
+from twinlm.cli.train import under_elastic_agent
 from twinlm.errors import ConfigError, RunInterrupted, TrainingDiverged, TwinlmError, one_line
 
 
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except RunInterrupted as e:
         print(f"twinlm: {one_line(e)}", file=sys.stderr)
-        return RunInterrupted.exit_status
+        # a torchrun worker ending non-zero is restarted or called failed by the agent (cli/train.py)
+        return 0 if under_elastic_agent() else RunInterrupted.exit_status
     except TwinlmError as e:
         if args.debug:
             raise

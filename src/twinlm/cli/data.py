@@ -70,7 +70,8 @@ def register(commands) -> None:
     p.add_argument("--out", required=True, help="the merged shard folder")
     p.set_defaults(handler=_merge)
 
-    p = sub.add_parser("verify", help="check shard folders in full: sizes, sha256 of every file, index, token ids")
+    p = sub.add_parser("verify", help="check data folders in full: shard folders (sizes, sha256 of every file, index, "
+                                          "token ids), MDS folders (sizes, hashes), batch-order folders (sha256)")
     p.add_argument("folders", nargs="+", metavar="DIR", help="shard folders (`twinlm data prepare --out DIR`)")
     p.set_defaults(handler=_verify)
 
@@ -178,34 +179,37 @@ def _merge(args) -> int:
 
 def _verify(args) -> int:
     """Every folder is checked, good or bad (N_V3); each bad one is named on stderr, then one error line counts
-    them (one folder: its own error is the line). A folder of another kind (MDS, batch order: N_V7, N_V8) is
-    named as such, not as a broken shard folder."""
+    them (one folder: its own error is the line). MDS folders have every shard read against index.json's sizes
+    and hashes, batch-order folders every parquet file against its sha256 record (N_V7, N_V8)."""
     import time
 
-    from twinlm.data.mds import is_mds_folder
-    from twinlm.data.order import is_order_folder
+    from twinlm.data.mds import MDSFolder, is_mds_folder
+    from twinlm.data.order import is_order_folder, verify_order_folder
     from twinlm.data.shards import verify_shards
-    from twinlm.errors import ShardError, one_line
+    from twinlm.errors import DataError, ShardError, one_line
     bad = []
     for folder in args.folders:
         t0 = time.perf_counter()
         try:
             if not (Path(folder) / "meta.json").is_file() and is_mds_folder(folder):
-                raise ShardError(f"{folder}: an MDS folder (index.json), not a twinlm shard folder: `data verify` "
-                                 "does not check MDS folders; training reads it as it is (data: DIR)")
-            if is_order_folder(folder):
-                raise ShardError(f"{folder}: a batch-order folder (the batches a run recorded), not a shard folder: "
-                                 f"`data verify` does not check it; read a step of it with `twinlm data order "
-                                 f"{folder} STEP`")
-            meta = verify_shards(folder)  # a ShardError names the file and the fix
-        except ShardError as e:
+                m = MDSFolder(folder).verify()
+                trust = f", {m['unhashed']} without a hash read on trust" if m["unhashed"] else ""
+                what = f"an MDS folder: {m['shards']} shards, {m['samples']:,} samples; sizes and hashes{trust}"
+            elif is_order_folder(folder):
+                o = verify_order_folder(folder)
+                trust = f", {o['unrecorded']} without a record yet (recorded on first use)" if o["unrecorded"] else ""
+                what = f"a batch-order folder: {o['files']} parquet files; sha256 records{trust}"
+            else:
+                meta = verify_shards(folder)  # a ShardError names the file and the fix
+                what = (f"{meta['num_chunks']:,} chunks, {meta['num_tokens']:,} tokens; sha256 of every file, index "
+                        "and token ids")
+        except (ShardError, DataError) as e:
             if len(args.folders) == 1:
                 raise
             print(f"{folder}: FAILED: {one_line(e)}", file=sys.stderr, flush=True)
             bad.append(str(folder))
             continue
-        print(f"{folder}: ok ({meta['num_chunks']:,} chunks, {meta['num_tokens']:,} tokens; sha256 of "
-              f"every file, index and token ids checked in {time.perf_counter() - t0:.1f} s)", flush=True)
+        print(f"{folder}: ok ({what} checked in {time.perf_counter() - t0:.1f} s)", flush=True)
     if bad:
         raise ShardError(f"{len(bad)} of {len(args.folders)} folders failed verification ({', '.join(bad)}; each "
                          "is named above with what to do)")

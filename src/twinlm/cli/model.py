@@ -39,7 +39,7 @@ def register(commands) -> None:
     c.add_argument("--out", required=True, metavar="DIR")
     c.add_argument("--global-rope-theta", type=float, default=None, help="set global RoPE θ in the result")
     c.add_argument("--local-rope-theta", type=float, default=None, help="set local RoPE θ in the result")
-    c.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR")
+    c.add_argument("--overwrite", action="store_true", help="write into DIR when it is an earlier model folder")
     c.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="tokenizer folder to write beside the weights (default: the source's, or its run's)")
     c.add_argument("--license", default=None, help=LICENSE_HELP)
@@ -56,7 +56,8 @@ def register(commands) -> None:
                    help="tokenizer folder (default: the folder's own, else the run's recipe tokenizer or RUN/final)")
     e.add_argument("--no-tokenizer", action="store_true", help="write the weights without a tokenizer")
     e.add_argument("--license", default=None, help=LICENSE_HELP)
-    e.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace DIR whole when it is an earlier model folder (config.json or MANIFEST.sha256)")
     e.set_defaults(handler=_export)
 
     r = commands.add_parser("reseal", help="accept your own edits to a model folder: rewrite its MANIFEST.sha256",

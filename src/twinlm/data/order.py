@@ -98,6 +98,19 @@ def check_checksum(file: Path) -> None:
                         "folder again (a run's own records: train that checkpoint interval again)")
 
 
+def verify_order_folder(path: str | Path) -> dict[str, int]:
+    """Compare every parquet file of a batch-order folder (or a run's `data_order/`) with its sha256 record,
+    writing nothing: a mismatch or a damaged record is a `DataError` naming the file (check_checksum's);
+    {"files", "unrecorded"} (files without a record yet: a released folder not read before)."""
+    root = Path(path) / "data_order" if (Path(path) / "data_order").is_dir() else Path(path)
+    files = sorted(root.rglob("*.parquet"))
+    unrecorded = [f for f in files if not checksum_path(f).exists()]
+    for f in files:
+        if f not in unrecorded:
+            check_checksum(f)
+    return {"files": len(files), "unrecorded": len(unrecorded)}
+
+
 class OrderRecorder:
     """Collects the batches of one checkpoint interval; `flush(interval_name)` writes them.
 
