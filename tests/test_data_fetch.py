@@ -1,6 +1,5 @@
 import errno
 import hashlib
-import io
 import json
 import os
 import random
@@ -482,40 +481,3 @@ def test_SEC13_archive_members_cannot_land_in_a_sibling_folder(tmp_path):
             download.unpack(archive, dest)
     assert not (tmp_path / "vadersentiment-evil").exists()
     assert download.safe_join(dest, "sub/ok.txt") == (dest / "sub" / "ok.txt").resolve()
-
-
-def test_SEC14_a_pinned_sdist_is_downloaded_as_bytes_and_hashed_before_use(tmp_path, monkeypatch):
-    # an sdist whose setup.py would write a file if any package code ran; served by a fake index (no network)
-    sdist = tmp_path / "served" / "demo-1.0.tar.gz"
-    sdist.parent.mkdir()
-    setup = tmp_path / "setup.py"
-    setup.write_text(f"open({str(tmp_path / 'RAN')!r}, 'w').write('ran')\n")
-    with tarfile.open(sdist, "w:gz") as t:
-        t.add(setup, arcname="demo-1.0/setup.py")
-    pinned = hashlib.sha256(sdist.read_bytes()).hexdigest()
-    urls = []
-
-    def open_url(url, accept="*/*"):
-        urls.append(url)
-        if url.endswith("/demo/"):
-            return io.BytesIO(json.dumps({"files": [{"filename": "demo-1.0.tar.gz",
-                                                     "url": "../../files/demo-1.0.tar.gz"}]}).encode())
-        return open(sdist, "rb")
-
-    def no_subprocess(*a, **k):
-        raise AssertionError(f"no client may run for an sdist: {a}")
-
-    monkeypatch.setattr(download, "_open_url", open_url)
-    monkeypatch.setattr(download.subprocess, "run", no_subprocess)
-    monkeypatch.setenv("PIP_INDEX_URL", "https://index.example/simple")
-    archive = F.Archive("pip", "Demo==1.0", "demo-1.0.tar.gz", pinned, version="1.0")
-    path, digest, is_pinned = F.ensure_archive(archive, tmp_path / "home", log=lambda m: None)
-    assert (digest, is_pinned, path.read_bytes()) == (pinned, True, sdist.read_bytes())
-    assert urls == ["https://index.example/simple/demo/", "https://index.example/files/demo-1.0.tar.gz"]
-    assert not (tmp_path / "RAN").exists()
-    # a replaced file is refused by its hash and nothing is kept
-    path.unlink()
-    sdist.write_bytes(sdist.read_bytes() + b"tampered")
-    with pytest.raises(F.FetchError, match="sha256 mismatch for demo-1.0.tar.gz"):
-        F.ensure_archive(archive, tmp_path / "home", log=lambda m: None)
-    assert [p.name for p in (tmp_path / "home" / "downloads").iterdir()] == []

@@ -15,7 +15,7 @@ import twinlm
 from twinlm.errors import MissingArtifactError
 from twinlm.suite.pipeline import Suite
 from twinlm.suite.scales import get_scale
-from twinlm.train.recipe import find_recipe, load_recipe, recipes_dir, shipped_recipes
+from twinlm.train.recipe import find_recipe, load_raw, load_recipe, recipes_dir, shipped_recipes
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.relative_to(shipped_recipes()).as_posix() for p in shipped_recipes().rglob("*.yaml"))
@@ -99,3 +99,32 @@ def test_a_wheel_carries_every_recipe_and_its_install_finds_them(tmp_path):
     site = tmp_path / "site" / "twinlm"
     assert Path(module) == site / "__init__.py"
     assert Path(encoder) == site / "recipes" / "cpu" / "encoder.yaml" and objective == "clm"
+
+
+def test_a_recipe_of_your_own_bases_on_a_shipped_one_by_name(tmp_path, monkeypatch):
+    """`base:` is read beside the recipe first, else as a recipe name (the shipped recipes or TWINLM_RECIPES),
+    with the checkout-relative `../recipes/…` form naming the same recipe; neither: one line naming both places."""
+    monkeypatch.delenv("TWINLM_RECIPES", raising=False)
+    monkeypatch.chdir(tmp_path)
+    shipped = load_recipe("ettin/17m/encoder")
+    for base in ["[ettin/base, ettin/17m/size]", "[../recipes/ettin/base.yaml, recipes/ettin/17m/size.yaml]"]:
+        mine = tmp_path / "mine" / "encoder.yaml"
+        mine.parent.mkdir(exist_ok=True)
+        mine.write_text(f"base: {base}\nname: mine\nobjective: mlm\noptim:\n  lr: 0.321\n")
+        r = load_recipe(mine)
+        assert (r.name, r.optim.lr) == ("mine", 0.321)
+        assert (r.model, r.phases, r.optim.weight_decay) == (shipped.model, shipped.phases, shipped.optim.weight_decay)
+    # a file beside the recipe wins over the shipped recipe of the same name
+    (tmp_path / "mine" / "ettin").mkdir()
+    (tmp_path / "mine" / "ettin" / "base.yaml").write_text("optim:\n  eps: 0.777\n")
+    mine.write_text("base: [ettin/base.yaml, ettin/17m/size]\nobjective: mlm\n")
+    assert load_raw(mine)["optim"]["eps"] == 0.777
+    mine.write_text("base: ettin/bsae\n")
+    with pytest.raises(MissingArtifactError, match=r"base 'ettin/bsae' not found: neither .*mine/ettin/bsae "
+                                                   r"\(beside the recipe\) nor a recipe of that name in .*recipes "
+                                                   r"\(the shipped recipes\)"):
+        load_recipe(mine)
+    # TWINLM_RECIPES replaces the shipped folder for bases too
+    monkeypatch.setenv("TWINLM_RECIPES", str(tmp_path / "mine"))
+    mine.write_text("base: recipes/ettin/base\nobjective: mlm\n")
+    assert load_raw(mine)["optim"]["eps"] == 0.777

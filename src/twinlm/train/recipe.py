@@ -6,8 +6,10 @@ phase of a cross-objective run). Every phase starts from the previous one's weig
 recipe with `init_from:` starts from converted weights with a fresh optimizer.
 
 YAML rules
-- `base: FILE` or `base: [FILE, …]` (paths relative to the file naming them) are loaded first and deep-merged
-  in order, then the file itself on top. Mappings merge key by key; lists and scalars replace.
+- `base: FILE` or `base: [FILE, …]` are loaded first and deep-merged in order, then the file itself on top.
+  Mappings merge key by key; lists and scalars replace. Each FILE is a path relative to the file naming it;
+  when no such file exists, a recipe name in `recipes_dir()` (`ettin/base`, or a checkout's
+  `../recipes/ettin/base.yaml`), so a recipe of your own can build on a shipped one.
 - Phases are a mapping `phases: {name: {...}}` so that base files and overrides can address one phase:
   `phases.decay.tokens=50B`.
 - Token counts accept suffixes: `1.7T`, `8.5B`, `250M`, `4K` (powers of 1000), or plain numbers.
@@ -435,6 +437,12 @@ def recipes_dir() -> Path:
     return path
 
 
+def _named(folder: Path, parts) -> Path:
+    """The file recipe name `parts` (with or without `.yaml`) would be in `folder`."""
+    rel = PurePath(*parts)
+    return folder / (rel if rel.suffix in (".yaml", ".yml") else rel.with_name(rel.name + ".yaml"))
+
+
 def find_recipe(name: str | Path) -> Path:
     """The recipe file `name` names: an existing file as it is; else `name` (with or without `.yaml` and a leading
     `recipes/`) inside `recipes_dir()`. MissingArtifactError names both places and the closest recipe names."""
@@ -445,11 +453,8 @@ def find_recipe(name: str | Path) -> Path:
     if parts and parts[0] == "recipes":
         parts = parts[1:]
     folder = recipes_dir()
-    if parts and not path.is_absolute():
-        rel = PurePath(*parts)
-        candidate = folder / (rel if rel.suffix in (".yaml", ".yml") else rel.with_name(rel.name + ".yaml"))
-        if candidate.is_file():
-            return candidate
+    if parts and not path.is_absolute() and _named(folder, parts).is_file():
+        return _named(folder, parts)
     where = f"{RECIPES_ENV}={os.environ[RECIPES_ENV]}" if os.environ.get(RECIPES_ENV) else "the shipped recipes"
     known = sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
     close = difflib.get_close_matches(PurePath(*parts).with_suffix("").as_posix() if parts else "", known, n=3)
@@ -476,8 +481,29 @@ def load_raw(path: str | Path, _seen: tuple = ()) -> dict:
         bases = [bases]
     merged: dict = {}
     for b in bases:
-        merged = deep_merge(merged, load_raw(path.parent / b, _seen + (path,)))
+        merged = deep_merge(merged, load_raw(_base_path(path, str(b)), _seen + (path,)))
     return deep_merge(merged, data)
+
+
+def _base_path(recipe: Path, base: str) -> Path:
+    """The file a recipe's `base:` entry names: the path relative to the recipe's own folder when it exists,
+    else a recipe name in `recipes_dir()` (the shipped recipes, or TWINLM_RECIPES), so a recipe of your own
+    can say `base: ettin/base`; leading `..` and `recipes/` are dropped from the name, so the checkout-relative
+    `../recipes/ettin/base.yaml` names the same recipe. Neither there: MissingArtifactError naming both places."""
+    beside = recipe.parent / Path(base).expanduser()
+    if beside.is_file() or Path(base).is_absolute():
+        return beside
+    parts = list(PurePath(base).parts)
+    while parts and parts[0] in ("..", "."):
+        parts.pop(0)
+    if parts and parts[0] == "recipes":
+        parts.pop(0)
+    folder = recipes_dir()
+    if parts and _named(folder, parts).is_file():
+        return _named(folder, parts)
+    where = f"{RECIPES_ENV}={os.environ[RECIPES_ENV]}" if os.environ.get(RECIPES_ENV) else "the shipped recipes"
+    raise MissingArtifactError(f"recipe {recipe}: base {base!r} not found: neither {beside.resolve()} (beside "
+                               f"the recipe) nor a recipe of that name in {folder} ({where}); correct the path")
 
 
 def from_dict(raw: dict) -> Recipe:

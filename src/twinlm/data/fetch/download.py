@@ -7,9 +7,10 @@ that looks complete. Superseded Debian versions fall back to the mirror's curren
 its sha256 is written beside it (`<file>.sha256`, before the file is moved in) and checked whenever it is
 reused; a fallback file without a matching record is removed and downloaded again.
 A pinned source distribution (`*.tar.gz` from pip's index) is not fetched with `pip download`, which runs
-the package's `setup.py` to read its metadata before twinlm could check the hash: its file is read from
-the index's JSON listing (PEP 691, the index pip is configured with: `PIP_INDEX_URL`, else PyPI) and
-downloaded as bytes, so no package code runs and the sha256 is checked before anything opens the file.
+the package's `setup.py` to read its metadata before twinlm could check the hash: its file is found on the
+project's page of the index pip is configured with (`index.py`: `PIP_INDEX_URL`, else pip's configuration,
+else PyPI; credentials, PEP 691 JSON or PEP 503 HTML) and downloaded as bytes, so no package code runs and
+the sha256 is checked before anything opens the file.
 `iter_archive` reads members of wheels, zips, tarballs and .deb packages (without dpkg); `unpack` writes
 them under a folder, refusing members that would escape it.
 """
@@ -17,23 +18,19 @@ them under a folder, refusing members that would escape it.
 from __future__ import annotations
 
 import io
-import json
 import os
-import re
 import shutil
-import ssl
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from twinlm.data.fetch.catalog import Archive
+from twinlm.data.fetch.index import Index, open_url, pip_index, project_files, project_page
 from twinlm.errors import FetchError
 from twinlm.io import sha256_file, write_bytes
 
@@ -49,37 +46,28 @@ def is_sdist(archive: Archive) -> bool:
     return archive.client == "pip" and archive.filename.endswith((".tar.gz", ".zip"))
 
 
-def pip_index_url() -> str:
-    """The package index pip reads (`PIP_INDEX_URL`, else PyPI's simple index)."""
-    return os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple/").rstrip("/") + "/"
+def download_sdist(archive: Archive, dest: Path, index: Index | None = None) -> Path:
+    """Download a pinned sdist's file from the index (`pip_index()` unless given) as bytes into `dest`.
 
-
-def _open_url(url: str, accept: str = "*/*"):
-    # pip's certificate bundle where one is configured (a proxy's CA), else the system's
-    context = ssl.create_default_context(cafile=os.environ.get("PIP_CERT") or None)
-    request = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": "twinlm-fetch"})
-    return urllib.request.urlopen(request, timeout=180, context=context)
-
-
-def download_sdist(archive: Archive, dest: Path, index: str | None = None) -> Path:
-    """Download a pinned sdist's file from the index as bytes into `dest` (no package code runs).
-
-    The project's page is read as PEP 691 JSON; the file whose name is `archive.filename` is downloaded.
-    The caller checks its sha256 before anything opens it.
+    No package code runs. The file whose name is `archive.filename` on the project's page is downloaded; a
+    sha256 the page gives that differs from the pinned one is refused before downloading. The caller checks
+    the file's own sha256 before anything opens it.
     """
-    project = re.sub(r"[-_.]+", "-", archive.spec.split("==")[0]).lower()
-    page = urllib.parse.urljoin(index or pip_index_url(), project + "/")
+    index = index or pip_index()
+    page = project_page(index, archive.spec.split("==")[0])
     try:
-        with _open_url(page, "application/vnd.pypi.simple.v1+json") as r:
-            listing = json.load(r)
-        url = next((urllib.parse.urljoin(page, f["url"]) for f in listing.get("files", [])
-                    if f.get("filename") == archive.filename), None)
-        if url is None:
-            raise FetchError(f"{archive.filename} is not listed on {page}")
+        files = project_files(index, page)
+        found = next((f for f in files if f.filename == archive.filename), None)
+        if found is None:
+            raise FetchError(f"{archive.filename} is not listed on {page} ({len(files)} files are): "
+                             "is this the index pip uses (PIP_INDEX_URL, `pip config get global.index-url`)?")
+        if found.sha256 and archive.sha256 and found.sha256 != archive.sha256:
+            raise FetchError(f"{page} lists {archive.filename} with sha256 {found.sha256}, not the pinned "
+                             f"{archive.sha256}: the index serves another file; nothing was downloaded")
         target = dest / archive.filename
-        with _open_url(url) as r, open(target, "wb") as out:
+        with open_url(index, found.url) as r, open(target, "wb") as out:
             shutil.copyfileobj(r, out)
-    except (OSError, ValueError) as e:  # URLError is an OSError; a page that is not JSON a ValueError
+    except (OSError, ValueError) as e:  # URLError, HTTPError (a 401, a 404): OSError; a malformed URL: ValueError
         raise FetchError(f"downloading {archive.filename} from {page} failed: {e}") from e
     return target
 
