@@ -170,6 +170,11 @@ def test_a_masked_lm_config_over_headless_weights_is_scored_as_its_base_model(fo
     with torch.no_grad():  # the base model's own weights, not a random draw: the masked LM's encoder states
         ref = [bert.bert(torch.tensor([s])).last_hidden_state[0, 0] for s in seqs]
     torch.testing.assert_close(embed(loaded.model, seqs, "cls"), torch.stack(ref), atol=1e-5, rtol=0)
+    # the same weights (no pooler: a masked LM's base model has none) under a BertModel config load alike
+    conf = (headless / "config.json").read_text()
+    (headless / "config.json").write_text(conf.replace("BertForMaskedLM", "BertModel"))
+    torch.testing.assert_close(embed(load_for_eval(str(headless)).model, seqs, "cls"), torch.stack(ref), atol=1e-5,
+                               rtol=0)
     task = write_toy_mc_jsonl(tmp_path / "mc.jsonl", n=2, n_choices=2)
     with pytest.raises(ConfigError, match="BertModel has no language-model head \\(its config.json names "
                                           "BertForMaskedLM, but the folder holds only the base model's weights\\)"):

@@ -14,9 +14,9 @@ Llama, GPT-2 style, ModernBERT classifiers …) wrapped so that the tracks call 
   `base_model_prefix`) the folder does not hold is refused, naming them: transformers would initialise them at
   random (another architecture's weights under this config). A folder that holds the base model but not the
   head its `architectures` names (sentence-transformers folders such as all-mpnet-base-v2 say
-  `MPNetForMaskedLM` over headless weights) is loaded as the headless `AutoModel` (its pooler, which a masked
-  LM's weights lack and `HFModel` never reads, may be missing): the embedding tracks score it, and a track that
-  needs token predictions says it has no language-model head.
+  `MPNetForMaskedLM` over headless weights) is loaded as the headless `AutoModel`: the embedding tracks score
+  it, and a track that needs token predictions says it has no language-model head. A headless model's pooler,
+  which a masked LM's weights lack and `HFModel` never reads, may be missing.
 - `HFModel`: packed input (`cu_seqlens`) is unpacked into a right-padded batch with an attention mask (causal
   models see no padding before their tokens), run with `output_hidden_states`, and the real positions packed
   back; `.hidden_states` is the model's last hidden state, `.logits` its LM head's output (only the
@@ -153,6 +153,7 @@ def load_hf_model(path, tokenizer) -> HFModel:
         # is whole, and the embedding tracks never use the head
         headless = f"its config.json names {arch}, but the folder holds only the base model's weights"
         hf, missing = _from_pretrained(transformers.AutoModel, p, arch)
+    if isinstance(hf, transformers.PreTrainedModel) and getattr(hf, "base_model", None) is hf:
         # a masked LM's base model has no pooler, so its weights lack one: HFModel reads the hidden states only
         missing = [n for n in missing if not n.startswith("pooler.")]
     if missing:  # transformers initialised them at random: scoring would measure noise
