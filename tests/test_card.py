@@ -4,23 +4,37 @@ evaluation results twinlm recorded for the folder as `model-index`, a sentence-t
 exports. Cheap: toy models of the cpu-tiny preset."""
 
 import json
+import shutil
+from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from twinlm.card import add_results, check_license, hub_id, model_card, recorded_results, run_summary, shown_name
+from twinlm.card import (
+    add_results,
+    check_license,
+    hub_id,
+    license_problem,
+    model_card,
+    recorded_results,
+    resolved_hub_model,
+    run_summary,
+    shown_name,
+)
 from twinlm.cli import main
 from twinlm.convert import convert, export_model
 from twinlm.errors import ConfigError
 from twinlm.eval import bpb
 from twinlm.eval.retrieval import export_sentence_transformers
 from twinlm.eval.settings import BpbConfig
-from twinlm.eval.toy import toy_model_dir, toy_sentences, toy_tokenizer
+from twinlm.eval.toy import toy_hub_revision, toy_model_dir, toy_sentences, toy_tokenizer
 from twinlm.loading import load
 from twinlm.suite import pipeline
 from twinlm.suite.pipeline import Suite
 from twinlm.suite.scales import get_scale
+from twinlm.train import run as train_run
 from twinlm.train.recipe import from_dict
 from twinlm.train.testing import tiny_recipe
 
@@ -46,10 +60,34 @@ def models(tmp_path_factory):
 
 def test_license_is_a_hub_id_or_other():
     assert check_license("MIT") == "mit" and check_license("other") == "other" and check_license(None) is None
+    # obvious spellings of hub ids are normalised, not refused
+    for spelling, lic in [("Apache 2.0", "apache-2.0"), ("apache-2.0 ", "apache-2.0"), ("MIT License", "mit"),
+                          ("Apache License, Version 2.0", "apache-2.0"), ("apache2", "apache-2.0"),
+                          ("GPL-3.0-only", "gpl-3.0"), ("gplv3", "gpl-3.0"), ("CC BY 4.0", "cc-by-4.0"),
+                          ("BSD 3-Clause", "bsd-3-clause"), ("LLaMA3", "llama3"), ("cc0", "cc0-1.0")]:
+        assert check_license(spelling) == lic, spelling
     with pytest.raises(ConfigError, match="not a Hugging Face hub license id: pass --license"):
         check_license("My License 1.0")
-    with pytest.raises(ConfigError, match="license 'GPL please'"):
-        from_dict(tiny_recipe("shards", license="GPL please"))
+    assert "license 'GPL please'" in license_problem("GPL please") and license_problem("Apache 2.0") is None
+
+
+def test_a_recipe_license_the_hub_would_not_take_never_stops_training(trained_decoder, tmp_path):
+    # a run whose recipe names a license the hub would not take resumes with the same command: a warning at the
+    # start, final/'s card without a license; export then refuses it until --license names one
+    assert from_dict(tiny_recipe("shards", license="GPL please")).license == "GPL please"
+    run_dir = tmp_path / "dec"
+    shutil.copytree(trained_decoder["run"], run_dir)
+    shutil.rmtree(run_dir / "final")  # resumed from its last checkpoint, the run writes final/ again
+    recipe = yaml.safe_load((run_dir / "config.yaml").read_text())
+    recipe["license"] = "GPL please"
+    lines: list[str] = []
+    final = train_run(recipe, run_dir, log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert any(line.startswith("warning: license 'GPL please' is not a Hugging Face hub license id") for line in lines)
+    assert _card(final).data.license is None
+    with pytest.raises(ConfigError, match="license 'GPL please'.*pass --license"):
+        export_model(final, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    assert _card(export_model(final, tmp_path / "y", license="Apache 2.0")).data.license == "apache-2.0"
 
 
 def test_a_bad_license_is_one_line_before_anything_is_written(models, tmp_path, capsys):
@@ -62,16 +100,49 @@ def test_a_bad_license_is_one_line_before_anything_is_written(models, tmp_path, 
 
 
 def test_base_model_is_a_hub_id_or_nothing(tmp_path, monkeypatch):
-    assert hub_id("jhu-clsp/ettin-encoder-17m@main") == "jhu-clsp/ettin-encoder-17m"
-    assert hub_id(str(tmp_path)) is None and hub_id("./run/final") is None and hub_id(None) is None
     snapshot = tmp_path / "hub" / "models--jhu-clsp--ettin-decoder-17m" / "snapshots" / "0123abcd"
     assert hub_id(str(snapshot)) == "jhu-clsp/ettin-decoder-17m"  # a hub model resolved into the cache
+    # a string is no hub id by its spelling: `runs/dec` may be a folder of another working directory
+    assert hub_id("jhu-clsp/ettin-encoder-17m@main") is None and hub_id("runs/dec") is None
+    assert hub_id(str(tmp_path)) is None and hub_id("./run/final") is None and hub_id(None) is None
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs" / "enc").mkdir(parents=True)
-    assert hub_id("runs/enc") is None and hub_id("runs/dec") == "runs/dec"  # a folder that exists here is local
     assert shown_name(tmp_path / "suite" / "train-decoder" / "run" / "final") == "train-decoder/run/final"
     assert shown_name("/tmp/x/dec") == "x/dec" and shown_name("/dec") == "dec"
     assert shown_name("runs/a/final") == "runs/a/final"
+
+
+def test_a_run_summary_names_a_hub_start_only_when_it_was_resolved_from_the_hub_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text("{}")
+    commit = toy_hub_revision(cache, "ettin-org/tiny-encoder", "main", tmp_path / "src")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    for start, base in [("ettin-org/tiny-encoder", "ettin-org/tiny-encoder"), ("runs/enc/final", None)]:
+        (run / "config.yaml").write_text(yaml.safe_dump({"name": "x", "objective": "clm", "init_from": start}))
+        summary = run_summary(run)
+        assert hub_id(summary["base_model"]) == base, start
+        assert (summary["base_model"] == start) == (base is None)  # a local start is named as the recipe names it
+    assert resolved_hub_model("ettin-org/tiny-encoder").endswith(commit)
+    assert resolved_hub_model("ettin-org/tiny-encoder@step3") is None  # a revision not in the cache
+
+
+def test_recorded_results_read_the_folder_and_beside_it_never_sibling_runs(tmp_path, monkeypatch):
+    ckpt = tmp_path / "runs" / "a" / "checkpoints" / "step-00000010"
+    ckpt.mkdir(parents=True)
+    result = {"track": "bpb", "model": {"path": str(ckpt)}, "tasks": {"t": {"score": 2.0}}}
+    (ckpt.parent / "bpb.json").write_text(json.dumps(result))
+    (ckpt.parent / "bpb.lm_eval.json").write_text(json.dumps(result))  # lm-eval's own output: no result
+    for sibling in ("b", "c"):  # other runs' results, one of them even naming this checkpoint
+        (tmp_path / "runs" / sibling).mkdir()
+        (tmp_path / "runs" / sibling / "result.json").write_text(json.dumps(result))
+    read: list[Path] = []
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: read.append(self) or real(self, *a, **k))
+    assert [r["model"]["path"] for r in recorded_results(ckpt)] == [str(ckpt)]
+    assert read == [ckpt.parent / "bpb.json"]
 
 
 def test_plain_folder_card(models):

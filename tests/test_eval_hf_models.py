@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from twinlm.cli import main
+from twinlm.errors import ConfigError
 from twinlm.eval import bpb, classify, generative, retrieval
 from twinlm.eval.common import embed, load_for_eval
 from twinlm.eval.settings import BpbConfig, ClassifyConfig, GenerativeConfig, RetrievalConfig
@@ -109,8 +110,6 @@ def test_every_track_and_compare(folders, tmp_path):
 
 
 def test_headless_and_unusable_models_say_why(folders, tmp_path):
-    from twinlm.errors import ConfigError
-
     cfg = transformers.BertConfig(vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                   intermediate_size=64)
     transformers.BertModel(cfg).save_pretrained(tmp_path / "base")
@@ -145,12 +144,58 @@ def test_E01_MF11_a_twinlm_folder_with_another_config_is_never_scored_by_transfo
     with pytest.raises(ModelLoadError, match="holds a twinlm encoder's weights but config.json describes "
                                              "BertForMaskedLM"):
         load_for_eval(str(e01c))
-    # a config whose weights the folder does not hold (here a headless BERT's weights under a masked-LM config):
-    # transformers would draw the head at random, so it is refused naming the missing weights
+    # a config whose base-model weights the folder does not hold (a 2-layer BERT config over one layer's
+    # weights): transformers would draw layer 1 at random, so it is refused naming the missing weights
+    short = tmp_path / "short"
+    cfg = transformers.BertConfig(vocab_size=len(toy_tokenizer()), hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    transformers.BertForMaskedLM(cfg).save_pretrained(short)
+    shutil.copy(folders["bert"] / "config.json", short / "config.json")
+    toy_tokenizer().save_pretrained(short)
+    with pytest.raises(ModelLoadError, match=r"weight\(s\) missing \(bert\.encoder\.layer\.1\."):
+        load_for_eval(str(short))
+
+
+def test_a_masked_lm_config_over_headless_weights_is_scored_as_its_base_model(folders, tmp_path):
+    # sentence-transformers folders on the hub (all-mpnet-base-v2: MPNetForMaskedLM) name a masked LM over the
+    # base model's weights alone: the missing head is no reason to refuse the embedding tracks
     headless = tmp_path / "headless"
     bert = transformers.BertForMaskedLM.from_pretrained(folders["bert"])
     bert.bert.save_pretrained(headless)
     shutil.copy(folders["bert"] / "config.json", headless / "config.json")
     toy_tokenizer().save_pretrained(headless)
-    with pytest.raises(ModelLoadError, match=r"weight\(s\) missing \(cls\.predictions"):
-        load_for_eval(str(headless))
+    loaded = load_for_eval(str(headless))
+    assert loaded.info["hf_class"] == "BertModel" and not loaded.causal
+    seqs = [[1, 40, 41, 2], [1, 50, 2]]
+    with torch.no_grad():  # the base model's own weights, not a random draw: the masked LM's encoder states
+        ref = [bert.bert(torch.tensor([s])).last_hidden_state[0, 0] for s in seqs]
+    torch.testing.assert_close(embed(loaded.model, seqs, "cls"), torch.stack(ref), atol=1e-5, rtol=0)
+    # the same weights (no pooler: a masked LM's base model has none) under a BertModel config load alike
+    conf = (headless / "config.json").read_text()
+    (headless / "config.json").write_text(conf.replace("BertForMaskedLM", "BertModel"))
+    torch.testing.assert_close(embed(load_for_eval(str(headless)).model, seqs, "cls"), torch.stack(ref), atol=1e-5,
+                               rtol=0)
+    task = write_toy_mc_jsonl(tmp_path / "mc.jsonl", n=2, n_choices=2)
+    with pytest.raises(ConfigError, match="BertModel has no language-model head \\(its config.json names "
+                                          "BertForMaskedLM, but the folder holds only the base model's weights\\)"):
+        generative.evaluate_examples(loaded, read_mc_jsonl(task))
+
+
+def test_minilm_under_a_masked_lm_config_embeds_as_before(tmp_path):
+    # the reviewer's reproduction on a real hub folder: all-MiniLM-L6-v2 (BertModel weights), its config.json
+    # saying BertForMaskedLM as all-mpnet-base-v2's says MPNetForMaskedLM
+    from twinlm.eval.tasks import minilm_dir
+
+    src = minilm_dir()
+    if not (src / "model.safetensors").is_file():
+        pytest.skip("the MiniLM baseline is not fetched (twinlm data fetch)")
+    folder = tmp_path / "minilm-mlm"
+    folder.mkdir()
+    for f in src.iterdir():
+        (folder / f.name).symlink_to(f)  # the weights are read, not copied
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text((src / "config.json").read_text().replace('"BertModel"', '"BertForMaskedLM"'))
+    seqs = [[101, 7592, 2088, 102]]
+    ours, theirs = load_for_eval(str(folder)), load_for_eval(str(src))
+    assert ours.info["hf_class"] == "BertModel"
+    torch.testing.assert_close(embed(ours.model, seqs, "mean"), embed(theirs.model, seqs, "mean"), atol=0, rtol=0)

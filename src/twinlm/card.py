@@ -6,12 +6,14 @@ so a card twinlm writes is one the hub's own library reads:
 
 - front matter: `library_name: transformers`, `pipeline_tag` (`fill-mask` for encoders, `text-generation`
   for decoders), `tags` (twinlm, ettin, modernbert, encoder|decoder), `license` when one is known (the
-  recipe's `license`, or `--license`: a hub license id such as `mit` or `apache-2.0`, or `other`; anything
-  else is refused by `check_license`), `base_model` only when the model was made from a hub model (an
-  `org/name` id, `hub_id`; a local folder is named in the body by its last parts, never by its absolute
-  path), `datasets` / `language` when the recipe states them (hub dataset ids, ISO 639 codes), and
-  `model-index` (huggingface_hub's `EvalResult`) from the twinlm evaluation results recorded for this very
-  folder (`recorded_results`);
+  recipe's `license`, or `--license`: a hub license id such as `mit` or `apache-2.0`, or `other`, obvious
+  spellings normalised (`Apache 2.0`, `MIT License`, `GPL-3.0-only`); anything else is refused by
+  `check_license` when an export or conversion writes the card, while training warns at its start and writes
+  final/'s card without a license), `base_model` only when the model was made from a hub model resolved into
+  the local hub cache (`hub_id`; a local folder, or a bare relative string, is named in the body by its last
+  parts, never by its absolute path), `datasets` / `language` when the recipe states them (hub dataset ids,
+  ISO 639 codes), and `model-index` (huggingface_hub's `EvalResult`) from the twinlm evaluation results
+  recorded for this very folder (`recorded_results`);
 - body: what the model is (shape, parameters), how it was trained (recipe name and objective, tokens seen
   and sequence length per phase, final training loss; for a converted model: the conversion, then the
   training of the model it was converted from), the tokenizer (its folder's name, vocabulary, fingerprint),
@@ -24,21 +26,25 @@ so a card twinlm writes is one the hub's own library reads:
 contrastive fine-tuning, its retrieval scores, and a `SentenceTransformer` usage snippet.
 
 `run_summary(run_dir)` reads what a card states from a run folder (`config.yaml` and `metrics.jsonl`); any
-part it cannot find is left out of the card rather than guessed. `add_results(folder, results)` puts
-evaluation results into a card already written (the suite does it once its evaluations are done).
+part it cannot find is left out of the card rather than guessed. Its `base_model` is the recipe's `init_from`,
+as the hub cache snapshot it resolved to when it is a hub id found there (twinlm.hub resolves `init_from` so).
+`add_results(folder, results)` puts evaluation results into a card already written (the suite does it once its
+evaluations are done).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_from_cache
 
 from twinlm.errors import ConfigError
+from twinlm.hub import parse_hub_id
 from twinlm.io import write_bytes
 
 CARD = "README.md"
@@ -55,9 +61,6 @@ apple-amlr mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlice
 deepfloyd-if-license llama2 llama3 llama3.1 llama3.2 llama3.3 gemma unknown other
 """.split())
 
-# a hub repository id: `name` or `org/name` (letters, digits, `-`, `_`, `.`), optionally `@revision`
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*(?:@[\w./-]+)?$")
-
 # a snapshot folder of the local hub cache: .../models--org--name/snapshots/<commit>
 _HUB_CACHE = re.compile(r"(?:^|/)models--([\w.-]+?--[\w.-]+)/snapshots/[0-9a-f]+/?$")
 
@@ -66,31 +69,70 @@ _TASK_TYPES = {"classification": "text-classification", "retrieval": "sentence-s
                "generative": "multiple-choice"}
 
 
+# spellings of hub license ids seen in recipes and package metadata, after `_license_spelling`
+_LICENSE_ALIASES = {"cc0": "cc0-1.0", "bsd-3": "bsd-3-clause", "bsd-2": "bsd-2-clause"}
+
+
+def _license_spelling(value: str) -> str:
+    """`value` lower-case with spaces/underscores as dashes, `license`/`version` words, SPDX `-only` /
+    `-or-later` and a `v` before the version dropped: `Apache License, Version 2.0` -> `apache-2.0`."""
+    lic = re.sub(r"[\s_,]+", "-", value.strip().lower())
+    lic = re.sub(r"(?:^|-)(?:the|license|licence|version)(?=-|$)", "", lic).strip("-")
+    lic = re.sub(r"-(?:only|or-later)$", "", lic)
+    return re.sub(r"(?<=[a-z])-?v(?=\d)", "-", lic)  # gplv3, apache-v2 -> gpl-3, apache-2
+
+
+def license_problem(value: Any) -> str | None:
+    """None when `value` is no license or one `check_license` takes; else the one-line reason it is refused."""
+    try:
+        check_license(value)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def check_license(value: str | None) -> str | None:
-    """`value` as the hub's license id (lower-case), None for none; anything not in HUB_LICENSES is a
+    """`value` as the hub's license id (lower-case), None for none. Obvious spellings are normalised (case,
+    spaces for dashes, `Apache 2.0`, `MIT License`, `GPL-3.0-only`, `apache2`: `_license_spelling`, then a
+    missing `.0` or `-` before the version, then `_LICENSE_ALIASES`); anything else not in HUB_LICENSES is a
     ConfigError naming the fix."""
     if value is None or str(value).strip() == "":
         return None
-    lic = str(value).strip().lower()
-    if lic not in HUB_LICENSES:
-        raise ConfigError(f"license {value!r} is not a Hugging Face hub license id: pass --license (or the recipe's "
-                          "`license:`) as an id such as mit, apache-2.0 or cc-by-4.0, or `other`")
-    return lic
+    raw = str(value).strip().lower()
+    lic = _license_spelling(str(value))
+    dashed = re.sub(r"^([a-z]+)(?=\d)", r"\1-", lic)  # apache2 -> apache-2 (llama3 is an id of its own)
+    for candidate in (raw, lic, f"{lic}.0", dashed, f"{dashed}.0", _LICENSE_ALIASES.get(lic, "")):
+        if candidate in HUB_LICENSES:
+            return candidate
+    raise ConfigError(f"license {value!r} is not a Hugging Face hub license id: pass --license (or the recipe's "
+                      "`license:`) as an id such as mit, apache-2.0 or cc-by-4.0, or `other`")
 
 
 def hub_id(value: Any) -> str | None:
-    """`value` as a hub model id (`org/name`, its `@revision` dropped) when it names one, else None: a local
-    folder (absolute, `./`, `~`, or a path that exists here) is no hub id, except a snapshot of the hub cache
-    (`…/models--org--name/snapshots/<commit>`, what a hub id resolves to), which stands for `org/name`."""
+    """`org/name` when `value` is a hub model as twinlm.hub resolved it: a snapshot folder of the local hub cache
+    (`…/models--org--name/snapshots/<commit>`); else None. A string spelled like a hub id is not one by its
+    spelling (`runs/enc` may be a folder of another working directory): `resolved_hub_model` finds the snapshot
+    of one that was resolved."""
     if value is None:
         return None
-    text = str(value)
-    cached = _HUB_CACHE.search(text.replace("\\", "/"))
-    if cached:  # a hub model resolved into the local hub cache (twinlm.hub): the id it came from
-        return cached.group(1).replace("--", "/", 1)
-    if text.startswith(("/", ".", "~")) or "\\" in text or not _HUB_ID.match(text) or Path(text).exists():
+    cached = _HUB_CACHE.search(str(value).replace("\\", "/"))
+    return cached.group(1).replace("--", "/", 1) if cached else None
+
+
+def resolved_hub_model(spec: Any) -> str | None:
+    """The hub cache snapshot folder that `spec` (`org/name[@revision]`, as a recipe's `init_from` names a hub
+    model) resolved to, when it is no folder here and that revision is in the local hub cache; else None. Reads
+    the cache only (no network)."""
+    if spec is None or Path(str(spec)).exists():
         return None
-    return text.split("@", 1)[0]
+    parsed = parse_hub_id(str(spec))
+    if parsed is None:
+        return None
+    try:
+        found = try_to_load_from_cache(parsed[0], "config.json", revision=parsed[1])
+    except ValueError:  # a spelling huggingface_hub does not take as a repository id
+        return None
+    return str(Path(found).parent) if isinstance(found, str) else None
 
 
 def shown_name(value: Any, parts: int = 3) -> str:
@@ -116,8 +158,9 @@ def run_summary(run_dir: str | Path) -> dict[str, Any]:
     except (OSError, yaml.YAMLError):
         recipe = {}
     if isinstance(recipe, dict):
+        start = recipe.get("init_from")
         out.update(recipe=recipe.get("name") or None, objective=recipe.get("objective"),
-                   license=recipe.get("license"), base_model=recipe.get("init_from"),
+                   license=recipe.get("license"), base_model=resolved_hub_model(start) or start,
                    language=recipe.get("language") or None, datasets=recipe.get("datasets") or None)
         phases = recipe.get("phases") or {}
         if isinstance(phases, dict):
@@ -155,23 +198,37 @@ def _is_result(obj: Any) -> bool:
 
 def recorded_results(folder: str | Path) -> list[dict]:
     """The twinlm evaluation results (the JSON `twinlm eval … --out` and the suite's `result.json` hold) of the
-    model in `folder`: result files whose `model.path` is this folder, found in the folder and in its three
-    nearest parent folders (`*.json` there, `*/result.json` one below: the suite's `eval-*/result.json`
-    beside `train-*/run/final`). Sorted by track and file name; [] when there are none."""
+    model in `folder`: result files whose `model.path` is this very folder. Only three places are read, so an
+    export of one checkpoint never parses a tree of other runs: `*.json` in the folder itself, `*.json` beside it
+    (an `--out` next to the folder), and the suite's evaluation steps of this model (`SUITE/eval-NAME-*/result.json`
+    for `SUITE/train-NAME/run/final` and a control's `SUITE/NAME/model`). lm-eval's own output
+    (`*.lm_eval.json`) is no result. Sorted by track and file name; [] when there are none."""
     folder = Path(folder).resolve()
+    files = [*folder.glob("*.json"), *folder.parent.glob("*.json")]
+    for suite, name in _suite_places(folder):
+        files += suite.glob(f"eval-{glob.escape(name)}-*/result.json")
     found: dict[Path, dict] = {}
-    for base in [folder, *list(folder.parents)[:3]]:
-        for f in sorted([*base.glob("*.json"), *base.glob("*/result.json")]):
-            if f in found:
-                continue
-            try:
-                data = json.loads(f.read_text())
-            except (OSError, ValueError):
-                continue
-            path = (data.get("model") or {}).get("path") if _is_result(data) else None
-            if isinstance(path, str) and Path(path).resolve() == folder:
-                found[f] = data
+    for f in sorted(set(files)):
+        if f.name.endswith(".lm_eval.json"):
+            continue
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        path = (data.get("model") or {}).get("path") if _is_result(data) else None
+        if isinstance(path, str) and Path(path).resolve() == folder:
+            found[f] = data
     return [found[f] for f in sorted(found, key=lambda f: (found[f]["track"], f.as_posix()))]
+
+
+def _suite_places(folder: Path) -> list[tuple[Path, str]]:
+    """(suite folder, model name) of `folder` in the suite's layout (twinlm.suite.pipeline `model_dir`): a
+    trained model's `SUITE/train-NAME/run/final`, a control's `SUITE/NAME/model`; [] elsewhere."""
+    if folder.name == "final" and folder.parent.name == "run" and folder.parent.parent.name.startswith("train-"):
+        return [(folder.parents[2], folder.parent.parent.name.removeprefix("train-"))]
+    if folder.name == "model":
+        return [(folder.parents[1], folder.parent.name)]
+    return []
 
 
 def eval_results(results: list[dict], pipeline_tag: str) -> list[EvalResult]:
@@ -353,5 +410,6 @@ def add_results(folder: str | Path, results: list[dict]) -> bool:
     return True
 
 
-__all__ = ["CARD", "HUB_LICENSES", "add_results", "check_license", "eval_results", "hub_id", "model_card",
-           "recorded_results", "run_summary", "sentence_transformers_card", "shown_name"]
+__all__ = ["CARD", "HUB_LICENSES", "add_results", "check_license", "eval_results", "hub_id", "license_problem",
+           "model_card", "recorded_results", "resolved_hub_model", "run_summary", "sentence_transformers_card",
+           "shown_name"]

@@ -10,9 +10,13 @@ Llama, GPT-2 style, ModernBERT classifiers …) wrapped so that the tracks call 
   its config.json no longer describes it.
 - `load_hf_model(path)`: the class is chosen from `architectures` (`…ForCausalLM` / `…LMHeadModel`: a decoder;
   `…ForMaskedLM`: an encoder with its LM head; anything else: the headless `AutoModel`, an encoder for the
-  embedding tracks). fp32, eval mode. A model some of whose weights the folder does not hold (transformers
-  would initialise them at random: another architecture's weights under this config) is refused, naming
-  them.
+  embedding tracks). fp32, eval mode. A model some of whose base-model weights (those under its
+  `base_model_prefix`) the folder does not hold is refused, naming them: transformers would initialise them at
+  random (another architecture's weights under this config). A folder that holds the base model but not the
+  head its `architectures` names (sentence-transformers folders such as all-mpnet-base-v2 say
+  `MPNetForMaskedLM` over headless weights) is loaded as the headless `AutoModel`: the embedding tracks score
+  it, and a track that needs token predictions says it has no language-model head. A headless model's pooler,
+  which a masked LM's weights lack and `HFModel` never reads, may be missing.
 - `HFModel`: packed input (`cu_seqlens`) is unpacked into a right-padded batch with an attention mask (causal
   models see no padding before their tokens), run with `output_hidden_states`, and the real positions packed
   back; `.hidden_states` is the model's last hidden state, `.logits` its LM head's output (only the
@@ -57,7 +61,8 @@ class HFConfig:
     mask_token_id: int | None
     unk_token_id: int | None
     model_type: str
-    hf_class: str
+    hf_class: str  # the class scored (the one `architectures` names, or AutoModel's when its head is missing)
+    headless: str = ""  # why a model whose config names a head was loaded without it (load_hf_model)
 
 
 def is_twinlm_folder(path) -> bool:
@@ -108,8 +113,9 @@ class HFModel(nn.Module):
         hidden = out.hidden_states[-1]
         logits = getattr(out, "logits", None) if return_logits else None
         if return_logits and logits is None:
-            raise ConfigError(f"{self.config.hf_class} has no language-model head: this track needs token "
-                              f"predictions (use a …ForMaskedLM or …ForCausalLM folder)")
+            why = f" ({self.config.headless})" if self.config.headless else ""
+            raise ConfigError(f"{self.config.hf_class} has no language-model head{why}: this track needs token "
+                              f"predictions (use a …ForMaskedLM or …ForCausalLM folder that holds its head)")
         if flat:
             keep = mask.bool()
             hidden = hidden[keep]
@@ -140,6 +146,26 @@ def load_hf_model(path, tokenizer) -> HFModel:
         cls, causal = transformers.AutoModelForMaskedLM, False
     else:
         cls, causal = transformers.AutoModel, bool(getattr(conf, "is_decoder", False))
+    hf, missing = _from_pretrained(cls, p, arch)
+    headless = ""
+    if missing and cls is not transformers.AutoModel and not _base_weights(hf, missing):
+        # only the head is missing (a sentence-transformers folder under its masked-LM config): the base model
+        # is whole, and the embedding tracks never use the head
+        headless = f"its config.json names {arch}, but the folder holds only the base model's weights"
+        hf, missing = _from_pretrained(transformers.AutoModel, p, arch)
+    if isinstance(hf, transformers.PreTrainedModel) and getattr(hf, "base_model", None) is hf:
+        # a masked LM's base model has no pooler, so its weights lack one: HFModel reads the hidden states only
+        missing = [n for n in missing if not n.startswith("pooler.")]
+    if missing:  # transformers initialised them at random: scoring would measure noise
+        raise ModelLoadError(f"{p}: the weights do not fit its config.json ({arch}): {len(missing)} weight(s) "
+                             f"missing ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}), which "
+                             "transformers would initialise at random; use the folder's own config.json")
+    cfg = _config(p, conf, tokenizer, causal, type(hf).__name__ if headless else arch, headless)
+    return HFModel(hf.eval(), cfg).eval()
+
+
+def _from_pretrained(cls: Any, p: Path, arch: str) -> tuple[Any, list[str]]:
+    """(model, the names of the weights the folder does not hold) of `cls` loaded from folder `p`."""
     try:
         # with output_loading_info, from_pretrained returns (model, {"missing_keys": …, …})
         hf, info = cast(tuple[Any, dict], cls.from_pretrained(str(p), dtype=torch.float32, output_loading_info=True))
@@ -148,16 +174,19 @@ def load_hf_model(path, tokenizer) -> HFModel:
     except pickle.UnpicklingError as e:  # torch's weights-only reader refused a pickle: nothing in it ran
         raise ModelLoadError(f"{p}: its weights are a pickle that cannot be read safely ({str(e).splitlines()[0]}; "
                              "nothing in it was run): use a folder saved with save_pretrained (safetensors)") from None
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:  # transformers initialised them at random: scoring would measure noise
-        raise ModelLoadError(f"{p}: the weights do not fit its config.json ({arch}): {len(missing)} weight(s) "
-                             f"missing ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}), which "
-                             "transformers would initialise at random; use the folder's own config.json")
-    cfg = _config(p, conf, tokenizer, causal, arch)
-    return HFModel(hf.eval(), cfg).eval()
+    return hf, sorted(info.get("missing_keys") or [])
 
 
-def _config(path: Path, conf: Any, tok, causal: bool, arch: str) -> HFConfig:
+def _base_weights(hf: nn.Module, names: list[str]) -> list[str]:
+    """Those of the weight `names` of model `hf` (a model with a head) that belong to its base model: under its
+    `base_model_prefix`; all of them when the model has no separate base model."""
+    prefix = getattr(hf, "base_model_prefix", "") or ""
+    if not prefix or getattr(hf, "base_model", hf) is hf:
+        return names
+    return [n for n in names if n.startswith(prefix + ".")]
+
+
+def _config(path: Path, conf: Any, tok, causal: bool, arch: str, headless: str = "") -> HFConfig:
     def tid(*names):
         return next((getattr(tok, n) for n in names if getattr(tok, n, None) is not None), None)
 
@@ -175,7 +204,7 @@ def _config(path: Path, conf: Any, tok, causal: bool, arch: str) -> HFConfig:
         max_position_embeddings=int(getattr(text_conf, "max_position_embeddings", 0) or 512),
         cls_token_id=int(cls), sep_token_id=int(sep), pad_token_id=int(pad if pad is not None else 0),
         mask_token_id=tid("mask_token_id"), unk_token_id=tid("unk_token_id"),
-        model_type=str(getattr(conf, "model_type", "")), hf_class=arch)
+        model_type=str(getattr(conf, "model_type", "")), hf_class=arch, headless=headless)
 
 
 __all__ = ["HFConfig", "HFModel", "is_twinlm_folder", "load_hf_model"]

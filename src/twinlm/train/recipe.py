@@ -46,7 +46,6 @@ from typing import Any, overload
 
 import yaml
 
-from twinlm.card import check_license
 from twinlm.config import OBJECTIVES, ModelConfig
 from twinlm.configs import apply_overrides, build, coerce, deep_merge
 from twinlm.errors import ConfigError, MissingArtifactError
@@ -231,7 +230,9 @@ class Recipe:
     eval: Eval = field(default_factory=Eval)
     seed: int = 21
     init_from: str | None = None  # cross-objective: a trained model folder of the other kind
-    license: str | None = None  # the exported model card's `license`: a hub license id (mit, apache-2.0) or other
+    # the exported model card's `license`: a hub license id (mit, apache-2.0) or other (twinlm.card.check_license;
+    # another is a warning when training starts and a refusal when `twinlm export` / `convert` write the card)
+    license: str | None = None
     language: list[str] = field(default_factory=list)  # the model card's `language`: ISO 639 codes (en, fr, …)
     datasets: list[str] = field(default_factory=list)  # the model card's `datasets`: hub ids of the training data
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
@@ -327,10 +328,6 @@ class Recipe:
                 problems.append(f"{knob} must be a positive number of seconds, got {getattr(self, knob)!r}")
         try:  # a Recipe built in Python has not been through the hooks
             self.model.overrides = model_overrides(self.model.overrides)
-        except ConfigError as e:
-            problems.append(str(e))
-        try:  # the model card's license: refused now rather than when final/ is written
-            check_license(self.license)
         except ConfigError as e:
             problems.append(str(e))
         problems += [f"language: {x!r} is not an ISO 639 code (en, fr, zh-hant, …)" for x in self.language

@@ -18,6 +18,7 @@ for the latest checkpoint and broadcasts it):
      a ConfigError, shorter a warning).
   6. The run's tokenizer fingerprint (`run_fingerprint`: the recipe's, else the checkpoint's, else that of the
      first shards trained on) and every shard folder against it (`check_shard_tokenizers`: TokenizerMismatch).
+     A recipe `license` that is no hub license id is a warning (`license_warning`), never a refusal.
   7. A fresh run's `init_from` exists (`check_init_from`: MissingArtifactError).
   8. The ModelConfig the run trains (`model_config`): the checkpoint's; or `init_from`'s config with the
      recipe's overrides (which may not change a weight's shape); or the preset, sized to the tokenizer, with
@@ -53,6 +54,7 @@ from typing import Any
 
 import torch
 
+from twinlm.card import license_problem
 from twinlm.config import ModelConfig
 from twinlm.convert import as_kind
 from twinlm.data import check_tokenizer
@@ -298,6 +300,15 @@ def check_device(recipe: Recipe, env: dist.DistEnv) -> None:
                           "cuda_graphs=false (static_shapes=true compiles the same shapes without graphs)")
 
 
+def license_warning(recipe: Recipe, log: Log) -> None:
+    """Warn of a recipe `license` that is no hub license id (twinlm.card.check_license): the run trains (a run
+    started under an older twinlm resumes with the same command), final/'s card is written without a license,
+    and `twinlm export` / `convert` refuse it until `--license` names one."""
+    problem = license_problem(recipe.license)
+    if problem:
+        log(f"warning: {problem}; final/'s model card is written without a license until then")
+
+
 def check_memory(recipe: Recipe, env: dist.DistEnv, cfg: ModelConfig) -> None:
     """Refuse a micro-batch that the memory estimate says does not fit the device (twinlm.memory)."""
     total = device_memory(env.device)
@@ -343,6 +354,7 @@ def check_run(recipe: Recipe, out: str | Path, env: dist.DistEnv, log: Log) -> C
     check_seq_lens(metas, log)
     fingerprint = run_fingerprint(tokenizer_fp, resume_state, metas)
     check_shard_tokenizers(metas, fingerprint)
+    license_warning(recipe, log)
     source = check_init_from(recipe) if resume is None and recipe.init_from else None
     cfg = model_config(recipe, tokenizer, resume, source)
     source_model = load(source) if source is not None else None  # on every rank; damage named before any write

@@ -65,7 +65,7 @@ from typing import Any, cast
 import torch
 from tqdm.auto import tqdm
 
-from twinlm.card import run_summary
+from twinlm.card import license_problem, run_summary
 from twinlm.data import BatchStream
 from twinlm.data.order import ReplayStream
 from twinlm.errors import ConfigError, ModelLoadError, OutOfSpace, PeerFailure, TrainingDiverged
@@ -570,6 +570,8 @@ class Trainer:
             remove_stale_temporaries(self.out, "final")  # left by a run killed while exporting
             card = run_summary(self.out)
             card["name"] = f"{self.out.name}/final"  # written into a temporary folder: name the one it becomes
+            if license_problem(card.get("license")):  # warned of at the start; the trained model is written
+                card.pop("license")
             if self.tokenizer is not None:
                 card["tokenizer"] = {"name": getattr(self.tokenizer, "name_or_path", None) or self.recipe.tokenizer,
                                      "vocab": len(self.tokenizer), "fingerprint": self.tokenizer_fingerprint}
