@@ -9,7 +9,8 @@ metrics.jsonl must hold every step once); TWINLM_SOAK_CORRUPTIONS random injurie
 bit or byte, a truncation, a deleted file, appended garbage) to a checkpoint, a shard folder or a model
 folder, each of which must be named by the right error class in one line, then TWINLM_SOAK_COMMANDS more
 (default 100), each met by the command a user runs next through the CLI (train resume or export of a
-checkpoint, data verify or train on shards, eval bpb or export of a model folder). TWINLM_SOAK_SEED
+checkpoint, data verify or train on shards, eval bpb or export of a model folder, data order or replay of a
+batch-order folder). TWINLM_SOAK_SEED
 (default 0) seeds them all.
 """
 
@@ -952,7 +953,7 @@ def test_manifests_cut_short_or_with_a_changed_line_break_are_named(tmp_path, pr
 
 # the commands a user runs next on each kind of injured artifact (the corruption soak runs them through the CLI)
 USER_COMMANDS = {"checkpoint": ("export", "train resume"), "shards": ("data verify", "train"),
-                 "model": ("eval bpb", "export")}
+                 "model": ("eval bpb", "export"), "order": ("data order", "replay")}
 
 
 def _cli(argv: list[str]) -> tuple[int, list[str]]:
@@ -979,6 +980,23 @@ def resumable(tmp_path_factory, shards) -> dict:
     return {"recipe": recipe, "run": root / "run", "ref_losses": losses(root / "ref")}
 
 
+@pytest.fixture(scope="module")
+def ordered(tmp_path_factory, shards) -> dict:
+    """A run that recorded its batch order (RUN/data_order: one parquet file per checkpoint interval, each with its
+    sha256 record), the recipe that replays it, and the (file, injury) pairs a replay must name: any flip,
+    truncation or appended bytes in a parquet file or its record (a deleted record is recorded again on the next
+    read, as a released folder's is: docs/bad-input.md)."""
+    root = tmp_path_factory.mktemp("ordered")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**recipe_for(shards), "record_order": True}, sort_keys=False))
+    assert _cli(["train", recipe, "--out", root / "run", "max_steps=3"])[0] == 0
+    folder = root / "run" / "data_order"
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.parquet"))
+    pairs = [(name + suffix, injury) for name in files for suffix in ("", ".sha256")
+             for injury in INJURIES if injury != "delete"]
+    return {"recipe": recipe, "folder": folder, "targets": pairs}
+
+
 def _user_command_on_injury(rng: random.Random, pristine: dict[str, Path], resumable: dict, work: Path, kind: str,
                             target: str, injury: str, command: str, text: Path) -> str:
     """Injure `target` in a copy of `kind`'s artifact and run `command` on it through the CLI, as a user would
@@ -997,6 +1015,7 @@ def _user_command_on_injury(rng: random.Random, pristine: dict[str, Path], resum
         shutil.copytree(pristine[kind], folder)
         (folder / ".verified.json").unlink(missing_ok=True)
     what = f"{command} on {kind}/{target}: {_injure(rng, folder / target, injury)}"
+    step = int(target.split("/")[0].split("-")[1]) if kind == "order" else 0  # an interval's last step
     if command == "train resume":
         rc, lines = _cli(["train", resumable["recipe"], "--out", run_dir, "max_steps=5"])
         assert rc == 0, f"{what}: exit {rc}: {lines[-3:]}"
@@ -1008,16 +1027,19 @@ def _user_command_on_injury(rng: random.Random, pristine: dict[str, Path], resum
     argv = {"export": ["export", folder, "--out", work / "exported", "--no-tokenizer"],
             "eval bpb": ["eval", "bpb", folder, "--text-file", text],
             "data verify": ["data", "verify", folder],
-            "train": ["train", resumable["recipe"], "--out", work / "fresh", f"data={folder}", "max_steps=1"]}[command]
+            "train": ["train", resumable["recipe"], "--out", work / "fresh", f"data={folder}", "max_steps=1"],
+            "data order": ["data", "order", folder, "--step", step],
+            "replay": ["train", pristine.get("order_recipe", ""), "--out", work / "fresh", f"data={folder}",
+                       f"max_steps={step}"]}[command]
     rc, lines = _cli(argv)
     assert rc == 2 and lines and lines[-1].startswith("twinlm: error: "), f"{what}: exit {rc}: {lines[-3:]}"
-    assert target in lines[-1], f"{what}: the error does not name the file: {lines[-1]}"
+    assert Path(target).name in lines[-1], f"{what}: the error does not name the file: {lines[-1]}"
     assert not (work / "exported").exists(), f"{what}: exported"
     return what
 
 
 @pytest.mark.soak
-def test_soak_random_corruption_is_always_named(tmp_path, pristine, resumable):
+def test_soak_random_corruption_is_always_named(tmp_path, pristine, resumable, ordered):
     """TWINLM_SOAK_CORRUPTIONS (default 2000, about a minute) random injuries, seeded by TWINLM_SOAK_SEED, each
     named by the check a command makes; then TWINLM_SOAK_COMMANDS (default 100) more, each followed by the command
     a user runs next on that kind of artifact (USER_COMMANDS) through the CLI."""
@@ -1036,11 +1058,13 @@ def test_soak_random_corruption_is_always_named(tmp_path, pristine, resumable):
     text = tmp_path / "held.txt"
     text.write_text("the old man and the sea\n\na small red boat on the water\n")
     commands = Counter()
+    artifacts = {**pristine, "order": ordered["folder"], "order_recipe": ordered["recipe"]}
+    targets["order"] = ordered["targets"]
     for _ in range(n_commands):
         kind = rng.choice(sorted(USER_COMMANDS))
         command = rng.choice(USER_COMMANDS[kind])
         target, injury = rng.choice(resume_targets if command == "train resume" else targets[kind])
-        _user_command_on_injury(rng, pristine, resumable, tmp_path / "cli", kind, target, injury, command, text)
+        _user_command_on_injury(rng, artifacts, resumable, tmp_path / "cli", kind, target, injury, command, text)
         commands[command, kind] += 1
     print(f"{n_commands} injuries, each met by the user's next command: "
           + ", ".join(f"{c} on {k} {n}" for (c, k), n in sorted(commands.items())))
