@@ -78,8 +78,8 @@ FLOORS = [
     ("twinlm.model", "twinlm.generate"),
     ("twinlm.export",),
     ("twinlm.data", "twinlm.hf", "twinlm.memory"),
-    ("twinlm.attention", "twinlm.config", "twinlm.configs", "twinlm.hub"),
-    ("twinlm.io", "twinlm.errors", "twinlm.ops", "twinlm.card"),
+    ("twinlm.attention", "twinlm.config", "twinlm.configs", "twinlm.hub", "twinlm.card"),
+    ("twinlm.io", "twinlm.errors", "twinlm.ops"),
 ]
 
 
