@@ -836,7 +836,7 @@ class CompiledCEBody:
     """Stands in for the CE chunk body (`ops._ce_body`'s result) in the fake trace, as CUDA runs it: compiled.
     Each call returns outputs of the body's shapes (allocations: no kernel) and records its chunk's (rows,
     vocabulary, dtype); `kernels()` gives inductor's kernels for every recorded chunk (`compiled_ce_body_kernels`,
-    one compile per distinct chunk shape)."""
+    one compile per distinct chunk shape in a process)."""
 
     def __init__(self):
         self.chunks: list[tuple[int, int, torch.dtype]] = []
@@ -846,13 +846,14 @@ class CompiledCEBody:
         return (logits.new_empty((), dtype=torch.float32), torch.empty_like(logits),
                 logits.new_empty(logits.shape[1], dtype=torch.float32))
 
+    compiled: dict[tuple, list[Kernel]] = {}  # (rows, vocabulary, dtype) -> kernels, shared by every trace
+
     def kernels(self) -> list[Kernel]:
-        cache: dict[tuple, list[Kernel]] = {}
         out: list[Kernel] = []
         for key in self.chunks:
-            if key not in cache:
-                cache[key] = compiled_ce_body_kernels(*key)
-            out += cache[key]
+            if key not in self.compiled:
+                self.compiled[key] = compiled_ce_body_kernels(*key)
+            out += self.compiled[key]
         return out
 
 
