@@ -34,8 +34,13 @@ What it counts (nothing runs on a GPU; nothing here is a measurement of one):
   over (B, H, T, T) — every pair when a mask is given (the masked kernel skips no tile), half of them
   when only `is_causal` — plus one read of the mask per call.
 - **The fused cross-entropy** (`twinlm::fused_linear_ce`) is opened: its Python body runs on the fake tensors
-  with the accelerator's chunk size and bf16, so its accelerator branch is counted op by op, and its backward
-  scales the three gradients by the loss gradient as it does on a GPU.
+  with the accelerator's chunk size and bf16, so its accelerator branch is counted op by op as CUDA runs it: the
+  weight gradient accumulated in fp32 by the GEMM itself (`addmm(..., out_dtype=float32)`), and each chunk's
+  elementwise body (`ops._ce_chunk_body`) as inductor's kernels, since ops compiles it on CUDA in eager and
+  compiled training alike (`CompiledCEBody`: the body compiled as ops compiles it, `dynamic=True`, by inductor's
+  CPU backend on a 37 x 211 chunk, each kernel's bytes evaluated at the chunk's rows and vocabulary, counted
+  like the compiled blocks' kernels below; one compile per distinct chunk shape). Its backward scales the three
+  gradients by the loss gradient as it does on a GPU.
 - **`--compile`**: twinlm's blocks compiled as the trainer compiles them (`block.compile(fullgraph=True,
   dynamic=True)`, train/dist.py), by inductor's CPU backend on real tensors of `--compile-tokens` tokens
   (a packing budget, default 512) at the preset's widths. `torch._inductor.config._post_fusion_custom_pass` records each
@@ -43,9 +48,14 @@ What it counts (nothing runs on a GPU; nothing here is a measurement of one):
   the token count symbol set to the micro-batch's tokens (sizes are symbolic in it, so this is exact for
   byte counts linear in tokens: a proxy, not an extrapolation of measured traffic). Extern kernels are the
   GEMMs (FLOPs 2·m·n·k from their shapes) and attention (charged as above). One block of each kind (layer 0,
-  a global layer, a local layer) is compiled and multiplied by its use count; the embedding, the head, the
-  loss and the optimizer stay eager and are taken from the eager trace. Triton's fusion choices differ in
-  detail from the CPU backend's, so compiled figures are a proxy. With transformers, `--compile` also
+  a global layer, a local layer) is compiled and multiplied by its use count; the embedding, the head and the
+  loss are taken from the eager trace (the CE chunk body compiled, as above). Triton's fusion choices differ in
+  detail from the CPU backend's, so compiled figures are a proxy. The optimizer is StableAdamW as the trainer
+  runs it on CUDA with `compile: true` (`trace_compiled_optimizer`): each parameter group's update compiled
+  (`fullgraph=True, dynamic=False`) at the model's parameter shapes, inductor's CPU backend made to group the
+  foreach ops into one kernel per list as its CUDA backend does (`cuda_foreach_fusion`) and stopped after
+  fusion (no code built, no memory beyond the parameters, gradients and moments); the eager rows keep the eager
+  foreach update (`compile: false`). With transformers, `--compile` also
   predicts transformers' whole model under `torch.compile` (what `bench/model_throughput.py --hf-compile`
   times): the model cut to 0, 1 and 2 layers compiled the same way on 3 x 160 real tokens (rows and length
   evaluated at the micro-batch's), the full model taken as the outside plus each global and local layer
@@ -67,6 +77,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -240,6 +251,8 @@ def op_flops(func, args, kwargs, out) -> float:
     fn = flop_registry.get(func.overloadpacket)
     if fn is None:
         return 0.0
+    if func._overloadname == "dtype":  # addmm(..., out_dtype=) (fp32 accumulation): the registry's shapes only
+        args, kwargs = tuple(a for a in args if isinstance(a, torch.Tensor)), {}
     return float(fn(*args, **kwargs, out_val=out))
 
 
@@ -506,7 +519,8 @@ def patched(obj, name: str, value) -> Iterator[None]:
 
 class _OpenCE(torch.autograd.Function):
     """twinlm's fused CE with its operator's Python body run in place (so its ops are counted), the
-    accelerator's chunk size and bf16; the backward scales the gradients by the loss gradient as on a GPU."""
+    accelerator's chunk size and bf16 (the CUDA branches are chosen by `trace_twinlm`); the backward scales the
+    gradients by the loss gradient as on a GPU."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets):
@@ -542,14 +556,20 @@ def twinlm_windows(cfg: ModelConfig) -> list[tuple[int, int]]:
     return out
 
 
-def trace_twinlm(cfg: ModelConfig, batch: dict, optimizer: bool = True, autocast: bool = True) -> list[Kernel]:
-    """Kernels of one micro-batch's forward + backward of twinlm on `batch`, then (optionally) one StableAdamW
-    step with the trainer's found_inf."""
+def trace_twinlm(cfg: ModelConfig, batch: dict, optimizer: bool = True, autocast: bool = True,
+                 ce_compiled: bool = True) -> list[Kernel]:
+    """Kernels of one micro-batch's forward + backward of twinlm on `batch`, then (optionally) one eager
+    StableAdamW step with the trainer's found_inf. The fused CE runs its CUDA path: the weight gradient
+    accumulated in fp32 by the GEMM (addmm's out_dtype) and, with `ce_compiled`, the chunk body as inductor's
+    kernels (`CompiledCEBody`: CUDA compiles it in eager and compiled training alike); without, the body's eager
+    ops."""
     cu = batch["cu_seqlens"].numpy()
     pairs = {w: pair_count(cu, w) for w in set(twinlm_windows(cfg))}
     model = _fake_model(lambda: Transformer(cfg))
     counter = Counter(pairs)
     labeller = Labeller(autocast)
+    ce_body = CompiledCEBody()
+    body = (lambda device_type: ce_body) if ce_compiled else (lambda device_type: ops._ce_chunk_body_eager)
     # the layout is host bookkeeping: built here on real tensors; the value checks are host reads (free on a GPU
     # run's host copy, impossible on fake tensors)
     layout = PackedLayout.from_cu_seqlens(batch["cu_seqlens"], batch["max_seqlen"])
@@ -557,7 +577,8 @@ def trace_twinlm(cfg: ModelConfig, batch: dict, optimizer: bool = True, autocast
     with FakeTensorMode(allow_non_fake_inputs=True), patched(tmodel, "packed_attention", _twinlm_attention), \
             patched(tmodel, "fused_linear_cross_entropy", _open_ce), \
             patched(Transformer, "_layout", lambda self, *a: host), patched(tmodel, "_min_max", lambda t: (0, 0)), \
-            patched(tmodel, "host_reads_are_free", lambda t: False):
+            patched(tmodel, "host_reads_are_free", lambda t: False), patched(ops, "_ce_body", body), \
+            patched(ops, "_fp32_accumulating_mm", lambda device_type: True):
         model.to_empty(device="cpu")
         model.train()
         opt = build_optimizer(model, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5)
@@ -571,7 +592,7 @@ def trace_twinlm(cfg: ModelConfig, batch: dict, optimizer: bool = True, autocast
             counter.phase = "optimizer"
             with counter:
                 opt.step(found_inf=found_inf)
-    return counter.kernels
+    return counter.kernels + ce_body.kernels()
 
 
 def hf_batch(cfg: ModelConfig, tokens: int, seed: int = 0, seq: int = HF_SEQ) -> dict:
@@ -631,7 +652,7 @@ def trace_transformers(cfg: ModelConfig, batch: dict, optimizer: bool = True) ->
 def _scheduler_pass(sink: list, tokens_hint: int, tokens: int, more: dict[int, int] | None = None):
     """A `_post_fusion_custom_pass` that appends (kind, name, bytes, input sizes, output size) per kernel to
     `sink`, with the size symbols whose hint is `tokens_hint` set to `tokens` (and each hint of `more` to its
-    value)."""
+    value). A foreach node (inductor's horizontal fusion of a multi-tensor op) is one kernel, as it is on CUDA."""
     values = {tokens_hint: tokens, **(more or {})}
     from torch._inductor import ir
     from torch._inductor.scheduler import ExternKernelSchedulerNode, NopKernelSchedulerNode
@@ -752,6 +773,148 @@ def trace_compiled_blocks(cfg: ModelConfig, tokens: int, compile_tokens: int,
         info["block_kinds"][kind_name] = {"uses": len(layers), "kernels_per_block": len(per_block)}
         kernels += per_block * len(layers)
     return kernels, info
+
+
+# the CE chunk body and the optimizer compiled as CUDA runs them (inductor, CPU backend, stopped before codegen)
+class _Recorded(Exception):
+    """Stops inductor once its post-fusion pass has recorded the kernels (`inductor_kernels`)."""
+
+
+def _caused_by(e: BaseException | None, kind: type) -> bool:
+    while e is not None:
+        if isinstance(e, kind):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def inductor_kernels(call, record) -> None:
+    """Runs `call`, which compiles with inductor, with `record` (a `_scheduler_pass`) as inductor's post-fusion
+    pass and stops inductor right after it: the kernels are in `record`'s sink, and no code is generated, built
+    or run. Dynamo's caches are reset before and after."""
+    import torch._inductor.config as iconf
+
+    def stop(nodes):
+        record(nodes)
+        raise _Recorded
+
+    torch._dynamo.reset()
+    try:
+        with patched(iconf, "_post_fusion_custom_pass", stop), patched(iconf, "fx_graph_cache", False):
+            call()
+    except Exception as e:
+        if not _caused_by(e, _Recorded):
+            raise
+    else:
+        raise RuntimeError("inductor generated no kernels: its post-fusion pass never ran")
+    finally:
+        torch._dynamo.reset()
+
+
+# the real sizes the CE chunk body is compiled at: (rows, vocabulary), sizes no other dimension shares
+CE_ROWS, CE_VOCAB = 37, 211
+
+
+def compiled_ce_body_kernels(rows: int, vocab: int, dtype: torch.dtype) -> list[Kernel]:
+    """Kernels of `ops._ce_chunk_body` on one (rows, vocab) chunk of logits in `dtype`, compiled as ops compiles
+    it on CUDA (`ops._ce_body`: fullgraph, dynamic=True, its CUDA backend) by inductor's CPU backend on real
+    CE_ROWS x CE_VOCAB tensors, the sizes evaluated at (rows, vocab); category CE, forward (the body runs in the
+    operator's forward)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(CE_ROWS, CE_VOCAB, generator=g).to(dtype)
+    target = torch.randint(0, CE_VOCAB, (CE_ROWS,), generator=g)
+    valid = torch.ones(CE_ROWS, dtype=torch.bool)
+    coef = torch.tensor(1.0 / CE_ROWS)
+    body = torch.compile(ops._ce_chunk_body, backend=ops._CE_BODY_COMPILED_ON["cuda"], fullgraph=True, dynamic=True)
+    sink: list = []
+    inductor_kernels(lambda: body(logits, target, valid, coef),
+                     _scheduler_pass(sink, CE_ROWS, rows, {CE_VOCAB: vocab}))
+    return [Kernel(name, "CE", "other", nbytes, 0.0, "forward") for _, name, nbytes, _, _ in sink]
+
+
+class CompiledCEBody:
+    """Stands in for the CE chunk body (`ops._ce_body`'s result) in the fake trace, as CUDA runs it: compiled.
+    Each call returns outputs of the body's shapes (allocations: no kernel) and records its chunk's (rows,
+    vocabulary, dtype); `kernels()` gives inductor's kernels for every recorded chunk (`compiled_ce_body_kernels`,
+    one compile per distinct chunk shape in a process)."""
+
+    def __init__(self):
+        self.chunks: list[tuple[int, int, torch.dtype]] = []
+
+    def __call__(self, logits, target, valid, coef):
+        self.chunks.append((int(logits.shape[0]), int(logits.shape[1]), logits.dtype))
+        return (logits.new_empty((), dtype=torch.float32), torch.empty_like(logits),
+                logits.new_empty(logits.shape[1], dtype=torch.float32))
+
+    compiled: dict[tuple, list[Kernel]] = {}  # (rows, vocabulary, dtype) -> kernels, shared by every trace
+
+    def kernels(self) -> list[Kernel]:
+        out: list[Kernel] = []
+        for key in self.chunks:
+            if key not in self.compiled:
+                self.compiled[key] = compiled_ce_body_kernels(*key)
+            out += self.compiled[key]
+        return out
+
+
+@contextlib.contextmanager
+def cuda_foreach_fusion() -> Iterator[None]:
+    """Inductor's CPU backend made to group multi-tensor (foreach) ops as its CUDA backend does: the FOREACH
+    backend feature on (the lowering registers each foreach op's outputs as one list, which the scheduler makes
+    one ForeachKernelSchedulerNode: one kernel over every tensor of the list) and, where a foreach node is one of
+    the pair, the fusion rule and priority of Triton's scheduling (`ForeachKernelSchedulerNode.can_fuse`, 0);
+    every other fusion stays the CPU backend's. For counting only: the CPU backend generates no code for such
+    nodes, so it is used with `inductor_kernels`, which stops before code generation."""
+    import torch._inductor.graph as igraph
+    from torch._inductor.codegen.common import BackendFeature
+    from torch._inductor.codegen.cpp import CppScheduling
+    from torch._inductor.scheduler import ForeachKernelSchedulerNode as Foreach
+
+    features = igraph.get_backend_features
+
+    def with_foreach(device):
+        f = features(device)
+        return f | {BackendFeature.FOREACH} if str(device) == "cpu" else f
+
+    def foreach_rule(method, on_foreach):
+        def rule(self, a, b):
+            return on_foreach(a, b) if isinstance(a, Foreach) or isinstance(b, Foreach) else method(self, a, b)
+        return rule
+
+    with patched(igraph, "get_backend_features", with_foreach), \
+            patched(CppScheduling, "can_fuse_vertical",
+                    foreach_rule(CppScheduling.can_fuse_vertical, Foreach.can_fuse)), \
+            patched(CppScheduling, "can_fuse_horizontal",
+                    foreach_rule(CppScheduling.can_fuse_horizontal, Foreach.can_fuse)), \
+            patched(CppScheduling, "get_fusion_pair_priority",
+                    foreach_rule(CppScheduling.get_fusion_pair_priority, lambda a, b: 0)):
+        yield
+
+
+def trace_compiled_optimizer(cfg: ModelConfig) -> list[Kernel]:
+    """Kernels of one StableAdamW step as the trainer runs it on CUDA with `compile: true` (train/setup.py:
+    `build_optimizer(..., compile=True)`, each parameter group's update one graph under torch.compile(fullgraph,
+    dynamic=False, inductor), the trainer's found_inf): inductor with foreach ops grouped as on CUDA
+    (`cuda_foreach_fusion`) on the model's parameter shapes in uninitialised memory, stopped before code
+    generation (`inductor_kernels`), plus per group the two eager kernels `_part_step` runs around the update (the
+    skip flag's `ne`, the learning rate's `fill_`). An extern kernel (an aten foreach op inductor does not lower,
+    e.g. `_foreach_lerp` with per-tensor weights) counts as one kernel."""
+    model = _fake_model(lambda: Transformer(cfg))
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    opt = build_optimizer(model, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5, compile=True)
+    found_inf = torch.zeros((), dtype=torch.bool)
+    kernels: list[Kernel] = []
+    for group in opt.param_groups:
+        sink: list = []
+        opt._compiled = None  # each group compiled afresh (the compile is stopped once recorded)
+        with cuda_foreach_fusion(), torch.no_grad():
+            inductor_kernels(functools.partial(opt._group_step, group, found_inf), _scheduler_pass(sink, 0, 0))
+        kernels += [Kernel(name, "optimizer", "other", nbytes, 0.0, "optimizer") for _, name, nbytes, _, _ in sink]
+        kernels += [Kernel("ne", "optimizer", "other", 2, 0.0, "optimizer"),
+                    Kernel("fill_", "optimizer", "other", 8, 0.0, "optimizer")]
+    return kernels
 
 
 # transformers compiled: the real batch inductor compiles on (rows, sequence length), sizes that no width of the
@@ -925,7 +1088,8 @@ def run(args) -> dict:
         cu = batch["cu_seqlens"].numpy()
         pairs = {w: pair_count(cu, w) for w in set(twinlm_windows(cfg))}
         blocks, info = trace_compiled_blocks(cfg, tokens, args.compile_tokens, pairs)
-        models["twinlm (compiled blocks)"] = (blocks + eager_outside_blocks(cfg, batch), opt, tokens,
+        models["twinlm (compiled blocks)"] = (blocks + eager_outside_blocks(cfg, batch), trace_compiled_optimizer(cfg),
+                                              tokens,
                                               f"blocks from inductor (CPU) at {info['compile_tokens']} tokens, "
                                               f"counted at {tokens:,}")
         result["compile"] = info

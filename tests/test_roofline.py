@@ -1,6 +1,8 @@
 """bench/roofline.py: its counting on small known cases (a matmul's FLOPs and bytes, an elementwise op, views,
-an embedding's touched rows, the autocast emulation), a cpu-tiny trace, and the time model's floor and max()."""
+an embedding's touched rows, the autocast emulation), a cpu-tiny trace, the time model's floor and max(), and
+what CUDA compiles counted as inductor's kernels (the CE chunk body, the compiled optimizer)."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -12,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import roofline  # noqa: E402
-from twinlm import ModelConfig  # noqa: E402
+from twinlm import ModelConfig, Transformer, ops  # noqa: E402
 from workloads import packed_batch  # noqa: E402
 
 
@@ -117,3 +119,48 @@ def test_transformers_compiled_adds_outside_globals_and_locals(monkeypatch):
     total = summary["total"]
     assert total["bytes"] == 10 + 8 * 100 + 14 * 1000 and total["kernels"] == 1 + 8 + 14
     assert abs(total["ms"] - 1e3 * total["bytes"] / 1e9) < 1e-9
+
+
+def _chunk(rows, vocab):
+    """A (rows, vocab) bf16 chunk of logits and the chunk body's other arguments."""
+    return (torch.empty(rows, vocab, dtype=torch.bfloat16), torch.zeros(rows, dtype=torch.long),
+            torch.ones(rows, dtype=torch.bool), torch.tensor(1.0 / rows))
+
+
+def test_compiled_ce_body_is_four_kernels_moving_fewer_bytes_than_the_eager_body():
+    rows, vocab = 64, 4096
+    compiled = roofline.compiled_ce_body_kernels(rows, vocab, torch.bfloat16)
+    eager = _count(ops._ce_chunk_body_eager, *_chunk(rows, vocab))
+    per_element = sum(k.nbytes for k in compiled) / (rows * vocab)
+    assert len(compiled) == 4 and len(eager) > 4  # ops.py: "compiled on CUDA into ~4 kernels (~10 bytes ...)"
+    assert 8 <= per_element <= 12  # bf16 logits read three times, g written once and read once: 10 + the rows'
+    assert sum(k.nbytes for k in eager) > 2 * sum(k.nbytes for k in compiled)
+    assert {k.category for k in compiled} == {"CE"} and {k.phase for k in compiled} == {"forward"}
+
+
+def test_trace_counts_the_ce_chunk_body_as_the_compiled_kernels():
+    """The same trace with the chunk body compiled: the eager body's kernels are replaced by exactly the
+    compiled body's, evaluated at the chunk's shape (one chunk at cpu-tiny), and nothing else changes."""
+    cfg = ModelConfig.preset("cpu-tiny")
+    batch = packed_batch(cfg, 512, "mlm")
+    rows, vocab = batch["labels"].numel(), cfg.vocab_size
+    assert rows <= ops._ce_chunk_rows(vocab, "cuda")
+    body = roofline.compiled_ce_body_kernels(rows, vocab, torch.bfloat16)
+    eager_body = _count(ops._ce_chunk_body_eager, *_chunk(rows, vocab))
+    eager, compiled = (roofline.trace_twinlm(cfg, batch, optimizer=False, ce_compiled=c) for c in (False, True))
+    assert [(k.op, k.nbytes) for k in compiled if k.op.endswith("SchedulerNode")] == [(k.op, k.nbytes) for k in body]
+    assert len(compiled) == len(eager) - len(eager_body) + len(body)
+    assert sum(k.nbytes for k in compiled) == sum(k.nbytes for k in eager) - sum(k.nbytes for k in eager_body) \
+        + sum(k.nbytes for k in body)
+
+
+def test_compiled_optimizer_groups_foreach_ops_and_moves_fewer_bytes_than_eager():
+    cfg = dataclasses.replace(ModelConfig.preset("cpu-tiny"), num_layers=1)  # fewer tensors: a quicker compile
+    compiled = roofline.trace_compiled_optimizer(cfg)
+    eager = [k for k in roofline.trace_twinlm(cfg, packed_batch(cfg, 256, "mlm")) if k.phase == "optimizer"]
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Transformer(cfg).parameters())
+    assert any(k.op == "ForeachKernelSchedulerNode" for k in compiled)  # one kernel over a list, as on CUDA
+    assert {k.phase for k in compiled} == {"optimizer"}
+    nbytes = sum(k.nbytes for k in compiled)
+    assert 28 * params <= nbytes < sum(k.nbytes for k in eager)  # at least p, g, m, v read, p, m, v written

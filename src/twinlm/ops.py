@@ -201,9 +201,10 @@ def _ce_body(device_type: str):
     return _ce_bodies[backend]
 
 
-def _fp32_accumulating_mm() -> bool:
-    """Whether aten.addmm has the out_dtype overload (torch >= 2.8): a bf16 GEMM accumulated into fp32."""
-    return hasattr(torch.ops.aten.addmm, "dtype")
+def _fp32_accumulating_mm(device_type: str) -> bool:
+    """Whether a bf16 GEMM accumulates into fp32 on `device_type`: CUDA, where aten.addmm has the out_dtype
+    overload (torch >= 2.8)."""
+    return device_type == "cuda" and hasattr(torch.ops.aten.addmm, "dtype")
 
 
 def _fused_ce(h, weight, bias, targets, ignore_index: int, chunk: int, cast: torch.dtype, needs_grad: bool):
@@ -225,7 +226,7 @@ def _fused_ce(h, weight, bias, targets, ignore_index: int, chunk: int, cast: tor
     inv = 1.0 / valid.sum().clamp(min=1).to(torch.float32)  # 0-d device tensor
     host = host_reads_are_free(h) and cast == torch.float32
     body = _ce_body(h.device.type)
-    fp32_acc = cast in (torch.bfloat16, torch.float16) and h.is_cuda and _fp32_accumulating_mm()
+    fp32_acc = cast in (torch.bfloat16, torch.float16) and _fp32_accumulating_mm(h.device.type)
     w = weight.to(cast)
     b = bias.to(cast)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
