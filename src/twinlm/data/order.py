@@ -104,11 +104,10 @@ def verify_order_folder(path: str | Path) -> dict[str, int]:
     {"files", "unrecorded"} (files without a record yet: a released folder not read before)."""
     root = Path(path) / "data_order" if (Path(path) / "data_order").is_dir() else Path(path)
     files = sorted(root.rglob("*.parquet"))
-    unrecorded = [f for f in files if not checksum_path(f).exists()]
-    for f in files:
-        if f not in unrecorded:
-            check_checksum(f)
-    return {"files": len(files), "unrecorded": len(unrecorded)}
+    recorded = [f for f in files if checksum_path(f).exists()]
+    for f in recorded:
+        check_checksum(f)
+    return {"files": len(files), "unrecorded": len(files) - len(recorded)}
 
 
 class OrderRecorder:
