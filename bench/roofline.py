@@ -897,8 +897,8 @@ def trace_compiled_optimizer(cfg: ModelConfig) -> list[Kernel]:
     dynamic=False, inductor), the trainer's found_inf): inductor with foreach ops grouped as on CUDA
     (`cuda_foreach_fusion`) on the model's parameter shapes in uninitialised memory, stopped before code
     generation (`inductor_kernels`), plus per group the two eager kernels `_part_step` runs around the update (the
-    skip flag's `ne`, the learning rate's `fill_`). An extern kernel (an aten foreach op inductor does not lower,
-    e.g. `_foreach_lerp` with per-tensor weights) counts as one kernel."""
+    skip flag's `ne`, the learning rate's `fill_`). An extern kernel (an aten op inductor does not lower) counts
+    as one kernel."""
     model = _fake_model(lambda: Transformer(cfg))
     model.to_empty(device="cpu")
     for p in model.parameters():

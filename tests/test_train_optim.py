@@ -439,15 +439,17 @@ def test_a_step_costs_a_fixed_number_of_multi_tensor_ops_and_one_sum_per_tensor(
     assert fixed <= (52 if flag else 28) * 2  # per group; 2 groups
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("flag", [False, True])
-def test_the_compiled_update_follows_the_eager_one_and_never_recompiles_for_the_lr(flag):
-    """compile= runs each group's update as one graph (here through aot_eager: the same aten ops, no C++
-    compiler); 6 steps with a new LR each time, a clipping step and (flagged) a skipped step with NaN gradients:
-    close to the eager update, the skip exact, and no graph after the first step's."""
+def test_the_compiled_update_follows_the_eager_one_and_never_recompiles_for_the_lr(flag, backend):
+    """compile= runs each group's update as one graph (through aot_eager: its two-pass form as aten ops; and
+    through inductor, its fused kernels built by the CPU backend); 6 steps with a new LR each time, a clipping
+    step and (flagged) a skipped step with NaN gradients: close to the eager update, the skip exact, and no
+    graph after the first step's."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounterWithBackend(backend)
     skips = {3} if flag else set()
     grads = _grads(6, bad=skips)
     eager, eager_opt = _run([], flag=flag)
