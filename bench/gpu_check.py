@@ -89,7 +89,8 @@ def predicted(preset: str, objective: str, tokens: int, compiled: bool) -> dict:
     for entry in json.loads(PREDICTIONS.read_text()):
         if (entry["device"]["name"], entry["preset"], entry["objective"]) == (card, preset, objective) \
                 and model in entry["models"] and entry["models"][model]["micro_batch_tokens"] == tokens:
-            return {"predicted_tok_s": round(entry["models"][model]["predicted"]["tok_s"]),
+            pred = entry["models"][model]["predicted"]
+            return {"predicted_tok_s": round(pred["tok_s"]), "predicted_mfu_executed": round(pred["mfu_executed"], 4),
                     "predicted_by": "bench/roofline.py"}
     return {}
 SECTIONS = list(BUDGET)
@@ -320,7 +321,9 @@ class Check:
                              activation_checkpointing=checkpointing,
                              compile_backend="aot_eager" if self.cpu else "inductor")
         batches = [packed_batch(cfg, tokens, objective, seed=s) for s in range(2)]
-        opt = build_optimizer(m, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5)
+        # compiled as the trainer compiles it with `compile: true` (on CUDA the update too)
+        opt = build_optimizer(m, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5,
+                              compile=compiled and not self.cpu)
         return cfg, m, batches, train_step(m, batches, opt, self.dev)
 
     def _step_row(self, preset: str, tokens: int, objective: str, *, compiled: bool = False,
@@ -538,7 +541,8 @@ class Check:
                 m = Transformer(cfg).to(self.dev).train()
                 dist.parallelize(m, dist.DistEnv(device=self.dev), compile=True, static_shapes=is_static,
                                  cuda_graphs=graphs, compile_backend="aot_eager" if self.cpu else "inductor")
-                opt = build_optimizer(m, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5)
+                opt = build_optimizer(m, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5,
+                                      compile=not self.cpu)  # as the trainer's `compile: true` on CUDA
                 step = train_step(m, static if is_static else batches, opt, self.dev, mark_steps=is_static,
                                   keep_grads=graphs)
                 try:

@@ -187,7 +187,8 @@ def run_packed(kind: str, args) -> dict:
         m = Transformer(cfg).to(device).train()
         if name == "compiled":
             dist.parallelize(m, dist.DistEnv(device=device), compile=True)
-        opt = build_optimizer(m, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5)
+        opt = build_optimizer(m, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5,  # as the trainer
+                              compile=name == "compiled" and device.type == "cuda")
         models[name], steps[name] = m, train_step(m, batches, opt, device)
     times = {name: [] for name in steps}
     for name in steps:

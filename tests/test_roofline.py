@@ -80,12 +80,23 @@ def test_pair_count_matches_windows():
 
 def test_time_model_floor_and_max():
     dev = roofline.Device("test", bandwidth=1e12, gemm=100e12, attention=50e12, attention_dense=100e12,
-                          floor=3e-6, source="test")
+                          floor=3e-6, source="test", peak=200e12)
     assert roofline.kernel_seconds("other", 1e3, 0, dev) == 3e-6  # tiny kernel: the floor
     assert roofline.kernel_seconds("other", 1e9, 0, dev) == 1e-3  # bandwidth-bound
     assert roofline.kernel_seconds("gemm", 1e9, 1e9, dev) == 1e-3  # bytes dominate
     assert roofline.kernel_seconds("gemm", 1e3, 1e12, dev) == 1e-2  # FLOPs dominate
     assert roofline.kernel_seconds("attention", 1e12, 1e12, dev) == 1 / 50
+
+
+def test_prediction_of_a_step_and_its_executed_mfu():
+    """2 micro-batches of 1,000 tokens, each 10 ms and 1 TFLOP, and a 5 ms optimizer: a 25 ms step, 80,000
+    tokens/s and 2 TFLOP in 25 ms = 80 TFLOP/s, 40% of a 200 TFLOP/s card."""
+    mb = {"total": {"ms": 10.0, "flops": 1e12}}
+    opt = {"total": {"ms": 5.0, "flops": 0.0}}
+    pred = roofline.predict(mb, opt, 1000, 2, peak=200e12)
+    assert pred["step_ms"] == 25.0 and abs(pred["tok_s"] - 80_000) < 1e-6
+    assert abs(pred["mfu_executed"] - 0.4) < 1e-12
+    assert "mfu_executed" not in roofline.predict(mb, opt, 1000, 2)
 
 
 def test_tiny_trace_has_positive_totals_and_the_categories():
@@ -113,8 +124,9 @@ def test_transformers_compiled_adds_outside_globals_and_locals(monkeypatch):
 
     monkeypatch.setattr(roofline, "_compiled_hf_kernels", fake)
     dev = roofline.Device("test", bandwidth=1e9, gemm=1e12, attention=1e12, attention_dense=1e12, floor=0.0,
-                          source="test")
-    summary, info = roofline.hf_compiled_summary(ModelConfig.preset("ettin-150m"), 2, 1024, dev)
+                          source="test", peak=1e12)
+    cfg = ModelConfig.preset("ettin-150m")
+    summary, info = roofline.hf_compiled_summary(cfg, roofline.hf_compiled_kernels(cfg, 2, 1024), 2, 1024, dev)
     assert info["layers"] == {"global": 8, "local": 14} and info["kernels_per_compile"] == [1, 2, 3]
     total = summary["total"]
     assert total["bytes"] == 10 + 8 * 100 + 14 * 1000 and total["kernels"] == 1 + 8 + 14
@@ -147,11 +159,30 @@ def test_trace_counts_the_ce_chunk_body_as_the_compiled_kernels():
     assert rows <= ops._ce_chunk_rows(vocab, "cuda")
     body = roofline.compiled_ce_body_kernels(rows, vocab, torch.bfloat16)
     eager_body = _count(ops._ce_chunk_body_eager, *_chunk(rows, vocab))
-    eager, compiled = (roofline.trace_twinlm(cfg, batch, optimizer=False, ce_compiled=c) for c in (False, True))
+    eager, compiled = (roofline.trace_twinlm(cfg, batch, optimizer=False, ce_compiled=c, rope_compiled=False)
+                       for c in (False, True))
     assert [(k.op, k.nbytes) for k in compiled if k.op.endswith("SchedulerNode")] == [(k.op, k.nbytes) for k in body]
     assert len(compiled) == len(eager) - len(eager_body) + len(body)
     assert sum(k.nbytes for k in compiled) == sum(k.nbytes for k in eager) - sum(k.nbytes for k in eager_body) \
         + sum(k.nbytes for k in body)
+
+
+def test_trace_counts_rope_as_the_compiled_kernels():
+    """Eager code on CUDA runs RoPE compiled (`ops.qkv_rope`): the trace replaces the CPU Function's kernels
+    by inductor's, at most 3 per layer (forward and backward), less than half the bytes, and leaves every
+    other kernel as it was."""
+    cfg = ModelConfig.preset("cpu-tiny")
+    batch = packed_batch(cfg, 512, "mlm")
+    tokens = int(batch["input_ids"].numel())
+    rope = roofline.compiled_rope_kernels(tokens, cfg.num_heads, cfg.head_dim, torch.bfloat16)
+    assert 1 <= len(rope) <= 3 and {k.phase for k in rope} == {"forward", "backward"}
+    eager, compiled = (roofline.trace_twinlm(cfg, batch, optimizer=False, rope_compiled=c) for c in (False, True))
+    rope_of = [k for k in compiled if k.category == "RoPE" and k.op.endswith("SchedulerNode")]
+    assert [(k.op, k.nbytes, k.phase) for k in rope_of] == [(k.op, k.nbytes, k.phase) for k in rope] * cfg.num_layers
+    others = [(k.op, k.nbytes) for k in compiled if k.category != "RoPE"]
+    assert others == [(k.op, k.nbytes) for k in eager if k.category != "RoPE"]
+    rope_bytes = [sum(k.nbytes for k in t if k.category == "RoPE") for t in (eager, compiled)]
+    assert rope_bytes[1] < rope_bytes[0] / 2
 
 
 def test_compiled_optimizer_is_two_passes_and_moves_fewer_bytes_than_eager():
