@@ -837,29 +837,40 @@ def compiled_ce_body_kernels(rows: int, vocab: int, dtype: torch.dtype) -> list[
     return [Kernel(name, "CE", "other", nbytes, 0.0, "forward") for _, name, nbytes, _, _ in sink]
 
 
-class CompiledCEBody:
-    """Stands in for the CE chunk body (`ops._ce_body`'s result) in the fake trace, as CUDA runs it: compiled.
-    Each call returns outputs of the body's shapes (allocations: no kernel) and records its chunk's (rows,
-    vocabulary, dtype); `kernels()` gives inductor's kernels for every recorded chunk (`compiled_ce_body_kernels`,
-    one compile per distinct chunk shape in a process)."""
+class _CompiledStandIn:
+    """A stand-in, in the fake trace, for code CUDA runs compiled: each call returns outputs of the code's
+    shapes (allocations: no kernel) and records the shape key `kernels_of` takes; `kernels()` gives inductor's
+    kernels of every call (`kernels_of(*key)`, one compile per distinct key in a process)."""
+
+    compiled: dict[tuple, list[Kernel]]  # key -> kernels, shared by every trace (one dict per subclass)
 
     def __init__(self):
-        self.chunks: list[tuple[int, int, torch.dtype]] = []
+        self.calls: list[tuple] = []
 
-    def __call__(self, logits, target, valid, coef):
-        self.chunks.append((int(logits.shape[0]), int(logits.shape[1]), logits.dtype))
-        return (logits.new_empty((), dtype=torch.float32), torch.empty_like(logits),
-                logits.new_empty(logits.shape[1], dtype=torch.float32))
-
-    compiled: dict[tuple, list[Kernel]] = {}  # (rows, vocabulary, dtype) -> kernels, shared by every trace
+    @staticmethod
+    def kernels_of(*key) -> list[Kernel]:
+        raise NotImplementedError
 
     def kernels(self) -> list[Kernel]:
         out: list[Kernel] = []
-        for key in self.chunks:
+        for key in self.calls:
             if key not in self.compiled:
-                self.compiled[key] = compiled_ce_body_kernels(*key)
+                self.compiled[key] = self.kernels_of(*key)
             out += self.compiled[key]
         return out
+
+
+class CompiledCEBody(_CompiledStandIn):
+    """The CE chunk body (`ops._ce_body`'s result), keyed by its chunk's (rows, vocabulary, dtype);
+    `compiled_ce_body_kernels`."""
+
+    compiled: dict[tuple, list[Kernel]] = {}
+    kernels_of = staticmethod(compiled_ce_body_kernels)
+
+    def __call__(self, logits, target, valid, coef):
+        self.calls.append((int(logits.shape[0]), int(logits.shape[1]), logits.dtype))
+        return (logits.new_empty((), dtype=torch.float32), torch.empty_like(logits),
+                logits.new_empty(logits.shape[1], dtype=torch.float32))
 
 
 ROPE_TOKENS = 97  # the real token count RoPE is compiled at, a size no width shares
@@ -909,27 +920,16 @@ class _RopeShapes(torch.autograd.Function):
         return grads[0].new_empty(ctx.shape)
 
 
-class CompiledRope:
-    """Stands in for `ops.qkv_rope` in the fake trace, as CUDA runs it: compiled. Each call records the qkv's
-    (tokens, heads, head_dim, dtype); `kernels()` gives inductor's forward and backward kernels of every call
-    (`compiled_rope_kernels`, one compile per distinct shape in a process)."""
+class CompiledRope(_CompiledStandIn):
+    """`ops.qkv_rope`, keyed by the qkv's (tokens, heads, head_dim, dtype); `compiled_rope_kernels` (forward
+    and backward)."""
 
-    compiled: dict[tuple, list[Kernel]] = {}  # (tokens, heads, head_dim, dtype) -> kernels, shared by every trace
-
-    def __init__(self):
-        self.calls: list[tuple[int, int, int, torch.dtype]] = []
+    compiled: dict[tuple, list[Kernel]] = {}
+    kernels_of = staticmethod(compiled_rope_kernels)
 
     def __call__(self, qkv, rope):
         self.calls.append((int(qkv.shape[0]), int(qkv.shape[2]), int(qkv.shape[3]), qkv.dtype))
         return _RopeShapes.apply(qkv)
-
-    def kernels(self) -> list[Kernel]:
-        out: list[Kernel] = []
-        for key in self.calls:
-            if key not in self.compiled:
-                self.compiled[key] = compiled_rope_kernels(*key)
-            out += self.compiled[key]
-        return out
 
 
 @contextlib.contextmanager
@@ -1207,7 +1207,8 @@ def evaluate(traced: dict, args, device: str) -> dict:
                               "models": {}, **traced["info"]}
     for name, (mbk, optk, ntok, what) in traced["models"].items():
         if name == "transformers (compiled)":
-            s_mb, result["compile_transformers"] = hf_compiled_summary(cfg, mbk, *traced["hf_shape"], dev)
+            rows, seq = traced["hf_shape"]
+            s_mb, result["compile_transformers"] = hf_compiled_summary(cfg, mbk, rows, seq, dev)
         else:
             s_mb = summarize(mbk, dev, ntok)
         s_opt = summarize(optk, dev, ntok)
@@ -1215,9 +1216,9 @@ def evaluate(traced: dict, args, device: str) -> dict:
         entry = {"tokens": ntok, "micro_batch_tokens": args.tokens, "batch": what, "micro_batch": s_mb,
                  "optimizer": s_opt, "predicted": pred}
         family = "transformers" if name.startswith("transformers") else "twinlm"
-        key = (device, args.preset, args.objective, family)
-        if key in MEASURED and "compiled" not in name:
-            tok_s, source, k = MEASURED[key]
+        measured = (device, args.preset, args.objective, family)
+        if measured in MEASURED and "compiled" not in name:
+            tok_s, source, k = MEASURED[measured]
             p = predict(s_mb, s_opt, ntok, k)
             entry["measured"] = {"tok_s": tok_s, "source": source, "accum": k, "predicted_tok_s": p["tok_s"],
                                  "error": p["tok_s"] / tok_s - 1}
