@@ -41,12 +41,14 @@ def test_each_timed_step_gets_the_roofline_prediction_for_its_card(monkeypatch):
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for card in ("NVIDIA H200", "NVIDIA H100 80GB HBM3"):
+    for card, planned_1b in (("NVIDIA H200", 32768), ("NVIDIA H100 80GB HBM3", 16384)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, card=card: card)
         eager = gpu_check.predicted("ettin-150m", "mlm", 32768, False)
         compiled = gpu_check.predicted("ettin-150m", "mlm", 32768, True)
         assert compiled["predicted_tok_s"] > eager["predicted_tok_s"] > 0
         assert gpu_check.predicted("ettin-17m", "mlm", 65536, True)["predicted_tok_s"] > 0
+        # 1B at the micro-batch the memory plan fits on the card (the `targets` section), with its executed MFU
+        assert 0 < gpu_check.predicted("ettin-1b", "mlm", planned_1b, True)["predicted_mfu_executed"] < 1
         assert gpu_check.predicted("ettin-150m", "mlm", 4096, True) == {}  # not predicted
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
     assert gpu_check.predicted("ettin-150m", "mlm", 32768, True) == {}
