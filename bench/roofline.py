@@ -658,10 +658,12 @@ def trace_transformers(cfg: ModelConfig, batch: dict, optimizer: bool = True) ->
 
 # --------------------------------------------------------------------------------------------------
 # compiled blocks (inductor, CPU backend, as a proxy of the GPU's kernels)
-def _scheduler_pass(sink: list, tokens_hint: int, tokens: int, more: dict[int, int] | None = None):
+def _scheduler_pass(sink: list, tokens_hint: int, tokens: int, more: dict[int, int] | None = None,
+                    origins: list | None = None):
     """A `_post_fusion_custom_pass` that appends (kind, name, bytes, input sizes, output size) per kernel to
     `sink`, with the size symbols whose hint is `tokens_hint` set to `tokens` (and each hint of `more` to its
-    value). A foreach node (inductor's horizontal fusion of a multi-tensor op) is one kernel, as it is on CUDA."""
+    value). A foreach node (inductor's horizontal fusion of a multi-tensor op) is one kernel, as it is on CUDA.
+    With `origins`, also appends per kernel (phase, the sorted names of the aten ops fused into it)."""
     values = {tokens_hint: tokens, **(more or {})}
     from torch._inductor import ir
     from torch._inductor.scheduler import ExternKernelSchedulerNode, NopKernelSchedulerNode
@@ -681,15 +683,17 @@ def _scheduler_pass(sink: list, tokens_hint: int, tokens: int, more: dict[int, i
         sizevars.optimization_hint = hint
         try:
             for node in nodes:
-                if isinstance(node, NopKernelSchedulerNode):
+                if isinstance(node, NopKernelSchedulerNode) or isinstance(getattr(node, "node", None), ir.MultiOutput):
                     continue
                 nbytes = node.get_read_write_buffers_sizes_impl(include_reads=True, include_writes=True)
+                if origins is not None:
+                    fused = {str(o.target).replace("aten.", "").replace(".default", "")
+                             for sub in node.get_nodes() for o in (getattr(sub.node, "origins", None) or ())}
+                    origins.append(("backward" if V.graph.is_backward else "forward", " ".join(sorted(fused))))
                 if isinstance(node, ExternKernelSchedulerNode):
                     irnode = node.node
                     name = str(getattr(irnode, "python_kernel_name", None) or getattr(irnode, "op_overload", "")
                                or type(irnode).__name__)
-                    if isinstance(irnode, ir.MultiOutput):
-                        continue
                     sink.append(("extern", name, nbytes, [_size(x, hint) for x in getattr(irnode, "inputs", [])],
                                  _size(irnode, hint)))
                 else:
@@ -736,10 +740,11 @@ def _bf16_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def trace_compiled_blocks(cfg: ModelConfig, tokens: int, compile_tokens: int,
-                          pairs: dict[tuple[int, int], int]) -> tuple[list[Kernel], dict]:
+                          pairs: dict[tuple[int, int], int], listed: bool = False) -> tuple[list[Kernel], dict]:
     """Kernels of every block of one `tokens`-token micro-batch under per-block compile: one block of each kind
     (layer 0, global, local) compiled by inductor (CPU) and run forward + backward on `compile_tokens` real
-    tokens with CUDA's autocast emulated, its kernels' bytes evaluated at `tokens`, times the kind's use count."""
+    tokens with CUDA's autocast emulated, its kernels' bytes evaluated at `tokens`, times the kind's use count.
+    `listed`: the info also lists each kind's kernels (phase, fused ops, bytes per token)."""
     import torch._inductor.config as iconf
 
     small = packed_batch(cfg, compile_tokens, "clm" if cfg.causal else "mlm", seed=1,
@@ -761,8 +766,9 @@ def trace_compiled_blocks(cfg: ModelConfig, tokens: int, compile_tokens: int,
         rope = tmodel.rope_freqs(positions, tmodel.rope_inv_freq(cfg.head_dim, theta))
         x = torch.randn(n_small, cfg.hidden_size, requires_grad=True)
         sink: list = []
+        origins: list = []
         torch._dynamo.reset()
-        with patched(iconf, "_post_fusion_custom_pass", _scheduler_pass(sink, n_small, tokens)), \
+        with patched(iconf, "_post_fusion_custom_pass", _scheduler_pass(sink, n_small, tokens, origins=origins)), \
                 patched(iconf, "fx_graph_cache", False), patched(nn.Linear, "forward", _bf16_linear):
             compiled = torch.compile(block, fullgraph=True, dynamic=True)
             compiled(x, rope, cu, int(small["max_seqlen"])).float().sum().backward()
@@ -780,6 +786,10 @@ def trace_compiled_blocks(cfg: ModelConfig, tokens: int, compile_tokens: int,
                 per_block.append(Kernel(name, "block, fused (compiled)", "other", nbytes, 0.0, "compiled"))
         kind_name = f"layer {layer}" if layer == 0 else ("global" if cfg.is_global(layer) else "local")
         info["block_kinds"][kind_name] = {"uses": len(layers), "kernels_per_block": len(per_block)}
+        if listed:
+            info["block_kinds"][kind_name]["kernels"] = [
+                {"phase": phase, "kind": k.category, "ops": ops, "bytes_per_token": k.nbytes / tokens}
+                for k, (phase, ops) in zip(per_block, origins)]
         kernels += per_block * len(layers)
     return kernels, info
 
@@ -1180,7 +1190,8 @@ def trace_models(args) -> dict:
     if args.compile:
         cu = batch["cu_seqlens"].numpy()
         pairs = {w: pair_count(cu, w) for w in set(twinlm_windows(cfg))}
-        blocks, info = trace_compiled_blocks(cfg, tokens, args.compile_tokens, pairs)
+        blocks, info = trace_compiled_blocks(cfg, tokens, args.compile_tokens, pairs,
+                                             listed=getattr(args, "block_kernels", False))
         models["twinlm (compiled blocks)"] = (blocks + eager_outside_blocks(cfg, batch), trace_compiled_optimizer(cfg),
                                               tokens,
                                               f"blocks from inductor (CPU) at {info['compile_tokens']} tokens, "
@@ -1266,9 +1277,16 @@ def report(result: dict) -> str:
         out.append(f"predicted ratio {name} / transformers eager: {r:.2f}x (target >= {TARGET_EAGER}x)")
     for name, r in result.get("ratio_vs_transformers_compiled", {}).items():
         out.append(f"predicted ratio {name} / transformers compiled: {r:.2f}x (target >= {TARGET_COMPILED}x)")
+    for kind, about in result.get("compile", {}).get("block_kinds", {}).items():
+        if "kernels" in about:
+            out += [f"compiled {kind} block, kernel by kernel (bytes per token at the micro-batch's tokens):"]
+            out += [f"  {k['phase']:8s} {k['kind']:24s} {k['bytes_per_token']:9,.0f}  {k['ops']}"
+                    for k in about["kernels"]]
     if "compile" in result:
-        out.append(f"compiled blocks: {result['compile']}; one block per kind compiled at reduced tokens, sizes "
-                   f"evaluated at the micro-batch's tokens, times the kind's use count")
+        kinds = {kind: {key: v for key, v in about.items() if key != "kernels"}
+                 for kind, about in result["compile"]["block_kinds"].items()}
+        out.append(f"compiled blocks: {dict(result['compile'], block_kinds=kinds)}; one block per kind compiled at "
+                   f"reduced tokens, sizes evaluated at the micro-batch's tokens, times the kind's use count")
     if "compile_transformers" in result:
         out.append(f"transformers compiled: {result['compile_transformers']}; the model cut to 0, 1 and 2 layers "
                    f"compiled whole, outside + globals x (S1 - S0) + locals x (S2 - S1)")
@@ -1334,6 +1352,8 @@ def main(argv=None) -> int:
     p.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step (default: the trainer's 2)")
     p.add_argument("--compile", action="store_true", help="also twinlm with compiled blocks (inductor CPU proxy)")
     p.add_argument("--compile-tokens", type=int, default=512, help="real tokens the blocks are compiled on")
+    p.add_argument("--block-kernels", action="store_true",
+                   help="with --compile: list each compiled block kind's kernels (phase, fused ops, bytes/token)")
     p.add_argument("--device", default="h200", choices=sorted(DEVICES))
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--json", default=None, help="write the full result here (gpu_check can put it beside "

@@ -197,3 +197,25 @@ def test_compiled_optimizer_is_two_passes_and_moves_fewer_bytes_than_eager():
     # at least p, g, m, v read and p, m, v written; at most the two passes' 36 bytes and the per-tensor numbers
     assert 28 * params <= nbytes <= 37 * params < sum(k.nbytes for k in eager)
     assert len(compiled) <= 4 * len(list(Transformer(cfg).parameters())) + 16, len(compiled)
+
+
+def test_compiled_blocks_listed_kernel_by_kernel():
+    """Each block kind compiled by inductor: its GEMMs (2·m·n·k FLOPs), attention charged analytically, the rest
+    fused kernels; `listed` names each kernel's phase and fused ops, and its bytes per token add up to the
+    kind's kernels."""
+    cfg = dataclasses.replace(ModelConfig.preset("cpu-tiny"), num_layers=2)  # layer 0 and a local layer
+    tokens = 4096
+    pairs = {w: 1000 * tokens for w in set(roofline.twinlm_windows(cfg))}
+    kernels, info = roofline.trace_compiled_blocks(cfg, tokens, 256, pairs, listed=True)
+    assert set(info["block_kinds"]) == {"layer 0", "local"}
+    listed = [k for about in info["block_kinds"].values() for k in about["kernels"]]
+    assert len(listed) == len(kernels)  # one use of each kind
+    assert {k["phase"] for k in listed} == {"forward", "backward"}
+    gemms = [k for k in kernels if k.category == "block GEMMs"]
+    # per layer Wqkv, Wo, Wi, Wo_mlp: one GEMM forward, two backward (the input's and the weight's gradients)
+    assert len(gemms) == 2 * 4 * 3 and all(k.flops > 0 for k in gemms)
+    assert sum(k.flops for k in gemms) == 2 * 3 * 2 * tokens * (4 * cfg.hidden_size ** 2
+                                                                 + 3 * cfg.hidden_size * cfg.intermediate_size)
+    assert sum(k.category == "attention" for k in kernels) == 2 * 2
+    assert all("mm" in k["ops"] for k in listed if k["kind"] == "block GEMMs")
+    assert abs(sum(k["bytes_per_token"] for k in listed) * tokens - sum(k.nbytes for k in kernels)) < 1
