@@ -892,8 +892,9 @@ ROPE_TOKENS = 97  # the real token count RoPE is compiled at, a size no width sh
 
 def compiled_rope_kernels(tokens: int, heads: int, head_dim: int, dtype: torch.dtype) -> list[Kernel]:
     """Kernels of RoPE on a (tokens, 3, heads, head_dim) qkv in `dtype`, forward and backward, as `ops.qkv_rope`
-    runs it on CUDA (`ops._qkv_rope_traced` compiled, fullgraph, dynamic=True): by inductor's CPU backend on
-    ROPE_TOKENS real tokens, the sizes evaluated at `tokens`; category RoPE."""
+    runs it on CUDA (`ops._qkv_rope_standalone` compiled, fullgraph, dynamic=True): by inductor's CPU backend on
+    ROPE_TOKENS real tokens, the sizes evaluated at `tokens`; category RoPE. Its outputs are no views, so no part
+    of its backward runs outside the compiled graph (tests/test_ops.py)."""
     import torch._inductor.config as iconf
 
     g = torch.Generator().manual_seed(0)
@@ -914,7 +915,7 @@ def compiled_rope_kernels(tokens: int, heads: int, head_dim: int, dtype: torch.d
     torch._dynamo.reset()
     try:
         with patched(iconf, "_post_fusion_custom_pass", record_phase), patched(iconf, "fx_graph_cache", False):
-            out = torch.compile(ops._qkv_rope_traced, fullgraph=True, dynamic=True)(qkv, rope)
+            out = torch.compile(ops._qkv_rope_standalone, fullgraph=True, dynamic=True)(qkv, rope)
             torch.autograd.backward(out, [torch.ones_like(t) for t in out])
     finally:
         torch._dynamo.reset()
@@ -1138,7 +1139,9 @@ def summarize(kernels: list[Kernel], dev: Device, tokens: int) -> dict:
 
 def predict(mb: dict, opt: dict | None, tokens: int, accum: int, peak: float | None = None) -> dict:
     """The step of `accum` micro-batches and the optimizer: ms, tokens/s and, given the card's `peak`, the
-    executed MFU (the FLOPs the trace counts, GEMMs and attention, over the predicted time at peak)."""
+    executed MFU (the FLOPs the trace counts, GEMMs and attention, over the predicted time at peak). The trace
+    charges attention 14·d FLOPs per (query, key) pair, FA2's backward recompute included, where gpu_check's
+    `executed_flops_per_token` counts 12·d: its MFU is 1–5% higher than gpu_check's for the same time."""
     opt_ms = opt["total"]["ms"] if opt else 0.0
     step_ms = accum * mb["total"]["ms"] + opt_ms
     out = {"micro_batch_ms": mb["total"]["ms"], "optimizer_ms": opt_ms, "step_ms": step_ms, "accum": accum,
@@ -1303,14 +1306,15 @@ def _bisect(predicted_tok_s, target: float, lo: float, hi: float) -> float:
 
 
 def calibrate() -> float:
-    """The H200's bandwidth B that makes twinlm's eager 150M MLM step, as this checkout traces it, predict the
-    measured tokens/s (MEASURED). H200_BANDWIDTH was fitted at f2d6b51, the code the H200 ran (RoPE, the CE
-    body and the optimizer then all eager): refit only against a step measured with the code traced here."""
+    """The H200's bandwidth B that makes twinlm's eager 150M MLM step predict the measured tokens/s (MEASURED),
+    traced as that run's code ran: RoPE and the CE body eager (`rope_compiled=False, ce_compiled=False`).
+    H200_BANDWIDTH was fitted at f2d6b51, whose RoPE still stacked its halves, so a refit here differs a
+    little; refit against a step measured with this code (then tracing it as it runs) when one exists."""
     tok_s, _, accum = MEASURED[CALIBRATION_KEY]
     cfg = ModelConfig.preset(CALIBRATION_KEY[1], causal=False)
     batch = packed_batch(cfg, 32768, CALIBRATION_KEY[2])
     tokens = int(batch["input_ids"].numel())
-    kernels = trace_twinlm(cfg, batch)
+    kernels = trace_twinlm(cfg, batch, rope_compiled=False, ce_compiled=False)
     mb = [k for k in kernels if k.phase != "optimizer"]
     opt = [k for k in kernels if k.phase == "optimizer"]
 

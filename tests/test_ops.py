@@ -260,6 +260,45 @@ def test_rope_under_inductor_is_three_kernels():
     assert len(kernels) <= 3 and sum(kernels) / n <= 20 * h * dh, (len(kernels), sum(kernels) / n / (h * dh))
 
 
+def test_rope_compiled_on_its_own_keeps_its_backward_in_the_graph():
+    """Eager code on a GPU runs RoPE compiled on its own (`qkv_rope`): its outputs are no views, so autograd runs
+    no eager kernel around the compiled backward (views would be rebuilt outside the graph, their backward a
+    zero-filled slice gradient per output and the sums); values and gradients are the eager Function's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from twinlm.ops import _qkv_rope_standalone, _QKVRope
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    n, h, dh = 97, 4, 64
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(n, 3, h, dh, generator=g).to(torch.bfloat16).requires_grad_()
+    rope = rope_freqs(torch.arange(n), rope_inv_freq(dh, 10_000.0))[:, 0]
+    grads = [torch.randn(n, h, dh, generator=g).to(torch.bfloat16) for _ in range(3)]
+    torch._dynamo.reset()
+    compiled = torch.compile(_qkv_rope_standalone, fullgraph=True, dynamic=True)
+    out = compiled(qkv, rope)
+    assert not any(t._is_view() for t in out)
+    seen = Ops()
+    with seen:
+        (got,) = torch.autograd.grad(out, qkv, grads)
+    torch._dynamo.reset()
+    assert not {"select_backward", "slice_backward", "zeros", "add", "add_", "copy_", "fill_"} & set(seen.names), \
+        seen.names
+    want_out = _QKVRope.apply(qkv, rope)
+    (want,) = torch.autograd.grad(want_out, qkv, grads)
+    for a, b in zip(out, want_out):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # --- fused CE: the compiled chunk body --------------------------------------------------------------------------
 def _ce_case(dtype, n=70, v=500, d=24, seed=3):
     g = torch.Generator().manual_seed(seed)

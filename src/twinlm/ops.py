@@ -69,11 +69,21 @@ def _rotate(x: torch.Tensor, rope: torch.Tensor, inverse: bool = False) -> torch
 
 
 def _qkv_rope_traced(qkv: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The form compiled code uses: plain ops on the packed tensor, the backward derived by autograd. Under
-    inductor the forward is one kernel writing q and k, and the backward one kernel writing the (N, 3, H, Dh)
-    gradient (the three slice gradients fused, never zero-filled); v goes to attention as a view of qkv."""
+    """The form compiled code uses: plain ops on the packed tensor, the backward derived by autograd. Inside a
+    compiled block the forward is one kernel writing q and k, and the backward one kernel writing the (N, 3, H,
+    Dh) gradient (the three slice gradients fused, never zero-filled); v goes to attention as a view of qkv."""
     qk = _rotate(qkv[:, :2], rope[:, None])  # (N, 2, H, Dh): q and k in one pass
     return qk[:, 0], qk[:, 1], qkv[:, 2]
+
+
+def _qkv_rope_standalone(qkv: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The form compiled on its own for eager code on a GPU: q, k and v as tensors of their own. Outputs of a
+    compiled function that are views (of its input or of its intermediates) are rebuilt outside its graph, and
+    their backward then runs eagerly (a zero-filled (N, 3, H, Dh) slice gradient per output and their sums: ~40
+    bf16 q-sizes of traffic per layer); fresh outputs keep the backward one compiled kernel, at the price of
+    copying v (2 q-sizes)."""
+    q, k, v = _qkv_rope_traced(qkv, rope)
+    return q.clone(), k.clone(), v.clone()
 
 
 class _QKVRope(torch.autograd.Function):
@@ -111,7 +121,7 @@ def qkv_rope(qkv: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch
         return _qkv_rope_traced(qkv, rope)
     if qkv.is_cuda:  # eager on a GPU: the compiled form, so RoPE is one kernel each way there too
         if _compiled_rope is None:
-            _compiled_rope = torch.compile(_qkv_rope_traced, fullgraph=True, dynamic=True)
+            _compiled_rope = torch.compile(_qkv_rope_standalone, fullgraph=True, dynamic=True)
         return _compiled_rope(qkv, rope)
     return _QKVRope.apply(qkv, rope)
 
