@@ -470,3 +470,29 @@ def test_the_compiled_update_follows_the_eager_one_and_never_recompiles_for_the_
             torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
     assert frames[0] > 0 and set(frames) == {frames[0]}  # no recompile as the LR (or a skip) changes
     assert all(float(compiled_opt.state[p]["step"]) == 6 - len(skips) for p in compiled)
+
+
+def test_the_compiled_update_takes_more_groups_than_dynamos_recompile_limit():
+    """Twelve parameter groups, each its own graph: more than dynamo's default limit of 8 graphs per function,
+    which under fullgraph=True would be an error; the update matches the eager one."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    g = torch.Generator().manual_seed(5)
+    shapes = [(3, 2 + i) for i in range(12)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    models = [[torch.nn.Parameter(t.clone()) for t in start] for _ in range(2)]
+    opts = [StableAdamW([{"params": [p]} for p in ps], lr=1e-2, weight_decay=0.1, compile=c)
+            for ps, c in zip(models, (False, counter))]
+    frames = []
+    for _ in range(2):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for ps, opt in zip(models, opts):
+            for p, gr in zip(ps, grads):
+                p.grad = gr.clone()
+            opt.step(found_inf=torch.tensor(0.0))
+        frames.append(counter.frame_count)
+    assert frames[0] >= 12 and frames[1] == frames[0]  # a graph per group, none recompiled at the second step
+    for a, b in zip(*models):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)

@@ -88,6 +88,7 @@ class StableAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._compile = compile
         self._compiled: Callable[..., None] | None = None
+        self._graphs: set[tuple] = set()  # the compiled update's graphs (keys), for dynamo's recompile limit
         self._lr_tensors: dict[torch.device, torch.Tensor] = {}  # the 0-d learning rate, per device
 
     def __setstate__(self, state: dict) -> None:
@@ -95,6 +96,7 @@ class StableAdamW(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_compile", False)
         self.__dict__.setdefault("_compiled", None)
+        self.__dict__.setdefault("_graphs", set())
         self.__dict__.setdefault("_lr_tensors", {})
 
     @torch.no_grad()
@@ -171,7 +173,11 @@ class StableAdamW(torch.optim.Optimizer):
                 self._compiled = cast("Callable[..., None]",
                                       torch.compile(_two_pass_update, fullgraph=True, dynamic=False,
                                                     backend=backend))
-            self._compiled(ps, gs, ms, vs, steps, lr, skip, None, None, **kwargs)
+            # one graph per (group, device and dtype, flag or not): dynamo's per-function limit (8) must not
+            # turn many groups into an error
+            self._graphs.add((id(group), device, ms[0].dtype, skip is None))
+            with torch._dynamo.config.patch(recompile_limit=max(8, len(self._graphs))):
+                self._compiled(ps, gs, ms, vs, steps, lr, skip, None, None, **kwargs)
         else:
             _update(ps, gs, ms, vs, steps, lr, skip, host_bc, reduce, **kwargs)
 
