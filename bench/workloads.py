@@ -4,6 +4,8 @@ runs them the way `TrainStep` does (host tensors into the model, bf16 autocast o
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 
@@ -45,15 +47,23 @@ def train_step(model, batches: list[dict], optimizer, device: torch.device, mark
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
 
+    # StableAdamW takes the trainer's skip flag (the step's summed loss not finite), decided on the device
+    skips = "found_inf" in inspect.signature(optimizer.step).parameters
+
     def run():
-        loss = None
+        loss = total = None
         for b in batches:
             if mark_steps:
                 torch.compiler.cudagraph_mark_step_begin()
             with amp:
                 loss = model(**b).loss
             loss.backward()
-        optimizer.step()
+            # summed before the next pass: a CUDA graph's replay overwrites the outputs of the one before
+            total = loss.detach().clone() if total is None else total + loss.detach()
+        if skips:
+            optimizer.step(found_inf=~torch.isfinite(total))
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=not keep_grads)
         return loss
 
