@@ -896,12 +896,11 @@ def compiled_rope_kernels(tokens: int, heads: int, head_dim: int, dtype: torch.d
     ROPE_TOKENS real tokens, the sizes evaluated at `tokens`; category RoPE. Its outputs are no views, so no part
     of its backward runs outside the compiled graph (tests/test_ops.py)."""
     import torch._inductor.config as iconf
+    from torch._inductor.virtualized import V
 
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(ROPE_TOKENS, 3, heads, head_dim, generator=g).to(dtype).requires_grad_()
     rope = tmodel.rope_freqs(torch.arange(ROPE_TOKENS), tmodel.rope_inv_freq(head_dim, 10_000.0))[:, 0]
-    from torch._inductor.virtualized import V
-
     sink: list = []
     phases: list[str] = []
     record = _scheduler_pass(sink, ROPE_TOKENS, tokens)
