@@ -563,13 +563,14 @@ def twinlm_windows(cfg: ModelConfig) -> list[tuple[int, int]]:
 
 
 def trace_twinlm(cfg: ModelConfig, batch: dict, optimizer: bool = True, autocast: bool = True,
-                 ce_compiled: bool = True, rope_compiled: bool = True) -> list[Kernel]:
+                 ce_compiled: bool = True, standalone_compiled: bool = True) -> list[Kernel]:
     """Kernels of one micro-batch's forward + backward of twinlm on `batch`, then (optionally) one eager
     StableAdamW step with the trainer's found_inf. The fused CE runs its CUDA path: the weight gradient
     accumulated in fp32 by the GEMM (addmm's out_dtype) and, with `ce_compiled`, the chunk body as inductor's
     kernels (`CompiledCEBody`: CUDA compiles it in eager and compiled training alike); without, the body's eager
-    ops. With `rope_compiled`, RoPE likewise as inductor's kernels (`CompiledRope`: `ops.qkv_rope` compiles it
-    on CUDA, eager code included); without, the CPU's eager Function."""
+    ops. With `standalone_compiled`, RoPE and GeGLU likewise as inductor's kernels (`CompiledRope`,
+    `CompiledGeGLU`: `ops.qkv_rope` and `ops.geglu` compile them on CUDA, eager code included); without, the
+    CPU's eager Functions."""
     cu = batch["cu_seqlens"].numpy()
     pairs = {w: pair_count(cu, w) for w in set(twinlm_windows(cfg))}
     model = _fake_model(lambda: Transformer(cfg))
@@ -577,7 +578,7 @@ def trace_twinlm(cfg: ModelConfig, batch: dict, optimizer: bool = True, autocast
     labeller = Labeller(autocast)
     ce_body = CompiledCEBody()
     body = (lambda device_type: ce_body) if ce_compiled else (lambda device_type: ops._ce_chunk_body_eager)
-    rope = CompiledRope()
+    rope, glu = CompiledRope(), CompiledGeGLU()
     # the layout is host bookkeeping: built here on real tensors; the value checks are host reads (free on a GPU
     # run's host copy, impossible on fake tensors)
     layout = PackedLayout.from_cu_seqlens(batch["cu_seqlens"], batch["max_seqlen"])
@@ -587,7 +588,8 @@ def trace_twinlm(cfg: ModelConfig, batch: dict, optimizer: bool = True, autocast
             patched(Transformer, "_layout", lambda self, *a: host), patched(tmodel, "_min_max", lambda t: (0, 0)), \
             patched(tmodel, "host_reads_are_free", lambda t: False), patched(ops, "_ce_body", body), \
             patched(ops, "_fp32_accumulating_mm", lambda device_type: True), \
-            patched(tmodel, "qkv_rope", rope if rope_compiled else tmodel.qkv_rope):
+            patched(tmodel, "qkv_rope", rope if standalone_compiled else tmodel.qkv_rope), \
+            patched(tmodel, "geglu", glu if standalone_compiled else tmodel.geglu):
         model.to_empty(device="cpu")
         model.train()
         opt = build_optimizer(model, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5)
@@ -601,7 +603,7 @@ def trace_twinlm(cfg: ModelConfig, batch: dict, optimizer: bool = True, autocast
             counter.phase = "optimizer"
             with counter:
                 opt.step(found_inf=found_inf)
-    return counter.kernels + ce_body.kernels() + rope.kernels()
+    return counter.kernels + ce_body.kernels() + rope.kernels() + glu.kernels()
 
 
 def hf_batch(cfg: ModelConfig, tokens: int, seed: int = 0, seq: int = HF_SEQ) -> dict:
@@ -887,23 +889,20 @@ class CompiledCEBody(_CompiledStandIn):
                 logits.new_empty(logits.shape[1], dtype=torch.float32))
 
 
-ROPE_TOKENS = 97  # the real token count RoPE is compiled at, a size no width shares
+STANDALONE_TOKENS = 97  # the real rows a standalone-compiled function is compiled at, a size no width shares
 
 
-def compiled_rope_kernels(tokens: int, heads: int, head_dim: int, dtype: torch.dtype) -> list[Kernel]:
-    """Kernels of RoPE on a (tokens, 3, heads, head_dim) qkv in `dtype`, forward and backward, as `ops.qkv_rope`
-    runs it on CUDA (`ops._qkv_rope_standalone` compiled, fullgraph, dynamic=True): by inductor's CPU backend on
-    ROPE_TOKENS real tokens, the sizes evaluated at `tokens`; category RoPE. Its outputs are no views, so no part
-    of its backward runs outside the compiled graph (tests/test_ops.py)."""
+def compiled_standalone_kernels(fn, inputs: tuple, tokens: int, category: str) -> list[Kernel]:
+    """Kernels of `fn` forward and backward as eager code on CUDA runs it (`ops.compiled_standalone`: compiled on
+    its own, fullgraph, dynamic=True), by inductor's CPU backend on real `inputs` of STANDALONE_TOKENS rows, the
+    sizes evaluated at `tokens` rows; the backward from a gradient for every output. `fn`'s outputs are no
+    views, so no part of its backward runs outside the compiled graph (tests/test_ops.py)."""
     import torch._inductor.config as iconf
     from torch._inductor.virtualized import V
 
-    g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(ROPE_TOKENS, 3, heads, head_dim, generator=g).to(dtype).requires_grad_()
-    rope = tmodel.rope_freqs(torch.arange(ROPE_TOKENS), tmodel.rope_inv_freq(head_dim, 10_000.0))[:, 0]
     sink: list = []
     phases: list[str] = []
-    record = _scheduler_pass(sink, ROPE_TOKENS, tokens)
+    record = _scheduler_pass(sink, STANDALONE_TOKENS, tokens)
 
     def record_phase(nodes):
         before = len(sink)
@@ -914,36 +913,64 @@ def compiled_rope_kernels(tokens: int, heads: int, head_dim: int, dtype: torch.d
     torch._dynamo.reset()
     try:
         with patched(iconf, "_post_fusion_custom_pass", record_phase), patched(iconf, "fx_graph_cache", False):
-            out = torch.compile(ops._qkv_rope_standalone, fullgraph=True, dynamic=True)(qkv, rope)
+            out = torch.compile(fn, fullgraph=True, dynamic=True)(*inputs)
+            out = out if isinstance(out, tuple) else (out,)
             torch.autograd.backward(out, [torch.ones_like(t) for t in out])
     finally:
         torch._dynamo.reset()
-    return [Kernel(name, "RoPE", "other", nbytes, 0.0, phase) for (_, name, nbytes, _, _), phase in zip(sink, phases)]
+    return [Kernel(name, category, "other", nbytes, 0.0, phase)
+            for (_, name, nbytes, _, _), phase in zip(sink, phases)]
 
 
-class _RopeShapes(torch.autograd.Function):
-    """RoPE's outputs and gradient as allocations only (no kernel): its kernels are `compiled_rope_kernels`'."""
+def compiled_rope_kernels(tokens: int, heads: int, head_dim: int, dtype: torch.dtype) -> list[Kernel]:
+    """RoPE on a (tokens, 3, heads, head_dim) qkv in `dtype` (`ops._qkv_rope_standalone`); category RoPE."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(STANDALONE_TOKENS, 3, heads, head_dim, generator=g).to(dtype).requires_grad_()
+    rope = tmodel.rope_freqs(torch.arange(STANDALONE_TOKENS), tmodel.rope_inv_freq(head_dim, 10_000.0))[:, 0]
+    return compiled_standalone_kernels(ops._qkv_rope_standalone, (qkv, rope), tokens, "RoPE")
+
+
+def compiled_geglu_kernels(tokens: int, width: int, dtype: torch.dtype) -> list[Kernel]:
+    """GeGLU on a (tokens, width) input in `dtype` (`ops._geglu_standalone`); category GeGLU."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(STANDALONE_TOKENS, width, generator=g).to(dtype).requires_grad_()
+    return compiled_standalone_kernels(ops._geglu_standalone, (x,), tokens, "GeGLU")
+
+
+class _Allocations(torch.autograd.Function):
+    """Outputs of the given shapes and the input's gradient as allocations only (no kernel): a stand-in's
+    kernels are counted by its compile."""
 
     @staticmethod
-    def forward(ctx, qkv):
-        ctx.shape = qkv.shape
-        return tuple(qkv.new_empty(qkv.shape[0], *qkv.shape[2:]) for _ in range(3))
+    def forward(ctx, x, shapes):
+        ctx.shape = x.shape
+        return tuple(x.new_empty(shape) for shape in shapes)
 
     @staticmethod
     def backward(ctx, *grads):
-        return grads[0].new_empty(ctx.shape)
+        return grads[0].new_empty(ctx.shape), None
 
 
 class CompiledRope(_CompiledStandIn):
-    """`ops.qkv_rope`, keyed by the qkv's (tokens, heads, head_dim, dtype); `compiled_rope_kernels` (forward
-    and backward)."""
+    """`ops.qkv_rope`, keyed by the qkv's (tokens, heads, head_dim, dtype); `compiled_rope_kernels`."""
 
     compiled: dict[tuple, list[Kernel]] = {}
     kernels_of = staticmethod(compiled_rope_kernels)
 
     def __call__(self, qkv, rope):
         self.calls.append((int(qkv.shape[0]), int(qkv.shape[2]), int(qkv.shape[3]), qkv.dtype))
-        return _RopeShapes.apply(qkv)
+        return _Allocations.apply(qkv, [(qkv.shape[0], *qkv.shape[2:])] * 3)
+
+
+class CompiledGeGLU(_CompiledStandIn):
+    """`ops.geglu`, keyed by the input's (tokens, width, dtype); `compiled_geglu_kernels`."""
+
+    compiled: dict[tuple, list[Kernel]] = {}
+    kernels_of = staticmethod(compiled_geglu_kernels)
+
+    def __call__(self, x):
+        self.calls.append((int(x.shape[0]), int(x.shape[-1]), x.dtype))
+        return _Allocations.apply(x, [(*x.shape[:-1], x.shape[-1] // 2)])[0]
 
 
 @contextlib.contextmanager
@@ -1306,14 +1333,15 @@ def _bisect(predicted_tok_s, target: float, lo: float, hi: float) -> float:
 
 def calibrate() -> float:
     """The H200's bandwidth B that makes twinlm's eager 150M MLM step predict the measured tokens/s (MEASURED),
-    traced as that run's code ran: RoPE and the CE body eager (`rope_compiled=False, ce_compiled=False`).
+    traced as that run's code ran: RoPE, GeGLU and the CE body eager (`standalone_compiled=False,
+    ce_compiled=False`).
     H200_BANDWIDTH was fitted at f2d6b51, whose RoPE still stacked its halves, so a refit here differs a
     little; refit against a step measured with this code (then tracing it as it runs) when one exists."""
     tok_s, _, accum = MEASURED[CALIBRATION_KEY]
     cfg = ModelConfig.preset(CALIBRATION_KEY[1], causal=False)
     batch = packed_batch(cfg, 32768, CALIBRATION_KEY[2])
     tokens = int(batch["input_ids"].numel())
-    kernels = trace_twinlm(cfg, batch, rope_compiled=False, ce_compiled=False)
+    kernels = trace_twinlm(cfg, batch, standalone_compiled=False, ce_compiled=False)
     mb = [k for k in kernels if k.phase != "optimizer"]
     opt = [k for k in kernels if k.phase == "optimizer"]
 

@@ -3,9 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from twinlm import ops
 from twinlm.model import rope_freqs, rope_inv_freq
-from twinlm.ops import IGNORE_INDEX, fused_linear_cross_entropy, geglu, qkv_rope
+from twinlm.ops import IGNORE_INDEX, compiled_standalone, fused_linear_cross_entropy, geglu, qkv_rope
 
 
 def _rope_reference(x, positions, theta):
@@ -92,7 +94,6 @@ def test_fused_cross_entropy_matches_cross_entropy_on_both_paths(monkeypatch, pa
     and the CPU's (in-place softmax, repair of rows whose target probability underflows) give F.cross_entropy's
     loss and gradients, in fp32 and under bf16 autocast (matmuls in bf16, softmax and sums in fp32; on the CPU
     too this runs the accelerator's branch), for a unit loss gradient (the backward's shortcut) and another one."""
-    from twinlm import ops
 
     if path != "host":
         monkeypatch.setattr(ops, "host_reads_are_free", lambda t: False)
@@ -260,43 +261,72 @@ def test_rope_under_inductor_is_three_kernels():
     assert len(kernels) <= 3 and sum(kernels) / n <= 20 * h * dh, (len(kernels), sum(kernels) / n / (h * dh))
 
 
+class _OpNames(TorchDispatchMode):
+    """Records the name of every aten op dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _standalone_backward(fn, inputs, grads):
+    """`fn` compiled on its own as ops compiles it for eager code on a GPU (inductor's CPU backend here): its
+    outputs, the gradient of the first input, and the aten ops dispatched eagerly during the backward."""
+    torch._dynamo.reset()
+    out = compiled_standalone(fn)(*inputs)
+    out = out if isinstance(out, tuple) else (out,)
+    seen = _OpNames()
+    with seen:
+        (grad,) = torch.autograd.grad(out, inputs[0], grads)
+    torch._dynamo.reset()
+    ops._standalone.pop(fn)
+    return out, grad, seen.names
+
+
+EAGER_AROUND_THE_GRAPH = {"select_backward", "slice_backward", "zeros", "add", "add_", "copy_", "fill_"}
+
+
 def test_rope_compiled_on_its_own_keeps_its_backward_in_the_graph():
     """Eager code on a GPU runs RoPE compiled on its own (`qkv_rope`): its outputs are no views, so autograd runs
     no eager kernel around the compiled backward (views would be rebuilt outside the graph, their backward a
     zero-filled slice gradient per output and the sums); values and gradients are the eager Function's."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from twinlm.ops import _qkv_rope_standalone, _QKVRope
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
 
     n, h, dh = 97, 4, 64
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(n, 3, h, dh, generator=g).to(torch.bfloat16).requires_grad_()
     rope = rope_freqs(torch.arange(n), rope_inv_freq(dh, 10_000.0))[:, 0]
     grads = [torch.randn(n, h, dh, generator=g).to(torch.bfloat16) for _ in range(3)]
-    torch._dynamo.reset()
-    compiled = torch.compile(_qkv_rope_standalone, fullgraph=True, dynamic=True)
-    out = compiled(qkv, rope)
+    out, got, names = _standalone_backward(_qkv_rope_standalone, (qkv, rope), grads)
     assert not any(t._is_view() for t in out)
-    seen = Ops()
-    with seen:
-        (got,) = torch.autograd.grad(out, qkv, grads)
-    torch._dynamo.reset()
-    assert not {"select_backward", "slice_backward", "zeros", "add", "add_", "copy_", "fill_"} & set(seen.names), \
-        seen.names
+    assert not EAGER_AROUND_THE_GRAPH & set(names), names
     want_out = _QKVRope.apply(qkv, rope)
     (want,) = torch.autograd.grad(want_out, qkv, grads)
     for a, b in zip(out, want_out):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_geglu_compiled_on_its_own_keeps_its_backward_in_the_graph():
+    """Eager code on a GPU runs GeGLU compiled on its own (`geglu`): no eager kernel around its compiled
+    backward, values and gradients those of the eager Function (fp32 here; in bf16 a fused kernel may round
+    the GELU once less)."""
+    from twinlm.ops import _GeGLU, _geglu_standalone
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(97, 2 * 48, generator=g).requires_grad_()
+    up = torch.randn(97, 48, generator=g)
+    (out,), got, names = _standalone_backward(_geglu_standalone, (x,), [up])
+    assert not out._is_view()
+    assert not EAGER_AROUND_THE_GRAPH & set(names), names
+    want_out = _GeGLU.apply(x)
+    (want,) = torch.autograd.grad(want_out, x, up)
+    torch.testing.assert_close(out, want_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 # --- fused CE: the compiled chunk body --------------------------------------------------------------------------
@@ -324,7 +354,6 @@ def test_compiled_chunk_body_matches_the_eager_one_and_the_reference(monkeypatch
     """The CUDA body (compiled with inductor, here its CPU backend) against the eager body and against
     F.cross_entropy(F.linear(...)) in fp32: loss and the three gradients, ignore_index and an underflowing row,
     a loss gradient of 2.5, several chunks with a short last one."""
-    from twinlm import ops
 
     h, w, b, t = _ce_case(dtype)
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
@@ -354,7 +383,6 @@ def test_compiled_chunk_body_matches_the_eager_one_and_the_reference(monkeypatch
 
 def test_compiled_chunk_body_inside_a_compiled_caller(monkeypatch):
     """The op stays one opaque node of a fullgraph compile while its body is itself compiled at run time."""
-    from twinlm import ops
 
     monkeypatch.setattr(ops, "host_reads_are_free", lambda t: False)
     monkeypatch.setitem(ops._CE_BODY_COMPILED_ON, "cpu", "aot_eager")

@@ -159,7 +159,8 @@ def test_trace_counts_the_ce_chunk_body_as_the_compiled_kernels():
     assert rows <= ops._ce_chunk_rows(vocab, "cuda")
     body = roofline.compiled_ce_body_kernels(rows, vocab, torch.bfloat16)
     eager_body = _count(ops._ce_chunk_body_eager, *_chunk(rows, vocab))
-    eager, compiled = (roofline.trace_twinlm(cfg, batch, optimizer=False, ce_compiled=c, rope_compiled=False)
+    eager, compiled = (roofline.trace_twinlm(cfg, batch, optimizer=False, ce_compiled=c,
+                                            standalone_compiled=False)
                        for c in (False, True))
     assert [(k.op, k.nbytes) for k in compiled if k.op.endswith("SchedulerNode")] == [(k.op, k.nbytes) for k in body]
     assert len(compiled) == len(eager) - len(eager_body) + len(body)
@@ -167,22 +168,27 @@ def test_trace_counts_the_ce_chunk_body_as_the_compiled_kernels():
         + sum(k.nbytes for k in body)
 
 
-def test_trace_counts_rope_as_the_compiled_kernels():
-    """Eager code on CUDA runs RoPE compiled (`ops.qkv_rope`): the trace replaces the CPU Function's kernels
-    by inductor's, at most 3 per layer (forward and backward), less than half the bytes, and leaves every
-    other kernel as it was."""
+def test_trace_counts_rope_and_geglu_as_the_compiled_kernels():
+    """Eager code on CUDA runs RoPE and GeGLU compiled on their own (`ops.qkv_rope`, `ops.geglu`): the trace
+    replaces the CPU Functions' kernels by inductor's, a few per layer (forward and backward), fewer bytes,
+    and leaves every other kernel as it was."""
     cfg = ModelConfig.preset("cpu-tiny")
     batch = packed_batch(cfg, 512, "mlm")
     tokens = int(batch["input_ids"].numel())
     rope = roofline.compiled_rope_kernels(tokens, cfg.num_heads, cfg.head_dim, torch.bfloat16)
-    assert 1 <= len(rope) <= 3 and {k.phase for k in rope} == {"forward", "backward"}
-    eager, compiled = (roofline.trace_twinlm(cfg, batch, optimizer=False, rope_compiled=c) for c in (False, True))
-    rope_of = [k for k in compiled if k.category == "RoPE" and k.op.endswith("SchedulerNode")]
-    assert [(k.op, k.nbytes, k.phase) for k in rope_of] == [(k.op, k.nbytes, k.phase) for k in rope] * cfg.num_layers
-    others = [(k.op, k.nbytes) for k in compiled if k.category != "RoPE"]
-    assert others == [(k.op, k.nbytes) for k in eager if k.category != "RoPE"]
-    rope_bytes = [sum(k.nbytes for k in t if k.category == "RoPE") for t in (eager, compiled)]
-    assert rope_bytes[1] < rope_bytes[0] / 2
+    glu = roofline.compiled_geglu_kernels(tokens, 2 * cfg.intermediate_size, torch.bfloat16)
+    for kernels in (rope, glu):
+        assert 1 <= len(kernels) <= 4 and {k.phase for k in kernels} == {"forward", "backward"}
+    eager, compiled = (roofline.trace_twinlm(cfg, batch, optimizer=False, standalone_compiled=c)
+                       for c in (False, True))
+    for category, kernels in (("RoPE", rope), ("GeGLU", glu)):
+        counted = [k for k in compiled if k.category == category and k.op.endswith("SchedulerNode")]
+        assert [(k.op, k.nbytes, k.phase) for k in counted] == [(k.op, k.nbytes, k.phase)
+                                                                for k in kernels] * cfg.num_layers
+        before, after = (sum(k.nbytes for k in t if k.category == category) for t in (eager, compiled))
+        assert after < before
+    others = [(k.op, k.nbytes) for k in compiled if k.category not in ("RoPE", "GeGLU")]
+    assert others == [(k.op, k.nbytes) for k in eager if k.category not in ("RoPE", "GeGLU")]
 
 
 def test_compiled_optimizer_is_two_passes_and_moves_fewer_bytes_than_eager():

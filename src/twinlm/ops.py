@@ -6,12 +6,13 @@ and passes over memory, and each is tested against that formula (tests/test_ops.
   [cos, sin] (`twinlm.model.rope_freqs`) -> (rotate(q), rotate(k), v), three (N, H, Dh) tensors in qkv's dtype.
   q and k hold each head's dims as interleaved pairs (x0, x1) (see twinlm.model), rotated pointwise and without
   a stack as x·(c, c) + swap(x)·(−s, s) in fp32, bit for bit the pair formula (x0·c − x1·s, x0·s + x1·c).
-  Compiled code (and eager code on CUDA, which calls a compiled copy) uses the plain form with autograd's
-  backward: under inductor one kernel forward, one backward writing the (N, 3, H, Dh) gradient, v a view of qkv.
-  Eager code elsewhere uses an autograd.Function returning contiguous tensors whose backward writes the three
-  gradients into one (N, 3, H, Dh) tensor (autograd's would add three zero-filled slice gradients).
+  Compiled code uses the plain form with autograd's backward: under inductor one kernel forward, one backward
+  writing the (N, 3, H, Dh) gradient, v a view of qkv. Eager code on CUDA calls a copy compiled on its own
+  (`compiled_standalone`) that returns fresh q, k and v. Eager code elsewhere uses an autograd.Function
+  returning contiguous tensors whose backward writes the three gradients into one (N, 3, H, Dh) tensor
+  (autograd's would add three zero-filled slice gradients).
 - `geglu(x)`: gelu(u) * g for [u | g] = x (N, 2I) -> (N, I); the backward returns both halves as one
-  (N, 2I) gradient.
+  (N, 2I) gradient. Eager code on CUDA calls the plain form compiled on its own: one kernel each way.
 - `fused_linear_cross_entropy(h, weight, bias, targets)`: the mean over targets != IGNORE_INDEX of
   CE(h @ weight.T + bias, targets), i.e. F.cross_entropy(F.linear(h, weight, bias), targets) up to rounding,
   computed in chunks of rows with the gradients taken during the forward pass, so neither the (n, V) logits
@@ -30,6 +31,8 @@ made to raise, as on an accelerator.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -111,18 +114,24 @@ class _QKVRope(torch.autograd.Function):
         return grad, None
 
 
-_compiled_rope = None
+_standalone: dict[Callable, Callable] = {}
+
+
+def compiled_standalone(fn: Callable) -> Callable:
+    """`fn` compiled on its own (fullgraph, dynamic shapes), once per process: how eager code on a GPU runs a
+    few elementwise ops as one kernel each way (its outputs must be no views: see `_qkv_rope_standalone`)."""
+    compiled = _standalone.get(fn)
+    if compiled is None:
+        compiled = _standalone[fn] = torch.compile(fn, fullgraph=True, dynamic=True)
+    return compiled
 
 
 def qkv_rope(qkv: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, 3, H, Dh) fused q/k/v and (N, 1, Dh/2, 2) [cos, sin] rotations -> rotated q, rotated k, v (N, H, Dh)."""
-    global _compiled_rope
     if torch.compiler.is_compiling():
         return _qkv_rope_traced(qkv, rope)
     if qkv.is_cuda:  # eager on a GPU: the compiled form, so RoPE is one kernel each way there too
-        if _compiled_rope is None:
-            _compiled_rope = torch.compile(_qkv_rope_standalone, fullgraph=True, dynamic=True)
-        return _compiled_rope(qkv, rope)
+        return compiled_standalone(_qkv_rope_standalone)(qkv, rope)
     return _QKVRope.apply(qkv, rope)
 
 
@@ -151,8 +160,17 @@ class _GeGLU(torch.autograd.Function):
         return out
 
 
+def _geglu_standalone(x: torch.Tensor) -> torch.Tensor:
+    """The plain form, compiled on its own for eager code on a GPU: one kernel forward (bf16 in and out, the
+    GELU in fp32 inside), one backward writing the (..., 2I) gradient; only x is saved, the GELU recomputed."""
+    u, g = x.chunk(2, dim=-1)
+    return F.gelu(u) * g
+
+
 def geglu(x: torch.Tensor) -> torch.Tensor:
     """gelu(u) * g for [u | g] = x (..., 2I) -> (..., I)."""
+    if x.is_cuda and not torch.compiler.is_compiling():
+        return compiled_standalone(_geglu_standalone)(x)
     return _GeGLU.apply(x)
 
 

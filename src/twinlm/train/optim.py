@@ -271,9 +271,9 @@ def _two_pass_update(ps: list[torch.Tensor], gs: list[torch.Tensor], ms: list[to
 
     Pass 1 reads g and v, writes v_t and reduces Σ g² / max(v̂, ε²); pass 2, once every η is known, reads p, g,
     m and v_t and writes m_t and p: 36 bytes per fp32 parameter (12 + 24) as inductor fuses it, against the
-    eager foreach form's 144. The values are the module docstring's; the roundings may differ from the eager update's in the
-    last bits (a compiler may fuse a multiply and an add); a skipped step keeps every bit, by the same
-    identities as `_update` (g selected to 0, β2 → 1, lerp weight −0, decay factor 1, η 0, +0 added)."""
+    eager foreach form's 144. The values are the module docstring's; the roundings may differ from the eager
+    update's in the last bits (a compiler may fuse a multiply and an add); a skipped step keeps every bit, by
+    the same identities as `_update` (g selected to 0, β2 → 1, lerp weight −0, decay factor 1, η 0, +0 added)."""
     t = _advance(steps, skip)
     bc1, bc2 = 1 - torch.pow(beta1, t), 1 - torch.pow(beta2, t)  # (n,) float64
     zero = torch.zeros((), dtype=ms[0].dtype, device=ms[0].device)
