@@ -898,28 +898,21 @@ def compiled_standalone_kernels(fn, inputs: tuple, tokens: int, category: str) -
     sizes evaluated at `tokens` rows; the backward from a gradient for every output. `fn`'s outputs are no
     views, so no part of its backward runs outside the compiled graph (tests/test_ops.py)."""
     import torch._inductor.config as iconf
-    from torch._inductor.virtualized import V
 
     sink: list = []
-    phases: list[str] = []
-    record = _scheduler_pass(sink, STANDALONE_TOKENS, tokens)
-
-    def record_phase(nodes):
-        before = len(sink)
-        nodes = record(nodes)
-        phases.extend(["backward" if V.graph.is_backward else "forward"] * (len(sink) - before))
-        return nodes
-
+    origins: list = []  # (phase, fused ops) per kernel
     torch._dynamo.reset()
     try:
-        with patched(iconf, "_post_fusion_custom_pass", record_phase), patched(iconf, "fx_graph_cache", False):
+        with patched(iconf, "_post_fusion_custom_pass",
+                     _scheduler_pass(sink, STANDALONE_TOKENS, tokens, origins=origins)), \
+                patched(iconf, "fx_graph_cache", False):
             out = torch.compile(fn, fullgraph=True, dynamic=True)(*inputs)
             out = out if isinstance(out, tuple) else (out,)
             torch.autograd.backward(out, [torch.ones_like(t) for t in out])
     finally:
         torch._dynamo.reset()
     return [Kernel(name, category, "other", nbytes, 0.0, phase)
-            for (_, name, nbytes, _, _), phase in zip(sink, phases)]
+            for (_, name, nbytes, _, _), (phase, _) in zip(sink, origins)]
 
 
 def compiled_rope_kernels(tokens: int, heads: int, head_dim: int, dtype: torch.dtype) -> list[Kernel]:

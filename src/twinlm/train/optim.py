@@ -177,7 +177,7 @@ class StableAdamW(torch.optim.Optimizer):
             # turn many groups into an error
             self._graphs.add((id(group), device, ms[0].dtype, skip is None))
             with torch._dynamo.config.patch(recompile_limit=max(8, len(self._graphs))):
-                self._compiled(ps, gs, ms, vs, steps, lr, skip, None, None, **kwargs)
+                self._compiled(ps, gs, ms, vs, steps, lr, skip, **kwargs)
         else:
             _update(ps, gs, ms, vs, steps, lr, skip, host_bc, reduce, **kwargs)
 
@@ -261,13 +261,13 @@ def _update(ps: list[torch.Tensor], gs: list[torch.Tensor], ms: list[torch.Tenso
 
 
 def _two_pass_update(ps: list[torch.Tensor], gs: list[torch.Tensor], ms: list[torch.Tensor], vs: list[torch.Tensor],
-                     steps: list[torch.Tensor], lr: torch.Tensor, skip: torch.Tensor | None, host_bc: None,
-                     reduce: None, *, beta1: float, beta2: float, eps: float, weight_decay: float, peak_lr: float,
-                     numels: list[float]) -> None:
-    """`_update`'s math written for the compiler (`compile=True`; the arguments are `_update`'s, with the counts
-    on the device and no shards): two passes over each tensor, which inductor fuses into two kernels per tensor
-    where the foreach form leaves five or more (a per-tensor `sum` does not fuse into a foreach kernel, nor does
-    `_foreach_lerp` with per-tensor weights lower).
+                     steps: list[torch.Tensor], lr: torch.Tensor, skip: torch.Tensor | None, *, beta1: float,
+                     beta2: float, eps: float, weight_decay: float, peak_lr: float, numels: list[float]) -> None:
+    """`_update`'s math written for the compiler (`compile=True`; `_update`'s arguments less the host bias
+    corrections and the shard reduction: the counts live on the device, the tensors are whole): two passes over
+    each tensor, which inductor fuses into two kernels per tensor where the foreach form leaves five or more (a
+    per-tensor `sum` does not fuse into a foreach kernel, nor does `_foreach_lerp` with per-tensor weights
+    lower).
 
     Pass 1 reads g and v, writes v_t and reduces Σ g² / max(v̂, ε²); pass 2, once every η is known, reads p, g,
     m and v_t and writes m_t and p: 36 bytes per fp32 parameter (12 + 24) as inductor fuses it, against the
